@@ -1,0 +1,183 @@
+//! The derivative table: for every op, the gradient of its inputs given the gradient `g` of its
+//! output `y`. Broadcasting ops reduce their input gradients back to the input shapes with
+//! `sum_to_shape`.
+
+use ringtrain_tensor::Tensor;
+
+use crate::ops::sigmoid;
+use crate::{AutogradError, Gradients, Graph, Op, Result, Var};
+
+impl Graph<'_> {
+    /// Gradients of the one-element `loss` with respect to every leaf that needs one.
+    pub fn backward(&self, loss: Var) -> Result<Gradients> {
+        let shape = self.shape(loss);
+        if self.value(loss).len() != 1 {
+            return Err(AutogradError::NotScalar { shape: shape.to_vec() });
+        }
+        let mut grads: Vec<Option<Tensor>> = vec![None; self.nodes.len()];
+        if self.nodes[loss.0].needs_grad {
+            grads[loss.0] = Some(Tensor::ones(shape));
+        }
+        for i in (0..=loss.0).rev() {
+            let node = &self.nodes[i];
+            if matches!(node.op, Op::Leaf) {
+                continue;
+            }
+            let Some(g) = grads[i].take() else { continue };
+            for (input, gi) in self.input_grads(i, &g)? {
+                if !self.nodes[input.0].needs_grad {
+                    continue;
+                }
+                match &mut grads[input.0] {
+                    Some(acc) => acc.add_assign(&gi)?,
+                    slot @ None => *slot = Some(gi),
+                }
+            }
+        }
+        Ok(Gradients { grads })
+    }
+
+    fn input_grads(&self, i: usize, g: &Tensor) -> Result<Vec<(Var, Tensor)>> {
+        let y = &self.nodes[i].value;
+        let val = |v: Var| self.value(v);
+        let unary = |x: Var, f: &dyn Fn(f32, f32, f32) -> f32| -> Result<Vec<(Var, Tensor)>> {
+            // f(g, x, y) -> dx, elementwise
+            let xs = val(x);
+            let out: Vec<f32> = g
+                .as_slice()
+                .iter()
+                .zip(xs.as_slice())
+                .zip(y.as_slice())
+                .map(|((&g, &x), &y)| f(g, x, y))
+                .collect();
+            Ok(vec![(x, Tensor::from_vec(xs.shape(), out)?)])
+        };
+        Ok(match &self.nodes[i].op {
+            Op::Leaf => Vec::new(),
+            Op::Add(a, b) => vec![
+                (*a, g.sum_to_shape(val(*a).shape())?),
+                (*b, g.sum_to_shape(val(*b).shape())?),
+            ],
+            Op::Sub(a, b) => vec![
+                (*a, g.sum_to_shape(val(*a).shape())?),
+                (*b, g.scale(-1.0).sum_to_shape(val(*b).shape())?),
+            ],
+            Op::Mul(a, b) => vec![
+                (*a, g.mul(val(*b))?.sum_to_shape(val(*a).shape())?),
+                (*b, g.mul(val(*a))?.sum_to_shape(val(*b).shape())?),
+            ],
+            Op::Div(a, b) => vec![
+                (*a, g.div(val(*b))?.sum_to_shape(val(*a).shape())?),
+                // d(a/b)/db = -a/b² = -y/b
+                (*b, g.mul(y)?.div(val(*b))?.scale(-1.0).sum_to_shape(val(*b).shape())?),
+            ],
+            Op::Neg(x) => vec![(*x, g.scale(-1.0))],
+            Op::Scale(x, s) => vec![(*x, g.scale(*s))],
+            Op::AddScalar(x) => vec![(*x, g.clone())],
+            Op::MatMul { a, b, ta, tb } => {
+                let (av, bv) = (val(*a), val(*b));
+                // C = op(A)·op(B); each case is dC/dA, dC/dB written as products of the
+                // stored operands, passing transposes to BLAS instead of materialising them.
+                let (da, db) = match (ta, tb) {
+                    (false, false) => (g.matmul_t(bv, false, true)?, av.matmul_t(g, true, false)?),
+                    (false, true) => (g.matmul_t(bv, false, false)?, g.matmul_t(av, true, false)?),
+                    (true, false) => (bv.matmul_t(g, false, true)?, av.matmul_t(g, false, false)?),
+                    (true, true) => (bv.matmul_t(g, true, true)?, g.matmul_t(av, true, true)?),
+                };
+                vec![(*a, da), (*b, db)]
+            }
+            Op::Reshape(x) => vec![(*x, g.reshape(val(*x).shape())?)],
+            Op::Permute(x, axes) => {
+                let mut inverse = vec![0; axes.len()];
+                for (i, &a) in axes.iter().enumerate() {
+                    inverse[a] = i;
+                }
+                vec![(*x, g.permute(&inverse)?)]
+            }
+            Op::Relu(x) => unary(*x, &|g, x, _| if x > 0.0 { g } else { 0.0 })?,
+            Op::LeakyRelu(x, s) => {
+                let s = *s;
+                unary(*x, &|g, x, _| if x > 0.0 { g } else { s * g })?
+            }
+            Op::Sigmoid(x) => unary(*x, &|g, _, y| g * y * (1.0 - y))?,
+            Op::Tanh(x) => unary(*x, &|g, _, y| g * (1.0 - y * y))?,
+            Op::Exp(x) => unary(*x, &|g, _, y| g * y)?,
+            Op::Log(x) => unary(*x, &|g, x, _| g / x)?,
+            Op::Abs(x) => unary(*x, &|g, x, _| if x > 0.0 { g } else if x < 0.0 { -g } else { 0.0 })?,
+            Op::Sqrt(x) => unary(*x, &|g, _, y| g / (2.0 * y))?,
+            Op::Square(x) => unary(*x, &|g, x, _| 2.0 * x * g)?,
+            Op::Sum(x) => vec![(*x, Tensor::full(val(*x).shape(), g.item()?))],
+            Op::Mean(x) => {
+                let n = val(*x).len().max(1) as f32;
+                vec![(*x, Tensor::full(val(*x).shape(), g.item()? / n))]
+            }
+            Op::SumAxis { x, axis, keepdim } => vec![(*x, expand_axis(g, val(*x).shape(), *axis, *keepdim, 1.0)?)],
+            Op::MeanAxis { x, axis, keepdim } => {
+                let n = val(*x).shape()[*axis].max(1) as f32;
+                vec![(*x, expand_axis(g, val(*x).shape(), *axis, *keepdim, 1.0 / n)?)]
+            }
+            Op::Softmax { x, axis } => {
+                // dx = y ⊙ (g − Σ_axis g⊙y)
+                let gy = g.mul(y)?;
+                let s = gy.sum_axis(*axis, true)?;
+                vec![(*x, y.mul(&g.sub(&s)?)?)]
+            }
+            Op::LogSoftmax { x, axis } => {
+                // dx = g − softmax(x) ⊙ Σ_axis g, with softmax(x) = exp(y)
+                let s = g.sum_axis(*axis, true)?;
+                vec![(*x, g.sub(&y.map(f32::exp).mul(&s)?)?)]
+            }
+            Op::SliceAxis { x, axis, start } => {
+                let mut dx = Tensor::zeros(val(*x).shape());
+                dx.slice_axis_add(*axis, *start, g)?;
+                vec![(*x, dx)]
+            }
+            Op::Concat { parts, axis } => {
+                let mut start = 0;
+                let mut out = Vec::with_capacity(parts.len());
+                for &p in parts {
+                    let len = val(p).shape()[*axis];
+                    out.push((p, g.slice_axis(*axis, start, start + len)?));
+                    start += len;
+                }
+                out
+            }
+            Op::IndexSelect { x, axis, indices } => {
+                vec![(*x, Tensor::index_add(val(*x).shape(), *axis, indices, g)?)]
+            }
+            Op::MulConst { x, factor } => vec![(*x, g.mul(factor)?)],
+            Op::BceWithLogits { logits, targets } => {
+                let x = val(*logits);
+                let scale = g.item()? / x.len().max(1) as f32;
+                let d: Vec<f32> = x
+                    .as_slice()
+                    .iter()
+                    .zip(targets.as_slice())
+                    .map(|(&x, &t)| (sigmoid(x) - t) * scale)
+                    .collect();
+                vec![(*logits, Tensor::from_vec(x.shape(), d)?)]
+            }
+            Op::CrossEntropy { logits, targets } => {
+                // d/dx of mean(−log softmax(x)[t]) = (softmax(x) − onehot(t)) / n
+                let x = val(*logits);
+                let n = targets.len().max(1);
+                let c = x.shape()[1];
+                let mut d = x.softmax(1)?;
+                let scale = g.item()? / n as f32;
+                let ds = d.as_mut_slice();
+                for (row, &t) in targets.iter().enumerate() {
+                    ds[row * c + t] -= 1.0;
+                }
+                vec![(*logits, d.scale(scale))]
+            }
+        })
+    }
+}
+
+/// Broadcasts the gradient of a reduction along `axis` back to the input shape, times `factor`.
+fn expand_axis(g: &Tensor, shape: &[usize], axis: usize, keepdim: bool, factor: f32) -> Result<Tensor> {
+    let mut kept = shape.to_vec();
+    kept[axis] = 1;
+    let g = if keepdim { g.clone() } else { g.reshape(&kept)? };
+    Ok(Tensor::zeros(shape).add(&g.scale(factor))?)
+}

@@ -1,0 +1,247 @@
+//! Forward ops: each computes its value with `ringtrain-tensor` and records how to
+//! differentiate it. The matching backward rules are in `backward.rs`.
+
+use ringtrain_tensor::Tensor;
+
+use crate::{AutogradError, Graph, Op, Result, Var};
+
+impl Graph<'_> {
+    fn unary(&mut self, x: Var, value: Tensor, op: Op) -> Var {
+        self.record(value, op, &[x])
+    }
+
+    pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
+        let v = self.value(a).add(self.value(b))?;
+        Ok(self.record(v, Op::Add(a, b), &[a, b]))
+    }
+
+    pub fn sub(&mut self, a: Var, b: Var) -> Result<Var> {
+        let v = self.value(a).sub(self.value(b))?;
+        Ok(self.record(v, Op::Sub(a, b), &[a, b]))
+    }
+
+    pub fn mul(&mut self, a: Var, b: Var) -> Result<Var> {
+        let v = self.value(a).mul(self.value(b))?;
+        Ok(self.record(v, Op::Mul(a, b), &[a, b]))
+    }
+
+    pub fn div(&mut self, a: Var, b: Var) -> Result<Var> {
+        let v = self.value(a).div(self.value(b))?;
+        Ok(self.record(v, Op::Div(a, b), &[a, b]))
+    }
+
+    pub fn neg(&mut self, x: Var) -> Var {
+        let v = self.value(x).scale(-1.0);
+        self.unary(x, v, Op::Neg(x))
+    }
+
+    pub fn scale(&mut self, x: Var, s: f32) -> Var {
+        let v = self.value(x).scale(s);
+        self.unary(x, v, Op::Scale(x, s))
+    }
+
+    pub fn add_scalar(&mut self, x: Var, s: f32) -> Var {
+        let v = self.value(x).add_scalar(s);
+        self.unary(x, v, Op::AddScalar(x))
+    }
+
+    /// `a · b` (2-D, or batched 3-D).
+    pub fn matmul(&mut self, a: Var, b: Var) -> Result<Var> {
+        self.matmul_t(a, b, false, false)
+    }
+
+    /// `op(a) · op(b)`, `op` transposing the last two axes when its flag is set.
+    pub fn matmul_t(&mut self, a: Var, b: Var, ta: bool, tb: bool) -> Result<Var> {
+        let v = self.value(a).matmul_t(self.value(b), ta, tb)?;
+        Ok(self.record(v, Op::MatMul { a, b, ta, tb }, &[a, b]))
+    }
+
+    pub fn reshape(&mut self, x: Var, shape: &[usize]) -> Result<Var> {
+        let v = self.value(x).reshape(shape)?;
+        Ok(self.unary(x, v, Op::Reshape(x)))
+    }
+
+    pub fn permute(&mut self, x: Var, axes: &[usize]) -> Result<Var> {
+        let v = self.value(x).permute(axes)?;
+        Ok(self.unary(x, v, Op::Permute(x, axes.to_vec())))
+    }
+
+    /// Transpose of a 2-D value.
+    pub fn transpose(&mut self, x: Var) -> Result<Var> {
+        self.permute(x, &[1, 0])
+    }
+
+    pub fn relu(&mut self, x: Var) -> Var {
+        let v = self.value(x).map(|a| a.max(0.0));
+        self.unary(x, v, Op::Relu(x))
+    }
+
+    pub fn leaky_relu(&mut self, x: Var, slope: f32) -> Var {
+        let v = self.value(x).map(|a| if a > 0.0 { a } else { slope * a });
+        self.unary(x, v, Op::LeakyRelu(x, slope))
+    }
+
+    pub fn sigmoid(&mut self, x: Var) -> Var {
+        let v = self.value(x).map(sigmoid);
+        self.unary(x, v, Op::Sigmoid(x))
+    }
+
+    pub fn tanh(&mut self, x: Var) -> Var {
+        let v = self.value(x).map(f32::tanh);
+        self.unary(x, v, Op::Tanh(x))
+    }
+
+    pub fn exp(&mut self, x: Var) -> Var {
+        let v = self.value(x).map(f32::exp);
+        self.unary(x, v, Op::Exp(x))
+    }
+
+    pub fn log(&mut self, x: Var) -> Var {
+        let v = self.value(x).map(f32::ln);
+        self.unary(x, v, Op::Log(x))
+    }
+
+    pub fn abs(&mut self, x: Var) -> Var {
+        let v = self.value(x).map(f32::abs);
+        self.unary(x, v, Op::Abs(x))
+    }
+
+    pub fn sqrt(&mut self, x: Var) -> Var {
+        let v = self.value(x).map(f32::sqrt);
+        self.unary(x, v, Op::Sqrt(x))
+    }
+
+    pub fn square(&mut self, x: Var) -> Var {
+        let v = self.value(x).map(|a| a * a);
+        self.unary(x, v, Op::Square(x))
+    }
+
+    /// Sum of all elements (a 0-d value).
+    pub fn sum(&mut self, x: Var) -> Var {
+        let v = Tensor::scalar(self.value(x).sum_all());
+        self.unary(x, v, Op::Sum(x))
+    }
+
+    /// Mean of all elements (a 0-d value).
+    pub fn mean(&mut self, x: Var) -> Var {
+        let n = self.value(x).len().max(1) as f32;
+        let v = Tensor::scalar(self.value(x).sum_all() / n);
+        self.unary(x, v, Op::Mean(x))
+    }
+
+    pub fn sum_axis(&mut self, x: Var, axis: usize, keepdim: bool) -> Result<Var> {
+        let v = self.value(x).sum_axis(axis, keepdim)?;
+        Ok(self.unary(x, v, Op::SumAxis { x, axis, keepdim }))
+    }
+
+    pub fn mean_axis(&mut self, x: Var, axis: usize, keepdim: bool) -> Result<Var> {
+        let v = self.value(x).mean_axis(axis, keepdim)?;
+        Ok(self.unary(x, v, Op::MeanAxis { x, axis, keepdim }))
+    }
+
+    pub fn softmax(&mut self, x: Var, axis: usize) -> Result<Var> {
+        let v = self.value(x).softmax(axis)?;
+        Ok(self.unary(x, v, Op::Softmax { x, axis }))
+    }
+
+    pub fn log_softmax(&mut self, x: Var, axis: usize) -> Result<Var> {
+        let v = self.value(x).log_softmax(axis)?;
+        Ok(self.unary(x, v, Op::LogSoftmax { x, axis }))
+    }
+
+    pub fn slice_axis(&mut self, x: Var, axis: usize, start: usize, end: usize) -> Result<Var> {
+        let v = self.value(x).slice_axis(axis, start, end)?;
+        Ok(self.unary(x, v, Op::SliceAxis { x, axis, start }))
+    }
+
+    pub fn concat(&mut self, parts: &[Var], axis: usize) -> Result<Var> {
+        let values: Vec<&Tensor> = parts.iter().map(|&p| self.value(p)).collect();
+        let v = Tensor::concat(axis, &values)?;
+        Ok(self.record(v, Op::Concat { parts: parts.to_vec(), axis }, parts))
+    }
+
+    /// Entries `indices` along `axis` (embedding lookup, row gather).
+    pub fn index_select(&mut self, x: Var, axis: usize, indices: &[usize]) -> Result<Var> {
+        let v = self.value(x).index_select(axis, indices)?;
+        Ok(self.unary(x, v, Op::IndexSelect { x, axis, indices: indices.to_vec() }))
+    }
+
+    /// `x * factor` for a constant `factor` (broadcast to x's shape): dropout and padding masks.
+    pub fn mul_const(&mut self, x: Var, factor: Tensor) -> Result<Var> {
+        let v = self.value(x).mul(&factor)?;
+        if v.shape() != self.shape(x) {
+            return Err(AutogradError::Invalid {
+                op: "mul_const",
+                reason: format!("factor {:?} must broadcast to {:?}", factor.shape(), self.shape(x)),
+            });
+        }
+        Ok(self.unary(x, v, Op::MulConst { x, factor }))
+    }
+
+    /// Mean binary cross-entropy of `sigmoid(logits)` against 0/1 `targets`, computed from the
+    /// logits as `max(x,0) - x·t + log(1 + exp(-|x|))`, which never overflows.
+    pub fn bce_with_logits(&mut self, logits: Var, targets: Tensor) -> Result<Var> {
+        let x = self.value(logits);
+        if x.shape() != targets.shape() {
+            return Err(x.shape_mismatch("bce_with_logits", &targets).into());
+        }
+        let total: f64 = x
+            .as_slice()
+            .iter()
+            .zip(targets.as_slice())
+            .map(|(&x, &t)| f64::from(x.max(0.0) - x * t + (-x.abs()).exp().ln_1p()))
+            .sum();
+        let v = Tensor::scalar((total / x.len().max(1) as f64) as f32);
+        Ok(self.unary(logits, v, Op::BceWithLogits { logits, targets }))
+    }
+
+    /// Mean softmax cross-entropy of `logits` `[n, classes]` against class indices.
+    pub fn cross_entropy(&mut self, logits: Var, targets: &[usize]) -> Result<Var> {
+        let x = self.value(logits);
+        let [n, c] = x.shape() else {
+            return Err(AutogradError::Invalid {
+                op: "cross_entropy",
+                reason: format!("logits must be [batch, classes], got {:?}", x.shape()),
+            });
+        };
+        let (n, c) = (*n, *c);
+        if targets.len() != n || targets.iter().any(|&t| t >= c) {
+            return Err(AutogradError::Invalid {
+                op: "cross_entropy",
+                reason: format!("need {n} targets in 0..{c}, got {} (max {:?})", targets.len(), targets.iter().max()),
+            });
+        }
+        let ls = x.log_softmax(1)?;
+        let total: f64 = targets
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| -f64::from(ls.as_slice()[i * c + t]))
+            .sum();
+        let v = Tensor::scalar((total / n.max(1) as f64) as f32);
+        Ok(self.unary(logits, v, Op::CrossEntropy { logits, targets: targets.to_vec() }))
+    }
+}
+
+pub(crate) fn sigmoid(x: f32) -> f32 {
+    // Two branches so exp never overflows.
+    if x >= 0.0 {
+        1.0 / (1.0 + (-x).exp())
+    } else {
+        let e = x.exp();
+        e / (1.0 + e)
+    }
+}
+
+trait ShapeMismatch {
+    fn shape_mismatch(&self, op: &'static str, other: &Tensor) -> ringtrain_tensor::TensorError;
+}
+
+impl ShapeMismatch for Tensor {
+    fn shape_mismatch(&self, op: &'static str, other: &Tensor) -> ringtrain_tensor::TensorError {
+        ringtrain_tensor::TensorError::Shape {
+            op,
+            lhs: self.shape().to_vec(),
+            rhs: other.shape().to_vec(),
+        }
+    }
+}

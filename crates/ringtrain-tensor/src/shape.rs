@@ -1,0 +1,191 @@
+//! Shape manipulation: reshape, permute, slice, concat, gather (index_select) and its adjoint.
+
+use ndarray::{Axis, IxDyn, Slice};
+
+use crate::{Result, Tensor, TensorError};
+
+impl Tensor {
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        let n: usize = shape.iter().product();
+        if n != self.len() {
+            return Err(TensorError::Shape {
+                op: "reshape",
+                lhs: self.shape().to_vec(),
+                rhs: shape.to_vec(),
+            });
+        }
+        Tensor::from_vec(shape, self.to_vec())
+    }
+
+    /// Reorders the axes (`axes[i]` is the source axis of output axis `i`); the result is
+    /// copied into standard layout.
+    pub fn permute(&self, axes: &[usize]) -> Result<Tensor> {
+        let mut seen = vec![false; self.ndim()];
+        if axes.len() != self.ndim() || axes.iter().any(|&a| a >= self.ndim() || std::mem::replace(&mut seen[a], true)) {
+            return Err(TensorError::Invalid {
+                op: "permute",
+                reason: format!("{axes:?} is not a permutation of the axes of shape {:?}", self.shape()),
+            });
+        }
+        Ok(Tensor::from_array(self.data.view().permuted_axes(IxDyn(axes)).to_owned()))
+    }
+
+    /// Transpose of a 2-D tensor.
+    pub fn t(&self) -> Result<Tensor> {
+        if self.ndim() != 2 {
+            return Err(TensorError::Invalid {
+                op: "transpose",
+                reason: format!("expected a 2-D tensor, got shape {:?}", self.shape()),
+            });
+        }
+        self.permute(&[1, 0])
+    }
+
+    /// Elements `start..end` along `axis`.
+    pub fn slice_axis(&self, axis: usize, start: usize, end: usize) -> Result<Tensor> {
+        let len = *self.shape().get(axis).ok_or_else(|| TensorError::Axis {
+            op: "slice_axis",
+            axis,
+            shape: self.shape().to_vec(),
+        })?;
+        if start > end || end > len {
+            return Err(TensorError::Invalid {
+                op: "slice_axis",
+                reason: format!("range {start}..{end} out of bounds for axis {axis} of shape {:?}", self.shape()),
+            });
+        }
+        Ok(Tensor::from_array(
+            self.data.slice_axis(Axis(axis), Slice::from(start..end)).to_owned(),
+        ))
+    }
+
+    /// Adds `src` into the elements `start..start + src.shape()[axis]` along `axis` (the adjoint
+    /// of [`Tensor::slice_axis`]).
+    pub fn slice_axis_add(&mut self, axis: usize, start: usize, src: &Tensor) -> Result<()> {
+        let (lhs, rhs) = (self.shape().to_vec(), src.shape().to_vec());
+        let bad = || TensorError::Shape {
+            op: "slice_axis_add",
+            lhs: lhs.clone(),
+            rhs: rhs.clone(),
+        };
+        if axis >= self.ndim() || src.ndim() != self.ndim() || start + src.shape()[axis] > self.shape()[axis] {
+            return Err(bad());
+        }
+        let end = start + src.shape()[axis];
+        let mut dst = self.data.slice_axis_mut(Axis(axis), Slice::from(start..end));
+        if dst.shape() != src.shape() {
+            return Err(bad());
+        }
+        dst += &src.data;
+        Ok(())
+    }
+
+    /// Joins tensors along `axis`; all other axes must agree.
+    pub fn concat(axis: usize, parts: &[&Tensor]) -> Result<Tensor> {
+        if parts.is_empty() {
+            return Err(TensorError::Invalid {
+                op: "concat",
+                reason: "no tensors to concatenate".into(),
+            });
+        }
+        let views: Vec<_> = parts.iter().map(|t| t.data.view()).collect();
+        ndarray::concatenate(Axis(axis), &views)
+            .map(Tensor::from_array)
+            .map_err(|_| TensorError::Invalid {
+                op: "concat",
+                reason: format!(
+                    "cannot join shapes {:?} along axis {axis}",
+                    parts.iter().map(|t| t.shape().to_vec()).collect::<Vec<_>>()
+                ),
+            })
+    }
+
+    /// Picks entries `indices` along `axis` (rows of an embedding table, a minibatch of rows).
+    pub fn index_select(&self, axis: usize, indices: &[usize]) -> Result<Tensor> {
+        let len = *self.shape().get(axis).ok_or_else(|| TensorError::Axis {
+            op: "index_select",
+            axis,
+            shape: self.shape().to_vec(),
+        })?;
+        if let Some(&bad) = indices.iter().find(|&&i| i >= len) {
+            return Err(TensorError::Invalid {
+                op: "index_select",
+                reason: format!("index {bad} out of range for axis {axis} of length {len}"),
+            });
+        }
+        Ok(Tensor::from_array(self.data.select(Axis(axis), indices)))
+    }
+
+    /// The adjoint of [`Tensor::index_select`]: adds `src`'s entries into a zero tensor of
+    /// `shape` at `indices` along `axis`; repeated indices accumulate.
+    pub fn index_add(shape: &[usize], axis: usize, indices: &[usize], src: &Tensor) -> Result<Tensor> {
+        let mut out = Tensor::zeros(shape);
+        let bad = || TensorError::Shape {
+            op: "index_add",
+            lhs: shape.to_vec(),
+            rhs: src.shape().to_vec(),
+        };
+        if axis >= shape.len() || src.ndim() != shape.len() || src.shape()[axis] != indices.len() {
+            return Err(bad());
+        }
+        for (k, &i) in indices.iter().enumerate() {
+            if i >= shape[axis] {
+                return Err(bad());
+            }
+            let mut dst = out.data.index_axis_mut(Axis(axis), i);
+            let from = src.data.index_axis(Axis(axis), k);
+            if dst.shape() != from.shape() {
+                return Err(bad());
+            }
+            dst += &from;
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn iota(shape: &[usize]) -> Tensor {
+        let n = shape.iter().product::<usize>();
+        Tensor::from_vec(shape, (0..n).map(|i| i as f32).collect()).unwrap()
+    }
+
+    #[test]
+    fn permute_and_transpose() {
+        let a = iota(&[2, 3]);
+        assert_eq!(a.t().unwrap().to_vec(), vec![0., 3., 1., 4., 2., 5.]);
+        let b = iota(&[2, 3, 4]).permute(&[2, 0, 1]).unwrap();
+        assert_eq!(b.shape(), &[4, 2, 3]);
+        assert_eq!(b.as_slice()[1], 4.0);
+        assert!(a.permute(&[0, 0]).is_err());
+    }
+
+    #[test]
+    fn slice_concat_round_trip() {
+        let a = iota(&[4, 3]);
+        let top = a.slice_axis(0, 0, 1).unwrap();
+        let rest = a.slice_axis(0, 1, 4).unwrap();
+        assert_eq!(Tensor::concat(0, &[&top, &rest]).unwrap(), a);
+        assert!(a.slice_axis(1, 2, 5).is_err());
+        assert!(Tensor::concat(0, &[&a, &iota(&[2, 2])]).is_err());
+    }
+
+    #[test]
+    fn index_select_and_its_adjoint() {
+        let a = iota(&[3, 2]);
+        let g = a.index_select(0, &[2, 0, 2]).unwrap();
+        assert_eq!(g.to_vec(), vec![4., 5., 0., 1., 4., 5.]);
+        let back = Tensor::index_add(&[3, 2], 0, &[2, 0, 2], &Tensor::ones(&[3, 2])).unwrap();
+        assert_eq!(back.to_vec(), vec![1., 1., 0., 0., 2., 2.]);
+        assert!(a.index_select(0, &[3]).is_err());
+    }
+
+    #[test]
+    fn reshape_checks_element_count() {
+        assert_eq!(iota(&[2, 3]).reshape(&[3, 2]).unwrap().shape(), &[3, 2]);
+        assert!(iota(&[2, 3]).reshape(&[4]).is_err());
+    }
+}
