@@ -1,0 +1,38 @@
+//! Data loading, splitting, sharding and evaluation metrics for ringtrain.
+//!
+//! # Invariants
+//! * **Readers validate once, at the boundary.** Every reader returns either well-formed data
+//!   or a [`DataError`] that names the file and the place (line and column for text formats,
+//!   byte offset for binary ones). Corrupt input never panics. Missing values are refused
+//!   unless the caller explicitly asks to drop or interpolate them.
+//! * **Determinism.** Every random choice (splits, shuffles, sharding) takes an explicit `u64`
+//!   seed and uses `ChaCha8Rng`; the same arguments give the same result on every rank and
+//!   platform. Nothing here reads the environment or prints.
+//! * **Splits** are disjoint and covering, with the size guarantees stated in [`split`].
+//! * **Sharding** gives every rank the same number of training examples per epoch (needed by
+//!   synchronous all-reduce) and evaluation shards that cover the data exactly once; see
+//!   [`shard`].
+//! * Metrics accumulate counts and sums that merge exactly across ranks and folds.
+
+pub mod corpus;
+pub mod csv;
+pub mod error;
+pub mod metrics;
+pub mod shard;
+mod source;
+pub mod split;
+#[cfg(test)]
+mod testutil;
+
+pub use crate::corpus::read_text;
+pub use crate::csv::{
+    read_csv, read_sklearn_csv, CsvOptions, LabelColumn, LabelKind, Labels, TabularData,
+};
+pub use crate::error::{ColumnRef, DataError, LineRef};
+pub use crate::metrics::{perplexity, summarize_folds, ConfusionMatrix, RegressionStats, Summary};
+pub use crate::shard::{
+    epoch_permutation, eval_shard, num_batches, shard, shard_indices, shard_len, Remainder,
+};
+pub use crate::split::{
+    holdout, kfold, time_series_splits, train_test_split, try_train_test_split, Split, Window,
+};

@@ -1,0 +1,121 @@
+use std::path::PathBuf;
+
+use ringtrain_data::*;
+
+/// `/work/shared/data` relative to this crate; `None` (with a note) when it is absent.
+fn data_dir() -> Option<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
+    if dir.is_dir() {
+        Some(dir)
+    } else {
+        println!("skipping: {} not found", dir.display());
+        None
+    }
+}
+
+fn class_counts(labels: &Labels) -> Vec<usize> {
+    let ids = labels.class_ids().unwrap();
+    let mut counts = vec![0; labels.n_classes()];
+    for &id in ids {
+        counts[id] += 1;
+    }
+    counts
+}
+
+#[test]
+fn iris_in_sklearn_layout() {
+    let Some(dir) = data_dir() else { return };
+    let iris = read_sklearn_csv(&dir.join("sklearn/iris.csv")).unwrap();
+    assert_eq!((iris.n_rows, iris.n_features), (150, 4));
+    assert_eq!(class_counts(&iris.labels), [50, 50, 50]);
+    let Labels::Class { names, ids } = &iris.labels else {
+        panic!("iris labels are classes")
+    };
+    assert_eq!(names, &["setosa", "versicolor", "virginica"]);
+    // First and last rows of the file: 5.1,3.5,1.4,0.2,0 and 5.9,3.0,5.1,1.8,2.
+    assert_eq!(iris.row(0), [5.1, 3.5, 1.4, 0.2]);
+    assert_eq!(ids[0], 0);
+    assert_eq!(iris.row(149), [5.9, 3.0, 5.1, 1.8]);
+    assert_eq!(ids[149], 2);
+
+    let folds = kfold(150, 5, 0, Some(ids)).unwrap();
+    for fold in &folds {
+        assert_eq!(class_counts(&iris.labels.select(&fold.test)), [10, 10, 10]);
+    }
+}
+
+#[test]
+fn breast_cancer_and_wine_in_sklearn_layout() {
+    let Some(dir) = data_dir() else { return };
+    let bc = read_sklearn_csv(&dir.join("sklearn/breast_cancer.csv")).unwrap();
+    assert_eq!((bc.n_rows, bc.n_features), (569, 30));
+    assert_eq!(class_counts(&bc.labels), [212, 357]);
+    let wine = read_sklearn_csv(&dir.join("sklearn/wine_data.csv")).unwrap();
+    assert_eq!((wine.n_rows, wine.n_features), (178, 13));
+    assert_eq!(class_counts(&wine.labels), [59, 71, 48]);
+}
+
+#[test]
+fn generic_reader_on_gzip_and_space_separated_sklearn_files() {
+    let Some(dir) = data_dir() else { return };
+    let digits = read_csv(
+        &dir.join("sklearn/digits.csv.gz"),
+        &CsvOptions {
+            delimiter: b',',
+            has_header: false,
+            label: LabelColumn::Index(64),
+            label_kind: LabelKind::Class,
+        },
+    )
+    .unwrap();
+    assert_eq!((digits.n_rows, digits.n_features), (1797, 64));
+    assert_eq!(digits.labels.n_classes(), 10);
+    assert!(digits.features.iter().all(|&p| (0.0..=16.0).contains(&p)));
+
+    let diabetes = read_csv(
+        &dir.join("sklearn/diabetes_data_raw.csv.gz"),
+        &CsvOptions {
+            delimiter: b' ',
+            has_header: false,
+            label: LabelColumn::Index(9),
+            label_kind: LabelKind::Value,
+        },
+    )
+    .unwrap();
+    assert_eq!((diabetes.n_rows, diabetes.n_features), (442, 9));
+    // First line: 59 2 32.1 101.0 157 93.2 38.0 4.0 4.8598 87
+    assert_eq!(diabetes.row(0)[..3], [59.0, 2.0, 32.1]);
+    let Labels::Value(target) = &diabetes.labels else {
+        panic!("diabetes column 10 is read as values")
+    };
+    assert_eq!(target[0], 87.0);
+}
+
+#[test]
+fn generic_reader_refuses_sklearn_header_and_co2_gaps_with_position() {
+    let Some(dir) = data_dir() else { return };
+    let path = dir.join("sklearn/iris.csv");
+    let err = read_csv(
+        &path,
+        &CsvOptions {
+            delimiter: b',',
+            has_header: false,
+            label: LabelColumn::Index(4),
+            label_kind: LabelKind::Class,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .ends_with("line 1, column 3: not a number: \"setosa\""),
+        "{err}"
+    );
+    let co2 = dir.join("timeseries/co2_weekly.csv");
+    let err = read_csv(&co2, &CsvOptions::regression("co2")).unwrap_err();
+    // 19580510 is the first week without a value, on line 8.
+    assert!(
+        err.to_string()
+            .ends_with("line 8, column 2 (\"co2\"): missing value (empty field)"),
+        "{err}"
+    );
+}
