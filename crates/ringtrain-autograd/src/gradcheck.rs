@@ -8,7 +8,7 @@
 
 use ringtrain_tensor::{random, Tensor};
 
-use crate::{Graph, Result, Var};
+use crate::{AutogradError, Graph, Result, Var};
 
 /// Tolerances of [`check`].
 #[derive(Debug, Clone, Copy)]
@@ -40,12 +40,13 @@ pub struct Mismatch {
 /// Compares the analytic gradient of `f` at `inputs` with central differences.
 ///
 /// `f` builds the computation on a fresh tape from one [`Var`] per input.
-pub fn check<F>(f: F, inputs: &[Tensor], tol: Tolerance) -> Result<Option<Mismatch>>
+pub fn check<F, E>(f: F, inputs: &[Tensor], tol: Tolerance) -> Result<Option<Mismatch>, E>
 where
-    F: Fn(&mut Graph<'static>, &[Var]) -> Result<Var>,
+    F: Fn(&mut Graph<'static>, &[Var]) -> Result<Var, E>,
+    E: From<AutogradError>,
 {
     let mut weights: Option<Tensor> = None;
-    let mut eval = |values: &[Tensor], record: bool| -> Result<(f32, Vec<Option<Tensor>>)> {
+    let mut eval = |values: &[Tensor], record: bool| -> Result<(f32, Vec<Option<Tensor>>), E> {
         let mut g = Graph::standalone();
         let vars: Vec<Var> = values.iter().map(|t| g.variable(t.clone())).collect();
         let out = f(&mut g, &vars)?;
@@ -55,7 +56,7 @@ where
         let w = g.input(w);
         let prod = g.mul(out, w)?;
         let loss = g.sum(prod);
-        let value = g.value(loss).item()?;
+        let value = g.value(loss).item().map_err(AutogradError::from)?;
         if !record {
             return Ok((value, Vec::new()));
         }

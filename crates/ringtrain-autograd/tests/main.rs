@@ -25,7 +25,7 @@ fn assert_grad<F>(f: F, inputs: &[Tensor])
 where
     F: Fn(&mut Graph<'static>, &[Var]) -> Result<Var>,
 {
-    let res = check(f, inputs, Tolerance::default()).unwrap();
+    let res: Option<_> = check(f, inputs, Tolerance::default()).unwrap();
     assert!(res.is_none(), "gradient mismatch: {res:?} for input shapes {:?}", inputs.iter().map(Tensor::shape).collect::<Vec<_>>());
 }
 
@@ -215,4 +215,5 @@ fn gradcheck_catches_a_wrong_rule() {
     )
     .unwrap();
     assert!(res.is_some());
+    let _: &Option<ringtrain_autograd::gradcheck::Mismatch> = &res;
 }

@@ -1,0 +1,76 @@
+//! `ringtrain-nn`: layers, losses, seeded initialisers and the model zoo.
+//!
+//! A [`Module`] holds only its configuration and the dotted names of its parameters
+//! (`layers.0.weight`); the values live in a [`ParamStore`](ringtrain_autograd::ParamStore).
+//! This keeps modules immutable and shareable, makes "parameters ordered by name" a property of
+//! the store, and lets the same module run on any rank's copy of the parameters.
+//!
+//! Parameter names and layouts follow PyTorch (`Linear.weight` is `[out, in]`,
+//! `nn.Sequential` numbers every child, activations included), so weights saved by
+//! ringtrain load into the equivalent PyTorch model by name.
+
+mod init;
+mod layers;
+mod loss;
+pub mod zoo;
+
+pub use init::Init;
+pub use layers::{Activation, Linear, Sequential};
+pub use loss::{Loss, Targets};
+
+use std::collections::BTreeMap;
+
+use ringtrain_autograd::{AutogradError, Graph, Tensor, Var};
+use ringtrain_tensor::random::Rng;
+
+/// Errors of model construction and forward passes; `layer` is the module's dotted name.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum NnError {
+    #[error("layer `{layer}`: {reason}")]
+    Layer { layer: String, reason: String },
+    #[error(transparent)]
+    Autograd(#[from] AutogradError),
+}
+
+impl From<ringtrain_tensor::TensorError> for NnError {
+    fn from(e: ringtrain_tensor::TensorError) -> Self {
+        NnError::Autograd(e.into())
+    }
+}
+
+pub type Result<T, E = NnError> = std::result::Result<T, E>;
+
+/// One row of a model summary (`ringtrain inspect`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerSummary {
+    pub name: String,
+    pub kind: String,
+    /// Output shape of one example (without the batch axis).
+    pub output: Vec<usize>,
+    pub params: usize,
+    /// Multiply-adds ×2 of the forward pass for one example.
+    pub flops: u64,
+}
+
+/// A differentiable function with named parameters.
+pub trait Module: std::fmt::Debug + Send + Sync {
+    /// Adds this module's parameters, under their full dotted names, with initial values drawn
+    /// from `rng`.
+    fn init_params(&self, rng: &mut Rng, out: &mut BTreeMap<String, Tensor>);
+
+    /// Runs the module on a batch. Shapes are documented per module; the first axis is
+    /// always the batch.
+    fn forward(&self, g: &mut Graph<'_>, x: Var) -> Result<Var>;
+
+    /// Checks that the module accepts one example of shape `input` (no batch axis), appends its
+    /// summary rows and returns the output shape. Errors name the layer and the shapes, so a
+    /// job is refused at validation time instead of failing mid-run.
+    fn describe(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<Vec<usize>>;
+}
+
+/// Initial parameters of `module` as a flat store (ordered by name).
+pub fn init_store(module: &dyn Module, seed: u64) -> ringtrain_autograd::ParamStore {
+    let mut named = BTreeMap::new();
+    module.init_params(&mut ringtrain_tensor::random::rng(seed), &mut named);
+    ringtrain_autograd::ParamStore::from_named(named)
+}
