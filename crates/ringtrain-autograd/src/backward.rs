@@ -12,7 +12,9 @@ impl Graph<'_> {
     pub fn backward(&self, loss: Var) -> Result<Gradients> {
         let shape = self.shape(loss);
         if self.value(loss).len() != 1 {
-            return Err(AutogradError::NotScalar { shape: shape.to_vec() });
+            return Err(AutogradError::NotScalar {
+                shape: shape.to_vec(),
+            });
         }
         let mut grads: Vec<Option<Tensor>> = vec![None; self.nodes.len()];
         if self.nodes[loss.0].needs_grad {
@@ -69,7 +71,13 @@ impl Graph<'_> {
             Op::Div(a, b) => vec![
                 (*a, g.div(val(*b))?.sum_to_shape(val(*a).shape())?),
                 // d(a/b)/db = -a/b² = -y/b
-                (*b, g.mul(y)?.div(val(*b))?.scale(-1.0).sum_to_shape(val(*b).shape())?),
+                (
+                    *b,
+                    g.mul(y)?
+                        .div(val(*b))?
+                        .scale(-1.0)
+                        .sum_to_shape(val(*b).shape())?,
+                ),
             ],
             Op::Neg(x) => vec![(*x, g.scale(-1.0))],
             Op::Scale(x, s) => vec![(*x, g.scale(*s))],
@@ -103,7 +111,15 @@ impl Graph<'_> {
             Op::Tanh(x) => unary(*x, &|g, _, y| g * (1.0 - y * y))?,
             Op::Exp(x) => unary(*x, &|g, _, y| g * y)?,
             Op::Log(x) => unary(*x, &|g, x, _| g / x)?,
-            Op::Abs(x) => unary(*x, &|g, x, _| if x > 0.0 { g } else if x < 0.0 { -g } else { 0.0 })?,
+            Op::Abs(x) => unary(*x, &|g, x, _| {
+                if x > 0.0 {
+                    g
+                } else if x < 0.0 {
+                    -g
+                } else {
+                    0.0
+                }
+            })?,
             Op::Sqrt(x) => unary(*x, &|g, _, y| g / (2.0 * y))?,
             Op::Square(x) => unary(*x, &|g, x, _| 2.0 * x * g)?,
             Op::Sum(x) => vec![(*x, Tensor::full(val(*x).shape(), g.item()?))],
@@ -111,10 +127,15 @@ impl Graph<'_> {
                 let n = val(*x).len().max(1) as f32;
                 vec![(*x, Tensor::full(val(*x).shape(), g.item()? / n))]
             }
-            Op::SumAxis { x, axis, keepdim } => vec![(*x, expand_axis(g, val(*x).shape(), *axis, *keepdim, 1.0)?)],
+            Op::SumAxis { x, axis, keepdim } => {
+                vec![(*x, expand_axis(g, val(*x).shape(), *axis, *keepdim, 1.0)?)]
+            }
             Op::MeanAxis { x, axis, keepdim } => {
                 let n = val(*x).shape()[*axis].max(1) as f32;
-                vec![(*x, expand_axis(g, val(*x).shape(), *axis, *keepdim, 1.0 / n)?)]
+                vec![(
+                    *x,
+                    expand_axis(g, val(*x).shape(), *axis, *keepdim, 1.0 / n)?,
+                )]
             }
             Op::Softmax { x, axis } => {
                 // dx = y ⊙ (g − Σ_axis g⊙y)
@@ -175,9 +196,19 @@ impl Graph<'_> {
 }
 
 /// Broadcasts the gradient of a reduction along `axis` back to the input shape, times `factor`.
-fn expand_axis(g: &Tensor, shape: &[usize], axis: usize, keepdim: bool, factor: f32) -> Result<Tensor> {
+fn expand_axis(
+    g: &Tensor,
+    shape: &[usize],
+    axis: usize,
+    keepdim: bool,
+    factor: f32,
+) -> Result<Tensor> {
     let mut kept = shape.to_vec();
     kept[axis] = 1;
-    let g = if keepdim { g.clone() } else { g.reshape(&kept)? };
+    let g = if keepdim {
+        g.clone()
+    } else {
+        g.reshape(&kept)?
+    };
     Ok(Tensor::zeros(shape).add(&g.scale(factor))?)
 }

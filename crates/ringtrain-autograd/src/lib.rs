@@ -64,7 +64,12 @@ pub(crate) enum Op {
     Neg(Var),
     Scale(Var, f32),
     AddScalar(Var),
-    MatMul { a: Var, b: Var, ta: bool, tb: bool },
+    MatMul {
+        a: Var,
+        b: Var,
+        ta: bool,
+        tb: bool,
+    },
     Reshape(Var),
     Permute(Var, Vec<usize>),
     Relu(Var),
@@ -78,16 +83,50 @@ pub(crate) enum Op {
     Square(Var),
     Sum(Var),
     Mean(Var),
-    SumAxis { x: Var, axis: usize, keepdim: bool },
-    MeanAxis { x: Var, axis: usize, keepdim: bool },
-    Softmax { x: Var, axis: usize },
-    LogSoftmax { x: Var, axis: usize },
-    SliceAxis { x: Var, axis: usize, start: usize },
-    Concat { parts: Vec<Var>, axis: usize },
-    IndexSelect { x: Var, axis: usize, indices: Vec<usize> },
-    MulConst { x: Var, factor: Tensor },
-    BceWithLogits { logits: Var, targets: Tensor },
-    CrossEntropy { logits: Var, targets: Vec<usize> },
+    SumAxis {
+        x: Var,
+        axis: usize,
+        keepdim: bool,
+    },
+    MeanAxis {
+        x: Var,
+        axis: usize,
+        keepdim: bool,
+    },
+    Softmax {
+        x: Var,
+        axis: usize,
+    },
+    LogSoftmax {
+        x: Var,
+        axis: usize,
+    },
+    SliceAxis {
+        x: Var,
+        axis: usize,
+        start: usize,
+    },
+    Concat {
+        parts: Vec<Var>,
+        axis: usize,
+    },
+    IndexSelect {
+        x: Var,
+        axis: usize,
+        indices: Vec<usize>,
+    },
+    MulConst {
+        x: Var,
+        factor: Tensor,
+    },
+    BceWithLogits {
+        logits: Var,
+        targets: Tensor,
+    },
+    CrossEntropy {
+        logits: Var,
+        targets: Vec<usize>,
+    },
 }
 
 #[derive(Debug)]
@@ -180,10 +219,14 @@ impl<'p> Graph<'p> {
 
     /// The named parameter, copied onto the tape the first time it is asked for.
     pub fn param(&mut self, name: &str) -> Result<Var> {
-        let store = self.params.ok_or_else(|| AutogradError::UnknownParam { name: name.to_string() })?;
+        let store = self.params.ok_or_else(|| AutogradError::UnknownParam {
+            name: name.to_string(),
+        })?;
         let idx = store
             .index_of(name)
-            .ok_or_else(|| AutogradError::UnknownParam { name: name.to_string() })?;
+            .ok_or_else(|| AutogradError::UnknownParam {
+                name: name.to_string(),
+            })?;
         if let Some(v) = self.bound[idx] {
             return Ok(v);
         }
@@ -199,7 +242,11 @@ impl<'p> Graph<'p> {
     }
 
     pub(crate) fn push(&mut self, value: Tensor, op: Op, needs_grad: bool) -> Var {
-        self.nodes.push(Node { value, op, needs_grad });
+        self.nodes.push(Node {
+            value,
+            op,
+            needs_grad,
+        });
         Var(self.nodes.len() - 1)
     }
 
@@ -223,7 +270,11 @@ impl<'p> Graph<'p> {
         if out.len() != store.num_elements() {
             return Err(AutogradError::Invalid {
                 op: "param_grads_into",
-                reason: format!("buffer has {} elements, parameters {}", out.len(), store.num_elements()),
+                reason: format!(
+                    "buffer has {} elements, parameters {}",
+                    out.len(),
+                    store.num_elements()
+                ),
             });
         }
         for (spec, bound) in store.specs().iter().zip(&self.bound) {

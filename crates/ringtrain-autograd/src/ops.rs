@@ -157,13 +157,28 @@ impl Graph<'_> {
     pub fn concat(&mut self, parts: &[Var], axis: usize) -> Result<Var> {
         let values: Vec<&Tensor> = parts.iter().map(|&p| self.value(p)).collect();
         let v = Tensor::concat(axis, &values)?;
-        Ok(self.record(v, Op::Concat { parts: parts.to_vec(), axis }, parts))
+        Ok(self.record(
+            v,
+            Op::Concat {
+                parts: parts.to_vec(),
+                axis,
+            },
+            parts,
+        ))
     }
 
     /// Entries `indices` along `axis` (embedding lookup, row gather).
     pub fn index_select(&mut self, x: Var, axis: usize, indices: &[usize]) -> Result<Var> {
         let v = self.value(x).index_select(axis, indices)?;
-        Ok(self.unary(x, v, Op::IndexSelect { x, axis, indices: indices.to_vec() }))
+        Ok(self.unary(
+            x,
+            v,
+            Op::IndexSelect {
+                x,
+                axis,
+                indices: indices.to_vec(),
+            },
+        ))
     }
 
     /// `x * factor` for a constant `factor` (broadcast to x's shape): dropout and padding masks.
@@ -172,7 +187,11 @@ impl Graph<'_> {
         if v.shape() != self.shape(x) {
             return Err(AutogradError::Invalid {
                 op: "mul_const",
-                reason: format!("factor {:?} must broadcast to {:?}", factor.shape(), self.shape(x)),
+                reason: format!(
+                    "factor {:?} must broadcast to {:?}",
+                    factor.shape(),
+                    self.shape(x)
+                ),
             });
         }
         Ok(self.unary(x, v, Op::MulConst { x, factor }))
@@ -208,7 +227,11 @@ impl Graph<'_> {
         if targets.len() != n || targets.iter().any(|&t| t >= c) {
             return Err(AutogradError::Invalid {
                 op: "cross_entropy",
-                reason: format!("need {n} targets in 0..{c}, got {} (max {:?})", targets.len(), targets.iter().max()),
+                reason: format!(
+                    "need {n} targets in 0..{c}, got {} (max {:?})",
+                    targets.len(),
+                    targets.iter().max()
+                ),
             });
         }
         let ls = x.log_softmax(1)?;
@@ -218,7 +241,14 @@ impl Graph<'_> {
             .map(|(i, &t)| -f64::from(ls.as_slice()[i * c + t]))
             .sum();
         let v = Tensor::scalar((total / n.max(1) as f64) as f32);
-        Ok(self.unary(logits, v, Op::CrossEntropy { logits, targets: targets.to_vec() }))
+        Ok(self.unary(
+            logits,
+            v,
+            Op::CrossEntropy {
+                logits,
+                targets: targets.to_vec(),
+            },
+        ))
     }
 }
 

@@ -8,13 +8,22 @@ use ringtrain_autograd::{Graph, ParamStore, Result, Tensor, Var};
 use ringtrain_tensor::random;
 
 fn cases() -> ProptestConfig {
-    let n = std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(24);
+    let n = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(24);
     ProptestConfig::with_cases(n)
 }
 
 /// Random values in [-2, 2] kept at least 0.1 away from 0, where relu/abs have kinks.
 fn away_from_zero(shape: &[usize], seed: u64) -> Tensor {
-    random::uniform(shape, -2.0, 2.0, &mut random::rng(seed)).map(|x| if x.abs() < 0.1 { x.signum() * 0.1 + x } else { x })
+    random::uniform(shape, -2.0, 2.0, &mut random::rng(seed)).map(|x| {
+        if x.abs() < 0.1 {
+            x.signum() * 0.1 + x
+        } else {
+            x
+        }
+    })
 }
 
 fn positive(shape: &[usize], seed: u64) -> Tensor {
@@ -26,7 +35,11 @@ where
     F: Fn(&mut Graph<'static>, &[Var]) -> Result<Var>,
 {
     let res: Option<_> = check(f, inputs, Tolerance::default()).unwrap();
-    assert!(res.is_none(), "gradient mismatch: {res:?} for input shapes {:?}", inputs.iter().map(Tensor::shape).collect::<Vec<_>>());
+    assert!(
+        res.is_none(),
+        "gradient mismatch: {res:?} for input shapes {:?}",
+        inputs.iter().map(Tensor::shape).collect::<Vec<_>>()
+    );
 }
 
 proptest! {
@@ -129,7 +142,8 @@ proptest! {
 #[test]
 fn cross_entropy_value_matches_definition() {
     let mut g = Graph::standalone();
-    let x = g.variable(Tensor::from_vec(&[2, 3], vec![1.0, 2.0, 3.0, 1000.0, 0.0, -1000.0]).unwrap());
+    let x =
+        g.variable(Tensor::from_vec(&[2, 3], vec![1.0, 2.0, 3.0, 1000.0, 0.0, -1000.0]).unwrap());
     let loss = g.cross_entropy(x, &[2, 0]).unwrap();
     let row0 = -(3.0f64 - (1f64.exp() + 2f64.exp() + 3f64.exp()).ln());
     let expected = (row0 + 0.0) / 2.0; // row 1: log-softmax of the huge logit is 0
@@ -140,7 +154,9 @@ fn cross_entropy_value_matches_definition() {
 fn bce_with_logits_is_stable_for_huge_logits() {
     let mut g = Graph::standalone();
     let x = g.variable(Tensor::from_vec(&[2], vec![100.0, -100.0]).unwrap());
-    let loss = g.bce_with_logits(x, Tensor::from_vec(&[2], vec![0.0, 1.0]).unwrap()).unwrap();
+    let loss = g
+        .bce_with_logits(x, Tensor::from_vec(&[2], vec![0.0, 1.0]).unwrap())
+        .unwrap();
     assert!((g.value(loss).item().unwrap() - 100.0).abs() < 1e-3);
     let grads = g.backward(loss).unwrap();
     assert_eq!(grads.get(x).unwrap().to_vec(), vec![0.5, -0.5]);
@@ -157,7 +173,11 @@ fn detach_and_inference_stop_gradients() {
     // only the non-detached path contributes: d(x·c)/dx = c = 3
     assert_eq!(grads.get(x).unwrap().to_vec(), vec![3.0, 3.0]);
 
-    let store = ParamStore::from_named([("w".to_string(), Tensor::full(&[2], 1.0))].into_iter().collect());
+    let store = ParamStore::from_named(
+        [("w".to_string(), Tensor::full(&[2], 1.0))]
+            .into_iter()
+            .collect(),
+    );
     let mut g = Graph::inference(&store);
     let w = g.param("w").unwrap();
     let loss = g.sum(w);

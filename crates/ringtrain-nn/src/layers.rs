@@ -44,7 +44,12 @@ impl Linear {
 
 impl Module for Linear {
     fn init_params(&self, rng: &mut Rng, out: &mut BTreeMap<String, Tensor>) {
-        let w = self.init.sample(&[self.out_features, self.in_features], self.in_features, self.out_features, rng);
+        let w = self.init.sample(
+            &[self.out_features, self.in_features],
+            self.in_features,
+            self.out_features,
+            rng,
+        );
         out.insert(self.weight_name(), w);
         if self.bias {
             // Biases start at zero: symmetry is already broken by the weights.
@@ -63,7 +68,11 @@ impl Module for Linear {
             return Err(self.shape_error(&shape));
         }
         let rows: usize = lead.iter().product();
-        let x2 = if shape.len() == 2 { x } else { g.reshape(x, &[rows, last])? };
+        let x2 = if shape.len() == 2 {
+            x
+        } else {
+            g.reshape(x, &[rows, last])?
+        };
         let w = g.param(&self.weight_name())?;
         let mut y = g.matmul_t(x2, w, false, true)?;
         if self.bias {
@@ -89,7 +98,8 @@ impl Module for Linear {
                     name: self.name.clone(),
                     kind: format!("Linear({} -> {})", self.in_features, self.out_features),
                     output: output.clone(),
-                    params: self.in_features * self.out_features + if self.bias { self.out_features } else { 0 },
+                    params: self.in_features * self.out_features
+                        + if self.bias { self.out_features } else { 0 },
                     flops: 2 * (positions * self.in_features * self.out_features) as u64,
                 });
                 Ok(output)
@@ -103,7 +113,10 @@ impl Linear {
     fn shape_error(&self, got: &[usize]) -> NnError {
         NnError::Layer {
             layer: self.name.clone(),
-            reason: format!("expects inputs with last axis {}, got shape {got:?}", self.in_features),
+            reason: format!(
+                "expects inputs with last axis {}, got shape {got:?}",
+                self.in_features
+            ),
         }
     }
 }

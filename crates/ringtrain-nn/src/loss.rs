@@ -36,14 +36,19 @@ impl Loss {
                 let t = if t.shape() == g.shape(output) {
                     t.clone()
                 } else {
-                    t.reshape(g.shape(output)).map_err(|_| mismatch("targets shaped like the output"))?
+                    t.reshape(g.shape(output))
+                        .map_err(|_| mismatch("targets shaped like the output"))?
                 };
                 match self {
                     Loss::BinaryCrossEntropy => Ok(g.bce_with_logits(output, t)?),
                     _ => {
                         let t = g.input(t);
                         let d = g.sub(output, t)?;
-                        let e = if self == Loss::Mse { g.square(d) } else { g.abs(d) };
+                        let e = if self == Loss::Mse {
+                            g.square(d)
+                        } else {
+                            g.abs(d)
+                        };
                         Ok(g.mean(e))
                     }
                 }
@@ -83,8 +88,18 @@ mod tests {
         let vals = Targets::Values(t(&[3, 2], &[1.0, 0.0, 0.5, 1.5, -1.0, 0.0]));
         let bin = Targets::Values(t(&[3, 2], &[1.0, 0.0, 0.0, 1.0, 1.0, 0.0]));
         let cls = Targets::Classes(vec![1, 0, 1]);
-        for (loss, targets) in [(Loss::Mse, &vals), (Loss::Mae, &vals), (Loss::BinaryCrossEntropy, &bin), (Loss::CrossEntropy, &cls)] {
-            let res = check(|g, v| loss.compute(g, v[0], targets), &[out.clone()], Tolerance::default()).unwrap();
+        for (loss, targets) in [
+            (Loss::Mse, &vals),
+            (Loss::Mae, &vals),
+            (Loss::BinaryCrossEntropy, &bin),
+            (Loss::CrossEntropy, &cls),
+        ] {
+            let res = check(
+                |g, v| loss.compute(g, v[0], targets),
+                &[out.clone()],
+                Tolerance::default(),
+            )
+            .unwrap();
             assert!(res.is_none(), "{loss:?}: {res:?}");
         }
     }

@@ -38,7 +38,11 @@ mod tests {
     fn mlp_names_and_shapes_match_pytorch_sequential() {
         let m = mlp(4, &[8, 6], 3, Activation::Relu);
         let store = init_store(&m, 1);
-        let names: Vec<_> = store.specs().iter().map(|s| (s.name.as_str(), s.shape.clone())).collect();
+        let names: Vec<_> = store
+            .specs()
+            .iter()
+            .map(|s| (s.name.as_str(), s.shape.clone()))
+            .collect();
         assert_eq!(
             names,
             vec![
@@ -52,9 +56,15 @@ mod tests {
         );
         let mut rows = Vec::new();
         assert_eq!(m.describe(&[4], &mut rows).unwrap(), vec![3]);
-        assert_eq!(rows.iter().map(|r| r.params).sum::<usize>(), store.num_elements());
+        assert_eq!(
+            rows.iter().map(|r| r.params).sum::<usize>(),
+            store.num_elements()
+        );
         let err = m.describe(&[5], &mut Vec::new()).unwrap_err();
-        assert_eq!(err.to_string(), "layer `layers.0`: expects inputs with last axis 4, got shape [5]");
+        assert_eq!(
+            err.to_string(),
+            "layer `layers.0`: expects inputs with last axis 4, got shape [5]"
+        );
     }
 
     #[test]

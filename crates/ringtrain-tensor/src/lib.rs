@@ -63,13 +63,12 @@ impl Tensor {
                 got: values.len(),
             });
         }
-        let data = ArrayD::from_shape_vec(IxDyn(shape), values).map_err(|_| {
-            TensorError::DataLength {
+        let data =
+            ArrayD::from_shape_vec(IxDyn(shape), values).map_err(|_| TensorError::DataLength {
                 shape: shape.to_vec(),
                 expected,
                 got: expected,
-            }
-        })?;
+            })?;
         Ok(Tensor { data })
     }
 
@@ -141,7 +140,10 @@ impl Tensor {
             [v] => Ok(*v),
             _ => Err(TensorError::Invalid {
                 op: "item",
-                reason: format!("tensor of shape {:?} has more than one element", self.shape()),
+                reason: format!(
+                    "tensor of shape {:?} has more than one element",
+                    self.shape()
+                ),
             }),
         }
     }

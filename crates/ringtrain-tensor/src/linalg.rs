@@ -51,14 +51,30 @@ impl Tensor {
                 Ok(Tensor::from_array(out.into_dyn()))
             }
             (3, 3) => {
-                let a3 = self.data.view().into_dimensionality::<Ix3>().map_err(|_| self.shape_err(OP, other))?;
-                let b3 = other.data.view().into_dimensionality::<Ix3>().map_err(|_| self.shape_err(OP, other))?;
+                let a3 = self
+                    .data
+                    .view()
+                    .into_dimensionality::<Ix3>()
+                    .map_err(|_| self.shape_err(OP, other))?;
+                let b3 = other
+                    .data
+                    .view()
+                    .into_dimensionality::<Ix3>()
+                    .map_err(|_| self.shape_err(OP, other))?;
                 let batch = a3.len_of(Axis(0));
                 if b3.len_of(Axis(0)) != batch {
                     return Err(self.shape_err(OP, other));
                 }
-                let (m, k) = if trans_a { (a3.dim().2, a3.dim().1) } else { (a3.dim().1, a3.dim().2) };
-                let (k2, n) = if trans_b { (b3.dim().2, b3.dim().1) } else { (b3.dim().1, b3.dim().2) };
+                let (m, k) = if trans_a {
+                    (a3.dim().2, a3.dim().1)
+                } else {
+                    (a3.dim().1, a3.dim().2)
+                };
+                let (k2, n) = if trans_b {
+                    (b3.dim().2, b3.dim().1)
+                } else {
+                    (b3.dim().1, b3.dim().2)
+                };
                 if k != k2 {
                     return Err(self.shape_err(OP, other));
                 }
@@ -146,6 +162,9 @@ mod tests {
         let a = Tensor::zeros(&[2, 3]);
         let b = Tensor::zeros(&[4, 5]);
         let err = a.matmul(&b).unwrap_err();
-        assert_eq!(err.to_string(), "matmul: shapes [2, 3] and [4, 5] are incompatible");
+        assert_eq!(
+            err.to_string(),
+            "matmul: shapes [2, 3] and [4, 5] are incompatible"
+        );
     }
 }

@@ -21,13 +21,22 @@ impl Tensor {
     /// copied into standard layout.
     pub fn permute(&self, axes: &[usize]) -> Result<Tensor> {
         let mut seen = vec![false; self.ndim()];
-        if axes.len() != self.ndim() || axes.iter().any(|&a| a >= self.ndim() || std::mem::replace(&mut seen[a], true)) {
+        if axes.len() != self.ndim()
+            || axes
+                .iter()
+                .any(|&a| a >= self.ndim() || std::mem::replace(&mut seen[a], true))
+        {
             return Err(TensorError::Invalid {
                 op: "permute",
-                reason: format!("{axes:?} is not a permutation of the axes of shape {:?}", self.shape()),
+                reason: format!(
+                    "{axes:?} is not a permutation of the axes of shape {:?}",
+                    self.shape()
+                ),
             });
         }
-        Ok(Tensor::from_array(self.data.view().permuted_axes(IxDyn(axes)).to_owned()))
+        Ok(Tensor::from_array(
+            self.data.view().permuted_axes(IxDyn(axes)).to_owned(),
+        ))
     }
 
     /// Transpose of a 2-D tensor.
@@ -51,11 +60,16 @@ impl Tensor {
         if start > end || end > len {
             return Err(TensorError::Invalid {
                 op: "slice_axis",
-                reason: format!("range {start}..{end} out of bounds for axis {axis} of shape {:?}", self.shape()),
+                reason: format!(
+                    "range {start}..{end} out of bounds for axis {axis} of shape {:?}",
+                    self.shape()
+                ),
             });
         }
         Ok(Tensor::from_array(
-            self.data.slice_axis(Axis(axis), Slice::from(start..end)).to_owned(),
+            self.data
+                .slice_axis(Axis(axis), Slice::from(start..end))
+                .to_owned(),
         ))
     }
 
@@ -68,11 +82,16 @@ impl Tensor {
             lhs: lhs.clone(),
             rhs: rhs.clone(),
         };
-        if axis >= self.ndim() || src.ndim() != self.ndim() || start + src.shape()[axis] > self.shape()[axis] {
+        if axis >= self.ndim()
+            || src.ndim() != self.ndim()
+            || start + src.shape()[axis] > self.shape()[axis]
+        {
             return Err(bad());
         }
         let end = start + src.shape()[axis];
-        let mut dst = self.data.slice_axis_mut(Axis(axis), Slice::from(start..end));
+        let mut dst = self
+            .data
+            .slice_axis_mut(Axis(axis), Slice::from(start..end));
         if dst.shape() != src.shape() {
             return Err(bad());
         }
@@ -118,7 +137,12 @@ impl Tensor {
 
     /// The adjoint of [`Tensor::index_select`]: adds `src`'s entries into a zero tensor of
     /// `shape` at `indices` along `axis`; repeated indices accumulate.
-    pub fn index_add(shape: &[usize], axis: usize, indices: &[usize], src: &Tensor) -> Result<Tensor> {
+    pub fn index_add(
+        shape: &[usize],
+        axis: usize,
+        indices: &[usize],
+        src: &Tensor,
+    ) -> Result<Tensor> {
         let mut out = Tensor::zeros(shape);
         let bad = || TensorError::Shape {
             op: "index_add",
