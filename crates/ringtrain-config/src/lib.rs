@@ -1,0 +1,456 @@
+//! `ringtrain-config`: the job file.
+//!
+//! A job is TOML with the sections `[job]`, `[data]`, `[model]`, `[optimizer]`,
+//! `[training]` and `[evaluation]` (see `examples/` and the README). Parsing is strict:
+//! every table denies unknown fields, so a misspelled `learnig_rate` stops the job with the
+//! field's name and line instead of being ignored. [`Job::load`] parses and then
+//! [`Job::validate`]s once; code after it trusts the values.
+//!
+//! Relative paths in a job are relative to the job file's directory, so a job runs the same
+//! from any working directory.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// A job file that could not be used; `Display` is one line naming the file, line and field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read job file: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}:{line}: `{field}`: {reason}", line = line.map_or_else(|| "?".to_string(), |l| l.to_string()))]
+    Invalid {
+        path: PathBuf,
+        field: String,
+        line: Option<usize>,
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    pub job: JobMeta,
+    pub data: DataConfig,
+    pub model: ModelConfig,
+    pub optimizer: OptimizerConfig,
+    pub training: TrainingConfig,
+    #[serde(default)]
+    pub evaluation: EvaluationConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobMeta {
+    pub name: String,
+    /// Seeds everything: initial weights, splits, shuffling, dropout.
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// Numeric feature columns plus a label column.
+    Csv,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ColumnRef {
+    Index(usize),
+    Name(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    pub format: DataFormat,
+    /// The data file, relative to the job file.
+    pub path: PathBuf,
+    /// The label column: a header name or a 0-based index.
+    pub label: ColumnRef,
+    #[serde(default = "yes")]
+    pub header: bool,
+    #[serde(default = "comma")]
+    pub delimiter: char,
+    /// Turns a multi-class label into a binary one: 1 for this class, 0 for the rest.
+    #[serde(default)]
+    pub positive_class: Option<String>,
+    /// Standardise each feature with the training split's mean and standard deviation.
+    #[serde(default = "yes")]
+    pub standardize: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// One neuron: logistic regression (binary) or linear regression.
+    Logistic,
+    /// Multi-layer perceptron.
+    Mlp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivationName {
+    Relu,
+    LeakyRelu,
+    Sigmoid,
+    Tanh,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub kind: ModelKind,
+    /// Hidden layer widths (MLP).
+    #[serde(default)]
+    pub hidden: Vec<usize>,
+    #[serde(default = "relu")]
+    pub activation: ActivationName,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerName {
+    Sgd,
+    Adagrad,
+    Rmsprop,
+    Adam,
+    Adamw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScheduleName {
+    Constant,
+    Step,
+    Cosine,
+}
+
+/// Optimizer and learning-rate schedule. Hyper-parameters a given optimizer does not use are
+/// refused, so a `momentum` meant for SGD is not silently ignored by Adam.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerConfig {
+    pub kind: OptimizerName,
+    pub lr: f64,
+    #[serde(default)]
+    pub momentum: Option<f64>,
+    #[serde(default)]
+    pub nesterov: Option<bool>,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default)]
+    pub betas: Option<[f64; 2]>,
+    #[serde(default)]
+    pub eps: Option<f64>,
+    #[serde(default = "constant")]
+    pub schedule: ScheduleName,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Step schedule: decay every this many epochs.
+    #[serde(default)]
+    pub step_epochs: Option<u64>,
+    /// Step schedule: decay factor.
+    #[serde(default)]
+    pub gamma: Option<f64>,
+    /// Cosine schedule: final learning rate.
+    #[serde(default)]
+    pub min_lr: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LossName {
+    Mse,
+    Mae,
+    BinaryCrossEntropy,
+    CrossEntropy,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    /// Defaults to cross-entropy for classes, binary cross-entropy for a binary label.
+    #[serde(default)]
+    pub loss: Option<LossName>,
+    /// Clip gradients to this global L2 norm.
+    #[serde(default)]
+    pub clip_grad_norm: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EvalScheme {
+    /// One seeded (stratified) train/test split.
+    TrainTest,
+    /// K-fold cross-validation: K models, each tested on one fold.
+    Kfold,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvaluationConfig {
+    #[serde(default = "train_test")]
+    pub scheme: EvalScheme,
+    #[serde(default = "test_fraction")]
+    pub test_fraction: f64,
+    #[serde(default = "yes")]
+    pub stratify: bool,
+    #[serde(default = "five")]
+    pub folds: usize,
+}
+
+impl Default for EvaluationConfig {
+    fn default() -> Self {
+        EvaluationConfig {
+            scheme: EvalScheme::TrainTest,
+            test_fraction: test_fraction(),
+            stratify: true,
+            folds: five(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn comma() -> char {
+    ','
+}
+fn relu() -> ActivationName {
+    ActivationName::Relu
+}
+fn constant() -> ScheduleName {
+    ScheduleName::Constant
+}
+fn train_test() -> EvalScheme {
+    EvalScheme::TrainTest
+}
+fn test_fraction() -> f64 {
+    0.2
+}
+fn five() -> usize {
+    5
+}
+
+impl Job {
+    /// Reads, parses and validates a job file; relative paths are resolved against its
+    /// directory.
+    pub fn load(path: &Path) -> Result<Job, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut job = Job::parse(&text, path)?;
+        if job.data.path.is_relative() {
+            let base = path.parent().unwrap_or(Path::new("."));
+            job.data.path = base.join(&job.data.path);
+        }
+        job.validate(&text, path)?;
+        Ok(job)
+    }
+
+    /// Parses TOML text; `path` is only used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Job, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map_or((0, 0), |s| line_col(text, s.start));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().trim().replace('\n', " "),
+            }
+        })
+    }
+
+    /// Checks values that the types alone cannot (ranges, combinations, files).
+    pub fn validate(&self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        let fail = |field: &str, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            line: locate(text, field),
+            reason,
+        };
+        let o = &self.optimizer;
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return Err(fail("optimizer.lr", format!("must be a positive number, got {}", o.lr)));
+        }
+        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+            return Err(fail("optimizer.weight_decay", format!("must be >= 0, got {}", o.weight_decay)));
+        }
+        let uses_momentum = matches!(o.kind, OptimizerName::Sgd | OptimizerName::Rmsprop);
+        if o.momentum.is_some() && !uses_momentum {
+            return Err(fail("optimizer.momentum", format!("is not used by {:?}", o.kind)));
+        }
+        if let Some(m) = o.momentum {
+            if !(0.0..1.0).contains(&m) {
+                return Err(fail("optimizer.momentum", format!("must be in [0, 1), got {m}")));
+            }
+        }
+        if o.nesterov == Some(true) && (o.kind != OptimizerName::Sgd || o.momentum.unwrap_or(0.0) == 0.0) {
+            return Err(fail("optimizer.nesterov", "needs kind = \"sgd\" with momentum > 0".into()));
+        }
+        if let Some([b1, b2]) = o.betas {
+            if !matches!(o.kind, OptimizerName::Adam | OptimizerName::Adamw) {
+                return Err(fail("optimizer.betas", format!("is not used by {:?}", o.kind)));
+            }
+            if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {
+                return Err(fail("optimizer.betas", format!("must both be in [0, 1), got [{b1}, {b2}]")));
+            }
+        }
+        if let Some(eps) = o.eps {
+            if !(eps > 0.0) {
+                return Err(fail("optimizer.eps", format!("must be positive, got {eps}")));
+            }
+        }
+        match o.schedule {
+            ScheduleName::Step if o.step_epochs.unwrap_or(0) == 0 || o.gamma.is_none() => {
+                return Err(fail("optimizer.schedule", "\"step\" needs step_epochs > 0 and gamma".into()));
+            }
+            _ => {}
+        }
+        if self.training.epochs == 0 {
+            return Err(fail("training.epochs", "must be at least 1".into()));
+        }
+        if self.training.batch_size == 0 {
+            return Err(fail("training.batch_size", "must be at least 1".into()));
+        }
+        if let Some(c) = self.training.clip_grad_norm {
+            if !(c > 0.0) {
+                return Err(fail("training.clip_grad_norm", format!("must be positive, got {c}")));
+            }
+        }
+        let e = &self.evaluation;
+        if !(e.test_fraction > 0.0 && e.test_fraction < 1.0) {
+            return Err(fail("evaluation.test_fraction", format!("must be in (0, 1), got {}", e.test_fraction)));
+        }
+        if e.scheme == EvalScheme::Kfold && e.folds < 2 {
+            return Err(fail("evaluation.folds", format!("k-fold needs at least 2 folds, got {}", e.folds)));
+        }
+        if self.model.kind == ModelKind::Mlp && self.model.hidden.contains(&0) {
+            return Err(fail("model.hidden", "layer widths must be at least 1".into()));
+        }
+        if !self.data.path.is_file() {
+            return Err(fail("data.path", format!("file not found: {}", self.data.path.display())));
+        }
+        Ok(())
+    }
+}
+
+/// 1-based line and column of byte offset `at`.
+fn line_col(text: &str, at: usize) -> (usize, usize) {
+    let before = &text[..at.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    (line, column)
+}
+
+/// Line of `section.key` in a job file: the first `key =` line inside `[section]`.
+/// A plain scan suffices because job files are flat two-level tables.
+fn locate(text: &str, field: &str) -> Option<usize> {
+    let (section, key) = field.split_once('.')?;
+    let mut in_section = false;
+    for (i, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if let Some(name) = t.strip_prefix('[').and_then(|s| s.strip_suffix(']')) {
+            in_section = name.trim() == section;
+        } else if in_section && t.split('=').next().map(str::trim) == Some(key) {
+            return Some(i + 1);
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[job]
+name = "t"
+seed = 1
+
+[data]
+format = "csv"
+path = "Cargo.toml"
+label = "species"
+
+[model]
+kind = "mlp"
+hidden = [8]
+
+[optimizer]
+kind = "adam"
+lr = 0.01
+
+[training]
+epochs = 3
+batch_size = 4
+"#;
+
+    fn check(text: &str) -> Result<Job, ConfigError> {
+        let p = Path::new("job.toml");
+        let job = Job::parse(text, p)?;
+        job.validate(text, p)?;
+        Ok(job)
+    }
+
+    #[test]
+    fn a_good_job_parses_with_defaults() {
+        let job = check(GOOD).unwrap();
+        assert_eq!(job.data.label, ColumnRef::Name("species".into()));
+        assert_eq!(job.evaluation.scheme, EvalScheme::TrainTest);
+        assert!(job.data.standardize);
+        let by_index = check(&GOOD.replace("label = \"species\"", "label = 4")).unwrap();
+        assert_eq!(by_index.data.label, ColumnRef::Index(4));
+    }
+
+    #[test]
+    fn misspelled_key_names_field_and_line() {
+        let bad = GOOD.replace("lr = 0.01", "learnig_rate = 0.01");
+        let err = check(&bad).unwrap_err().to_string();
+        assert!(err.starts_with("job.toml:17:1: unknown field `learnig_rate`"), "{err}");
+        assert!(!err.contains('\n'));
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let bad = GOOD.replace("epochs = 3\n", "");
+        let err = check(&bad).unwrap_err().to_string();
+        assert!(err.contains("missing field `epochs`"), "{err}");
+    }
+
+    #[test]
+    fn negative_learning_rate_names_field_and_line() {
+        let err = check(&GOOD.replace("lr = 0.01", "lr = -0.1")).unwrap_err().to_string();
+        assert_eq!(err, "job.toml:17: `optimizer.lr`: must be a positive number, got -0.1");
+    }
+
+    #[test]
+    fn invalid_combinations_are_refused() {
+        let err = check(&GOOD.replace("lr = 0.01", "lr = 0.01\nmomentum = 0.9")).unwrap_err().to_string();
+        assert!(err.contains("`optimizer.momentum`: is not used by Adam"), "{err}");
+        let err = check(&GOOD.replace("path = \"Cargo.toml\"", "path = \"nope.csv\"")).unwrap_err().to_string();
+        assert!(err.contains("`data.path`: file not found: nope.csv"), "{err}");
+        let err = check(&GOOD.replace("kind = \"mlp\"", "kind = \"transformr\"")).unwrap_err().to_string();
+        assert!(err.contains("unknown variant `transformr`"), "{err}");
+        assert!(check(&GOOD.replace("batch_size = 4", "batch_size = 0")).is_err());
+    }
+}
