@@ -183,10 +183,12 @@ pub(crate) fn split_fields(line: &str, delimiter: u8) -> Result<Vec<String>, Str
         if chars.next_if_eq(&'"').is_some() {
             loop {
                 match chars.next() {
-                    None => return Err(format!(
-                        "unterminated quoted field (field {}); quoted fields may not span lines",
-                        fields.len() + 1
-                    )),
+                    None => {
+                        return Err(format!(
+                            "unterminated quoted field (field {}); quoted fields may not span lines",
+                            fields.len() + 1
+                        ))
+                    }
                     Some('"') => {
                         if chars.next_if_eq(&'"').is_some() {
                             field.push('"');
@@ -278,9 +280,7 @@ pub fn read_csv(path: &Path, opts: &CsvOptions) -> Result<TabularData, DataError
     let mut values: Vec<f32> = Vec::new();
     let mut n_rows = 0usize;
     let mut saw_any_line = false;
-    let err = |line: usize, column: Option<ColumnRef>, problem: String| {
-        DataError::text(path, line, column, problem)
-    };
+    let err = |line: usize, column: Option<ColumnRef>, problem: String| DataError::text(path, line, column, problem);
 
     while let Some((line_no, line)) = lines.next_line()? {
         if line.trim().is_empty() {
@@ -289,8 +289,7 @@ pub fn read_csv(path: &Path, opts: &CsvOptions) -> Result<TabularData, DataError
         saw_any_line = true;
         let fields = split_fields(line, opts.delimiter).map_err(|p| err(line_no, None, p))?;
         if opts.has_header && header.is_none() {
-            let label_at =
-                resolve_label(&opts.label, &fields).map_err(|p| err(line_no, None, p))?;
+            let label_at = resolve_label(&opts.label, &fields).map_err(|p| err(line_no, None, p))?;
             shape = Some((fields.len(), label_at));
             header = Some(fields);
             continue;
@@ -310,10 +309,7 @@ pub fn read_csv(path: &Path, opts: &CsvOptions) -> Result<TabularData, DataError
             return Err(err(
                 line_no,
                 None,
-                format!(
-                    "ragged row: expected {n_cols} fields, found {}",
-                    fields.len()
-                ),
+                format!("ragged row: expected {n_cols} fields, found {}", fields.len()),
             ));
         }
         for (i, field) in fields.into_iter().enumerate() {
@@ -327,9 +323,7 @@ pub fn read_csv(path: &Path, opts: &CsvOptions) -> Result<TabularData, DataError
                     return Err(err(line_no, at(), "missing value (empty field)".into()))
                 }
                 LabelKind::Class => class_strings.push(field),
-                LabelKind::Value => {
-                    values.push(parse_number(&field).map_err(|p| err(line_no, at(), p))?)
-                }
+                LabelKind::Value => values.push(parse_number(&field).map_err(|p| err(line_no, at(), p))?),
             }
         }
         n_rows += 1;
@@ -366,11 +360,7 @@ pub fn read_csv(path: &Path, opts: &CsvOptions) -> Result<TabularData, DataError
 /// Maps label strings to dense ids in [`sorted_class_names`] order.
 pub(crate) fn class_labels(strings: Vec<String>) -> Labels {
     let names = sorted_class_names(strings.iter().cloned().collect());
-    let id_of: HashMap<&str, usize> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (n.as_str(), i))
-        .collect();
+    let id_of: HashMap<&str, usize> = names.iter().enumerate().map(|(i, n)| (n.as_str(), i)).collect();
     let ids = strings.iter().map(|s| id_of[s.as_str()]).collect();
     Labels::Class { ids, names }
 }
@@ -397,9 +387,7 @@ fn resolve_label(label: &LabelColumn, row: &[String]) -> Result<usize, String> {
 /// `names` are the class names of line 1, so `names[id]` is e.g. `"setosa"`.
 pub fn read_sklearn_csv(path: &Path) -> Result<TabularData, DataError> {
     let mut lines = Lines::open(path)?;
-    let err = |line: usize, column: Option<ColumnRef>, problem: String| {
-        DataError::text(path, line, column, problem)
-    };
+    let err = |line: usize, column: Option<ColumnRef>, problem: String| DataError::text(path, line, column, problem);
     let (first_no, first) = loop {
         match lines.next_line()? {
             None => return Err(DataError::empty(path, "empty file")),
@@ -408,19 +396,16 @@ pub fn read_sklearn_csv(path: &Path) -> Result<TabularData, DataError> {
         }
     };
     let count = |i: usize, what: &str| -> Result<usize, DataError> {
-        first
-            .get(i)
-            .and_then(|f| f.parse::<usize>().ok())
-            .ok_or_else(|| {
-                err(
-                    first_no,
-                    Some(ColumnRef {
-                        number: i + 1,
-                        name: None,
-                    }),
-                    format!("scikit-learn header: expected the {what} as an integer"),
-                )
-            })
+        first.get(i).and_then(|f| f.parse::<usize>().ok()).ok_or_else(|| {
+            err(
+                first_no,
+                Some(ColumnRef {
+                    number: i + 1,
+                    name: None,
+                }),
+                format!("scikit-learn header: expected the {what} as an integer"),
+            )
+        })
     };
     let n_expected = count(0, "number of rows")?;
     let n_features = count(1, "number of features")?;
@@ -485,10 +470,7 @@ pub fn read_sklearn_csv(path: &Path) -> Result<TabularData, DataError> {
         return Err(err(
             last_line,
             None,
-            format!(
-                "the header promises {n_expected} rows, the file has {}",
-                ids.len()
-            ),
+            format!("the header promises {n_expected} rows, the file has {}", ids.len()),
         ));
     }
     Ok(TabularData {
@@ -568,10 +550,8 @@ mod tests {
     fn reads_gzip_and_space_separated() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.csv.gz");
-        let mut enc = flate2::write::GzEncoder::new(
-            std::fs::File::create(&path).unwrap(),
-            flate2::Compression::default(),
-        );
+        let mut enc =
+            flate2::write::GzEncoder::new(std::fs::File::create(&path).unwrap(), flate2::Compression::default());
         enc.write_all(b"1 2 3\n4 5 6\n").unwrap();
         enc.finish().unwrap();
         let opts = CsvOptions {
@@ -627,18 +607,10 @@ mod tests {
         );
         let path = write(&dir, "m2.csv", "a,y\n,x\n");
         let err = read_csv(&path, &CsvOptions::classification("y")).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("line 2, column 1 (\"a\"): missing"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("line 2, column 1 (\"a\"): missing"), "{err}");
         let path = write(&dir, "m3.csv", "a,y\n1,\n");
         let err = read_csv(&path, &CsvOptions::classification("y")).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("line 2, column 2 (\"y\"): missing"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("line 2, column 2 (\"y\"): missing"), "{err}");
     }
 
     #[test]
@@ -675,10 +647,7 @@ mod tests {
         assert!(err.to_string().ends_with("empty file"), "{err}");
         let header = write(&dir, "h.csv", "a,y\n\n");
         let err = read_csv(&header, &CsvOptions::classification("y")).unwrap_err();
-        assert!(
-            err.to_string().ends_with("header but no data rows"),
-            "{err}"
-        );
+        assert!(err.to_string().ends_with("header but no data rows"), "{err}");
         let err = read_sklearn_csv(&empty).unwrap_err();
         assert!(matches!(err, DataError::Empty { .. }), "{err}");
     }
@@ -707,11 +676,7 @@ mod tests {
 
     #[test]
     fn missing_file_is_an_io_error_naming_it() {
-        let err = read_csv(
-            Path::new("/nonexistent/x.csv"),
-            &CsvOptions::classification("y"),
-        )
-        .unwrap_err();
+        let err = read_csv(Path::new("/nonexistent/x.csv"), &CsvOptions::classification("y")).unwrap_err();
         assert!(matches!(err, DataError::Io { .. }));
         assert!(err.to_string().starts_with("/nonexistent/x.csv: "), "{err}");
     }
@@ -719,11 +684,7 @@ mod tests {
     #[test]
     fn sklearn_layout() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(
-            &dir,
-            "s.csv",
-            "3,2,setosa,versicolor\n1,2,0\n3,4,1\n5,6,1\n",
-        );
+        let path = write(&dir, "s.csv", "3,2,setosa,versicolor\n1,2,0\n3,4,1\n5,6,1\n");
         let data = read_sklearn_csv(&path).unwrap();
         assert_eq!(data.n_rows, 3);
         assert_eq!(data.n_features, 2);
@@ -737,10 +698,7 @@ mod tests {
         );
         let short = write(&dir, "s2.csv", "3,2,a,b\n1,2,0\n3,4,1\n");
         let err = read_sklearn_csv(&short).unwrap_err();
-        assert!(
-            err.to_string().contains("promises 3 rows, the file has 2"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("promises 3 rows, the file has 2"), "{err}");
         let bad_class = write(&dir, "s3.csv", "1,2,a,b\n1,2,2\n");
         let err = read_sklearn_csv(&bad_class).unwrap_err();
         assert!(err.to_string().contains("line 2, column 3"), "{err}");

@@ -85,6 +85,15 @@ pub enum DataError {
         /// Why nothing was found (e.g. "empty file", "header but no data rows").
         problem: String,
     },
+    /// A file parsed, but its content breaks the format's rules (e.g. a vocabulary file whose
+    /// special tokens are missing).
+    #[error("{}: {problem}", path.display())]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong, in words.
+        problem: String,
+    },
     /// An argument is out of its documented range (a caller's or configuration mistake, not
     /// a data file's).
     #[error("invalid argument `{name}`: {problem}")]
@@ -120,11 +129,7 @@ impl DataError {
         }
     }
 
-    pub(crate) fn binary(
-        path: impl Into<PathBuf>,
-        offset: u64,
-        problem: impl Into<String>,
-    ) -> Self {
+    pub(crate) fn binary(path: impl Into<PathBuf>, offset: u64, problem: impl Into<String>) -> Self {
         DataError::Binary {
             path: path.into(),
             offset,

@@ -14,25 +14,30 @@
 //!   [`shard`].
 //! * Metrics accumulate counts and sums that merge exactly across ranks and folds.
 
+pub mod batch;
 pub mod corpus;
 pub mod csv;
 pub mod error;
+pub mod idx;
 pub mod metrics;
 pub mod shard;
 mod source;
 pub mod split;
 #[cfg(test)]
 mod testutil;
+pub mod text;
+pub mod vocab;
 
+pub use crate::batch::{pad_batch, PaddedBatch};
 pub use crate::corpus::read_text;
-pub use crate::csv::{
-    read_csv, read_sklearn_csv, CsvOptions, LabelColumn, LabelKind, Labels, TabularData,
-};
+pub use crate::csv::{read_csv, read_sklearn_csv, CsvOptions, LabelColumn, LabelKind, Labels, TabularData};
 pub use crate::error::{ColumnRef, DataError, LineRef};
+pub use crate::idx::{
+    load_mnist, load_mnist_split, read_idx, read_idx_images, read_idx_labels, IdxArray, IdxData, Images, Mnist,
+    MnistSplit,
+};
 pub use crate::metrics::{perplexity, summarize_folds, ConfusionMatrix, RegressionStats, Summary};
-pub use crate::shard::{
-    epoch_permutation, eval_shard, num_batches, shard, shard_indices, shard_len, Remainder,
-};
-pub use crate::split::{
-    holdout, kfold, time_series_splits, train_test_split, try_train_test_split, Split, Window,
-};
+pub use crate::shard::{epoch_permutation, eval_shard, num_batches, shard, shard_indices, shard_len, Remainder};
+pub use crate::split::{holdout, kfold, time_series_splits, train_test_split, try_train_test_split, Split, Window};
+pub use crate::text::{read_class_dirs, read_labeled_lines, TextDataset};
+pub use crate::vocab::{Tokenizer, Vocab, VocabOptions, PAD, SPECIAL_TOKENS, START, STOP, UNK};

@@ -267,9 +267,7 @@ impl fmt::Display for Summary {
 ///
 /// Errors if the folds do not all report the same metric names, since a mean over a subset of
 /// folds would be silently wrong.
-pub fn summarize_folds(
-    folds: &[BTreeMap<String, f64>],
-) -> Result<BTreeMap<String, Summary>, DataError> {
+pub fn summarize_folds(folds: &[BTreeMap<String, f64>]) -> Result<BTreeMap<String, Summary>, DataError> {
     let Some(first) = folds.first() else {
         return Ok(BTreeMap::new());
     };
@@ -375,22 +373,14 @@ mod tests {
         let s = Summary::of(&[1.0, 2.0, 3.0, 4.0]);
         assert!(close(s.mean, 2.5));
         assert!(close(s.std, (5.0f64 / 3.0).sqrt()));
-        assert_eq!(
-            format!("{s:.2}"),
-            "2.50 ± 1.29 (folds: 1.00, 2.00, 3.00, 4.00)"
-        );
+        assert_eq!(format!("{s:.2}"), "2.50 ± 1.29 (folds: 1.00, 2.00, 3.00, 4.00)");
         assert!(Summary::of(&[1.0]).std.is_nan());
 
-        let fold = |acc: f64, f1: f64| {
-            BTreeMap::from([("accuracy".to_string(), acc), ("macro_f1".to_string(), f1)])
-        };
+        let fold = |acc: f64, f1: f64| BTreeMap::from([("accuracy".to_string(), acc), ("macro_f1".to_string(), f1)]);
         let sums = summarize_folds(&[fold(0.9, 0.8), fold(1.0, 0.6)]).unwrap();
         assert!(close(sums["accuracy"].mean, 0.95));
         assert_eq!(sums["macro_f1"].values, [0.8, 0.6]);
-        let bad = [
-            fold(0.9, 0.8),
-            BTreeMap::from([("accuracy".to_string(), 1.0)]),
-        ];
+        let bad = [fold(0.9, 0.8), BTreeMap::from([("accuracy".to_string(), 1.0)])];
         assert!(summarize_folds(&bad).is_err());
     }
 }

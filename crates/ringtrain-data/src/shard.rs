@@ -143,9 +143,7 @@ mod tests {
     #[test]
     fn pad_repeats_from_the_start_onto_the_last_ranks() {
         let perm = epoch_permutation(5, 3, 9);
-        let shards: Vec<Vec<usize>> = (0..3)
-            .map(|r| shard(5, r, 3, 3, 9, Remainder::Pad).unwrap())
-            .collect();
+        let shards: Vec<Vec<usize>> = (0..3).map(|r| shard(5, r, 3, 3, 9, Remainder::Pad).unwrap()).collect();
         assert_eq!(shards[0], [perm[0], perm[3]]);
         assert_eq!(shards[1], [perm[1], perm[4]]);
         assert_eq!(shards[2], [perm[2], perm[0]]);

@@ -36,9 +36,7 @@ impl Source {
         let mut raw = BufReader::new(file);
         let head = raw.fill_buf().map_err(|e| DataError::io(path, e))?;
         let is_gzip = head.starts_with(&GZIP_MAGIC);
-        let named_gz = path
-            .extension()
-            .is_some_and(|ext| ext.eq_ignore_ascii_case("gz"));
+        let named_gz = path.extension().is_some_and(|ext| ext.eq_ignore_ascii_case("gz"));
         if named_gz && !is_gzip {
             if head.is_empty() {
                 return Err(DataError::empty(path, "empty file"));
@@ -73,9 +71,7 @@ impl Source {
             DataError::binary(
                 &self.path,
                 offset,
-                format!(
-                    "corrupt or truncated gzip stream (offset counts decompressed bytes): {err}"
-                ),
+                format!("corrupt or truncated gzip stream (offset counts decompressed bytes): {err}"),
             )
         } else {
             DataError::io(&self.path, err)
@@ -136,12 +132,7 @@ impl Lines {
         let line = self.line;
         match std::str::from_utf8(&self.buf[..end]) {
             Ok(text) => Ok(Some((line, text))),
-            Err(_) => Err(DataError::text(
-                &self.source.path,
-                line,
-                None,
-                "not valid UTF-8",
-            )),
+            Err(_) => Err(DataError::text(&self.source.path, line, None, "not valid UTF-8")),
         }
     }
 }
@@ -158,10 +149,7 @@ mod tests {
         let plain = dir.path().join("a.txt");
         std::fs::write(&plain, "x\r\ny\n\nz").unwrap();
         let gz = dir.path().join("a.txt.gz");
-        let mut enc = flate2::write::GzEncoder::new(
-            File::create(&gz).unwrap(),
-            flate2::Compression::default(),
-        );
+        let mut enc = flate2::write::GzEncoder::new(File::create(&gz).unwrap(), flate2::Compression::default());
         enc.write_all(b"x\r\ny\n\nz").unwrap();
         enc.finish().unwrap();
         for path in [plain, gz] {
@@ -170,12 +158,7 @@ mod tests {
             while let Some((n, text)) = lines.next_line().unwrap() {
                 got.push((n, text.to_string()));
             }
-            let want: Vec<(usize, String)> = vec![
-                (1, "x".into()),
-                (2, "y".into()),
-                (3, "".into()),
-                (4, "z".into()),
-            ];
+            let want: Vec<(usize, String)> = vec![(1, "x".into()), (2, "y".into()), (3, "".into()), (4, "z".into())];
             assert_eq!(got, want);
         }
     }
@@ -193,11 +176,7 @@ mod tests {
     fn gzip_garbage_after_magic_is_an_error_not_a_panic() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.txt.gz");
-        std::fs::write(
-            &path,
-            [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 0xff, 0xfe, 0x00, 0x12],
-        )
-        .unwrap();
+        std::fs::write(&path, [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 3, 0xff, 0xfe, 0x00, 0x12]).unwrap();
         let mut lines = Lines::open(&path).unwrap();
         let err = loop {
             match lines.next_line() {

@@ -64,12 +64,7 @@ fn check_labels(n: usize, labels: Option<&[usize]>) -> Result<(), DataError> {
 /// # Panics
 /// If `test_fraction` is not in `[0, 1]` or `stratify` has fewer than `n` labels; use
 /// [`try_train_test_split`] for values that come from a user.
-pub fn train_test_split(
-    n: usize,
-    test_fraction: f64,
-    seed: u64,
-    stratify: Option<&[usize]>,
-) -> Split {
+pub fn train_test_split(n: usize, test_fraction: f64, seed: u64, stratify: Option<&[usize]>) -> Split {
     match try_train_test_split(n, test_fraction, seed, stratify) {
         Ok(split) => split,
         Err(e) => panic!("train_test_split: {e}"),
@@ -91,12 +86,7 @@ pub fn try_train_test_split(
 /// out of `indices`, e.g. a validation set out of a training split. `stratify`, when given,
 /// is indexed by the values in `indices` (labels of the whole dataset), not by position.
 /// The returned `train` is the rest.
-pub fn holdout(
-    indices: &[usize],
-    fraction: f64,
-    seed: u64,
-    stratify: Option<&[usize]>,
-) -> Result<Split, DataError> {
+pub fn holdout(indices: &[usize], fraction: f64, seed: u64, stratify: Option<&[usize]>) -> Result<Split, DataError> {
     check_fraction(fraction)?;
     if let Some(labels) = stratify {
         if let Some(&bad) = indices.iter().find(|&&i| i >= labels.len()) {
@@ -170,12 +160,7 @@ fn apportion(sizes: &[usize], total: usize) -> Vec<usize> {
 /// sizes and every class's per-fold counts within 1 of each other.
 ///
 /// Errors if `k < 2`, `k > n`, or `stratify` has fewer than `n` labels.
-pub fn kfold(
-    n: usize,
-    k: usize,
-    seed: u64,
-    stratify: Option<&[usize]>,
-) -> Result<Vec<Split>, DataError> {
+pub fn kfold(n: usize, k: usize, seed: u64, stratify: Option<&[usize]>) -> Result<Vec<Split>, DataError> {
     if k < 2 || k > n {
         return Err(DataError::arg(
             "k",
@@ -250,10 +235,7 @@ pub fn time_series_splits(
         ));
     }
     if let Window::Sliding(0) = window {
-        return Err(DataError::arg(
-            "window",
-            "a sliding window needs at least 1 step",
-        ));
+        return Err(DataError::arg("window", "a sliding window needs at least 1 step"));
     }
     let tests_total = n_splits.checked_mul(test_size).filter(|&t| t < n);
     let Some(tests_total) = tests_total else {
@@ -297,10 +279,7 @@ mod tests {
         all.sort_unstable();
         let mut want = of.to_vec();
         want.sort_unstable();
-        assert_eq!(
-            all, want,
-            "train and test must be disjoint and cover the input"
-        );
+        assert_eq!(all, want, "train and test must be disjoint and cover the input");
         assert!(split.train.windows(2).all(|w| w[0] < w[1]));
         assert!(split.test.windows(2).all(|w| w[0] < w[1]));
     }
@@ -354,8 +333,7 @@ mod tests {
         // sklearn: TimeSeriesSplit(n_splits=3).split(range(8)) gives train/test
         // [0,1]/[2,3], [0..4]/[4,5], [0..6]/[6,7].
         let splits = time_series_splits(8, 3, None, 0, Window::Expanding).unwrap();
-        let got: Vec<(Vec<usize>, Vec<usize>)> =
-            splits.into_iter().map(|s| (s.train, s.test)).collect();
+        let got: Vec<(Vec<usize>, Vec<usize>)> = splits.into_iter().map(|s| (s.train, s.test)).collect();
         assert_eq!(
             got,
             vec![

@@ -9,9 +9,6 @@ pub(crate) fn proptest_config() -> Config {
     if std::env::var_os("PROPTEST_CASES").is_some() {
         default
     } else {
-        Config {
-            cases: 64,
-            ..default
-        }
+        Config { cases: 64, ..default }
     }
 }

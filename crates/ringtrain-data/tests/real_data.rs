@@ -106,8 +106,7 @@ fn generic_reader_refuses_sklearn_header_and_co2_gaps_with_position() {
     )
     .unwrap_err();
     assert!(
-        err.to_string()
-            .ends_with("line 1, column 3: not a number: \"setosa\""),
+        err.to_string().ends_with("line 1, column 3: not a number: \"setosa\""),
         "{err}"
     );
     let co2 = dir.join("timeseries/co2_weekly.csv");
@@ -118,4 +117,64 @@ fn generic_reader_refuses_sklearn_header_and_co2_gaps_with_position() {
             .ends_with("line 8, column 2 (\"co2\"): missing value (empty field)"),
         "{err}"
     );
+}
+
+fn digit_histogram(labels: &[u8]) -> [usize; 10] {
+    let mut counts = [0; 10];
+    for &l in labels {
+        counts[usize::from(l)] += 1;
+    }
+    counts
+}
+
+#[test]
+fn mnist_gzip_idx() {
+    let Some(dir) = data_dir() else { return };
+    let mnist = load_mnist(&dir.join("mnist")).unwrap();
+    let (train, test) = (&mnist.train, &mnist.test);
+    assert_eq!((train.images.n, train.images.rows, train.images.cols), (60000, 28, 28));
+    assert_eq!(test.images.n, 10000);
+    // Histograms from the data README.
+    assert_eq!(
+        digit_histogram(&train.labels),
+        [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+    );
+    assert_eq!(
+        digit_histogram(&test.labels),
+        [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    );
+    assert_eq!(train.labels[..10], [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]);
+    assert_eq!(test.labels[..10], [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]);
+    // Pixel values (computed independently with Python's gzip module).
+    let first = train.images.image(0);
+    assert_eq!(first[151..157], [0, 3, 18, 18, 18, 126]);
+    let pixel_sum = |img: &[u8]| img.iter().map(|&p| u64::from(p)).sum::<u64>();
+    assert_eq!(pixel_sum(first), 27525);
+    assert_eq!(train.images.image(59999)[14 * 28 + 14], 97);
+    assert_eq!(pixel_sum(train.images.image(59999)), 20920);
+    assert_eq!(pixel_sum(test.images.image(0)), 18454);
+}
+
+#[test]
+fn rotten_tomatoes_and_spam_assassin_tsv() {
+    let Some(dir) = data_dir() else { return };
+    let rt = dir.join("rotten-tomatoes");
+    let train = read_labeled_lines(&rt.join("train.tsv"), None).unwrap();
+    assert_eq!(train.label_names, ["0", "1"]);
+    assert_eq!(train.len(), 10234);
+    assert_eq!(train.class_counts(), [4306, 5928]);
+    assert_eq!(train.texts[0], "A three-hour cinema master class.");
+    let test = read_labeled_lines(&rt.join("test.tsv"), Some(&train.label_names)).unwrap();
+    assert_eq!(test.class_counts(), [1078, 1440]);
+
+    let sa = dir.join("spam-assassin");
+    let train = read_labeled_lines(&sa.join("train.tsv.gz"), None).unwrap();
+    assert_eq!(train.class_counts(), [3277, 1423]);
+    let test = read_labeled_lines(&sa.join("test.tsv.gz"), Some(&train.label_names)).unwrap();
+    assert_eq!(test.class_counts(), [831, 385]);
+    // Longest text (164,015 chars) and lines with U+FFFD, per the data README (train file).
+    let longest = train.texts.iter().map(|t| t.chars().count()).max();
+    assert_eq!(longest, Some(164015));
+    let replaced = train.texts.iter().filter(|t| t.contains('\u{FFFD}')).count();
+    assert_eq!(replaced, 46);
 }
