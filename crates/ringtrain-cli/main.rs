@@ -1,0 +1,216 @@
+//! The `ringtrain` binary: a thin shell over the library crates.
+//!
+//! Exit codes: 0 success, 1 a run failed (retryable: I/O, a peer, divergence),
+//! 2 the job or its input is bad (fix it before retrying).
+#![allow(clippy::print_stdout)] // reason: printing results is this binary's job
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use ringtrain_config::Job;
+use ringtrain_train::{Progress, RunSummary};
+
+#[derive(Parser, Debug)]
+#[command(name = "ringtrain", version, about = "Distributed data-parallel deep-learning training")]
+struct Cli {
+    /// Threads for BLAS and for the rayon pool of this process (default: all cores).
+    #[arg(long, global = true, env = "RINGTRAIN_THREADS")]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a job in this process.
+    Train {
+        /// The job file (TOML).
+        job: PathBuf,
+        /// Run directory for metrics, summary and weights.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override the evaluation scheme: `train-test` or `kfold:K`.
+        #[arg(long)]
+        eval: Option<String>,
+        /// Print only the final summary.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Check a job file (syntax, values, data file) without training.
+    Validate { job: PathBuf },
+    /// Print the model's layers, output shapes, parameter counts and FLOPs per example.
+    Inspect { job: PathBuf },
+}
+
+/// An error that means "the job or its input is wrong", as opposed to a failed run.
+#[derive(Debug)]
+struct BadInput;
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("bad input")
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("RINGTRAIN_LOG"))
+        .with_writer(std::io::stderr)
+        .init();
+    let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    ringtrain_tensor::threads::configure(ringtrain_tensor::threads::ThreadConfig {
+        blas: threads,
+        rayon: threads,
+    });
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let bad_input = e.chain().any(|c| c.is::<BadInput>());
+            let msg: Vec<String> = e.chain().filter(|c| !c.is::<BadInput>()).map(|c| c.to_string()).collect();
+            eprintln!("error: {}", msg.join(": "));
+            ExitCode::from(if bad_input { 2 } else { 1 })
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Train { job, out, eval, quiet } => {
+            let (mut spec, text) = load_job(&job)?;
+            if let Some(e) = eval {
+                apply_eval_override(&mut spec, &e)?;
+            }
+            train(&spec, &text, out.as_deref(), quiet)
+        }
+        Command::Validate { job } => {
+            let (spec, _) = load_job(&job)?;
+            let task = ringtrain_train::Task::from_job(&spec).map_err(bad_input)?;
+            let model = ringtrain_train::build_model(&spec.model, task.examples_input_width(), task.target.outputs());
+            model.describe(&[task.examples_input_width()], &mut Vec::new()).map_err(bad_input)?;
+            println!("{}: ok ({} examples)", job.display(), task.example_count());
+            Ok(())
+        }
+        Command::Inspect { job } => {
+            let (spec, _) = load_job(&job)?;
+            let task = ringtrain_train::Task::from_job(&spec).map_err(bad_input)?;
+            let width = task.examples_input_width();
+            let model = ringtrain_train::build_model(&spec.model, width, task.target.outputs());
+            let mut rows = Vec::new();
+            model.describe(&[width], &mut rows).map_err(bad_input)?;
+            println!("{:<14} {:<22} {:>14} {:>10} {:>12}", "layer", "kind", "output", "params", "FLOPs");
+            println!("{:<14} {:<22} {:>14}", "input", "", format!("{:?}", [width]));
+            for r in &rows {
+                println!(
+                    "{:<14} {:<22} {:>14} {:>10} {:>12}",
+                    r.name,
+                    r.kind,
+                    format!("{:?}", r.output),
+                    r.params,
+                    r.flops
+                );
+            }
+            let params: usize = rows.iter().map(|r| r.params).sum();
+            let flops: u64 = rows.iter().map(|r| r.flops).sum();
+            println!("total: {params} parameters, {flops} forward FLOPs per example");
+            Ok(())
+        }
+    }
+}
+
+fn bad_input(e: impl std::error::Error + Send + Sync + 'static) -> anyhow::Error {
+    anyhow::Error::new(e).context(BadInput)
+}
+
+fn load_job(path: &Path) -> anyhow::Result<(Job, String)> {
+    let spec = Job::load(path).map_err(bad_input)?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    Ok((spec, text))
+}
+
+fn apply_eval_override(job: &mut Job, eval: &str) -> anyhow::Result<()> {
+    use ringtrain_config::EvalScheme;
+    match eval.split_once(':') {
+        Some(("kfold", k)) => {
+            let k: usize = k.parse().ok().filter(|&k| k >= 2).ok_or_else(|| {
+                anyhow::Error::msg(format!("--eval kfold:K needs an integer K >= 2, got {k:?}")).context(BadInput)
+            })?;
+            job.evaluation.scheme = EvalScheme::Kfold;
+            job.evaluation.folds = k;
+        }
+        None if eval == "train-test" => job.evaluation.scheme = EvalScheme::TrainTest,
+        _ => {
+            return Err(anyhow::Error::msg(format!("--eval must be `train-test` or `kfold:K`, got {eval:?}")).context(BadInput))
+        }
+    }
+    Ok(())
+}
+
+fn train(job: &Job, text: &str, out: Option<&Path>, quiet: bool) -> anyhow::Result<()> {
+    let epochs = job.training.epochs;
+    let every = (epochs / 10).max(1);
+    let mut observe = |p: Progress| {
+        if let Progress::Epoch(r) = p {
+            if quiet || !(r.epoch % every == 0 || r.epoch == 1 || r.epoch == epochs) {
+                return;
+            }
+            let fold = r.fold.map(|f| format!("fold {f} ")).unwrap_or_default();
+            let acc = r.test_accuracy.map(|a| format!(" test_acc {a:.4}")).unwrap_or_default();
+            let rmse = r.test_rmse.map(|a| format!(" test_rmse {a:.4}")).unwrap_or_default();
+            println!(
+                "{fold}epoch {:>4}/{epochs}  train_loss {:.4}  test_loss {:.4}{acc}{rmse}  {:.0} ex/s",
+                r.epoch, r.train_loss, r.test_loss, r.examples_per_sec
+            );
+        }
+    };
+    let summary = ringtrain_train::run_job(job, text, out, &mut observe).context("train")?;
+    print_summary(&summary);
+    if let Some(dir) = out {
+        println!("run directory: {}", dir.display());
+    }
+    Ok(())
+}
+
+fn print_summary(s: &RunSummary) {
+    println!("== {} ({} parameters, {} epochs, seed {})", s.job, s.parameters, s.epochs, s.seed);
+    if !s.kfold.is_empty() {
+        for f in &s.folds {
+            let acc = f.test.accuracy.map(|a| format!("  accuracy {a:.4}")).unwrap_or_default();
+            let rmse = f.test.rmse.map(|a| format!("  rmse {a:.4}")).unwrap_or_default();
+            println!("fold {}: test loss {:.4}{acc}{rmse}", f.fold.unwrap_or(0), f.test.loss);
+        }
+        for (name, st) in &s.kfold {
+            println!("{name:>10}: {:.4} ± {:.4}", st.mean, st.std);
+        }
+        return;
+    }
+    if let Some(f) = s.folds.first() {
+        println!("test examples: {}  test loss: {:.4}", f.test_examples, f.test.loss);
+        if let Some(a) = f.test.accuracy {
+            println!("test accuracy: {a:.4}  macro F1: {:.4}", f.test.macro_f1.unwrap_or(f64::NAN));
+        }
+        if let Some(r) = f.test.rmse {
+            println!("test RMSE: {r:.4}  MAE: {:.4}", f.test.mae.unwrap_or(f64::NAN));
+        }
+    }
+    if let Some(cm) = &s.confusion_matrix {
+        let width = s.class_names.iter().map(String::len).max().unwrap_or(4).max(6);
+        println!("confusion matrix (rows: true class, columns: predicted)");
+        print!("{:width$}", "");
+        for n in &s.class_names {
+            print!(" {n:>width$}");
+        }
+        println!();
+        for (n, row) in s.class_names.iter().zip(cm) {
+            print!("{n:>width$}");
+            for c in row {
+                print!(" {c:>width$}");
+            }
+            println!();
+        }
+    }
+}

@@ -1,0 +1,441 @@
+//! The training loop, evaluation and the run directory.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::Instant;
+
+use ringtrain_autograd::{Graph, ParamStore};
+use ringtrain_config::{EvalScheme, Job, OptimizerName, ScheduleName};
+use ringtrain_data::{epoch_permutation, kfold, summarize_folds, train_test_split, ConfusionMatrix, RegressionStats};
+use ringtrain_nn::{init_store, Loss, Module, Targets};
+use ringtrain_optim::{clip_grad_norm, Optimizer, OptimizerKind, Schedule, ScheduleKind};
+use serde::Serialize;
+
+use crate::checkpoint::save_safetensors;
+use crate::task::{build_model, Examples, TargetKind, Task};
+use crate::{write_atomic, Result, TrainError};
+
+/// A failure of the gradient synchronisation (network, peer, mismatch).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct SyncError(pub String);
+
+/// What runs between backward and the optimizer step on the flat gradient buffer.
+///
+/// After `all_reduce_mean` every rank must hold the same bits: the mean of all ranks'
+/// gradients. Single-process training uses [`LocalSync`].
+pub trait GradSync {
+    fn all_reduce_mean(&mut self, grads: &mut [f32]) -> Result<(), SyncError>;
+}
+
+/// No peers: the local gradient is already the mean.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LocalSync;
+
+impl GradSync for LocalSync {
+    fn all_reduce_mean(&mut self, _grads: &mut [f32]) -> Result<(), SyncError> {
+        Ok(())
+    }
+}
+
+/// Metrics of one evaluation pass.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvalMetrics {
+    pub examples: usize,
+    pub loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub macro_f1: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rmse: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mae: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confusion_matrix: Option<Vec<Vec<u64>>>,
+}
+
+impl EvalMetrics {
+    /// Scalar metrics by name (for fold summaries).
+    pub fn scalars(&self) -> BTreeMap<String, f64> {
+        let mut m = BTreeMap::new();
+        m.insert("loss".to_string(), self.loss);
+        for (k, v) in [("accuracy", self.accuracy), ("macro_f1", self.macro_f1), ("rmse", self.rmse), ("mae", self.mae)] {
+            if let Some(v) = v {
+                m.insert(k.to_string(), v);
+            }
+        }
+        m
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EpochReport {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fold: Option<usize>,
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub train_accuracy: Option<f64>,
+    pub test_loss: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_rmse: Option<f64>,
+    pub examples_per_sec: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grad_norm: Option<f64>,
+}
+
+/// What the observer is told while a job runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// A batch finished: `done` of `total` batches in this epoch.
+    Batch { epoch: usize, done: usize, total: usize },
+    Epoch(EpochReport),
+}
+
+/// Result of one model trained and tested (the whole run, or one fold).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FoldReport {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fold: Option<usize>,
+    pub train_examples: usize,
+    pub test_examples: usize,
+    pub train_loss: f64,
+    pub test: EvalMetrics,
+}
+
+/// `summary.json`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunSummary {
+    pub job: String,
+    pub seed: u64,
+    pub epochs: usize,
+    pub parameters: usize,
+    pub class_names: Vec<String>,
+    /// The final metrics of a train/test run (absent for k-fold).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_accuracy: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub test_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub confusion_matrix: Option<Vec<Vec<u64>>>,
+    pub folds: Vec<FoldReport>,
+    /// Per metric: mean, sample standard deviation and per-fold values (k-fold only).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub kfold: BTreeMap<String, FoldStat>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FoldStat {
+    pub mean: f64,
+    pub std: f64,
+    pub values: Vec<f64>,
+}
+
+/// Model, parameters and optimizer of one training run.
+#[derive(Debug)]
+pub struct Trainer {
+    model: Box<dyn Module>,
+    pub store: ParamStore,
+    optimizer: Optimizer,
+    schedule: Schedule,
+    loss: Loss,
+    clip: Option<f32>,
+    batch_size: usize,
+    seed: u64,
+    /// Preallocated flat gradient buffer, reused every step.
+    grad: Vec<f32>,
+    step: u64,
+}
+
+impl Trainer {
+    pub fn new(job: &Job, model: Box<dyn Module>, loss: Loss, train_examples: usize) -> Trainer {
+        let store = init_store(model.as_ref(), job.job.seed);
+        let o = &job.optimizer;
+        let wd = o.weight_decay as f32;
+        let kind = match o.kind {
+            OptimizerName::Sgd => OptimizerKind::sgd(o.momentum.unwrap_or(0.0) as f32, o.nesterov.unwrap_or(false), wd),
+            OptimizerName::Adagrad => OptimizerKind::Adagrad {
+                lr_decay: 0.0,
+                eps: o.eps.unwrap_or(1e-10) as f32,
+                weight_decay: wd,
+            },
+            OptimizerName::Rmsprop => OptimizerKind::RmsProp {
+                alpha: 0.99,
+                eps: o.eps.unwrap_or(1e-8) as f32,
+                momentum: o.momentum.unwrap_or(0.0) as f32,
+                weight_decay: wd,
+            },
+            OptimizerName::Adam | OptimizerName::Adamw => {
+                let [b1, b2] = o.betas.unwrap_or([0.9, 0.999]);
+                OptimizerKind::Adam {
+                    beta1: b1 as f32,
+                    beta2: b2 as f32,
+                    eps: o.eps.unwrap_or(1e-8) as f32,
+                    weight_decay: wd,
+                    decoupled: o.kind == OptimizerName::Adamw,
+                }
+            }
+        };
+        let steps_per_epoch = train_examples.div_ceil(job.training.batch_size).max(1) as u64;
+        let schedule = Schedule {
+            base_lr: o.lr as f32,
+            warmup_steps: o.warmup_steps,
+            total_steps: steps_per_epoch * job.training.epochs as u64,
+            kind: match o.schedule {
+                ScheduleName::Constant => ScheduleKind::Constant,
+                ScheduleName::Step => ScheduleKind::Step {
+                    every: o.step_epochs.unwrap_or(1) * steps_per_epoch,
+                    gamma: o.gamma.unwrap_or(1.0) as f32,
+                },
+                ScheduleName::Cosine => ScheduleKind::Cosine { min_lr: o.min_lr as f32 },
+            },
+        };
+        Trainer {
+            optimizer: Optimizer::new(kind, store.num_elements()),
+            grad: vec![0.0; store.num_elements()],
+            model,
+            store,
+            schedule,
+            loss,
+            clip: job.training.clip_grad_norm.map(|c| c as f32),
+            batch_size: job.training.batch_size,
+            seed: job.job.seed,
+            step: 0,
+        }
+    }
+
+    /// One epoch over `indices` (shuffled with the epoch's seeded permutation).
+    /// Returns (mean train loss, train accuracy if classification, last gradient norm).
+    pub fn train_epoch(
+        &mut self,
+        task: &Task,
+        examples: &dyn Examples,
+        indices: &[usize],
+        epoch: usize,
+        sync: &mut dyn GradSync,
+        observe: &mut dyn FnMut(Progress),
+    ) -> Result<(f64, Option<f64>, Option<f64>)> {
+        let perm = epoch_permutation(indices.len(), epoch as u64, self.seed);
+        let order: Vec<usize> = perm.iter().map(|&p| indices[p]).collect();
+        let total = order.len().div_ceil(self.batch_size);
+        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        let mut grad_norm = None;
+        for (b, chunk) in order.chunks(self.batch_size).enumerate() {
+            let batch = examples.batch(chunk)?;
+            let targets = task.loss_targets(&batch.targets)?;
+            let lr = self.schedule.lr_at(self.step);
+            let loss_value = {
+                let mut g = Graph::new(&self.store);
+                let x = g.input(batch.x);
+                let out = self.model.forward(&mut g, x)?;
+                correct += count_correct(&task.target, g.value(out), &batch.targets)?;
+                let loss = self.loss.compute(&mut g, out, &targets)?;
+                let value = g.value(loss).item().map_err(ringtrain_autograd::AutogradError::from)?;
+                let grads = g.backward(loss)?;
+                g.param_grads_into(&grads, &mut self.grad)?;
+                value
+            };
+            if !loss_value.is_finite() {
+                return Err(TrainError::Diverged {
+                    epoch,
+                    step: self.step,
+                    value: loss_value,
+                });
+            }
+            sync.all_reduce_mean(&mut self.grad).map_err(|source| TrainError::Sync { step: self.step, source })?;
+            if let Some(max) = self.clip {
+                grad_norm = Some(f64::from(clip_grad_norm(&mut self.grad, max)));
+            }
+            self.optimizer.step(self.store.flat_mut(), &self.grad, lr)?;
+            self.step += 1;
+            loss_sum += f64::from(loss_value) * chunk.len() as f64;
+            seen += chunk.len();
+            observe(Progress::Batch { epoch, done: b + 1, total });
+        }
+        let acc = (task.target.n_classes() > 0).then(|| correct as f64 / seen.max(1) as f64);
+        Ok((loss_sum / seen.max(1) as f64, acc, grad_norm))
+    }
+
+    /// Loss and metrics of the current parameters on `indices` (inference mode, no tape).
+    pub fn evaluate(&self, task: &Task, examples: &dyn Examples, indices: &[usize]) -> Result<EvalMetrics> {
+        let n_classes = task.target.n_classes();
+        let mut confusion = ConfusionMatrix::new(n_classes.max(1));
+        let mut reg = RegressionStats::new();
+        let mut loss_sum = 0.0f64;
+        for chunk in indices.chunks(self.batch_size.max(256)) {
+            let batch = examples.batch(chunk)?;
+            let targets = task.loss_targets(&batch.targets)?;
+            let mut g = Graph::inference(&self.store);
+            let x = g.input(batch.x);
+            let out = self.model.forward(&mut g, x)?;
+            let loss = self.loss.compute(&mut g, out, &targets)?;
+            loss_sum += f64::from(g.value(loss).item().map_err(ringtrain_autograd::AutogradError::from)?) * chunk.len() as f64;
+            match (&batch.targets, &task.target) {
+                (Targets::Classes(truth), kind) => {
+                    let pred = predict_classes(kind, g.value(out))?;
+                    confusion.add_all(truth, &pred);
+                }
+                (Targets::Values(t), _) => reg.add_all(t.as_slice(), g.value(out).as_slice()),
+            }
+        }
+        let n = indices.len();
+        let classification = n_classes > 0;
+        Ok(EvalMetrics {
+            examples: n,
+            loss: loss_sum / n.max(1) as f64,
+            accuracy: classification.then(|| confusion.accuracy()),
+            macro_f1: classification.then(|| confusion.macro_f1()),
+            rmse: (!classification).then(|| reg.rmse()),
+            mae: (!classification).then(|| reg.mae()),
+            confusion_matrix: classification.then(|| confusion.counts().to_vec()),
+        })
+    }
+
+    pub fn learning_rate(&self) -> f32 {
+        self.schedule.lr_at(self.step)
+    }
+
+    pub fn model(&self) -> &dyn Module {
+        self.model.as_ref()
+    }
+}
+
+/// Class predictions from model outputs: arg-max of logits, or logit > 0 for one output.
+fn predict_classes(kind: &TargetKind, out: &ringtrain_tensor::Tensor) -> Result<Vec<usize>> {
+    Ok(match kind {
+        TargetKind::Binary { .. } => out.as_slice().iter().map(|&z| usize::from(z > 0.0)).collect(),
+        _ => out.argmax_rows().map_err(ringtrain_autograd::AutogradError::from)?,
+    })
+}
+
+fn count_correct(kind: &TargetKind, out: &ringtrain_tensor::Tensor, targets: &Targets) -> Result<usize> {
+    match targets {
+        Targets::Classes(truth) => {
+            let pred = predict_classes(kind, out)?;
+            Ok(pred.iter().zip(truth).filter(|(p, t)| p == t).count())
+        }
+        Targets::Values(_) => Ok(0),
+    }
+}
+
+/// Trains the job single-process: a train/test run or k-fold cross-validation. When `out` is
+/// given, writes `metrics.jsonl`, `summary.json`, `model.safetensors`, `preprocess.json`
+/// and a copy of the job there.
+pub fn run_job(job: &Job, job_text: &str, out: Option<&Path>, observe: &mut dyn FnMut(Progress)) -> Result<RunSummary> {
+    let task = Task::from_job(job)?;
+    let n = task.examples.len();
+    let strata = if job.evaluation.stratify { task.strata.as_deref() } else { None };
+    let splits: Vec<(Option<usize>, ringtrain_data::Split)> = match job.evaluation.scheme {
+        EvalScheme::TrainTest => vec![(None, train_test_split(n, job.evaluation.test_fraction, job.job.seed, strata))],
+        EvalScheme::Kfold => kfold(n, job.evaluation.folds, job.job.seed, strata)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| (Some(i), s))
+            .collect(),
+    };
+    if let Some(dir) = out {
+        std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, format!("cannot create run directory: {e}")))?;
+        write_atomic(&dir.join("job.toml"), job_text.as_bytes())?;
+    }
+    let mut metrics_lines = String::new();
+    let mut folds = Vec::new();
+    let mut last: Option<(Trainer, crate::task::Tabular)> = None;
+    for (fold, split) in splits {
+        let examples =
+            if job.data.standardize { task.examples.standardized_on(&split.train) } else { task.examples.clone() };
+        let model = build_model(&job.model, examples.input_shape()[0], task.target.outputs());
+        let mut trainer = Trainer::new(job, model, task.loss, split.train.len());
+        let mut sync = LocalSync;
+        let mut train_loss = f64::NAN;
+        for epoch in 1..=job.training.epochs {
+            let lr = trainer.learning_rate();
+            let started = Instant::now();
+            let (loss, acc, grad_norm) = trainer.train_epoch(&task, &examples, &split.train, epoch, &mut sync, observe)?;
+            let secs = started.elapsed().as_secs_f64();
+            train_loss = loss;
+            let test = trainer.evaluate(&task, &examples, &split.test)?;
+            let report = EpochReport {
+                fold,
+                epoch,
+                lr: f64::from(lr),
+                train_loss: loss,
+                train_accuracy: acc,
+                test_loss: test.loss,
+                test_accuracy: test.accuracy,
+                test_rmse: test.rmse,
+                examples_per_sec: split.train.len() as f64 / secs.max(1e-9),
+                grad_norm,
+            };
+            metrics_lines.push_str(&serde_json::to_string(&report).map_err(|e| TrainError::io("metrics.jsonl", e))?);
+            metrics_lines.push('\n');
+            observe(Progress::Epoch(report));
+        }
+        let test = trainer.evaluate(&task, &examples, &split.test)?;
+        folds.push(FoldReport {
+            fold,
+            train_examples: split.train.len(),
+            test_examples: split.test.len(),
+            train_loss,
+            test,
+        });
+        last = Some((trainer, examples));
+    }
+    let (trainer, examples) = last.ok_or(TrainError::Job {
+        field: "evaluation",
+        reason: "no split to train on".into(),
+    })?;
+    let kfold_stats = if folds.len() > 1 {
+        let per_fold: Vec<BTreeMap<String, f64>> = folds.iter().map(|f| f.test.scalars()).collect();
+        summarize_folds(&per_fold)?
+            .into_iter()
+            .map(|(k, s)| {
+                (
+                    k,
+                    FoldStat {
+                        mean: s.mean,
+                        std: s.std,
+                        values: s.values,
+                    },
+                )
+            })
+            .collect()
+    } else {
+        BTreeMap::new()
+    };
+    let single = (folds.len() == 1).then(|| &folds[0].test);
+    let summary = RunSummary {
+        job: job.job.name.clone(),
+        seed: job.job.seed,
+        epochs: job.training.epochs,
+        parameters: trainer.store.num_elements(),
+        class_names: task.target.class_names(),
+        test_accuracy: single.and_then(|t| t.accuracy),
+        test_loss: single.map(|t| t.loss),
+        confusion_matrix: single.and_then(|t| t.confusion_matrix.clone()),
+        folds,
+        kfold: kfold_stats,
+    };
+    if let Some(dir) = out {
+        write_atomic(&dir.join("metrics.jsonl"), metrics_lines.as_bytes())?;
+        let json = serde_json::to_string_pretty(&summary).map_err(|e| TrainError::io("summary.json", e))?;
+        write_atomic(&dir.join("summary.json"), json.as_bytes())?;
+        let tensors: Vec<_> = trainer.store.named_tensors().map(|(n, t)| (n.to_string(), t)).collect();
+        let mut meta = HashMap::new();
+        meta.insert("format".to_string(), "pt".to_string());
+        meta.insert("ringtrain.job".to_string(), job.job.name.clone());
+        save_safetensors(&dir.join("model.safetensors"), &tensors, meta)?;
+        let (mean, inv_std) = examples.normalisation();
+        let pre = serde_json::json!({
+            "feature_mean": mean,
+            "feature_inv_std": inv_std,
+            "class_names": task.target.class_names(),
+        });
+        write_atomic(&dir.join("preprocess.json"), pre.to_string().as_bytes())?;
+    }
+    Ok(summary)
+}
