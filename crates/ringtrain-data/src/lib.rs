@@ -26,10 +26,11 @@ pub mod split;
 #[cfg(test)]
 mod testutil;
 pub mod text;
+pub mod timeseries;
 pub mod vocab;
 
 pub use crate::batch::{pad_batch, PaddedBatch};
-pub use crate::corpus::read_text;
+pub use crate::corpus::{read_text, split_text_tail, LmSequences};
 pub use crate::csv::{read_csv, read_sklearn_csv, CsvOptions, LabelColumn, LabelKind, Labels, TabularData};
 pub use crate::error::{ColumnRef, DataError, LineRef};
 pub use crate::idx::{
@@ -40,4 +41,5 @@ pub use crate::metrics::{perplexity, summarize_folds, ConfusionMatrix, Regressio
 pub use crate::shard::{epoch_permutation, eval_shard, num_batches, shard, shard_indices, shard_len, Remainder};
 pub use crate::split::{holdout, kfold, time_series_splits, train_test_split, try_train_test_split, Split, Window};
 pub use crate::text::{read_class_dirs, read_labeled_lines, TextDataset};
+pub use crate::timeseries::{make_windows, read_series_csv, Missing, Series, Windows};
 pub use crate::vocab::{Tokenizer, Vocab, VocabOptions, PAD, SPECIAL_TOKENS, START, STOP, UNK};

@@ -178,3 +178,105 @@ fn rotten_tomatoes_and_spam_assassin_tsv() {
     let replaced = train.texts.iter().filter(|t| t.contains('\u{FFFD}')).count();
     assert_eq!(replaced, 46);
 }
+
+#[test]
+fn hamlet_char_and_word_language_modelling() {
+    let Some(dir) = data_dir() else { return };
+    let text = read_text(&dir.join("shakespeare/hamlet.txt")).unwrap();
+    assert_eq!(text.len(), 173942);
+    assert!(text.is_ascii());
+    let (train, valid) = split_text_tail(&text, 0.1).unwrap();
+    assert_eq!(valid.len(), 17394);
+
+    let chars = Vocab::build(Tokenizer::Char, [train], &VocabOptions::default()).unwrap();
+    // Every id round-trips on training text; the held-out tail may contain unseen characters.
+    assert_eq!(chars.decode(&chars.encode(train)), train);
+    assert!(chars.len() <= 4 + 128);
+    let ids = chars.encode(valid);
+    let seqs = LmSequences::new(ids, 64, 64).unwrap();
+    assert_eq!(seqs.len(), (17394 - 65) / 64 + 1);
+
+    let words = Vocab::build(
+        Tokenizer::Word { lowercase: true },
+        [train],
+        &VocabOptions {
+            max_size: Some(1000),
+            min_freq: 2,
+        },
+    )
+    .unwrap();
+    assert_eq!(words.len(), 1000);
+    assert!(words.id("hamlet") > UNK && words.id("the") < 10);
+}
+
+#[test]
+fn complete_shakespeare_gzip_corpus() {
+    let Some(dir) = data_dir() else { return };
+    let text = read_text(&dir.join("shakespeare/shakespeare_complete.txt.gz")).unwrap();
+    assert_eq!(text.len(), 5_057_321);
+    let mut distinct: Vec<char> = text.chars().collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 84);
+}
+
+#[test]
+fn time_series_files() {
+    let Some(dir) = data_dir() else { return };
+    let ts = dir.join("timeseries");
+    let co2 = ts.join("co2_weekly.csv");
+    let err = read_series_csv(&co2, b',', &["co2"], Missing::Refuse).unwrap_err();
+    assert!(
+        err.to_string().contains("line 8, column 2 (\"co2\"): missing value"),
+        "{err}"
+    );
+    let dropped = read_series_csv(&co2, b',', &["co2"], Missing::Drop).unwrap();
+    assert_eq!(dropped.n_steps, 2284 - 59);
+    let filled = read_series_csv(&co2, b',', &["co2"], Missing::Interpolate).unwrap();
+    assert_eq!(filled.n_steps, 2284);
+    // Lines 7..9 are `19580503,316.9`, `19580510,`, `19580517,317.5`: step 6 is filled halfway.
+    let c = filled.column(0);
+    assert_eq!((c[5], c[7]), (316.9, 317.5));
+    assert!((c[6] - 317.2).abs() < 1e-4, "{:?}", &c[4..9]);
+
+    let airline = read_series_csv(
+        &ts.join("airline_passengers.csv"),
+        b',',
+        &["Passengers"],
+        Missing::Refuse,
+    )
+    .unwrap();
+    assert_eq!(airline.n_steps, 144);
+    assert_eq!(airline.values[0], 112.0);
+    let windows = make_windows(&airline, 12, 1, &[0]).unwrap();
+    assert_eq!(windows.n, 132);
+    let splits = time_series_splits(windows.n, 5, None, 0, Window::Expanding).unwrap();
+    assert_eq!(splits.last().unwrap().test.last(), Some(&131));
+
+    let sunspots = read_series_csv(&ts.join("sunspots_yearly.csv"), b',', &["SUNACTIVITY"], Missing::Refuse).unwrap();
+    assert_eq!(sunspots.n_steps, 309);
+    let monthly = read_series_csv(
+        &ts.join("sunspots_monthly.csv"),
+        b',',
+        &["month", "sunspots"],
+        Missing::Refuse,
+    )
+    .unwrap();
+    assert_eq!((monthly.n_steps, monthly.n_vars), (3126, 2));
+}
+
+#[test]
+fn ucr_series_classification() {
+    let Some(dir) = data_dir() else { return };
+    let opts = CsvOptions {
+        delimiter: b',',
+        has_header: false,
+        label: LabelColumn::Index(0),
+        label_kind: LabelKind::Class,
+    };
+    let train = read_csv(&dir.join("ucr/ItalyPowerDemand_TRAIN.csv"), &opts).unwrap();
+    assert_eq!((train.n_rows, train.n_features), (67, 24));
+    assert_eq!(class_counts(&train.labels), [34, 33]);
+    let test = read_csv(&dir.join("ucr/ItalyPowerDemand_TEST.csv"), &opts).unwrap();
+    assert_eq!(class_counts(&test.labels), [513, 516]);
+}
