@@ -1,6 +1,6 @@
 //! Dividing examples among data-parallel ranks.
 //!
-//! **Training** ([`shard`]): each epoch, the indices are shuffled with a permutation that
+//! **Training** ([`shard()`]): each epoch, the indices are shuffled with a permutation that
 //! depends only on `(seed, epoch)` (ChaCha8 with the seed as key and the epoch as stream), so
 //! every rank computes the same permutation without communicating. Rank `r` takes positions
 //! `r, r + world, r + 2*world, ...` of it (as torch's `DistributedSampler` does). Every rank
@@ -87,7 +87,7 @@ pub fn shard(
         .collect())
 }
 
-/// [`shard`] over an explicit list of example indices (e.g. a [`crate::Split`]'s `train`):
+/// [`shard()`] over an explicit list of example indices (e.g. a [`crate::Split`]'s `train`):
 /// the returned values are elements of `indices`.
 pub fn shard_indices(
     indices: &[usize],

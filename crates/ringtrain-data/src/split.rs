@@ -2,7 +2,7 @@
 //!
 //! All randomness comes from `ChaCha8Rng::seed_from_u64(seed)`, so a split is a pure function
 //! of its arguments: the same on every rank, platform and run. Returned index lists are sorted
-//! ascending; shuffling for training is the sampler's job ([`crate::shard`]), not the split's.
+//! ascending; shuffling for training is the sampler's job ([`crate::shard`](mod@crate::shard)), not the split's.
 //!
 //! Guarantees (each has a property test below):
 //! * Every split's `train` and `test` are disjoint and, except for time-series splits, cover
@@ -15,6 +15,8 @@
 //!   with fewer than `k` members is absent from some folds; that is not an error).
 //! * [`time_series_splits`]: never shuffled; every train index is smaller than every test
 //!   index (by at least `gap + 1`); test windows are consecutive and the last ends at `n`.
+
+use std::collections::BTreeMap;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -124,14 +126,13 @@ pub fn holdout(indices: &[usize], fraction: f64, seed: u64, stratify: Option<&[u
 }
 
 /// Members of each class in `indices`, grouped by class id (ascending), in input order.
+/// A map rather than a vector indexed by id, so sparse or huge ids cost nothing extra.
 fn class_groups(indices: &[usize], labels: &[usize]) -> Vec<Vec<usize>> {
-    let n_classes = indices.iter().map(|&i| labels[i] + 1).max().unwrap_or(0);
-    let mut groups = vec![Vec::new(); n_classes];
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
     for &i in indices {
-        groups[labels[i]].push(i);
+        groups.entry(labels[i]).or_default().push(i);
     }
-    groups.retain(|g| !g.is_empty());
-    groups
+    groups.into_values().collect()
 }
 
 /// Largest-remainder apportionment of `total` slots to groups of the given sizes, so that
@@ -359,6 +360,18 @@ mod tests {
             let split = train_test_split(n, frac, seed, None);
             assert_partition(&split, &(0..n).collect::<Vec<_>>());
             prop_assert_eq!(split.test.len(), ((n as f64) * frac).round() as usize);
+        }
+
+        #[test]
+        fn sparse_class_ids_stratify_like_dense_ones(
+            labels in prop::collection::vec(0usize..3, 1..100), seed: u64,
+        ) {
+            let sparse: Vec<usize> = labels.iter().map(|&l| l * 1_000_000_007).collect();
+            let n = labels.len();
+            prop_assert_eq!(
+                train_test_split(n, 0.25, seed, Some(&labels)),
+                train_test_split(n, 0.25, seed, Some(&sparse))
+            );
         }
 
         #[test]
