@@ -46,11 +46,11 @@ enum Command {
 
 /// An error that means "the job or its input is wrong", as opposed to a failed run.
 #[derive(Debug)]
-struct BadInput;
+struct BadInput(String);
 
 impl std::fmt::Display for BadInput {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("bad input")
+        f.write_str(&self.0)
     }
 }
 
@@ -71,7 +71,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let bad_input = e.chain().any(|c| c.is::<BadInput>());
-            let msg: Vec<String> = e.chain().filter(|c| !c.is::<BadInput>()).map(|c| c.to_string()).collect();
+            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
             eprintln!("error: {}", msg.join(": "));
             ExitCode::from(if bad_input { 2 } else { 1 })
         }
@@ -89,7 +89,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Validate { job } => {
             let (spec, _) = load_job(&job)?;
-            let task = ringtrain_train::Task::from_job(&spec).map_err(bad_input)?;
+            let task = ringtrain_train::Task::from_job(&spec).map_err(classify)?;
             let model = ringtrain_train::build_model(&spec.model, task.examples_input_width(), task.target.outputs());
             model.describe(&[task.examples_input_width()], &mut Vec::new()).map_err(bad_input)?;
             println!("{}: ok ({} examples)", job.display(), task.example_count());
@@ -97,7 +97,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Inspect { job } => {
             let (spec, _) = load_job(&job)?;
-            let task = ringtrain_train::Task::from_job(&spec).map_err(bad_input)?;
+            let task = ringtrain_train::Task::from_job(&spec).map_err(classify)?;
             let width = task.examples_input_width();
             let model = ringtrain_train::build_model(&spec.model, width, task.target.outputs());
             let mut rows = Vec::new();
@@ -122,8 +122,17 @@ fn run(command: Command) -> anyhow::Result<()> {
     }
 }
 
-fn bad_input(e: impl std::error::Error + Send + Sync + 'static) -> anyhow::Error {
-    anyhow::Error::new(e).context(BadInput)
+fn bad_input(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::new(BadInput(e.to_string()))
+}
+
+/// Splits training failures into bad input (data, job, model shape) and failed runs.
+fn classify(e: ringtrain_train::TrainError) -> anyhow::Error {
+    use ringtrain_train::TrainError as E;
+    match e {
+        E::Data(_) | E::Job { .. } | E::Model(_) => bad_input(e),
+        other => anyhow::Error::new(other).context("training failed"),
+    }
 }
 
 fn load_job(path: &Path) -> anyhow::Result<(Job, String)> {
@@ -137,14 +146,14 @@ fn apply_eval_override(job: &mut Job, eval: &str) -> anyhow::Result<()> {
     match eval.split_once(':') {
         Some(("kfold", k)) => {
             let k: usize = k.parse().ok().filter(|&k| k >= 2).ok_or_else(|| {
-                anyhow::Error::msg(format!("--eval kfold:K needs an integer K >= 2, got {k:?}")).context(BadInput)
+                bad_input(format!("--eval kfold:K needs an integer K >= 2, got {k:?}"))
             })?;
             job.evaluation.scheme = EvalScheme::Kfold;
             job.evaluation.folds = k;
         }
         None if eval == "train-test" => job.evaluation.scheme = EvalScheme::TrainTest,
         _ => {
-            return Err(anyhow::Error::msg(format!("--eval must be `train-test` or `kfold:K`, got {eval:?}")).context(BadInput))
+            return Err(bad_input(format!("--eval must be `train-test` or `kfold:K`, got {eval:?}")))
         }
     }
     Ok(())
@@ -167,7 +176,7 @@ fn train(job: &Job, text: &str, out: Option<&Path>, quiet: bool) -> anyhow::Resu
             );
         }
     };
-    let summary = ringtrain_train::run_job(job, text, out, &mut observe).context("train")?;
+    let summary = ringtrain_train::run_job(job, text, out, &mut observe).map_err(classify)?;
     print_summary(&summary);
     if let Some(dir) = out {
         println!("run directory: {}", dir.display());

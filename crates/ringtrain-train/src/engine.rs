@@ -425,9 +425,9 @@ pub fn run_job(job: &Job, job_text: &str, out: Option<&Path>, observe: &mut dyn 
         let json = serde_json::to_string_pretty(&summary).map_err(|e| TrainError::io("summary.json", e))?;
         write_atomic(&dir.join("summary.json"), json.as_bytes())?;
         let tensors: Vec<_> = trainer.store.named_tensors().map(|(n, t)| (n.to_string(), t)).collect();
-        let mut meta = HashMap::new();
-        meta.insert("format".to_string(), "pt".to_string());
-        meta.insert("ringtrain.job".to_string(), job.job.name.clone());
+        // One metadata key only: safetensors writes the map in hash order, and a second key
+        // would make identical runs produce different bytes.
+        let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         save_safetensors(&dir.join("model.safetensors"), &tensors, meta)?;
         let (mean, inv_std) = examples.normalisation();
         let pre = serde_json::json!({

@@ -1,0 +1,122 @@
+//! The single-process CLI: training the bundled jobs, determinism, and bad input.
+
+use std::path::Path;
+
+use crate::util::{describe, ok, read_json, ringtrain};
+
+fn accuracy(dir: &Path) -> f64 {
+    read_json(&dir.join("summary.json"))["test_accuracy"].as_f64().expect("test_accuracy in summary.json")
+}
+
+#[test]
+fn iris_mlp_reaches_95_percent_and_is_deterministic() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    for dir in [&a, &b] {
+        ok(&["train", "examples/iris-mlp.toml", "--out", dir.to_str().expect("utf-8 path"), "--quiet"]);
+    }
+    assert!(accuracy(&a) >= 0.95, "accuracy {}", accuracy(&a));
+    let sa = std::fs::read(a.join("summary.json")).expect("summary a");
+    let sb = std::fs::read(b.join("summary.json")).expect("summary b");
+    assert_eq!(sa, sb, "same seed must give an identical summary.json");
+    let same_weights = std::fs::read(a.join("model.safetensors")).ok() == std::fs::read(b.join("model.safetensors")).ok();
+    assert!(same_weights, "same seed must give identical model.safetensors bytes");
+    // one metrics line per epoch, each with the loss and the evaluation metrics
+    let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).expect("metrics.jsonl");
+    let lines: Vec<serde_json::Value> =
+        metrics.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    assert_eq!(lines.len(), 100);
+    assert!(lines.iter().all(|l| l["train_loss"].is_f64() && l["test_accuracy"].is_f64()));
+    assert!(lines[99]["train_loss"].as_f64() < lines[0]["train_loss"].as_f64());
+    // the confusion matrix covers the whole test split
+    let summary = read_json(&a.join("summary.json"));
+    let cm = summary["confusion_matrix"].as_array().expect("confusion matrix");
+    let total: u64 = cm.iter().flat_map(|r| r.as_array().expect("row")).map(|c| c.as_u64().expect("count")).sum();
+    assert_eq!(total, 30);
+    assert!(a.join("job.toml").is_file());
+}
+
+#[test]
+fn weights_are_safetensors_named_like_the_model() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("run");
+    ok(&["train", "examples/iris-logistic.toml", "--out", dir.to_str().expect("utf-8 path"), "--quiet"]);
+    assert!(accuracy(&dir) >= 0.99, "accuracy {}", accuracy(&dir));
+    let bytes = std::fs::read(dir.join("model.safetensors")).expect("model file");
+    // safetensors: u64 little-endian header length, then a JSON header
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).expect("json header");
+    assert_eq!(header["layers.0.weight"]["shape"], serde_json::json!([1, 4]));
+    assert_eq!(header["layers.0.weight"]["dtype"], "F32");
+    assert_eq!(header["layers.0.bias"]["shape"], serde_json::json!([1]));
+}
+
+#[test]
+fn kfold_prints_per_fold_and_mean_std() {
+    let args = ["train", "examples/iris-mlp.toml", "--eval", "kfold:5", "--quiet"];
+    let out = ok(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for f in 0..5 {
+        assert!(stdout.contains(&format!("fold {f}: test loss")), "{}", describe(&args, &out));
+    }
+    assert!(stdout.contains("accuracy: 0.9"), "{}", describe(&args, &out));
+    assert!(stdout.contains(" ± "), "{}", describe(&args, &out));
+}
+
+/// Writes `job` (after `edit`) next to a copy of Iris and runs `ringtrain args... JOB`.
+fn run_edited(edit: impl Fn(String) -> String, csv: Option<&str>, command: &str) -> (std::process::Output, String) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = std::fs::read_to_string(crate::util::repo().join("examples/iris-mlp.toml")).expect("job");
+    let data = tmp.path().join("iris.csv");
+    let csv_text = match csv {
+        Some(c) => c.to_string(),
+        None => std::fs::read_to_string(crate::util::repo().join("data/iris/iris.csv")).expect("iris"),
+    };
+    std::fs::write(&data, csv_text).expect("write csv");
+    let job = tmp.path().join("job.toml");
+    std::fs::write(&job, edit(text.replace("../data/iris/iris.csv", "iris.csv"))).expect("write job");
+    let args = [command, job.to_str().expect("utf-8 path")];
+    let out = ringtrain(&args);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    (out, err)
+}
+
+fn assert_bad_input(out: &std::process::Output, stderr: &str, needle: &str) {
+    assert_eq!(out.status.code(), Some(2), "exit code for bad input; stderr: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line expected: {stderr}");
+    assert!(stderr.contains(needle), "{needle:?} not in {stderr:?}");
+}
+
+#[test]
+fn misspelled_key_is_refused_with_its_name_and_line() {
+    let (out, err) = run_edited(|t| t.replace("lr = 0.01", "learnig_rate = 0.01"), None, "validate");
+    assert_bad_input(&out, &err, "job.toml:19:1: unknown field `learnig_rate`");
+}
+
+#[test]
+fn negative_learning_rate_is_refused() {
+    let (out, err) = run_edited(|t| t.replace("lr = 0.01", "lr = -0.01"), None, "train");
+    assert_bad_input(&out, &err, "`optimizer.lr`: must be a positive number, got -0.01");
+}
+
+#[test]
+fn missing_data_file_is_refused() {
+    let (out, err) = run_edited(|t| t.replace("iris.csv", "missing.csv"), None, "train");
+    assert_bad_input(&out, &err, "`data.path`: file not found");
+}
+
+#[test]
+fn csv_row_with_a_non_number_names_line_and_column() {
+    let csv = "sepal_length,sepal_width,petal_length,petal_width,species\n5.1,3.5,1.4,0.2,setosa\n4.9,abc,1.4,0.2,setosa\n";
+    let (out, err) = run_edited(|t| t, Some(csv), "train");
+    assert_bad_input(&out, &err, "iris.csv");
+    assert!(err.contains("line 3") && err.contains("sepal_width") && err.contains("abc"), "{err}");
+}
+
+#[test]
+fn inspect_prints_layers_shapes_and_counts() {
+    let out = ok(&["inspect", "examples/iris-mlp.toml"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("Linear(4 -> 16)"), "{stdout}");
+    assert!(stdout.contains("total: 403 parameters"), "{stdout}");
+}

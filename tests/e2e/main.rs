@@ -1,0 +1,5 @@
+//! End-to-end tests of the `ringtrain` binary: real processes, real files.
+//! One test binary for the whole root package (link once, run in parallel).
+
+mod cli;
+mod util;
