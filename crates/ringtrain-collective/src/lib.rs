@@ -1,0 +1,101 @@
+//! Collectives for data-parallel training: ring all-reduce, broadcast,
+//! barrier and all-gather over `&mut [f32]`, through a [`Transport`]: the
+//! gRPC one ([`grpc`], tonic over TCP) for real jobs, [`MemoryTransport`] for
+//! tests.
+//!
+//! **Architecture invariant:** this crate never sees a tensor, a model or a
+//! config. It reduces flat `f32` buffers; given the same inputs and ring order,
+//! every rank ends with bitwise-identical output, run after run.
+//!
+//! # The ring
+//!
+//! `N` ranks form a ring in the order of the peer list. Rank `r` hosts a gRPC
+//! server that receives from its left neighbour `r-1` and streams to its right
+//! neighbour `r+1`, on one long-lived client stream per link:
+//!
+//! ```text
+//!        Push stream           Push stream           Push stream
+//!  rank 0 ──────────▶ rank 1 ──────────▶ rank 2 ──────────▶ rank 3
+//!    ▲                                                         │
+//!    └─────────────────────────────────────────────────────────┘
+//! ```
+//!
+//! # All-reduce = reduce-scatter + all-gather
+//!
+//! A bucket of `L` elements is cut into `N` chunks whose sizes differ by at
+//! most one (larger first). With `L < N` the last `N - L` chunks are empty;
+//! with `L = 0` all are. In `2(N-1)` steps each rank sends `2(N-1)/N` of the
+//! buffer:
+//!
+//! ```text
+//!  N = 3, chunks a b c       step 0        step 1          step 2      step 3
+//!                          (reduce-scatter)               (all-gather)
+//!  rank 0 sends chunk:         a           c(+0+2)        b(final)     a(copy)
+//!  rank 1 sends chunk:         b           a(+1+0)        c(final)     b(copy)
+//!  rank 2 sends chunk:         c           b(+2+1)        a(final)     c(copy)
+//! ```
+//!
+//! * Reduce-scatter step `s`: rank `r` sends chunk `r-s` and receives chunk
+//!   `r-s-1`, adding its own values. After `N-1` steps rank `r` holds the final
+//!   value of chunk `r+1`: the sum `((x_c + x_{c+1}) + x_{c+2}) + …` of chunk
+//!   `c` is computed by exactly one rank, in ring order starting at rank `c`.
+//!   For a mean that rank also divides by `N`.
+//! * All-gather step `t`: rank `r` sends chunk `r+1-t` and receives chunk
+//!   `r-t`, copying it. Final values are only ever copied, so **every rank gets
+//!   the same bits**, and the same inputs in the same ring order give the same
+//!   bits in every run.
+//!
+//! # Pipelining
+//!
+//! Each chunk travels as `parts` messages of at most `part_bytes` (the same
+//! count for every chunk, at least one: an empty part still carries the header,
+//! so even an empty buffer is checked and synchronised). The chunk a rank
+//! sends at step `s+1` is the one it received at step `s`, so part `k` of step
+//! `s+1` leaves as soon as part `k` of step `s` has arrived and been added: the
+//! reduction of one part overlaps the transfer of the next, and the link never
+//! waits for a whole chunk. Sends never block (the transport queues them);
+//! only receives wait, each with a deadline. Outgoing buffers come from a
+//! small pool and are reused; all-gather forwards the received bytes without
+//! copying them.
+//!
+//! Buckets ([`BucketPlan`]) group whole parameter tensors up to a configurable
+//! size and are reduced one after another, in the same order on every rank.
+//!
+//! # Safety of the wire and failure semantics
+//!
+//! Every frame carries the job id, the collective sequence number, the bucket
+//! id, the layout fingerprint, the bucket length, the sender's rank, step and
+//! part. The receiver compares each with its own expectation; any difference
+//! fails the collective with [`Error::Mismatch`] naming the peer, the field and
+//! both values. Streams are authenticated by a shared job token (metadata
+//! checked by an interceptor before any frame is read); a stream without it is
+//! refused.
+//!
+//! * A silent neighbour: every receive has a deadline ([`RingOptions::timeout`],
+//!   5 s by default); when it passes, [`Error::Timeout`] names the left
+//!   neighbour.
+//! * A dead neighbour: a reset connection or closed stream is reported at once,
+//!   by the rank on either side of the link ([`Error::PeerLost`]).
+//! * The first rank to fail sends an `Abort` frame to its right neighbour;
+//!   each rank that receives it fails with [`Error::Aborted`] (naming the rank
+//!   that failed and why) and passes it on, so the whole ring fails within
+//!   about one hop per rank instead of waiting for timeouts.
+//! * A failed collective poisons the communicator: every later call returns
+//!   [`Error::Poisoned`]. Recovery (rebuilding the ring) belongs to the
+//!   coordinator.
+
+mod communicator;
+mod error;
+pub mod grpc;
+mod kernels;
+mod layout;
+mod ring;
+mod transport;
+
+pub use communicator::Communicator;
+pub use error::{Direction, Error, LinkError, LinkFailure, Result};
+pub use grpc::{connect_ring, GrpcConfig, GrpcTransport};
+pub use layout::BucketPlan;
+pub use ring::{ReduceOp, Ring, RingOptions, DEFAULT_PART_BYTES, DEFAULT_TIMEOUT};
+pub use ringtrain_proto::collective::CollectiveOp;
+pub use transport::{MemoryTransport, Transport};

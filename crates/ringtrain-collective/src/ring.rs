@@ -1,0 +1,633 @@
+//! The ring algorithms over any [`Transport`]; see the crate docs for the
+//! schedule and its failure semantics.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use ringtrain_proto::collective::{Abort, CollectiveOp, DataFrame, DataHeader, Frame};
+
+use crate::error::{Error, LinkError, LinkFailure, Result};
+use crate::kernels;
+use crate::layout::{even_range, plain_fingerprint, BucketPlan, Cut};
+use crate::transport::Transport;
+
+/// Reduction applied by an all-reduce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReduceOp {
+    /// Element-wise sum over ranks.
+    Sum,
+    /// Element-wise sum divided by the world size (by the one rank that owns
+    /// each chunk, so every rank still gets the same bits).
+    Mean,
+}
+
+impl ReduceOp {
+    fn collective(self) -> CollectiveOp {
+        match self {
+            ReduceOp::Sum => CollectiveOp::AllReduceSum,
+            ReduceOp::Mean => CollectiveOp::AllReduceMean,
+        }
+    }
+}
+
+/// Default size of one pipelined message.
+pub const DEFAULT_PART_BYTES: usize = 512 * 1024;
+/// Default receive timeout: how long a rank waits for the next frame from its
+/// left neighbour before declaring it dead.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Settings every rank of a ring must agree on (the job id and the part size
+/// are checked on every frame).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RingOptions {
+    /// Job id carried by every frame.
+    pub job_id: String,
+    /// Payload bytes per pipelined message (rounded down to whole values).
+    pub part_bytes: usize,
+    /// Deadline of every receive.
+    pub timeout: Duration,
+}
+
+impl Default for RingOptions {
+    fn default() -> Self {
+        Self {
+            job_id: "ringtrain".to_owned(),
+            part_bytes: DEFAULT_PART_BYTES,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+}
+
+/// Number of send buffers kept for reuse.
+const POOL: usize = 16;
+
+/// What every frame of the current collective (and bucket) must agree on.
+#[derive(Debug, Clone, Copy)]
+struct Ctx {
+    op: CollectiveOp,
+    seq: u64,
+    bucket: u32,
+    fingerprint: u64,
+    /// Elements of the bucket; `None` where ranks may legitimately differ
+    /// (all-gather of per-rank values).
+    bucket_len: Option<u64>,
+    parts: u32,
+}
+
+/// One rank's endpoint of a ring: runs collectives over a [`Transport`].
+///
+/// Collectives must be called in the same order, with the same layouts, on
+/// every rank; each call takes the next sequence number. After any error the
+/// ring is poisoned: every later call fails with [`Error::Poisoned`], and the
+/// ring must be rebuilt (by the coordinator, in a full job).
+#[derive(Debug)]
+pub struct Ring<T: Transport> {
+    transport: T,
+    rank: usize,
+    world: usize,
+    opts: RingOptions,
+    part_elems: usize,
+    seq: u64,
+    poisoned: Option<String>,
+    pool: VecDeque<BytesMut>,
+}
+
+impl<T: Transport> Ring<T> {
+    /// Wrap a connected transport.
+    pub fn new(transport: T, opts: RingOptions) -> Self {
+        let rank = transport.rank();
+        let world = transport.world();
+        let part_elems = (opts.part_bytes / 4).max(1);
+        Self {
+            transport,
+            rank,
+            world,
+            opts,
+            part_elems,
+            seq: 0,
+            poisoned: None,
+            pool: VecDeque::with_capacity(POOL),
+        }
+    }
+
+    /// This rank's index.
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Number of ranks.
+    pub fn world(&self) -> usize {
+        self.world
+    }
+
+    /// Sequence number the next collective will carry.
+    pub fn next_seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Change the receive deadline (e.g. a long one for the first barrier,
+    /// while peers are still starting).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.opts.timeout = timeout;
+    }
+
+    /// Current receive deadline.
+    pub fn timeout(&self) -> Duration {
+        self.opts.timeout
+    }
+
+    /// Deliver the frames still queued for the right neighbour and close the
+    /// link; see [`Transport::close`].
+    pub async fn close(&mut self) {
+        self.transport.close().await;
+    }
+
+    /// The transport, e.g. to read its bound address.
+    pub fn transport(&self) -> &T {
+        &self.transport
+    }
+
+    /// Reduce `buf` over all ranks in place: afterwards every rank holds the
+    /// same bits, the sum (or mean) in ring order.
+    pub async fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
+        let cop = op.collective();
+        let seq = self.begin()?;
+        let fingerprint = plain_fingerprint(buf.len());
+        let result = self.reduce_bucket(buf, cop, seq, 0, fingerprint).await;
+        self.finish(cop, seq, result)
+    }
+
+    /// All-reduce a flat buffer bucket by bucket, in the plan's order. The
+    /// plan's fingerprint travels in every frame.
+    pub async fn all_reduce_bucketed(&mut self, buf: &mut [f32], plan: &BucketPlan, op: ReduceOp) -> Result<()> {
+        let cop = op.collective();
+        let seq = self.begin()?;
+        let result = if buf.len() != plan.total_len() {
+            Err(Error::InvalidArgument {
+                op: cop,
+                rank: self.rank,
+                what: format!(
+                    "buffer has {} elements but its bucket plan covers {}",
+                    buf.len(),
+                    plan.total_len()
+                ),
+            })
+        } else {
+            let mut result = Ok(());
+            for (id, range) in plan.buckets().iter().enumerate() {
+                let bucket = u32::try_from(id).unwrap_or(u32::MAX);
+                result = self
+                    .reduce_bucket(&mut buf[range.clone()], cop, seq, bucket, plan.fingerprint())
+                    .await;
+                if result.is_err() {
+                    break;
+                }
+            }
+            result
+        };
+        self.finish(cop, seq, result)
+    }
+
+    /// Copy `root`'s buffer into every rank's `buf` (pipelined along the ring).
+    /// Returns on the root once the last rank has received everything.
+    pub async fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
+        let cop = CollectiveOp::Broadcast;
+        let seq = self.begin()?;
+        let result = self.broadcast_inner(buf, root, seq).await;
+        self.finish(cop, seq, result)
+    }
+
+    /// Return once every rank has entered the barrier.
+    pub async fn barrier(&mut self) -> Result<()> {
+        let cop = CollectiveOp::Barrier;
+        let seq = self.begin()?;
+        let result = self.reduce_bucket(&mut [], cop, seq, 0, 0).await;
+        self.finish(cop, seq, result)
+    }
+
+    /// Gather a few values from every rank: `result[r]` is rank `r`'s
+    /// `values`. Meant for metrics; at most `part_bytes` per rank.
+    pub async fn all_gather_f64(&mut self, values: &[f64]) -> Result<Vec<Vec<f64>>> {
+        let cop = CollectiveOp::AllGather;
+        let seq = self.begin()?;
+        let result = self.all_gather_inner(values, seq).await;
+        self.finish(cop, seq, result)
+    }
+
+    fn begin(&mut self) -> Result<u64> {
+        if let Some(first) = &self.poisoned {
+            return Err(Error::Poisoned {
+                rank: self.rank,
+                first: first.clone(),
+            });
+        }
+        let seq = self.seq;
+        self.seq += 1;
+        Ok(seq)
+    }
+
+    /// On failure: poison the ring and tell the right neighbour, so the abort
+    /// travels around the ring and every rank fails fast.
+    fn finish<R>(&mut self, op: CollectiveOp, seq: u64, result: Result<R>) -> Result<R> {
+        if let Err(err) = &result {
+            self.poisoned = Some(err.to_string());
+            let right = (self.rank + 1) % self.world;
+            let (origin, reason) = match err {
+                Error::Aborted { origin, reason, .. } => (*origin, reason.clone()),
+                other => (self.rank, other.to_string()),
+            };
+            if self.world > 1 && origin != right {
+                tracing::debug!(rank = self.rank, %op, seq, origin, "forwarding abort");
+                // Best effort: the link to the right may be what failed.
+                let _ = self.transport.send(Frame::Abort(Abort {
+                    job_id: self.opts.job_id.clone(),
+                    seq,
+                    origin_rank: u32::try_from(origin).unwrap_or(u32::MAX),
+                    reason,
+                }));
+            }
+        }
+        result
+    }
+
+    fn left(&self) -> usize {
+        (self.rank + self.world - 1) % self.world
+    }
+
+    /// A pooled buffer with room for `bytes` (reclaims the allocation of a
+    /// payload sent earlier once the transport has dropped it).
+    fn take(&mut self, bytes: usize) -> BytesMut {
+        let mut buf = self.pool.pop_front().unwrap_or_default();
+        buf.clear();
+        buf.reserve(bytes);
+        buf
+    }
+
+    fn give(&mut self, mut buf: BytesMut) -> Bytes {
+        let payload = buf.split().freeze();
+        if self.pool.len() < POOL {
+            self.pool.push_back(buf);
+        }
+        payload
+    }
+
+    fn send(&mut self, ctx: &Ctx, step: usize, part: usize, origin: usize, payload: Bytes) -> Result<()> {
+        let value_bytes = ctx.op.value_bytes();
+        let header = DataHeader {
+            job_id: self.opts.job_id.clone(),
+            seq: ctx.seq,
+            op: ctx.op,
+            bucket_id: ctx.bucket,
+            layout_fingerprint: ctx.fingerprint,
+            bucket_len: ctx.bucket_len.unwrap_or((payload.len() / value_bytes) as u64),
+            sender_rank: self.rank as u32,
+            world_size: self.world as u32,
+            step: step as u32,
+            part: part as u32,
+            parts: ctx.parts,
+            origin_rank: origin as u32,
+        };
+        self.transport
+            .send(Frame::Data(DataFrame { header, payload }))
+            .map_err(|e| self.link_error(ctx, e))
+    }
+
+    fn link_error(&self, ctx: &Ctx, e: LinkError) -> Error {
+        let addr = self.transport.peer_addr(e.peer);
+        match e.failure {
+            LinkFailure::Timeout(timeout) => Error::Timeout {
+                op: ctx.op,
+                rank: self.rank,
+                seq: ctx.seq,
+                peer: e.peer,
+                addr,
+                timeout,
+            },
+            LinkFailure::Closed(reason) => Error::PeerLost {
+                op: ctx.op,
+                rank: self.rank,
+                seq: ctx.seq,
+                peer: e.peer,
+                addr,
+                direction: e.direction,
+                reason,
+            },
+            LinkFailure::Refused(reason) => Error::Refused {
+                rank: self.rank,
+                peer: e.peer,
+                addr,
+                reason,
+            },
+        }
+    }
+
+    /// Receive the next frame, which must be data for `(step, part)` of the
+    /// current collective from `origin`, with `values` values (if given).
+    async fn recv(
+        &mut self,
+        ctx: &Ctx,
+        step: usize,
+        part: usize,
+        origin: usize,
+        values: Option<usize>,
+    ) -> Result<Bytes> {
+        let frame = self
+            .transport
+            .recv(self.opts.timeout)
+            .await
+            .map_err(|e| self.link_error(ctx, e))?;
+        match frame {
+            Frame::Abort(a) => Err(Error::Aborted {
+                op: ctx.op,
+                rank: self.rank,
+                seq: ctx.seq,
+                origin: a.origin_rank as usize,
+                reason: a.reason,
+            }),
+            Frame::Data(d) => {
+                self.check(ctx, &d.header, step, part, origin)?;
+                if let Some(values) = values {
+                    let expected = values * ctx.op.value_bytes();
+                    if d.payload.len() != expected {
+                        return Err(self.mismatch(
+                            ctx,
+                            "payload bytes",
+                            expected,
+                            d.payload.len(),
+                            "ranks cut the buffer differently: protocol bug or corrupted stream",
+                        ));
+                    }
+                }
+                Ok(d.payload)
+            }
+        }
+    }
+
+    fn mismatch(
+        &self,
+        ctx: &Ctx,
+        field: &'static str,
+        ours: impl ToString,
+        theirs: impl ToString,
+        hint: &'static str,
+    ) -> Error {
+        Error::Mismatch {
+            op: ctx.op,
+            rank: self.rank,
+            seq: ctx.seq,
+            bucket: ctx.bucket,
+            peer: self.left(),
+            field,
+            ours: ours.to_string(),
+            theirs: theirs.to_string(),
+            hint,
+        }
+    }
+
+    /// Compare a header with what this rank expects, most telling field first.
+    fn check(&self, ctx: &Ctx, h: &DataHeader, step: usize, part: usize, origin: usize) -> Result<()> {
+        const LAYOUT: &str = "the ranks have different buffer layouts: different model, parameter order or bucket size";
+        if h.job_id != self.opts.job_id {
+            return Err(self.mismatch(
+                ctx,
+                "job_id",
+                &self.opts.job_id,
+                &h.job_id,
+                "the peer belongs to another job",
+            ));
+        }
+        if h.world_size as usize != self.world {
+            return Err(self.mismatch(
+                ctx,
+                "world_size",
+                self.world,
+                h.world_size,
+                "the ranks disagree on the ring",
+            ));
+        }
+        if h.sender_rank as usize != self.left() {
+            return Err(self.mismatch(
+                ctx,
+                "sender_rank",
+                self.left(),
+                h.sender_rank,
+                "the ranks disagree on the ring order",
+            ));
+        }
+        if h.seq != ctx.seq {
+            return Err(self.mismatch(ctx, "seq", ctx.seq, h.seq, "a rank skipped or repeated a collective"));
+        }
+        if h.op != ctx.op {
+            return Err(self.mismatch(ctx, "op", ctx.op, h.op, "the ranks called different collectives"));
+        }
+        if h.bucket_id != ctx.bucket {
+            return Err(self.mismatch(ctx, "bucket_id", ctx.bucket, h.bucket_id, LAYOUT));
+        }
+        if let Some(len) = ctx.bucket_len {
+            if h.bucket_len != len {
+                return Err(self.mismatch(ctx, "bucket_len", len, h.bucket_len, LAYOUT));
+            }
+        }
+        if h.layout_fingerprint != ctx.fingerprint {
+            return Err(self.mismatch(
+                ctx,
+                "layout_fingerprint",
+                format!("{:#018x}", ctx.fingerprint),
+                format!("{:#018x}", h.layout_fingerprint),
+                LAYOUT,
+            ));
+        }
+        if h.parts != ctx.parts {
+            return Err(self.mismatch(
+                ctx,
+                "parts",
+                ctx.parts,
+                h.parts,
+                "the ranks use different part_bytes settings",
+            ));
+        }
+        if h.origin_rank as usize != origin {
+            return Err(self.mismatch(
+                ctx,
+                "origin_rank",
+                origin,
+                h.origin_rank,
+                "the ranks disagree on the root",
+            ));
+        }
+        if h.step as usize != step || h.part as usize != part {
+            return Err(self.mismatch(
+                ctx,
+                "step/part",
+                format!("{step}/{part}"),
+                format!("{}/{}", h.step, h.part),
+                "frames out of order: protocol bug",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reduce-scatter then all-gather of one bucket (see the crate docs).
+    async fn reduce_bucket(
+        &mut self,
+        buf: &mut [f32],
+        op: CollectiveOp,
+        seq: u64,
+        bucket: u32,
+        fingerprint: u64,
+    ) -> Result<()> {
+        let n = self.world;
+        let r = self.rank;
+        let cut = Cut::new(buf.len(), n, self.part_elems);
+        let ctx = Ctx {
+            op,
+            seq,
+            bucket,
+            fingerprint,
+            bucket_len: Some(buf.len() as u64),
+            parts: cut.parts as u32,
+        };
+        if n == 1 {
+            return Ok(());
+        }
+        let divisor = (op == CollectiveOp::AllReduceMean).then_some(n as f32);
+        // Step 0: send our own chunk r.
+        for k in 0..cut.parts {
+            let range = cut.part(r, k);
+            let mut out = self.take(range.len() * 4);
+            kernels::encode(&buf[range], &mut out);
+            let payload = self.give(out);
+            self.send(&ctx, 0, k, 0, payload)?;
+        }
+        let steps = 2 * (n - 1);
+        for s in 0..steps {
+            // Chunk arriving at step s: r-s-1 during reduce-scatter, r-t during
+            // all-gather step t = s-(n-1). It is the chunk we send at step s+1.
+            let chunk = if s < n - 1 {
+                (r + 2 * n - s - 1) % n
+            } else {
+                (r + 2 * n - (s - (n - 1))) % n
+            };
+            for k in 0..cut.parts {
+                let range = cut.part(chunk, k);
+                let payload = self.recv(&ctx, s, k, 0, Some(range.len())).await?;
+                if s + 2 < n {
+                    // Intermediate reduce-scatter: forward the partial sum.
+                    let mut out = self.take(payload.len());
+                    kernels::add(&buf[range], &payload, &mut out);
+                    let out = self.give(out);
+                    self.send(&ctx, s + 1, k, 0, out)?;
+                } else if s + 2 == n {
+                    // Last reduce-scatter step: this rank owns the final value.
+                    let mut out = self.take(payload.len());
+                    kernels::add_finish(&mut buf[range], &payload, divisor, &mut out);
+                    let out = self.give(out);
+                    self.send(&ctx, s + 1, k, 0, out)?;
+                } else {
+                    // All-gather: copy, and forward the very same bytes.
+                    kernels::copy(&mut buf[range], &payload);
+                    if s + 1 < steps {
+                        self.send(&ctx, s + 1, k, 0, payload)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn broadcast_inner(&mut self, buf: &mut [f32], root: usize, seq: u64) -> Result<()> {
+        let n = self.world;
+        let op = CollectiveOp::Broadcast;
+        if root >= n {
+            return Err(Error::InvalidArgument {
+                op,
+                rank: self.rank,
+                what: format!("root {root} is not a rank of a world of {n}"),
+            });
+        }
+        let parts = buf.len().div_ceil(self.part_elems).max(1);
+        let ctx = Ctx {
+            op,
+            seq,
+            bucket: 0,
+            fingerprint: plain_fingerprint(buf.len()),
+            bucket_len: Some(buf.len() as u64),
+            parts: parts as u32,
+        };
+        if n == 1 {
+            return Ok(());
+        }
+        // Hops from the root: the root sends step 0, rank at distance d
+        // receives step d-1 and forwards it as step d; the last rank (d = n-1)
+        // answers the root with one empty frame at step n-1.
+        let d = (self.rank + n - root) % n;
+        if d == 0 {
+            for k in 0..parts {
+                let range = even_range(buf.len(), parts, k);
+                let mut out = self.take(range.len() * 4);
+                kernels::encode(&buf[range], &mut out);
+                let out = self.give(out);
+                self.send(&ctx, 0, k, root, out)?;
+            }
+            self.recv(&ctx, n - 1, 0, root, Some(0)).await?;
+        } else {
+            for k in 0..parts {
+                let range = even_range(buf.len(), parts, k);
+                let payload = self.recv(&ctx, d - 1, k, root, Some(range.len())).await?;
+                kernels::copy(&mut buf[range], &payload);
+                if d + 1 < n {
+                    self.send(&ctx, d, k, root, payload)?;
+                }
+            }
+            if d + 1 == n {
+                self.send(&ctx, n - 1, 0, root, Bytes::new())?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn all_gather_inner(&mut self, values: &[f64], seq: u64) -> Result<Vec<Vec<f64>>> {
+        let n = self.world;
+        let r = self.rank;
+        let op = CollectiveOp::AllGather;
+        if values.len() * 8 > self.part_elems * 4 {
+            return Err(Error::InvalidArgument {
+                op,
+                rank: r,
+                what: format!(
+                    "{} values exceed the all-gather limit of part_bytes = {} bytes",
+                    values.len(),
+                    self.part_elems * 4
+                ),
+            });
+        }
+        let ctx = Ctx {
+            op,
+            seq,
+            bucket: 0,
+            fingerprint: 0,
+            bucket_len: None,
+            parts: 1,
+        };
+        let mut out = vec![Vec::new(); n];
+        out[r] = values.to_vec();
+        if n == 1 {
+            return Ok(out);
+        }
+        let own: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.send(&ctx, 0, 0, r, Bytes::from(own))?;
+        for t in 0..n - 1 {
+            let origin = (r + 2 * n - t - 1) % n;
+            let payload = self.recv(&ctx, t, 0, origin, None).await?;
+            out[origin] = payload
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+                .collect();
+            if t + 2 < n {
+                self.send(&ctx, t + 1, 0, origin, payload)?;
+            }
+        }
+        Ok(out)
+    }
+}

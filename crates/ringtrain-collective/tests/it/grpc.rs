@@ -1,0 +1,166 @@
+//! The ring over real gRPC on 127.0.0.1 (port 0), several tokio tasks in one process.
+
+use std::time::{Duration, Instant};
+
+use ringtrain_collective::{connect_ring, Error, GrpcConfig, GrpcTransport, ReduceOp, Ring};
+use tokio::net::TcpListener;
+
+use crate::{bits, inputs, ring_model, run_mt};
+
+const TOKEN: &str = "s3cret-token";
+
+/// Bind `n` listeners on 127.0.0.1:0 and build each rank's config.
+async fn bind(n: usize, timeout: Duration) -> Vec<(GrpcConfig, TcpListener)> {
+    let mut listeners = Vec::new();
+    for _ in 0..n {
+        listeners.push(TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0"));
+    }
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("bound address").to_string())
+        .collect();
+    listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let mut config = GrpcConfig::new(rank, peers.clone(), "grpc-test", TOKEN);
+            config.timeout = timeout;
+            config.connect_timeout = Duration::from_secs(10);
+            config.part_bytes = 16 * 1024;
+            (config, l)
+        })
+        .collect()
+}
+
+async fn join_all<T>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.expect("task panicked"));
+    }
+    out
+}
+
+#[test]
+fn grpc_ring_reduces_like_the_model_on_every_rank() {
+    let n = 3;
+    let len = 100_003; // several parts per chunk, not divisible by 3
+    let xs: Vec<Vec<f32>> = (0..n).map(|r| inputs(11, r, len)).collect();
+    let outs = run_mt(Duration::from_secs(60), async {
+        let mut tasks = Vec::new();
+        for ((config, listener), x) in bind(n, Duration::from_secs(10)).await.into_iter().zip(&xs) {
+            let mut buf = x.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut ring = connect_ring(&config, listener, std::future::pending()).await?;
+                ring.all_reduce(&mut buf, ReduceOp::Sum).await?;
+                let first = buf.clone();
+                // Every collective once more over the same connections.
+                ring.all_reduce(&mut buf, ReduceOp::Mean).await?;
+                let mut params = vec![ring.rank() as f32; 1000];
+                ring.broadcast(&mut params, 1).await?;
+                let gathered = ring.all_gather_f64(&[ring.rank() as f64, 0.5]).await?;
+                ring.barrier().await?;
+                Ok::<_, Error>((first, buf, params, gathered))
+            }));
+        }
+        join_all(tasks).await
+    });
+    let sum = ring_model(&xs, false);
+    let sums: Vec<Vec<f32>> = (0..n).map(|_| sum.clone()).collect();
+    let mean = ring_model(&sums, true);
+    for out in outs {
+        let (first, second, params, gathered) = out.expect("collectives succeed");
+        assert_eq!(bits(&first), bits(&sum));
+        assert_eq!(bits(&second), bits(&mean));
+        assert_eq!(params, vec![1.0; 1000]);
+        assert_eq!(gathered, vec![vec![0.0, 0.5], vec![1.0, 0.5], vec![2.0, 0.5]]);
+    }
+}
+
+#[test]
+fn a_stream_without_the_token_is_refused() {
+    run_mt(Duration::from_secs(30), async {
+        let mut configs = bind(2, Duration::from_secs(5)).await;
+        let (good, good_listener) = configs.remove(0);
+        let (mut intruder, intruder_listener) = configs.remove(0);
+        intruder.token = "wrong-token".into();
+        let good_task = tokio::spawn(async move { connect_ring(&good, good_listener, std::future::pending()).await });
+        let started = Instant::now();
+        let err = connect_ring(&intruder, intruder_listener, std::future::pending())
+            .await
+            .expect_err("rank 0 must refuse a stream with the wrong token");
+        assert!(matches!(err, Error::Refused { peer: 0, .. }), "{err}");
+        assert!(err.to_string().contains("wrong job token"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "refusal must be fast");
+        // Rank 0 never accepted the intruder; it gives up on its own.
+        good_task.abort();
+    });
+}
+
+#[test]
+fn a_raw_client_without_metadata_is_unauthenticated() {
+    use ringtrain_proto::grpc::PushClient;
+    run_mt(Duration::from_secs(30), async {
+        let mut configs = bind(2, Duration::from_secs(5)).await;
+        let (config, listener) = configs.remove(0);
+        let addr = listener.local_addr().expect("addr");
+        let _server = GrpcTransport::start(&config, listener, std::future::pending()).expect("start");
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("TCP and HTTP/2 connect fine; the RPC is what is refused");
+        let mut client = PushClient::new(channel, 1 << 20);
+        let status = client
+            .push(tonic::metadata::MetadataMap::new(), tokio_stream::empty())
+            .await
+            .expect_err("no token, no stream");
+        assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    });
+}
+
+#[test]
+fn a_rank_dropped_mid_all_reduce_is_named_by_the_others() {
+    let n = 4;
+    let timeout = Duration::from_secs(3);
+    let results = run_mt(Duration::from_secs(60), async {
+        let mut tasks = Vec::new();
+        for (config, listener) in bind(n, timeout).await {
+            tasks.push(tokio::spawn(async move {
+                let rank = config.rank;
+                let mut ring: Ring<GrpcTransport> = connect_ring(&config, listener, std::future::pending())
+                    .await
+                    .map_err(|e| (e, Duration::ZERO))?;
+                let mut buf = vec![1.0f32; 1 << 20];
+                for round in 0.. {
+                    if rank == 2 && round == 3 {
+                        // Rank 2 disappears in the middle of its all-reduce:
+                        // its first frames are out, then its server and
+                        // client go away.
+                        let pending = ring.all_reduce(&mut buf, ReduceOp::Sum);
+                        let _ = tokio::time::timeout(Duration::from_millis(5), pending).await;
+                        drop(ring);
+                        return Ok(());
+                    }
+                    let start = Instant::now();
+                    if let Err(e) = ring.all_reduce(&mut buf, ReduceOp::Mean).await {
+                        return Err((e, start.elapsed()));
+                    }
+                }
+                Ok(())
+            }));
+        }
+        join_all(tasks).await
+    });
+    for (rank, result) in results.into_iter().enumerate() {
+        if rank == 2 {
+            continue;
+        }
+        let (err, took) = result.expect_err("survivors must fail");
+        let msg = err.to_string();
+        assert!(msg.contains("rank 2"), "rank {rank}: error must name rank 2: {msg}");
+        assert!(
+            took < timeout + Duration::from_secs(2),
+            "rank {rank} took {took:?}: {msg}"
+        );
+    }
+}

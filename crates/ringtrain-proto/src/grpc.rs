@@ -1,0 +1,107 @@
+//! gRPC plumbing for the collective data plane, in domain types only.
+//!
+//! * Server side: implement [`PushHandler`] and wrap it with [`push_service`];
+//!   add the result (optionally behind an interceptor) to a tonic `Server`.
+//! * Client side: [`PushClient::push`] streams [`Frame`]s to a neighbour.
+
+use std::future::Future;
+
+use tokio_stream::{Stream, StreamExt};
+use tonic::metadata::MetadataMap;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::collective::{Frame, WireError};
+use crate::wire;
+use crate::wire::collective_client::CollectiveClient;
+use crate::wire::collective_server::{Collective, CollectiveServer};
+
+/// Metadata key carrying the shared job token.
+pub const TOKEN_METADATA_KEY: &str = "x-ringtrain-token";
+/// Metadata key carrying the sender's rank (decimal).
+pub const RANK_METADATA_KEY: &str = "x-ringtrain-rank";
+/// Metadata key carrying the job id.
+pub const JOB_METADATA_KEY: &str = "x-ringtrain-job";
+
+/// Why the next inbound frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    /// The stream broke (peer gone, connection reset, protocol error).
+    #[error("stream failed: {0}")]
+    Transport(Status),
+    /// The peer sent a message that is not a valid frame.
+    #[error("invalid frame: {0}")]
+    Invalid(#[from] WireError),
+}
+
+/// The frames of one inbound `Push` stream, validated one by one.
+#[derive(Debug)]
+pub struct InboundFrames {
+    inner: Streaming<wire::Frame>,
+}
+
+impl InboundFrames {
+    /// Next frame; `Ok(None)` when the sender closed the stream cleanly.
+    pub async fn next(&mut self) -> Result<Option<Frame>, InboundError> {
+        match self.inner.message().await {
+            Ok(Some(frame)) => Ok(Some(Frame::try_from(frame)?)),
+            Ok(None) => Ok(None),
+            Err(status) => Err(InboundError::Transport(status)),
+        }
+    }
+}
+
+/// Server-side handler of inbound `Push` streams.
+pub trait PushHandler: Send + Sync + 'static {
+    /// Handle one stream until it ends. Returns how many frames were accepted;
+    /// an `Err` status is sent back to the pushing client.
+    fn push(&self, metadata: MetadataMap, frames: InboundFrames) -> impl Future<Output = Result<u64, Status>> + Send;
+}
+
+/// Adapts a [`PushHandler`] to the generated tonic service trait.
+#[derive(Debug)]
+pub struct PushAdapter<H>(H);
+
+#[tonic::async_trait]
+impl<H: PushHandler> Collective for PushAdapter<H> {
+    async fn push(&self, request: Request<Streaming<wire::Frame>>) -> Result<Response<wire::PushSummary>, Status> {
+        let (metadata, _extensions, inner) = request.into_parts();
+        let frames_received = self.0.push(metadata, InboundFrames { inner }).await?;
+        Ok(Response::new(wire::PushSummary { frames_received }))
+    }
+}
+
+/// The tonic service for `ringtrain.v1.Collective`, accepting messages of up to
+/// `max_message_bytes` bytes.
+pub fn push_service<H: PushHandler>(handler: H, max_message_bytes: usize) -> CollectiveServer<PushAdapter<H>> {
+    CollectiveServer::new(PushAdapter(handler)).max_decoding_message_size(max_message_bytes)
+}
+
+/// Client for a neighbour's `Collective` service.
+#[derive(Debug, Clone)]
+pub struct PushClient {
+    inner: CollectiveClient<Channel>,
+}
+
+impl PushClient {
+    /// Wrap an established channel; messages up to `max_message_bytes` may be sent.
+    pub fn new(channel: Channel, max_message_bytes: usize) -> Self {
+        Self {
+            inner: CollectiveClient::new(channel).max_encoding_message_size(max_message_bytes),
+        }
+    }
+
+    /// Open a `Push` stream with the given request metadata and send `frames`
+    /// on it. Resolves when the server answers: after the stream ends, or
+    /// early when the server refuses the stream or rejects a frame. Returns the
+    /// number of frames the server accepted.
+    pub async fn push<S>(&mut self, metadata: MetadataMap, frames: S) -> Result<u64, Status>
+    where
+        S: Stream<Item = Frame> + Send + 'static,
+    {
+        let mut request = Request::new(frames.map(wire::Frame::from));
+        *request.metadata_mut() = metadata;
+        let response = self.inner.push(request).await?;
+        Ok(response.into_inner().frames_received)
+    }
+}
