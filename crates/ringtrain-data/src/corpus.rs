@@ -9,9 +9,13 @@ use std::path::Path;
 use crate::error::DataError;
 use crate::source::Source;
 
-/// Reads a whole UTF-8 text file, plain or gzip.
+/// Reads a whole UTF-8 text file, plain or gzip; an empty file is refused.
 pub fn read_text(path: &Path) -> Result<String, DataError> {
-    Source::open(path)?.read_to_string()
+    let text = Source::open(path)?.read_to_string()?;
+    if text.is_empty() {
+        return Err(DataError::empty(path, "empty file"));
+    }
+    Ok(text)
 }
 
 /// Splits `text` into (head, tail) with the tail holding about `tail_fraction` of its bytes,
@@ -135,6 +139,17 @@ mod tests {
         assert!(LmSequences::new(vec![1, 2, 3], 3, 1).unwrap().is_empty());
         assert!(LmSequences::new(vec![1], 0, 1).is_err());
         assert!(LmSequences::new(vec![1], 1, 0).is_err());
+    }
+
+    #[test]
+    fn read_text_refuses_empty_and_non_utf8() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("e.txt");
+        std::fs::write(&path, "").unwrap();
+        assert!(matches!(read_text(&path).unwrap_err(), DataError::Empty { .. }));
+        std::fs::write(&path, b"ok\xff").unwrap();
+        let err = read_text(&path).unwrap_err();
+        assert!(err.to_string().ends_with("byte 2: not valid UTF-8"), "{err}");
     }
 
     #[test]

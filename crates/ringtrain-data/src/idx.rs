@@ -7,7 +7,7 @@
 //! zero dimensions, a size product that overflows, data shorter than the header promises, and
 //! bytes after the data (which would mean the header and data disagree).
 
-use std::io::Read;
+use std::io::{BufRead, Read};
 use std::path::Path;
 
 use crate::error::DataError;
@@ -55,6 +55,12 @@ pub struct IdxArray {
 /// Reads any IDX file.
 pub fn read_idx(path: &Path) -> Result<IdxArray, DataError> {
     let mut source = Source::open(path)?;
+    match source.reader.fill_buf() {
+        // Say so plainly rather than blame the magic number.
+        Ok([]) => return Err(DataError::empty(path, "empty file")),
+        Ok(_) => {}
+        Err(e) => return Err(source.read_error(0, e)),
+    }
     let mut offset = 0u64;
     let mut read_exact = |source: &mut Source, buf: &mut [u8], what: &str| {
         let at = offset;
@@ -370,6 +376,20 @@ mod tests {
         let err = read_idx(&path).unwrap_err();
         assert!(
             err.to_string().contains("byte 2: unknown IDX element type 0x07"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn empty_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = read_idx(&write(&dir, "e.idx", b"")).unwrap_err();
+        assert!(matches!(err, DataError::Empty { .. }), "{err}");
+        let err = read_idx(&write(&dir, "e.idx.gz", b"")).unwrap_err();
+        assert!(matches!(err, DataError::Empty { .. }), "{err}");
+        let err = read_idx(&write(&dir, "s.idx", b"\0\0")).unwrap_err();
+        assert!(
+            err.to_string().contains("byte 0: file ends inside the 4-byte magic"),
             "{err}"
         );
     }

@@ -34,6 +34,19 @@ impl ConfusionMatrix {
         }
     }
 
+    /// A matrix from counts received elsewhere (another rank, a saved report); rows are true
+    /// classes. Errors if the rows are not all `counts.len()` long.
+    pub fn from_counts(counts: Vec<Vec<u64>>) -> Result<Self, DataError> {
+        let n = counts.len();
+        if let Some((i, row)) = counts.iter().enumerate().find(|(_, r)| r.len() != n) {
+            return Err(DataError::arg(
+                "counts",
+                format!("row {i} has {} entries, expected {n} (a square matrix)", row.len()),
+            ));
+        }
+        Ok(ConfusionMatrix { counts })
+    }
+
     /// Number of classes.
     pub fn n_classes(&self) -> usize {
         self.counts.len()
@@ -340,6 +353,9 @@ mod tests {
         a.merge(&b);
         assert_eq!(a.counts(), [vec![0, 2], vec![0, 1]]);
         assert_eq!(a.total(), 3);
+        let back = ConfusionMatrix::from_counts(a.counts().to_vec()).unwrap();
+        assert_eq!(back, a);
+        assert!(ConfusionMatrix::from_counts(vec![vec![1, 2], vec![3]]).is_err());
     }
 
     #[test]

@@ -126,22 +126,40 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(entries)
 }
 
-/// Reads the IMDb-style layout: each subdirectory of `dir` is a class named after it, each
-/// `*.txt` file in it (plain or `.txt.gz`) one example, files in name order. Other files are
-/// ignored. Refuses a directory without any class subdirectory or without any example.
+/// Reads the IMDb-style layout: each class is a subdirectory of `dir` named after it, each
+/// `*.txt` file in it (plain or `.txt.gz`) one example, files in name order; other files are
+/// ignored.
+///
+/// With `classes = None` every subdirectory is a class (sorted as in [`crate::Labels`]).
+/// With `Some(names)` exactly those subdirectories are read, with ids in that order, and
+/// others are ignored: IMDb's `train/` also holds `unsup/` (unlabelled reviews), so read it
+/// with `Some(&["neg".into(), "pos".into()])`. Refuses a named class directory that does not
+/// exist, and a layout without any example.
 pub fn read_class_dirs(dir: &Path, classes: Option<&[String]>) -> Result<TextDataset, DataError> {
+    let class_dirs: Vec<(String, PathBuf)> = match classes {
+        Some(names) => names
+            .iter()
+            .map(|name| {
+                let path = dir.join(name);
+                if path.is_dir() {
+                    Ok((name.clone(), path))
+                } else {
+                    Err(DataError::empty(&path, format!("class directory {name:?} not found")))
+                }
+            })
+            .collect::<Result<_, _>>()?,
+        None => sorted_entries(dir)?
+            .into_iter()
+            .filter(|p| p.is_dir())
+            .filter_map(|p| Some((p.file_name()?.to_str()?.to_string(), p)))
+            .collect(),
+    };
+    if class_dirs.is_empty() {
+        return Err(DataError::empty(dir, "no class subdirectories"));
+    }
     let mut raw = Vec::new();
-    let mut n_class_dirs = 0;
-    for class_dir in sorted_entries(dir)? {
-        if !class_dir.is_dir() {
-            continue;
-        }
-        let Some(label) = class_dir.file_name().and_then(|n| n.to_str()) else {
-            continue;
-        };
-        let label = label.to_string();
-        n_class_dirs += 1;
-        for file in sorted_entries(&class_dir)? {
+    for (label, class_dir) in &class_dirs {
+        for file in sorted_entries(class_dir)? {
             let name = file.file_name().and_then(|n| n.to_str()).unwrap_or("");
             if !(name.ends_with(".txt") || name.ends_with(".txt.gz")) || !file.is_file() {
                 continue;
@@ -149,9 +167,6 @@ pub fn read_class_dirs(dir: &Path, classes: Option<&[String]>) -> Result<TextDat
             let text = Source::open(&file)?.read_to_string()?;
             raw.push((label.clone(), text, Origin::Dir(file)));
         }
-    }
-    if n_class_dirs == 0 {
-        return Err(DataError::empty(dir, "no class subdirectories"));
     }
     if raw.is_empty() {
         return Err(DataError::empty(dir, "no *.txt files in the class subdirectories"));
@@ -215,9 +230,19 @@ mod tests {
         assert_eq!(data.label_names, ["neg", "pos"]);
         assert_eq!(data.texts, ["awful", "superb", "great"]);
         assert_eq!(data.labels, [0, 1, 1]);
-        let only_pos = [String::from("pos")];
-        let err = read_class_dirs(dir.path(), Some(&only_pos)).unwrap_err();
-        assert!(err.to_string().contains("unknown label \"neg\""), "{err}");
+        // Named classes: ids in the given order, other directories (IMDb's `unsup`) ignored.
+        std::fs::create_dir(dir.path().join("unsup")).unwrap();
+        std::fs::write(dir.path().join("unsup/0_0.txt"), "unlabelled").unwrap();
+        let names = [String::from("pos"), String::from("neg")];
+        let data = read_class_dirs(dir.path(), Some(&names)).unwrap();
+        assert_eq!(data.texts, ["superb", "great", "awful"]);
+        assert_eq!(data.labels, [0, 0, 1]);
+        let missing = [String::from("neutral")];
+        let err = read_class_dirs(dir.path(), Some(&missing)).unwrap_err();
+        assert!(
+            err.to_string().contains("class directory \"neutral\" not found"),
+            "{err}"
+        );
 
         let empty = tempfile::tempdir().unwrap();
         assert!(read_class_dirs(empty.path(), None).is_err());
