@@ -2,6 +2,7 @@
 //! output `y`. Broadcasting ops reduce their input gradients back to the input shapes with
 //! `sum_to_shape`.
 
+use ringtrain_tensor::conv;
 use ringtrain_tensor::Tensor;
 
 use crate::ops::sigmoid;
@@ -12,9 +13,7 @@ impl Graph<'_> {
     pub fn backward(&self, loss: Var) -> Result<Gradients> {
         let shape = self.shape(loss);
         if self.value(loss).len() != 1 {
-            return Err(AutogradError::NotScalar {
-                shape: shape.to_vec(),
-            });
+            return Err(AutogradError::NotScalar { shape: shape.to_vec() });
         }
         let mut grads: Vec<Option<Tensor>> = vec![None; self.nodes.len()];
         if self.nodes[loss.0].needs_grad {
@@ -71,13 +70,7 @@ impl Graph<'_> {
             Op::Div(a, b) => vec![
                 (*a, g.div(val(*b))?.sum_to_shape(val(*a).shape())?),
                 // d(a/b)/db = -a/b² = -y/b
-                (
-                    *b,
-                    g.mul(y)?
-                        .div(val(*b))?
-                        .scale(-1.0)
-                        .sum_to_shape(val(*b).shape())?,
-                ),
+                (*b, g.mul(y)?.div(val(*b))?.scale(-1.0).sum_to_shape(val(*b).shape())?),
             ],
             Op::Neg(x) => vec![(*x, g.scale(-1.0))],
             Op::Scale(x, s) => vec![(*x, g.scale(*s))],
@@ -132,10 +125,7 @@ impl Graph<'_> {
             }
             Op::MeanAxis { x, axis, keepdim } => {
                 let n = val(*x).shape()[*axis].max(1) as f32;
-                vec![(
-                    *x,
-                    expand_axis(g, val(*x).shape(), *axis, *keepdim, 1.0 / n)?,
-                )]
+                vec![(*x, expand_axis(g, val(*x).shape(), *axis, *keepdim, 1.0 / n)?)]
             }
             Op::Softmax { x, axis } => {
                 // dx = y ⊙ (g − Σ_axis g⊙y)
@@ -167,6 +157,31 @@ impl Graph<'_> {
                 vec![(*x, Tensor::index_add(val(*x).shape(), *axis, indices, g)?)]
             }
             Op::MulConst { x, factor } => vec![(*x, g.mul(factor)?)],
+            Op::Conv2d { x, w, win } => {
+                let (xv, wv) = (val(*x), val(*w));
+                let xs = nchw(xv)?;
+                let (o, ckk) = (wv.shape()[0], wv.len() / wv.shape()[0]);
+                // g: [N, O, OH, OW] → [O, N·L], the layout of the forward product.
+                let gm = g.permute(&[1, 0, 2, 3])?;
+                let l = gm.len() / o;
+                let gm = gm.reshape(&[o, l])?;
+                let cols = conv::im2col(xv, win)?;
+                let dw = gm.matmul_t(&cols, false, true)?.reshape(wv.shape())?;
+                let dcols = wv.reshape(&[o, ckk])?.matmul_t(&gm, true, false)?;
+                vec![(*x, conv::col2im(&dcols, xs, win)?), (*w, dw)]
+            }
+            Op::MaxPool2d { x, argmax } => {
+                let mut dx = Tensor::zeros(val(*x).shape());
+                let d = dx.as_mut_slice();
+                for (&i, &gv) in argmax.iter().zip(g.as_slice()) {
+                    d[i as usize] += gv;
+                }
+                vec![(*x, dx)]
+            }
+            Op::AvgPool2d { x, win } => {
+                let xs = nchw(val(*x))?;
+                vec![(*x, conv::avg_pool2d_backward(g, xs, win)?)]
+            }
             Op::BceWithLogits { logits, targets } => {
                 let x = val(*logits);
                 let scale = g.item()? / x.len().max(1) as f32;
@@ -195,20 +210,17 @@ impl Graph<'_> {
     }
 }
 
+fn nchw(t: &Tensor) -> Result<[usize; 4]> {
+    t.shape().try_into().map_err(|_| AutogradError::Invalid {
+        op: "conv backward",
+        reason: format!("expected an NCHW input, got {:?}", t.shape()),
+    })
+}
+
 /// Broadcasts the gradient of a reduction along `axis` back to the input shape, times `factor`.
-fn expand_axis(
-    g: &Tensor,
-    shape: &[usize],
-    axis: usize,
-    keepdim: bool,
-    factor: f32,
-) -> Result<Tensor> {
+fn expand_axis(g: &Tensor, shape: &[usize], axis: usize, keepdim: bool, factor: f32) -> Result<Tensor> {
     let mut kept = shape.to_vec();
     kept[axis] = 1;
-    let g = if keepdim {
-        g.clone()
-    } else {
-        g.reshape(&kept)?
-    };
+    let g = if keepdim { g.clone() } else { g.reshape(&kept)? };
     Ok(Tensor::zeros(shape).add(&g.scale(factor))?)
 }

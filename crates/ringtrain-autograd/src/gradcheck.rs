@@ -51,9 +51,7 @@ where
         let vars: Vec<Var> = values.iter().map(|t| g.variable(t.clone())).collect();
         let out = f(&mut g, &vars)?;
         let w = weights
-            .get_or_insert_with(|| {
-                random::uniform(g.shape(out), 0.5, 1.5, &mut random::rng(0x5eed))
-            })
+            .get_or_insert_with(|| random::uniform(g.shape(out), 0.5, 1.5, &mut random::rng(0x5eed)))
             .clone();
         let w = g.input(w);
         let prod = g.mul(out, w)?;

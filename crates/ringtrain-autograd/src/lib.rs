@@ -26,6 +26,7 @@ mod ops;
 mod params;
 
 pub use params::{ParamSpec, ParamStore};
+pub use ringtrain_tensor::conv::Window2d;
 pub use ringtrain_tensor::{Tensor, TensorError};
 
 /// A value on the tape.
@@ -64,12 +65,7 @@ pub(crate) enum Op {
     Neg(Var),
     Scale(Var, f32),
     AddScalar(Var),
-    MatMul {
-        a: Var,
-        b: Var,
-        ta: bool,
-        tb: bool,
-    },
+    MatMul { a: Var, b: Var, ta: bool, tb: bool },
     Reshape(Var),
     Permute(Var, Vec<usize>),
     Relu(Var),
@@ -83,50 +79,19 @@ pub(crate) enum Op {
     Square(Var),
     Sum(Var),
     Mean(Var),
-    SumAxis {
-        x: Var,
-        axis: usize,
-        keepdim: bool,
-    },
-    MeanAxis {
-        x: Var,
-        axis: usize,
-        keepdim: bool,
-    },
-    Softmax {
-        x: Var,
-        axis: usize,
-    },
-    LogSoftmax {
-        x: Var,
-        axis: usize,
-    },
-    SliceAxis {
-        x: Var,
-        axis: usize,
-        start: usize,
-    },
-    Concat {
-        parts: Vec<Var>,
-        axis: usize,
-    },
-    IndexSelect {
-        x: Var,
-        axis: usize,
-        indices: Vec<usize>,
-    },
-    MulConst {
-        x: Var,
-        factor: Tensor,
-    },
-    BceWithLogits {
-        logits: Var,
-        targets: Tensor,
-    },
-    CrossEntropy {
-        logits: Var,
-        targets: Vec<usize>,
-    },
+    SumAxis { x: Var, axis: usize, keepdim: bool },
+    MeanAxis { x: Var, axis: usize, keepdim: bool },
+    Softmax { x: Var, axis: usize },
+    LogSoftmax { x: Var, axis: usize },
+    SliceAxis { x: Var, axis: usize, start: usize },
+    Concat { parts: Vec<Var>, axis: usize },
+    IndexSelect { x: Var, axis: usize, indices: Vec<usize> },
+    MulConst { x: Var, factor: Tensor },
+    Conv2d { x: Var, w: Var, win: Window2d },
+    MaxPool2d { x: Var, argmax: Vec<u32> },
+    AvgPool2d { x: Var, win: Window2d },
+    BceWithLogits { logits: Var, targets: Tensor },
+    CrossEntropy { logits: Var, targets: Vec<usize> },
 }
 
 #[derive(Debug)]
@@ -145,6 +110,8 @@ pub struct Graph<'p> {
     bound: Vec<Option<Var>>,
     grad_enabled: bool,
     training: bool,
+    /// Randomness of the forward pass (dropout masks), seeded by the caller per step.
+    rng: Option<ringtrain_tensor::random::Rng>,
 }
 
 impl<'p> Graph<'p> {
@@ -156,6 +123,7 @@ impl<'p> Graph<'p> {
             params: Some(params),
             grad_enabled: true,
             training: true,
+            rng: None,
         }
     }
 
@@ -177,7 +145,19 @@ impl<'p> Graph<'p> {
             bound: Vec::new(),
             grad_enabled: true,
             training: true,
+            rng: None,
         }
+    }
+
+    /// Seeds the randomness of this forward pass (dropout). The trainer derives the seed from
+    /// (job seed, step, rank) so runs are reproducible.
+    pub fn seed_rng(&mut self, seed: u64) {
+        self.rng = Some(ringtrain_tensor::random::rng(seed));
+    }
+
+    /// The forward pass's generator; seeded with 0 if the caller never chose a seed.
+    pub fn rng(&mut self) -> &mut ringtrain_tensor::random::Rng {
+        self.rng.get_or_insert_with(|| ringtrain_tensor::random::rng(0))
     }
 
     pub fn is_training(&self) -> bool {
@@ -219,14 +199,12 @@ impl<'p> Graph<'p> {
 
     /// The named parameter, copied onto the tape the first time it is asked for.
     pub fn param(&mut self, name: &str) -> Result<Var> {
-        let store = self.params.ok_or_else(|| AutogradError::UnknownParam {
-            name: name.to_string(),
-        })?;
+        let store = self
+            .params
+            .ok_or_else(|| AutogradError::UnknownParam { name: name.to_string() })?;
         let idx = store
             .index_of(name)
-            .ok_or_else(|| AutogradError::UnknownParam {
-                name: name.to_string(),
-            })?;
+            .ok_or_else(|| AutogradError::UnknownParam { name: name.to_string() })?;
         if let Some(v) = self.bound[idx] {
             return Ok(v);
         }
@@ -242,11 +220,7 @@ impl<'p> Graph<'p> {
     }
 
     pub(crate) fn push(&mut self, value: Tensor, op: Op, needs_grad: bool) -> Var {
-        self.nodes.push(Node {
-            value,
-            op,
-            needs_grad,
-        });
+        self.nodes.push(Node { value, op, needs_grad });
         Var(self.nodes.len() - 1)
     }
 
@@ -270,11 +244,7 @@ impl<'p> Graph<'p> {
         if out.len() != store.num_elements() {
             return Err(AutogradError::Invalid {
                 op: "param_grads_into",
-                reason: format!(
-                    "buffer has {} elements, parameters {}",
-                    out.len(),
-                    store.num_elements()
-                ),
+                reason: format!("buffer has {} elements, parameters {}", out.len(), store.num_elements()),
             });
         }
         for (spec, bound) in store.specs().iter().zip(&self.bound) {

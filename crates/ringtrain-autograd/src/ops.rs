@@ -1,6 +1,7 @@
 //! Forward ops: each computes its value with `ringtrain-tensor` and records how to
 //! differentiate it. The matching backward rules are in `backward.rs`.
 
+use ringtrain_tensor::conv::{self, Window2d};
 use ringtrain_tensor::Tensor;
 
 use crate::{AutogradError, Graph, Op, Result, Var};
@@ -187,14 +188,64 @@ impl Graph<'_> {
         if v.shape() != self.shape(x) {
             return Err(AutogradError::Invalid {
                 op: "mul_const",
-                reason: format!(
-                    "factor {:?} must broadcast to {:?}",
-                    factor.shape(),
-                    self.shape(x)
-                ),
+                reason: format!("factor {:?} must broadcast to {:?}", factor.shape(), self.shape(x)),
             });
         }
         Ok(self.unary(x, v, Op::MulConst { x, factor }))
+    }
+
+    /// 2-D convolution (cross-correlation, as in PyTorch) without bias.
+    ///
+    /// # Shapes
+    /// `x: [N, C, H, W]`, `w: [O, C, KH, KW]` → `[N, O, OH, OW]` with
+    /// `OH = ⌊(H + 2·padding − KH) / stride⌋ + 1` (same for W).
+    pub fn conv2d(&mut self, x: Var, w: Var, stride: usize, padding: usize) -> Result<Var> {
+        let (xs, ws) = (self.shape(x).to_vec(), self.shape(w).to_vec());
+        let (&[n, c, _, _], &[o, wc, kh, kw]) = (xs.as_slice(), ws.as_slice()) else {
+            return Err(AutogradError::Invalid {
+                op: "conv2d",
+                reason: format!("need x [N,C,H,W] and w [O,C,KH,KW], got {xs:?} and {ws:?}"),
+            });
+        };
+        if c != wc {
+            return Err(AutogradError::Invalid {
+                op: "conv2d",
+                reason: format!("input has {c} channels, kernel expects {wc}"),
+            });
+        }
+        let win = Window2d {
+            kernel: (kh, kw),
+            stride,
+            padding,
+        };
+        let cols = conv::im2col(self.value(x), &win)?;
+        let (oh, ow) = win.output_hw(xs[2], xs[3]).expect("im2col checked the window fits");
+        // [O, CKK] · [CKK, N·L] = [O, N·L] → [N, O, OH, OW]
+        let y = self.value(w).reshape(&[o, c * kh * kw])?.matmul(&cols)?;
+        let y = y.reshape(&[o, n, oh, ow])?.permute(&[1, 0, 2, 3])?;
+        Ok(self.record(y, Op::Conv2d { x, w, win }, &[x, w]))
+    }
+
+    /// Max pooling over `kernel`×`kernel` windows (`[N, C, H, W] -> [N, C, OH, OW]`).
+    pub fn max_pool2d(&mut self, x: Var, kernel: usize, stride: usize) -> Result<Var> {
+        let win = Window2d {
+            kernel: (kernel, kernel),
+            stride,
+            padding: 0,
+        };
+        let (y, argmax) = conv::max_pool2d(self.value(x), &win)?;
+        Ok(self.unary(x, y, Op::MaxPool2d { x, argmax }))
+    }
+
+    /// Average pooling over `kernel`×`kernel` windows (`[N, C, H, W] -> [N, C, OH, OW]`).
+    pub fn avg_pool2d(&mut self, x: Var, kernel: usize, stride: usize) -> Result<Var> {
+        let win = Window2d {
+            kernel: (kernel, kernel),
+            stride,
+            padding: 0,
+        };
+        let y = conv::avg_pool2d(self.value(x), &win)?;
+        Ok(self.unary(x, y, Op::AvgPool2d { x, win }))
     }
 
     /// Mean binary cross-entropy of `sigmoid(logits)` against 0/1 `targets`, computed from the

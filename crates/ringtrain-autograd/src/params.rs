@@ -49,9 +49,7 @@ impl ParamStore {
     }
 
     pub fn index_of(&self, name: &str) -> Option<usize> {
-        self.specs
-            .binary_search_by(|s| s.name.as_str().cmp(name))
-            .ok()
+        self.specs.binary_search_by(|s| s.name.as_str().cmp(name)).ok()
     }
 
     pub fn spec(&self, name: &str) -> Option<&ParamSpec> {
@@ -72,15 +70,14 @@ impl ParamStore {
     }
 
     pub fn slice(&self, name: &str) -> Option<&[f32]> {
-        self.spec(name)
-            .map(|s| &self.data[s.offset..s.offset + s.len])
+        self.spec(name).map(|s| &self.data[s.offset..s.offset + s.len])
     }
 
     /// A copy of one parameter as a tensor.
     pub fn get(&self, name: &str) -> Result<Tensor, AutogradError> {
-        let spec = self.spec(name).ok_or_else(|| AutogradError::UnknownParam {
-            name: name.to_string(),
-        })?;
+        let spec = self
+            .spec(name)
+            .ok_or_else(|| AutogradError::UnknownParam { name: name.to_string() })?;
         Ok(Tensor::from_vec(
             &spec.shape,
             self.data[spec.offset..spec.offset + spec.len].to_vec(),
@@ -89,9 +86,9 @@ impl ParamStore {
 
     /// Replaces one parameter's values; the shape must match.
     pub fn set(&mut self, name: &str, value: &Tensor) -> Result<(), AutogradError> {
-        let spec = self.spec(name).ok_or_else(|| AutogradError::UnknownParam {
-            name: name.to_string(),
-        })?;
+        let spec = self
+            .spec(name)
+            .ok_or_else(|| AutogradError::UnknownParam { name: name.to_string() })?;
         if spec.shape != value.shape() {
             return Err(AutogradError::ParamShape {
                 name: name.to_string(),

@@ -17,13 +17,15 @@ fn cases() -> ProptestConfig {
 
 /// Random values in [-2, 2] kept at least 0.1 away from 0, where relu/abs have kinks.
 fn away_from_zero(shape: &[usize], seed: u64) -> Tensor {
-    random::uniform(shape, -2.0, 2.0, &mut random::rng(seed)).map(|x| {
-        if x.abs() < 0.1 {
-            x.signum() * 0.1 + x
-        } else {
-            x
-        }
-    })
+    random::uniform(shape, -2.0, 2.0, &mut random::rng(seed)).map(
+        |x| {
+            if x.abs() < 0.1 {
+                x.signum() * 0.1 + x
+            } else {
+                x
+            }
+        },
+    )
 }
 
 fn positive(shape: &[usize], seed: u64) -> Tensor {
@@ -142,8 +144,7 @@ proptest! {
 #[test]
 fn cross_entropy_value_matches_definition() {
     let mut g = Graph::standalone();
-    let x =
-        g.variable(Tensor::from_vec(&[2, 3], vec![1.0, 2.0, 3.0, 1000.0, 0.0, -1000.0]).unwrap());
+    let x = g.variable(Tensor::from_vec(&[2, 3], vec![1.0, 2.0, 3.0, 1000.0, 0.0, -1000.0]).unwrap());
     let loss = g.cross_entropy(x, &[2, 0]).unwrap();
     let row0 = -(3.0f64 - (1f64.exp() + 2f64.exp() + 3f64.exp()).ln());
     let expected = (row0 + 0.0) / 2.0; // row 1: log-softmax of the huge logit is 0
@@ -173,11 +174,7 @@ fn detach_and_inference_stop_gradients() {
     // only the non-detached path contributes: d(x·c)/dx = c = 3
     assert_eq!(grads.get(x).unwrap().to_vec(), vec![3.0, 3.0]);
 
-    let store = ParamStore::from_named(
-        [("w".to_string(), Tensor::full(&[2], 1.0))]
-            .into_iter()
-            .collect(),
-    );
+    let store = ParamStore::from_named([("w".to_string(), Tensor::full(&[2], 1.0))].into_iter().collect());
     let mut g = Graph::inference(&store);
     let w = g.param("w").unwrap();
     let loss = g.sum(w);
@@ -236,4 +233,39 @@ fn gradcheck_catches_a_wrong_rule() {
     .unwrap();
     assert!(res.is_some());
     let _: &Option<ringtrain_autograd::gradcheck::Mismatch> = &res;
+}
+
+proptest! {
+    #![proptest_config(cases())]
+
+    #[test]
+    fn conv2d_with_padding_and_stride(n in 1usize..3, c in 1usize..3, o in 1usize..3, k in 1usize..4,
+                                      stride in 1usize..3, padding in 0usize..3, seed: u64) {
+        let (h, w) = (k + 3, k + 2);
+        let x = away_from_zero(&[n, c, h, w], seed);
+        let wt = away_from_zero(&[o, c, k, k], seed ^ 9);
+        assert_grad(|g, v| g.conv2d(v[0], v[1], stride, padding), &[x, wt]);
+    }
+
+    #[test]
+    fn pooling(n in 1usize..3, c in 1usize..3, k in 1usize..4, stride in 1usize..3, seed: u64) {
+        // distinct values spaced 0.05 apart, so the arg-max is stable under ±eps
+        let len = n * c * 6 * 5;
+        let mut vals: Vec<f32> = (0..len).map(|i| i as f32 * 0.05 - 1.0).collect();
+        let perm = ringtrain_data_free_shuffle(len, seed);
+        vals = perm.iter().map(|&i| vals[i]).collect();
+        let x = Tensor::from_vec(&[n, c, 6, 5], vals).unwrap();
+        let tol = Tolerance { eps: 1e-3, ..Tolerance::default() };
+        let res: Option<_> = check(|g, v| g.max_pool2d(v[0], k, stride), &[x.clone()], tol).unwrap();
+        prop_assert!(res.is_none(), "max_pool2d: {:?}", res);
+        assert_grad(|g, v| g.avg_pool2d(v[0], k, stride), &[x]);
+    }
+}
+
+/// A seeded permutation without pulling in the data crate.
+fn ringtrain_data_free_shuffle(n: usize, seed: u64) -> Vec<usize> {
+    let keys = random::uniform(&[n], 0.0, 1.0, &mut random::rng(seed));
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.sort_by(|&a, &b| keys.as_slice()[a].total_cmp(&keys.as_slice()[b]));
+    idx
 }

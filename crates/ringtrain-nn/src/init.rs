@@ -43,9 +43,6 @@ mod tests {
         assert!(x.as_slice().iter().all(|v| v.abs() <= bound));
         let h = Init::HeNormal.sample(&[200, 400], 400, 200, &mut rng);
         let var = h.as_slice().iter().map(|v| v * v).sum::<f32>() / h.len() as f32;
-        assert!(
-            (var - 2.0 / 400.0).abs() < 0.1 * 2.0 / 400.0,
-            "variance {var}"
-        );
+        assert!((var - 2.0 / 400.0).abs() < 0.1 * 2.0 / 400.0, "variance {var}");
     }
 }

@@ -98,8 +98,7 @@ impl Module for Linear {
                     name: self.name.clone(),
                     kind: format!("Linear({} -> {})", self.in_features, self.out_features),
                     output: output.clone(),
-                    params: self.in_features * self.out_features
-                        + if self.bias { self.out_features } else { 0 },
+                    params: self.in_features * self.out_features + if self.bias { self.out_features } else { 0 },
                     flops: 2 * (positions * self.in_features * self.out_features) as u64,
                 });
                 Ok(output)
@@ -113,10 +112,7 @@ impl Linear {
     fn shape_error(&self, got: &[usize]) -> NnError {
         NnError::Layer {
             layer: self.name.clone(),
-            reason: format!(
-                "expects inputs with last axis {}, got shape {got:?}",
-                self.in_features
-            ),
+            reason: format!("expects inputs with last axis {}, got shape {got:?}", self.in_features),
         }
     }
 }

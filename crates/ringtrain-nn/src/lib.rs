@@ -9,11 +9,13 @@
 //! `nn.Sequential` numbers every child, activations included), so weights saved by
 //! ringtrain load into the equivalent PyTorch model by name.
 
+mod conv;
 mod init;
 mod layers;
 mod loss;
 pub mod zoo;
 
+pub use conv::{Conv2d, Dropout, Flatten, GlobalAvgPool, Pool2d, Residual};
 pub use init::Init;
 pub use layers::{Activation, Linear, Sequential};
 pub use loss::{Loss, Targets};

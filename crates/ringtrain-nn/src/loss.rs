@@ -44,11 +44,7 @@ impl Loss {
                     _ => {
                         let t = g.input(t);
                         let d = g.sub(output, t)?;
-                        let e = if self == Loss::Mse {
-                            g.square(d)
-                        } else {
-                            g.abs(d)
-                        };
+                        let e = if self == Loss::Mse { g.square(d) } else { g.abs(d) };
                         Ok(g.mean(e))
                     }
                 }

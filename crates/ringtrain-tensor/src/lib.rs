@@ -18,6 +18,7 @@
 // Linking OpenBLAS: ndarray's `blas` feature only declares the cblas symbols.
 use blas_src as _;
 
+pub mod conv;
 mod error;
 mod linalg;
 mod ops;
@@ -63,12 +64,11 @@ impl Tensor {
                 got: values.len(),
             });
         }
-        let data =
-            ArrayD::from_shape_vec(IxDyn(shape), values).map_err(|_| TensorError::DataLength {
-                shape: shape.to_vec(),
-                expected,
-                got: expected,
-            })?;
+        let data = ArrayD::from_shape_vec(IxDyn(shape), values).map_err(|_| TensorError::DataLength {
+            shape: shape.to_vec(),
+            expected,
+            got: expected,
+        })?;
         Ok(Tensor { data })
     }
 
@@ -140,10 +140,7 @@ impl Tensor {
             [v] => Ok(*v),
             _ => Err(TensorError::Invalid {
                 op: "item",
-                reason: format!(
-                    "tensor of shape {:?} has more than one element",
-                    self.shape()
-                ),
+                reason: format!("tensor of shape {:?} has more than one element", self.shape()),
             }),
         }
     }

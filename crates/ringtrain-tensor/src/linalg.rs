@@ -162,9 +162,6 @@ mod tests {
         let a = Tensor::zeros(&[2, 3]);
         let b = Tensor::zeros(&[4, 5]);
         let err = a.matmul(&b).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "matmul: shapes [2, 3] and [4, 5] are incompatible"
-        );
+        assert_eq!(err.to_string(), "matmul: shapes [2, 3] and [4, 5] are incompatible");
     }
 }

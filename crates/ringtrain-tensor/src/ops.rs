@@ -10,16 +10,8 @@ pub fn broadcast_shape(a: &[usize], b: &[usize]) -> Option<Vec<usize>> {
     let n = a.len().max(b.len());
     let mut out = vec![0; n];
     for i in 0..n {
-        let da = if i < n - a.len() {
-            1
-        } else {
-            a[i - (n - a.len())]
-        };
-        let db = if i < n - b.len() {
-            1
-        } else {
-            b[i - (n - b.len())]
-        };
+        let da = if i < n - a.len() { 1 } else { a[i - (n - a.len())] };
+        let db = if i < n - b.len() { 1 } else { b[i - (n - b.len())] };
         out[i] = match (da, db) {
             (x, y) if x == y => x,
             (1, y) => y,
@@ -57,8 +49,7 @@ impl Tensor {
             };
             return Ok(Tensor::from_array(data));
         }
-        let shape = broadcast_shape(self.shape(), other.shape())
-            .ok_or_else(|| self.shape_err(op, other))?;
+        let shape = broadcast_shape(self.shape(), other.shape()).ok_or_else(|| self.shape_err(op, other))?;
         let a = self
             .data
             .broadcast(IxDyn(&shape))
@@ -67,9 +58,7 @@ impl Tensor {
             .data
             .broadcast(IxDyn(&shape))
             .ok_or_else(|| self.shape_err(op, other))?;
-        Ok(Tensor::from_array(
-            Zip::from(&a).and(&b).map_collect(|&x, &y| f(x, y)),
-        ))
+        Ok(Tensor::from_array(Zip::from(&a).and(&b).map_collect(|&x, &y| f(x, y))))
     }
 
     pub fn add(&self, other: &Tensor) -> Result<Tensor> {
@@ -101,9 +90,7 @@ impl Tensor {
         if self.shape() != other.shape() {
             return Err(self.shape_err("add_assign", other));
         }
-        Zip::from(&mut self.data)
-            .and(&other.data)
-            .for_each(|a, &b| *a += b);
+        Zip::from(&mut self.data).and(&other.data).for_each(|a, &b| *a += b);
         Ok(())
     }
 
@@ -122,11 +109,7 @@ impl Tensor {
     pub fn sum_axis(&self, axis: usize, keepdim: bool) -> Result<Tensor> {
         self.check_axis("sum_axis", axis)?;
         let s = self.data.sum_axis(Axis(axis));
-        Ok(Tensor::from_array(if keepdim {
-            s.insert_axis(Axis(axis))
-        } else {
-            s
-        }))
+        Ok(Tensor::from_array(if keepdim { s.insert_axis(Axis(axis)) } else { s }))
     }
 
     pub fn mean_axis(&self, axis: usize, keepdim: bool) -> Result<Tensor> {
@@ -140,11 +123,7 @@ impl Tensor {
         let m = self.data.map_axis(Axis(axis), |lane| {
             lane.iter().copied().fold(f32::NEG_INFINITY, f32::max)
         });
-        Ok(Tensor::from_array(if keepdim {
-            m.insert_axis(Axis(axis))
-        } else {
-            m
-        }))
+        Ok(Tensor::from_array(if keepdim { m.insert_axis(Axis(axis)) } else { m }))
     }
 
     /// Index of the maximum of each row of a 2-D tensor (first index on ties).
@@ -250,15 +229,9 @@ mod tests {
         assert_eq!(broadcast_shape(&[2, 3], &[2]), None);
         let a = t(&[2, 3], &[1., 2., 3., 4., 5., 6.]);
         let b = t(&[3], &[10., 20., 30.]);
-        assert_eq!(
-            a.add(&b).unwrap().to_vec(),
-            vec![11., 22., 33., 14., 25., 36.]
-        );
+        assert_eq!(a.add(&b).unwrap().to_vec(), vec![11., 22., 33., 14., 25., 36.]);
         let col = t(&[2, 1], &[1., 2.]);
-        assert_eq!(
-            a.mul(&col).unwrap().to_vec(),
-            vec![1., 2., 3., 8., 10., 12.]
-        );
+        assert_eq!(a.mul(&col).unwrap().to_vec(), vec![1., 2., 3., 8., 10., 12.]);
         assert!(a.add(&t(&[2], &[1., 2.])).is_err());
     }
 

@@ -40,13 +40,7 @@ pub fn normal(shape: &[usize], std: f32, rng: &mut Rng) -> Tensor {
 pub fn bernoulli(shape: &[usize], p: f64, rng: &mut Rng) -> Tensor {
     let n: usize = shape.iter().product();
     let values = (0..n)
-        .map(|_| {
-            if rng.random_bool(p.clamp(0.0, 1.0)) {
-                1.0
-            } else {
-                0.0
-            }
-        })
+        .map(|_| if rng.random_bool(p.clamp(0.0, 1.0)) { 1.0 } else { 0.0 })
         .collect();
     Tensor::from_vec(shape, values).expect("length matches shape by construction")
 }

@@ -28,10 +28,7 @@ impl Tensor {
         {
             return Err(TensorError::Invalid {
                 op: "permute",
-                reason: format!(
-                    "{axes:?} is not a permutation of the axes of shape {:?}",
-                    self.shape()
-                ),
+                reason: format!("{axes:?} is not a permutation of the axes of shape {:?}", self.shape()),
             });
         }
         Ok(Tensor::from_array(
@@ -67,9 +64,7 @@ impl Tensor {
             });
         }
         Ok(Tensor::from_array(
-            self.data
-                .slice_axis(Axis(axis), Slice::from(start..end))
-                .to_owned(),
+            self.data.slice_axis(Axis(axis), Slice::from(start..end)).to_owned(),
         ))
     }
 
@@ -82,16 +77,11 @@ impl Tensor {
             lhs: lhs.clone(),
             rhs: rhs.clone(),
         };
-        if axis >= self.ndim()
-            || src.ndim() != self.ndim()
-            || start + src.shape()[axis] > self.shape()[axis]
-        {
+        if axis >= self.ndim() || src.ndim() != self.ndim() || start + src.shape()[axis] > self.shape()[axis] {
             return Err(bad());
         }
         let end = start + src.shape()[axis];
-        let mut dst = self
-            .data
-            .slice_axis_mut(Axis(axis), Slice::from(start..end));
+        let mut dst = self.data.slice_axis_mut(Axis(axis), Slice::from(start..end));
         if dst.shape() != src.shape() {
             return Err(bad());
         }
@@ -137,12 +127,7 @@ impl Tensor {
 
     /// The adjoint of [`Tensor::index_select`]: adds `src`'s entries into a zero tensor of
     /// `shape` at `indices` along `axis`; repeated indices accumulate.
-    pub fn index_add(
-        shape: &[usize],
-        axis: usize,
-        indices: &[usize],
-        src: &Tensor,
-    ) -> Result<Tensor> {
+    pub fn index_add(shape: &[usize], axis: usize, indices: &[usize], src: &Tensor) -> Result<Tensor> {
         let mut out = Tensor::zeros(shape);
         let bad = || TensorError::Shape {
             op: "index_add",
