@@ -23,6 +23,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // `bytes` fields decode as `bytes::Bytes`: a zero-copy view of the
         // receive buffer instead of a fresh `Vec<u8>` per message.
         .bytes(".")
+        // Reserve whole frames instead of growing buffers by doubling.
+        .codec_path("crate::codec::FrameCodec")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -36,8 +36,9 @@ const STREAM_WINDOW: u32 = 16 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
 /// Largest HTTP/2 frame the server accepts (fewer frame headers per part).
 const MAX_FRAME: u32 = (1 << 24) - 1;
-/// Inbound frames buffered between the server and the ring.
-const INBOX: usize = 64;
+/// Inbound frames buffered between the server and the ring (more wait in
+/// the HTTP/2 window; a short queue lets the decoder reuse its buffers).
+const INBOX: usize = 8;
 /// Room for the header around a part's payload.
 const HEADER_SLACK: usize = 4096;
 /// Pause between connection attempts while the right neighbour starts.

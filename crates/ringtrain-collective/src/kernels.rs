@@ -1,8 +1,9 @@
 //! The per-element work of the ring, between `&[f32]` and little-endian bytes.
 //!
-//! Each kernel makes one pass over its inputs and writes the outgoing payload
-//! through a small stack block, so the compiler can vectorise the inner loop
-//! and the output buffer grows with `extend_from_slice` only.
+//! Reads from the wire go element by element with unaligned little-endian
+//! loads (a payload sits at any offset of the receive buffer), which the
+//! compiler vectorises. Writes to the wire view the `f32` values as bytes
+//! (`bytemuck`) and copy them with one `memcpy` on little-endian hosts.
 
 use bytes::BytesMut;
 
@@ -13,27 +14,33 @@ fn le(b: &[u8]) -> f32 {
     f32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
+/// Append `values` to `out` as little-endian bytes.
+#[inline]
+fn put(out: &mut BytesMut, values: &[f32]) {
+    #[cfg(target_endian = "little")]
+    out.extend_from_slice(bytemuck::cast_slice(values));
+    #[cfg(not(target_endian = "little"))]
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
 /// `out ← bytes(local)`.
 pub(crate) fn encode(local: &[f32], out: &mut BytesMut) {
-    let mut block = [0u8; BLOCK * 4];
-    for l in local.chunks(BLOCK) {
-        for (o, v) in block.chunks_exact_mut(4).zip(l) {
-            o.copy_from_slice(&v.to_le_bytes());
-        }
-        out.extend_from_slice(&block[..l.len() * 4]);
-    }
+    put(out, local);
 }
 
 /// `out ← bytes(local + wire)`, leaving `local` untouched (intermediate
 /// reduce-scatter step: the partial sum is only forwarded).
 pub(crate) fn add(local: &[f32], wire: &[u8], out: &mut BytesMut) {
     debug_assert_eq!(local.len() * 4, wire.len());
-    let mut block = [0u8; BLOCK * 4];
+    let mut block = [0f32; BLOCK];
     for (l, w) in local.chunks(BLOCK).zip(wire.chunks(BLOCK * 4)) {
-        for ((o, a), b) in block.chunks_exact_mut(4).zip(l).zip(w.chunks_exact(4)) {
-            o.copy_from_slice(&(a + le(b)).to_le_bytes());
+        let block = &mut block[..l.len()];
+        for ((o, a), b) in block.iter_mut().zip(l).zip(w.chunks_exact(4)) {
+            *o = a + le(b);
         }
-        out.extend_from_slice(&block[..l.len() * 4]);
+        put(out, block);
     }
 }
 
@@ -41,30 +48,27 @@ pub(crate) fn add(local: &[f32], wire: &[u8], out: &mut BytesMut) {
 /// step: this rank owns the chunk's final value).
 pub(crate) fn add_finish(local: &mut [f32], wire: &[u8], divisor: Option<f32>, out: &mut BytesMut) {
     debug_assert_eq!(local.len() * 4, wire.len());
-    let mut block = [0u8; BLOCK * 4];
-    for (l, w) in local.chunks_mut(BLOCK).zip(wire.chunks(BLOCK * 4)) {
-        match divisor {
-            None => {
-                for (a, b) in l.iter_mut().zip(w.chunks_exact(4)) {
-                    *a += le(b);
-                }
-            }
-            Some(d) => {
-                for (a, b) in l.iter_mut().zip(w.chunks_exact(4)) {
-                    *a = (*a + le(b)) / d;
-                }
+    match divisor {
+        None => {
+            for (a, b) in local.iter_mut().zip(wire.chunks_exact(4)) {
+                *a += le(b);
             }
         }
-        for (o, v) in block.chunks_exact_mut(4).zip(l.iter()) {
-            o.copy_from_slice(&v.to_le_bytes());
+        Some(d) => {
+            for (a, b) in local.iter_mut().zip(wire.chunks_exact(4)) {
+                *a = (*a + le(b)) / d;
+            }
         }
-        out.extend_from_slice(&block[..l.len() * 4]);
     }
+    put(out, local);
 }
 
 /// `local ← wire` (all-gather and broadcast).
 pub(crate) fn copy(local: &mut [f32], wire: &[u8]) {
     debug_assert_eq!(local.len() * 4, wire.len());
+    #[cfg(target_endian = "little")]
+    bytemuck::cast_slice_mut::<f32, u8>(local).copy_from_slice(wire);
+    #[cfg(not(target_endian = "little"))]
     for (a, b) in local.iter_mut().zip(wire.chunks_exact(4)) {
         *a = le(b);
     }

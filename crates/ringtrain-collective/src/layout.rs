@@ -224,6 +224,9 @@ mod tests {
     fn flat_plan_covers_the_buffer() {
         let plan = BucketPlan::flat(10, 16);
         assert_eq!(plan.buckets(), &[0..4, 4..7, 7..10]);
-        assert_eq!(BucketPlan::flat(0, 16).buckets().to_vec(), vec![std::ops::Range { start: 0, end: 0 }]);
+        assert_eq!(
+            BucketPlan::flat(0, 16).buckets().to_vec(),
+            vec![std::ops::Range { start: 0, end: 0 }]
+        );
     }
 }

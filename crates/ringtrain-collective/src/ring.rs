@@ -59,8 +59,9 @@ impl Default for RingOptions {
     }
 }
 
-/// Number of send buffers kept for reuse.
-const POOL: usize = 16;
+/// Most send buffers kept for reuse (enough for every part of a 64 MiB
+/// step in flight with the default part size).
+const POOL: usize = 128;
 
 /// What every frame of the current collective (and bucket) must agree on.
 #[derive(Debug, Clone, Copy)]
@@ -107,7 +108,7 @@ impl<T: Transport> Ring<T> {
             part_elems,
             seq: 0,
             poisoned: None,
-            pool: VecDeque::with_capacity(POOL),
+            pool: VecDeque::new(),
         }
     }
 
@@ -255,15 +256,24 @@ impl<T: Transport> Ring<T> {
         (self.rank + self.world - 1) % self.world
     }
 
-    /// A pooled buffer with room for `bytes` (reclaims the allocation of a
-    /// payload sent earlier once the transport has dropped it).
+    /// A pooled buffer with room for `bytes`: the oldest pooled buffer if
+    /// the transport has released its last payload, else a new one. The pool
+    /// keeps up to [`POOL`] buffers, so once it has grown to the number of
+    /// parts in flight the hot path stops allocating (fresh pages cost far
+    /// more than the copy; see peers.md).
     fn take(&mut self, bytes: usize) -> BytesMut {
-        let mut buf = self.pool.pop_front().unwrap_or_default();
-        buf.clear();
-        buf.reserve(bytes);
-        buf
+        if let Some(mut buf) = self.pool.pop_front() {
+            buf.clear();
+            if buf.try_reclaim(bytes) {
+                return buf;
+            }
+            // Still in flight: keep it for later, at the back of the queue.
+            self.pool.push_back(buf);
+        }
+        BytesMut::with_capacity(bytes.max(self.part_elems * 4))
     }
 
+    /// Freeze the filled buffer into a payload and keep the allocation.
     fn give(&mut self, mut buf: BytesMut) -> Bytes {
         let payload = buf.split().freeze();
         if self.pool.len() < POOL {

@@ -20,5 +20,6 @@ mod wire {
     include!(concat!(env!("OUT_DIR"), "/ringtrain.v1.rs"));
 }
 
+mod codec;
 pub mod collective;
 pub mod grpc;
