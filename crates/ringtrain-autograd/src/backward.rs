@@ -157,7 +157,7 @@ impl Graph<'_> {
                 vec![(*x, Tensor::index_add(val(*x).shape(), *axis, indices, g)?)]
             }
             Op::MulConst { x, factor } => vec![(*x, g.mul(factor)?)],
-            Op::Conv2d { x, w, win } => {
+            Op::Conv2d { x, w, win, cols } => {
                 let (xv, wv) = (val(*x), val(*w));
                 let xs = nchw(xv)?;
                 let (o, ckk) = (wv.shape()[0], wv.len() / wv.shape()[0]);
@@ -165,8 +165,7 @@ impl Graph<'_> {
                 let gm = g.permute(&[1, 0, 2, 3])?;
                 let l = gm.len() / o;
                 let gm = gm.reshape(&[o, l])?;
-                let cols = conv::im2col(xv, win)?;
-                let dw = gm.matmul_t(&cols, false, true)?.reshape(wv.shape())?;
+                let dw = gm.matmul_t(cols, false, true)?.reshape(wv.shape())?;
                 let dcols = wv.reshape(&[o, ckk])?.matmul_t(&gm, true, false)?;
                 vec![(*x, conv::col2im(&dcols, xs, win)?), (*w, dw)]
             }

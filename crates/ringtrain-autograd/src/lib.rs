@@ -65,7 +65,12 @@ pub(crate) enum Op {
     Neg(Var),
     Scale(Var, f32),
     AddScalar(Var),
-    MatMul { a: Var, b: Var, ta: bool, tb: bool },
+    MatMul {
+        a: Var,
+        b: Var,
+        ta: bool,
+        tb: bool,
+    },
     Reshape(Var),
     Permute(Var, Vec<usize>),
     Relu(Var),
@@ -79,19 +84,65 @@ pub(crate) enum Op {
     Square(Var),
     Sum(Var),
     Mean(Var),
-    SumAxis { x: Var, axis: usize, keepdim: bool },
-    MeanAxis { x: Var, axis: usize, keepdim: bool },
-    Softmax { x: Var, axis: usize },
-    LogSoftmax { x: Var, axis: usize },
-    SliceAxis { x: Var, axis: usize, start: usize },
-    Concat { parts: Vec<Var>, axis: usize },
-    IndexSelect { x: Var, axis: usize, indices: Vec<usize> },
-    MulConst { x: Var, factor: Tensor },
-    Conv2d { x: Var, w: Var, win: Window2d },
-    MaxPool2d { x: Var, argmax: Vec<u32> },
-    AvgPool2d { x: Var, win: Window2d },
-    BceWithLogits { logits: Var, targets: Tensor },
-    CrossEntropy { logits: Var, targets: Vec<usize> },
+    SumAxis {
+        x: Var,
+        axis: usize,
+        keepdim: bool,
+    },
+    MeanAxis {
+        x: Var,
+        axis: usize,
+        keepdim: bool,
+    },
+    Softmax {
+        x: Var,
+        axis: usize,
+    },
+    LogSoftmax {
+        x: Var,
+        axis: usize,
+    },
+    SliceAxis {
+        x: Var,
+        axis: usize,
+        start: usize,
+    },
+    Concat {
+        parts: Vec<Var>,
+        axis: usize,
+    },
+    IndexSelect {
+        x: Var,
+        axis: usize,
+        indices: Vec<usize>,
+    },
+    MulConst {
+        x: Var,
+        factor: Tensor,
+    },
+    /// `cols` is the forward pass's im2col matrix, kept for the weight gradient.
+    Conv2d {
+        x: Var,
+        w: Var,
+        win: Window2d,
+        cols: Tensor,
+    },
+    MaxPool2d {
+        x: Var,
+        argmax: Vec<u32>,
+    },
+    AvgPool2d {
+        x: Var,
+        win: Window2d,
+    },
+    BceWithLogits {
+        logits: Var,
+        targets: Tensor,
+    },
+    CrossEntropy {
+        logits: Var,
+        targets: Vec<usize>,
+    },
 }
 
 #[derive(Debug)]

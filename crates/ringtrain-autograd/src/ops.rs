@@ -223,7 +223,7 @@ impl Graph<'_> {
         // [O, CKK] · [CKK, N·L] = [O, N·L] → [N, O, OH, OW]
         let y = self.value(w).reshape(&[o, c * kh * kw])?.matmul(&cols)?;
         let y = y.reshape(&[o, n, oh, ow])?.permute(&[1, 0, 2, 3])?;
-        Ok(self.record(y, Op::Conv2d { x, w, win }, &[x, w]))
+        Ok(self.record(y, Op::Conv2d { x, w, win, cols }, &[x, w]))
     }
 
     /// Max pooling over `kernel`×`kernel` windows (`[N, C, H, W] -> [N, C, OH, OW]`).

@@ -64,6 +64,9 @@ pub struct JobMeta {
 pub enum DataFormat {
     /// Numeric feature columns plus a label column.
     Csv,
+    /// A directory of IDX files in MNIST's naming (`train-images-idx3-ubyte[.gz]`,
+    /// `train-labels-idx1-ubyte[.gz]`, `t10k-...`): 28×28 grey images with their test split.
+    Idx,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -77,10 +80,11 @@ pub enum ColumnRef {
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     pub format: DataFormat,
-    /// The data file, relative to the job file.
+    /// The data file (csv) or directory (idx), relative to the job file.
     pub path: PathBuf,
-    /// The label column: a header name or a 0-based index.
-    pub label: ColumnRef,
+    /// The label column (csv): a header name or a 0-based index.
+    #[serde(default)]
+    pub label: Option<ColumnRef>,
     #[serde(default = "yes")]
     pub header: bool,
     #[serde(default = "comma")]
@@ -100,6 +104,54 @@ pub enum ModelKind {
     Logistic,
     /// Multi-layer perceptron.
     Mlp,
+    /// LeNet-5 (LeCun et al., 1998) for 28×28 images.
+    Lenet5,
+    /// A small residual network for 28×28 images.
+    ResnetMini,
+    /// The layers listed in `model.layers`, in order.
+    Layers,
+}
+
+/// One entry of `model.layers`; input sizes (channels, features) are inferred from the
+/// previous layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LayerSpec {
+    Conv2d {
+        out_channels: usize,
+        kernel: usize,
+        #[serde(default = "one")]
+        stride: usize,
+        #[serde(default)]
+        padding: usize,
+    },
+    MaxPool2d {
+        kernel: usize,
+        #[serde(default)]
+        stride: Option<usize>,
+    },
+    AvgPool2d {
+        kernel: usize,
+        #[serde(default)]
+        stride: Option<usize>,
+    },
+    GlobalAvgPool,
+    Flatten,
+    Linear {
+        out: usize,
+    },
+    Residual {
+        out_channels: usize,
+        #[serde(default = "one")]
+        stride: usize,
+    },
+    Dropout {
+        p: f64,
+    },
+    Relu,
+    LeakyRelu,
+    Sigmoid,
+    Tanh,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -120,6 +172,9 @@ pub struct ModelConfig {
     pub hidden: Vec<usize>,
     #[serde(default = "relu")]
     pub activation: ActivationName,
+    /// For `kind = "layers"`.
+    #[serde(default)]
+    pub layers: Vec<LayerSpec>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,6 +254,8 @@ pub struct TrainingConfig {
 pub enum EvalScheme {
     /// One seeded (stratified) train/test split.
     TrainTest,
+    /// The dataset's own test split (e.g. MNIST's 10 000 test images).
+    Provided,
     /// K-fold cross-validation: K models, each tested on one fold.
     Kfold,
 }
@@ -227,6 +284,9 @@ impl Default for EvaluationConfig {
     }
 }
 
+fn one() -> usize {
+    1
+}
 fn yes() -> bool {
     true
 }
@@ -292,7 +352,10 @@ impl Job {
             return Err(fail("optimizer.lr", format!("must be a positive number, got {}", o.lr)));
         }
         if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
-            return Err(fail("optimizer.weight_decay", format!("must be >= 0, got {}", o.weight_decay)));
+            return Err(fail(
+                "optimizer.weight_decay",
+                format!("must be >= 0, got {}", o.weight_decay),
+            ));
         }
         let uses_momentum = matches!(o.kind, OptimizerName::Sgd | OptimizerName::Rmsprop);
         if o.momentum.is_some() && !uses_momentum {
@@ -304,14 +367,20 @@ impl Job {
             }
         }
         if o.nesterov == Some(true) && (o.kind != OptimizerName::Sgd || o.momentum.unwrap_or(0.0) == 0.0) {
-            return Err(fail("optimizer.nesterov", "needs kind = \"sgd\" with momentum > 0".into()));
+            return Err(fail(
+                "optimizer.nesterov",
+                "needs kind = \"sgd\" with momentum > 0".into(),
+            ));
         }
         if let Some([b1, b2]) = o.betas {
             if !matches!(o.kind, OptimizerName::Adam | OptimizerName::Adamw) {
                 return Err(fail("optimizer.betas", format!("is not used by {:?}", o.kind)));
             }
             if !((0.0..1.0).contains(&b1) && (0.0..1.0).contains(&b2)) {
-                return Err(fail("optimizer.betas", format!("must both be in [0, 1), got [{b1}, {b2}]")));
+                return Err(fail(
+                    "optimizer.betas",
+                    format!("must both be in [0, 1), got [{b1}, {b2}]"),
+                ));
             }
         }
         if let Some(eps) = o.eps {
@@ -321,7 +390,10 @@ impl Job {
         }
         match o.schedule {
             ScheduleName::Step if o.step_epochs.unwrap_or(0) == 0 || o.gamma.is_none() => {
-                return Err(fail("optimizer.schedule", "\"step\" needs step_epochs > 0 and gamma".into()));
+                return Err(fail(
+                    "optimizer.schedule",
+                    "\"step\" needs step_epochs > 0 and gamma".into(),
+                ));
             }
             _ => {}
         }
@@ -338,16 +410,52 @@ impl Job {
         }
         let e = &self.evaluation;
         if !(e.test_fraction > 0.0 && e.test_fraction < 1.0) {
-            return Err(fail("evaluation.test_fraction", format!("must be in (0, 1), got {}", e.test_fraction)));
+            return Err(fail(
+                "evaluation.test_fraction",
+                format!("must be in (0, 1), got {}", e.test_fraction),
+            ));
         }
         if e.scheme == EvalScheme::Kfold && e.folds < 2 {
-            return Err(fail("evaluation.folds", format!("k-fold needs at least 2 folds, got {}", e.folds)));
+            return Err(fail(
+                "evaluation.folds",
+                format!("k-fold needs at least 2 folds, got {}", e.folds),
+            ));
         }
         if self.model.kind == ModelKind::Mlp && self.model.hidden.contains(&0) {
             return Err(fail("model.hidden", "layer widths must be at least 1".into()));
         }
-        if !self.data.path.is_file() {
-            return Err(fail("data.path", format!("file not found: {}", self.data.path.display())));
+        match self.data.format {
+            DataFormat::Csv if self.data.label.is_none() => {
+                return Err(fail(
+                    "data.label",
+                    "csv data needs the label column (a name or an index)".into(),
+                ));
+            }
+            DataFormat::Csv if !self.data.path.is_file() => {
+                return Err(fail(
+                    "data.path",
+                    format!("file not found: {}", self.data.path.display()),
+                ));
+            }
+            DataFormat::Idx if !self.data.path.is_dir() => {
+                return Err(fail(
+                    "data.path",
+                    format!("directory not found: {}", self.data.path.display()),
+                ));
+            }
+            _ => {}
+        }
+        if e.scheme == EvalScheme::Provided && self.data.format != DataFormat::Idx {
+            return Err(fail(
+                "evaluation.scheme",
+                "\"provided\" needs a dataset with its own test split (idx)".into(),
+            ));
+        }
+        if (self.model.kind == ModelKind::Layers) == self.model.layers.is_empty() {
+            return Err(fail(
+                "model.layers",
+                "is required by kind = \"layers\" and only allowed there".into(),
+            ));
         }
         Ok(())
     }
@@ -415,11 +523,11 @@ batch_size = 4
     #[test]
     fn a_good_job_parses_with_defaults() {
         let job = check(GOOD).unwrap();
-        assert_eq!(job.data.label, ColumnRef::Name("species".into()));
+        assert_eq!(job.data.label, Some(ColumnRef::Name("species".into())));
         assert_eq!(job.evaluation.scheme, EvalScheme::TrainTest);
         assert!(job.data.standardize);
         let by_index = check(&GOOD.replace("label = \"species\"", "label = 4")).unwrap();
-        assert_eq!(by_index.data.label, ColumnRef::Index(4));
+        assert_eq!(by_index.data.label, Some(ColumnRef::Index(4)));
     }
 
     #[test]
@@ -445,12 +553,39 @@ batch_size = 4
 
     #[test]
     fn invalid_combinations_are_refused() {
-        let err = check(&GOOD.replace("lr = 0.01", "lr = 0.01\nmomentum = 0.9")).unwrap_err().to_string();
+        let err = check(&GOOD.replace("lr = 0.01", "lr = 0.01\nmomentum = 0.9"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`optimizer.momentum`: is not used by Adam"), "{err}");
-        let err = check(&GOOD.replace("path = \"Cargo.toml\"", "path = \"nope.csv\"")).unwrap_err().to_string();
+        let err = check(&GOOD.replace("path = \"Cargo.toml\"", "path = \"nope.csv\""))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`data.path`: file not found: nope.csv"), "{err}");
-        let err = check(&GOOD.replace("kind = \"mlp\"", "kind = \"transformr\"")).unwrap_err().to_string();
+        let err = check(&GOOD.replace("kind = \"mlp\"", "kind = \"transformr\""))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown variant `transformr`"), "{err}");
         assert!(check(&GOOD.replace("batch_size = 4", "batch_size = 0")).is_err());
+    }
+
+    #[test]
+    fn layer_lists_parse_strictly() {
+        let job = GOOD.replace(
+            "kind = \"mlp\"\nhidden = [8]",
+            "kind = \"layers\"\nlayers = [{ type = \"conv2d\", out_channels = 4, kernel = 3 }, { type = \"relu\" }, { type = \"flatten\" }]",
+        );
+        let parsed = check(&job).unwrap();
+        assert_eq!(
+            parsed.model.layers[0],
+            LayerSpec::Conv2d {
+                out_channels: 4,
+                kernel: 3,
+                stride: 1,
+                padding: 0
+            }
+        );
+        let bad = job.replace("kernel = 3", "kernal = 3");
+        let err = check(&bad).unwrap_err().to_string();
+        assert!(err.contains("kernal"), "{err}");
     }
 }

@@ -31,6 +31,24 @@ impl Window2d {
     }
 }
 
+/// The output positions `o` whose input position `o·stride + k − padding` lies in `0..len`,
+/// as a range: inner loops then run branch-free over it.
+fn valid_range(out_len: usize, len: usize, k: usize, stride: usize, padding: usize) -> std::ops::Range<usize> {
+    // first o with o·s + k ≥ p
+    let lo = if k >= padding {
+        0
+    } else {
+        (padding - k).div_ceil(stride)
+    };
+    // last o with o·s + k − p ≤ len − 1
+    let hi = if len + padding <= k {
+        0
+    } else {
+        ((len - 1 + padding - k) / stride + 1).min(out_len)
+    };
+    lo.min(hi)..hi
+}
+
 fn dims4(t: &Tensor, op: &'static str) -> Result<[usize; 4]> {
     <[usize; 4]>::try_from(t.shape()).map_err(|_| TensorError::Invalid {
         op,
@@ -56,23 +74,24 @@ pub fn im2col(x: &Tensor, win: &Window2d) -> Result<Tensor> {
     let l = oh * ow;
     let xs = x.as_slice();
     let mut cols = vec![0.0f32; c * kh * kw * n * l];
-    let (s, p) = (win.stride as isize, win.padding as isize);
+    let st = win.stride;
     // One row per (channel, ki, kj); rows are independent, so they fill in parallel.
     cols.par_chunks_mut((n * l).max(1)).enumerate().for_each(|(row, out)| {
         let (ch, ki, kj) = (row / (kh * kw), (row / kw) % kh, row % kw);
+        let ys = valid_range(oh, h, ki, st, win.padding);
+        let xs_range = valid_range(ow, w, kj, st, win.padding);
         for img in 0..n {
             let plane = &xs[(img * c + ch) * h * w..(img * c + ch + 1) * h * w];
-            for oy in 0..oh {
-                let iy = oy as isize * s + ki as isize - p;
+            for oy in ys.clone() {
+                let iy = oy * st + ki - win.padding;
                 let dst = &mut out[img * l + oy * ow..img * l + (oy + 1) * ow];
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                let src = &plane[iy as usize * w..(iy as usize + 1) * w];
-                for (ox, d) in dst.iter_mut().enumerate() {
-                    let ix = ox as isize * s + kj as isize - p;
-                    if ix >= 0 && ix < w as isize {
-                        *d = src[ix as usize];
+                let src = &plane[iy * w..(iy + 1) * w];
+                let x0 = xs_range.start * st + kj - win.padding;
+                if st == 1 {
+                    dst[xs_range.clone()].copy_from_slice(&src[x0..x0 + xs_range.len()]);
+                } else {
+                    for (d, &v) in dst[xs_range.clone()].iter_mut().zip(src[x0..].iter().step_by(st)) {
+                        *d = v;
                     }
                 }
             }
@@ -96,23 +115,22 @@ pub fn col2im(cols: &Tensor, shape: [usize; 4], win: &Window2d) -> Result<Tensor
     }
     let cs = cols.as_slice();
     let mut x = vec![0.0f32; n * c * h * w];
-    let (s, p) = (win.stride as isize, win.padding as isize);
+    let st = win.stride;
     // Each image writes only its own slice of x: parallel over images, no races.
     x.par_chunks_mut((c * h * w).max(1)).enumerate().for_each(|(img, xi)| {
         for row in 0..c * kh * kw {
             let (ch, ki, kj) = (row / (kh * kw), (row / kw) % kh, row % kw);
+            let ys = valid_range(oh, h, ki, st, win.padding);
+            let xs_range = valid_range(ow, w, kj, st, win.padding);
             let src = &cs[row * n * l + img * l..row * n * l + (img + 1) * l];
             let plane = &mut xi[ch * h * w..(ch + 1) * h * w];
-            for oy in 0..oh {
-                let iy = oy as isize * s + ki as isize - p;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                for ox in 0..ow {
-                    let ix = ox as isize * s + kj as isize - p;
-                    if ix >= 0 && ix < w as isize {
-                        plane[iy as usize * w + ix as usize] += src[oy * ow + ox];
-                    }
+            for oy in ys {
+                let iy = oy * st + ki - win.padding;
+                let dst = &mut plane[iy * w..(iy + 1) * w];
+                let from = &src[oy * ow..(oy + 1) * ow][xs_range.clone()];
+                let x0 = xs_range.start * st + kj - win.padding;
+                for (d, &v) in dst[x0..].iter_mut().step_by(st).zip(from) {
+                    *d += v;
                 }
             }
         }
@@ -139,24 +157,21 @@ pub fn max_pool2d(x: &Tensor, win: &Window2d) -> Result<(Tensor, Vec<u32>)> {
         .enumerate()
         .for_each(|(plane, (o, a))| {
             let base = plane * h * w;
+            let (st, p) = (win.stride, win.padding);
             for oy in 0..oh {
+                let y_lo = (oy * st).saturating_sub(p);
+                let y_hi = (oy * st + win.kernel.0).saturating_sub(p).min(h);
                 for ox in 0..ow {
+                    let x_lo = (ox * st).saturating_sub(p);
+                    let x_hi = (ox * st + win.kernel.1).saturating_sub(p).min(w);
                     let mut best = f32::NEG_INFINITY;
-                    let mut best_i = usize::MAX;
-                    for ki in 0..win.kernel.0 {
-                        let iy = (oy * win.stride + ki) as isize - win.padding as isize;
-                        if iy < 0 || iy >= h as isize {
-                            continue;
-                        }
-                        for kj in 0..win.kernel.1 {
-                            let ix = (ox * win.stride + kj) as isize - win.padding as isize;
-                            if ix < 0 || ix >= w as isize {
-                                continue;
-                            }
-                            let i = base + iy as usize * w + ix as usize;
-                            if xs[i] > best || best_i == usize::MAX {
-                                best = xs[i];
-                                best_i = i;
+                    let mut best_i = base + y_lo * w + x_lo;
+                    for iy in y_lo..y_hi {
+                        let row = base + iy * w;
+                        for (ix, &v) in xs[row + x_lo..row + x_hi].iter().enumerate() {
+                            if v > best {
+                                best = v;
+                                best_i = row + x_lo + ix;
                             }
                         }
                     }
@@ -262,6 +277,28 @@ mod tests {
         let lhs: f32 = cols.mul(&c).unwrap().sum_all();
         let rhs: f32 = x.mul(&col2im(&c, [2, 2, 5, 6], &win).unwrap()).unwrap().sum_all();
         assert!((lhs - rhs).abs() < 1e-3, "{lhs} vs {rhs}");
+    }
+
+    #[test]
+    fn valid_range_matches_brute_force() {
+        for out_len in 0..8 {
+            for len in 1..8 {
+                for k in 0..5 {
+                    for stride in 1..4 {
+                        for padding in 0..4 {
+                            let want: Vec<usize> = (0..out_len)
+                                .filter(|&o| {
+                                    let i = (o * stride + k) as isize - padding as isize;
+                                    i >= 0 && i < len as isize
+                                })
+                                .collect();
+                            let got: Vec<usize> = valid_range(out_len, len, k, stride, padding).collect();
+                            assert_eq!(got, want, "out {out_len} len {len} k {k} s {stride} p {padding}");
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -12,8 +12,14 @@ use crate::{Result, TrainError};
 /// Writes `bytes` to `path` so that a reader sees either the old file or the whole new one:
 /// temp file in the same directory, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -40,7 +46,12 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Has
         .collect();
     let views = bytes
         .iter()
-        .map(|(n, shape, b)| Ok((n.as_str(), safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)?)))
+        .map(|(n, shape, b)| {
+            Ok((
+                n.as_str(),
+                safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), b)?,
+            ))
+        })
         .collect::<std::result::Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(|e| TrainError::io(path, e))?;
     let data = safetensors::tensor::serialize(views, Some(metadata)).map_err(|e| TrainError::io(path, e))?;
@@ -50,12 +61,16 @@ pub fn save_safetensors(path: &Path, tensors: &[(String, Tensor)], metadata: Has
 /// Reads every f32 tensor of a safetensors file, by name.
 pub fn load_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
     let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, format!("cannot read: {e}")))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| TrainError::io(path, format!("not a safetensors file: {e}")))?;
+    let st =
+        SafeTensors::deserialize(&bytes).map_err(|e| TrainError::io(path, format!("not a safetensors file: {e}")))?;
     let mut out = HashMap::new();
     for name in st.names() {
         let view = st.tensor(name).map_err(|e| TrainError::io(path, e))?;
         if view.dtype() != Dtype::F32 {
-            return Err(TrainError::io(path, format!("tensor `{name}` is {:?}, expected F32", view.dtype())));
+            return Err(TrainError::io(
+                path,
+                format!("tensor `{name}` is {:?}, expected F32", view.dtype()),
+            ));
         }
         let values = view
             .data()
@@ -98,6 +113,9 @@ mod tests {
         // no temp files left behind
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
         std::fs::write(&p, b"garbage").unwrap();
-        assert!(load_safetensors(&p).unwrap_err().to_string().contains("not a safetensors file"));
+        assert!(load_safetensors(&p)
+            .unwrap_err()
+            .to_string()
+            .contains("not a safetensors file"));
     }
 }

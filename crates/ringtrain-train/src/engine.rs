@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use ringtrain_autograd::{Graph, ParamStore};
@@ -60,7 +61,12 @@ impl EvalMetrics {
     pub fn scalars(&self) -> BTreeMap<String, f64> {
         let mut m = BTreeMap::new();
         m.insert("loss".to_string(), self.loss);
-        for (k, v) in [("accuracy", self.accuracy), ("macro_f1", self.macro_f1), ("rmse", self.rmse), ("mae", self.mae)] {
+        for (k, v) in [
+            ("accuracy", self.accuracy),
+            ("macro_f1", self.macro_f1),
+            ("rmse", self.rmse),
+            ("mae", self.mae),
+        ] {
             if let Some(v) = v {
                 m.insert(k.to_string(), v);
             }
@@ -93,7 +99,11 @@ pub struct EpochReport {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Progress {
     /// A batch finished: `done` of `total` batches in this epoch.
-    Batch { epoch: usize, done: usize, total: usize },
+    Batch {
+        epoch: usize,
+        done: usize,
+        total: usize,
+    },
     Epoch(EpochReport),
 }
 
@@ -192,7 +202,9 @@ impl Trainer {
                     every: o.step_epochs.unwrap_or(1) * steps_per_epoch,
                     gamma: o.gamma.unwrap_or(1.0) as f32,
                 },
-                ScheduleName::Cosine => ScheduleKind::Cosine { min_lr: o.min_lr as f32 },
+                ScheduleName::Cosine => ScheduleKind::Cosine {
+                    min_lr: o.min_lr as f32,
+                },
             },
         };
         Trainer {
@@ -231,6 +243,8 @@ impl Trainer {
             let lr = self.schedule.lr_at(self.step);
             let loss_value = {
                 let mut g = Graph::new(&self.store);
+                // Dropout masks: a fresh, reproducible stream per step.
+                g.seed_rng(self.seed ^ self.step.wrapping_mul(0x9e37_79b9_7f4a_7c15));
                 let x = g.input(batch.x);
                 let out = self.model.forward(&mut g, x)?;
                 correct += count_correct(&task.target, g.value(out), &batch.targets)?;
@@ -247,7 +261,11 @@ impl Trainer {
                     value: loss_value,
                 });
             }
-            sync.all_reduce_mean(&mut self.grad).map_err(|source| TrainError::Sync { step: self.step, source })?;
+            sync.all_reduce_mean(&mut self.grad)
+                .map_err(|source| TrainError::Sync {
+                    step: self.step,
+                    source,
+                })?;
             if let Some(max) = self.clip {
                 grad_norm = Some(f64::from(clip_grad_norm(&mut self.grad, max)));
             }
@@ -255,7 +273,11 @@ impl Trainer {
             self.step += 1;
             loss_sum += f64::from(loss_value) * chunk.len() as f64;
             seen += chunk.len();
-            observe(Progress::Batch { epoch, done: b + 1, total });
+            observe(Progress::Batch {
+                epoch,
+                done: b + 1,
+                total,
+            });
         }
         let acc = (task.target.n_classes() > 0).then(|| correct as f64 / seen.max(1) as f64);
         Ok((loss_sum / seen.max(1) as f64, acc, grad_norm))
@@ -274,7 +296,8 @@ impl Trainer {
             let x = g.input(batch.x);
             let out = self.model.forward(&mut g, x)?;
             let loss = self.loss.compute(&mut g, out, &targets)?;
-            loss_sum += f64::from(g.value(loss).item().map_err(ringtrain_autograd::AutogradError::from)?) * chunk.len() as f64;
+            loss_sum +=
+                f64::from(g.value(loss).item().map_err(ringtrain_autograd::AutogradError::from)?) * chunk.len() as f64;
             match (&batch.targets, &task.target) {
                 (Targets::Classes(truth), kind) => {
                     let pred = predict_classes(kind, g.value(out))?;
@@ -329,14 +352,29 @@ fn count_correct(kind: &TargetKind, out: &ringtrain_tensor::Tensor, targets: &Ta
 pub fn run_job(job: &Job, job_text: &str, out: Option<&Path>, observe: &mut dyn FnMut(Progress)) -> Result<RunSummary> {
     let task = Task::from_job(job)?;
     let n = task.examples.len();
-    let strata = if job.evaluation.stratify { task.strata.as_deref() } else { None };
-    let splits: Vec<(Option<usize>, ringtrain_data::Split)> = match job.evaluation.scheme {
-        EvalScheme::TrainTest => vec![(None, train_test_split(n, job.evaluation.test_fraction, job.job.seed, strata))],
+    let strata = if job.evaluation.stratify {
+        task.strata.as_deref()
+    } else {
+        None
+    };
+    // (fold, train indices, test indices, test on the provided test split?)
+    let splits: Vec<(Option<usize>, Vec<usize>, Vec<usize>, bool)> = match job.evaluation.scheme {
+        EvalScheme::TrainTest => {
+            let s = train_test_split(n, job.evaluation.test_fraction, job.job.seed, strata);
+            vec![(None, s.train, s.test, false)]
+        }
         EvalScheme::Kfold => kfold(n, job.evaluation.folds, job.job.seed, strata)?
             .into_iter()
             .enumerate()
-            .map(|(i, s)| (Some(i), s))
+            .map(|(i, s)| (Some(i), s.train, s.test, false))
             .collect(),
+        EvalScheme::Provided => {
+            let test = task.test_examples.as_ref().ok_or(TrainError::Job {
+                field: "evaluation.scheme",
+                reason: "this dataset has no provided test split".into(),
+            })?;
+            vec![(None, (0..n).collect(), (0..test.len()).collect(), true)]
+        }
     };
     if let Some(dir) = out {
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, format!("cannot create run directory: {e}")))?;
@@ -344,21 +382,28 @@ pub fn run_job(job: &Job, job_text: &str, out: Option<&Path>, observe: &mut dyn 
     }
     let mut metrics_lines = String::new();
     let mut folds = Vec::new();
-    let mut last: Option<(Trainer, crate::task::Tabular)> = None;
-    for (fold, split) in splits {
-        let examples =
-            if job.data.standardize { task.examples.standardized_on(&split.train) } else { task.examples.clone() };
-        let model = build_model(&job.model, examples.input_shape()[0], task.target.outputs());
-        let mut trainer = Trainer::new(job, model, task.loss, split.train.len());
+    let mut last: Option<(Trainer, Arc<dyn Examples>)> = None;
+    for (fold, train, test_rows, provided) in splits {
+        let examples = match job.data.standardize.then(|| task.examples.fitted_on(&train)).flatten() {
+            Some(fitted) => fitted,
+            None => task.examples.clone(),
+        };
+        let test_set: Arc<dyn Examples> = match (&task.test_examples, provided) {
+            (Some(t), true) => t.clone(),
+            _ => examples.clone(),
+        };
+        let model = build_model(&job.model, &examples.input_shape(), task.target.outputs())?;
+        let mut trainer = Trainer::new(job, model, task.loss, train.len());
         let mut sync = LocalSync;
         let mut train_loss = f64::NAN;
         for epoch in 1..=job.training.epochs {
             let lr = trainer.learning_rate();
             let started = Instant::now();
-            let (loss, acc, grad_norm) = trainer.train_epoch(&task, &examples, &split.train, epoch, &mut sync, observe)?;
+            let (loss, acc, grad_norm) =
+                trainer.train_epoch(&task, examples.as_ref(), &train, epoch, &mut sync, observe)?;
             let secs = started.elapsed().as_secs_f64();
             train_loss = loss;
-            let test = trainer.evaluate(&task, &examples, &split.test)?;
+            let test = trainer.evaluate(&task, test_set.as_ref(), &test_rows)?;
             let report = EpochReport {
                 fold,
                 epoch,
@@ -368,18 +413,18 @@ pub fn run_job(job: &Job, job_text: &str, out: Option<&Path>, observe: &mut dyn 
                 test_loss: test.loss,
                 test_accuracy: test.accuracy,
                 test_rmse: test.rmse,
-                examples_per_sec: split.train.len() as f64 / secs.max(1e-9),
+                examples_per_sec: train.len() as f64 / secs.max(1e-9),
                 grad_norm,
             };
             metrics_lines.push_str(&serde_json::to_string(&report).map_err(|e| TrainError::io("metrics.jsonl", e))?);
             metrics_lines.push('\n');
             observe(Progress::Epoch(report));
         }
-        let test = trainer.evaluate(&task, &examples, &split.test)?;
+        let test = trainer.evaluate(&task, test_set.as_ref(), &test_rows)?;
         folds.push(FoldReport {
             fold,
-            train_examples: split.train.len(),
-            test_examples: split.test.len(),
+            train_examples: train.len(),
+            test_examples: test_rows.len(),
             train_loss,
             test,
         });
@@ -429,10 +474,9 @@ pub fn run_job(job: &Job, job_text: &str, out: Option<&Path>, observe: &mut dyn 
         // would make identical runs produce different bytes.
         let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
         save_safetensors(&dir.join("model.safetensors"), &tensors, meta)?;
-        let (mean, inv_std) = examples.normalisation();
         let pre = serde_json::json!({
-            "feature_mean": mean,
-            "feature_inv_std": inv_std,
+            "input": examples.preprocess(),
+            "input_shape": examples.input_shape(),
             "class_names": task.target.class_names(),
         });
         write_atomic(&dir.join("preprocess.json"), pre.to_string().as_bytes())?;

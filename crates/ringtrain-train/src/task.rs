@@ -2,9 +2,12 @@
 
 use std::sync::Arc;
 
-use ringtrain_config::{ActivationName, ColumnRef, DataFormat, Job, LossName, ModelConfig, ModelKind};
+use ringtrain_config::{ActivationName, ColumnRef, DataFormat, Job, LayerSpec, LossName, ModelConfig, ModelKind};
 use ringtrain_data::{read_csv, CsvOptions, LabelColumn, LabelKind, Labels, TabularData};
-use ringtrain_nn::{zoo, Activation, Loss, Module, Targets};
+use ringtrain_nn::{
+    zoo, Activation, Conv2d, Dropout, Flatten, GlobalAvgPool, Init, Linear, Loss, Module, Pool2d, Residual, Sequential,
+    Targets,
+};
 use ringtrain_tensor::Tensor;
 
 use crate::{Result, TrainError};
@@ -26,6 +29,58 @@ pub trait Examples: Send + Sync + std::fmt::Debug {
     fn input_shape(&self) -> Vec<usize>;
     /// The examples at `indices`, in that order.
     fn batch(&self, indices: &[usize]) -> Result<Batch>;
+    /// A copy whose input normalisation is fitted on `rows` only (the training split), or
+    /// `None` when the normalisation is fixed.
+    fn fitted_on(&self, _rows: &[usize]) -> Option<Arc<dyn Examples>> {
+        None
+    }
+    /// The preprocessing a prediction must repeat, for `preprocess.json`.
+    fn preprocess(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}
+
+/// MNIST-style grey images, scaled to [0, 1] and normalised with MNIST's mean and standard
+/// deviation (0.1307, 0.3081), as torchvision's examples do.
+#[derive(Debug, Clone)]
+pub struct ImageSet {
+    images: Arc<ringtrain_data::Images>,
+    labels: Arc<Vec<usize>>,
+}
+
+const MNIST_MEAN: f32 = 0.1307;
+const MNIST_STD: f32 = 0.3081;
+
+impl Examples for ImageSet {
+    fn len(&self) -> usize {
+        self.images.n
+    }
+
+    fn input_shape(&self) -> Vec<usize> {
+        vec![1, self.images.rows, self.images.cols]
+    }
+
+    fn batch(&self, indices: &[usize]) -> Result<Batch> {
+        let (r, c) = (self.images.rows, self.images.cols);
+        let mut x = Vec::with_capacity(indices.len() * r * c);
+        for &i in indices {
+            x.extend(
+                self.images
+                    .image(i)
+                    .iter()
+                    .map(|&p| (f32::from(p) / 255.0 - MNIST_MEAN) / MNIST_STD),
+            );
+        }
+        let x = Tensor::from_vec(&[indices.len(), 1, r, c], x).map_err(ringtrain_autograd::AutogradError::from)?;
+        Ok(Batch {
+            x,
+            targets: Targets::Classes(indices.iter().map(|&i| self.labels[i]).collect()),
+        })
+    }
+
+    fn preprocess(&self) -> serde_json::Value {
+        serde_json::json!({ "pixel_scale": 1.0 / 255.0, "mean": MNIST_MEAN, "std": MNIST_STD })
+    }
 }
 
 /// What the model predicts.
@@ -108,10 +163,6 @@ impl Tabular {
             ..self.clone()
         }
     }
-
-    pub fn normalisation(&self) -> (&[f32], &[f32]) {
-        (&self.mean, &self.inv_std)
-    }
 }
 
 impl Examples for Tabular {
@@ -127,7 +178,14 @@ impl Examples for Tabular {
         let d = self.data.n_features;
         let mut x = Vec::with_capacity(indices.len() * d);
         for &i in indices {
-            x.extend(self.data.row(i).iter().zip(&self.mean).zip(&self.inv_std).map(|((&v, &m), &s)| (v - m) * s));
+            x.extend(
+                self.data
+                    .row(i)
+                    .iter()
+                    .zip(&self.mean)
+                    .zip(&self.inv_std)
+                    .map(|((&v, &m), &s)| (v - m) * s),
+            );
         }
         let x = Tensor::from_vec(&[indices.len(), d], x).map_err(ringtrain_autograd::AutogradError::from)?;
         let targets = match (&self.classes, &self.data.labels) {
@@ -140,12 +198,22 @@ impl Examples for Tabular {
         };
         Ok(Batch { x, targets })
     }
+
+    fn fitted_on(&self, rows: &[usize]) -> Option<Arc<dyn Examples>> {
+        Some(Arc::new(self.standardized_on(rows)))
+    }
+
+    fn preprocess(&self) -> serde_json::Value {
+        serde_json::json!({ "feature_mean": self.mean, "feature_inv_std": self.inv_std })
+    }
 }
 
 /// A job made concrete: its examples, what they predict, and how training measures error.
 #[derive(Debug, Clone)]
 pub struct Task {
-    pub examples: Tabular,
+    pub examples: Arc<dyn Examples>,
+    /// The dataset's own test split, when it has one (MNIST).
+    pub test_examples: Option<Arc<dyn Examples>>,
     pub target: TargetKind,
     pub loss: Loss,
     /// Class of each example, for stratified splits.
@@ -154,8 +222,14 @@ pub struct Task {
 
 impl Task {
     pub fn from_job(job: &Job) -> Result<Task> {
-        let DataFormat::Csv = job.data.format;
-        let label_kind = if job.training.loss.is_some_and(|l| matches!(l, LossName::Mse | LossName::Mae)) {
+        if job.data.format == DataFormat::Idx {
+            return Task::from_idx(job);
+        }
+        let label_kind = if job
+            .training
+            .loss
+            .is_some_and(|l| matches!(l, LossName::Mse | LossName::Mae))
+        {
             LabelKind::Value
         } else {
             LabelKind::Class
@@ -168,8 +242,14 @@ impl Task {
             delimiter,
             has_header: job.data.header,
             label: match &job.data.label {
-                ColumnRef::Index(i) => LabelColumn::Index(*i),
-                ColumnRef::Name(n) => LabelColumn::Name(n.clone()),
+                Some(ColumnRef::Index(i)) => LabelColumn::Index(*i),
+                Some(ColumnRef::Name(n)) => LabelColumn::Name(n.clone()),
+                None => {
+                    return Err(TrainError::Job {
+                        field: "data.label",
+                        reason: "csv data needs the label column".into(),
+                    })
+                }
             },
             label_kind,
         };
@@ -181,7 +261,12 @@ impl Task {
                     reason: format!("class {pos:?} is not in the label column (classes: {names:?})"),
                 })?;
                 let binary: Vec<usize> = ids.iter().map(|&i| usize::from(i == p)).collect();
-                (TargetKind::Binary { names: [format!("not {pos}"), pos.clone()] }, Some(binary))
+                (
+                    TargetKind::Binary {
+                        names: [format!("not {pos}"), pos.clone()],
+                    },
+                    Some(binary),
+                )
             }
             (Labels::Class { ids, names }, None) => (TargetKind::Classes { names: names.clone() }, Some(ids.clone())),
             (Labels::Value(_), Some(_)) => {
@@ -219,20 +304,48 @@ impl Task {
         let classes = classes.map(Arc::new);
         Ok(Task {
             strata: classes.as_ref().map(|c| c.to_vec()),
-            examples: Tabular {
+            examples: Arc::new(Tabular {
                 data: Arc::new(data),
                 classes,
                 mean: vec![0.0; d],
                 inv_std: vec![1.0; d],
-            },
+            }),
+            test_examples: None,
             target,
             loss,
         })
     }
 
-    /// Features per example.
-    pub fn examples_input_width(&self) -> usize {
-        self.examples.input_shape()[0]
+    /// MNIST-layout IDX directory: training images for training (and k-fold), the t10k files as
+    /// the provided test split.
+    fn from_idx(job: &Job) -> Result<Task> {
+        let mnist = ringtrain_data::load_mnist(&job.data.path)?;
+        let to_set = |split: ringtrain_data::MnistSplit| ImageSet {
+            labels: Arc::new(split.labels.iter().map(|&l| usize::from(l)).collect()),
+            images: Arc::new(split.images),
+        };
+        let train = to_set(mnist.train);
+        let test = to_set(mnist.test);
+        let classes = train.labels.iter().chain(test.labels.iter()).max().map_or(0, |m| m + 1);
+        if job.training.loss.is_some_and(|l| l != LossName::CrossEntropy) {
+            return Err(TrainError::Job {
+                field: "training.loss",
+                reason: "image classification trains with cross_entropy".into(),
+            });
+        }
+        Ok(Task {
+            strata: Some(train.labels.to_vec()),
+            examples: Arc::new(train),
+            test_examples: Some(Arc::new(test)),
+            target: TargetKind::Classes {
+                names: (0..classes).map(|c| c.to_string()).collect(),
+            },
+            loss: Loss::CrossEntropy,
+        })
+    }
+
+    pub fn input_shape(&self) -> Vec<usize> {
+        self.examples.input_shape()
     }
 
     pub fn example_count(&self) -> usize {
@@ -251,18 +364,128 @@ impl Task {
     }
 }
 
-/// Builds the job's model for inputs of `inputs` features and `outputs` outputs.
-pub fn build_model(cfg: &ModelConfig, inputs: usize, outputs: usize) -> Box<dyn Module> {
-    let act = match cfg.activation {
+/// Builds the job's model for inputs of `input` (one example, no batch axis) and `outputs`
+/// outputs, and checks every layer's shapes, so a bad model is refused before training with
+/// the layer's name and the shapes.
+pub fn build_model(cfg: &ModelConfig, input: &[usize], outputs: usize) -> Result<Box<dyn Module>> {
+    let act = activation(cfg.activation);
+    let flat: usize = input.iter().product();
+    let model: Box<dyn Module> = match cfg.kind {
+        ModelKind::Logistic | ModelKind::Mlp if input.len() > 1 => {
+            // Images into a dense model: flatten first.
+            let mut s = Sequential::new("layers");
+            let n = s.next_name();
+            s.push(Flatten { name: n });
+            let hidden = if cfg.kind == ModelKind::Mlp {
+                cfg.hidden.as_slice()
+            } else {
+                &[]
+            };
+            let mut width = flat;
+            for &h in hidden {
+                let n = s.next_name();
+                s.push(Linear::new(n, width, h).with_init(act.preferred_init()));
+                s.push_activation(act);
+                width = h;
+            }
+            let n = s.next_name();
+            s.push(Linear::new(n, width, outputs));
+            Box::new(s)
+        }
+        ModelKind::Logistic if outputs == 1 => Box::new(zoo::logistic(flat)),
+        // Multinomial logistic regression: one layer, softmax in the loss.
+        ModelKind::Logistic => Box::new(zoo::mlp(flat, &[], outputs, act)),
+        ModelKind::Mlp => Box::new(zoo::mlp(flat, &cfg.hidden, outputs, act)),
+        ModelKind::Lenet5 => Box::new(zoo::lenet5(input.first().copied().unwrap_or(1), outputs)),
+        ModelKind::ResnetMini => Box::new(zoo::resnet_mini(input.first().copied().unwrap_or(1), outputs)),
+        ModelKind::Layers => Box::new(from_layer_list(&cfg.layers, input, outputs)?),
+    };
+    model.describe(input, &mut Vec::new())?;
+    Ok(model)
+}
+
+fn activation(name: ActivationName) -> Activation {
+    match name {
         ActivationName::Relu => Activation::Relu,
         ActivationName::LeakyRelu => Activation::LeakyRelu(0.01),
         ActivationName::Sigmoid => Activation::Sigmoid,
         ActivationName::Tanh => Activation::Tanh,
-    };
-    match cfg.kind {
-        ModelKind::Logistic if outputs == 1 => Box::new(zoo::logistic(inputs)),
-        // Multinomial logistic regression: one layer, softmax in the loss.
-        ModelKind::Logistic => Box::new(zoo::mlp(inputs, &[], outputs, act)),
-        ModelKind::Mlp => Box::new(zoo::mlp(inputs, &cfg.hidden, outputs, act)),
     }
+}
+
+/// A `Sequential` from `model.layers`, inferring each layer's input size from the shape the
+/// previous one produces. A final linear layer to `outputs` is appended when the list does not
+/// already end with one of that size.
+fn from_layer_list(specs: &[LayerSpec], input: &[usize], outputs: usize) -> Result<Sequential> {
+    let mut s = Sequential::new("layers");
+    let mut shape = input.to_vec();
+    let mut rows = Vec::new();
+    for spec in specs {
+        let name = s.next_name();
+        let channels = shape.first().copied().unwrap_or(0);
+        match *spec {
+            LayerSpec::Conv2d {
+                out_channels,
+                kernel,
+                stride,
+                padding,
+            } => {
+                s.push(
+                    Conv2d::new(name, channels, out_channels, kernel)
+                        .stride(stride)
+                        .padding(padding),
+                );
+            }
+            LayerSpec::MaxPool2d { kernel, stride } => {
+                s.push(Pool2d::max(name, kernel, stride.unwrap_or(kernel)));
+            }
+            LayerSpec::AvgPool2d { kernel, stride } => {
+                s.push(Pool2d::avg(name, kernel, stride.unwrap_or(kernel)));
+            }
+            LayerSpec::GlobalAvgPool => {
+                s.push(GlobalAvgPool { name });
+            }
+            LayerSpec::Flatten => {
+                s.push(Flatten { name });
+            }
+            LayerSpec::Linear { out } => {
+                let width = shape.last().copied().unwrap_or(0);
+                s.push(Linear::new(name, width, out).with_init(Init::HeNormal));
+            }
+            LayerSpec::Residual { out_channels, stride } => {
+                s.push(Residual::new(name, channels, out_channels, stride));
+            }
+            LayerSpec::Dropout { p } => {
+                s.push(Dropout { name, p });
+            }
+            LayerSpec::Relu => {
+                s.push_activation(Activation::Relu);
+            }
+            LayerSpec::LeakyRelu => {
+                s.push_activation(Activation::LeakyRelu(0.01));
+            }
+            LayerSpec::Sigmoid => {
+                s.push_activation(Activation::Sigmoid);
+            }
+            LayerSpec::Tanh => {
+                s.push_activation(Activation::Tanh);
+            }
+        }
+        rows.clear();
+        shape = s.describe(input, &mut rows)?;
+    }
+    if shape != [outputs] {
+        let name = s.next_name();
+        if shape.len() != 1 {
+            return Err(ringtrain_nn::NnError::Layer {
+                layer: name,
+                reason: format!(
+                    "the layers end with shape {shape:?}; add a flatten (or global_avg_pool) before the classifier"
+                ),
+            }
+            .into());
+        }
+        s.push(Linear::new(name, shape[0], outputs).with_init(Init::XavierUniform));
+    }
+    Ok(s)
 }
