@@ -4,6 +4,8 @@
 //! 2 the job or its input is bad (fix it before retrying).
 #![allow(clippy::print_stdout)] // reason: printing results is this binary's job
 
+mod collective_cmd;
+
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -42,6 +44,18 @@ enum Command {
     Validate { job: PathBuf },
     /// Print the model's layers, output shapes, parameter counts and FLOPs per example.
     Inspect { job: PathBuf },
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// One rank of a local collective ring (started by `bench allreduce` and the tests).
+    #[command(hide = true)]
+    CollectivePeer(collective_cmd::PeerArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Ring all-reduce over gRPC between N local processes: time, algbw, busbw per size.
+    Allreduce(collective_cmd::BenchAllreduceArgs),
 }
 
 /// An error that means "the job or its input is wrong", as opposed to a failed run.
@@ -80,6 +94,8 @@ fn main() -> ExitCode {
 
 fn run(command: Command) -> anyhow::Result<()> {
     match command {
+        Command::Bench(BenchCommand::Allreduce(args)) => collective_cmd::run_bench_allreduce(args),
+        Command::CollectivePeer(args) => collective_cmd::run_peer(args),
         Command::Train { job, out, eval, quiet } => {
             let (mut spec, text) = load_job(&job)?;
             if let Some(e) = eval {

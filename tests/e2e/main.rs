@@ -2,4 +2,5 @@
 //! One test binary for the whole root package (link once, run in parallel).
 
 mod cli;
+mod collective;
 mod util;
