@@ -158,7 +158,8 @@ impl GrpcTransport {
     /// Serve on `listener` until `shutdown` resolves (or this value is
     /// dropped) and start streaming to the right neighbour, retrying until
     /// `connect_timeout`. Returns at once; link failures, including a refused
-    /// or unreachable neighbour, surface from the ring's next receive.
+    /// or unreachable neighbour, surface from the ring's next receive. Must be
+    /// called inside a tokio runtime (it spawns the server and client tasks).
     pub fn start<F>(config: &GrpcConfig, listener: TcpListener, shutdown: F) -> Result<Self>
     where
         F: Future<Output = ()> + Send + 'static,
