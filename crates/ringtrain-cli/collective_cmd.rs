@@ -326,6 +326,8 @@ impl Peers {
                 .args(["--rank", &rank.to_string(), "--world", &n.to_string()])
                 .args(extra)
                 .env(TOKEN_ENV, token)
+                // The peers only move bytes: no BLAS or rayon threads competing for the cores.
+                .env("RINGTRAIN_THREADS", "1")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
