@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use ringtrain_autograd::{Graph, ParamStore};
 use ringtrain_config::{EvalScheme, Job, OptimizerName, ScheduleName};
-use ringtrain_data::{epoch_permutation, kfold, summarize_folds, train_test_split, ConfusionMatrix, RegressionStats};
+use ringtrain_data::{eval_shard, kfold, shard_indices, summarize_folds, train_test_split, ConfusionMatrix, Remainder};
 use ringtrain_nn::{init_store, Loss, Module, Targets};
 use ringtrain_optim::{clip_grad_norm, Optimizer, OptimizerKind, Schedule, ScheduleKind};
 use serde::Serialize;
@@ -21,12 +21,29 @@ use crate::{write_atomic, Result, TrainError};
 #[error("{0}")]
 pub struct SyncError(pub String);
 
-/// What runs between backward and the optimizer step on the flat gradient buffer.
+/// What the engine needs from its peers: the seam between compute and network.
 ///
-/// After `all_reduce_mean` every rank must hold the same bits: the mean of all ranks'
-/// gradients. Single-process training uses [`LocalSync`].
+/// Every method must leave the same bits on every rank. Single-process training uses
+/// [`LocalSync`]; a distributed worker implements it with the ring all-reduce.
 pub trait GradSync {
+    /// This process's rank in `0..world()`.
+    fn rank(&self) -> usize {
+        0
+    }
+
+    /// Number of ranks training together.
+    fn world(&self) -> usize {
+        1
+    }
+
+    /// Replaces `grads` (the flat gradient buffer) with the mean over all ranks.
     fn all_reduce_mean(&mut self, grads: &mut [f32]) -> Result<(), SyncError>;
+
+    /// Replaces `values` (small metric sums) with their sum over all ranks.
+    fn all_reduce_sum_f64(&mut self, values: &mut [f64]) -> Result<(), SyncError>;
+
+    /// Makes every rank's parameters equal to rank 0's.
+    fn broadcast_params(&mut self, params: &mut [f32]) -> Result<(), SyncError>;
 }
 
 /// No peers: the local gradient is already the mean.
@@ -35,6 +52,14 @@ pub struct LocalSync;
 
 impl GradSync for LocalSync {
     fn all_reduce_mean(&mut self, _grads: &mut [f32]) -> Result<(), SyncError> {
+        Ok(())
+    }
+
+    fn all_reduce_sum_f64(&mut self, _values: &mut [f64]) -> Result<(), SyncError> {
+        Ok(())
+    }
+
+    fn broadcast_params(&mut self, _params: &mut [f32]) -> Result<(), SyncError> {
         Ok(())
     }
 }
@@ -146,6 +171,42 @@ pub struct FoldStat {
     pub values: Vec<f64>,
 }
 
+/// What a checkpoint says about itself (in the file's safetensors metadata).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    /// Completed epochs.
+    pub epoch: usize,
+    /// Optimizer steps taken.
+    pub step: u64,
+    pub world: usize,
+    pub seed: u64,
+    pub layout_fingerprint: String,
+}
+
+/// Reads the manifest of a checkpoint file.
+pub fn read_checkpoint_manifest(path: &Path) -> Result<Checkpoint> {
+    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, format!("cannot read checkpoint: {e}")))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| TrainError::io(path, format!("not a safetensors checkpoint: {e}")))?;
+    let json = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("ringtrain.checkpoint"))
+        .ok_or_else(|| TrainError::io(path, "not a ringtrain checkpoint (no manifest)"))?;
+    serde_json::from_str(json).map_err(|e| TrainError::io(path, format!("bad checkpoint manifest: {e}")))
+}
+
+/// Where a run writes and how it checkpoints and resumes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RunOptions<'a> {
+    /// Run directory for metrics, summary, weights and checkpoints (only one rank gets one).
+    pub out: Option<&'a Path>,
+    /// Save `checkpoint.safetensors` in `out` every this many epochs (and after the last).
+    pub checkpoint_every: Option<usize>,
+    /// Continue from this checkpoint (every rank reads it).
+    pub resume_from: Option<&'a Path>,
+}
+
 /// Model, parameters and optimizer of one training run.
 #[derive(Debug)]
 pub struct Trainer {
@@ -221,8 +282,12 @@ impl Trainer {
         }
     }
 
-    /// One epoch over `indices` (shuffled with the epoch's seeded permutation).
-    /// Returns (mean train loss, train accuracy if classification, last gradient norm).
+    /// One epoch over `indices`, shuffled with the epoch's seeded permutation and sharded
+    /// across ranks: rank r takes positions r, r + W, r + 2W, ... of the permutation, in local
+    /// batches of `batch_size / W`, so global batch k is the same set of examples whatever the
+    /// world size (the last, partial batch is padded by repeating examples, like PyTorch's
+    /// `DistributedSampler`). Returns (mean train loss, train accuracy if classification,
+    /// last gradient norm), all averaged over ranks.
     pub fn train_epoch(
         &mut self,
         task: &Task,
@@ -232,19 +297,33 @@ impl Trainer {
         sync: &mut dyn GradSync,
         observe: &mut dyn FnMut(Progress),
     ) -> Result<(f64, Option<f64>, Option<f64>)> {
-        let perm = epoch_permutation(indices.len(), epoch as u64, self.seed);
-        let order: Vec<usize> = perm.iter().map(|&p| indices[p]).collect();
-        let total = order.len().div_ceil(self.batch_size);
+        let (rank, world) = (sync.rank(), sync.world().max(1));
+        if self.batch_size % world != 0 {
+            return Err(TrainError::Job {
+                field: "training.batch_size",
+                reason: format!(
+                    "the global batch {} must divide evenly by the {world} workers",
+                    self.batch_size
+                ),
+            });
+        }
+        let local_batch = self.batch_size / world;
+        let order = shard_indices(indices, rank, world, epoch as u64, self.seed, Remainder::Pad)?;
+        let total = order.len().div_ceil(local_batch);
         let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
         let mut grad_norm = None;
-        for (b, chunk) in order.chunks(self.batch_size).enumerate() {
+        for (b, chunk) in order.chunks(local_batch).enumerate() {
             let batch = examples.batch(chunk)?;
             let targets = task.loss_targets(&batch.targets)?;
             let lr = self.schedule.lr_at(self.step);
             let loss_value = {
                 let mut g = Graph::new(&self.store);
                 // Dropout masks: a fresh, reproducible stream per step.
-                g.seed_rng(self.seed ^ self.step.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+                g.seed_rng(
+                    self.seed
+                        ^ self.step.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                        ^ (rank as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9),
+                );
                 let x = g.input(batch.x);
                 let out = self.model.forward(&mut g, x)?;
                 correct += count_correct(&task.target, g.value(out), &batch.targets)?;
@@ -279,17 +358,31 @@ impl Trainer {
                 total,
             });
         }
-        let acc = (task.target.n_classes() > 0).then(|| correct as f64 / seen.max(1) as f64);
-        Ok((loss_sum / seen.max(1) as f64, acc, grad_norm))
+        let mut sums = [loss_sum, correct as f64, seen as f64];
+        sync.all_reduce_sum_f64(&mut sums).map_err(|source| TrainError::Sync {
+            step: self.step,
+            source,
+        })?;
+        let [loss_sum, correct, seen] = sums;
+        let acc = (task.target.n_classes() > 0).then(|| correct / seen.max(1.0));
+        Ok((loss_sum / seen.max(1.0), acc, grad_norm))
     }
 
     /// Loss and metrics of the current parameters on `indices` (inference mode, no tape).
-    pub fn evaluate(&self, task: &Task, examples: &dyn Examples, indices: &[usize]) -> Result<EvalMetrics> {
+    /// Each rank evaluates a contiguous, disjoint part of `indices` and the sums are combined,
+    /// so every example counts exactly once whatever the world size.
+    pub fn evaluate(
+        &self,
+        task: &Task,
+        examples: &dyn Examples,
+        indices: &[usize],
+        sync: &mut dyn GradSync,
+    ) -> Result<EvalMetrics> {
         let n_classes = task.target.n_classes();
         let mut confusion = ConfusionMatrix::new(n_classes.max(1));
-        let mut reg = RegressionStats::new();
-        let mut loss_sum = 0.0f64;
-        for chunk in indices.chunks(self.batch_size.max(256)) {
+        let (mut loss_sum, mut sq_sum, mut abs_sum) = (0.0f64, 0.0f64, 0.0f64);
+        let mine = eval_shard(indices.len(), sync.rank(), sync.world().max(1))?;
+        for chunk in indices[mine].chunks(self.batch_size.max(256)) {
             let batch = examples.batch(chunk)?;
             let targets = task.loss_targets(&batch.targets)?;
             let mut g = Graph::inference(&self.store);
@@ -303,24 +396,108 @@ impl Trainer {
                     let pred = predict_classes(kind, g.value(out))?;
                     confusion.add_all(truth, &pred);
                 }
-                (Targets::Values(t), _) => reg.add_all(t.as_slice(), g.value(out).as_slice()),
+                (Targets::Values(t), _) => {
+                    for (&y, &p) in t.as_slice().iter().zip(g.value(out).as_slice()) {
+                        let e = f64::from(p) - f64::from(y);
+                        sq_sum += e * e;
+                        abs_sum += e.abs();
+                    }
+                }
             }
         }
-        let n = indices.len();
+        // One vector of sums for one all-reduce: loss, squared and absolute errors, counts.
+        let k = n_classes.max(1);
+        let mut sums = vec![loss_sum, sq_sum, abs_sum];
+        sums.extend(confusion.counts().iter().flatten().map(|&c| c as f64));
+        sync.all_reduce_sum_f64(&mut sums).map_err(|source| TrainError::Sync {
+            step: self.step,
+            source,
+        })?;
+        let counts: Vec<Vec<u64>> = sums[3..]
+            .chunks(k)
+            .map(|r| r.iter().map(|&c| c.round() as u64).collect())
+            .collect();
+        let confusion = ConfusionMatrix::from_counts(counts)?;
+        let n = indices.len().max(1) as f64;
         let classification = n_classes > 0;
         Ok(EvalMetrics {
-            examples: n,
-            loss: loss_sum / n.max(1) as f64,
+            examples: indices.len(),
+            loss: sums[0] / n,
             accuracy: classification.then(|| confusion.accuracy()),
             macro_f1: classification.then(|| confusion.macro_f1()),
-            rmse: (!classification).then(|| reg.rmse()),
-            mae: (!classification).then(|| reg.mae()),
+            rmse: (!classification).then(|| (sums[1] / n).sqrt()),
+            mae: (!classification).then(|| sums[2] / n),
             confusion_matrix: classification.then(|| confusion.counts().to_vec()),
         })
     }
 
     pub fn learning_rate(&self) -> f32 {
         self.schedule.lr_at(self.step)
+    }
+
+    /// Optimizer steps taken so far.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// Saves parameters, optimizer state and position (completed `epoch`, step) as one
+    /// safetensors file, atomically, so a crash leaves the previous checkpoint intact. The data
+    /// cursor is the epoch boundary and every random stream is derived from (seed, step, rank),
+    /// so this is all a resumed run needs to continue exactly.
+    pub fn save_checkpoint(&self, path: &Path, epoch: usize, world: usize) -> Result<()> {
+        let mut tensors: Vec<(String, ringtrain_tensor::Tensor)> = self
+            .store
+            .named_tensors()
+            .map(|(n, t)| (format!("model.{n}"), t))
+            .collect();
+        tensors.extend(
+            self.optimizer
+                .state_tensors(self.store.specs())
+                .into_iter()
+                .map(|(n, t)| (format!("optimizer.{n}"), t)),
+        );
+        let manifest = Checkpoint {
+            epoch,
+            step: self.step,
+            world,
+            seed: self.seed,
+            layout_fingerprint: format!("{:016x}", self.store.layout_fingerprint()),
+        };
+        let json = serde_json::to_string(&manifest).map_err(|e| TrainError::io(path, e))?;
+        save_safetensors(
+            path,
+            &tensors,
+            HashMap::from([("ringtrain.checkpoint".to_string(), json)]),
+        )
+    }
+
+    /// Restores a checkpoint written by [`Trainer::save_checkpoint`]; returns the completed
+    /// epoch. Refuses a checkpoint of another model or world size.
+    pub fn load_checkpoint(&mut self, path: &Path, world: usize) -> Result<usize> {
+        let manifest = read_checkpoint_manifest(path)?;
+        let fingerprint = format!("{:016x}", self.store.layout_fingerprint());
+        if manifest.layout_fingerprint != fingerprint || manifest.world != world || manifest.seed != self.seed {
+            return Err(TrainError::io(
+                path,
+                format!(
+                    "checkpoint is for model {} / world {} / seed {}, this run is model {fingerprint} / world {world} / seed {}",
+                    manifest.layout_fingerprint, manifest.world, manifest.seed, self.seed
+                ),
+            ));
+        }
+        let saved = crate::load_safetensors(path)?;
+        let names: Vec<String> = self.store.specs().iter().map(|s| s.name.clone()).collect();
+        for name in names {
+            let t = saved
+                .get(&format!("model.{name}"))
+                .ok_or_else(|| TrainError::io(path, format!("missing parameter `{name}`")))?;
+            self.store.set(&name, t)?;
+        }
+        self.optimizer.load_state(self.store.specs(), manifest.step, |k| {
+            saved.get(&format!("optimizer.{k}")).map(|t| t.to_vec())
+        })?;
+        self.step = manifest.step;
+        Ok(manifest.epoch)
     }
 
     pub fn model(&self) -> &dyn Module {
@@ -350,6 +527,39 @@ fn count_correct(kind: &TargetKind, out: &ringtrain_tensor::Tensor, targets: &Ta
 /// given, writes `metrics.jsonl`, `summary.json`, `model.safetensors`, `preprocess.json`
 /// and a copy of the job there.
 pub fn run_job(job: &Job, job_text: &str, out: Option<&Path>, observe: &mut dyn FnMut(Progress)) -> Result<RunSummary> {
+    run_job_with(job, job_text, out, &mut LocalSync, observe)
+}
+
+/// [`run_job`] on one rank of a data-parallel group: `sync` connects the ranks. Every rank
+/// runs this with the same job; only the rank given an `out` directory writes files.
+pub fn run_job_with(
+    job: &Job,
+    job_text: &str,
+    out: Option<&Path>,
+    sync: &mut dyn GradSync,
+    observe: &mut dyn FnMut(Progress),
+) -> Result<RunSummary> {
+    run_job_opts(
+        job,
+        job_text,
+        &RunOptions {
+            out,
+            ..RunOptions::default()
+        },
+        sync,
+        observe,
+    )
+}
+
+/// [`run_job_with`] with checkpointing and resumption.
+pub fn run_job_opts(
+    job: &Job,
+    job_text: &str,
+    opts: &RunOptions<'_>,
+    sync: &mut dyn GradSync,
+    observe: &mut dyn FnMut(Progress),
+) -> Result<RunSummary> {
+    let out = opts.out;
     let task = Task::from_job(job)?;
     let n = task.examples.len();
     let strata = if job.evaluation.stratify {
@@ -381,6 +591,12 @@ pub fn run_job(job: &Job, job_text: &str, out: Option<&Path>, observe: &mut dyn 
         write_atomic(&dir.join("job.toml"), job_text.as_bytes())?;
     }
     let mut metrics_lines = String::new();
+    if opts.resume_from.is_some() && splits.len() > 1 {
+        return Err(TrainError::Job {
+            field: "evaluation.scheme",
+            reason: "resuming is supported for train_test and provided splits, not k-fold".into(),
+        });
+    }
     let mut folds = Vec::new();
     let mut last: Option<(Trainer, Arc<dyn Examples>)> = None;
     for (fold, train, test_rows, provided) in splits {
@@ -394,16 +610,29 @@ pub fn run_job(job: &Job, job_text: &str, out: Option<&Path>, observe: &mut dyn 
         };
         let model = build_model(&job.model, &examples.input_shape(), task.target.outputs())?;
         let mut trainer = Trainer::new(job, model, task.loss, train.len());
-        let mut sync = LocalSync;
+        sync.broadcast_params(trainer.store.flat_mut())
+            .map_err(|source| TrainError::Sync { step: 0, source })?;
         let mut train_loss = f64::NAN;
-        for epoch in 1..=job.training.epochs {
+        let mut first_epoch = 1;
+        if let Some(ckpt) = opts.resume_from {
+            let done = trainer.load_checkpoint(ckpt, sync.world())?;
+            first_epoch = done + 1;
+            if let Some(dir) = out {
+                // Keep the metrics of the epochs before the checkpoint.
+                let old = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
+                for line in old.lines().take(done) {
+                    metrics_lines.push_str(line);
+                    metrics_lines.push('\n');
+                }
+            }
+        }
+        for epoch in first_epoch..=job.training.epochs {
             let lr = trainer.learning_rate();
             let started = Instant::now();
-            let (loss, acc, grad_norm) =
-                trainer.train_epoch(&task, examples.as_ref(), &train, epoch, &mut sync, observe)?;
+            let (loss, acc, grad_norm) = trainer.train_epoch(&task, examples.as_ref(), &train, epoch, sync, observe)?;
             let secs = started.elapsed().as_secs_f64();
             train_loss = loss;
-            let test = trainer.evaluate(&task, test_set.as_ref(), &test_rows)?;
+            let test = trainer.evaluate(&task, test_set.as_ref(), &test_rows, sync)?;
             let report = EpochReport {
                 fold,
                 epoch,
@@ -419,8 +648,17 @@ pub fn run_job(job: &Job, job_text: &str, out: Option<&Path>, observe: &mut dyn 
             metrics_lines.push_str(&serde_json::to_string(&report).map_err(|e| TrainError::io("metrics.jsonl", e))?);
             metrics_lines.push('\n');
             observe(Progress::Epoch(report));
+            if let Some(dir) = out {
+                write_atomic(&dir.join("metrics.jsonl"), metrics_lines.as_bytes())?;
+                let due = opts
+                    .checkpoint_every
+                    .is_some_and(|k| epoch % k.max(1) == 0 || epoch == job.training.epochs);
+                if due && fold.is_none() {
+                    trainer.save_checkpoint(&dir.join("checkpoint.safetensors"), epoch, sync.world())?;
+                }
+            }
         }
-        let test = trainer.evaluate(&task, test_set.as_ref(), &test_rows)?;
+        let test = trainer.evaluate(&task, test_set.as_ref(), &test_rows, sync)?;
         folds.push(FoldReport {
             fold,
             train_examples: train.len(),
@@ -478,8 +716,89 @@ pub fn run_job(job: &Job, job_text: &str, out: Option<&Path>, observe: &mut dyn 
             "input": examples.preprocess(),
             "input_shape": examples.input_shape(),
             "class_names": task.target.class_names(),
+            // Where the data was, so `ringtrain evaluate RUN_DIR` finds the test split again.
+            "data_path": std::path::absolute(&job.data.path).unwrap_or_else(|_| job.data.path.clone()),
         });
         write_atomic(&dir.join("preprocess.json"), pre.to_string().as_bytes())?;
+        crate::plots::write_plots(dir, &metrics_lines, &summary)?;
     }
     Ok(summary)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn iris_job(epochs: usize) -> (Job, String) {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/iris-mlp.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut job = Job::load(&path).unwrap();
+        job.training.epochs = epochs;
+        (job, text)
+    }
+
+    #[test]
+    fn resuming_from_a_checkpoint_ends_with_the_same_parameters() {
+        let (job, text) = iris_job(6);
+        let straight = tempfile::tempdir().unwrap();
+        let opts = RunOptions {
+            out: Some(straight.path()),
+            ..RunOptions::default()
+        };
+        run_job_opts(&job, &text, &opts, &mut LocalSync, &mut |_| {}).unwrap();
+
+        // Interrupted after 3 epochs (checkpoint every epoch), then resumed to 6.
+        let resumed = tempfile::tempdir().unwrap();
+        let (short, _) = iris_job(3);
+        let opts = RunOptions {
+            out: Some(resumed.path()),
+            checkpoint_every: Some(1),
+            resume_from: None,
+        };
+        run_job_opts(&short, &text, &opts, &mut LocalSync, &mut |_| {}).unwrap();
+        let ckpt = resumed.path().join("checkpoint.safetensors");
+        assert_eq!(read_checkpoint_manifest(&ckpt).unwrap().epoch, 3);
+        let copy = resumed.path().join("from.safetensors");
+        std::fs::copy(&ckpt, &copy).unwrap();
+        let opts = RunOptions {
+            out: Some(resumed.path()),
+            checkpoint_every: Some(1),
+            resume_from: Some(&copy),
+        };
+        run_job_opts(&job, &text, &opts, &mut LocalSync, &mut |_| {}).unwrap();
+
+        let a = std::fs::read(straight.path().join("model.safetensors")).unwrap();
+        let b = std::fs::read(resumed.path().join("model.safetensors")).unwrap();
+        assert!(a == b, "resumed run must end with bitwise-identical weights");
+        let lines = std::fs::read_to_string(resumed.path().join("metrics.jsonl")).unwrap();
+        assert_eq!(lines.lines().count(), 6);
+        let s1 = std::fs::read(straight.path().join("summary.json")).unwrap();
+        let s2 = std::fs::read(resumed.path().join("summary.json")).unwrap();
+        assert_eq!(s1, s2);
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_model_is_refused() {
+        let (job, text) = iris_job(1);
+        let dir = tempfile::tempdir().unwrap();
+        let opts = RunOptions {
+            out: Some(dir.path()),
+            checkpoint_every: Some(1),
+            resume_from: None,
+        };
+        run_job_opts(&job, &text, &opts, &mut LocalSync, &mut |_| {}).unwrap();
+        let mut other = job.clone();
+        other.model.hidden = vec![8];
+        let ckpt = dir.path().join("checkpoint.safetensors");
+        let opts = RunOptions {
+            out: None,
+            checkpoint_every: None,
+            resume_from: Some(&ckpt),
+        };
+        let err = run_job_opts(&other, &text, &opts, &mut LocalSync, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("checkpoint is for model"), "{err}");
+    }
 }

@@ -16,12 +16,17 @@
 
 mod checkpoint;
 mod engine;
+mod inference;
+mod plots;
 mod task;
 
 pub use checkpoint::{load_safetensors, restore_params, save_safetensors, write_atomic};
 pub use engine::{
-    run_job, EpochReport, EvalMetrics, FoldReport, GradSync, LocalSync, Progress, RunSummary, SyncError, Trainer,
+    read_checkpoint_manifest, run_job, run_job_opts, run_job_with, Checkpoint, EpochReport, EvalMetrics, FoldReport,
+    GradSync, LocalSync, Progress, RunOptions, RunSummary, SyncError, Trainer,
 };
+pub use inference::{Evaluation, Prediction, SavedModel};
+pub use plots::write_plots;
 pub use task::{build_model, Batch, Examples, Task};
 
 use std::path::PathBuf;
