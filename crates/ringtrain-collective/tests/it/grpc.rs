@@ -164,3 +164,86 @@ fn a_rank_dropped_mid_all_reduce_is_named_by_the_others() {
         );
     }
 }
+
+/// Bind `n` std listeners and build each rank's config (blocking API).
+fn bind_std(n: usize) -> Vec<(GrpcConfig, std::net::TcpListener)> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    let peers: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().expect("bound address").to_string())
+        .collect();
+    listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let mut config = GrpcConfig::new(rank, peers.clone(), "blocking-test", TOKEN);
+            config.connect_timeout = Duration::from_secs(10);
+            config.part_bytes = 8 * 1024;
+            (config, l)
+        })
+        .collect()
+}
+
+#[test]
+fn blocking_communicators_on_threads_agree_and_drop_cleanly() {
+    use ringtrain_collective::{BucketPlan, Communicator};
+    let n = 3;
+    let handles: Vec<_> = bind_std(n)
+        .into_iter()
+        .map(|(config, listener)| {
+            std::thread::spawn(move || {
+                let mut comm = Communicator::connect(&config, listener, 1)?;
+                let rank = comm.rank();
+                let mut grads = inputs(3, rank, 30_001);
+                comm.all_reduce_mean(&mut grads)?;
+                let plan = BucketPlan::new([("w", 20_000usize), ("b", 10_001)], 16 * 1024);
+                let mut bucketed = inputs(4, rank, 30_001);
+                comm.all_reduce_bucketed(&mut bucketed, &plan, ReduceOp::Sum)?;
+                let mut params = vec![rank as f32; 5000];
+                comm.broadcast(&mut params, 0)?;
+                let metrics = comm.all_gather_f64(&[rank as f64 * 10.0])?;
+                // Dropped right after its last collective: its last frames
+                // must still reach the neighbours.
+                drop(comm);
+                Ok::<_, Error>((grads, bucketed, params, metrics))
+            })
+        })
+        .collect();
+    let outs: Vec<_> = handles
+        .into_iter()
+        .map(|h| h.join().expect("thread").expect("collectives succeed"))
+        .collect();
+    let xs: Vec<Vec<f32>> = (0..n).map(|r| inputs(3, r, 30_001)).collect();
+    let mean = ring_model(&xs, true);
+    for (grads, bucketed, params, metrics) in &outs {
+        assert_eq!(bits(grads), bits(&mean));
+        assert_eq!(bits(bucketed), bits(&outs[0].1));
+        assert_eq!(params, &vec![0.0; 5000]);
+        assert_eq!(metrics, &vec![vec![0.0], vec![10.0], vec![20.0]]);
+    }
+}
+
+#[test]
+fn a_peer_that_never_starts_is_named_within_the_connect_timeout() {
+    use ringtrain_collective::Communicator;
+    let mut ranks = bind_std(2);
+    let (_absent_config, absent_listener) = ranks.pop().expect("rank 1");
+    drop(absent_listener); // rank 1 never comes up
+    let (mut config, listener) = ranks.pop().expect("rank 0");
+    config.connect_timeout = Duration::from_millis(800);
+    let started = Instant::now();
+    let err = Communicator::connect(&config, listener, 1).expect_err("rank 1 is missing");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    let msg = err.to_string();
+    assert!(msg.contains("rank 1"), "{msg}");
+    assert!(
+        matches!(err, Error::Timeout { peer: 1, .. } | Error::PeerLost { peer: 1, .. }),
+        "{msg}"
+    );
+}
