@@ -41,6 +41,7 @@ impl Graph<'_> {
     fn input_grads(&self, i: usize, g: &Tensor) -> Result<Vec<(Var, Tensor)>> {
         let y = &self.nodes[i].value;
         let val = |v: Var| self.value(v);
+        let need = |v: Var| self.nodes[v.0].needs_grad;
         let unary = |x: Var, f: &dyn Fn(f32, f32, f32) -> f32| -> Result<Vec<(Var, Tensor)>> {
             // f(g, x, y) -> dx, elementwise
             let xs = val(x);
@@ -79,13 +80,28 @@ impl Graph<'_> {
                 let (av, bv) = (val(*a), val(*b));
                 // C = op(A)·op(B); each case is dC/dA, dC/dB written as products of the
                 // stored operands, passing transposes to BLAS instead of materialising them.
-                let (da, db) = match (ta, tb) {
-                    (false, false) => (g.matmul_t(bv, false, true)?, av.matmul_t(g, true, false)?),
-                    (false, true) => (g.matmul_t(bv, false, false)?, g.matmul_t(av, true, false)?),
-                    (true, false) => (bv.matmul_t(g, false, true)?, av.matmul_t(g, false, false)?),
-                    (true, true) => (bv.matmul_t(g, true, true)?, g.matmul_t(av, true, true)?),
-                };
-                vec![(*a, da), (*b, db)]
+                // A side that needs no gradient (the input batch) is skipped: for a first
+                // layer that is a third of its backward FLOPs.
+                let mut out = Vec::with_capacity(2);
+                if need(*a) {
+                    let da = match (ta, tb) {
+                        (false, false) => g.matmul_t(bv, false, true)?,
+                        (false, true) => g.matmul_t(bv, false, false)?,
+                        (true, false) => bv.matmul_t(g, false, true)?,
+                        (true, true) => bv.matmul_t(g, true, true)?,
+                    };
+                    out.push((*a, da));
+                }
+                if need(*b) {
+                    let db = match (ta, tb) {
+                        (false, false) => av.matmul_t(g, true, false)?,
+                        (false, true) => g.matmul_t(av, true, false)?,
+                        (true, false) => av.matmul_t(g, false, false)?,
+                        (true, true) => g.matmul_t(av, true, true)?,
+                    };
+                    out.push((*b, db));
+                }
+                out
             }
             Op::Reshape(x) => vec![(*x, g.reshape(val(*x).shape())?)],
             Op::Permute(x, axes) => {
@@ -157,17 +173,34 @@ impl Graph<'_> {
                 vec![(*x, Tensor::index_add(val(*x).shape(), *axis, indices, g)?)]
             }
             Op::MulConst { x, factor } => vec![(*x, g.mul(factor)?)],
-            Op::Conv2d { x, w, win, cols } => {
+            Op::Conv2d { x, w, b, win, cols } => {
                 let (xv, wv) = (val(*x), val(*w));
                 let xs = nchw(xv)?;
                 let (o, ckk) = (wv.shape()[0], wv.len() / wv.shape()[0]);
                 // g: [N, O, OH, OW] → [O, N·L], the layout of the forward product.
-                let gm = g.permute(&[1, 0, 2, 3])?;
-                let l = gm.len() / o;
-                let gm = gm.reshape(&[o, l])?;
-                let dw = gm.matmul_t(cols, false, true)?.reshape(wv.shape())?;
-                let dcols = wv.reshape(&[o, ckk])?.matmul_t(&gm, true, false)?;
-                vec![(*x, conv::col2im(&dcols, xs, win)?), (*w, dw)]
+                let (n, l) = (g.shape()[0], g.len() / (g.shape()[0] * o).max(1));
+                let gs = g.as_slice();
+                let mut gmv = Vec::with_capacity(g.len());
+                for ch in 0..o {
+                    for img in 0..n {
+                        gmv.extend_from_slice(&gs[(img * o + ch) * l..(img * o + ch + 1) * l]);
+                    }
+                }
+                let gm = Tensor::from_vec(&[o, n * l], gmv)?;
+                let mut out = Vec::with_capacity(3);
+                if let Some(b) = b.filter(|&b| need(b)) {
+                    let db: Vec<f32> = gm.as_slice().chunks(n * l).map(|r| r.iter().sum()).collect();
+                    out.push((b, Tensor::from_vec(&[o], db)?));
+                }
+                if need(*w) {
+                    out.push((*w, gm.matmul_t(cols, false, true)?.reshape(wv.shape())?));
+                }
+                if need(*x) {
+                    // The first layer's input needs no gradient: no dcols product, no col2im.
+                    let dcols = wv.reshape(&[o, ckk])?.matmul_t(&gm, true, false)?;
+                    out.push((*x, conv::col2im(&dcols, xs, win)?));
+                }
+                out
             }
             Op::MaxPool2d { x, argmax } => {
                 let mut dx = Tensor::zeros(val(*x).shape());

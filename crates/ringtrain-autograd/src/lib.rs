@@ -124,6 +124,7 @@ pub(crate) enum Op {
     Conv2d {
         x: Var,
         w: Var,
+        b: Option<Var>,
         win: Window2d,
         cols: Tensor,
     },

@@ -194,12 +194,13 @@ impl Graph<'_> {
         Ok(self.unary(x, v, Op::MulConst { x, factor }))
     }
 
-    /// 2-D convolution (cross-correlation, as in PyTorch) without bias.
+    /// 2-D convolution (cross-correlation, as in PyTorch), with an optional per-channel bias
+    /// added in the same pass.
     ///
     /// # Shapes
-    /// `x: [N, C, H, W]`, `w: [O, C, KH, KW]` → `[N, O, OH, OW]` with
+    /// `x: [N, C, H, W]`, `w: [O, C, KH, KW]`, `b: [O]` → `[N, O, OH, OW]` with
     /// `OH = ⌊(H + 2·padding − KH) / stride⌋ + 1` (same for W).
-    pub fn conv2d(&mut self, x: Var, w: Var, stride: usize, padding: usize) -> Result<Var> {
+    pub fn conv2d(&mut self, x: Var, w: Var, b: Option<Var>, stride: usize, padding: usize) -> Result<Var> {
         let (xs, ws) = (self.shape(x).to_vec(), self.shape(w).to_vec());
         let (&[n, c, _, _], &[o, wc, kh, kw]) = (xs.as_slice(), ws.as_slice()) else {
             return Err(AutogradError::Invalid {
@@ -220,10 +221,33 @@ impl Graph<'_> {
         };
         let cols = conv::im2col(self.value(x), &win)?;
         let (oh, ow) = win.output_hw(xs[2], xs[3]).expect("im2col checked the window fits");
-        // [O, CKK] · [CKK, N·L] = [O, N·L] → [N, O, OH, OW]
-        let y = self.value(w).reshape(&[o, c * kh * kw])?.matmul(&cols)?;
-        let y = y.reshape(&[o, n, oh, ow])?.permute(&[1, 0, 2, 3])?;
-        Ok(self.record(y, Op::Conv2d { x, w, win, cols }, &[x, w]))
+        if let Some(b) = b {
+            if self.shape(b) != [o] {
+                return Err(AutogradError::Invalid {
+                    op: "conv2d",
+                    reason: format!("bias must be [{o}], got {:?}", self.shape(b)),
+                });
+            }
+        }
+        // [O, CKK] · [CKK, N·L] = [O, N·L], then one pass to [N, O, OH, OW] adding the bias.
+        let prod = self.value(w).reshape(&[o, c * kh * kw])?.matmul(&cols)?;
+        let l = oh * ow;
+        let bias = b.map(|b| self.value(b).to_vec()).unwrap_or_else(|| vec![0.0; o]);
+        let ps = prod.as_slice();
+        let mut y = Vec::with_capacity(n * o * l);
+        for img in 0..n {
+            for (ch, &bv) in bias.iter().enumerate() {
+                y.extend(
+                    ps[ch * n * l + img * l..ch * n * l + (img + 1) * l]
+                        .iter()
+                        .map(|&v| v + bv),
+                );
+            }
+        }
+        let y = Tensor::from_vec(&[n, o, oh, ow], y)?;
+        let mut inputs = vec![x, w];
+        inputs.extend(b);
+        Ok(self.record(y, Op::Conv2d { x, w, b, win, cols }, &inputs))
     }
 
     /// Max pooling over `kernel`×`kernel` windows (`[N, C, H, W] -> [N, C, OH, OW]`).

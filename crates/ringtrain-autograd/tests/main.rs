@@ -244,7 +244,9 @@ proptest! {
         let (h, w) = (k + 3, k + 2);
         let x = away_from_zero(&[n, c, h, w], seed);
         let wt = away_from_zero(&[o, c, k, k], seed ^ 9);
-        assert_grad(|g, v| g.conv2d(v[0], v[1], stride, padding), &[x, wt]);
+        let b = away_from_zero(&[o], seed ^ 5);
+        assert_grad(|g, v| g.conv2d(v[0], v[1], None, stride, padding), &[x.clone(), wt.clone()]);
+        assert_grad(|g, v| g.conv2d(v[0], v[1], Some(v[2]), stride, padding), &[x, wt, b]);
     }
 
     #[test]

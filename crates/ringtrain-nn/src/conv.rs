@@ -91,15 +91,13 @@ impl Module for Conv2d {
     /// `[N, in, H, W] -> [N, out, OH, OW]`, `OH = ⌊(H + 2·padding − kernel)/stride⌋ + 1`.
     fn forward(&self, g: &mut Graph<'_>, x: Var) -> Result<Var> {
         let w = g.param(&format!("{}.weight", self.name))?;
-        let y = g
-            .conv2d(x, w, self.stride, self.padding)
-            .map_err(|e| layer_err(&self.name, e.to_string()))?;
-        if !self.bias {
-            return Ok(y);
-        }
-        let b = g.param(&format!("{}.bias", self.name))?;
-        let b = g.reshape(b, &[1, self.out_channels, 1, 1])?;
-        Ok(g.add(y, b)?)
+        let b = if self.bias {
+            Some(g.param(&format!("{}.bias", self.name))?)
+        } else {
+            None
+        };
+        g.conv2d(x, w, b, self.stride, self.padding)
+            .map_err(|e| layer_err(&self.name, e.to_string()))
     }
 
     fn describe(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<Vec<usize>> {

@@ -164,12 +164,12 @@ mod tests {
                 let b2 = g.input(store.get("r.body.2.bias")?.reshape(&[1, 3, 1, 1])?);
                 let ws = g.input(store.get("r.shortcut.weight")?);
                 let bs = g.input(store.get("r.shortcut.bias")?.reshape(&[1, 3, 1, 1])?);
-                let h = g.conv2d(v[0], w0, 2, 1)?;
+                let h = g.conv2d(v[0], w0, None, 2, 1)?;
                 let h = g.add(h, b0)?;
                 let h = g.relu(h);
-                let h = g.conv2d(h, w2, 1, 1)?;
+                let h = g.conv2d(h, w2, None, 1, 1)?;
                 let h = g.add(h, b2)?;
-                let s = g.conv2d(v[0], ws, 2, 0)?;
+                let s = g.conv2d(v[0], ws, None, 2, 0)?;
                 let s = g.add(s, bs)?;
                 let y = g.add(h, s)?;
                 Ok::<_, crate::NnError>(g.relu(y))
@@ -196,13 +196,13 @@ mod tests {
         let mut h = Graph::new(&store);
         let xv = h.input(x);
         let w0 = h.param("r.body.0.weight").unwrap();
-        let a = h.conv2d(xv, w0, 1, 1).unwrap();
+        let a = h.conv2d(xv, w0, None, 1, 1).unwrap();
         let b0 = h.param("r.body.0.bias").unwrap();
         let b0 = h.reshape(b0, &[1, 2, 1, 1]).unwrap();
         let a = h.add(a, b0).unwrap();
         let a = h.relu(a);
         let w2 = h.param("r.body.2.weight").unwrap();
-        let a = h.conv2d(a, w2, 1, 1).unwrap();
+        let a = h.conv2d(a, w2, None, 1, 1).unwrap();
         let b2 = h.param("r.body.2.bias").unwrap();
         let b2 = h.reshape(b2, &[1, 2, 1, 1]).unwrap();
         let a = h.add(a, b2).unwrap();

@@ -49,6 +49,16 @@ impl Tensor {
             };
             return Ok(Tensor::from_array(data));
         }
+        // Fast path for the common bias case: `other` is exactly the trailing axes of `self`
+        // (e.g. [batch, features] + [features]); plain chunked loops, no strided iteration.
+        if other.ndim() <= self.ndim() && self.shape().ends_with(other.shape()) && !other.is_empty() {
+            let b = other.as_slice();
+            let mut out = Vec::with_capacity(self.len());
+            for chunk in self.as_slice().chunks(b.len()) {
+                out.extend(chunk.iter().zip(b).map(|(&x, &y)| f(x, y)));
+            }
+            return Tensor::from_vec(self.shape(), out);
+        }
         let shape = broadcast_shape(self.shape(), other.shape()).ok_or_else(|| self.shape_err(op, other))?;
         let a = self
             .data
@@ -168,6 +178,19 @@ impl Tensor {
         };
         if shape.len() > self.ndim() {
             return Err(err());
+        }
+        // Fast path: `shape` is the trailing axes (bias gradients): sum the rows directly.
+        if self.shape().ends_with(shape) && !shape.is_empty() {
+            let n: usize = shape.iter().product();
+            let mut acc = vec![0.0f32; n];
+            if n > 0 {
+                for chunk in self.as_slice().chunks(n) {
+                    for (a, &v) in acc.iter_mut().zip(chunk) {
+                        *a += v;
+                    }
+                }
+            }
+            return Tensor::from_vec(shape, acc);
         }
         let mut data = self.data.clone();
         for _ in 0..self.ndim() - shape.len() {

@@ -1,0 +1,102 @@
+//! One training step (forward + backward + optimizer) of the models in the issues' benches,
+//! on synthetic inputs, in examples/s (criterion's `elem/s`). Peer figures (PyTorch 2.x eager,
+//! same shapes) are in `../shared/design/peers.md`; compare ratios measured on one machine.
+//!
+//! Run: `cargo bench --profile dev --bench train_step` (`RINGTRAIN_BENCH_THREADS=2` for two
+//! threads; default one).
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ringtrain_autograd::{Graph, ParamStore, Tensor};
+use ringtrain_nn::{init_store, zoo, Activation, Loss, Module, Targets};
+use ringtrain_optim::{Optimizer, OptimizerKind};
+use ringtrain_tensor::{random, threads};
+
+struct Step {
+    model: Box<dyn Module>,
+    store: ParamStore,
+    opt: Optimizer,
+    grad: Vec<f32>,
+    x: Tensor,
+    targets: Targets,
+}
+
+impl Step {
+    fn new(model: Box<dyn Module>, opt: OptimizerKind, input: &[usize], classes: usize) -> Step {
+        let store = init_store(model.as_ref(), 0);
+        let n = store.num_elements();
+        let mut rng = random::rng(1);
+        let x = random::uniform(input, -1.0, 1.0, &mut rng);
+        let targets = Targets::Classes((0..input[0]).map(|i| i % classes).collect());
+        Step {
+            model,
+            opt: Optimizer::new(opt, n),
+            grad: vec![0.0; n],
+            store,
+            x,
+            targets,
+        }
+    }
+
+    fn run(&mut self) {
+        {
+            let mut g = Graph::new(&self.store);
+            let x = g.input(self.x.clone());
+            let out = self.model.forward(&mut g, x).expect("forward");
+            let loss = Loss::CrossEntropy.compute(&mut g, out, &self.targets).expect("loss");
+            let grads = g.backward(loss).expect("backward");
+            g.param_grads_into(&grads, &mut self.grad).expect("grads");
+        }
+        self.opt.step(self.store.flat_mut(), &self.grad, 1e-3).expect("step");
+    }
+}
+
+fn bench_threads() -> usize {
+    std::env::var("RINGTRAIN_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
+}
+
+fn train_steps(c: &mut Criterion) {
+    let t = bench_threads();
+    threads::configure(threads::ThreadConfig { blas: t, rayon: t });
+    let mut group = c.benchmark_group(format!("train_step_{t}thread"));
+    group.measurement_time(std::time::Duration::from_secs(5));
+
+    group.throughput(Throughput::Elements(128));
+    let mut mlp = Step::new(
+        Box::new(zoo::mlp(784, &[256, 128], 10, Activation::Relu)),
+        OptimizerKind::sgd(0.9, false, 0.0),
+        &[128, 784],
+        10,
+    );
+    group.bench_function("mlp_784_256_128_10_b128_sgd", |b| b.iter(|| mlp.run()));
+
+    group.throughput(Throughput::Elements(64));
+    let mut lenet = Step::new(Box::new(zoo::lenet5(1, 10)), OptimizerKind::adam(0.0), &[64, 1, 28, 28], 10);
+    group.bench_function("lenet5_b64_adam", |b| b.iter(|| lenet.run()));
+    group.finish();
+}
+
+/// conv2d forward + backward alone: LeNet's second convolution (6→16, 5×5) on a batch of 64.
+fn conv2d(c: &mut Criterion) {
+    let t = bench_threads();
+    threads::configure(threads::ThreadConfig { blas: t, rayon: t });
+    let mut rng = random::rng(2);
+    let x = random::uniform(&[64, 6, 14, 14], -1.0, 1.0, &mut rng);
+    let w = random::uniform(&[16, 6, 5, 5], -0.2, 0.2, &mut rng);
+    let mut group = c.benchmark_group(format!("conv2d_{t}thread"));
+    // 2·O·C·K²·OH·OW per example forward, ×3 with backward
+    group.throughput(Throughput::Elements(3 * 2 * 16 * 6 * 25 * 10 * 10 * 64));
+    group.bench_function("conv2d_6to16_k5_b64_fwd_bwd_flops", |b| {
+        b.iter(|| {
+            let mut g = Graph::standalone();
+            let xv = g.variable(x.clone());
+            let wv = g.variable(w.clone());
+            let y = g.conv2d(xv, wv, None, 1, 0).expect("conv");
+            let s = g.sum(y);
+            g.backward(s).expect("backward")
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, train_steps, conv2d);
+criterion_main!(benches);
