@@ -1,0 +1,505 @@
+//! Using a trained model: re-evaluating it and predicting new inputs from its run directory.
+//!
+//! A run directory holds everything needed: `job.toml` (model and data layout),
+//! `model.safetensors` (weights), and `preprocess.json` (the input normalisation fitted on the
+//! training split, the input shape and the class names). Predictions repeat that normalisation
+//! exactly, in the same f32 arithmetic as training, so evaluating the job's test split
+//! reproduces the metrics of `summary.json` bit for bit.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ringtrain_autograd::{Graph, ParamStore};
+use ringtrain_config::{ColumnRef, DataFormat, EvalScheme, Job, LossName};
+use ringtrain_data::{kfold, train_test_split, DataError, LineRef};
+use ringtrain_nn::{init_store, Module, Targets};
+use ringtrain_tensor::Tensor;
+use serde::Deserialize;
+
+use crate::engine::{EvalMetrics, LocalSync, Trainer};
+use crate::task::{build_model, Batch, Examples, TargetKind, Task};
+use crate::{restore_params, Result, TrainError};
+
+/// `preprocess.json` as the engine writes it.
+#[derive(Debug, Deserialize)]
+struct SavedPreprocess {
+    input: SavedInput,
+    input_shape: Vec<usize>,
+    class_names: Vec<String>,
+    /// The data file the run read (absent in run directories written before it was recorded).
+    #[serde(default)]
+    data_path: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum SavedInput {
+    /// Tabular features: `(x - mean) * inv_std` per feature.
+    Features {
+        feature_mean: Vec<f32>,
+        feature_inv_std: Vec<f32>,
+    },
+    /// Grey images: `(pixel * scale - mean) / std`.
+    Pixels { pixel_scale: f64, mean: f32, std: f32 },
+}
+
+/// One prediction.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prediction {
+    /// The most probable class, its name, and the probability of every class.
+    Class {
+        class: usize,
+        name: String,
+        probabilities: Vec<f32>,
+    },
+    /// A regression output.
+    Value(f32),
+}
+
+/// Metrics of a saved model on a set of examples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    /// The data file or directory read.
+    pub data: PathBuf,
+    /// What was evaluated, in words: "test split", "test split of the last fold", "whole file".
+    pub scope: String,
+    pub metrics: EvalMetrics,
+    pub class_names: Vec<String>,
+}
+
+/// A trained model loaded from a run directory.
+#[derive(Debug)]
+pub struct SavedModel {
+    run_dir: PathBuf,
+    job: Job,
+    model: Box<dyn Module>,
+    store: ParamStore,
+    target: TargetKind,
+    input: SavedInput,
+    input_shape: Vec<usize>,
+    data_path: Option<PathBuf>,
+}
+
+fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).map_err(|source| {
+        DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+        .into()
+    })
+}
+
+fn format_error(path: &Path, problem: impl Into<String>) -> TrainError {
+    DataError::Format {
+        path: path.to_path_buf(),
+        problem: problem.into(),
+    }
+    .into()
+}
+
+fn text_error(path: &Path, line: usize, column: Option<ringtrain_data::ColumnRef>, problem: String) -> TrainError {
+    DataError::Text {
+        path: path.to_path_buf(),
+        at: LineRef { line, column },
+        problem,
+    }
+    .into()
+}
+
+impl SavedModel {
+    /// Loads `job.toml`, `preprocess.json` and `model.safetensors` from `run_dir`.
+    pub fn load(run_dir: &Path) -> Result<SavedModel> {
+        if !run_dir.is_dir() {
+            return Err(format_error(run_dir, "not a run directory (no such directory)"));
+        }
+        let job_path = run_dir.join("job.toml");
+        let text = read_text(&job_path)?;
+        let mut job = Job::parse(&text, &job_path).map_err(|e| TrainError::Job {
+            field: "job.toml",
+            reason: e.to_string(),
+        })?;
+        // `train --eval kfold:K` overrides the scheme without changing the job text; the
+        // summary's folds tell what was run, and the saved model is the last fold's.
+        let summary_path = run_dir.join("summary.json");
+        let summary: serde_json::Value = serde_json::from_str(&read_text(&summary_path)?)
+            .map_err(|e| format_error(&summary_path, format!("not JSON: {e}")))?;
+        let folds = summary["folds"].as_array().map_or(0, Vec::len);
+        if folds > 1 {
+            job.evaluation.scheme = EvalScheme::Kfold;
+            job.evaluation.folds = folds;
+        } else if job.evaluation.scheme == EvalScheme::Kfold {
+            job.evaluation.scheme = EvalScheme::TrainTest;
+        }
+        let pre_path = run_dir.join("preprocess.json");
+        let pre: SavedPreprocess = serde_json::from_str(&read_text(&pre_path)?)
+            .map_err(|e| format_error(&pre_path, format!("not a preprocess.json of this version: {e}")))?;
+        let target = if let Some(pos) = &job.data.positive_class {
+            TargetKind::Binary {
+                names: [format!("not {pos}"), pos.clone()],
+            }
+        } else if job
+            .training
+            .loss
+            .is_some_and(|l| matches!(l, LossName::Mse | LossName::Mae))
+        {
+            TargetKind::Regression
+        } else {
+            TargetKind::Classes {
+                names: pre.class_names.clone(),
+            }
+        };
+        let model = build_model(&job.model, &pre.input_shape, target.outputs())?;
+        let mut store = init_store(model.as_ref(), job.job.seed);
+        let weights = run_dir.join("model.safetensors");
+        if !weights.is_file() {
+            return Err(format_error(&weights, "missing: the run did not finish"));
+        }
+        restore_params(&weights, &mut store).map_err(|e| format_error(&weights, e.to_string()))?;
+        Ok(SavedModel {
+            run_dir: run_dir.to_path_buf(),
+            job,
+            model,
+            store,
+            target,
+            input: pre.input,
+            input_shape: pre.input_shape,
+            data_path: pre.data_path,
+        })
+    }
+
+    /// Class names, in the order of the model's outputs (empty for regression).
+    pub fn class_names(&self) -> Vec<String> {
+        self.target.class_names()
+    }
+
+    /// The job the model was trained with.
+    pub fn job(&self) -> &Job {
+        &self.job
+    }
+
+    /// Loss and metrics on the job's test split (recomputed with the job's seed; for k-fold
+    /// runs, the last fold, whose model is the one saved), or on every example of `data`.
+    pub fn evaluate(&self, data: Option<&Path>) -> Result<Evaluation> {
+        let mut job = self.job.clone();
+        job.data.path = match data {
+            Some(d) => d.to_path_buf(),
+            None => self.training_data()?,
+        };
+        let mut task = Task::from_job(&job)?;
+        if task.input_shape() != self.input_shape {
+            return Err(format_error(
+                &job.data.path,
+                format!(
+                    "examples have shape {:?}, the model was trained on {:?}",
+                    task.input_shape(),
+                    self.input_shape
+                ),
+            ));
+        }
+        let class_map = self.class_map(&task.target, &job.data.path)?;
+        task.target = self.target.clone();
+        let (examples, rows, scope) = match (data, &task.test_examples) {
+            // An IDX directory: its provided test split is the held-out data.
+            (_, Some(test)) => (
+                test.clone(),
+                (0..test.len()).collect(),
+                "provided test split".to_string(),
+            ),
+            (Some(_), None) => (
+                task.examples.clone(),
+                (0..task.examples.len()).collect(),
+                "whole file".to_string(),
+            ),
+            (None, None) => {
+                let n = task.examples.len();
+                let strata = job.evaluation.stratify.then_some(task.strata.as_deref()).flatten();
+                match job.evaluation.scheme {
+                    EvalScheme::Kfold => {
+                        let last = kfold(n, job.evaluation.folds, job.job.seed, strata)?.pop();
+                        let test = last.map(|s| s.test).unwrap_or_default();
+                        (task.examples.clone(), test, "test split of the last fold".to_string())
+                    }
+                    _ => {
+                        let s = train_test_split(n, job.evaluation.test_fraction, job.job.seed, strata);
+                        (task.examples.clone(), s.test, "test split".to_string())
+                    }
+                }
+            }
+        };
+        let prepared = Prepared {
+            inner: examples,
+            input: self.input.clone(),
+            class_map,
+        };
+        let model = build_model(&job.model, &self.input_shape, self.target.outputs())?;
+        let mut trainer = Trainer::new(&job, model, task.loss, rows.len());
+        trainer.store = self.store.clone();
+        let metrics = trainer.evaluate(&task, &prepared, &rows, &mut LocalSync)?;
+        Ok(Evaluation {
+            data: job.data.path,
+            scope,
+            metrics,
+            class_names: self.class_names(),
+        })
+    }
+
+    /// Where the training data is: as recorded in `preprocess.json`, else the job's path
+    /// resolved against the run directory.
+    fn training_data(&self) -> Result<PathBuf> {
+        let candidates = [self.data_path.clone(), Some(self.run_dir.join(&self.job.data.path))];
+        candidates.into_iter().flatten().find(|p| p.exists()).ok_or_else(|| {
+            format_error(
+                &self.job.data.path,
+                "the job's data is not where the run found it; pass it with --data",
+            )
+        })
+    }
+
+    /// For every class id of `data`'s labels, the model's class id (`None` when they agree).
+    fn class_map(&self, data_target: &TargetKind, path: &Path) -> Result<Option<Vec<usize>>> {
+        let (TargetKind::Classes { names: data }, TargetKind::Classes { names: model }) = (data_target, &self.target)
+        else {
+            return Ok(None);
+        };
+        if data == model {
+            return Ok(None);
+        }
+        data.iter()
+            .map(|name| {
+                model.iter().position(|m| m == name).ok_or_else(|| {
+                    format_error(
+                        path,
+                        format!("class {name:?} is not one the model knows ({})", model.join(", ")),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()
+            .map(Some)
+    }
+
+    /// Predictions for every row of a delimited file laid out like the training data: the
+    /// feature columns, with or without the label column, with a header line when the job's
+    /// data has one.
+    pub fn predict_csv(&self, path: &Path) -> Result<Vec<Prediction>> {
+        let SavedInput::Features {
+            feature_mean,
+            feature_inv_std,
+        } = &self.input
+        else {
+            return Err(format_error(path, "this model takes images: give an IDX image file"));
+        };
+        let rows = self.read_feature_rows(path)?;
+        let d = feature_mean.len();
+        let x: Vec<f32> = rows
+            .iter()
+            .flat_map(|r| {
+                r.iter()
+                    .zip(feature_mean)
+                    .zip(feature_inv_std)
+                    .map(|((&v, &m), &s)| (v - m) * s)
+            })
+            .collect();
+        self.predict_tensor(Tensor::from_vec(&[rows.len(), d], x).map_err(ringtrain_autograd::AutogradError::from)?)
+    }
+
+    /// Predictions for every image of an IDX image file (`idx3`, u8, plain or gzip).
+    pub fn predict_idx(&self, path: &Path) -> Result<Vec<Prediction>> {
+        let SavedInput::Pixels { pixel_scale, mean, std } = self.input else {
+            return Err(format_error(path, "this model takes feature rows: give a CSV file"));
+        };
+        let images = ringtrain_data::read_idx_images(path)?;
+        let want = &self.input_shape[1..];
+        if [images.rows, images.cols] != want {
+            return Err(format_error(
+                path,
+                format!("images are {}x{}, the model takes {want:?}", images.rows, images.cols),
+            ));
+        }
+        // Division by 255 (not multiplication by 1/255), as training computed it.
+        let divisor = (1.0 / pixel_scale) as f32;
+        let x: Vec<f32> = images
+            .pixels
+            .iter()
+            .map(|&p| (f32::from(p) / divisor - mean) / std)
+            .collect();
+        let x = Tensor::from_vec(&[images.n, 1, images.rows, images.cols], x)
+            .map_err(ringtrain_autograd::AutogradError::from)?;
+        self.predict_tensor(x)
+    }
+
+    /// Predicts a file of the job's data format: CSV for tabular jobs, IDX images for image jobs.
+    pub fn predict_file(&self, path: &Path) -> Result<Vec<Prediction>> {
+        match self.job.data.format {
+            DataFormat::Idx => self.predict_idx(path),
+            _ => self.predict_csv(path),
+        }
+    }
+
+    fn predict_tensor(&self, x: Tensor) -> Result<Vec<Prediction>> {
+        let n = x.shape().first().copied().unwrap_or(0);
+        let per_example: usize = x.shape()[1..].iter().product();
+        let names = self.class_names();
+        let mut out = Vec::with_capacity(n);
+        // Batches bound the memory of image models; a tabular file is usually one batch.
+        for start in (0..n).step_by(256) {
+            let end = (start + 256).min(n);
+            let mut shape = x.shape().to_vec();
+            shape[0] = end - start;
+            let chunk = Tensor::from_vec(&shape, x.as_slice()[start * per_example..end * per_example].to_vec())
+                .map_err(ringtrain_autograd::AutogradError::from)?;
+            let mut g = Graph::inference(&self.store);
+            let input = g.input(chunk);
+            let logits = self.model.forward(&mut g, input)?;
+            let logits = g.value(logits);
+            match &self.target {
+                TargetKind::Regression => out.extend(logits.as_slice().iter().map(|&v| Prediction::Value(v))),
+                TargetKind::Binary { .. } => out.extend(logits.as_slice().iter().map(|&z| {
+                    let p = 1.0 / (1.0 + (-z).exp());
+                    let class = usize::from(z > 0.0);
+                    Prediction::Class {
+                        class,
+                        name: names[class].clone(),
+                        probabilities: vec![1.0 - p, p],
+                    }
+                })),
+                TargetKind::Classes { .. } => {
+                    let probs = logits.softmax(1).map_err(ringtrain_autograd::AutogradError::from)?;
+                    let classes = logits.argmax_rows().map_err(ringtrain_autograd::AutogradError::from)?;
+                    for (row, class) in probs.as_slice().chunks(names.len().max(1)).zip(classes) {
+                        out.push(Prediction::Class {
+                            class,
+                            name: names.get(class).cloned().unwrap_or_else(|| class.to_string()),
+                            probabilities: row.to_vec(),
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Parses feature rows; a row may carry the label column, which is dropped.
+    fn read_feature_rows(&self, path: &Path) -> Result<Vec<Vec<f32>>> {
+        let text = read_text(path)?;
+        let d = self.input_shape.iter().product::<usize>();
+        let delimiter = self.job.data.delimiter;
+        let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
+        let header: Option<Vec<String>> = if self.job.data.header {
+            lines.next().map(|(_, l)| split(l, delimiter))
+        } else {
+            None
+        };
+        let label_at = match &self.job.data.label {
+            Some(ColumnRef::Index(i)) => Some(*i),
+            Some(ColumnRef::Name(name)) => header.as_ref().and_then(|h| h.iter().position(|c| c == name)),
+            None => None,
+        };
+        let mut rows = Vec::new();
+        for (i, line) in lines {
+            let fields = split(line, delimiter);
+            let skip = if fields.len() == d {
+                None
+            } else if fields.len() == d + 1 {
+                label_at.filter(|&c| c < fields.len())
+            } else {
+                None
+            };
+            if fields.len() != d && skip.is_none() {
+                let label = match &self.job.data.label {
+                    Some(ColumnRef::Name(n)) => format!(" (or {} with the label column {n:?})", d + 1),
+                    Some(ColumnRef::Index(c)) => format!(" (or {} with the label in column {})", d + 1, c + 1),
+                    None => String::new(),
+                };
+                return Err(text_error(
+                    path,
+                    i + 1,
+                    None,
+                    format!("expected {d} feature columns{label}, found {}", fields.len()),
+                ));
+            }
+            let mut row = Vec::with_capacity(d);
+            for (c, field) in fields.iter().enumerate() {
+                if Some(c) == skip {
+                    continue;
+                }
+                let v = field.parse::<f32>().ok().filter(|v| v.is_finite()).ok_or_else(|| {
+                    let column = ringtrain_data::ColumnRef {
+                        number: c + 1,
+                        name: header.as_ref().and_then(|h| h.get(c).cloned()),
+                    };
+                    text_error(path, i + 1, Some(column), format!("not a finite number: {field:?}"))
+                })?;
+                row.push(v);
+            }
+            rows.push(row);
+        }
+        if rows.is_empty() {
+            return Err(format_error(path, "no data rows"));
+        }
+        Ok(rows)
+    }
+}
+
+/// Splits one line on the delimiter; fields are trimmed and may be wrapped in double quotes.
+fn split(line: &str, delimiter: char) -> Vec<String> {
+    line.split(delimiter)
+        .map(|f| {
+            let f = f.trim();
+            f.strip_prefix('"')
+                .and_then(|f| f.strip_suffix('"'))
+                .unwrap_or(f)
+                .to_string()
+        })
+        .collect()
+}
+
+/// The examples of a dataset with the saved normalisation applied and class ids mapped onto
+/// the model's.
+#[derive(Debug)]
+struct Prepared {
+    inner: Arc<dyn Examples>,
+    input: SavedInput,
+    class_map: Option<Vec<usize>>,
+}
+
+impl Examples for Prepared {
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+
+    fn input_shape(&self) -> Vec<usize> {
+        self.inner.input_shape()
+    }
+
+    fn batch(&self, indices: &[usize]) -> Result<Batch> {
+        // Task::from_job builds tabular examples with the identity normalisation (mean 0,
+        // scale 1), so `x` holds the raw values and the saved statistics apply as in training.
+        let mut batch = self.inner.batch(indices)?;
+        if let SavedInput::Features {
+            feature_mean,
+            feature_inv_std,
+        } = &self.input
+        {
+            let d = feature_mean.len().max(1);
+            let x: Vec<f32> = batch
+                .x
+                .as_slice()
+                .chunks(d)
+                .flat_map(|r| {
+                    r.iter()
+                        .zip(feature_mean)
+                        .zip(feature_inv_std)
+                        .map(|((&v, &m), &s)| (v - m) * s)
+                })
+                .collect();
+            batch.x = Tensor::from_vec(batch.x.shape(), x).map_err(ringtrain_autograd::AutogradError::from)?;
+        }
+        if let (Some(map), Targets::Classes(ids)) = (&self.class_map, &mut batch.targets) {
+            for id in ids.iter_mut() {
+                *id = map[*id];
+            }
+        }
+        Ok(batch)
+    }
+}
