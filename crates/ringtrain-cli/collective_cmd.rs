@@ -141,6 +141,8 @@ fn default_iters(bytes: usize) -> usize {
 
 /// Run one rank of a local ring (the hidden `collective-peer` subcommand).
 pub fn run_peer(args: PeerArgs) -> anyhow::Result<()> {
+    // A peer only moves bytes; BLAS threads would only compete for the cores.
+    ringtrain_tensor::threads::set_blas_threads(1);
     let listener = std::net::TcpListener::bind(&args.listen).with_context(|| format!("bind {}", args.listen))?;
     let addr = listener.local_addr().context("read the bound address")?;
     println!(
@@ -328,6 +330,9 @@ impl Peers {
                 .env(TOKEN_ENV, token)
                 // The peers only move bytes: no BLAS or rayon threads competing for the cores.
                 .env("RINGTRAIN_THREADS", "1")
+                // Otherwise OpenBLAS starts an idle server thread per process at load time, which
+                // spins on sched_yield (~13% of the CPU of a 2-process 4 MiB run on 2 cores).
+                .env("OPENBLAS_NUM_THREADS", "1")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::inherit())
@@ -410,6 +415,8 @@ pub fn run_bench_allreduce(args: BenchAllreduceArgs) -> anyhow::Result<()> {
     } else {
         args.bytes.clone()
     };
+    // This process only waits for its children: keep OpenBLAS's idle threads off the cores.
+    ringtrain_tensor::threads::set_blas_threads(1);
     let n = args.workers;
     let size_list: Vec<String> = sizes.iter().map(|s| s.to_string()).collect();
     let mut extra = vec![

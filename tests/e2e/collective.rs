@@ -54,6 +54,7 @@ impl Ring {
                 .args(&full)
                 .env("RINGTRAIN_TOKEN", token(rank))
                 .env("RINGTRAIN_THREADS", "1")
+                .env("OPENBLAS_NUM_THREADS", "1")
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
