@@ -44,6 +44,12 @@ pub trait GradSync {
 
     /// Makes every rank's parameters equal to rank 0's.
     fn broadcast_params(&mut self, params: &mut [f32]) -> Result<(), SyncError>;
+
+    /// Called once when the job is done, with the final parameters (of the last fold), so a
+    /// distributed sync can check that every rank ends with the same bits.
+    fn finish(&mut self, _params: &[f32]) -> Result<(), SyncError> {
+        Ok(())
+    }
 }
 
 /// No peers: the local gradient is already the mean.
@@ -65,7 +71,7 @@ impl GradSync for LocalSync {
 }
 
 /// Metrics of one evaluation pass.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct EvalMetrics {
     pub examples: usize,
     pub loss: f64,
@@ -101,7 +107,7 @@ impl EvalMetrics {
 }
 
 /// One line of `metrics.jsonl`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct EpochReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fold: Option<usize>,
@@ -133,7 +139,7 @@ pub enum Progress {
 }
 
 /// Result of one model trained and tested (the whole run, or one fold).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct FoldReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fold: Option<usize>,
@@ -144,7 +150,7 @@ pub struct FoldReport {
 }
 
 /// `summary.json`.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct RunSummary {
     pub job: String,
     pub seed: u64,
@@ -160,11 +166,11 @@ pub struct RunSummary {
     pub confusion_matrix: Option<Vec<Vec<u64>>>,
     pub folds: Vec<FoldReport>,
     /// Per metric: mean, sample standard deviation and per-fold values (k-fold only).
-    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub kfold: BTreeMap<String, FoldStat>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
 pub struct FoldStat {
     pub mean: f64,
     pub std: f64,
@@ -671,6 +677,10 @@ pub fn run_job_opts(
     let (trainer, examples) = last.ok_or(TrainError::Job {
         field: "evaluation",
         reason: "no split to train on".into(),
+    })?;
+    sync.finish(trainer.store.flat()).map_err(|source| TrainError::Sync {
+        step: trainer.step,
+        source,
     })?;
     let kfold_stats = if folds.len() > 1 {
         let per_fold: Vec<BTreeMap<String, f64>> = folds.iter().map(|f| f.test.scalars()).collect();

@@ -1,0 +1,211 @@
+//! [`RingSync`]: the engine's gradient synchronisation over the gRPC ring.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use ringtrain_collective::{Communicator, GrpcConfig};
+use ringtrain_train::{GradSync, SyncError};
+
+use crate::error::{Result, WorkerError};
+
+/// Time and traffic spent in collectives, shared with whoever reports it (heartbeats,
+/// epoch reports) while training runs.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct SyncStats {
+    /// Seconds spent inside gradient all-reduces, waiting for peers included.
+    pub allreduce_secs: f64,
+    /// Gradient all-reduces done.
+    pub allreduces: u64,
+    /// Seconds spent in the other collectives (metric sums, broadcast, final check).
+    pub other_secs: f64,
+}
+
+/// [`GradSync`] over a ring of workers. Every method blocks until the collective is done on
+/// this rank (bounded by the ring's receive timeout).
+#[derive(Debug)]
+pub struct RingSync {
+    comm: Communicator,
+    stats: Arc<Mutex<SyncStats>>,
+    abort: Arc<Mutex<Option<String>>>,
+    aborted: Arc<AtomicBool>,
+    checksum: Option<u64>,
+}
+
+impl RingSync {
+    /// Joins the ring `config` describes, serving on `listener` (already bound; its address
+    /// is `config.peers[config.rank]`). Blocks until every rank is up, at most
+    /// `config.connect_timeout`.
+    pub fn connect(config: &GrpcConfig, listener: std::net::TcpListener, io_threads: usize) -> Result<RingSync> {
+        let comm = Communicator::connect(config, listener, io_threads).map_err(|source| WorkerError::Ring {
+            rank: config.rank,
+            world: config.peers.len(),
+            source: Box::new(source),
+        })?;
+        Ok(RingSync {
+            comm,
+            stats: Arc::default(),
+            abort: Arc::default(),
+            aborted: Arc::default(),
+            checksum: None,
+        })
+    }
+
+    /// Collective time so far; the handle stays valid while training runs.
+    pub fn stats(&self) -> Arc<Mutex<SyncStats>> {
+        self.stats.clone()
+    }
+
+    /// A handle that makes the next collective of this rank fail with `reason` (the job was
+    /// aborted elsewhere): training stops at its next step instead of running on.
+    pub fn abort_handle(&self) -> AbortHandle {
+        AbortHandle {
+            reason: self.abort.clone(),
+            flag: self.aborted.clone(),
+        }
+    }
+
+    /// Checksum of the final parameters ([`param_checksum`]), once the job has finished and
+    /// every rank was found to agree.
+    pub fn final_checksum(&self) -> Option<u64> {
+        self.checksum
+    }
+
+    fn check_abort(&self) -> Result<(), SyncError> {
+        if self.aborted.load(Ordering::Relaxed) {
+            let reason = self
+                .abort
+                .lock()
+                .ok()
+                .and_then(|r| r.clone())
+                .unwrap_or_else(|| "aborted".into());
+            return Err(SyncError(format!("rank {}: job aborted: {reason}", self.comm.rank())));
+        }
+        Ok(())
+    }
+
+    fn timed<T>(
+        &mut self,
+        grads: bool,
+        f: impl FnOnce(&mut Communicator) -> ringtrain_collective::Result<T>,
+    ) -> Result<T, SyncError> {
+        self.check_abort()?;
+        let started = Instant::now();
+        let out = f(&mut self.comm).map_err(|e| SyncError(e.to_string()));
+        let secs = started.elapsed().as_secs_f64();
+        if let Ok(mut s) = self.stats.lock() {
+            if grads {
+                s.allreduce_secs += secs;
+                s.allreduces += 1;
+            } else {
+                s.other_secs += secs;
+            }
+        }
+        out
+    }
+}
+
+/// Stops a [`RingSync`] from another thread; see [`RingSync::abort_handle`].
+#[derive(Debug, Clone)]
+pub struct AbortHandle {
+    reason: Arc<Mutex<Option<String>>>,
+    flag: Arc<AtomicBool>,
+}
+
+impl AbortHandle {
+    /// Makes the next collective fail with `reason`.
+    pub fn abort(&self, reason: impl Into<String>) {
+        if let Ok(mut r) = self.reason.lock() {
+            r.get_or_insert(reason.into());
+        }
+        self.flag.store(true, Ordering::Relaxed);
+    }
+}
+
+impl GradSync for RingSync {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn world(&self) -> usize {
+        self.comm.world()
+    }
+
+    fn all_reduce_mean(&mut self, grads: &mut [f32]) -> Result<(), SyncError> {
+        self.timed(true, |c| c.all_reduce_mean(grads))
+    }
+
+    /// All-gathers the values and adds them in rank order, so every rank computes the same
+    /// floating-point sum.
+    fn all_reduce_sum_f64(&mut self, values: &mut [f64]) -> Result<(), SyncError> {
+        let rank = self.comm.rank();
+        let gathered = self.timed(false, |c| c.all_gather_f64(values))?;
+        for (r, v) in gathered.iter().enumerate() {
+            if v.len() != values.len() {
+                return Err(SyncError(format!(
+                    "rank {rank}: rank {r} summed {} metric values, this rank {}",
+                    v.len(),
+                    values.len()
+                )));
+            }
+        }
+        for (i, out) in values.iter_mut().enumerate() {
+            *out = gathered.iter().fold(0.0, |acc, v| acc + v[i]);
+        }
+        Ok(())
+    }
+
+    fn broadcast_params(&mut self, params: &mut [f32]) -> Result<(), SyncError> {
+        self.timed(false, |c| c.broadcast(params, 0))
+    }
+
+    /// Gathers every rank's [`param_checksum`] and fails unless all are equal.
+    fn finish(&mut self, params: &[f32]) -> Result<(), SyncError> {
+        let rank = self.comm.rank();
+        let mine = param_checksum(params);
+        // Two exact 32-bit halves: every u32 is representable as an f64.
+        let halves = [(mine >> 32) as f64, (mine & 0xffff_ffff) as f64];
+        let gathered = self.timed(false, |c| c.all_gather_f64(&halves))?;
+        for (r, h) in gathered.iter().enumerate() {
+            let theirs = match h.as_slice() {
+                [hi, lo] => ((*hi as u64) << 32) | (*lo as u64),
+                _ => return Err(SyncError(format!("rank {rank}: rank {r} sent a malformed checksum"))),
+            };
+            if theirs != mine {
+                return Err(SyncError(format!(
+                    "rank {rank}: final parameters differ from rank {r}'s (checksum {mine:016x} vs {theirs:016x})"
+                )));
+            }
+        }
+        self.checksum = Some(mine);
+        Ok(())
+    }
+}
+
+/// FNV-1a (64 bit) over the parameters' bit patterns: equal exactly when the bits are equal
+/// (up to hash collisions), and cheap next to a training step.
+pub fn param_checksum(params: &[f32]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in params {
+        for b in p.to_bits().to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_sees_every_bit() {
+        let a = [1.0f32, -0.0, 3.5];
+        let mut b = a;
+        assert_eq!(param_checksum(&a), param_checksum(&b));
+        b[1] = 0.0; // -0.0 and 0.0 compare equal but differ in bits
+        assert_ne!(param_checksum(&a), param_checksum(&b));
+    }
+}

@@ -1,0 +1,97 @@
+//! `RingSync` under the real engine: three ranks on threads over gRPC on 127.0.0.1.
+
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::time::Duration;
+
+use ringtrain_collective::GrpcConfig;
+use ringtrain_config::Job;
+use ringtrain_train::{run_job_with, GradSync, LocalSync, RunSummary};
+use ringtrain_worker::RingSync;
+
+fn iris_job(epochs: usize, batch: usize) -> (Job, String) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/iris-mlp.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut job = Job::load(&path).unwrap();
+    job.training.epochs = epochs;
+    job.training.batch_size = batch;
+    (job, text)
+}
+
+/// Runs `job` on `world` ranks (threads), each with its own `RingSync`; returns every
+/// rank's summary and final parameter checksum.
+fn run_ring(job: &Job, text: &str, world: usize) -> Vec<(RunSummary, u64)> {
+    let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, listener)| {
+            let (job, text, peers) = (job.clone(), text.to_owned(), peers.clone());
+            std::thread::spawn(move || {
+                let mut config = GrpcConfig::new(rank, peers, "worker-test", "secret");
+                config.connect_timeout = Duration::from_secs(20);
+                let mut sync = RingSync::connect(&config, listener, 1).unwrap();
+                assert_eq!((sync.rank(), sync.world()), (rank, world));
+                let summary = run_job_with(&job, &text, None, &mut sync, &mut |_| {}).unwrap();
+                let stats = *sync.stats().lock().unwrap();
+                assert!(stats.allreduces > 0 && stats.allreduce_secs > 0.0, "{stats:?}");
+                (summary, sync.final_checksum().unwrap())
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).collect()
+}
+
+#[test]
+fn three_ranks_agree_bitwise_and_match_one_process() {
+    // 120 training examples, global batch 15 = 3 ranks x 5: no padding, so the ring sees
+    // exactly the batches one process sees, summed in another order.
+    let (job, text) = iris_job(15, 15);
+    let ranks = run_ring(&job, &text, 3);
+    let (first, checksum) = &ranks[0];
+    for (r, (s, c)) in ranks.iter().enumerate() {
+        assert_eq!(c, checksum, "rank {r} ended with other parameters");
+        assert_eq!(s, first, "rank {r} computed other metrics");
+    }
+    let single = run_job_with(&job, &text, None, &mut LocalSync, &mut |_| {}).unwrap();
+    let (a, b) = (&single.folds[0], &first.folds[0]);
+    assert_eq!(a.test_examples, b.test_examples);
+    let rel = (a.train_loss - b.train_loss).abs() / a.train_loss.abs().max(1e-12);
+    assert!(
+        rel <= 1e-3,
+        "train loss {} vs {} (rel {rel})",
+        a.train_loss,
+        b.train_loss
+    );
+    let acc_diff = (a.test.accuracy.unwrap() - b.test.accuracy.unwrap()).abs() * a.test_examples as f64;
+    assert!(acc_diff <= 1.0 + 1e-9, "accuracy differs by {acc_diff} examples");
+    assert!(first.test_accuracy.unwrap() > 0.8, "{first:?}");
+}
+
+#[test]
+fn a_batch_that_does_not_divide_by_the_world_is_refused() {
+    let (job, text) = iris_job(1, 16);
+    let listeners: Vec<TcpListener> = (0..3).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, listener)| {
+            let (job, text, peers) = (job.clone(), text.clone(), peers.clone());
+            std::thread::spawn(move || {
+                let config = GrpcConfig::new(rank, peers, "worker-test", "secret");
+                let mut sync = RingSync::connect(&config, listener, 1).unwrap();
+                run_job_with(&job, &text, None, &mut sync, &mut |_| {})
+                    .unwrap_err()
+                    .to_string()
+            })
+        })
+        .collect();
+    for h in handles {
+        let err = h.join().unwrap();
+        assert!(err.contains("must divide evenly by the 3 workers"), "{err}");
+    }
+}
