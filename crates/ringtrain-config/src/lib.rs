@@ -384,7 +384,7 @@ impl Job {
             }
         }
         if let Some(eps) = o.eps {
-            if !(eps > 0.0) {
+            if !(eps.is_finite() && eps > 0.0) {
                 return Err(fail("optimizer.eps", format!("must be positive, got {eps}")));
             }
         }
@@ -404,7 +404,7 @@ impl Job {
             return Err(fail("training.batch_size", "must be at least 1".into()));
         }
         if let Some(c) = self.training.clip_grad_norm {
-            if !(c > 0.0) {
+            if !(c.is_finite() && c > 0.0) {
                 return Err(fail("training.clip_grad_norm", format!("must be positive, got {c}")));
             }
         }
