@@ -574,7 +574,8 @@ pub fn run_job_opts(
         None
     };
     // (fold, train indices, test indices, test on the provided test split?)
-    let splits: Vec<(Option<usize>, Vec<usize>, Vec<usize>, bool)> = match job.evaluation.scheme {
+    type Planned = (Option<usize>, Vec<usize>, Vec<usize>, bool);
+    let splits: Vec<Planned> = match job.evaluation.scheme {
         EvalScheme::TrainTest => {
             let s = train_test_split(n, job.evaluation.test_fraction, job.job.seed, strata);
             vec![(None, s.train, s.test, false)]
