@@ -13,12 +13,14 @@ mod conv;
 mod init;
 mod layers;
 mod loss;
+mod recurrent;
 pub mod zoo;
 
 pub use conv::{Conv2d, Dropout, Flatten, GlobalAvgPool, Pool2d, Residual};
 pub use init::Init;
 pub use layers::{Activation, Linear, Sequential};
 pub use loss::{Loss, Targets};
+pub use recurrent::{ids_and_mask, CellKind, Embedding, Recurrent, RecurrentOutput, SequenceClassifier};
 
 use std::collections::BTreeMap;
 

@@ -1,0 +1,588 @@
+//! Embeddings and recurrent layers (vanilla RNN, GRU, LSTM; stacked, bidirectional, masked).
+//!
+//! # Layout (PyTorch's, so weights are comparable by name)
+//! For layer `k` and direction suffix `s` (`""` forward, `"_reverse"` backward):
+//! `weight_ih_l{k}{s}: [G·H, I]`, `weight_hh_l{k}{s}: [G·H, H]`, `bias_ih_l{k}{s}`,
+//! `bias_hh_l{k}{s}: [G·H]`, with G = 1 (RNN), 3 (GRU: r, z, n) or 4 (LSTM: i, f, g, o),
+//! gates stacked in that order.
+//!
+//! # Computation
+//! The input projection of all time steps is one sgemm (`[B·T, I] · W_ihᵀ`, all gates fused);
+//! each step then does one `[B, H] · W_hhᵀ` for all gates. Backpropagation through time is the
+//! tape's reverse sweep over the unrolled steps.
+//!
+//! Padding: a `[B, T]` mask (1 = token, 0 = padding) freezes the state on padded steps,
+//! `h_t = m_t·h'_t + (1 − m_t)·h_{t−1}`, so the final state is the state after each
+//! sequence's last real token, in both directions (like a packed sequence in PyTorch).
+
+use std::collections::BTreeMap;
+
+use ringtrain_autograd::{Graph, Tensor, Var};
+use ringtrain_tensor::random::{self, Rng};
+
+use crate::{LayerSummary, Module, NnError, Result};
+
+/// A lookup table `[vocab, dim]`; row `padding_idx` starts at zero and never receives a
+/// gradient (its outputs are masked), as with PyTorch's `padding_idx`.
+#[derive(Debug, Clone)]
+pub struct Embedding {
+    pub name: String,
+    pub vocab: usize,
+    pub dim: usize,
+    pub padding_idx: Option<usize>,
+}
+
+impl Embedding {
+    /// # Shapes
+    /// `ids: [B, T]` (token ids) → `[B, T, dim]`.
+    pub fn lookup(&self, g: &mut Graph<'_>, ids: &[usize], batch: usize, steps: usize) -> Result<Var> {
+        if let Some(&bad) = ids.iter().find(|&&i| i >= self.vocab) {
+            return Err(NnError::Layer {
+                layer: self.name.clone(),
+                reason: format!("token id {bad} is outside the vocabulary of {}", self.vocab),
+            });
+        }
+        let w = g.param(&format!("{}.weight", self.name))?;
+        let rows = g.index_select(w, 0, ids)?;
+        let rows = match self.padding_idx {
+            Some(p) => {
+                let keep: Vec<f32> = ids.iter().map(|&i| if i == p { 0.0 } else { 1.0 }).collect();
+                let keep = Tensor::from_vec(&[ids.len(), 1], keep)?;
+                g.mul_const(rows, keep)?
+            }
+            None => rows,
+        };
+        Ok(g.reshape(rows, &[batch, steps, self.dim])?)
+    }
+
+    pub fn init(&self, rng: &mut Rng, out: &mut BTreeMap<String, Tensor>) {
+        let mut w = random::normal(&[self.vocab, self.dim], 1.0, rng);
+        if let Some(p) = self.padding_idx.filter(|&p| p < self.vocab) {
+            w.as_mut_slice()[p * self.dim..(p + 1) * self.dim].fill(0.0);
+        }
+        out.insert(format!("{}.weight", self.name), w);
+    }
+}
+
+/// Which recurrent cell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CellKind {
+    /// `h' = tanh(W_ih x + b_ih + W_hh h + b_hh)`.
+    Rnn,
+    /// PyTorch's GRU: `r, z = σ(·)`, `n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))`,
+    /// `h' = (1 − z) ⊙ n + z ⊙ h`.
+    Gru,
+    /// `i, f, o = σ(·)`, `g = tanh(·)`, `c' = f ⊙ c + i ⊙ g`, `h' = o ⊙ tanh(c')`.
+    Lstm,
+}
+
+impl CellKind {
+    pub fn gates(self) -> usize {
+        match self {
+            CellKind::Rnn => 1,
+            CellKind::Gru => 3,
+            CellKind::Lstm => 4,
+        }
+    }
+}
+
+/// A (stacked, optionally bidirectional) recurrent layer.
+#[derive(Debug, Clone)]
+pub struct Recurrent {
+    pub name: String,
+    pub cell: CellKind,
+    pub input_size: usize,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub bidirectional: bool,
+    /// Dropout between stacked layers (training only).
+    pub dropout: f64,
+}
+
+/// What a recurrent layer returns.
+#[derive(Debug, Clone, Copy)]
+pub struct RecurrentOutput {
+    /// Every step's output of the last layer: `[B, T, H·directions]` (zeros at padding).
+    pub sequence: Var,
+    /// The last layer's final state: `[B, H·directions]` (forward, then backward).
+    pub last: Var,
+}
+
+impl Recurrent {
+    pub fn directions(&self) -> usize {
+        if self.bidirectional {
+            2
+        } else {
+            1
+        }
+    }
+
+    fn pname(&self, what: &str, layer: usize, reverse: bool) -> String {
+        format!("{}.{what}_l{layer}{}", self.name, if reverse { "_reverse" } else { "" })
+    }
+
+    /// Runs the layer over `x: [B, T, I]` with `mask: [B, T]` (1 = real token).
+    pub fn run(&self, g: &mut Graph<'_>, x: Var, mask: &Tensor) -> Result<RecurrentOutput> {
+        let shape = g.shape(x).to_vec();
+        let &[b, t, i] = shape.as_slice() else {
+            return Err(self.err(format!("expects [batch, time, features], got {shape:?}")));
+        };
+        if i != self.input_size || mask.shape() != [b, t] {
+            return Err(self.err(format!(
+                "expects input size {} and a [{b}, {t}] mask, got {shape:?} and {:?}",
+                self.input_size,
+                mask.shape()
+            )));
+        }
+        let mut input = x;
+        let mut last = x;
+        for layer in 0..self.num_layers {
+            if layer > 0 && self.dropout > 0.0 && g.is_training() {
+                let shape = g.shape(input).to_vec();
+                let keep = 1.0 - self.dropout;
+                let m = random::bernoulli(&shape, keep, g.rng()).scale((1.0 / keep) as f32);
+                input = g.mul_const(input, m)?;
+            }
+            let (fwd_seq, fwd_last) = self.direction(g, input, mask, layer, false)?;
+            (input, last) = if self.bidirectional {
+                let (bwd_seq, bwd_last) = self.direction(g, input, mask, layer, true)?;
+                (g.concat(&[fwd_seq, bwd_seq], 2)?, g.concat(&[fwd_last, bwd_last], 1)?)
+            } else {
+                (fwd_seq, fwd_last)
+            };
+        }
+        Ok(RecurrentOutput { sequence: input, last })
+    }
+
+    /// One direction of one layer: (outputs `[B, T, H]`, final state `[B, H]`).
+    fn direction(&self, g: &mut Graph<'_>, x: Var, mask: &Tensor, layer: usize, reverse: bool) -> Result<(Var, Var)> {
+        let shape = g.shape(x).to_vec();
+        let (b, t, i) = (shape[0], shape[1], shape[2]);
+        let h = self.hidden_size;
+        let gh = self.cell.gates() * h;
+        let w_ih = g.param(&self.pname("weight_ih", layer, reverse))?;
+        let w_hh = g.param(&self.pname("weight_hh", layer, reverse))?;
+        let b_ih = g.param(&self.pname("bias_ih", layer, reverse))?;
+        let b_hh = g.param(&self.pname("bias_hh", layer, reverse))?;
+        // All time steps' input projections, all gates, in one product.
+        let x2 = g.reshape(x, &[b * t, i])?;
+        let xp = g.matmul_t(x2, w_ih, false, true)?;
+        let xp = g.add(xp, b_ih)?;
+        let xp = g.reshape(xp, &[b, t, gh])?;
+        let mut state = g.input(Tensor::zeros(&[b, h]));
+        let mut cell = g.input(Tensor::zeros(&[b, h]));
+        let mut outputs = vec![state; t];
+        let order: Vec<usize> = if reverse {
+            (0..t).rev().collect()
+        } else {
+            (0..t).collect()
+        };
+        for step in order {
+            let xt = g.slice_axis(xp, 1, step, step + 1)?;
+            let xt = g.reshape(xt, &[b, gh])?;
+            let hp = g.matmul_t(state, w_hh, false, true)?;
+            let hp = g.add(hp, b_hh)?;
+            let (new_h, new_c) = match self.cell {
+                CellKind::Rnn => {
+                    let s = g.add(xt, hp)?;
+                    (g.tanh(s), None)
+                }
+                CellKind::Lstm => {
+                    let s = g.add(xt, hp)?;
+                    let gate = |g: &mut Graph<'_>, k: usize| g.slice_axis(s, 1, k * h, (k + 1) * h);
+                    let (ig, fg, gg, og) = (gate(g, 0)?, gate(g, 1)?, gate(g, 2)?, gate(g, 3)?);
+                    let (ig, fg, gg, og) = (g.sigmoid(ig), g.sigmoid(fg), g.tanh(gg), g.sigmoid(og));
+                    let fc = g.mul(fg, cell)?;
+                    let ic = g.mul(ig, gg)?;
+                    let c = g.add(fc, ic)?;
+                    let tc = g.tanh(c);
+                    (g.mul(og, tc)?, Some(c))
+                }
+                CellKind::Gru => {
+                    let part = |g: &mut Graph<'_>, v: Var, k: usize| g.slice_axis(v, 1, k * h, (k + 1) * h);
+                    let (xr, xz, xn) = (part(g, xt, 0)?, part(g, xt, 1)?, part(g, xt, 2)?);
+                    let (hr, hz, hn) = (part(g, hp, 0)?, part(g, hp, 1)?, part(g, hp, 2)?);
+                    let r = g.add(xr, hr)?;
+                    let r = g.sigmoid(r);
+                    let z = g.add(xz, hz)?;
+                    let z = g.sigmoid(z);
+                    let rh = g.mul(r, hn)?;
+                    let n = g.add(xn, rh)?;
+                    let n = g.tanh(n);
+                    // h' = n + z ⊙ (h − n)  ==  (1 − z) ⊙ n + z ⊙ h
+                    let d = g.sub(state, n)?;
+                    let zd = g.mul(z, d)?;
+                    (g.add(n, zd)?, None)
+                }
+            };
+            // Padded steps keep the previous state: h = h_prev + m ⊙ (h' − h_prev).
+            let m = mask.slice_axis(1, step, step + 1)?;
+            let dh = g.sub(new_h, state)?;
+            let dh = g.mul_const(dh, m.clone())?;
+            state = g.add(state, dh)?;
+            if let Some(c) = new_c {
+                let dc = g.sub(c, cell)?;
+                let dc = g.mul_const(dc, m.clone())?;
+                cell = g.add(cell, dc)?;
+            }
+            let out = g.mul_const(new_h, m)?;
+            outputs[step] = g.reshape(out, &[b, 1, h])?;
+        }
+        let seq = if t == 0 {
+            g.input(Tensor::zeros(&[b, 0, h]))
+        } else {
+            g.concat(&outputs, 1)?
+        };
+        Ok((seq, state))
+    }
+
+    fn err(&self, reason: String) -> NnError {
+        NnError::Layer {
+            layer: self.name.clone(),
+            reason,
+        }
+    }
+
+    pub fn init(&self, rng: &mut Rng, out: &mut BTreeMap<String, Tensor>) {
+        // PyTorch: every weight and bias ~ U(±1/√H).
+        let a = 1.0 / (self.hidden_size.max(1) as f32).sqrt();
+        let gh = self.cell.gates() * self.hidden_size;
+        for layer in 0..self.num_layers {
+            let input = if layer == 0 {
+                self.input_size
+            } else {
+                self.hidden_size * self.directions()
+            };
+            for reverse in [false, true].into_iter().take(self.directions()) {
+                for (what, shape) in [
+                    ("weight_ih", vec![gh, input]),
+                    ("weight_hh", vec![gh, self.hidden_size]),
+                    ("bias_ih", vec![gh]),
+                    ("bias_hh", vec![gh]),
+                ] {
+                    out.insert(self.pname(what, layer, reverse), random::uniform(&shape, -a, a, rng));
+                }
+            }
+        }
+    }
+
+    pub fn param_count(&self) -> usize {
+        let gh = self.cell.gates() * self.hidden_size;
+        (0..self.num_layers)
+            .map(|l| {
+                let input = if l == 0 {
+                    self.input_size
+                } else {
+                    self.hidden_size * self.directions()
+                };
+                self.directions() * (gh * input + gh * self.hidden_size + 2 * gh)
+            })
+            .sum()
+    }
+}
+
+/// Many-to-one sequence classifier: embedding → recurrent layer → linear on the final state.
+///
+/// Its input is a `[B, T]` tensor of token ids (as f32, exact below 2²⁴); id 0 is padding
+/// and is masked out.
+#[derive(Debug, Clone)]
+pub struct SequenceClassifier {
+    pub embedding: Embedding,
+    pub rnn: Recurrent,
+    pub head: crate::Linear,
+}
+
+impl SequenceClassifier {
+    pub fn new(
+        cell: CellKind,
+        vocab: usize,
+        embed: usize,
+        hidden: &[usize],
+        bidirectional: bool,
+        dropout: f64,
+        classes: usize,
+    ) -> Self {
+        let hidden_size = hidden.first().copied().unwrap_or(64);
+        let rnn = Recurrent {
+            name: "rnn".into(),
+            cell,
+            input_size: embed,
+            hidden_size,
+            num_layers: hidden.len().max(1),
+            bidirectional,
+            dropout,
+        };
+        let head =
+            crate::Linear::new("head", hidden_size * rnn.directions(), classes).with_init(crate::Init::XavierUniform);
+        SequenceClassifier {
+            embedding: Embedding {
+                name: "embedding".into(),
+                vocab,
+                dim: embed,
+                padding_idx: Some(0),
+            },
+            rnn,
+            head,
+        }
+    }
+}
+
+/// Token ids and padding mask of an id batch `[B, T]`.
+pub fn ids_and_mask(t: &Tensor) -> Result<(Vec<usize>, Tensor, usize, usize)> {
+    let &[b, steps] = t.shape() else {
+        return Err(NnError::Layer {
+            layer: "embedding".into(),
+            reason: format!("expects token ids [batch, time], got {:?}", t.shape()),
+        });
+    };
+    let ids: Vec<usize> = t.as_slice().iter().map(|&v| v as usize).collect();
+    let mask = Tensor::from_vec(
+        &[b, steps],
+        ids.iter().map(|&i| if i == 0 { 0.0 } else { 1.0 }).collect(),
+    )?;
+    Ok((ids, mask, b, steps))
+}
+
+impl Module for SequenceClassifier {
+    fn init_params(&self, rng: &mut Rng, out: &mut BTreeMap<String, Tensor>) {
+        self.embedding.init(rng, out);
+        self.rnn.init(rng, out);
+        self.head.init_params(rng, out);
+    }
+
+    /// # Shapes
+    /// `[B, T]` token ids → `[B, classes]` logits.
+    fn forward(&self, g: &mut Graph<'_>, x: Var) -> Result<Var> {
+        let (ids, mask, b, t) = ids_and_mask(g.value(x))?;
+        let emb = self.embedding.lookup(g, &ids, b, t)?;
+        let out = self.rnn.run(g, emb, &mask)?;
+        self.head.forward(g, out.last)
+    }
+
+    fn describe(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<Vec<usize>> {
+        let t = input.first().copied().unwrap_or(0);
+        rows.push(LayerSummary {
+            name: self.embedding.name.clone(),
+            kind: format!("Embedding({}, {})", self.embedding.vocab, self.embedding.dim),
+            output: vec![t, self.embedding.dim],
+            params: self.embedding.vocab * self.embedding.dim,
+            flops: 0,
+        });
+        let r = &self.rnn;
+        let gh = r.cell.gates() * r.hidden_size;
+        rows.push(LayerSummary {
+            name: r.name.clone(),
+            kind: format!(
+                "{:?}({} -> {}, layers {}, {})",
+                r.cell,
+                r.input_size,
+                r.hidden_size,
+                r.num_layers,
+                if r.bidirectional { "bidirectional" } else { "forward" }
+            ),
+            output: vec![r.hidden_size * r.directions()],
+            params: r.param_count(),
+            flops: (2 * t * r.directions() * gh * (r.input_size + r.hidden_size) * r.num_layers) as u64,
+        });
+        self.head.describe(&[r.hidden_size * r.directions()], rows)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::init_store;
+    use ringtrain_autograd::ParamStore;
+
+    /// Central differences over every parameter and every input element, against backward.
+    /// Loss = Σ w ⊙ output with fixed weights, so every output element matters.
+    fn check_all(run: &dyn Fn(&mut Graph<'_>, Var) -> Var, store: &ParamStore, x: &Tensor) {
+        let eval = |store: &ParamStore, x: &Tensor, grads: bool| {
+            let mut g = Graph::new(store);
+            let xv = g.variable(x.clone());
+            let out = run(&mut g, xv);
+            let w = random::uniform(g.shape(out), 0.5, 1.5, &mut random::rng(11));
+            let w = g.input(w);
+            let p = g.mul(out, w).unwrap();
+            let loss = g.sum(p);
+            let value = f64::from(g.value(loss).item().unwrap());
+            if !grads {
+                return (value, Vec::new(), None);
+            }
+            let gr = g.backward(loss).unwrap();
+            let mut flat = vec![0.0; store.num_elements()];
+            g.param_grads_into(&gr, &mut flat).unwrap();
+            (value, flat, gr.get(xv).cloned())
+        };
+        let (_, analytic, dx) = eval(store, x, true);
+        let eps = 1e-2f32;
+        let mut s = store.clone();
+        for k in 0..s.num_elements() {
+            let orig = s.flat()[k];
+            s.flat_mut()[k] = orig + eps;
+            let plus = eval(&s, x, false).0;
+            s.flat_mut()[k] = orig - eps;
+            let minus = eval(&s, x, false).0;
+            s.flat_mut()[k] = orig;
+            let numeric = ((plus - minus) / (2.0 * f64::from(eps))) as f32;
+            let name = &store.specs().iter().rfind(|p| p.offset <= k).unwrap().name;
+            assert!(
+                (analytic[k] - numeric).abs() <= 1e-2 + 1e-2 * numeric.abs(),
+                "{name}[{k}]: {} vs {numeric}",
+                analytic[k]
+            );
+        }
+        let dx = dx.unwrap();
+        let mut xs = x.clone();
+        for k in 0..x.len() {
+            let orig = xs.as_slice()[k];
+            xs.as_mut_slice()[k] = orig + eps;
+            let plus = eval(store, &xs, false).0;
+            xs.as_mut_slice()[k] = orig - eps;
+            let minus = eval(store, &xs, false).0;
+            xs.as_mut_slice()[k] = orig;
+            let numeric = ((plus - minus) / (2.0 * f64::from(eps))) as f32;
+            assert!(
+                (dx.as_slice()[k] - numeric).abs() <= 1e-2 + 1e-2 * numeric.abs(),
+                "x[{k}]"
+            );
+        }
+    }
+
+    fn rnn(cell: CellKind, layers: usize, bidirectional: bool) -> Recurrent {
+        Recurrent {
+            name: "rnn".into(),
+            cell,
+            input_size: 3,
+            hidden_size: 2,
+            num_layers: layers,
+            bidirectional,
+            dropout: 0.0,
+        }
+    }
+
+    #[test]
+    fn every_cell_passes_gradcheck_through_time_with_a_mask() {
+        let x = random::uniform(&[2, 4, 3], -1.0, 1.0, &mut random::rng(3));
+        // second sequence has two padded steps at the end
+        let mask = Tensor::from_vec(&[2, 4], vec![1., 1., 1., 1., 1., 1., 0., 0.]).unwrap();
+        for cell in [CellKind::Rnn, CellKind::Gru, CellKind::Lstm] {
+            for (layers, bi) in [(1, false), (2, true)] {
+                let r = rnn(cell, layers, bi);
+                let mut named = BTreeMap::new();
+                r.init(&mut random::rng(5), &mut named);
+                let store = ParamStore::from_named(named);
+                assert_eq!(store.num_elements(), r.param_count());
+                let run = |g: &mut Graph<'_>, x: Var| {
+                    let out = r.run(g, x, &mask).unwrap();
+                    let a = g.reshape(out.sequence, &[2, 4 * 2 * r.directions()]).unwrap();
+                    g.concat(&[a, out.last], 1).unwrap()
+                };
+                check_all(&run, &store, &x);
+            }
+        }
+    }
+
+    #[test]
+    fn padded_steps_do_not_change_the_final_state() {
+        let r = rnn(CellKind::Lstm, 1, true);
+        let mut named = BTreeMap::new();
+        r.init(&mut random::rng(5), &mut named);
+        let store = ParamStore::from_named(named);
+        let x = random::uniform(&[1, 3, 3], -1.0, 1.0, &mut random::rng(3));
+        let mut g = Graph::inference(&store);
+        let xv = g.input(x.clone());
+        let short = r.run(&mut g, xv, &Tensor::ones(&[1, 3])).unwrap();
+        // same sequence with two padding steps appended (garbage values under the mask)
+        let padded = Tensor::concat(1, &[&x, &Tensor::full(&[1, 2, 3], 7.0)]).unwrap();
+        let pv = g.input(padded);
+        let mask = Tensor::from_vec(&[1, 5], vec![1., 1., 1., 0., 0.]).unwrap();
+        let long = r.run(&mut g, pv, &mask).unwrap();
+        let (a, b) = (g.value(short.last).to_vec(), g.value(long.last).to_vec());
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-6, "{a:?} vs {b:?}");
+        }
+    }
+
+    #[test]
+    fn bidirectional_equals_two_unidirectional_layers_one_on_reversed_input() {
+        let bi = rnn(CellKind::Gru, 1, true);
+        let mut named = BTreeMap::new();
+        bi.init(&mut random::rng(8), &mut named);
+        let store = ParamStore::from_named(named.clone());
+        // a forward-only layer whose weights are the reverse direction's
+        let rev_named: BTreeMap<String, Tensor> = named
+            .iter()
+            .filter_map(|(k, v)| k.strip_suffix("_reverse").map(|k| (k.to_string(), v.clone())))
+            .collect();
+        let rev_store = ParamStore::from_named(rev_named);
+        let uni = rnn(CellKind::Gru, 1, false);
+        let x = random::uniform(&[2, 5, 3], -1.0, 1.0, &mut random::rng(1));
+        let ones = Tensor::ones(&[2, 5]);
+        let mut g = Graph::inference(&store);
+        let xv = g.input(x.clone());
+        let both = bi.run(&mut g, xv, &ones).unwrap();
+        let fwd = uni.run(&mut g, xv, &ones).unwrap();
+        let reversed = Tensor::concat(
+            1,
+            &(0..5)
+                .rev()
+                .map(|t| x.slice_axis(1, t, t + 1).unwrap())
+                .collect::<Vec<_>>()
+                .iter()
+                .collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let mut h = Graph::inference(&rev_store);
+        let rv = h.input(reversed);
+        let bwd = uni.run(&mut h, rv, &ones).unwrap();
+        let both_last = g.value(both.last).to_vec();
+        let mut want = Vec::new();
+        for row in 0..2 {
+            want.extend_from_slice(&g.value(fwd.last).as_slice()[row * 2..row * 2 + 2]);
+            want.extend_from_slice(&h.value(bwd.last).as_slice()[row * 2..row * 2 + 2]);
+        }
+        assert_eq!(both_last, want);
+        // per-step outputs: backward direction's output at t is the reversed run's at T-1-t
+        let seq = g.value(both.sequence);
+        let rseq = h.value(bwd.sequence);
+        for t in 0..5 {
+            for k in 0..2 {
+                assert_eq!(seq.as_slice()[t * 4 + 2 + k], rseq.as_slice()[(4 - t) * 2 + k]);
+            }
+        }
+    }
+
+    #[test]
+    fn classifier_runs_on_padded_ids_and_names_params_like_pytorch() {
+        let m = SequenceClassifier::new(CellKind::Lstm, 20, 4, &[5], true, 0.0, 2);
+        let store = init_store(&m, 1);
+        for name in [
+            "embedding.weight",
+            "rnn.weight_ih_l0",
+            "rnn.weight_hh_l0_reverse",
+            "rnn.bias_hh_l0",
+            "head.weight",
+        ] {
+            assert!(store.spec(name).is_some(), "{name}");
+        }
+        assert_eq!(store.spec("rnn.weight_ih_l0").unwrap().shape, vec![20, 4]);
+        let ids = Tensor::from_vec(&[2, 3], vec![5., 6., 7., 8., 0., 0.]).unwrap();
+        let mut g = Graph::new(&store);
+        let x = g.input(ids);
+        let y = m.forward(&mut g, x).unwrap();
+        assert_eq!(g.shape(y), &[2, 2]);
+        let loss = g.cross_entropy(y, &[0, 1]).unwrap();
+        let grads = g.backward(loss).unwrap();
+        let mut flat = vec![0.0; store.num_elements()];
+        g.param_grads_into(&grads, &mut flat).unwrap();
+        // the padding row of the embedding gets no gradient
+        let e = store.spec("embedding.weight").unwrap();
+        assert!(flat[e.offset..e.offset + 4].iter().all(|&v| v == 0.0));
+        assert!(flat[e.offset + 5 * 4..e.offset + 6 * 4].iter().any(|&v| v != 0.0));
+        let mut rows = Vec::new();
+        assert_eq!(m.describe(&[3], &mut rows).unwrap(), vec![2]);
+        assert_eq!(rows.iter().map(|r| r.params).sum::<usize>(), store.num_elements());
+    }
+}
