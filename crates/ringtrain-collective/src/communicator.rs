@@ -116,7 +116,7 @@ impl Communicator {
 
 impl Drop for Communicator {
     /// Delivers this rank's last frames before the runtime stops (bounded by
-    /// the connect timeout), so neighbours still finishing the last
+    /// the receive timeout), so neighbours still finishing the last
     /// collective get everything they need.
     fn drop(&mut self) {
         self.runtime.block_on(self.ring.close());

@@ -236,7 +236,7 @@ impl GrpcTransport {
             out,
             right_failed,
             abort_reason,
-            close_timeout: config.connect_timeout,
+            close_timeout: config.timeout,
             server,
             client,
         })
@@ -310,7 +310,7 @@ impl Transport for GrpcTransport {
     }
 
     /// End the stream to the right neighbour after every queued frame, and
-    /// wait (at most the connect timeout) until it has acknowledged them.
+    /// wait (at most the receive timeout) until it has acknowledged them.
     async fn close(&mut self) {
         self.out = None;
         if let Some(client) = self.client.take() {
