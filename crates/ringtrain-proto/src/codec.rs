@@ -1,10 +1,11 @@
-//! The gRPC codec of the generated services: prost, tuned for large messages.
+//! The gRPC codec of the generated services: prost, without regrowing buffers.
 //!
 //! tonic's default prost encoder lets its output buffer grow by doubling while
 //! a message is written, copying the part already encoded at each step; with
 //! half-megabyte frames that is several extra copies and fresh pages per
-//! message. This encoder reserves the message's exact encoded length first,
-//! and both directions start from buffers sized for a whole frame.
+//! message. This encoder reserves the message's exact encoded length first
+//! (the decoder already reserves a whole message once its length is known).
+//! Buffers start at tonic's default size, so small unary calls stay cheap.
 
 use std::marker::PhantomData;
 
@@ -12,11 +13,6 @@ use prost::Message;
 use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
 use tonic::Status;
 use tonic_prost::{ProstCodec, ProstDecoder};
-
-/// Initial buffer size and yield threshold of both directions.
-fn settings() -> BufferSettings {
-    BufferSettings::new(1 << 20, 256 << 10)
-}
 
 /// Codec used by the generated client and server (`codec_path` in build.rs).
 #[derive(Debug)]
@@ -43,7 +39,7 @@ where
     }
 
     fn decoder(&mut self) -> Self::Decoder {
-        ProstCodec::<T, U>::raw_decoder(settings())
+        ProstCodec::<T, U>::raw_decoder(BufferSettings::default())
     }
 }
 
@@ -62,6 +58,6 @@ impl<T: Message> Encoder for ReservingEncoder<T> {
     }
 
     fn buffer_settings(&self) -> BufferSettings {
-        settings()
+        BufferSettings::default()
     }
 }
