@@ -5,6 +5,8 @@
 #![allow(clippy::print_stdout)] // reason: printing results is this binary's job
 
 mod collective_cmd;
+mod progress;
+mod use_model;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -44,6 +46,10 @@ enum Command {
     Validate { job: PathBuf },
     /// Print the model's layers, output shapes, parameter counts and FLOPs per example.
     Inspect { job: PathBuf },
+    /// Recompute the metrics of a run's saved model on the job's test split (or on --data).
+    Evaluate(use_model::EvaluateArgs),
+    /// Predict the rows of a CSV file (or the images of an IDX file) with a run's saved model.
+    Predict(use_model::PredictArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -96,6 +102,8 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Bench(BenchCommand::Allreduce(args)) => collective_cmd::run_bench_allreduce(args),
         Command::CollectivePeer(args) => collective_cmd::run_peer(args),
+        Command::Evaluate(args) => use_model::evaluate(args),
+        Command::Predict(args) => use_model::predict(args),
         Command::Train { job, out, eval, quiet } => {
             let (mut spec, text) = load_job(&job)?;
             if let Some(e) = eval {
@@ -106,23 +114,22 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Validate { job } => {
             let (spec, _) = load_job(&job)?;
             let task = ringtrain_train::Task::from_job(&spec).map_err(classify)?;
-            let model = ringtrain_train::build_model(&spec.model, task.examples_input_width(), task.target.outputs());
-            model.describe(&[task.examples_input_width()], &mut Vec::new()).map_err(bad_input)?;
+            ringtrain_train::build_model(&spec.model, &task.input_shape(), task.target.outputs()).map_err(classify)?;
             println!("{}: ok ({} examples)", job.display(), task.example_count());
             Ok(())
         }
         Command::Inspect { job } => {
             let (spec, _) = load_job(&job)?;
             let task = ringtrain_train::Task::from_job(&spec).map_err(classify)?;
-            let width = task.examples_input_width();
-            let model = ringtrain_train::build_model(&spec.model, width, task.target.outputs());
+            let input = task.input_shape();
+            let model = ringtrain_train::build_model(&spec.model, &input, task.target.outputs()).map_err(classify)?;
             let mut rows = Vec::new();
-            model.describe(&[width], &mut rows).map_err(bad_input)?;
-            println!("{:<14} {:<22} {:>14} {:>10} {:>12}", "layer", "kind", "output", "params", "FLOPs");
-            println!("{:<14} {:<22} {:>14}", "input", "", format!("{:?}", [width]));
+            model.describe(&input, &mut rows).map_err(bad_input)?;
+            println!("{:<22} {:<26} {:>14} {:>10} {:>12}", "layer", "kind", "output", "params", "FLOPs");
+            println!("{:<22} {:<26} {:>14}", "input", "", format!("{input:?}"));
             for r in &rows {
                 println!(
-                    "{:<14} {:<22} {:>14} {:>10} {:>12}",
+                    "{:<22} {:<26} {:>14} {:>10} {:>12}",
                     r.name,
                     r.kind,
                     format!("{:?}", r.output),
@@ -176,23 +183,11 @@ fn apply_eval_override(job: &mut Job, eval: &str) -> anyhow::Result<()> {
 }
 
 fn train(job: &Job, text: &str, out: Option<&Path>, quiet: bool) -> anyhow::Result<()> {
-    let epochs = job.training.epochs;
-    let every = (epochs / 10).max(1);
-    let mut observe = |p: Progress| {
-        if let Progress::Epoch(r) = p {
-            if quiet || !(r.epoch % every == 0 || r.epoch == 1 || r.epoch == epochs) {
-                return;
-            }
-            let fold = r.fold.map(|f| format!("fold {f} ")).unwrap_or_default();
-            let acc = r.test_accuracy.map(|a| format!(" test_acc {a:.4}")).unwrap_or_default();
-            let rmse = r.test_rmse.map(|a| format!(" test_rmse {a:.4}")).unwrap_or_default();
-            println!(
-                "{fold}epoch {:>4}/{epochs}  train_loss {:.4}  test_loss {:.4}{acc}{rmse}  {:.0} ex/s",
-                r.epoch, r.train_loss, r.test_loss, r.examples_per_sec
-            );
-        }
-    };
-    let summary = ringtrain_train::run_job(job, text, out, &mut observe).map_err(classify)?;
+    let mut progress = progress::TrainProgress::new(job, quiet);
+    let mut observe = |p: Progress| progress.observe(p);
+    let summary = ringtrain_train::run_job(job, text, out, &mut observe);
+    progress.finish();
+    let summary = summary.map_err(classify)?;
     print_summary(&summary);
     if let Some(dir) = out {
         println!("run directory: {}", dir.display());

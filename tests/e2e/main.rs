@@ -3,4 +3,5 @@
 
 mod cli;
 mod collective;
+mod reports;
 mod util;

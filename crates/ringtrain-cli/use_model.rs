@@ -1,0 +1,101 @@
+//! `ringtrain evaluate` and `ringtrain predict`: using the model a run saved.
+
+use std::path::{Path, PathBuf};
+
+use ringtrain_train::{Prediction, SavedModel};
+
+use crate::bad_input;
+
+#[derive(clap::Args, Debug)]
+pub struct EvaluateArgs {
+    /// A run directory written by `ringtrain train --out`.
+    run_dir: PathBuf,
+    /// Evaluate on every example of this file (or IDX directory) instead of the job's test split.
+    #[arg(long)]
+    data: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PredictArgs {
+    /// A run directory written by `ringtrain train --out`.
+    run_dir: PathBuf,
+    /// Rows to predict: a CSV laid out like the training data (the label column may be left
+    /// out), or an IDX image file for image models.
+    input: PathBuf,
+}
+
+/// Every failure here is about the run directory or the input the user named: exit code 2.
+fn load(run_dir: &Path) -> anyhow::Result<SavedModel> {
+    SavedModel::load(run_dir).map_err(bad_input)
+}
+
+pub fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
+    let model = load(&args.run_dir)?;
+    let eval = model.evaluate(args.data.as_deref()).map_err(bad_input)?;
+    let m = &eval.metrics;
+    println!(
+        "{}: {} ({}, {} examples)",
+        args.run_dir.display(),
+        eval.data.display(),
+        eval.scope,
+        m.examples
+    );
+    println!("loss: {}", m.loss);
+    // Full precision, so the numbers compare exactly with summary.json.
+    if let Some(a) = m.accuracy {
+        println!("accuracy: {a}");
+    }
+    if let Some(f) = m.macro_f1 {
+        println!("macro F1: {f}");
+    }
+    if let Some(r) = m.rmse {
+        println!("RMSE: {r}");
+    }
+    if let Some(a) = m.mae {
+        println!("MAE: {a}");
+    }
+    if let Some(cm) = &m.confusion_matrix {
+        print_confusion(&eval.class_names, cm);
+    }
+    Ok(())
+}
+
+fn print_confusion(names: &[String], cm: &[Vec<u64>]) {
+    let width = names.iter().map(String::len).max().unwrap_or(4).max(6);
+    println!("confusion matrix (rows: true class, columns: predicted)");
+    let mut line = format!("{:width$}", "");
+    for n in names {
+        line.push_str(&format!(" {n:>width$}"));
+    }
+    println!("{line}");
+    for (n, row) in names.iter().zip(cm) {
+        let mut line = format!("{n:>width$}");
+        for c in row {
+            line.push_str(&format!(" {c:>width$}"));
+        }
+        println!("{line}");
+    }
+}
+
+/// Prints one tab-separated line per input row: the row number (1-based, data rows only), the
+/// prediction, and for classifiers the probability of each class.
+pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
+    let model = load(&args.run_dir)?;
+    let predictions = model.predict_file(&args.input).map_err(bad_input)?;
+    let names = model.class_names();
+    let mut header = vec!["row".to_string(), "prediction".to_string()];
+    header.extend(names.iter().map(|n| format!("p({n})")));
+    println!("{}", header.join("\t"));
+    for (i, p) in predictions.iter().enumerate() {
+        match p {
+            Prediction::Class {
+                name, probabilities, ..
+            } => {
+                let probs: Vec<String> = probabilities.iter().map(|p| format!("{p:.4}")).collect();
+                println!("{}\t{name}\t{}", i + 1, probs.join("\t"));
+            }
+            Prediction::Value(v) => println!("{}\t{v}", i + 1),
+        }
+    }
+    Ok(())
+}
