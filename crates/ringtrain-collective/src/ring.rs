@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use ringtrain_proto::collective::{Abort, CollectiveOp, DataFrame, DataHeader, Frame};
+use ringtrain_proto::collective::{Abort, CollectiveOp, DataFrame, DataHeader, Frame, Waiting};
 
 use crate::error::{Error, LinkError, LinkFailure, Result};
 use crate::kernels;
@@ -74,6 +74,13 @@ struct Ctx {
     /// (all-gather of per-rank values).
     bucket_len: Option<u64>,
     parts: u32,
+}
+
+/// A frame the collective acts on (waiting notices are consumed below it).
+#[derive(Debug)]
+enum Received {
+    Data(DataFrame),
+    Abort(Abort),
 }
 
 /// One rank's endpoint of a ring: runs collectives over a [`Transport`].
@@ -332,6 +339,66 @@ impl<T: Transport> Ring<T> {
         }
     }
 
+    /// The next data or abort frame from the left neighbour.
+    ///
+    /// The left neighbour is declared dead or hung after `timeout` without any
+    /// frame from it. While waiting, this rank tells its right neighbour every
+    /// `timeout / 2` that it is alive but waiting ([`Waiting`]), and treats such
+    /// notices from its left as signs of life. So when one rank hangs, only
+    /// its right neighbour times out (naming it) and the others keep waiting
+    /// for the abort that follows, instead of all timing out together and
+    /// each blaming its own live neighbour. The total wait is capped at
+    /// `world × timeout`.
+    async fn next_frame(&mut self, ctx: &Ctx) -> Result<Received> {
+        let timeout = self.opts.timeout;
+        let slice = (timeout / 2).max(Duration::from_millis(1));
+        let started = tokio::time::Instant::now();
+        let cap = timeout * u32::try_from(self.world).unwrap_or(u32::MAX);
+        let mut last_alive = started;
+        loop {
+            match self.transport.recv(slice).await {
+                Ok(Frame::Waiting(w)) => {
+                    tracing::trace!(
+                        rank = self.rank,
+                        left = w.rank,
+                        on = w.waiting_on,
+                        "left neighbour is waiting"
+                    );
+                    last_alive = tokio::time::Instant::now();
+                }
+                Ok(Frame::Data(d)) => return Ok(Received::Data(d)),
+                Ok(Frame::Abort(a)) => return Ok(Received::Abort(a)),
+                Err(LinkError {
+                    failure: LinkFailure::Timeout(_),
+                    peer,
+                    direction,
+                }) => {
+                    let now = tokio::time::Instant::now();
+                    if now - last_alive >= timeout || now - started >= cap {
+                        return Err(self.link_error(
+                            ctx,
+                            LinkError {
+                                peer,
+                                direction,
+                                failure: LinkFailure::Timeout(timeout),
+                            },
+                        ));
+                    }
+                    if self.world > 1 {
+                        // Best effort: a broken right link is reported by the next send.
+                        let _ = self.transport.send(Frame::Waiting(Waiting {
+                            job_id: self.opts.job_id.clone(),
+                            seq: ctx.seq,
+                            rank: self.rank as u32,
+                            waiting_on: self.left() as u32,
+                        }));
+                    }
+                }
+                Err(e) => return Err(self.link_error(ctx, e)),
+            }
+        }
+    }
+
     /// Receive the next frame, which must be data for `(step, part)` of the
     /// current collective from `origin`, with `values` values (if given).
     async fn recv(
@@ -342,20 +409,15 @@ impl<T: Transport> Ring<T> {
         origin: usize,
         values: Option<usize>,
     ) -> Result<Bytes> {
-        let frame = self
-            .transport
-            .recv(self.opts.timeout)
-            .await
-            .map_err(|e| self.link_error(ctx, e))?;
-        match frame {
-            Frame::Abort(a) => Err(Error::Aborted {
+        match self.next_frame(ctx).await? {
+            Received::Abort(a) => Err(Error::Aborted {
                 op: ctx.op,
                 rank: self.rank,
                 seq: ctx.seq,
                 origin: a.origin_rank as usize,
                 reason: a.reason,
             }),
-            Frame::Data(d) => {
+            Received::Data(d) => {
                 self.check(ctx, &d.header, step, part, origin)?;
                 if let Some(values) = values {
                     let expected = values * ctx.op.value_bytes();

@@ -118,11 +118,22 @@ pub struct Abort {
     pub reason: String,
 }
 
+/// A rank that has had no frame for a while says it is alive and whom it is
+/// waiting for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waiting {
+    pub job_id: String,
+    pub seq: u64,
+    pub rank: u32,
+    pub waiting_on: u32,
+}
+
 /// A validated message between ring neighbours.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     Data(DataFrame),
     Abort(Abort),
+    Waiting(Waiting),
 }
 
 impl TryFrom<wire::Frame> for Frame {
@@ -138,6 +149,12 @@ impl TryFrom<wire::Frame> for Frame {
                 reason: a.reason,
             })),
             Some(wire::frame::Kind::Data(d)) => DataFrame::try_from(d).map(Frame::Data),
+            Some(wire::frame::Kind::Waiting(w)) => Ok(Frame::Waiting(Waiting {
+                job_id: w.job_id,
+                seq: w.seq,
+                rank: w.rank,
+                waiting_on: w.waiting_on,
+            })),
         }
     }
 }
@@ -224,6 +241,12 @@ impl From<Frame> for wire::Frame {
                 origin_rank: a.origin_rank,
                 reason: a.reason,
             }),
+            Frame::Waiting(w) => wire::frame::Kind::Waiting(wire::Waiting {
+                job_id: w.job_id,
+                seq: w.seq,
+                rank: w.rank,
+                waiting_on: w.waiting_on,
+            }),
         };
         wire::Frame { kind: Some(kind) }
     }
@@ -260,6 +283,17 @@ mod tests {
         let encoded = wire::Frame::from(frame.clone()).encode_to_vec();
         let decoded = wire::Frame::decode(encoded.as_slice()).expect("decodes");
         assert_eq!(Frame::try_from(decoded), Ok(frame));
+    }
+
+    #[test]
+    fn waiting_round_trips() {
+        let frame = Frame::Waiting(Waiting {
+            job_id: "j".into(),
+            seq: 4,
+            rank: 1,
+            waiting_on: 0,
+        });
+        assert_eq!(Frame::try_from(wire::Frame::from(frame.clone())), Ok(frame));
     }
 
     #[test]
