@@ -4,6 +4,7 @@
 //! 2 the job or its input is bad (fix it before retrying).
 #![allow(clippy::print_stdout)] // reason: printing results is this binary's job
 
+mod cluster_cmd;
 mod collective_cmd;
 mod progress;
 mod use_model;
@@ -11,10 +12,14 @@ mod use_model;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ringtrain_config::Job;
 use ringtrain_train::{Progress, RunSummary};
+
+// Training allocates and frees multi-megabyte activations every step; glibc's allocator
+// returns them to the kernel each time (page faults dominated `sys` time), mimalloc reuses them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
 #[command(name = "ringtrain", version, about = "Distributed data-parallel deep-learning training")]
@@ -38,14 +43,27 @@ enum Command {
         /// Override the evaluation scheme: `train-test` or `kfold:K`.
         #[arg(long)]
         eval: Option<String>,
+        /// Override the job's data path (file or directory).
+        #[arg(long)]
+        data: Option<PathBuf>,
         /// Print only the final summary.
         #[arg(long)]
         quiet: bool,
     },
-    /// Check a job file (syntax, values, data file) without training.
-    Validate { job: PathBuf },
+    /// Check a job file (syntax, values, data file, model shapes) without training.
+    Validate {
+        job: PathBuf,
+        /// Override the job's data path.
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
     /// Print the model's layers, output shapes, parameter counts and FLOPs per example.
-    Inspect { job: PathBuf },
+    Inspect {
+        job: PathBuf,
+        /// Override the job's data path.
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
     /// Recompute the metrics of a run's saved model on the job's test split (or on --data).
     Evaluate(use_model::EvaluateArgs),
     /// Predict the rows of a CSV file (or the images of an IDX file) with a run's saved model.
@@ -56,6 +74,12 @@ enum Command {
     /// One rank of a local collective ring (started by `bench allreduce` and the tests).
     #[command(hide = true)]
     CollectivePeer(collective_cmd::PeerArgs),
+    /// Train a job on N local worker processes (coordinator in this process).
+    Launch(cluster_cmd::LaunchArgs),
+    /// Coordinate a distributed job whose workers run elsewhere (`ringtrain worker`).
+    Coordinator(cluster_cmd::CoordinatorArgs),
+    /// Join a distributed job as one worker.
+    Worker(cluster_cmd::WorkerArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -102,27 +126,36 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Bench(BenchCommand::Allreduce(args)) => collective_cmd::run_bench_allreduce(args),
         Command::CollectivePeer(args) => collective_cmd::run_peer(args),
+        Command::Launch(args) => cluster_cmd::run_launch(args),
+        Command::Coordinator(args) => cluster_cmd::run_coordinator(args),
+        Command::Worker(args) => cluster_cmd::run_worker_cmd(args),
         Command::Evaluate(args) => use_model::evaluate(args),
         Command::Predict(args) => use_model::predict(args),
-        Command::Train { job, out, eval, quiet } => {
-            let (mut spec, text) = load_job(&job)?;
+        Command::Train {
+            job,
+            out,
+            eval,
+            data,
+            quiet,
+        } => {
+            let (mut spec, text) = load_job_with_data(&job, data.as_deref())?;
             if let Some(e) = eval {
                 apply_eval_override(&mut spec, &e)?;
             }
             train(&spec, &text, out.as_deref(), quiet)
         }
-        Command::Validate { job } => {
-            let (spec, _) = load_job(&job)?;
+        Command::Validate { job, data } => {
+            let (spec, _) = load_job_with_data(&job, data.as_deref())?;
             let task = ringtrain_train::Task::from_job(&spec).map_err(classify)?;
-            ringtrain_train::build_model(&spec.model, &task.input_shape(), task.target.outputs()).map_err(classify)?;
+            task.model(&spec.model).map_err(classify)?;
             println!("{}: ok ({} examples)", job.display(), task.example_count());
             Ok(())
         }
-        Command::Inspect { job } => {
-            let (spec, _) = load_job(&job)?;
+        Command::Inspect { job, data } => {
+            let (spec, _) = load_job_with_data(&job, data.as_deref())?;
             let task = ringtrain_train::Task::from_job(&spec).map_err(classify)?;
             let input = task.input_shape();
-            let model = ringtrain_train::build_model(&spec.model, &input, task.target.outputs()).map_err(classify)?;
+            let model = task.model(&spec.model).map_err(classify)?;
             let mut rows = Vec::new();
             model.describe(&input, &mut rows).map_err(bad_input)?;
             println!("{:<22} {:<26} {:>14} {:>10} {:>12}", "layer", "kind", "output", "params", "FLOPs");
@@ -158,9 +191,16 @@ fn classify(e: ringtrain_train::TrainError) -> anyhow::Error {
     }
 }
 
-fn load_job(path: &Path) -> anyhow::Result<(Job, String)> {
-    let spec = Job::load(path).map_err(bad_input)?;
-    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+/// Loads a job; `data` replaces its data path (relative to the current directory) before
+/// validation.
+fn load_job_with_data(path: &Path, data: Option<&Path>) -> anyhow::Result<(Job, String)> {
+    let text = std::fs::read_to_string(path).map_err(|e| bad_input(format!("{}: cannot read job file: {e}", path.display())))?;
+    let mut spec = Job::parse(&text, path).map_err(bad_input)?;
+    spec.resolve_paths(path);
+    if let Some(d) = data {
+        spec.data.path = d.to_path_buf();
+    }
+    spec.validate(&text, path).map_err(bad_input)?;
     Ok((spec, text))
 }
 

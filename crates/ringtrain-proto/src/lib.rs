@@ -22,4 +22,5 @@ mod wire {
 
 mod codec;
 pub mod collective;
+pub mod coordinator;
 pub mod grpc;

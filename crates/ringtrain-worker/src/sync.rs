@@ -27,8 +27,7 @@ pub struct SyncStats {
 pub struct RingSync {
     comm: Communicator,
     stats: Arc<Mutex<SyncStats>>,
-    abort: Arc<Mutex<Option<String>>>,
-    aborted: Arc<AtomicBool>,
+    abort: AbortHandle,
     checksum: Option<u64>,
 }
 
@@ -45,8 +44,7 @@ impl RingSync {
         Ok(RingSync {
             comm,
             stats: Arc::default(),
-            abort: Arc::default(),
-            aborted: Arc::default(),
+            abort: AbortHandle::default(),
             checksum: None,
         })
     }
@@ -59,10 +57,13 @@ impl RingSync {
     /// A handle that makes the next collective of this rank fail with `reason` (the job was
     /// aborted elsewhere): training stops at its next step instead of running on.
     pub fn abort_handle(&self) -> AbortHandle {
-        AbortHandle {
-            reason: self.abort.clone(),
-            flag: self.aborted.clone(),
-        }
+        self.abort.clone()
+    }
+
+    /// Uses `handle` (created before the ring existed, e.g. by a heartbeat task) to abort.
+    pub fn with_abort(mut self, handle: &AbortHandle) -> RingSync {
+        self.abort = handle.clone();
+        self
     }
 
     /// Checksum of the final parameters ([`param_checksum`]), once the job has finished and
@@ -72,16 +73,10 @@ impl RingSync {
     }
 
     fn check_abort(&self) -> Result<(), SyncError> {
-        if self.aborted.load(Ordering::Relaxed) {
-            let reason = self
-                .abort
-                .lock()
-                .ok()
-                .and_then(|r| r.clone())
-                .unwrap_or_else(|| "aborted".into());
-            return Err(SyncError(format!("rank {}: job aborted: {reason}", self.comm.rank())));
+        match self.abort.reason() {
+            Some(reason) => Err(SyncError(format!("rank {}: job aborted: {reason}", self.comm.rank()))),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     fn timed<T>(
@@ -106,7 +101,7 @@ impl RingSync {
 }
 
 /// Stops a [`RingSync`] from another thread; see [`RingSync::abort_handle`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct AbortHandle {
     reason: Arc<Mutex<Option<String>>>,
     flag: Arc<AtomicBool>,
@@ -119,6 +114,20 @@ impl AbortHandle {
             r.get_or_insert(reason.into());
         }
         self.flag.store(true, Ordering::Relaxed);
+    }
+
+    /// Why the job was aborted, once it was.
+    pub fn reason(&self) -> Option<String> {
+        if !self.flag.load(Ordering::Relaxed) {
+            return None;
+        }
+        Some(
+            self.reason
+                .lock()
+                .ok()
+                .and_then(|r| r.clone())
+                .unwrap_or_else(|| "aborted".into()),
+        )
     }
 }
 

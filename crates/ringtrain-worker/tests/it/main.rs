@@ -95,3 +95,118 @@ fn a_batch_that_does_not_divide_by_the_world_is_refused() {
         assert!(err.contains("must divide evenly by the 3 workers"), "{err}");
     }
 }
+
+mod cluster {
+    //! Coordinator in process, workers on threads: the whole control plane without processes.
+
+    use std::time::Duration;
+
+    use ringtrain_coordinator::{serve, CoordinatorConfig, CoordinatorError, JobSpec};
+    use ringtrain_worker::{run_worker, WorkerError, WorkerOptions};
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn job_spec(batch: usize, epochs: usize) -> JobSpec {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/iris-mlp.toml");
+        let text = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("batch_size = 16", &format!("batch_size = {batch}"))
+            .replace("epochs = 100", &format!("epochs = {epochs}"));
+        JobSpec {
+            toml: text,
+            path: path.display().to_string(),
+            data_path: None,
+        }
+    }
+
+    fn options(coordinator: &str, token: &str) -> WorkerOptions {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let advertise = listener.local_addr().unwrap().to_string();
+        WorkerOptions {
+            coordinator: coordinator.to_owned(),
+            token: token.to_owned(),
+            listener,
+            advertise,
+            host: "test".into(),
+            pid: std::process::id(),
+            io_threads: 1,
+            connect_timeout: Duration::from_secs(5),
+            rendezvous_timeout: Duration::from_secs(20),
+        }
+    }
+
+    #[test]
+    fn three_workers_finish_with_one_checksum_and_epoch_reports() {
+        let rt = runtime();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let out = tempfile::tempdir().unwrap();
+        let mut config = CoordinatorConfig::new(3, job_spec(15, 4), "job-1", "tok");
+        config.out_dir = Some(out.path().display().to_string());
+        config.checkpoint_every = Some(2);
+        let coordinator = rt.spawn(serve(listener, std::future::pending(), config));
+        let workers: Vec<_> = (0..3)
+            .map(|_| {
+                let opts = options(&addr, "tok");
+                std::thread::spawn(move || run_worker(opts, &mut |_| {}))
+            })
+            .collect();
+        let reports: Vec<_> = workers.into_iter().map(|w| w.join().unwrap().unwrap()).collect();
+        let outcome = rt.block_on(coordinator).unwrap().unwrap();
+        let mut ranks: Vec<usize> = reports.iter().map(|r| r.rank).collect();
+        ranks.sort_unstable();
+        assert_eq!(ranks, [0, 1, 2]);
+        assert!(reports.iter().all(|r| r.params_checksum == outcome.params_checksum));
+        assert_eq!(outcome.epochs.len(), 4);
+        assert!(outcome.epochs.iter().all(|e| e.rank == 0 && e.comm_secs >= 0.0));
+        assert!(outcome.summary_json.contains("\"test_accuracy\""));
+        assert!(out.path().join("summary.json").exists());
+        assert!(out.path().join("checkpoint.safetensors").exists());
+    }
+
+    #[test]
+    fn a_wrong_token_is_refused_and_a_missing_worker_fails_the_rendezvous() {
+        let rt = runtime();
+        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let mut config = CoordinatorConfig::new(2, job_spec(16, 1), "job-2", "right");
+        config.rendezvous_timeout = Duration::from_secs(2);
+        let coordinator = rt.spawn(serve(listener, std::future::pending(), config));
+        let err = run_worker(options(&addr, "wrong"), &mut |_| {}).unwrap_err();
+        assert!(
+            matches!(&err, WorkerError::Coordinator { .. }) && err.to_string().contains("wrong job token"),
+            "{err}"
+        );
+        let err = rt.block_on(coordinator).unwrap().unwrap_err();
+        assert!(
+            matches!(
+                err,
+                CoordinatorError::Rendezvous {
+                    registered: 0,
+                    expected: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unreachable_coordinator_is_reported_within_the_deadline() {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = free.local_addr().unwrap().to_string();
+        drop(free);
+        let mut opts = options(&addr, "tok");
+        opts.connect_timeout = Duration::from_millis(600);
+        let started = std::time::Instant::now();
+        let err = run_worker(opts, &mut |_| {}).unwrap_err().to_string();
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+        assert!(err.contains(&addr) && err.contains("no connection within"), "{err}");
+    }
+}

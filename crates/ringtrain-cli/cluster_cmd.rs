@@ -1,0 +1,584 @@
+//! `ringtrain launch | coordinator | worker`: distributed data-parallel training.
+//!
+//! * `launch` runs the coordinator in this process on 127.0.0.1 (port 0) and N copies of this
+//!   binary as `worker` children, each with cores / N threads. Children are killed when
+//!   anything fails, and every wait has a deadline.
+//! * `coordinator` and `worker` are the two halves for multi-node runs; their settings also
+//!   come from `RINGTRAIN_*` environment variables.
+//!
+//! Each process prints its bound address as one JSON line
+//! (`{"event":"listening","role":"coordinator","addr":"HOST:PORT"}`). The job token travels in
+//! `RINGTRAIN_TOKEN`, never on a command line.
+#![allow(clippy::print_stdout)] // reason: printing progress and results is this module's job
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher as _, Hasher as _};
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use clap::Args;
+use ringtrain_coordinator::{serve, CoordinatorConfig, CoordinatorError, Event, JobOutcome, JobSpec};
+use ringtrain_train::{EpochReport, RunSummary};
+use ringtrain_worker::{run_worker, WorkerEvent, WorkerOptions};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::collective_cmd::TOKEN_ENV;
+
+/// How long `launch` waits for its workers to exit after a successful job.
+const EXIT_DEADLINE: Duration = Duration::from_secs(10);
+/// A failed child makes `launch` give up this long after its exit unless the coordinator
+/// has already explained the failure (its own grace period is shorter).
+const CHILD_FAILURE_GRACE: Duration = Duration::from_millis(1500);
+
+/// Options shared by `launch` and `coordinator`.
+#[derive(Args, Debug, Clone)]
+pub struct JobArgs {
+    /// Number of workers.
+    #[arg(long)]
+    pub workers: usize,
+    /// The job file (TOML).
+    pub job: PathBuf,
+    /// Run directory (written by rank 0): metrics, summary, weights, checkpoints.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue from OUT/checkpoint.safetensors (same job and worker count).
+    #[arg(long)]
+    pub resume: bool,
+    /// Save OUT/checkpoint.safetensors every K epochs (and after the last).
+    #[arg(long, value_name = "K")]
+    pub checkpoint_every: Option<usize>,
+    /// Override the job's data path (file or directory; must exist on every worker).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// A worker silent for this long fails the job.
+    #[arg(long, default_value_t = 5000)]
+    pub heartbeat_timeout_ms: u64,
+    /// How long to wait for every worker to register.
+    #[arg(long, default_value_t = 60_000)]
+    pub rendezvous_timeout_ms: u64,
+    /// Print only the final summary.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `ringtrain launch`: coordinator in process, N local worker processes.
+#[derive(Args, Debug, Clone)]
+pub struct LaunchArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+}
+
+/// `ringtrain coordinator`: the control plane of a multi-node run.
+#[derive(Args, Debug, Clone)]
+pub struct CoordinatorArgs {
+    /// Address to listen on (port 0: any free port; the bound address is printed).
+    #[arg(long, env = "RINGTRAIN_LISTEN", default_value = "0.0.0.0:7070")]
+    pub listen: String,
+    /// Shared job token.
+    #[arg(long, env = TOKEN_ENV, hide_env_values = true)]
+    pub token: String,
+    #[command(flatten)]
+    pub job: JobArgs,
+}
+
+/// `ringtrain worker`: one rank of a distributed run.
+#[derive(Args, Debug, Clone)]
+pub struct WorkerArgs {
+    /// The coordinator's address (HOST:PORT).
+    #[arg(long, env = "RINGTRAIN_COORDINATOR")]
+    pub coordinator: String,
+    /// Shared job token.
+    #[arg(long, env = TOKEN_ENV, hide_env_values = true)]
+    pub token: String,
+    /// Address of this worker's collective server (port 0: any free port). On 0.0.0.0 the
+    /// other workers reach it at the IP this worker called the coordinator from.
+    #[arg(long, env = "RINGTRAIN_PEER_ADDR", default_value = "0.0.0.0:0")]
+    pub peer_addr: String,
+    /// Address the other workers should use instead (e.g. a stable DNS name and port).
+    #[arg(long, env = "RINGTRAIN_ADVERTISE_ADDR")]
+    pub advertise: Option<String>,
+    /// How long to keep trying to reach the coordinator.
+    #[arg(long, default_value_t = 30_000)]
+    pub connect_timeout_ms: u64,
+    /// How long to wait for the other workers to register.
+    #[arg(long, default_value_t = 120_000)]
+    pub rendezvous_timeout_ms: u64,
+    /// Runtime threads moving collective bytes.
+    #[arg(long, default_value_t = 1)]
+    pub io_threads: usize,
+}
+
+/// A job checked here, before any worker sees it.
+struct Prepared {
+    spec: JobSpec,
+    epochs: usize,
+    resume_from: Option<String>,
+}
+
+fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
+    if args.workers == 0 {
+        return Err(crate::bad_input("--workers must be at least 1"));
+    }
+    let (job, text) = crate::load_job_with_data(&args.job, args.data.as_deref())?;
+    if job.training.batch_size % args.workers != 0 {
+        return Err(crate::bad_input(format!(
+            "{}: training.batch_size {} must divide evenly by --workers {} (each worker takes batch / workers)",
+            args.job.display(),
+            job.training.batch_size,
+            args.workers
+        )));
+    }
+    if args.checkpoint_every == Some(0) {
+        return Err(crate::bad_input("--checkpoint-every must be at least 1"));
+    }
+    let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let resume_from = if args.resume {
+        let ckpt = absolute(&args.out.join("checkpoint.safetensors"));
+        if !ckpt.is_file() {
+            return Err(crate::bad_input(format!(
+                "--resume: no checkpoint at {} (run with --checkpoint-every K first)",
+                ckpt.display()
+            )));
+        }
+        Some(ckpt.display().to_string())
+    } else {
+        None
+    };
+    Ok(Prepared {
+        spec: JobSpec {
+            toml: text,
+            path: absolute(&args.job).display().to_string(),
+            data_path: args.data.as_deref().map(|d| absolute(d).display().to_string()),
+        },
+        epochs: job.training.epochs,
+        resume_from,
+    })
+}
+
+fn coordinator_config(args: &JobArgs, prepared: &Prepared, token: &str) -> CoordinatorConfig {
+    let job_id = format!("run-{}-{}", &prepared.spec.fingerprint()[..8], unix_millis());
+    let mut config = CoordinatorConfig::new(args.workers, prepared.spec.clone(), job_id, token);
+    let out = std::path::absolute(&args.out).unwrap_or_else(|_| args.out.clone());
+    config.out_dir = Some(out.display().to_string());
+    config.resume_from = prepared.resume_from.clone();
+    config.checkpoint_every = args.checkpoint_every;
+    config.heartbeat_timeout = Duration::from_millis(args.heartbeat_timeout_ms.max(500));
+    config.rendezvous_timeout = Duration::from_millis(args.rendezvous_timeout_ms.max(1));
+    config
+}
+
+fn unix_millis() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+/// A fresh secret for one launch: OS-seeded hash of time and pid (never used for numerics).
+fn fresh_token() -> String {
+    let state = std::collections::hash_map::RandomState::new();
+    let word = |salt: u64| {
+        let mut h = state.build_hasher();
+        h.write_u128(unix_millis());
+        h.write_u32(std::process::id());
+        h.write_u64(salt);
+        h.finish()
+    };
+    format!("{:016x}{:016x}", word(1), word(2))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("ringtrain-coordinator")
+        .enable_all()
+        .build()
+        .context("start the coordinator runtime")
+}
+
+fn listening(role: &str, addr: &str) {
+    println!("{}", json!({"event": "listening", "role": role, "addr": addr}));
+}
+
+/// Prints the coordinator's events while it runs; returns the rank of each worker pid.
+struct EventPrinter {
+    quiet: bool,
+    epochs: usize,
+    every: usize,
+    ranks_by_pid: HashMap<u32, usize>,
+}
+
+impl EventPrinter {
+    fn new(quiet: bool, epochs: usize) -> Self {
+        EventPrinter {
+            quiet,
+            epochs,
+            every: (epochs / 10).max(1),
+            ranks_by_pid: HashMap::new(),
+        }
+    }
+
+    fn show(&mut self, event: Event) {
+        match event {
+            Event::Registered(w) => {
+                self.ranks_by_pid.insert(w.pid, w.rank);
+                if !self.quiet {
+                    println!("worker rank {} joined ({w})", w.rank);
+                }
+            }
+            Event::RingFormed { peers } if !self.quiet => {
+                println!("ring formed: {}", peers.join(" -> "));
+            }
+            Event::Epoch(e) => {
+                let Ok(r) = serde_json::from_str::<EpochReport>(&e.metrics_json) else {
+                    return;
+                };
+                if self.quiet || !(r.epoch % self.every == 0 || r.epoch == 1 || r.epoch == self.epochs) {
+                    return;
+                }
+                let fold = r.fold.map(|f| format!("fold {f} ")).unwrap_or_default();
+                let acc = r.test_accuracy.map(|a| format!(" test_acc {a:.4}")).unwrap_or_default();
+                let rmse = r.test_rmse.map(|a| format!(" test_rmse {a:.4}")).unwrap_or_default();
+                let share = 100.0 * e.comm_secs / e.epoch_secs.max(1e-9);
+                println!(
+                    "{fold}epoch {:>4}/{}  train_loss {:.4}  test_loss {:.4}{acc}{rmse}  {:.0} ex/s  all-reduce {:.3} s ({share:.0}%)",
+                    r.epoch, self.epochs, r.train_loss, r.test_loss, r.examples_per_sec, e.comm_secs
+                );
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Runs the coordinator until the job ends, printing its events.
+fn coordinate(
+    rt: &tokio::runtime::Runtime,
+    listener: tokio::net::TcpListener,
+    mut config: CoordinatorConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    printer: &mut EventPrinter,
+) -> Result<JobOutcome, CoordinatorError> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    config.events = Some(tx);
+    rt.block_on(async {
+        let mut job = tokio::spawn(serve(listener, shutdown, config));
+        let result = loop {
+            tokio::select! {
+                Some(event) = rx.recv() => printer.show(event),
+                ended = &mut job => break ended,
+            }
+        };
+        while let Ok(event) = rx.try_recv() {
+            printer.show(event);
+        }
+        result.unwrap_or_else(|e| {
+            Err(CoordinatorError::Serve {
+                reason: format!("the coordinator task failed: {e}"),
+            })
+        })
+    })
+}
+
+fn job_failed(e: CoordinatorError) -> anyhow::Error {
+    if e.is_bad_input() {
+        crate::bad_input(e)
+    } else {
+        anyhow::Error::new(e).context("distributed job failed")
+    }
+}
+
+/// Prints the result like `train` does, plus what only a cluster knows; writes
+/// OUT/cluster.json.
+fn report(outcome: &JobOutcome, out: &Path) -> anyhow::Result<()> {
+    let summary: RunSummary =
+        serde_json::from_str(&outcome.summary_json).context("read the run summary reported by rank 0")?;
+    crate::print_summary(&summary);
+    let world = outcome.workers.len();
+    let comm: Vec<String> = outcome.comm_secs.iter().map(|s| format!("{s:.3}")).collect();
+    println!(
+        "{world} workers, {} steps, final parameters bitwise identical on every rank (checksum {:016x}); seconds in collectives per rank: {}",
+        outcome.steps,
+        outcome.params_checksum,
+        comm.join(" ")
+    );
+    let cluster = json!({
+        "job_id": outcome.job_id,
+        "workers": outcome.workers.iter().map(|w| json!({
+            "rank": w.rank, "peer": w.peer_addr, "host": w.host, "pid": w.pid,
+        })).collect::<Vec<_>>(),
+        "params_checksum": format!("{:016x}", outcome.params_checksum),
+        "steps": outcome.steps,
+        "collective_secs_per_rank": outcome.comm_secs,
+        "epochs": outcome.epochs.iter().map(|e| json!({
+            "epoch": e.epoch, "allreduce_secs": e.comm_secs, "epoch_secs": e.epoch_secs,
+        })).collect::<Vec<_>>(),
+    });
+    let text = serde_json::to_string_pretty(&cluster).context("encode cluster.json")?;
+    ringtrain_train::write_atomic(&out.join("cluster.json"), text.as_bytes()).context("write cluster.json")?;
+    println!("run directory: {}", out.display());
+    Ok(())
+}
+
+/// `ringtrain coordinator`.
+pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
+    let prepared = prepare(&args.job)?;
+    let config = coordinator_config(&args.job, &prepared, &args.token);
+    let rt = runtime()?;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(&args.listen))
+        .with_context(|| format!("bind {}", args.listen))?;
+    let addr = listener.local_addr().context("read the bound address")?;
+    listening("coordinator", &addr.to_string());
+    let shutdown = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let mut printer = EventPrinter::new(args.job.quiet, prepared.epochs);
+    let outcome = coordinate(&rt, listener, config, shutdown, &mut printer).map_err(job_failed)?;
+    report(&outcome, &args.job.out)
+}
+
+/// `ringtrain worker`.
+pub fn run_worker_cmd(args: WorkerArgs) -> anyhow::Result<()> {
+    let listener = std::net::TcpListener::bind(&args.peer_addr).with_context(|| format!("bind {}", args.peer_addr))?;
+    let bound = listener.local_addr().context("read the bound address")?;
+    listening("worker", &bound.to_string());
+    let opts = WorkerOptions {
+        coordinator: args.coordinator,
+        token: args.token,
+        listener,
+        advertise: args.advertise.unwrap_or_else(|| bound.to_string()),
+        host: host_name(),
+        pid: std::process::id(),
+        io_threads: args.io_threads,
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        rendezvous_timeout: Duration::from_millis(args.rendezvous_timeout_ms),
+    };
+    let mut observe = |e: WorkerEvent| {
+        if let WorkerEvent::Assigned { rank, world, job_id } = e {
+            println!(
+                "{}",
+                json!({"event": "assigned", "rank": rank, "world": world, "job_id": job_id})
+            );
+        }
+    };
+    match run_worker(opts, &mut observe) {
+        Ok(r) => {
+            println!(
+                "{}",
+                json!({
+                    "event": "finished", "rank": r.rank, "world": r.world,
+                    "params_checksum": format!("{:016x}", r.params_checksum),
+                    "allreduce_secs": r.stats.allreduce_secs, "allreduces": r.stats.allreduces,
+                })
+            );
+            Ok(())
+        }
+        Err(e) if e.is_bad_input() => Err(crate::bad_input(e)),
+        Err(e) => Err(anyhow::Error::new(e).context("worker failed")),
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// One worker child of `launch`.
+struct Worker {
+    child: Child,
+    stderr: Arc<Mutex<String>>,
+    exit: Option<ExitStatus>,
+}
+
+/// The workers of one launch; killed (and reaped) when dropped.
+struct Workers(Arc<Mutex<Vec<Worker>>>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        let mut ws = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for w in ws.iter_mut() {
+            if w.exit.is_none() {
+                let _ = w.child.kill();
+                let _ = w.child.wait();
+            }
+        }
+    }
+}
+
+impl Workers {
+    fn spawn(n: usize, coordinator: &str, token: &str, threads: usize) -> anyhow::Result<Workers> {
+        let exe = std::env::current_exe().context("find this executable")?;
+        let workers = Workers(Arc::new(Mutex::new(Vec::with_capacity(n))));
+        for i in 0..n {
+            let mut child = Command::new(&exe)
+                .args(["worker", "--coordinator", coordinator, "--peer-addr", "127.0.0.1:0"])
+                .args(["--threads", &threads.to_string()])
+                .env(TOKEN_ENV, token)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .with_context(|| format!("start worker {i} ({})", exe.display()))?;
+            let stderr = Arc::new(Mutex::new(String::new()));
+            if let Some(mut pipe) = child.stderr.take() {
+                let sink = stderr.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(k) = pipe.read(&mut buf) {
+                        if k == 0 {
+                            break;
+                        }
+                        if let Ok(mut s) = sink.lock() {
+                            s.push_str(&String::from_utf8_lossy(&buf[..k]));
+                        }
+                    }
+                });
+            }
+            workers.lock().push(Worker {
+                child,
+                stderr,
+                exit: None,
+            });
+        }
+        Ok(workers)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Worker>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Polls the children; the first one to exit unsuccessfully fires `failed`.
+    fn watch(&self, failed: oneshot::Sender<()>) {
+        let ws = self.0.clone();
+        std::thread::spawn(move || {
+            let mut failed = Some(failed);
+            loop {
+                let all_done = {
+                    let mut ws = ws.lock().unwrap_or_else(|p| p.into_inner());
+                    for w in ws.iter_mut().filter(|w| w.exit.is_none()) {
+                        if let Ok(Some(status)) = w.child.try_wait() {
+                            w.exit = Some(status);
+                            if !status.success() {
+                                if let Some(tx) = failed.take() {
+                                    let _ = tx.send(());
+                                }
+                            }
+                        }
+                    }
+                    ws.iter().all(|w| w.exit.is_some())
+                };
+                if all_done || Arc::strong_count(&ws) == 1 {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+    }
+
+    /// Waits until every child exited, at most `deadline`; kills the rest.
+    fn wait_all(&self, deadline: Duration) -> Vec<(u32, Option<ExitStatus>)> {
+        let until = Instant::now() + deadline;
+        loop {
+            let done = self.lock().iter_mut().all(|w| {
+                if w.exit.is_none() {
+                    if let Ok(Some(s)) = w.child.try_wait() {
+                        w.exit = Some(s);
+                    }
+                }
+                w.exit.is_some()
+            });
+            if done || Instant::now() >= until {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut ws = self.lock();
+        for w in ws.iter_mut().filter(|w| w.exit.is_none()) {
+            let _ = w.child.kill();
+            w.exit = w.child.wait().ok();
+        }
+        ws.iter().map(|w| (w.child.id(), w.exit)).collect()
+    }
+
+    /// The first child that exited unsuccessfully: pid, status, last stderr line.
+    fn first_failure(&self) -> Option<(u32, ExitStatus, String)> {
+        self.lock().iter().find_map(|w| {
+            let status = w.exit.filter(|s| !s.success())?;
+            let err = w.stderr.lock().map(|s| s.clone()).unwrap_or_default();
+            let last = err
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .to_owned();
+            Some((w.child.id(), status, last))
+        })
+    }
+}
+
+/// `ringtrain launch`.
+pub fn run_launch(args: LaunchArgs) -> anyhow::Result<()> {
+    let args = args.job;
+    let prepared = prepare(&args)?;
+    let token = fresh_token();
+    let config = coordinator_config(&args, &prepared, &token);
+    let rt = runtime()?;
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .context("bind the coordinator on 127.0.0.1")?;
+    let addr = listener.local_addr().context("read the bound address")?.to_string();
+    listening("coordinator", &addr);
+
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / args.workers).max(1);
+    let workers = Workers::spawn(args.workers, &addr, &token, threads)?;
+    let (failed_tx, failed_rx) = oneshot::channel();
+    workers.watch(failed_tx);
+    // A dead child usually breaks its heartbeat stream first, and the coordinator names it
+    // with its rank and step; this only decides when the coordinator cannot (e.g. a worker
+    // that died before registering).
+    let shutdown = async move {
+        if failed_rx.await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        tokio::time::sleep(CHILD_FAILURE_GRACE).await;
+    };
+    let mut printer = EventPrinter::new(args.quiet, prepared.epochs);
+    let result = coordinate(&rt, listener, config, shutdown, &mut printer);
+    match result {
+        Ok(outcome) => {
+            let exits = workers.wait_all(EXIT_DEADLINE);
+            if let Some((pid, status)) = exits.iter().find(|(_, s)| !s.is_some_and(|s| s.success())) {
+                anyhow::bail!("the job finished but worker pid {pid} exited with {status:?}");
+            }
+            report(&outcome, &args.out)
+        }
+        Err(e) => {
+            // Give the children a moment to exit on their own, then kill the rest.
+            let _ = workers.wait_all(Duration::from_millis(500));
+            match (&e, workers.first_failure()) {
+                (CoordinatorError::Shutdown { checkpoint, .. }, Some((pid, status, last))) => {
+                    let rank = printer
+                        .ranks_by_pid
+                        .get(&pid)
+                        .map_or("(not yet registered)".to_owned(), |r| format!("rank {r}"));
+                    Err(anyhow::anyhow!(
+                        "worker pid {pid} {rank} exited with {status}: {last}; {checkpoint}"
+                    ))
+                    .context("distributed job failed")
+                }
+                _ => Err(job_failed(e)),
+            }
+        }
+    }
+}

@@ -1,0 +1,230 @@
+//! `ringtrain-coordinator`: the control plane of a distributed job.
+//!
+//! [`serve`] runs one job on an already-bound listener until it ends, fails or `shutdown`
+//! resolves:
+//!
+//! 1. **Rendezvous.** Workers call `Register` with the address of their collective server.
+//!    Rank = registration order; the ring order is the rank order. Every `Register` call is
+//!    answered once the expected number of workers has joined, with the [`Assignment`]: rank,
+//!    peer list, job id, the job text and where it came from, which rank writes the run
+//!    directory, checkpoint and resume settings, heartbeat and collective timeouts. Not
+//!    enough workers before [`CoordinatorConfig::rendezvous_timeout`] fails the job.
+//! 2. **Liveness.** Each worker streams heartbeats (epoch, step, last checkpoint). A broken
+//!    stream (the process died) fails the job at once; a worker silent for longer than
+//!    [`CoordinatorConfig::heartbeat_timeout`] fails it when the timeout passes. Either way
+//!    the error names the rank, the worker (host, pid, address), its last epoch and step and
+//!    the last checkpoint. When the job fails, every worker still connected is told to stop.
+//! 3. **Reports.** The writer rank sends one report per epoch (the engine's metrics as
+//!    JSON plus the time spent in all-reduces); every rank ends with `Finish`: a checksum of
+//!    its final parameters, or its error. The job succeeds when every rank finished with the
+//!    same checksum.
+//!
+//! A failure a worker reports (typically "lost my neighbour") usually has a cause elsewhere;
+//! the coordinator waits [`CoordinatorConfig::failure_grace`] for a lost worker to blame
+//! before it reports the worker's own error.
+//!
+//! Every call must carry the job token (`x-ringtrain-token`); calls without it are refused.
+//!
+//! **Architecture invariant:** no compute crate. The job is text plus a fingerprint; the
+//! metrics are JSON strings passed through. No printing, no environment, no process exit:
+//! progress goes out as [`Event`]s.
+
+mod error;
+mod server;
+
+use std::time::Duration;
+
+pub use error::{CoordinatorError, LastCheckpoint, Result};
+pub use ringtrain_proto::coordinator::Assignment;
+pub use server::serve;
+use tokio::sync::mpsc;
+
+/// The job as the coordinator hands it out: text, not a parsed config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobSpec {
+    /// The job file's TOML text.
+    pub toml: String,
+    /// Where it was read from (workers resolve relative data paths against its directory).
+    pub path: String,
+    /// Replaces the job's data path when set.
+    pub data_path: Option<String>,
+}
+
+impl JobSpec {
+    /// FNV-1a 64 of the text and the data override, as 16 hex digits.
+    pub fn fingerprint(&self) -> String {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let data = self.data_path.as_deref().unwrap_or("");
+        for b in self.toml.bytes().chain([0u8]).chain(data.bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        format!("{h:016x}")
+    }
+}
+
+/// Everything [`serve`] needs to run one job.
+#[derive(Clone)]
+pub struct CoordinatorConfig {
+    /// Number of workers in the ring.
+    pub workers: usize,
+    pub job: JobSpec,
+    /// Identifies the run on every call and every collective frame (printable ASCII).
+    pub job_id: String,
+    /// Shared secret every call must carry.
+    pub token: String,
+    /// Run directory of the writer rank.
+    pub out_dir: Option<String>,
+    pub writer_rank: usize,
+    /// Checkpoint every rank resumes from.
+    pub resume_from: Option<String>,
+    /// Save a checkpoint every this many epochs.
+    pub checkpoint_every: Option<usize>,
+    /// How long to wait for all workers to register.
+    pub rendezvous_timeout: Duration,
+    /// How often workers beat.
+    pub heartbeat_interval: Duration,
+    /// A worker silent for longer than this fails the job.
+    pub heartbeat_timeout: Duration,
+    /// Receive deadline of the workers' collectives.
+    pub collective_timeout: Duration,
+    /// How long a failure reported by a worker waits for a lost worker to blame instead.
+    pub failure_grace: Duration,
+    /// Progress of the job, if someone listens.
+    pub events: Option<mpsc::UnboundedSender<Event>>,
+}
+
+impl std::fmt::Debug for CoordinatorConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorConfig")
+            .field("workers", &self.workers)
+            .field("job_path", &self.job.path)
+            .field("job_id", &self.job_id)
+            .field("token", &"<redacted>")
+            .field("out_dir", &self.out_dir)
+            .field("writer_rank", &self.writer_rank)
+            .field("resume_from", &self.resume_from)
+            .field("checkpoint_every", &self.checkpoint_every)
+            .field("rendezvous_timeout", &self.rendezvous_timeout)
+            .field("heartbeat_interval", &self.heartbeat_interval)
+            .field("heartbeat_timeout", &self.heartbeat_timeout)
+            .field("collective_timeout", &self.collective_timeout)
+            .finish()
+    }
+}
+
+impl CoordinatorConfig {
+    /// Defaults: writer rank 0, 60 s rendezvous, beats every 250 ms, 5 s heartbeat and
+    /// collective timeouts, 1 s failure grace, no run directory, no checkpoints.
+    pub fn new(workers: usize, job: JobSpec, job_id: impl Into<String>, token: impl Into<String>) -> Self {
+        CoordinatorConfig {
+            workers,
+            job,
+            job_id: job_id.into(),
+            token: token.into(),
+            out_dir: None,
+            writer_rank: 0,
+            resume_from: None,
+            checkpoint_every: None,
+            rendezvous_timeout: Duration::from_secs(60),
+            heartbeat_interval: Duration::from_millis(250),
+            heartbeat_timeout: Duration::from_secs(5),
+            collective_timeout: Duration::from_secs(5),
+            failure_grace: Duration::from_secs(1),
+            events: None,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |what: String| Err(CoordinatorError::Config { what });
+        if self.workers == 0 {
+            return bad("at least one worker is needed".into());
+        }
+        if self.writer_rank >= self.workers {
+            return bad(format!(
+                "writer rank {} is not below the {} workers",
+                self.writer_rank, self.workers
+            ));
+        }
+        let printable = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_graphic());
+        if !printable(&self.token) {
+            return bad("the token must be non-empty printable ASCII without spaces".into());
+        }
+        if !printable(&self.job_id) {
+            return bad("the job id must be non-empty printable ASCII without spaces".into());
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_timeout <= self.heartbeat_interval {
+            return bad(format!(
+                "the heartbeat timeout ({:?}) must exceed the interval ({:?})",
+                self.heartbeat_timeout, self.heartbeat_interval
+            ));
+        }
+        if self.rendezvous_timeout.is_zero() || self.collective_timeout.is_zero() {
+            return bad("timeouts must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// One registered worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerInfo {
+    pub rank: usize,
+    /// Its collective server's address.
+    pub peer_addr: String,
+    pub host: String,
+    pub pid: u32,
+}
+
+impl std::fmt::Display for WorkerInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "pid {} on {}, peer {}", self.pid, self.host, self.peer_addr)
+    }
+}
+
+/// The metrics of one epoch, as the writer rank reported them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EpochRecord {
+    pub rank: usize,
+    pub epoch: u64,
+    /// The engine's epoch report (one line of `metrics.jsonl`).
+    pub metrics_json: String,
+    /// Seconds spent in gradient all-reduces during the epoch.
+    pub comm_secs: f64,
+    pub epoch_secs: f64,
+}
+
+/// What happens while a job runs.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Registered(WorkerInfo),
+    /// Everyone registered; peers in ring order.
+    RingFormed {
+        peers: Vec<String>,
+    },
+    Epoch(EpochRecord),
+    /// A rank reported success.
+    Finished {
+        rank: usize,
+    },
+    /// The job failed; workers are being told to stop.
+    Failing {
+        error: String,
+    },
+}
+
+/// A job that completed on every rank.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobOutcome {
+    pub job_id: String,
+    pub workers: Vec<WorkerInfo>,
+    pub epochs: Vec<EpochRecord>,
+    /// The writer rank's run summary (JSON).
+    pub summary_json: String,
+    /// The final parameters' checksum, equal on every rank.
+    pub params_checksum: u64,
+    /// Per rank: seconds spent in collectives.
+    pub comm_secs: Vec<f64>,
+    /// Optimizer steps taken.
+    pub steps: u64,
+}

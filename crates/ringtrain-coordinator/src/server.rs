@@ -1,0 +1,519 @@
+//! The service, its shared state and the supervisor loop of [`serve`].
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use ringtrain_proto::coordinator::{
+    coordinator_service, Abort, AbortStream, Assignment, Beat, CoordinatorHandler, EpochUpdate, FinishReport,
+    InboundBeats, Registration, WorkerOutcome,
+};
+use ringtrain_proto::grpc::TOKEN_METADATA_KEY;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch, Notify};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+use tonic::{Request, Status};
+
+use crate::error::{CoordinatorError, LastCheckpoint, Result};
+use crate::{CoordinatorConfig, EpochRecord, Event, JobOutcome, WorkerInfo};
+
+/// How often the supervisor looks at the clock when nothing happens.
+const TICK: Duration = Duration::from_millis(100);
+/// After a failure, how long to wait for the other workers to report before returning.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// One registered worker, as the coordinator sees it.
+#[derive(Debug)]
+struct Slot {
+    info: WorkerInfo,
+    last_beat: Instant,
+    epoch: u64,
+    step: u64,
+    checkpoint_epoch: Option<u64>,
+    outcome: Option<WorkerOutcome>,
+    /// When and why it was declared lost.
+    lost: Option<(Instant, String)>,
+    /// Commands to the worker's heartbeat stream.
+    commands: Option<mpsc::Sender<Result<Abort, Status>>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    slots: Vec<Slot>,
+    formed: bool,
+    epochs: Vec<EpochRecord>,
+    /// First failure a worker reported, and when.
+    reported: Option<(Instant, CoordinatorError)>,
+    /// Set once the job has failed; told to late heartbeat streams.
+    abort_reason: Option<String>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    config: CoordinatorConfig,
+    state: Mutex<State>,
+    /// The peer list once everyone registered.
+    ring: watch::Sender<Option<Vec<String>>>,
+    wake: Notify,
+    rendezvous_deadline: Instant,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind: keep going.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, event: Event) {
+        if let Some(tx) = &self.config.events {
+            let _ = tx.send(event);
+        }
+    }
+
+    fn checkpoint(&self, st: &State) -> LastCheckpoint {
+        let writer = st.slots.get(self.config.writer_rank);
+        LastCheckpoint {
+            epoch: writer.and_then(|s| s.checkpoint_epoch),
+            path: self
+                .config
+                .out_dir
+                .as_ref()
+                .filter(|_| self.config.checkpoint_every.is_some())
+                .map(|d| format!("{}/checkpoint.safetensors", d.trim_end_matches('/'))),
+        }
+    }
+
+    fn check_job(&self, job_id: &str, rank: usize, st: &State) -> Result<(), Status> {
+        if job_id != self.config.job_id {
+            return Err(Status::failed_precondition(format!(
+                "job id {job_id:?} is not this coordinator's job {:?}",
+                self.config.job_id
+            )));
+        }
+        if rank >= st.slots.len() {
+            return Err(Status::invalid_argument(format!(
+                "rank {rank} is not below the {} registered workers",
+                st.slots.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn lose(&self, rank: usize, reason: String) {
+        let mut st = self.lock();
+        if let Some(slot) = st.slots.get_mut(rank) {
+            if slot.outcome.is_none() && slot.lost.is_none() {
+                slot.lost = Some((Instant::now(), reason));
+            }
+        }
+        drop(st);
+        self.wake.notify_one();
+    }
+}
+
+fn apply_beat(slot: &mut Slot, beat: &Beat) {
+    slot.last_beat = Instant::now();
+    slot.epoch = beat.epoch;
+    slot.step = beat.step;
+    if beat.checkpoint_epoch.is_some() {
+        slot.checkpoint_epoch = beat.checkpoint_epoch;
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Handler(Arc<Shared>);
+
+impl CoordinatorHandler for Handler {
+    async fn register(&self, mut request: Registration) -> Result<Assignment, Status> {
+        let shared = &self.0;
+        request.peer_addr = reachable_addr(&request.peer_addr, request.remote);
+        let config = &shared.config;
+        let rank = {
+            let mut st = shared.lock();
+            if st.slots.len() == config.workers {
+                return Err(Status::resource_exhausted(format!(
+                    "the job already has its {} workers",
+                    config.workers
+                )));
+            }
+            if let Some(s) = st.slots.iter().find(|s| s.info.peer_addr == request.peer_addr) {
+                return Err(Status::already_exists(format!(
+                    "peer address {} is already rank {}",
+                    request.peer_addr, s.info.rank
+                )));
+            }
+            let rank = st.slots.len();
+            let info = WorkerInfo {
+                rank,
+                peer_addr: request.peer_addr,
+                host: request.host,
+                pid: request.pid,
+            };
+            shared.emit(Event::Registered(info.clone()));
+            st.slots.push(Slot {
+                info,
+                last_beat: Instant::now(),
+                epoch: 0,
+                step: 0,
+                checkpoint_epoch: None,
+                outcome: None,
+                lost: None,
+                commands: None,
+            });
+            if st.slots.len() == config.workers {
+                let peers: Vec<String> = st.slots.iter().map(|s| s.info.peer_addr.clone()).collect();
+                let now = Instant::now();
+                for s in &mut st.slots {
+                    s.last_beat = now;
+                }
+                st.formed = true;
+                shared.emit(Event::RingFormed { peers: peers.clone() });
+                shared.ring.send_replace(Some(peers));
+            }
+            rank
+        };
+        shared.wake.notify_one();
+        let mut ring = shared.ring.subscribe();
+        let peers = match tokio::time::timeout_at(shared.rendezvous_deadline, ring.wait_for(Option::is_some)).await {
+            Ok(Ok(peers)) => peers.clone().unwrap_or_default(),
+            Ok(Err(_)) => return Err(Status::unavailable("the coordinator is shutting down")),
+            Err(_) => {
+                let registered = shared.lock().slots.len();
+                return Err(Status::deadline_exceeded(format!(
+                    "only {registered} of {} workers registered within {:?}",
+                    config.workers, config.rendezvous_timeout
+                )));
+            }
+        };
+        Ok(Assignment {
+            job_id: config.job_id.clone(),
+            rank,
+            peers,
+            job_toml: config.job.toml.clone(),
+            job_path: config.job.path.clone(),
+            data_path: config.job.data_path.clone(),
+            fingerprint: config.job.fingerprint(),
+            writer_rank: config.writer_rank,
+            out_dir: config.out_dir.clone().filter(|_| rank == config.writer_rank),
+            resume_from: config.resume_from.clone(),
+            checkpoint_every: config.checkpoint_every,
+            heartbeat_interval: config.heartbeat_interval,
+            collective_timeout: config.collective_timeout,
+        })
+    }
+
+    async fn heartbeat(&self, mut beats: InboundBeats) -> Result<AbortStream, Status> {
+        let shared = self.0.clone();
+        let first = match tokio::time::timeout(shared.config.heartbeat_timeout, beats.next()).await {
+            Ok(Ok(Some(b))) => b,
+            Ok(Ok(None)) => return Err(Status::invalid_argument("heartbeat stream without a beat")),
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(Status::deadline_exceeded("no first beat within the heartbeat timeout")),
+        };
+        let rank = first.rank;
+        let (tx, rx) = mpsc::channel(4);
+        {
+            let mut st = shared.lock();
+            shared.check_job(&first.job_id, rank, &st)?;
+            let reason = st.abort_reason.clone();
+            let slot = &mut st.slots[rank];
+            apply_beat(slot, &first);
+            if let Some(reason) = reason {
+                let _ = tx.try_send(Ok(Abort { reason }));
+            }
+            slot.commands = Some(tx);
+        }
+        tokio::spawn(async move {
+            loop {
+                match beats.next().await {
+                    Ok(Some(beat)) => {
+                        let mut st = shared.lock();
+                        if beat.rank != rank || beat.job_id != shared.config.job_id {
+                            drop(st);
+                            shared.lose(
+                                rank,
+                                format!("sent a beat for rank {} of job {:?}", beat.rank, beat.job_id),
+                            );
+                            break;
+                        }
+                        apply_beat(&mut st.slots[rank], &beat);
+                    }
+                    Ok(None) => {
+                        shared.lose(rank, "closed its heartbeat stream without reporting a result".into());
+                        break;
+                    }
+                    Err(status) => {
+                        shared.lose(
+                            rank,
+                            format!(
+                                "its heartbeat connection broke ({}): the process exited or the network failed",
+                                status.message()
+                            ),
+                        );
+                        break;
+                    }
+                }
+            }
+        });
+        Ok(Box::pin(ReceiverStream::new(rx)))
+    }
+
+    async fn report_epoch(&self, report: EpochUpdate) -> Result<(), Status> {
+        let shared = &self.0;
+        let mut st = shared.lock();
+        shared.check_job(&report.job_id, report.rank, &st)?;
+        let record = EpochRecord {
+            rank: report.rank,
+            epoch: report.epoch,
+            metrics_json: report.metrics_json,
+            comm_secs: report.comm_secs,
+            epoch_secs: report.epoch_secs,
+        };
+        shared.emit(Event::Epoch(record.clone()));
+        st.epochs.push(record);
+        Ok(())
+    }
+
+    async fn finish(&self, report: FinishReport) -> Result<(), Status> {
+        let shared = &self.0;
+        {
+            let mut st = shared.lock();
+            shared.check_job(&report.job_id, report.rank, &st)?;
+            if st.slots[report.rank].outcome.is_some() {
+                return Err(Status::already_exists(format!("rank {} already finished", report.rank)));
+            }
+            if let WorkerOutcome::Failed { error, bad_input } = &report.outcome {
+                if st.reported.is_none() {
+                    let slot = &st.slots[report.rank];
+                    let failure = CoordinatorError::WorkerFailed {
+                        rank: report.rank,
+                        worker: slot.info.to_string(),
+                        epoch: slot.epoch,
+                        step: slot.step,
+                        error: error.clone(),
+                        bad_input: *bad_input,
+                        checkpoint: shared.checkpoint(&st),
+                    };
+                    st.reported = Some((Instant::now(), failure));
+                }
+            } else {
+                shared.emit(Event::Finished { rank: report.rank });
+            }
+            st.slots[report.rank].outcome = Some(report.outcome);
+        }
+        shared.wake.notify_one();
+        Ok(())
+    }
+}
+
+/// A worker listening on an unspecified address (`0.0.0.0:P`) is reached at the IP it
+/// called from.
+fn reachable_addr(peer_addr: &str, remote: Option<std::net::SocketAddr>) -> String {
+    match (peer_addr.parse::<std::net::SocketAddr>(), remote) {
+        (Ok(addr), Some(remote)) if addr.ip().is_unspecified() => {
+            std::net::SocketAddr::new(remote.ip(), addr.port()).to_string()
+        }
+        _ => peer_addr.to_owned(),
+    }
+}
+
+/// Compares tokens in time independent of where they differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Runs one job: serves the coordinator on `listener` until every worker finished, the job
+/// failed, or `shutdown` resolved. See the crate docs for the protocol.
+pub async fn serve(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+    config: CoordinatorConfig,
+) -> Result<JobOutcome> {
+    config.validate()?;
+    let token: Arc<[u8]> = Arc::from(config.token.as_bytes());
+    let check_token = move |req: Request<()>| -> Result<Request<()>, Status> {
+        match req.metadata().get(TOKEN_METADATA_KEY) {
+            Some(v) if constant_time_eq(v.as_bytes(), &token) => Ok(req),
+            Some(_) => Err(Status::unauthenticated("wrong job token")),
+            None => Err(Status::unauthenticated(format!(
+                "missing job token (metadata {TOKEN_METADATA_KEY})"
+            ))),
+        }
+    };
+    let (ring, _) = watch::channel(None);
+    let shared = Arc::new(Shared {
+        rendezvous_deadline: Instant::now() + config.rendezvous_timeout,
+        config,
+        state: Mutex::new(State::default()),
+        ring,
+        wake: Notify::new(),
+    });
+    let service = InterceptedService::new(coordinator_service(Handler(shared.clone())), check_token);
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut server = tokio::spawn(Server::builder().add_service(service).serve_with_incoming(incoming));
+    let result = supervise(&shared, shutdown, &mut server).await;
+    if let Err(e) = &result {
+        tell_everyone_to_stop(&shared, e).await;
+    }
+    server.abort();
+    result
+}
+
+async fn supervise(
+    shared: &Shared,
+    shutdown: impl Future<Output = ()>,
+    server: &mut tokio::task::JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+) -> Result<JobOutcome> {
+    tokio::pin!(shutdown);
+    loop {
+        if let Some(done) = check(shared, Instant::now()) {
+            return done;
+        }
+        tokio::select! {
+            _ = &mut shutdown => {
+                let st = shared.lock();
+                return Err(CoordinatorError::Shutdown {
+                    epoch: st.slots.iter().map(|s| s.epoch).max().unwrap_or(0),
+                    checkpoint: shared.checkpoint(&st),
+                });
+            }
+            ended = &mut *server => {
+                let reason = match ended {
+                    Ok(Ok(())) => "the server stopped".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                return Err(CoordinatorError::Serve { reason });
+            }
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
+}
+
+/// The job's state at `now`: `None` while it runs.
+fn check(shared: &Shared, now: Instant) -> Option<Result<JobOutcome>> {
+    let config = &shared.config;
+    let mut st = shared.lock();
+    if !st.formed {
+        if now >= shared.rendezvous_deadline {
+            return Some(Err(CoordinatorError::Rendezvous {
+                registered: st.slots.len(),
+                expected: config.workers,
+                timeout: config.rendezvous_timeout,
+            }));
+        }
+        return None;
+    }
+    for slot in &mut st.slots {
+        let silent = now.saturating_duration_since(slot.last_beat);
+        if slot.outcome.is_none() && slot.lost.is_none() && silent > config.heartbeat_timeout {
+            slot.lost = Some((
+                now,
+                format!(
+                    "no heartbeat for {:.1} s (timeout {:?}): the process is hung, stopped or unreachable",
+                    silent.as_secs_f64(),
+                    config.heartbeat_timeout
+                ),
+            ));
+        }
+    }
+    let first_lost = st
+        .slots
+        .iter()
+        .filter_map(|s| s.lost.as_ref().map(|(at, why)| (*at, s, why)))
+        .min_by_key(|(at, s, _)| (*at, s.info.rank));
+    if let Some((_, slot, why)) = first_lost {
+        return Some(Err(CoordinatorError::WorkerLost {
+            rank: slot.info.rank,
+            worker: slot.info.to_string(),
+            epoch: slot.epoch,
+            step: slot.step,
+            reason: why.clone(),
+            checkpoint: shared.checkpoint(&st),
+        }));
+    }
+    if let Some((at, failure)) = &st.reported {
+        if failure.is_bad_input() || now.saturating_duration_since(*at) >= config.failure_grace {
+            return Some(Err(failure.clone()));
+        }
+        return None;
+    }
+    let mut finished = Vec::with_capacity(st.slots.len());
+    for slot in &st.slots {
+        match &slot.outcome {
+            Some(WorkerOutcome::Finished {
+                params_checksum,
+                summary_json,
+                comm_secs,
+                steps,
+            }) => finished.push((*params_checksum, summary_json, *comm_secs, *steps)),
+            _ => return None,
+        }
+    }
+    let ours = finished[0].0;
+    if let Some((rank, theirs)) = finished.iter().enumerate().find(|(_, f)| f.0 != ours) {
+        return Some(Err(CoordinatorError::ParamsDiffer {
+            rank,
+            ours,
+            theirs: theirs.0,
+        }));
+    }
+    Some(Ok(JobOutcome {
+        job_id: config.job_id.clone(),
+        workers: st.slots.iter().map(|s| s.info.clone()).collect(),
+        epochs: st.epochs.clone(),
+        summary_json: finished[config.writer_rank].1.clone(),
+        params_checksum: ours,
+        comm_secs: finished.iter().map(|f| f.2).collect(),
+        steps: finished[config.writer_rank].3,
+    }))
+}
+
+/// Tells every connected worker why the job failed and waits (briefly) until each has
+/// reported or is gone, so none keeps training against a dead ring.
+async fn tell_everyone_to_stop(shared: &Shared, error: &CoordinatorError) {
+    let reason = error.to_string();
+    shared.emit(Event::Failing { error: reason.clone() });
+    let senders: Vec<_> = {
+        let mut st = shared.lock();
+        st.abort_reason = Some(reason.clone());
+        st.slots.iter().filter_map(|s| s.commands.clone()).collect()
+    };
+    for tx in senders {
+        let _ = tx.try_send(Ok(Abort { reason: reason.clone() }));
+    }
+    let deadline = Instant::now() + LINGER;
+    while Instant::now() < deadline {
+        let settled = shared
+            .lock()
+            .slots
+            .iter()
+            .all(|s| s.outcome.is_some() || s.lost.is_some());
+        if settled {
+            break;
+        }
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::reachable_addr;
+
+    #[test]
+    fn unspecified_listen_addresses_take_the_callers_ip() {
+        let remote = Some("10.1.2.3:5555".parse().unwrap_or_else(|_| unreachable!()));
+        assert_eq!(reachable_addr("0.0.0.0:7000", remote), "10.1.2.3:7000");
+        assert_eq!(reachable_addr("127.0.0.1:7000", remote), "127.0.0.1:7000");
+        assert_eq!(reachable_addr("worker-0.svc:7000", remote), "worker-0.svc:7000");
+        assert_eq!(reachable_addr("0.0.0.0:7000", None), "0.0.0.0:7000");
+    }
+}

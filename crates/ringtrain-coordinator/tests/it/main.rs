@@ -1,0 +1,266 @@
+//! The coordinator's protocol driven by hand-written workers over real gRPC on 127.0.0.1:
+//! rendezvous and ranks, liveness (broken stream, silence), failure attribution, checksums.
+
+#![allow(clippy::unwrap_used, reason = "tests")]
+
+use std::time::Duration;
+
+use ringtrain_coordinator::{serve, CoordinatorConfig, CoordinatorError, JobOutcome, JobSpec};
+use ringtrain_proto::coordinator::{
+    Assignment, Beat, CoordinatorClient, FinishReport, InboundAborts, Registration, WorkerOutcome,
+};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+
+const TOKEN: &str = "tok";
+
+fn config(workers: usize) -> CoordinatorConfig {
+    let job = JobSpec {
+        toml: "[job]\nname = \"t\"\n".into(),
+        path: "/jobs/t.toml".into(),
+        data_path: None,
+    };
+    let mut c = CoordinatorConfig::new(workers, job, "job-t", TOKEN);
+    c.out_dir = Some("/runs/t".into());
+    c.checkpoint_every = Some(1);
+    c.heartbeat_interval = Duration::from_millis(50);
+    c.heartbeat_timeout = Duration::from_millis(600);
+    c.failure_grace = Duration::from_millis(300);
+    c.rendezvous_timeout = Duration::from_secs(5);
+    c
+}
+
+async fn start(config: CoordinatorConfig) -> (String, JoinHandle<Result<JobOutcome, CoordinatorError>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    (addr, tokio::spawn(serve(listener, std::future::pending(), config)))
+}
+
+async fn client(addr: &str, token: &str) -> CoordinatorClient {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    CoordinatorClient::new(channel, token).unwrap()
+}
+
+/// A fake worker: registered, beating from a task it controls.
+struct Fake {
+    client: CoordinatorClient,
+    a: Assignment,
+    beats: mpsc::Sender<Beat>,
+    _commands: InboundAborts,
+}
+
+impl Fake {
+    async fn beat(&self, epoch: u64, step: u64, checkpoint_epoch: Option<u64>) {
+        let beat = Beat {
+            job_id: self.a.job_id.clone(),
+            rank: self.a.rank,
+            epoch,
+            step,
+            checkpoint_epoch,
+        };
+        self.beats.send(beat).await.unwrap();
+    }
+
+    async fn finish(&mut self, outcome: WorkerOutcome) {
+        let r = FinishReport {
+            job_id: self.a.job_id.clone(),
+            rank: self.a.rank,
+            outcome,
+        };
+        self.client.finish(r).await.unwrap();
+    }
+}
+
+async fn join(addrs: &str, n: usize) -> Vec<Fake> {
+    let registrations: Vec<_> = (0..n)
+        .map(|i| {
+            let addr = addrs.to_owned();
+            tokio::spawn(async move {
+                // Register one after the other so ranks follow i.
+                tokio::time::sleep(Duration::from_millis(30 * i as u64)).await;
+                let mut c = client(&addr, TOKEN).await;
+                let a = c
+                    .register(Registration {
+                        peer_addr: format!("127.0.0.1:{}", 9000 + i),
+                        host: "h".into(),
+                        pid: 100 + i as u32,
+                        remote: None,
+                    })
+                    .await
+                    .unwrap();
+                (c, a)
+            })
+        })
+        .collect();
+    let mut fakes = Vec::new();
+    for r in registrations {
+        let (mut c, a) = r.await.unwrap();
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(Beat {
+            job_id: a.job_id.clone(),
+            rank: a.rank,
+            epoch: 0,
+            step: 0,
+            checkpoint_epoch: None,
+        })
+        .await
+        .unwrap();
+        let commands = c.heartbeat(ReceiverStream::new(rx)).await.unwrap();
+        fakes.push(Fake {
+            client: c,
+            a,
+            beats: tx,
+            _commands: commands,
+        });
+    }
+    fakes
+}
+
+fn finished(checksum: u64) -> WorkerOutcome {
+    WorkerOutcome::Finished {
+        params_checksum: checksum,
+        summary_json: "{\"job\":\"t\"}".into(),
+        comm_secs: 0.25,
+        steps: 10,
+    }
+}
+
+#[tokio::test]
+async fn ranks_follow_registration_and_agreeing_workers_complete_the_job() {
+    let (addr, job) = start(config(3)).await;
+    let mut fakes = join(&addr, 3).await;
+    for (i, f) in fakes.iter().enumerate() {
+        assert_eq!(f.a.rank, i);
+        assert_eq!(f.a.peers, ["127.0.0.1:9000", "127.0.0.1:9001", "127.0.0.1:9002"]);
+        assert_eq!(
+            f.a.out_dir.is_some(),
+            i == 0,
+            "only the writer rank gets the run directory"
+        );
+        assert_eq!(f.a.job_path, "/jobs/t.toml");
+    }
+    for f in &mut fakes {
+        f.finish(finished(42)).await;
+    }
+    let outcome = job.await.unwrap().unwrap();
+    assert_eq!(outcome.params_checksum, 42);
+    assert_eq!(outcome.comm_secs, [0.25, 0.25, 0.25]);
+    assert_eq!(outcome.summary_json, "{\"job\":\"t\"}");
+}
+
+#[tokio::test]
+async fn a_rank_with_other_parameters_fails_the_job() {
+    let (addr, job) = start(config(2)).await;
+    let mut fakes = join(&addr, 2).await;
+    fakes[0].finish(finished(1)).await;
+    fakes[1].finish(finished(2)).await;
+    let err = job.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CoordinatorError::ParamsDiffer {
+                rank: 1,
+                ours: 1,
+                theirs: 2
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_worker_is_named_with_its_step_and_the_last_checkpoint_even_if_others_report_first() {
+    let (addr, job) = start(config(3)).await;
+    let mut fakes = join(&addr, 3).await;
+    fakes[0].beat(3, 24, Some(2)).await;
+    fakes[1].beat(3, 24, None).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Rank 0 sees its neighbour go first, then rank 1's connection drops.
+    fakes[0]
+        .finish(WorkerOutcome::Failed {
+            error: "link to rank 1 failed".into(),
+            bad_input: false,
+        })
+        .await;
+    let started = std::time::Instant::now();
+    drop(fakes.remove(1));
+    let err = job.await.unwrap().unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
+    let text = err.to_string();
+    assert!(
+        matches!(err, CoordinatorError::WorkerLost { rank: 1, step: 24, .. }),
+        "{text}"
+    );
+    assert!(
+        text.contains("pid 101") && text.contains("/runs/t/checkpoint.safetensors (epoch 2)"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_worker_fails_the_job_after_the_heartbeat_timeout() {
+    let (addr, job) = start(config(2)).await;
+    let fakes = join(&addr, 2).await;
+    // Rank 0 keeps beating; rank 1 goes quiet but keeps its connection.
+    let beating = tokio::spawn(async move {
+        loop {
+            fakes[0].beat(1, 5, None).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    });
+    let started = std::time::Instant::now();
+    let err = job.await.unwrap().unwrap_err();
+    beating.abort();
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    assert!(matches!(err, CoordinatorError::WorkerLost { rank: 1, .. }), "{err}");
+    assert!(err.to_string().contains("no heartbeat"), "{err}");
+}
+
+#[tokio::test]
+async fn a_bad_job_fails_at_once_and_counts_as_bad_input() {
+    let (addr, job) = start(config(2)).await;
+    let mut fakes = join(&addr, 2).await;
+    fakes[1]
+        .finish(WorkerOutcome::Failed {
+            error: "data.path: no such file".into(),
+            bad_input: true,
+        })
+        .await;
+    let err = job.await.unwrap().unwrap_err();
+    assert!(err.is_bad_input(), "{err}");
+    assert!(
+        err.to_string().contains("rank 1") && err.to_string().contains("no such file"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn calls_without_the_token_are_refused_and_extra_workers_turned_away() {
+    let (addr, job) = start(config(1)).await;
+    let registration = Registration {
+        peer_addr: "127.0.0.1:9100".into(),
+        host: "h".into(),
+        pid: 1,
+        remote: None,
+    };
+    let err = client(&addr, "nope")
+        .await
+        .register(registration.clone())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("wrong job token"), "{err}");
+    let mut fakes = join(&addr, 1).await;
+    let err = client(&addr, TOKEN).await.register(registration).await.unwrap_err();
+    assert!(err.to_string().contains("already has its 1 workers"), "{err}");
+    fakes[0].finish(finished(7)).await;
+    assert_eq!(job.await.unwrap().unwrap().params_checksum, 7);
+}

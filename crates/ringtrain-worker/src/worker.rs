@@ -1,0 +1,406 @@
+//! [`run_worker`]: one worker process's life, from registration to the final report.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ringtrain_collective::GrpcConfig;
+use ringtrain_config::Job;
+use ringtrain_proto::coordinator::{
+    Assignment, Beat, CoordinatorClient, EpochUpdate, FinishReport, Registration, WorkerOutcome,
+};
+use ringtrain_train::{read_checkpoint_manifest, run_job_opts, Progress, RunOptions, RunSummary, TrainError};
+use tokio::runtime::Runtime;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use crate::error::{Result, WorkerError};
+use crate::sync::{AbortHandle, RingSync, SyncStats};
+
+/// Deadline of every unary call to the coordinator (registration waits longer).
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between attempts to reach a coordinator that is not up yet.
+const RETRY: Duration = Duration::from_millis(100);
+
+/// How a worker finds its coordinator and its place in the ring.
+#[derive(Debug)]
+pub struct WorkerOptions {
+    /// The coordinator's address (`host:port` or `http://host:port`).
+    pub coordinator: String,
+    /// Shared job token.
+    pub token: String,
+    /// Already-bound listener of this worker's collective server.
+    pub listener: std::net::TcpListener,
+    /// The listener's address as the other workers reach it.
+    pub advertise: String,
+    /// Host name and process id, for the coordinator's messages.
+    pub host: String,
+    pub pid: u32,
+    /// Runtime threads moving collective bytes.
+    pub io_threads: usize,
+    /// How long to keep trying to reach the coordinator.
+    pub connect_timeout: Duration,
+    /// How long to wait for the other workers to register.
+    pub rendezvous_timeout: Duration,
+}
+
+/// What happened on the way: rank assigned, epochs done. Given to the observer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerEvent {
+    /// Registration answered: this worker's place in the job.
+    Assigned { rank: usize, world: usize, job_id: String },
+    /// The engine's progress.
+    Progress(Progress),
+}
+
+/// A worker's successful run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WorkerReport {
+    pub rank: usize,
+    pub world: usize,
+    pub summary: RunSummary,
+    /// Checksum of the final parameters, checked equal on every rank.
+    pub params_checksum: u64,
+    pub stats: SyncStats,
+}
+
+/// Where training is, for heartbeats.
+#[derive(Debug, Default, Clone, Copy)]
+struct Position {
+    epoch: u64,
+    step: u64,
+    /// Last epoch whose checkpoint is on disk.
+    checkpoint_epoch: Option<u64>,
+    /// Epoch whose checkpoint the engine writes right after reporting it.
+    pending_checkpoint: Option<u64>,
+}
+
+struct Control {
+    runtime: Runtime,
+    client: CoordinatorClient,
+    addr: String,
+}
+
+impl Control {
+    fn err(&self, what: &'static str, reason: impl std::fmt::Display) -> WorkerError {
+        WorkerError::Coordinator {
+            addr: self.addr.clone(),
+            what,
+            reason: reason.to_string(),
+        }
+    }
+
+    fn call<T, F>(&self, what: &'static str, timeout: Duration, f: F) -> Result<T>
+    where
+        F: std::future::Future<Output = Result<T, ringtrain_proto::coordinator::ClientError>>,
+    {
+        // The timer must be created inside the runtime.
+        match self.runtime.block_on(async { tokio::time::timeout(timeout, f).await }) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(self.err(what, e)),
+            Err(_) => Err(self.err(what, format!("no answer within {timeout:?}"))),
+        }
+    }
+}
+
+fn connect(opts: &WorkerOptions) -> Result<Control> {
+    let setup = |e: std::io::Error| WorkerError::Setup {
+        reason: format!("cannot start the control runtime: {e}"),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("ringtrain-control")
+        .enable_all()
+        .build()
+        .map_err(setup)?;
+    let addr = opts.coordinator.clone();
+    let uri = if addr.contains("://") {
+        addr.clone()
+    } else {
+        format!("http://{addr}")
+    };
+    let bad = |what: &'static str, reason: String| WorkerError::Coordinator {
+        addr: addr.clone(),
+        what,
+        reason,
+    };
+    let endpoint = Endpoint::from_shared(uri)
+        .map_err(|e| bad("bad address", e.to_string()))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true);
+    let deadline = tokio::time::Instant::now() + opts.connect_timeout;
+    let channel = runtime.block_on(async {
+        loop {
+            let attempt = tokio::time::timeout_at(deadline, endpoint.connect()).await;
+            match attempt {
+                Ok(Ok(channel)) => return Ok(channel),
+                Ok(Err(_)) if tokio::time::Instant::now() + RETRY < deadline => {
+                    tokio::time::sleep(RETRY).await;
+                }
+                Ok(Err(e)) => {
+                    let mut reason = e.to_string();
+                    let mut source = std::error::Error::source(&e);
+                    while let Some(s) = source {
+                        reason = format!("{reason}: {s}");
+                        source = s.source();
+                    }
+                    return Err(bad(
+                        "unreachable",
+                        format!("no connection within {:?} ({reason})", opts.connect_timeout),
+                    ));
+                }
+                Err(_) => {
+                    return Err(bad(
+                        "unreachable",
+                        format!("no connection within {:?}", opts.connect_timeout),
+                    ))
+                }
+            }
+        }
+    })?;
+    let client = CoordinatorClient::new(channel, &opts.token).map_err(|e| bad("bad token", e.to_string()))?;
+    Ok(Control { runtime, client, addr })
+}
+
+/// Loads the job the coordinator sent, resolving its data path like `Job::load` does.
+fn load_job(a: &Assignment) -> std::result::Result<Job, String> {
+    let path = Path::new(&a.job_path);
+    let mut job = Job::parse(&a.job_toml, path).map_err(|e| e.to_string())?;
+    job.data.path = match &a.data_path {
+        Some(d) => PathBuf::from(d),
+        None if job.data.path.is_relative() => path.parent().unwrap_or(Path::new(".")).join(&job.data.path),
+        None => job.data.path.clone(),
+    };
+    job.validate(&a.job_toml, path).map_err(|e| e.to_string())?;
+    Ok(job)
+}
+
+/// Runs one worker: connects to the coordinator (retrying until `connect_timeout`),
+/// registers, joins the ring, trains its shard with heartbeats running, reports every epoch
+/// (writer rank) and its result. Blocks until done; every wait has a deadline. `observe`
+/// sees the assignment and the engine's progress.
+pub fn run_worker(opts: WorkerOptions, observe: &mut dyn FnMut(WorkerEvent)) -> Result<WorkerReport> {
+    let mut control = connect(&opts)?;
+    let registration = Registration {
+        peer_addr: opts.advertise.clone(),
+        host: opts.host.clone(),
+        pid: opts.pid,
+        remote: None,
+    };
+    let mut client = control.client.clone();
+    let a = control.call(
+        "registration",
+        opts.rendezvous_timeout + CALL_TIMEOUT,
+        client.register(registration),
+    )?;
+    let (rank, world) = (a.rank, a.peers.len());
+    observe(WorkerEvent::Assigned {
+        rank,
+        world,
+        job_id: a.job_id.clone(),
+    });
+
+    // Heartbeats start at once: the coordinator watches us from the rendezvous on.
+    let position = Arc::new(Mutex::new(Position::default()));
+    let abort = AbortHandle::default();
+    let beats = start_heartbeats(&mut control, &a, position.clone(), abort.clone())?;
+
+    let result = train(&control, &a, &opts, position, &abort, observe);
+    let outcome = match &result {
+        Ok((summary, checksum, stats, steps)) => WorkerOutcome::Finished {
+            params_checksum: *checksum,
+            summary_json: serde_json::to_string(summary).unwrap_or_default(),
+            comm_secs: stats.allreduce_secs + stats.other_secs,
+            steps: *steps,
+        },
+        Err(e) => WorkerOutcome::Failed {
+            error: e.to_string(),
+            bad_input: e.is_bad_input(),
+        },
+    };
+    let mut client = control.client.clone();
+    let finished = control.call(
+        "final report",
+        CALL_TIMEOUT,
+        client.finish(FinishReport {
+            job_id: a.job_id.clone(),
+            rank,
+            outcome,
+        }),
+    );
+    // Only now stop beating: a stream that ends before the final report reads as a crash.
+    beats.abort();
+    let (summary, params_checksum, stats, _) = result?;
+    finished?;
+    Ok(WorkerReport {
+        rank,
+        world,
+        summary,
+        params_checksum,
+        stats,
+    })
+}
+
+/// Streams beats from a task; an abort command (or losing the coordinator) trips `abort`.
+fn start_heartbeats(
+    control: &mut Control,
+    a: &Assignment,
+    position: Arc<Mutex<Position>>,
+    abort: AbortHandle,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let (tx, rx) = mpsc::channel::<Beat>(4);
+    let (job_id, rank, every) = (a.job_id.clone(), a.rank, a.heartbeat_interval);
+    let ticker = control.runtime.spawn(async move {
+        let mut interval = tokio::time::interval(every);
+        loop {
+            interval.tick().await;
+            let p = position.lock().map(|p| *p).unwrap_or_default();
+            let beat = Beat {
+                job_id: job_id.clone(),
+                rank,
+                epoch: p.epoch,
+                step: p.step,
+                checkpoint_epoch: p.checkpoint_epoch,
+            };
+            if tx.send(beat).await.is_err() {
+                break;
+            }
+        }
+    });
+    let mut client = control.client.clone();
+    let mut commands = control.call("heartbeat", CALL_TIMEOUT, client.heartbeat(ReceiverStream::new(rx)))?;
+    let addr = control.addr.clone();
+    let listener = control.runtime.spawn(async move {
+        match commands.next().await {
+            Ok(Some(cmd)) => abort.abort(format!("the coordinator stopped the job: {}", cmd.reason)),
+            Ok(None) => abort.abort(format!("the coordinator at {addr} closed the heartbeat stream")),
+            Err(status) => abort.abort(format!("lost the coordinator at {addr}: {}", status.message())),
+        }
+    });
+    Ok(control.runtime.spawn(async move {
+        // Dropping either ends the stream: cancel both together.
+        let _guard = (AbortOnDrop(ticker), AbortOnDrop(listener));
+        std::future::pending::<()>().await;
+    }))
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+type Trained = (RunSummary, u64, SyncStats, u64);
+
+fn train(
+    control: &Control,
+    a: &Assignment,
+    opts: &WorkerOptions,
+    position: Arc<Mutex<Position>>,
+    abort: &AbortHandle,
+    observe: &mut dyn FnMut(WorkerEvent),
+) -> Result<Trained> {
+    let rank = a.rank;
+    let job = load_job(a).map_err(|reason| WorkerError::Job {
+        rank,
+        path: a.job_path.clone(),
+        reason,
+    })?;
+    let resume = a.resume_from.as_deref().map(Path::new);
+    if let Some(path) = resume {
+        let manifest = read_checkpoint_manifest(path).map_err(|e| WorkerError::Train {
+            rank,
+            source: Box::new(e),
+        })?;
+        if let Ok(mut p) = position.lock() {
+            p.step = manifest.step;
+            p.epoch = manifest.epoch as u64;
+            p.checkpoint_epoch = Some(manifest.epoch as u64);
+        }
+    }
+    let mut config = GrpcConfig::new(rank, a.peers.clone(), a.job_id.clone(), opts.token.clone());
+    config.timeout = a.collective_timeout;
+    config.connect_timeout = opts.connect_timeout.max(Duration::from_secs(5));
+    let listener = opts.listener.try_clone().map_err(|e| WorkerError::Setup {
+        reason: format!("cannot use the collective listener: {e}"),
+    })?;
+    let mut sync = RingSync::connect(&config, listener, opts.io_threads)?.with_abort(abort);
+    let stats = sync.stats();
+
+    let out = a.out_dir.as_deref().map(Path::new);
+    let run = RunOptions {
+        out,
+        checkpoint_every: a.checkpoint_every.filter(|_| out.is_some()),
+        resume_from: resume,
+    };
+    let writer = rank == a.writer_rank;
+    let epochs = job.training.epochs as u64;
+    let (updates_tx, mut updates_rx) = mpsc::unbounded_channel::<EpochUpdate>();
+    let mut client = control.client.clone();
+    let reporter = control.runtime.spawn(async move {
+        while let Some(update) = updates_rx.recv().await {
+            // Metrics are best effort: a slow coordinator must not stall training.
+            let _ = tokio::time::timeout(CALL_TIMEOUT, client.report_epoch(update)).await;
+        }
+    });
+    let (mut comm_mark, mut epoch_mark) = (0.0f64, Instant::now());
+    let mut on_progress = |p: Progress| {
+        if let Ok(mut pos) = position.lock() {
+            match &p {
+                Progress::Batch { epoch, .. } => {
+                    pos.epoch = *epoch as u64;
+                    pos.step += 1;
+                    if let Some(e) = pos.pending_checkpoint.take() {
+                        pos.checkpoint_epoch = Some(e);
+                    }
+                }
+                Progress::Epoch(r) => {
+                    let due = run
+                        .checkpoint_every
+                        .is_some_and(|k| r.epoch as u64 % k.max(1) as u64 == 0 || r.epoch as u64 == epochs);
+                    if due && r.fold.is_none() {
+                        pos.pending_checkpoint = Some(r.epoch as u64);
+                    }
+                }
+            }
+        }
+        if let (true, Progress::Epoch(r)) = (writer, &p) {
+            let comm = stats.lock().map(|s| s.allreduce_secs).unwrap_or(0.0);
+            let now = Instant::now();
+            let _ = updates_tx.send(EpochUpdate {
+                job_id: a.job_id.clone(),
+                rank,
+                epoch: r.epoch as u64,
+                metrics_json: serde_json::to_string(r).unwrap_or_default(),
+                comm_secs: comm - comm_mark,
+                epoch_secs: now.duration_since(epoch_mark).as_secs_f64(),
+            });
+            comm_mark = comm;
+            epoch_mark = now;
+        }
+        observe(WorkerEvent::Progress(p));
+    };
+    let result = run_job_opts(&job, &a.job_toml, &run, &mut sync, &mut on_progress);
+    drop(updates_tx);
+    // Deliver the epoch reports before the final one (bounded by their own deadlines).
+    let _ = control
+        .runtime
+        .block_on(async { tokio::time::timeout(CALL_TIMEOUT, reporter).await });
+    let summary = result.map_err(|e: TrainError| WorkerError::Train {
+        rank,
+        source: Box::new(e),
+    })?;
+    let mut pos = position.lock().map(|p| *p).unwrap_or_default();
+    if let Some(e) = pos.pending_checkpoint.take() {
+        pos.checkpoint_epoch = Some(e);
+        if let Ok(mut p) = position.lock() {
+            *p = pos;
+        }
+    }
+    let checksum = sync.final_checksum().unwrap_or(0);
+    let final_stats = stats.lock().map(|s| *s).unwrap_or_default();
+    Ok((summary, checksum, final_stats, pos.step))
+}
