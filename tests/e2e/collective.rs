@@ -230,6 +230,52 @@ fn a_killed_rank_is_named_by_the_others_within_the_timeout() {
 }
 
 #[test]
+fn a_hung_rank_is_named_by_every_other_rank_within_the_timeout() {
+    let n = 4;
+    let timeout_ms = 1500;
+    let mut ring = Ring::start(
+        n,
+        |_| {
+            strings(&[
+                "--mode",
+                "soak",
+                "--len",
+                "262144",
+                "--timeout-ms",
+                &timeout_ms.to_string(),
+            ])
+        },
+        |_| TOKEN.to_owned(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for r in 0..n {
+        ring.line(r, deadline, |v| v["event"] == "round" && v["round"].as_u64() >= Some(3));
+    }
+    // SIGSTOP: rank 2 stays connected but falls silent (a hung process, not a dead one).
+    let pid = ring.peers[2].child.id().to_string();
+    let stopped = Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .expect("run kill -STOP");
+    assert!(stopped.success());
+    let hung = Instant::now();
+    for r in [0, 1, 3] {
+        let (status, stderr) = ring.exit(r, hung + Duration::from_secs(30));
+        assert!(!status.success(), "{}", ring.describe(r));
+        assert!(
+            stderr.contains("no frame from rank 2"),
+            "rank {r} must name rank 2:\n{stderr}"
+        );
+    }
+    let took = hung.elapsed();
+    assert!(
+        took < Duration::from_millis(timeout_ms) + Duration::from_secs(8),
+        "survivors took {took:?} to fail"
+    );
+    // Dropping the ring kills rank 2 (SIGKILL works on a stopped process).
+}
+
+#[test]
 fn a_rank_with_a_different_layout_fails_every_rank_with_a_mismatch() {
     let n = 3;
     let mut ring = Ring::start(
