@@ -33,7 +33,8 @@ impl TrainProgress {
             let bar = ProgressBar::new(0);
             // The template is a constant; should indicatif ever refuse it, the default style stays.
             if let Ok(style) = ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {wide_bar} {percent:>3}%  ETA {eta:<4} {msg}",
+                // Fits 80 columns with the message, so the bar never collapses.
+                "{spinner} {elapsed_precise} {bar:20} {percent:>3}% ETA {eta:<4} {msg}",
             ) {
                 bar.set_style(style.progress_chars("=> "));
             }
@@ -61,10 +62,15 @@ impl TrainProgress {
             Progress::Epoch(r) => {
                 self.finished += 1;
                 if let Some(bar) = &self.bar {
+                    let fold = r.fold.map(|f| format!("fold {f} ")).unwrap_or_default();
+                    let metric = match (r.test_accuracy, r.test_rmse) {
+                        (Some(a), _) => format!("acc {a:.3}"),
+                        (None, Some(e)) => format!("rmse {e:.3}"),
+                        (None, None) => format!("loss {:.3}", r.test_loss),
+                    };
                     bar.set_message(format!(
-                        "{}  {:.0} ex/s",
-                        Self::status(&r, self.epochs),
-                        r.examples_per_sec
+                        "{fold}epoch {}/{}  {metric}  {:.0} ex/s",
+                        r.epoch, self.epochs, r.examples_per_sec
                     ));
                 }
                 if self.quiet || !(r.epoch % self.every == 0 || r.epoch == 1 || r.epoch == self.epochs) {

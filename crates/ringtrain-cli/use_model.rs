@@ -1,7 +1,9 @@
 //! `ringtrain evaluate` and `ringtrain predict`: using the model a run saved.
 
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
+use anyhow::Context as _;
 use ringtrain_train::{Prediction, SavedModel};
 
 use crate::bad_input;
@@ -83,19 +85,27 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
     let model = load(&args.run_dir)?;
     let predictions = model.predict_file(&args.input).map_err(bad_input)?;
     let names = model.class_names();
-    let mut header = vec!["row".to_string(), "prediction".to_string()];
-    header.extend(names.iter().map(|n| format!("p({n})")));
-    println!("{}", header.join("\t"));
-    for (i, p) in predictions.iter().enumerate() {
-        match p {
-            Prediction::Class {
-                name, probabilities, ..
-            } => {
-                let probs: Vec<String> = probabilities.iter().map(|p| format!("{p:.4}")).collect();
-                println!("{}\t{name}\t{}", i + 1, probs.join("\t"));
+    let write = || -> std::io::Result<()> {
+        let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+        let mut header = vec!["row".to_string(), "prediction".to_string()];
+        header.extend(names.iter().map(|n| format!("p({n})")));
+        writeln!(out, "{}", header.join("\t"))?;
+        for (i, p) in predictions.iter().enumerate() {
+            match p {
+                Prediction::Class {
+                    name, probabilities, ..
+                } => {
+                    let probs: Vec<String> = probabilities.iter().map(|p| format!("{p:.4}")).collect();
+                    writeln!(out, "{}\t{name}\t{}", i + 1, probs.join("\t"))?;
+                }
+                Prediction::Value(v) => writeln!(out, "{}\t{v}", i + 1)?,
             }
-            Prediction::Value(v) => println!("{}\t{v}", i + 1),
         }
+        out.flush()
+    };
+    match write() {
+        // `predict ... | head` closes the pipe early: the reader has what it wanted.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other.context("write predictions to stdout")?),
     }
-    Ok(())
 }

@@ -503,3 +503,14 @@ impl Examples for Prepared {
         Ok(batch)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_are_trimmed_and_unquoted() {
+        assert_eq!(split(" 5.1, \"3.5\" ,setosa", ','), ["5.1", "3.5", "setosa"]);
+        assert_eq!(split("1\t2", '\t'), ["1", "2"]);
+    }
+}

@@ -175,7 +175,15 @@ where
     chart
         .configure_mesh()
         .x_desc("epoch")
-        .x_label_formatter(&|x| format!("{x:.0}"))
+        .x_labels((last_epoch as usize).clamp(2, 11))
+        // Epochs are whole numbers: ticks between them stay unlabelled.
+        .x_label_formatter(&|x| {
+            if x.fract() == 0.0 {
+                format!("{x:.0}")
+            } else {
+                String::new()
+            }
+        })
         .y_desc(name)
         .axis_desc_style((FONT, 18))
         .label_style((FONT, 15))
@@ -189,6 +197,10 @@ where
             .draw_series(LineSeries::new(curve.iter().copied(), colour.stroke_width(2)))?
             .label(*label)
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3)));
+        // With few epochs a line hides where the measurements are (one epoch draws no line).
+        if curve.len() <= 30 {
+            chart.draw_series(curve.iter().map(|&p| Circle::new(p, 4, colour.filled())))?;
+        }
     }
     let position = if name == "accuracy" {
         SeriesLabelPosition::LowerRight
@@ -296,4 +308,123 @@ fn encode_png(rgb: &[u8], w: u32, h: u32) -> DrawResult<Vec<u8>> {
     writer.write_image_data(rgb)?;
     writer.finish()?;
     Ok(bytes)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::{EvalMetrics, FoldReport};
+
+    fn point(epoch: usize, train_loss: f64, test_accuracy: Option<f64>) -> Point {
+        Point {
+            epoch,
+            train_loss,
+            test_loss: 2.0 * train_loss,
+            train_accuracy: None,
+            test_accuracy,
+        }
+    }
+
+    fn fold(fold: Option<usize>, cm: Option<Vec<Vec<u64>>>) -> FoldReport {
+        FoldReport {
+            fold,
+            train_examples: 8,
+            test_examples: 2,
+            train_loss: 0.5,
+            test: EvalMetrics {
+                examples: 2,
+                loss: 0.5,
+                accuracy: cm.as_ref().map(|_| 0.5),
+                macro_f1: None,
+                rmse: None,
+                mae: None,
+                confusion_matrix: cm,
+            },
+        }
+    }
+
+    fn summary(folds: Vec<FoldReport>, class_names: &[&str]) -> RunSummary {
+        RunSummary {
+            job: "unit".into(),
+            seed: 1,
+            epochs: 2,
+            parameters: 3,
+            class_names: class_names.iter().map(|s| s.to_string()).collect(),
+            test_accuracy: None,
+            test_loss: None,
+            confusion_matrix: None,
+            folds,
+            kfold: Default::default(),
+        }
+    }
+
+    /// Decodes a PNG; returns (width, height, number of near-black pixels).
+    fn decode(path: &Path) -> (u32, u32, usize) {
+        let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        let dark = buf[..info.buffer_size()]
+            .chunks(3)
+            .filter(|p| p.iter().all(|&c| c < 80))
+            .count();
+        (info.width, info.height, dark)
+    }
+
+    #[test]
+    fn fold_curves_are_averaged_per_epoch() {
+        let points = [point(1, 1.0, Some(0.5)), point(2, 0.5, None), point(1, 3.0, Some(0.7))];
+        assert_eq!(
+            mean_curve(&points, |p| Some(p.train_loss)),
+            vec![(1.0, 2.0), (2.0, 0.5)]
+        );
+        // An epoch with no value is left out rather than drawn as zero.
+        let acc = mean_curve(&points, |p| p.test_accuracy);
+        assert_eq!(acc.len(), 1);
+        assert!((acc[0].1 - 0.6).abs() < 1e-12);
+    }
+
+    #[test]
+    fn kfold_confusion_is_the_sum_of_the_folds() {
+        let s = summary(
+            vec![
+                fold(Some(0), Some(vec![vec![1, 0], vec![1, 0]])),
+                fold(Some(1), Some(vec![vec![0, 1], vec![0, 1]])),
+            ],
+            &["a", "b"],
+        );
+        assert_eq!(summed_fold_confusion(&s), Some(vec![vec![1, 1], vec![1, 1]]));
+    }
+
+    #[test]
+    fn writes_decodable_pngs_with_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = "{\"epoch\":1,\"train_loss\":1.0,\"test_loss\":1.2,\"train_accuracy\":0.4,\"test_accuracy\":0.5}\n\
+                       {\"epoch\":2,\"train_loss\":0.6,\"test_loss\":0.9,\"train_accuracy\":0.7,\"test_accuracy\":0.6}\n";
+        // An all-zero matrix paints every cell white: the only dark pixels are the text.
+        let mut s = summary(vec![fold(None, Some(vec![vec![0, 0], vec![0, 0]]))], &["cat", "dog"]);
+        s.confusion_matrix = Some(vec![vec![0, 0], vec![0, 0]]);
+        write_plots(dir.path(), metrics, &s).unwrap();
+        let (w, h, dark) = decode(&dir.path().join("learning_curves.png"));
+        assert_eq!((w, h), (1400, 560));
+        assert!(dark > 1000, "{dark} dark pixels: axes, labels and legend missing");
+        let (w, h, dark) = decode(&dir.path().join("confusion_matrix.png"));
+        assert!(w >= 300 && h >= 300, "{w}x{h}");
+        assert!(dark > 500, "{dark} dark pixels: the font did not render");
+
+        // Regression: one loss panel and no confusion matrix.
+        let dir = tempfile::tempdir().unwrap();
+        let metrics = "{\"epoch\":1,\"train_loss\":1.0,\"test_loss\":1.2}\n";
+        write_plots(dir.path(), metrics, &summary(vec![fold(None, None)], &[])).unwrap();
+        assert_eq!(decode(&dir.path().join("learning_curves.png")).0, 760);
+        assert!(!dir.path().join("confusion_matrix.png").exists());
+    }
+
+    #[test]
+    fn bad_metrics_line_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = write_plots(dir.path(), "{\"epoch\":1}\n", &summary(vec![], &[])).unwrap_err();
+        assert!(err.to_string().contains("metrics.jsonl"), "{err}");
+    }
 }
