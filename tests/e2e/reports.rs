@@ -149,3 +149,95 @@ fn evaluate_and_predict_refuse_bad_input_with_one_line() {
     let args = ["evaluate", run_s];
     assert_bad_input(&args, &ringtrain(&args), "model.safetensors");
 }
+
+#[test]
+fn kfold_run_evaluates_the_last_fold_it_saved() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let run = tmp.path().join("run");
+    let run_s = run.to_str().expect("utf-8 path");
+    ok(&[
+        "train",
+        "examples/iris-mlp.toml",
+        "--eval",
+        "kfold:3",
+        "--out",
+        run_s,
+        "--quiet",
+    ]);
+    // job.toml still says train_test: the scheme comes from the run's summary.
+    let args = ["evaluate", run_s];
+    let out = ok(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("test split of the last fold, 50 examples"),
+        "{}",
+        describe(&args, &out)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).expect("summary")).expect("json");
+    let last = summary["folds"][2]["test"]["accuracy"]
+        .as_f64()
+        .expect("last fold accuracy");
+    assert!(
+        (printed(&stdout, "accuracy") - last).abs() < 1e-12,
+        "{last} vs {stdout}"
+    );
+    let (w, _) = png_size(&run.join("confusion_matrix.png"));
+    assert!(w >= 300, "k-fold runs plot the confusion summed over folds");
+}
+
+#[test]
+fn regression_run_predicts_values() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // petal width from the other three measurements: drop the species column.
+    let iris = std::fs::read_to_string(repo().join("data/iris/iris.csv")).expect("iris.csv");
+    let rows: Vec<String> = iris
+        .lines()
+        .map(|l| l.rsplit_once(',').expect("5 columns").0.to_string())
+        .collect();
+    std::fs::write(tmp.path().join("iris.csv"), rows.join("\n")).expect("write csv");
+    let job = std::fs::read_to_string(repo().join("examples/iris-mlp.toml"))
+        .expect("job")
+        .replace("../data/iris/iris.csv", "iris.csv")
+        .replace("label = \"species\"", "label = \"petal_width\"")
+        .replace("loss = \"cross_entropy\"", "loss = \"mse\"")
+        .replace("stratify = true", "stratify = false");
+    let job_path = tmp.path().join("job.toml");
+    std::fs::write(&job_path, job).expect("write job");
+    let run = tmp.path().join("run");
+    let run_s = run.to_str().expect("utf-8 path");
+    ok(&[
+        "train",
+        job_path.to_str().expect("utf-8 path"),
+        "--out",
+        run_s,
+        "--quiet",
+    ]);
+    assert!(
+        !run.join("confusion_matrix.png").exists(),
+        "no confusion matrix for regression"
+    );
+    png_size(&run.join("learning_curves.png"));
+
+    let out = ok(&["evaluate", run_s]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(printed(&stdout, "RMSE") < 0.4, "{stdout}");
+
+    // The input carries the label column (4 columns); it is dropped by name.
+    let input = tmp.path().join("input.csv");
+    std::fs::write(&input, rows[..6].join("\n")).expect("write input");
+    let args = ["predict", run_s, input.to_str().expect("utf-8 path")];
+    let out = ok(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "row\tprediction", "{stdout}");
+    for (line, truth) in lines[1..].iter().zip(&rows[1..6]) {
+        let predicted: f64 = line.split('\t').nth(1).expect("value").parse().expect("number");
+        let actual: f64 = truth.rsplit_once(',').expect("4 columns").1.parse().expect("number");
+        assert!(
+            (predicted - actual).abs() < 0.5,
+            "{predicted} vs {actual}: {}",
+            describe(&args, &out)
+        );
+    }
+}
