@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use clap::Args;
+use ringtrain_config::Job;
 use ringtrain_coordinator::{serve, CoordinatorConfig, CoordinatorError, Event, JobOutcome, JobSpec};
 use ringtrain_train::{EpochReport, RunSummary};
 use ringtrain_worker::{run_worker, WorkerEvent, WorkerOptions};
@@ -124,7 +125,7 @@ fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
     if args.workers == 0 {
         return Err(crate::bad_input("--workers must be at least 1"));
     }
-    let (job, text) = crate::load_job_with_data(&args.job, args.data.as_deref())?;
+    let (job, text) = load_job(&args.job, args.data.as_deref())?;
     if job.training.batch_size % args.workers != 0 {
         return Err(crate::bad_input(format!(
             "{}: training.batch_size {} must divide evenly by --workers {} (each worker takes batch / workers)",
@@ -158,6 +159,23 @@ fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
         epochs: job.training.epochs,
         resume_from,
     })
+}
+
+/// Reads and validates a job; `data` replaces its data path (relative to the current
+/// directory).
+fn load_job(path: &Path, data: Option<&Path>) -> anyhow::Result<(Job, String)> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| crate::bad_input(format!("{}: cannot read job file: {e}", path.display())))?;
+    let job = match data {
+        None => Job::load(path).map_err(crate::bad_input)?,
+        Some(d) => {
+            let mut job = Job::parse(&text, path).map_err(crate::bad_input)?;
+            job.data.path = d.to_path_buf();
+            job.validate(&text, path).map_err(crate::bad_input)?;
+            job
+        }
+    };
+    Ok((job, text))
 }
 
 fn coordinator_config(args: &JobArgs, prepared: &Prepared, token: &str) -> CoordinatorConfig {

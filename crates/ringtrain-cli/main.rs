@@ -12,14 +12,10 @@ mod use_model;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ringtrain_config::Job;
 use ringtrain_train::{Progress, RunSummary};
-
-// Training allocates and frees multi-megabyte activations every step; glibc's allocator
-// returns them to the kernel each time (page faults dominated `sys` time), mimalloc reuses them.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser, Debug)]
 #[command(name = "ringtrain", version, about = "Distributed data-parallel deep-learning training")]
@@ -43,27 +39,14 @@ enum Command {
         /// Override the evaluation scheme: `train-test` or `kfold:K`.
         #[arg(long)]
         eval: Option<String>,
-        /// Override the job's data path (file or directory).
-        #[arg(long)]
-        data: Option<PathBuf>,
         /// Print only the final summary.
         #[arg(long)]
         quiet: bool,
     },
-    /// Check a job file (syntax, values, data file, model shapes) without training.
-    Validate {
-        job: PathBuf,
-        /// Override the job's data path.
-        #[arg(long)]
-        data: Option<PathBuf>,
-    },
+    /// Check a job file (syntax, values, data file) without training.
+    Validate { job: PathBuf },
     /// Print the model's layers, output shapes, parameter counts and FLOPs per example.
-    Inspect {
-        job: PathBuf,
-        /// Override the job's data path.
-        #[arg(long)]
-        data: Option<PathBuf>,
-    },
+    Inspect { job: PathBuf },
     /// Recompute the metrics of a run's saved model on the job's test split (or on --data).
     Evaluate(use_model::EvaluateArgs),
     /// Predict the rows of a CSV file (or the images of an IDX file) with a run's saved model.
@@ -131,31 +114,25 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Worker(args) => cluster_cmd::run_worker_cmd(args),
         Command::Evaluate(args) => use_model::evaluate(args),
         Command::Predict(args) => use_model::predict(args),
-        Command::Train {
-            job,
-            out,
-            eval,
-            data,
-            quiet,
-        } => {
-            let (mut spec, text) = load_job_with_data(&job, data.as_deref())?;
+        Command::Train { job, out, eval, quiet } => {
+            let (mut spec, text) = load_job(&job)?;
             if let Some(e) = eval {
                 apply_eval_override(&mut spec, &e)?;
             }
             train(&spec, &text, out.as_deref(), quiet)
         }
-        Command::Validate { job, data } => {
-            let (spec, _) = load_job_with_data(&job, data.as_deref())?;
+        Command::Validate { job } => {
+            let (spec, _) = load_job(&job)?;
             let task = ringtrain_train::Task::from_job(&spec).map_err(classify)?;
-            task.model(&spec.model).map_err(classify)?;
+            ringtrain_train::build_model(&spec.model, &task.input_shape(), task.target.outputs()).map_err(classify)?;
             println!("{}: ok ({} examples)", job.display(), task.example_count());
             Ok(())
         }
-        Command::Inspect { job, data } => {
-            let (spec, _) = load_job_with_data(&job, data.as_deref())?;
+        Command::Inspect { job } => {
+            let (spec, _) = load_job(&job)?;
             let task = ringtrain_train::Task::from_job(&spec).map_err(classify)?;
             let input = task.input_shape();
-            let model = task.model(&spec.model).map_err(classify)?;
+            let model = ringtrain_train::build_model(&spec.model, &input, task.target.outputs()).map_err(classify)?;
             let mut rows = Vec::new();
             model.describe(&input, &mut rows).map_err(bad_input)?;
             println!("{:<22} {:<26} {:>14} {:>10} {:>12}", "layer", "kind", "output", "params", "FLOPs");
@@ -191,16 +168,9 @@ fn classify(e: ringtrain_train::TrainError) -> anyhow::Error {
     }
 }
 
-/// Loads a job; `data` replaces its data path (relative to the current directory) before
-/// validation.
-fn load_job_with_data(path: &Path, data: Option<&Path>) -> anyhow::Result<(Job, String)> {
-    let text = std::fs::read_to_string(path).map_err(|e| bad_input(format!("{}: cannot read job file: {e}", path.display())))?;
-    let mut spec = Job::parse(&text, path).map_err(bad_input)?;
-    spec.resolve_paths(path);
-    if let Some(d) = data {
-        spec.data.path = d.to_path_buf();
-    }
-    spec.validate(&text, path).map_err(bad_input)?;
+fn load_job(path: &Path) -> anyhow::Result<(Job, String)> {
+    let spec = Job::load(path).map_err(bad_input)?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
     Ok((spec, text))
 }
 

@@ -2,6 +2,7 @@
 //! One test binary for the whole root package (link once, run in parallel).
 
 mod cli;
+mod cluster;
 mod collective;
 mod reports;
 mod util;

@@ -11,7 +11,7 @@ use ringtrain_proto::coordinator::{
 };
 use ringtrain_train::{read_checkpoint_manifest, run_job_opts, Progress, RunOptions, RunSummary, TrainError};
 use tokio::runtime::Runtime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
@@ -203,10 +203,11 @@ pub fn run_worker(opts: WorkerOptions, observe: &mut dyn FnMut(WorkerEvent)) -> 
 
     // Heartbeats start at once: the coordinator watches us from the rendezvous on.
     let position = Arc::new(Mutex::new(Position::default()));
+    let nudge = Arc::new(Notify::new());
     let abort = AbortHandle::default();
-    let beats = start_heartbeats(&mut control, &a, position.clone(), abort.clone())?;
+    let beats = start_heartbeats(&mut control, &a, position.clone(), nudge.clone(), abort.clone())?;
 
-    let result = train(&control, &a, &opts, position, &abort, observe);
+    let result = train(&control, &a, &opts, (position, nudge), &abort, observe);
     let outcome = match &result {
         Ok((summary, checksum, stats, steps)) => WorkerOutcome::Finished {
             params_checksum: *checksum,
@@ -242,11 +243,13 @@ pub fn run_worker(opts: WorkerOptions, observe: &mut dyn FnMut(WorkerEvent)) -> 
     })
 }
 
-/// Streams beats from a task; an abort command (or losing the coordinator) trips `abort`.
+/// Streams beats from a task, every interval and whenever `nudge` is notified (an epoch
+/// ended, a checkpoint landed); an abort command (or losing the coordinator) trips `abort`.
 fn start_heartbeats(
     control: &mut Control,
     a: &Assignment,
     position: Arc<Mutex<Position>>,
+    nudge: Arc<Notify>,
     abort: AbortHandle,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let (tx, rx) = mpsc::channel::<Beat>(4);
@@ -254,7 +257,10 @@ fn start_heartbeats(
     let ticker = control.runtime.spawn(async move {
         let mut interval = tokio::time::interval(every);
         loop {
-            interval.tick().await;
+            tokio::select! {
+                _ = interval.tick() => {}
+                _ = nudge.notified() => {}
+            }
             let p = position.lock().map(|p| *p).unwrap_or_default();
             let beat = Beat {
                 job_id: job_id.clone(),
@@ -299,7 +305,7 @@ fn train(
     control: &Control,
     a: &Assignment,
     opts: &WorkerOptions,
-    position: Arc<Mutex<Position>>,
+    (position, nudge): (Arc<Mutex<Position>>, Arc<Notify>),
     abort: &AbortHandle,
     observe: &mut dyn FnMut(WorkerEvent),
 ) -> Result<Trained> {
@@ -355,6 +361,7 @@ fn train(
                     pos.step += 1;
                     if let Some(e) = pos.pending_checkpoint.take() {
                         pos.checkpoint_epoch = Some(e);
+                        nudge.notify_one();
                     }
                 }
                 Progress::Epoch(r) => {
@@ -364,6 +371,7 @@ fn train(
                     if due && r.fold.is_none() {
                         pos.pending_checkpoint = Some(r.epoch as u64);
                     }
+                    nudge.notify_one();
                 }
             }
         }

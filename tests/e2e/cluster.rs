@@ -1,0 +1,417 @@
+//! Distributed training through the real binary: `launch` (coordinator in process, worker
+//! child processes), `coordinator` + `worker`, killed workers and resumption, bad input.
+//! Every wait has a deadline; processes are killed when a test fails.
+//!
+//! Tolerances against single-process `train` (same job, same seed): the ring adds the three
+//! ranks' gradients in another order than one process sums its batch, so results agree to
+//! rounding, not bitwise: final train loss within 1e-3 relative, test accuracy within one
+//! example.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::util::{bin, read_json, repo};
+
+/// A `ringtrain` process with its output collected; killed when dropped.
+struct Proc {
+    child: Child,
+    args: Vec<String>,
+    lines: Receiver<String>,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn collect(mut pipe: impl std::io::Read + Send + 'static, sink: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(k) = pipe.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            if let Ok(mut s) = sink.lock() {
+                s.push_str(&String::from_utf8_lossy(&buf[..k]));
+            }
+        }
+    });
+}
+
+impl Proc {
+    fn start(args: &[&str], token: &str) -> Proc {
+        let mut child = Command::new(bin())
+            .args(args)
+            .env("RINGTRAIN_TOKEN", token)
+            .env("RINGTRAIN_THREADS", "1")
+            .current_dir(repo())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ringtrain");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        let sink = stdout.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+                let _ = tx.send(line);
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        collect(child.stderr.take().expect("stderr"), stderr.clone());
+        Proc {
+            child,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            lines,
+            stdout,
+            stderr,
+        }
+    }
+
+    fn describe(&self) -> String {
+        let out = self.stdout.lock().map(|s| s.clone()).unwrap_or_default();
+        let err = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
+        format!(
+            "ringtrain {}\n--- stdout\n{out}\n--- stderr\n{err}",
+            self.args.join(" ")
+        )
+    }
+
+    /// The next stdout line satisfying `want`, before `deadline`.
+    fn line(&self, deadline: Instant, want: impl Fn(&str) -> bool) -> String {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if want(&line) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no expected line in time\n{}", self.describe()),
+            }
+        }
+    }
+
+    /// Waits for the exit, at most `within`; returns status, stdout, stderr.
+    fn finish(&mut self, within: Duration) -> (ExitStatus, String, String) {
+        let until = Instant::now() + within;
+        let status = loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                break s;
+            }
+            assert!(
+                Instant::now() < until,
+                "still running after {within:?}\n{}",
+                self.describe()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Let the reader threads drain the pipes.
+        std::thread::sleep(Duration::from_millis(50));
+        let out = self.stdout.lock().map(|s| s.clone()).unwrap_or_default();
+        let err = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
+        (status, out, err)
+    }
+}
+
+/// Runs `ringtrain args` to completion within `within`.
+fn run(args: &[&str], within: Duration) -> (ExitStatus, String, String) {
+    Proc::start(args, "e2e-cluster").finish(within)
+}
+
+fn run_ok(args: &[&str], within: Duration) -> String {
+    let mut p = Proc::start(args, "e2e-cluster");
+    let (status, out, _) = p.finish(within);
+    assert!(status.success(), "{}", p.describe());
+    out
+}
+
+/// The Iris MLP job with `edits` applied, written to `dir/name.toml` (data path absolute).
+fn iris_job(dir: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
+    let mut text = std::fs::read_to_string(repo().join("examples/iris-mlp.toml")).expect("iris job");
+    let data = repo().join("data/iris/iris.csv");
+    text = text.replace(
+        "\"../data/iris/iris.csv\"",
+        &format!("{:?}", data.display().to_string()),
+    );
+    for (from, to) in edits {
+        assert!(text.contains(from), "{from:?} not in the job");
+        text = text.replace(from, to);
+    }
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("write job");
+    path
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+#[test]
+fn three_workers_train_iris_like_one_process() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // 120 training examples, global batch 15 = 3 workers x 5: every global batch is the
+    // one a single process sees.
+    let job = iris_job(
+        tmp.path(),
+        "iris15",
+        &[("batch_size = 16", "batch_size = 15"), ("epochs = 100", "epochs = 30")],
+    );
+    let (dist, single) = (tmp.path().join("dist"), tmp.path().join("single"));
+    let out = run_ok(
+        &["launch", "--workers", "3", s(&job), "--out", s(&dist), "--quiet"],
+        MINUTE,
+    );
+    assert!(
+        out.contains("final parameters bitwise identical on every rank"),
+        "{out}"
+    );
+    assert!(out.contains("test accuracy:"), "train's summary is printed: {out}");
+    run_ok(&["train", s(&job), "--out", s(&single), "--quiet"], MINUTE);
+
+    let metrics = std::fs::read_to_string(dist.join("metrics.jsonl")).expect("metrics.jsonl");
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(lines.len(), 30);
+    let loss = |i: usize| lines[i]["train_loss"].as_f64().expect("train_loss");
+    assert!(
+        loss(29) < 0.5 * loss(0),
+        "loss must decrease: {} -> {}",
+        loss(0),
+        loss(29)
+    );
+
+    let (d, o) = (
+        read_json(&dist.join("summary.json")),
+        read_json(&single.join("summary.json")),
+    );
+    let f = |v: &serde_json::Value, k: &str| v["folds"][0][k].as_f64().expect(k);
+    let rel = (f(&d, "train_loss") - f(&o, "train_loss")).abs() / f(&o, "train_loss");
+    assert!(
+        rel <= 1e-3,
+        "train loss {} vs {}",
+        f(&d, "train_loss"),
+        f(&o, "train_loss")
+    );
+    let acc = |v: &serde_json::Value| v["test_accuracy"].as_f64().expect("test_accuracy");
+    assert!(
+        (acc(&d) - acc(&o)).abs() * 30.0 <= 1.0 + 1e-9,
+        "accuracy {} vs {}",
+        acc(&d),
+        acc(&o)
+    );
+    assert!(acc(&d) >= 0.9, "accuracy {}", acc(&d));
+    for file in ["model.safetensors", "job.toml", "preprocess.json"] {
+        assert!(dist.join(file).is_file(), "{file} missing from the run directory");
+    }
+    let cluster = read_json(&dist.join("cluster.json"));
+    assert_eq!(cluster["workers"].as_array().map(Vec::len), Some(3));
+    assert_eq!(cluster["epochs"].as_array().map(Vec::len), Some(30));
+    assert!(cluster["collective_secs_per_rank"][2].as_f64().is_some_and(|t| t > 0.0));
+}
+
+#[test]
+fn distributed_kfold_prints_each_fold_and_mean_std() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = iris_job(
+        tmp.path(),
+        "kfold",
+        &[
+            ("batch_size = 16", "batch_size = 15"),
+            ("epochs = 100", "epochs = 8"),
+            ("scheme = \"train_test\"", "scheme = \"kfold\"\nfolds = 5"),
+        ],
+    );
+    let out_dir = tmp.path().join("run");
+    let out = run_ok(
+        &["launch", "--workers", "3", s(&job), "--out", s(&out_dir), "--quiet"],
+        MINUTE,
+    );
+    for fold in 0..5 {
+        assert!(
+            out.contains(&format!("fold {fold}: test loss")),
+            "fold {fold} missing:\n{out}"
+        );
+    }
+    assert!(
+        out.lines()
+            .any(|l| l.trim_start().starts_with("accuracy:") && l.contains('±')),
+        "{out}"
+    );
+    let summary = read_json(&out_dir.join("summary.json"));
+    assert_eq!(summary["kfold"]["accuracy"]["values"].as_array().map(Vec::len), Some(5));
+}
+
+#[test]
+fn a_killed_worker_is_named_and_a_fresh_launch_resumes_from_its_checkpoint() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let epochs = 150;
+    let job = iris_job(
+        tmp.path(),
+        "long",
+        &[
+            ("batch_size = 16", "batch_size = 15"),
+            ("epochs = 100", &format!("epochs = {epochs}")),
+        ],
+    );
+    let dir = tmp.path().join("run");
+    let args = [
+        "launch",
+        "--workers",
+        "3",
+        s(&job),
+        "--out",
+        s(&dir),
+        "--checkpoint-every",
+        "1",
+    ];
+    let mut launch = Proc::start(&args, "unused");
+    let deadline = Instant::now() + MINUTE;
+    let joined = launch.line(deadline, |l| l.starts_with("worker rank 1 joined (pid "));
+    let pid: u32 = joined["worker rank 1 joined (pid ".len()..]
+        .split(' ')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {joined:?}"));
+    // Kill rank 1 once a checkpoint exists, mid-run.
+    let ckpt = dir.join("checkpoint.safetensors");
+    while !ckpt.is_file() {
+        assert!(Instant::now() < deadline, "no checkpoint\n{}", launch.describe());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A moment for the writer's heartbeat to tell the coordinator about it.
+    std::thread::sleep(Duration::from_millis(100));
+    let killed = Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(killed.success());
+    let at = Instant::now();
+    let (status, _, err) = launch.finish(Duration::from_secs(15));
+    assert!(
+        at.elapsed() < Duration::from_secs(7),
+        "took {:?} to notice",
+        at.elapsed()
+    );
+    assert_eq!(status.code(), Some(1), "{}", launch.describe());
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(
+        line.contains("worker rank 1") && line.contains(&format!("pid {pid}")),
+        "{line}"
+    );
+    assert!(
+        line.contains("last checkpoint:") && line.contains("checkpoint.safetensors (epoch "),
+        "{line}"
+    );
+    let done = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .count();
+    assert!(done < epochs, "the run must have stopped early ({done} epochs)");
+
+    let mut resume = args.to_vec();
+    resume.push("--resume");
+    resume.push("--quiet");
+    let out = run_ok(&resume, MINUTE);
+    assert!(out.contains("bitwise identical"), "{out}");
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).expect("metrics.jsonl");
+    assert_eq!(metrics.lines().count(), epochs, "one line per epoch over both launches");
+    assert!(read_json(&dir.join("summary.json"))["test_accuracy"]
+        .as_f64()
+        .is_some_and(|a| a >= 0.9));
+}
+
+#[test]
+fn a_wrong_token_is_refused_and_the_rendezvous_times_out() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = iris_job(tmp.path(), "one", &[("epochs = 100", "epochs = 1")]);
+    let dir = tmp.path().join("run");
+    let mut coordinator = Proc::start(
+        &[
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "1",
+            s(&job),
+            "--out",
+            s(&dir),
+            "--rendezvous-timeout-ms",
+            "3000",
+        ],
+        "right-token",
+    );
+    let listening = coordinator.line(Instant::now() + MINUTE, |l| l.contains("\"listening\""));
+    let v: serde_json::Value = serde_json::from_str(&listening).expect("json line");
+    let addr = v["addr"].as_str().expect("addr").to_owned();
+
+    let mut worker = Proc::start(
+        &["worker", "--coordinator", &addr, "--peer-addr", "127.0.0.1:0"],
+        "wrong-token",
+    );
+    let (status, _, err) = worker.finish(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1), "{}", worker.describe());
+    assert!(err.contains("wrong job token"), "{err}");
+
+    let (status, _, err) = coordinator.finish(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1), "{}", coordinator.describe());
+    assert!(err.contains("only 0 of 1 workers registered"), "{err}");
+}
+
+#[test]
+fn a_coordinator_that_does_not_answer_is_reported_within_the_deadline() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = free.local_addr().expect("addr").to_string();
+    drop(free);
+    let started = Instant::now();
+    let (status, _, err) = run(
+        &[
+            "worker",
+            "--coordinator",
+            &addr,
+            "--peer-addr",
+            "127.0.0.1:0",
+            "--connect-timeout-ms",
+            "1000",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+    assert!(err.contains(&addr) && err.contains("no connection within"), "{err}");
+}
+
+#[test]
+fn a_batch_the_workers_cannot_split_is_bad_input() {
+    let (status, _, err) = run(
+        &[
+            "launch",
+            "--workers",
+            "3",
+            "examples/iris-mlp.toml",
+            "--out",
+            "/nonexistent/never-written",
+        ],
+        MINUTE,
+    );
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("batch_size 16 must divide evenly by --workers 3"), "{err}");
+}
