@@ -415,3 +415,40 @@ fn a_batch_the_workers_cannot_split_is_bad_input() {
     assert_eq!(status.code(), Some(2), "{err}");
     assert!(err.contains("batch_size 16 must divide evenly by --workers 3"), "{err}");
 }
+
+/// LeNet-5 on MNIST with three workers (opt-in: one epoch takes a minute or more on two
+/// cores): `cargo test --test e2e -- --ignored lenet`. Uses `--data` to point at the data.
+#[test]
+#[ignore = "slow: one MNIST epoch; run with --ignored"]
+fn lenet_on_mnist_with_three_workers() {
+    let data = repo().join("../shared/data/mnist");
+    if !data.is_dir() {
+        eprintln!("skipped: no MNIST at {}", data.display());
+        return;
+    }
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = std::fs::read_to_string(repo().join("examples/mnist-lenet.toml")).expect("mnist job");
+    let text = text
+        .replace("epochs = 8", "epochs = 1")
+        .replace("batch_size = 64", "batch_size = 96");
+    let job = tmp.path().join("lenet.toml");
+    std::fs::write(&job, text).expect("write job");
+    let dir = tmp.path().join("run");
+    let args = [
+        "launch",
+        "--workers",
+        "3",
+        s(&job),
+        "--out",
+        s(&dir),
+        "--data",
+        s(&data),
+        "--quiet",
+    ];
+    let out = run_ok(&args, Duration::from_secs(600));
+    assert!(out.contains("bitwise identical"), "{out}");
+    let accuracy = read_json(&dir.join("summary.json"))["test_accuracy"]
+        .as_f64()
+        .expect("test_accuracy");
+    assert!(accuracy >= 0.95, "accuracy {accuracy}");
+}
