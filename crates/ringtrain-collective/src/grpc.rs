@@ -19,7 +19,7 @@ use ringtrain_proto::grpc::{
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::Stream;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
@@ -465,6 +465,20 @@ fn describe(status: &Status) -> String {
     }
 }
 
+/// The outgoing queue as the request stream of the `Push` call.
+struct SharedFrames(Arc<Mutex<mpsc::UnboundedReceiver<Frame>>>);
+
+impl Stream for SharedFrames {
+    type Item = Frame;
+
+    fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Frame>> {
+        match self.0.lock() {
+            Ok(mut frames) => frames.poll_recv(cx),
+            Err(_) => std::task::Poll::Ready(None),
+        }
+    }
+}
+
 /// Client side: connects to the right neighbour and streams every queued frame.
 struct RightLink {
     rank: usize,
@@ -487,7 +501,11 @@ impl RightLink {
     /// mid-collective the ranks downstream of it report it and their abort
     /// reaches this rank from the left.
     async fn run(self, frames: mpsc::UnboundedReceiver<Frame>) {
-        let (failure, urgent) = match self.stream(frames).await {
+        // tonic drops the request stream as soon as the call fails; sharing the
+        // receiver keeps the queue open until the failure is recorded below, so
+        // a concurrent `send` reports why the link ended, not just that it did.
+        let frames = Arc::new(Mutex::new(frames));
+        let (failure, urgent) = match self.stream(SharedFrames(frames.clone())).await {
             Ok(()) => (LinkFailure::Closed("it ended our stream".into()), false),
             Err((failure, urgent)) => (failure, urgent),
         };
@@ -511,7 +529,7 @@ impl RightLink {
     }
 
     /// `Err((failure, urgent))` where `urgent` marks failures before any frame was accepted.
-    async fn stream(&self, frames: mpsc::UnboundedReceiver<Frame>) -> Result<(), (LinkFailure, bool)> {
+    async fn stream(&self, frames: SharedFrames) -> Result<(), (LinkFailure, bool)> {
         let uri = if self.addr.contains("://") {
             self.addr.clone()
         } else {
@@ -542,10 +560,7 @@ impl RightLink {
             }
         };
         let mut client = PushClient::new(channel, self.max_message);
-        match client
-            .push(self.metadata.clone(), UnboundedReceiverStream::new(frames))
-            .await
-        {
+        match client.push(self.metadata.clone(), frames).await {
             Ok(_) => Ok(()),
             Err(status) => Err(match status.code() {
                 Code::Unauthenticated | Code::PermissionDenied | Code::AlreadyExists => {

@@ -9,7 +9,9 @@ use crate::{bits, inputs, ring_model, run_mt};
 
 const TOKEN: &str = "s3cret-token";
 
-/// Bind `n` listeners on 127.0.0.1:0 and build each rank's config.
+/// Bind `n` listeners on 127.0.0.1:0 and build each rank's config. The job id
+/// is unique per ring, so a stream that reaches another test's ring through a
+/// reused port is refused instead of joining it.
 async fn bind(n: usize, timeout: Duration) -> Vec<(GrpcConfig, TcpListener)> {
     let mut listeners = Vec::new();
     for _ in 0..n {
@@ -23,7 +25,7 @@ async fn bind(n: usize, timeout: Duration) -> Vec<(GrpcConfig, TcpListener)> {
         .into_iter()
         .enumerate()
         .map(|(rank, l)| {
-            let mut config = GrpcConfig::new(rank, peers.clone(), "grpc-test", TOKEN);
+            let mut config = GrpcConfig::new(rank, peers.clone(), format!("grpc-test-{}", peers[0]), TOKEN);
             config.timeout = timeout;
             config.connect_timeout = Duration::from_secs(10);
             config.part_bytes = 16 * 1024;
@@ -83,7 +85,9 @@ fn a_stream_without_the_token_is_refused() {
         let (good, good_listener) = configs.remove(0);
         let (mut intruder, intruder_listener) = configs.remove(0);
         intruder.token = "wrong-token".into();
-        let good_task = tokio::spawn(async move { connect_ring(&good, good_listener, std::future::pending()).await });
+        // Rank 0 only serves (no ring on top, so it stays up whatever happens to
+        // its own stream to the intruder, which the intruder refuses as well).
+        let _good = GrpcTransport::start(&good, good_listener, std::future::pending()).expect("start rank 0");
         let started = Instant::now();
         let err = connect_ring(&intruder, intruder_listener, std::future::pending())
             .await
@@ -91,8 +95,6 @@ fn a_stream_without_the_token_is_refused() {
         assert!(matches!(err, Error::Refused { peer: 0, .. }), "{err}");
         assert!(err.to_string().contains("wrong job token"), "{err}");
         assert!(started.elapsed() < Duration::from_secs(5), "refusal must be fast");
-        // Rank 0 never accepted the intruder; it gives up on its own.
-        good_task.abort();
     });
 }
 
@@ -178,7 +180,7 @@ fn bind_std(n: usize) -> Vec<(GrpcConfig, std::net::TcpListener)> {
         .into_iter()
         .enumerate()
         .map(|(rank, l)| {
-            let mut config = GrpcConfig::new(rank, peers.clone(), "blocking-test", TOKEN);
+            let mut config = GrpcConfig::new(rank, peers.clone(), format!("blocking-test-{}", peers[0]), TOKEN);
             config.connect_timeout = Duration::from_secs(10);
             config.part_bytes = 8 * 1024;
             (config, l)
@@ -226,11 +228,12 @@ fn blocking_communicators_on_threads_agree_and_drop_cleanly() {
 }
 
 #[test]
-fn a_peer_that_never_starts_is_named_within_the_connect_timeout() {
+fn a_peer_that_never_answers_is_named_within_the_connect_timeout() {
     use ringtrain_collective::Communicator;
     let mut ranks = bind_std(2);
-    let (_absent_config, absent_listener) = ranks.pop().expect("rank 1");
-    drop(absent_listener); // rank 1 never comes up
+    // Rank 1's port stays bound (so no other test can take it over) but
+    // nothing ever serves it: a process that never gets its ring up.
+    let (_absent_config, _absent_listener) = ranks.pop().expect("rank 1");
     let (mut config, listener) = ranks.pop().expect("rank 0");
     config.connect_timeout = Duration::from_millis(800);
     let started = Instant::now();
