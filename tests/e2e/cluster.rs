@@ -48,10 +48,16 @@ fn collect(mut pipe: impl std::io::Read + Send + 'static, sink: Arc<Mutex<String
 
 impl Proc {
     fn start(args: &[&str], token: &str) -> Proc {
-        let mut child = Command::new(bin())
+        let mut command = Command::new(bin());
+        command
             .args(args)
             .env("RINGTRAIN_TOKEN", token)
-            .env("RINGTRAIN_THREADS", "1")
+            .env("RINGTRAIN_THREADS", "1");
+        Proc::spawn(command, args)
+    }
+
+    fn spawn(mut command: Command, args: &[&str]) -> Proc {
+        let mut child = command
             .current_dir(repo())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -337,6 +343,59 @@ fn a_killed_worker_is_named_and_a_fresh_launch_resumes_from_its_checkpoint() {
     assert!(read_json(&dir.join("summary.json"))["test_accuracy"]
         .as_f64()
         .is_some_and(|a| a >= 0.9));
+}
+
+#[test]
+fn a_coordinator_and_workers_configured_from_the_environment_train_together() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = iris_job(tmp.path(), "pair", &[("epochs = 100", "epochs = 5")]);
+    let dir = tmp.path().join("run");
+    let mut coordinator = Proc::start(
+        &[
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            s(&job),
+            "--out",
+            s(&dir),
+            "--quiet",
+        ],
+        "pair-token",
+    );
+    let listening = coordinator.line(Instant::now() + MINUTE, |l| l.contains("\"listening\""));
+    let v: serde_json::Value = serde_json::from_str(&listening).expect("json line");
+    let addr = v["addr"].as_str().expect("addr").to_owned();
+    // Everything but the command itself comes from RINGTRAIN_* variables.
+    let mut workers: Vec<Proc> = (0..2)
+        .map(|_| {
+            let mut child = Command::new(bin());
+            child
+                .arg("worker")
+                .env("RINGTRAIN_COORDINATOR", &addr)
+                .env("RINGTRAIN_TOKEN", "pair-token")
+                .env("RINGTRAIN_PEER_ADDR", "127.0.0.1:0")
+                .env("RINGTRAIN_THREADS", "1");
+            Proc::spawn(child, &["worker"])
+        })
+        .collect();
+    let (status, out, _) = coordinator.finish(MINUTE);
+    assert!(status.success(), "{}", coordinator.describe());
+    assert!(out.contains("2 workers,") && out.contains("bitwise identical"), "{out}");
+    let mut checksums = Vec::new();
+    for w in &mut workers {
+        let (status, out, _) = w.finish(Duration::from_secs(20));
+        assert!(status.success(), "{}", w.describe());
+        let finished = out
+            .lines()
+            .find(|l| l.contains("\"finished\""))
+            .unwrap_or_else(|| panic!("{out}"));
+        let v: serde_json::Value = serde_json::from_str(finished).expect("json line");
+        checksums.push(v["params_checksum"].as_str().expect("checksum").to_owned());
+    }
+    assert_eq!(checksums[0], checksums[1]);
+    assert!(dir.join("summary.json").is_file() && dir.join("model.safetensors").is_file());
 }
 
 #[test]
