@@ -309,8 +309,8 @@ fn job_failed(e: CoordinatorError) -> anyhow::Error {
     }
 }
 
-/// Prints the result like `train` does, plus what only a cluster knows; writes
-/// OUT/cluster.json.
+/// Prints the result like `train` does, plus what only a cluster knows (ranks, checksum,
+/// time in collectives per rank and per epoch), which also goes to OUT/cluster.json.
 fn report(outcome: &JobOutcome, out: &Path) -> anyhow::Result<()> {
     let summary: RunSummary =
         serde_json::from_str(&outcome.summary_json).context("read the run summary reported by rank 0")?;
@@ -335,8 +335,18 @@ fn report(outcome: &JobOutcome, out: &Path) -> anyhow::Result<()> {
             "epoch": e.epoch, "allreduce_secs": e.comm_secs, "epoch_secs": e.epoch_secs,
         })).collect::<Vec<_>>(),
     });
-    let text = serde_json::to_string_pretty(&cluster).context("encode cluster.json")?;
-    ringtrain_train::write_atomic(&out.join("cluster.json"), text.as_bytes()).context("write cluster.json")?;
+    // On a multi-node run the run directory lives on rank 0's machine; this file is only a
+    // by-product, so failing to write it does not fail a finished job.
+    let path = out.join("cluster.json");
+    let written = serde_json::to_string_pretty(&cluster)
+        .map_err(|e| e.to_string())
+        .and_then(|text| {
+            std::fs::create_dir_all(out).map_err(|e| e.to_string())?;
+            ringtrain_train::write_atomic(&path, text.as_bytes()).map_err(|e| e.to_string())
+        });
+    if let Err(e) = written {
+        eprintln!("warning: cannot write {}: {e}", path.display());
+    }
     println!("run directory: {}", out.display());
     Ok(())
 }
