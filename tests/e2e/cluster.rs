@@ -225,6 +225,16 @@ fn three_workers_train_iris_like_one_process() {
     for file in ["model.safetensors", "job.toml", "preprocess.json"] {
         assert!(dist.join(file).is_file(), "{file} missing from the run directory");
     }
+    // Ranks are handed out in registration order, which varies; the result must not.
+    let again = tmp.path().join("again");
+    run_ok(
+        &["launch", "--workers", "3", s(&job), "--out", s(&again), "--quiet"],
+        MINUTE,
+    );
+    for file in ["model.safetensors", "summary.json"] {
+        let same = std::fs::read(dist.join(file)).ok() == std::fs::read(again.join(file)).ok();
+        assert!(same, "{file} differs between two identical launches");
+    }
     let cluster = read_json(&dist.join("cluster.json"));
     assert_eq!(cluster["workers"].as_array().map(Vec::len), Some(3));
     assert_eq!(cluster["epochs"].as_array().map(Vec::len), Some(30));
@@ -396,6 +406,58 @@ fn a_coordinator_and_workers_configured_from_the_environment_train_together() {
     }
     assert_eq!(checksums[0], checksums[1]);
     assert!(dir.join("summary.json").is_file() && dir.join("model.safetensors").is_file());
+}
+
+#[test]
+fn a_hung_worker_is_named_when_its_heartbeats_stop() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = iris_job(
+        tmp.path(),
+        "hang",
+        &[
+            ("batch_size = 16", "batch_size = 15"),
+            ("epochs = 100", "epochs = 2000"),
+        ],
+    );
+    let dir = tmp.path().join("run");
+    let args = [
+        "launch",
+        "--workers",
+        "3",
+        s(&job),
+        "--out",
+        s(&dir),
+        "--heartbeat-timeout-ms",
+        "1500",
+    ];
+    let mut launch = Proc::start(&args, "unused");
+    let joined = launch.line(Instant::now() + MINUTE, |l| l.starts_with("worker rank 2 joined (pid "));
+    let pid = joined["worker rank 2 joined (pid ".len()..]
+        .split(' ')
+        .next()
+        .expect("pid")
+        .to_owned();
+    launch.line(Instant::now() + MINUTE, |l| l.starts_with("epoch"));
+    // Stopped, not dead: its connections stay open, only its heartbeats stop.
+    let stopped = Command::new("kill").args(["-STOP", &pid]).status().expect("run kill");
+    assert!(stopped.success());
+    let at = Instant::now();
+    let (status, _, err) = launch.finish(Duration::from_secs(20));
+    // The launcher kills its children on failure; SIGKILL also ends a stopped process.
+    let _ = Command::new("kill")
+        .args(["-CONT", &pid])
+        .stderr(Stdio::null())
+        .status();
+    assert!(at.elapsed() < Duration::from_secs(8), "took {:?}", at.elapsed());
+    assert_eq!(status.code(), Some(1), "{}", launch.describe());
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(
+        line.contains("worker rank 2") && line.contains(&format!("pid {pid}")),
+        "{line}"
+    );
 }
 
 #[test]
