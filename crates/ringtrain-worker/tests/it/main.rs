@@ -31,7 +31,7 @@ fn run_ring(job: &Job, text: &str, world: usize) -> Vec<(RunSummary, u64)> {
         .map(|(rank, listener)| {
             let (job, text, peers) = (job.clone(), text.to_owned(), peers.clone());
             std::thread::spawn(move || {
-                let mut config = GrpcConfig::new(rank, peers, "worker-test", "secret");
+                let mut config = GrpcConfig::new(rank, peers, "worker-test-ring", "secret");
                 config.connect_timeout = Duration::from_secs(20);
                 let mut sync = RingSync::connect(&config, listener, 1).unwrap();
                 assert_eq!((sync.rank(), sync.world()), (rank, world));
@@ -82,7 +82,7 @@ fn a_batch_that_does_not_divide_by_the_world_is_refused() {
         .map(|(rank, listener)| {
             let (job, text, peers) = (job.clone(), text.clone(), peers.clone());
             std::thread::spawn(move || {
-                let config = GrpcConfig::new(rank, peers, "worker-test", "secret");
+                let config = GrpcConfig::new(rank, peers, "worker-test-indivisible", "secret");
                 let mut sync = RingSync::connect(&config, listener, 1).unwrap();
                 run_job_with(&job, &text, None, &mut sync, &mut |_| {})
                     .unwrap_err()
