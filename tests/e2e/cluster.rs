@@ -428,7 +428,7 @@ fn a_hung_worker_is_named_when_its_heartbeats_stop() {
         "--out",
         s(&dir),
         "--heartbeat-timeout-ms",
-        "1500",
+        "2500",
     ];
     let mut launch = Proc::start(&args, "unused");
     let joined = launch.line(Instant::now() + MINUTE, |l| l.starts_with("worker rank 2 joined (pid "));
