@@ -51,7 +51,10 @@ impl Step {
 }
 
 fn bench_threads() -> usize {
-    std::env::var("RINGTRAIN_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(1)
+    std::env::var("RINGTRAIN_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
 }
 
 fn train_steps(c: &mut Criterion) {
@@ -70,7 +73,12 @@ fn train_steps(c: &mut Criterion) {
     group.bench_function("mlp_784_256_128_10_b128_sgd", |b| b.iter(|| mlp.run()));
 
     group.throughput(Throughput::Elements(64));
-    let mut lenet = Step::new(Box::new(zoo::lenet5(1, 10)), OptimizerKind::adam(0.0), &[64, 1, 28, 28], 10);
+    let mut lenet = Step::new(
+        Box::new(zoo::lenet5(1, 10)),
+        OptimizerKind::adam(0.0),
+        &[64, 1, 28, 28],
+        10,
+    );
     group.bench_function("lenet5_b64_adam", |b| b.iter(|| lenet.run()));
     group.finish();
 }

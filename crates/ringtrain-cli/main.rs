@@ -12,13 +12,21 @@ mod use_model;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ringtrain_config::Job;
 use ringtrain_train::{Progress, RunSummary};
 
+// Training allocates and frees multi-megabyte activations every step; glibc's allocator
+// returns them to the kernel each time (page faults dominated `sys` time), mimalloc reuses them.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser, Debug)]
-#[command(name = "ringtrain", version, about = "Distributed data-parallel deep-learning training")]
+#[command(
+    name = "ringtrain",
+    version,
+    about = "Distributed data-parallel deep-learning training"
+)]
 struct Cli {
     /// Threads for BLAS and for the rayon pool of this process (default: all cores).
     #[arg(long, global = true, env = "RINGTRAIN_THREADS")]
@@ -39,14 +47,27 @@ enum Command {
         /// Override the evaluation scheme: `train-test` or `kfold:K`.
         #[arg(long)]
         eval: Option<String>,
+        /// Override the job's data path (file or directory).
+        #[arg(long)]
+        data: Option<PathBuf>,
         /// Print only the final summary.
         #[arg(long)]
         quiet: bool,
     },
-    /// Check a job file (syntax, values, data file) without training.
-    Validate { job: PathBuf },
+    /// Check a job file (syntax, values, data file, model shapes) without training.
+    Validate {
+        job: PathBuf,
+        /// Override the job's data path.
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
     /// Print the model's layers, output shapes, parameter counts and FLOPs per example.
-    Inspect { job: PathBuf },
+    Inspect {
+        job: PathBuf,
+        /// Override the job's data path.
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
     /// Recompute the metrics of a run's saved model on the job's test split (or on --data).
     Evaluate(use_model::EvaluateArgs),
     /// Predict the rows of a CSV file (or the images of an IDX file) with a run's saved model.
@@ -89,7 +110,9 @@ fn main() -> ExitCode {
         .with_env_filter(tracing_subscriber::EnvFilter::from_env("RINGTRAIN_LOG"))
         .with_writer(std::io::stderr)
         .init();
-    let threads = cli.threads.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let threads = cli
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     ringtrain_tensor::threads::configure(ringtrain_tensor::threads::ThreadConfig {
         blas: threads,
         rayon: threads,
@@ -114,28 +137,37 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Worker(args) => cluster_cmd::run_worker_cmd(args),
         Command::Evaluate(args) => use_model::evaluate(args),
         Command::Predict(args) => use_model::predict(args),
-        Command::Train { job, out, eval, quiet } => {
-            let (mut spec, text) = load_job(&job)?;
+        Command::Train {
+            job,
+            out,
+            eval,
+            data,
+            quiet,
+        } => {
+            let (mut spec, text) = load_job_with_data(&job, data.as_deref())?;
             if let Some(e) = eval {
                 apply_eval_override(&mut spec, &e)?;
             }
             train(&spec, &text, out.as_deref(), quiet)
         }
-        Command::Validate { job } => {
-            let (spec, _) = load_job(&job)?;
+        Command::Validate { job, data } => {
+            let (spec, _) = load_job_with_data(&job, data.as_deref())?;
             let task = ringtrain_train::Task::from_job(&spec).map_err(classify)?;
-            ringtrain_train::build_model(&spec.model, &task.input_shape(), task.target.outputs()).map_err(classify)?;
+            task.model(&spec.model).map_err(classify)?;
             println!("{}: ok ({} examples)", job.display(), task.example_count());
             Ok(())
         }
-        Command::Inspect { job } => {
-            let (spec, _) = load_job(&job)?;
+        Command::Inspect { job, data } => {
+            let (spec, _) = load_job_with_data(&job, data.as_deref())?;
             let task = ringtrain_train::Task::from_job(&spec).map_err(classify)?;
             let input = task.input_shape();
-            let model = ringtrain_train::build_model(&spec.model, &input, task.target.outputs()).map_err(classify)?;
+            let model = task.model(&spec.model).map_err(classify)?;
             let mut rows = Vec::new();
             model.describe(&input, &mut rows).map_err(bad_input)?;
-            println!("{:<22} {:<26} {:>14} {:>10} {:>12}", "layer", "kind", "output", "params", "FLOPs");
+            println!(
+                "{:<22} {:<26} {:>14} {:>10} {:>12}",
+                "layer", "kind", "output", "params", "FLOPs"
+            );
             println!("{:<22} {:<26} {:>14}", "input", "", format!("{input:?}"));
             for r in &rows {
                 println!(
@@ -168,9 +200,17 @@ fn classify(e: ringtrain_train::TrainError) -> anyhow::Error {
     }
 }
 
-fn load_job(path: &Path) -> anyhow::Result<(Job, String)> {
-    let spec = Job::load(path).map_err(bad_input)?;
-    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+/// Loads a job; `data` replaces its data path (relative to the current directory) before
+/// validation.
+fn load_job_with_data(path: &Path, data: Option<&Path>) -> anyhow::Result<(Job, String)> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| bad_input(format!("{}: cannot read job file: {e}", path.display())))?;
+    let mut spec = Job::parse(&text, path).map_err(bad_input)?;
+    spec.resolve_paths(path);
+    if let Some(d) = data {
+        spec.data.path = d.to_path_buf();
+    }
+    spec.validate(&text, path).map_err(bad_input)?;
     Ok((spec, text))
 }
 
@@ -178,15 +218,19 @@ fn apply_eval_override(job: &mut Job, eval: &str) -> anyhow::Result<()> {
     use ringtrain_config::EvalScheme;
     match eval.split_once(':') {
         Some(("kfold", k)) => {
-            let k: usize = k.parse().ok().filter(|&k| k >= 2).ok_or_else(|| {
-                bad_input(format!("--eval kfold:K needs an integer K >= 2, got {k:?}"))
-            })?;
+            let k: usize = k
+                .parse()
+                .ok()
+                .filter(|&k| k >= 2)
+                .ok_or_else(|| bad_input(format!("--eval kfold:K needs an integer K >= 2, got {k:?}")))?;
             job.evaluation.scheme = EvalScheme::Kfold;
             job.evaluation.folds = k;
         }
         None if eval == "train-test" => job.evaluation.scheme = EvalScheme::TrainTest,
         _ => {
-            return Err(bad_input(format!("--eval must be `train-test` or `kfold:K`, got {eval:?}")))
+            return Err(bad_input(format!(
+                "--eval must be `train-test` or `kfold:K`, got {eval:?}"
+            )))
         }
     }
     Ok(())
@@ -206,10 +250,17 @@ fn train(job: &Job, text: &str, out: Option<&Path>, quiet: bool) -> anyhow::Resu
 }
 
 fn print_summary(s: &RunSummary) {
-    println!("== {} ({} parameters, {} epochs, seed {})", s.job, s.parameters, s.epochs, s.seed);
+    println!(
+        "== {} ({} parameters, {} epochs, seed {})",
+        s.job, s.parameters, s.epochs, s.seed
+    );
     if !s.kfold.is_empty() {
         for f in &s.folds {
-            let acc = f.test.accuracy.map(|a| format!("  accuracy {a:.4}")).unwrap_or_default();
+            let acc = f
+                .test
+                .accuracy
+                .map(|a| format!("  accuracy {a:.4}"))
+                .unwrap_or_default();
             let rmse = f.test.rmse.map(|a| format!("  rmse {a:.4}")).unwrap_or_default();
             println!("fold {}: test loss {:.4}{acc}{rmse}", f.fold.unwrap_or(0), f.test.loss);
         }
@@ -221,7 +272,10 @@ fn print_summary(s: &RunSummary) {
     if let Some(f) = s.folds.first() {
         println!("test examples: {}  test loss: {:.4}", f.test_examples, f.test.loss);
         if let Some(a) = f.test.accuracy {
-            println!("test accuracy: {a:.4}  macro F1: {:.4}", f.test.macro_f1.unwrap_or(f64::NAN));
+            println!(
+                "test accuracy: {a:.4}  macro F1: {:.4}",
+                f.test.macro_f1.unwrap_or(f64::NAN)
+            );
         }
         if let Some(r) = f.test.rmse {
             println!("test RMSE: {r:.4}  MAE: {:.4}", f.test.mae.unwrap_or(f64::NAN));

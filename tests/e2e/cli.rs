@@ -5,7 +5,9 @@ use std::path::Path;
 use crate::util::{describe, ok, read_json, ringtrain};
 
 fn accuracy(dir: &Path) -> f64 {
-    read_json(&dir.join("summary.json"))["test_accuracy"].as_f64().expect("test_accuracy in summary.json")
+    read_json(&dir.join("summary.json"))["test_accuracy"]
+        .as_f64()
+        .expect("test_accuracy in summary.json")
 }
 
 #[test]
@@ -13,25 +15,40 @@ fn iris_mlp_reaches_95_percent_and_is_deterministic() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
     for dir in [&a, &b] {
-        ok(&["train", "examples/iris-mlp.toml", "--out", dir.to_str().expect("utf-8 path"), "--quiet"]);
+        ok(&[
+            "train",
+            "examples/iris-mlp.toml",
+            "--out",
+            dir.to_str().expect("utf-8 path"),
+            "--quiet",
+        ]);
     }
     assert!(accuracy(&a) >= 0.95, "accuracy {}", accuracy(&a));
     let sa = std::fs::read(a.join("summary.json")).expect("summary a");
     let sb = std::fs::read(b.join("summary.json")).expect("summary b");
     assert_eq!(sa, sb, "same seed must give an identical summary.json");
-    let same_weights = std::fs::read(a.join("model.safetensors")).ok() == std::fs::read(b.join("model.safetensors")).ok();
+    let same_weights =
+        std::fs::read(a.join("model.safetensors")).ok() == std::fs::read(b.join("model.safetensors")).ok();
     assert!(same_weights, "same seed must give identical model.safetensors bytes");
     // one metrics line per epoch, each with the loss and the evaluation metrics
     let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).expect("metrics.jsonl");
-    let lines: Vec<serde_json::Value> =
-        metrics.lines().map(|l| serde_json::from_str(l).expect("json line")).collect();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
     assert_eq!(lines.len(), 100);
-    assert!(lines.iter().all(|l| l["train_loss"].is_f64() && l["test_accuracy"].is_f64()));
+    assert!(lines
+        .iter()
+        .all(|l| l["train_loss"].is_f64() && l["test_accuracy"].is_f64()));
     assert!(lines[99]["train_loss"].as_f64() < lines[0]["train_loss"].as_f64());
     // the confusion matrix covers the whole test split
     let summary = read_json(&a.join("summary.json"));
     let cm = summary["confusion_matrix"].as_array().expect("confusion matrix");
-    let total: u64 = cm.iter().flat_map(|r| r.as_array().expect("row")).map(|c| c.as_u64().expect("count")).sum();
+    let total: u64 = cm
+        .iter()
+        .flat_map(|r| r.as_array().expect("row"))
+        .map(|c| c.as_u64().expect("count"))
+        .sum();
     assert_eq!(total, 30);
     assert!(a.join("job.toml").is_file());
 }
@@ -40,7 +57,13 @@ fn iris_mlp_reaches_95_percent_and_is_deterministic() {
 fn weights_are_safetensors_named_like_the_model() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let dir = tmp.path().join("run");
-    ok(&["train", "examples/iris-logistic.toml", "--out", dir.to_str().expect("utf-8 path"), "--quiet"]);
+    ok(&[
+        "train",
+        "examples/iris-logistic.toml",
+        "--out",
+        dir.to_str().expect("utf-8 path"),
+        "--quiet",
+    ]);
     assert!(accuracy(&dir) >= 0.99, "accuracy {}", accuracy(&dir));
     let bytes = std::fs::read(dir.join("model.safetensors")).expect("model file");
     // safetensors: u64 little-endian header length, then a JSON header
@@ -57,7 +80,11 @@ fn kfold_prints_per_fold_and_mean_std() {
     let out = ok(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
     for f in 0..5 {
-        assert!(stdout.contains(&format!("fold {f}: test loss")), "{}", describe(&args, &out));
+        assert!(
+            stdout.contains(&format!("fold {f}: test loss")),
+            "{}",
+            describe(&args, &out)
+        );
     }
     assert!(stdout.contains("accuracy: 0.9"), "{}", describe(&args, &out));
     assert!(stdout.contains(" ± "), "{}", describe(&args, &out));
@@ -107,10 +134,14 @@ fn missing_data_file_is_refused() {
 
 #[test]
 fn csv_row_with_a_non_number_names_line_and_column() {
-    let csv = "sepal_length,sepal_width,petal_length,petal_width,species\n5.1,3.5,1.4,0.2,setosa\n4.9,abc,1.4,0.2,setosa\n";
+    let csv =
+        "sepal_length,sepal_width,petal_length,petal_width,species\n5.1,3.5,1.4,0.2,setosa\n4.9,abc,1.4,0.2,setosa\n";
     let (out, err) = run_edited(|t| t, Some(csv), "train");
     assert_bad_input(&out, &err, "iris.csv");
-    assert!(err.contains("line 3") && err.contains("sepal_width") && err.contains("abc"), "{err}");
+    assert!(
+        err.contains("line 3") && err.contains("sepal_width") && err.contains("abc"),
+        "{err}"
+    );
 }
 
 #[test]

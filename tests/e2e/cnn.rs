@@ -18,10 +18,21 @@ fn mnist() -> Option<PathBuf> {
 #[test]
 fn inspect_lenet_prints_shapes_params_and_flops() {
     let Some(data) = mnist() else { return };
-    let args = ["inspect", "examples/mnist-lenet.toml", "--data", data.to_str().expect("utf-8 path")];
+    let args = [
+        "inspect",
+        "examples/mnist-lenet.toml",
+        "--data",
+        data.to_str().expect("utf-8 path"),
+    ];
     let out = ok(&args);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    for needle in ["[6, 28, 28]", "[16, 10, 10]", "[16, 5, 5]", "Linear(400 -> 120)", "total: 61706 parameters"] {
+    for needle in [
+        "[6, 28, 28]",
+        "[16, 10, 10]",
+        "[16, 5, 5]",
+        "Linear(400 -> 120)",
+        "total: 61706 parameters",
+    ] {
         assert!(stdout.contains(needle), "{needle:?} missing\n{}", describe(&args, &out));
     }
 }
@@ -62,6 +73,9 @@ scheme = "provided"
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{}", describe(&args, &out));
     // 28 -conv5-> 24 -pool4-> 6: a 9x9 kernel does not fit
-    assert!(stderr.contains("layers.2") && stderr.contains("kernel 9x9 is larger than the padded input 6x6"), "{stderr}");
+    assert!(
+        stderr.contains("layers.2") && stderr.contains("kernel 9x9 is larger than the padded input 6x6"),
+        "{stderr}"
+    );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }

@@ -3,6 +3,7 @@
 
 mod cli;
 mod cluster;
+mod cnn;
 mod collective;
 mod reports;
 mod util;

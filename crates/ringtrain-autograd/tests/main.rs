@@ -1,6 +1,7 @@
 //! Every op's backward rule against central finite differences (see `gradcheck` for the
 //! tolerance argument), on random shapes and values, plus the tape's own behaviour.
 #![allow(clippy::unwrap_used)]
+#![allow(clippy::cloned_ref_to_slice_refs)] // reason: the same input reused across checks reads clearer as a clone
 
 use proptest::prelude::*;
 use ringtrain_autograd::gradcheck::{check, Tolerance};

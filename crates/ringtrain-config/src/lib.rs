@@ -67,6 +67,15 @@ pub enum DataFormat {
     /// A directory of IDX files in MNIST's naming (`train-images-idx3-ubyte[.gz]`,
     /// `train-labels-idx1-ubyte[.gz]`, `t10k-...`): 28×28 grey images with their test split.
     Idx,
+    /// Text classification: one example per line, `label<TAB>text` (plain or .gz).
+    Text,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenizerName {
+    Word,
+    Char,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,6 +104,21 @@ pub struct DataConfig {
     /// Standardise each feature with the training split's mean and standard deviation.
     #[serde(default = "yes")]
     pub standardize: bool,
+    /// A separate test file (text), used by `evaluation.scheme = "provided"`.
+    #[serde(default)]
+    pub test_path: Option<PathBuf>,
+    /// Text: how to cut text into tokens (default "word", lowercased).
+    #[serde(default)]
+    pub tokenizer: Option<TokenizerName>,
+    /// Text: vocabulary size including the 4 special tokens (PAD, UNK, START, STOP).
+    #[serde(default)]
+    pub vocab_size: Option<usize>,
+    /// Text: tokens seen fewer times in the training split become UNK.
+    #[serde(default = "one")]
+    pub min_freq: usize,
+    /// Text: keep at most this many tokens per example.
+    #[serde(default)]
+    pub max_len: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,6 +134,12 @@ pub enum ModelKind {
     ResnetMini,
     /// The layers listed in `model.layers`, in order.
     Layers,
+    /// Embedding → vanilla RNN → linear (sequence classification).
+    Rnn,
+    /// Embedding → GRU → linear.
+    Gru,
+    /// Embedding → LSTM → linear.
+    Lstm,
 }
 
 /// One entry of `model.layers`; input sizes (channels, features) are inferred from the
@@ -175,6 +205,21 @@ pub struct ModelConfig {
     /// For `kind = "layers"`.
     #[serde(default)]
     pub layers: Vec<LayerSpec>,
+    /// Recurrent models: embedding width.
+    #[serde(default)]
+    pub embedding_dim: Option<usize>,
+    /// Recurrent models: a backward direction as well.
+    #[serde(default)]
+    pub bidirectional: bool,
+    /// Recurrent models: dropout between stacked layers.
+    #[serde(default)]
+    pub dropout: f64,
+}
+
+impl ModelKind {
+    pub fn is_recurrent(self) -> bool {
+        matches!(self, ModelKind::Rnn | ModelKind::Gru | ModelKind::Lstm)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -318,12 +363,20 @@ impl Job {
             source,
         })?;
         let mut job = Job::parse(&text, path)?;
-        if job.data.path.is_relative() {
-            let base = path.parent().unwrap_or(Path::new("."));
-            job.data.path = base.join(&job.data.path);
-        }
+        job.resolve_paths(path);
         job.validate(&text, path)?;
         Ok(job)
+    }
+
+    /// Makes the data paths relative to the job file's directory absolute-ish (joined to it).
+    pub fn resolve_paths(&mut self, job_file: &Path) {
+        let base = job_file.parent().unwrap_or(Path::new("."));
+        if self.data.path.is_relative() {
+            self.data.path = base.join(&self.data.path);
+        }
+        if let Some(t) = self.data.test_path.as_mut().filter(|t| t.is_relative()) {
+            *t = base.join(&*t);
+        }
     }
 
     /// Parses TOML text; `path` is only used in error messages.
@@ -443,12 +496,37 @@ impl Job {
                     format!("directory not found: {}", self.data.path.display()),
                 ));
             }
+            DataFormat::Text if !self.data.path.is_file() => {
+                return Err(fail(
+                    "data.path",
+                    format!("file not found: {}", self.data.path.display()),
+                ));
+            }
             _ => {}
         }
-        if e.scheme == EvalScheme::Provided && self.data.format != DataFormat::Idx {
+        if let Some(t) = &self.data.test_path {
+            if !t.is_file() {
+                return Err(fail("data.test_path", format!("file not found: {}", t.display())));
+            }
+        }
+        let has_test_split = self.data.format == DataFormat::Idx
+            || (self.data.format == DataFormat::Text && self.data.test_path.is_some());
+        if e.scheme == EvalScheme::Provided && !has_test_split {
             return Err(fail(
                 "evaluation.scheme",
-                "\"provided\" needs a dataset with its own test split (idx)".into(),
+                "\"provided\" needs a dataset with its own test split (idx, or text with data.test_path)".into(),
+            ));
+        }
+        if self.model.kind.is_recurrent() != (self.data.format == DataFormat::Text) {
+            return Err(fail(
+                "model.kind",
+                "recurrent models (rnn, gru, lstm) go with text data, and text data with them".into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.model.dropout) {
+            return Err(fail(
+                "model.dropout",
+                format!("must be in [0, 1), got {}", self.model.dropout),
             ));
         }
         if (self.model.kind == ModelKind::Layers) == self.model.layers.is_empty() {

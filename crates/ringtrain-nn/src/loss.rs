@@ -92,7 +92,7 @@ mod tests {
         ] {
             let res = check(
                 |g, v| loss.compute(g, v[0], targets),
-                &[out.clone()],
+                std::slice::from_ref(&out),
                 Tolerance::default(),
             )
             .unwrap();

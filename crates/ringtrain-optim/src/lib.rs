@@ -101,9 +101,7 @@ impl OptimizerKind {
             OptimizerKind::Sgd { momentum, .. } if *momentum != 0.0 => &["momentum_buffer"],
             OptimizerKind::Sgd { .. } => &[],
             OptimizerKind::Adagrad { .. } => &["sum"],
-            OptimizerKind::RmsProp { momentum, .. } if *momentum > 0.0 => {
-                &["square_avg", "momentum_buffer"]
-            }
+            OptimizerKind::RmsProp { momentum, .. } if *momentum > 0.0 => &["square_avg", "momentum_buffer"],
             OptimizerKind::RmsProp { .. } => &["square_avg"],
             OptimizerKind::Adam { .. } => &["exp_avg", "exp_avg_sq"],
         }
@@ -114,11 +112,7 @@ impl OptimizerKind {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum OptimError {
     #[error("optimizer state `{name}`: expected {expected} values, got {got}")]
-    StateLength {
-        name: String,
-        expected: usize,
-        got: usize,
-    },
+    StateLength { name: String, expected: usize, got: usize },
     #[error("optimizer state `{name}` is missing")]
     MissingState { name: String },
     #[error("gradient buffer has {got} values, parameters {expected}")]
@@ -139,11 +133,7 @@ impl Optimizer {
     pub fn new(kind: OptimizerKind, num_params: usize) -> Optimizer {
         Optimizer {
             kind,
-            slots: kind
-                .slot_names()
-                .iter()
-                .map(|_| vec![0.0; num_params])
-                .collect(),
+            slots: kind.slot_names().iter().map(|_| vec![0.0; num_params]).collect(),
             step: 0,
         }
     }
@@ -232,12 +222,7 @@ impl Optimizer {
                 },
                 [sq, buf],
             ) => {
-                for (((p, &g), v), b) in params
-                    .iter_mut()
-                    .zip(grads)
-                    .zip(sq.iter_mut())
-                    .zip(buf.iter_mut())
-                {
+                for (((p, &g), v), b) in params.iter_mut().zip(grads).zip(sq.iter_mut()).zip(buf.iter_mut()) {
                     let g = g + weight_decay * *p;
                     *v = alpha * *v + (1.0 - alpha) * g * g;
                     *b = momentum * *b + g / (v.sqrt() + eps);
@@ -257,12 +242,7 @@ impl Optimizer {
                 let bc1 = 1.0 - beta1.powi(t.min(i32::MAX as u64) as i32);
                 let bc2_sqrt = (1.0 - beta2.powi(t.min(i32::MAX as u64) as i32)).sqrt();
                 let step_size = lr / bc1;
-                for (((p, &g), m), v) in params
-                    .iter_mut()
-                    .zip(grads)
-                    .zip(m.iter_mut())
-                    .zip(v.iter_mut())
-                {
+                for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
                     let g = if decoupled {
                         *p *= 1.0 - lr * weight_decay;
                         g
@@ -302,8 +282,7 @@ impl Optimizer {
         for (slot, name) in self.slots.iter_mut().zip(self.kind.slot_names()) {
             for s in specs {
                 let key = format!("{}.{name}", s.name);
-                let values =
-                    lookup(&key).ok_or_else(|| OptimError::MissingState { name: key.clone() })?;
+                let values = lookup(&key).ok_or_else(|| OptimError::MissingState { name: key.clone() })?;
                 if values.len() != s.len {
                     return Err(OptimError::StateLength {
                         name: key,
@@ -322,11 +301,7 @@ impl Optimizer {
 /// Scales `grads` so their global L2 norm is at most `max_norm` (PyTorch's
 /// `clip_grad_norm_`); returns the norm before clipping.
 pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
-    let norm = grads
-        .iter()
-        .map(|&g| f64::from(g) * f64::from(g))
-        .sum::<f64>()
-        .sqrt() as f32;
+    let norm = grads.iter().map(|&g| f64::from(g) * f64::from(g)).sum::<f64>().sqrt() as f32;
     let coef = max_norm / (norm + 1e-6);
     if coef < 1.0 {
         for g in grads.iter_mut() {

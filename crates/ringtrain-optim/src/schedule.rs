@@ -50,10 +50,7 @@ impl Schedule {
             ScheduleKind::Cosine { min_lr } => {
                 let span = self.total_steps.saturating_sub(self.warmup_steps).max(1);
                 let progress = (s.min(span)) as f32 / span as f32;
-                min_lr
-                    + 0.5
-                        * (self.base_lr - min_lr)
-                        * (1.0 + (std::f32::consts::PI * progress).cos())
+                min_lr + 0.5 * (self.base_lr - min_lr) * (1.0 + (std::f32::consts::PI * progress).cos())
             }
         }
     }
@@ -69,10 +66,7 @@ mod tests {
             base_lr: 1.0,
             warmup_steps: 4,
             total_steps: 100,
-            kind: ScheduleKind::Step {
-                every: 10,
-                gamma: 0.5,
-            },
+            kind: ScheduleKind::Step { every: 10, gamma: 0.5 },
         };
         assert_eq!(s.lr_at(0), 0.25);
         assert_eq!(s.lr_at(3), 1.0);

@@ -76,12 +76,7 @@ fn run(kind: OptimizerKind, lr: f32, want: &[[f64; 3]; 5]) {
     let mut p = vec![0.5f32, -1.0, 2.0];
     let mut opt = Optimizer::new(kind, 3);
     for (t, expected) in want.iter().enumerate() {
-        let g: Vec<f32> = p
-            .iter()
-            .zip(C)
-            .zip(D)
-            .map(|((&x, c), d)| c * x + d)
-            .collect();
+        let g: Vec<f32> = p.iter().zip(C).zip(D).map(|((&x, c), d)| c * x + d).collect();
         opt.step(&mut p, &g, lr).unwrap();
         for (i, (&got, &exp)) in p.iter().zip(expected).enumerate() {
             assert!(
@@ -129,10 +124,7 @@ fn state_round_trips_through_named_tensors() {
     opt.step(&mut p, &[0.1, 0.2, 0.3], 0.01).unwrap();
     let saved = opt.state_tensors(store.specs());
     let names: Vec<_> = saved.iter().map(|(n, _)| n.as_str()).collect();
-    assert_eq!(
-        names,
-        ["a.exp_avg", "b.exp_avg", "a.exp_avg_sq", "b.exp_avg_sq"]
-    );
+    assert_eq!(names, ["a.exp_avg", "b.exp_avg", "a.exp_avg_sq", "b.exp_avg_sq"]);
     let mut restored = Optimizer::new(OptimizerKind::adam(0.0), 3);
     restored
         .load_state(store.specs(), opt.steps_taken(), |k| {

@@ -13,7 +13,7 @@ use ringtrain_optim::{clip_grad_norm, Optimizer, OptimizerKind, Schedule, Schedu
 use serde::Serialize;
 
 use crate::checkpoint::save_safetensors;
-use crate::task::{build_model, Examples, TargetKind, Task};
+use crate::task::{Examples, TargetKind, Task};
 use crate::{write_atomic, Result, TrainError};
 
 /// A failure of the gradient synchronisation (network, peer, mismatch).
@@ -213,6 +213,9 @@ pub struct RunOptions<'a> {
     pub resume_from: Option<&'a Path>,
 }
 
+/// Global-norm clip applied to recurrent models unless the job sets `clip_grad_norm`.
+pub const DEFAULT_RECURRENT_CLIP: f32 = 5.0;
+
 /// Model, parameters and optimizer of one training run.
 #[derive(Debug)]
 pub struct Trainer {
@@ -281,7 +284,12 @@ impl Trainer {
             store,
             schedule,
             loss,
-            clip: job.training.clip_grad_norm.map(|c| c as f32),
+            // Recurrent nets clip by default: gradients through many steps can explode.
+            clip: job.training.clip_grad_norm.map(|c| c as f32).or(job
+                .model
+                .kind
+                .is_recurrent()
+                .then_some(DEFAULT_RECURRENT_CLIP)),
             batch_size: job.training.batch_size,
             seed: job.job.seed,
             step: 0,
@@ -615,7 +623,7 @@ pub fn run_job_opts(
             (Some(t), true) => t.clone(),
             _ => examples.clone(),
         };
-        let model = build_model(&job.model, &examples.input_shape(), task.target.outputs())?;
+        let model = task.model(&job.model)?;
         let mut trainer = Trainer::new(job, model, task.loss, train.len());
         sync.broadcast_params(trainer.store.flat_mut())
             .map_err(|source| TrainError::Sync { step: 0, source })?;

@@ -27,7 +27,7 @@ pub use engine::{
 };
 pub use inference::{Evaluation, Prediction, SavedModel};
 pub use plots::write_plots;
-pub use task::{build_model, Batch, Examples, Task};
+pub use task::{build_model, build_model_with_vocab, Batch, Examples, Task};
 
 use std::path::PathBuf;
 

@@ -2,11 +2,13 @@
 
 use std::sync::Arc;
 
-use ringtrain_config::{ActivationName, ColumnRef, DataFormat, Job, LayerSpec, LossName, ModelConfig, ModelKind};
+use ringtrain_config::{
+    ActivationName, ColumnRef, DataFormat, Job, LayerSpec, LossName, ModelConfig, ModelKind, TokenizerName,
+};
 use ringtrain_data::{read_csv, CsvOptions, LabelColumn, LabelKind, Labels, TabularData};
 use ringtrain_nn::{
-    zoo, Activation, Conv2d, Dropout, Flatten, GlobalAvgPool, Init, Linear, Loss, Module, Pool2d, Residual, Sequential,
-    Targets,
+    zoo, Activation, CellKind, Conv2d, Dropout, Flatten, GlobalAvgPool, Init, Linear, Loss, Module, Pool2d, Residual,
+    SequenceClassifier, Sequential, Targets,
 };
 use ringtrain_tensor::Tensor;
 
@@ -37,6 +39,10 @@ pub trait Examples: Send + Sync + std::fmt::Debug {
     /// The preprocessing a prediction must repeat, for `preprocess.json`.
     fn preprocess(&self) -> serde_json::Value {
         serde_json::Value::Null
+    }
+    /// Size of the token vocabulary, for models that embed token ids.
+    fn vocab_size(&self) -> Option<usize> {
+        None
     }
 }
 
@@ -116,6 +122,53 @@ impl TargetKind {
             TargetKind::Classes { names } => names.len(),
             TargetKind::Binary { .. } | TargetKind::Regression => 1,
         }
+    }
+}
+
+/// Token-id sequences with a class each; batches are padded with PAD (0) to the longest
+/// sequence in the batch.
+#[derive(Debug, Clone)]
+pub struct TextSet {
+    ids: Arc<Vec<Vec<u32>>>,
+    labels: Arc<Vec<usize>>,
+    vocab: Arc<ringtrain_data::Vocab>,
+    max_len: usize,
+}
+
+impl Examples for TextSet {
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    fn input_shape(&self) -> Vec<usize> {
+        vec![self.max_len]
+    }
+
+    fn batch(&self, indices: &[usize]) -> Result<Batch> {
+        let seqs: Vec<&[u32]> = indices.iter().map(|&i| self.ids[i].as_slice()).collect();
+        let padded = ringtrain_data::pad_batch(&seqs, None);
+        let x = Tensor::from_vec(
+            &[indices.len(), padded.max_len],
+            padded.ids.iter().map(|&i| i as f32).collect(),
+        )
+        .map_err(ringtrain_autograd::AutogradError::from)?;
+        Ok(Batch {
+            x,
+            targets: Targets::Classes(indices.iter().map(|&i| self.labels[i]).collect()),
+        })
+    }
+
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.vocab.len())
+    }
+
+    fn preprocess(&self) -> serde_json::Value {
+        let vocab = self
+            .vocab
+            .to_json()
+            .ok()
+            .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok());
+        serde_json::json!({ "max_len": self.max_len, "vocab": vocab })
     }
 }
 
@@ -222,8 +275,10 @@ pub struct Task {
 
 impl Task {
     pub fn from_job(job: &Job) -> Result<Task> {
-        if job.data.format == DataFormat::Idx {
-            return Task::from_idx(job);
+        match job.data.format {
+            DataFormat::Idx => return Task::from_idx(job),
+            DataFormat::Text => return Task::from_text(job),
+            DataFormat::Csv => {}
         }
         let label_kind = if job
             .training
@@ -316,6 +371,66 @@ impl Task {
         })
     }
 
+    /// `label<TAB>text` files: the vocabulary is built from the training file only, so
+    /// nothing of the test texts leaks into the model's inputs.
+    fn from_text(job: &Job) -> Result<Task> {
+        let train = ringtrain_data::read_labeled_lines(&job.data.path, None)?;
+        let test = match &job.data.test_path {
+            Some(p) => Some(ringtrain_data::read_labeled_lines(p, Some(&train.label_names))?),
+            None => None,
+        };
+        let tokenizer = match job.data.tokenizer.unwrap_or(TokenizerName::Word) {
+            TokenizerName::Word => ringtrain_data::Tokenizer::Word { lowercase: true },
+            TokenizerName::Char => ringtrain_data::Tokenizer::Char,
+        };
+        let opts = ringtrain_data::VocabOptions {
+            max_size: job.data.vocab_size,
+            min_freq: job.data.min_freq,
+        };
+        let vocab = Arc::new(ringtrain_data::Vocab::build(
+            tokenizer,
+            train.texts.iter().map(String::as_str),
+            &opts,
+        )?);
+        let max_len = job.data.max_len.unwrap_or(256);
+        let encode = |d: &ringtrain_data::TextDataset| TextSet {
+            ids: Arc::new(
+                d.texts
+                    .iter()
+                    .map(|t| {
+                        let mut ids = vocab.encode(t);
+                        ids.truncate(max_len);
+                        if ids.is_empty() {
+                            // An empty text still needs one step; UNK says "nothing known".
+                            ids.push(ringtrain_data::UNK);
+                        }
+                        ids
+                    })
+                    .collect(),
+            ),
+            labels: Arc::new(d.labels.clone()),
+            vocab: vocab.clone(),
+            max_len,
+        };
+        let train_set = encode(&train);
+        let test_set = test.as_ref().map(encode);
+        if job.training.loss.is_some_and(|l| l != LossName::CrossEntropy) {
+            return Err(TrainError::Job {
+                field: "training.loss",
+                reason: "text classification trains with cross_entropy".into(),
+            });
+        }
+        Ok(Task {
+            strata: Some(train.labels.clone()),
+            examples: Arc::new(train_set),
+            test_examples: test_set.map(|t| Arc::new(t) as Arc<dyn Examples>),
+            target: TargetKind::Classes {
+                names: train.label_names.clone(),
+            },
+            loss: Loss::CrossEntropy,
+        })
+    }
+
     /// MNIST-layout IDX directory: training images for training (and k-fold), the t10k files as
     /// the provided test split.
     fn from_idx(job: &Job) -> Result<Task> {
@@ -348,6 +463,16 @@ impl Task {
         self.examples.input_shape()
     }
 
+    /// The job's model for this task's inputs, outputs and vocabulary, shape-checked.
+    pub fn model(&self, cfg: &ModelConfig) -> Result<Box<dyn Module>> {
+        build_model_with_vocab(
+            cfg,
+            &self.examples.input_shape(),
+            self.target.outputs(),
+            self.examples.vocab_size(),
+        )
+    }
+
     pub fn example_count(&self) -> usize {
         self.examples.len()
     }
@@ -368,6 +493,16 @@ impl Task {
 /// outputs, and checks every layer's shapes, so a bad model is refused before training with
 /// the layer's name and the shapes.
 pub fn build_model(cfg: &ModelConfig, input: &[usize], outputs: usize) -> Result<Box<dyn Module>> {
+    build_model_with_vocab(cfg, input, outputs, None)
+}
+
+/// [`build_model`] for models that embed tokens from a vocabulary of `vocab` entries.
+pub fn build_model_with_vocab(
+    cfg: &ModelConfig,
+    input: &[usize],
+    outputs: usize,
+    vocab: Option<usize>,
+) -> Result<Box<dyn Module>> {
     let act = activation(cfg.activation);
     let flat: usize = input.iter().product();
     let model: Box<dyn Module> = match cfg.kind {
@@ -399,6 +534,37 @@ pub fn build_model(cfg: &ModelConfig, input: &[usize], outputs: usize) -> Result
         ModelKind::Lenet5 => Box::new(zoo::lenet5(input.first().copied().unwrap_or(1), outputs)),
         ModelKind::ResnetMini => Box::new(zoo::resnet_mini(input.first().copied().unwrap_or(1), outputs)),
         ModelKind::Layers => Box::new(from_layer_list(&cfg.layers, input, outputs)?),
+        ModelKind::Rnn | ModelKind::Gru | ModelKind::Lstm => {
+            let cell = match cfg.kind {
+                ModelKind::Rnn => CellKind::Rnn,
+                ModelKind::Gru => CellKind::Gru,
+                _ => CellKind::Lstm,
+            };
+            let vocab = vocab.ok_or(TrainError::Job {
+                field: "model.kind",
+                reason: "recurrent models need text data (a vocabulary)".into(),
+            })?;
+            let hidden = if cfg.hidden.is_empty() {
+                vec![128]
+            } else {
+                cfg.hidden.clone()
+            };
+            if hidden.iter().any(|&h| h != hidden[0]) {
+                return Err(TrainError::Job {
+                    field: "model.hidden",
+                    reason: format!("stacked recurrent layers share one hidden size, got {hidden:?}"),
+                });
+            }
+            Box::new(SequenceClassifier::new(
+                cell,
+                vocab,
+                cfg.embedding_dim.unwrap_or(64),
+                &hidden,
+                cfg.bidirectional,
+                cfg.dropout,
+                outputs,
+            ))
+        }
     };
     model.describe(input, &mut Vec::new())?;
     Ok(model)
