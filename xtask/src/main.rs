@@ -37,14 +37,25 @@ fn main() -> Result<()> {
 }
 
 fn project_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
 }
 
 fn demo(extra: &[String]) -> Result<()> {
     ensure_system_packages()?;
     run(Command::new("cargo").args(["build", "--bin", "ringtrain"]))?;
     let mut cmd = Command::new("target/debug/ringtrain");
-    cmd.args(["train", "examples/iris-mlp.toml", "--out", "runs/iris-mlp"]).args(extra);
+    // The main job: a local two-worker cluster (coordinator + 2 worker processes, ring all-reduce).
+    cmd.args([
+        "launch",
+        "--workers",
+        "2",
+        "examples/iris-mlp.toml",
+        "--out",
+        "runs/iris-mlp",
+    ])
+    .args(extra);
     run(&mut cmd)
 }
 
@@ -64,10 +75,18 @@ fn ensure_system_packages() -> Result<()> {
         bail!("missing system packages {missing:?} and no apt-get here: install OpenBLAS and pkg-config with your package manager");
     }
     println!("xtask: installing {}", missing.join(" "));
-    let is_root = Command::new("id").arg("-u").output().map(|o| o.stdout.trim_ascii() == b"0").unwrap_or(false);
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout.trim_ascii() == b"0")
+        .unwrap_or(false);
     let prefix: Vec<&str> = if is_root {
         Vec::new()
-    } else if Command::new("sudo").args(["-n", "true"]).status().is_ok_and(|s| s.success()) {
+    } else if Command::new("sudo")
+        .args(["-n", "true"])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
         vec!["sudo", "-n"]
     } else {
         bail!(
