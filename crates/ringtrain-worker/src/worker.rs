@@ -163,15 +163,15 @@ fn connect(opts: &WorkerOptions) -> Result<Control> {
     Ok(Control { runtime, client, addr })
 }
 
-/// Loads the job the coordinator sent, resolving its data path like `Job::load` does.
+/// Loads the job the coordinator sent, resolving its data paths like `Job::load` does.
 fn load_job(a: &Assignment) -> std::result::Result<Job, String> {
     let path = Path::new(&a.job_path);
     let mut job = Job::parse(&a.job_toml, path).map_err(|e| e.to_string())?;
-    job.data.path = match &a.data_path {
-        Some(d) => PathBuf::from(d),
-        None if job.data.path.is_relative() => path.parent().unwrap_or(Path::new(".")).join(&job.data.path),
-        None => job.data.path.clone(),
-    };
+    // Same resolution as `Job::load` (data.path and data.test_path), then the launch's override.
+    job.resolve_paths(path);
+    if let Some(d) = &a.data_path {
+        job.data.path = PathBuf::from(d);
+    }
     job.validate(&a.job_toml, path).map_err(|e| e.to_string())?;
     Ok(job)
 }
