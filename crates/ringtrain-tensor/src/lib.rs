@@ -18,8 +18,10 @@
 // Linking OpenBLAS: ndarray's `blas` feature only declares the cblas symbols.
 use blas_src as _;
 
+pub mod attention;
 pub mod conv;
 mod error;
+pub mod fused;
 mod linalg;
 mod ops;
 pub mod random;

@@ -15,6 +15,17 @@ fn view2<'a>(t: &'a Tensor, op: &'static str) -> Result<ArrayView2<'a, f32>> {
         })
 }
 
+/// `[..., n]` as `(rows, n)`.
+fn rows_cols(t: &Tensor, op: &'static str) -> Result<(usize, usize)> {
+    match t.shape().split_last() {
+        Some((&n, lead)) if !lead.is_empty() => Ok((lead.iter().product(), n)),
+        _ => Err(TensorError::Invalid {
+            op,
+            reason: format!("expected at least 2 axes [.., features], got shape {:?}", t.shape()),
+        }),
+    }
+}
+
 fn maybe_t(v: ArrayView2<'_, f32>, transpose: bool) -> ArrayView2<'_, f32> {
     if transpose {
         v.reversed_axes()
@@ -91,6 +102,95 @@ impl Tensor {
         }
     }
 
+    /// `x · wᵀ + b` over the last axis (PyTorch's `F.linear`), one sgemm for all leading axes.
+    ///
+    /// The leading axes are folded into rows of the product from the contiguous data, with no
+    /// reshape copy, and the bias is the initial `C` of the sgemm (`beta = 1`) rather than a
+    /// second pass over the output.
+    ///
+    /// # Shapes
+    /// `self: [..., in]`, `w: [out, in]`, `b: [out]` → `[..., out]`.
+    pub fn linear(&self, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+        const OP: &str = "linear";
+        let (rows, inp) = rows_cols(self, OP)?;
+        let wv = view2(w, OP)?;
+        let out_f = wv.nrows();
+        if wv.ncols() != inp || b.is_some_and(|b| b.shape() != [out_f]) {
+            return Err(TensorError::Invalid {
+                op: OP,
+                reason: format!(
+                    "input {:?}, weight {:?} and bias {:?} do not fit [.., in] · [out, in]ᵀ + [out]",
+                    self.shape(),
+                    w.shape(),
+                    b.map(Tensor::shape)
+                ),
+            });
+        }
+        let mut out = Vec::with_capacity(rows * out_f);
+        match b {
+            Some(b) => (0..rows).for_each(|_| out.extend_from_slice(b.as_slice())),
+            None => out.resize(rows * out_f, 0.0),
+        }
+        let mut c = ndarray::Array2::from_shape_vec((rows, out_f), out).map_err(|e| TensorError::Invalid {
+            op: OP,
+            reason: e.to_string(),
+        })?;
+        let x = ArrayView2::from_shape((rows, inp), self.as_slice()).map_err(|e| TensorError::Invalid {
+            op: OP,
+            reason: e.to_string(),
+        })?;
+        general_mat_mul(1.0, &x, &wv.t(), if b.is_some() { 1.0 } else { 0.0 }, &mut c);
+        let mut shape = self.shape().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = out_f;
+        }
+        Tensor::from_vec(&shape, c.into_raw_vec_and_offset().0)
+    }
+
+    /// Gradients of [`Tensor::linear`] for the parts asked for: `(dx, dw, db)`, with
+    /// `dx = g · w`, `dw = gᵀ · x`, `db = Σ_rows g`.
+    pub fn linear_backward(g: &Tensor, x: &Tensor, w: &Tensor, need: [bool; 3]) -> Result<[Option<Tensor>; 3]> {
+        const OP: &str = "linear backward";
+        let (rows, inp) = rows_cols(x, OP)?;
+        let (grows, out_f) = rows_cols(g, OP)?;
+        let wv = view2(w, OP)?;
+        if grows != rows || wv.dim() != (out_f, inp) {
+            return Err(g.shape_err(OP, x));
+        }
+        let gv = ArrayView2::from_shape((rows, out_f), g.as_slice()).map_err(|e| TensorError::Invalid {
+            op: OP,
+            reason: e.to_string(),
+        })?;
+        let xv = ArrayView2::from_shape((rows, inp), x.as_slice()).map_err(|e| TensorError::Invalid {
+            op: OP,
+            reason: e.to_string(),
+        })?;
+        let dx = if need[0] {
+            let mut dx = ndarray::Array2::<f32>::zeros((rows, inp));
+            general_mat_mul(1.0, &gv, &wv, 0.0, &mut dx);
+            Some(Tensor::from_vec(x.shape(), dx.into_raw_vec_and_offset().0)?)
+        } else {
+            None
+        };
+        let dw = if need[1] {
+            let mut dw = ndarray::Array2::<f32>::zeros((out_f, inp));
+            general_mat_mul(1.0, &gv.t(), &xv, 0.0, &mut dw);
+            Some(Tensor::from_array(dw.into_dyn()))
+        } else {
+            None
+        };
+        let db = if need[2] {
+            let mut acc = vec![0.0f32; out_f];
+            for row in g.as_slice().chunks_exact(out_f.max(1)) {
+                acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v);
+            }
+            Some(Tensor::from_vec(&[out_f], acc)?)
+        } else {
+            None
+        };
+        Ok([dx, dw, db])
+    }
+
     pub(crate) fn shape_err(&self, op: &'static str, other: &Tensor) -> TensorError {
         TensorError::Shape {
             op,
@@ -155,6 +255,27 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn linear_equals_matmul_plus_bias_on_any_leading_axes() {
+        let mut rng = crate::random::rng(5);
+        let x = crate::random::uniform(&[2, 3, 4], -1.0, 1.0, &mut rng);
+        let w = crate::random::uniform(&[5, 4], -1.0, 1.0, &mut rng);
+        let b = crate::random::uniform(&[5], -1.0, 1.0, &mut rng);
+        let y = x.linear(&w, Some(&b)).unwrap();
+        assert_eq!(y.shape(), &[2, 3, 5]);
+        let want = x
+            .reshape(&[6, 4])
+            .unwrap()
+            .matmul_t(&w, false, true)
+            .unwrap()
+            .add(&b)
+            .unwrap();
+        for (a, c) in y.as_slice().iter().zip(want.as_slice()) {
+            assert!((a - c).abs() < 1e-5);
+        }
+        assert!(x.linear(&w.t().unwrap(), None).is_err());
     }
 
     #[test]

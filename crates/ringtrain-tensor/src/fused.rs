@@ -1,0 +1,165 @@
+//! Fused row kernels of the transformer: layer normalisation over the last axis and the exact
+//! (erf) GELU, each with its backward. One pass per row instead of a chain of broadcasting ops
+//! (mean, sub, square, mean, add, sqrt, div, mul, add) saves eight temporaries per call.
+
+use crate::{Result, Tensor, TensorError};
+
+/// Per-row statistics a layer-norm forward keeps for its backward: `(mean, 1/√(var + eps))`.
+pub type RowStats = Vec<[f32; 2]>;
+
+fn last_axis(x: &Tensor, op: &'static str) -> Result<usize> {
+    match x.shape().last() {
+        Some(&d) if d > 0 => Ok(d),
+        _ => Err(TensorError::Invalid {
+            op,
+            reason: format!("needs a non-empty last axis, got shape {:?}", x.shape()),
+        }),
+    }
+}
+
+/// Layer normalisation over the last axis with PyTorch's semantics (`nn.LayerNorm`): biased
+/// variance, `eps` inside the square root, then `· weight + bias`.
+///
+/// # Shapes
+/// `x: [..., d]`, `weight, bias: [d]` → `y: [..., d]` and one `(mean, rstd)` per row.
+pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<(Tensor, RowStats)> {
+    let d = last_axis(x, "layer_norm")?;
+    if weight.shape() != [d] || bias.shape() != [d] {
+        return Err(TensorError::Invalid {
+            op: "layer_norm",
+            reason: format!(
+                "weight and bias must be [{d}] for input {:?}, got {:?} and {:?}",
+                x.shape(),
+                weight.shape(),
+                bias.shape()
+            ),
+        });
+    }
+    let (w, b) = (weight.as_slice(), bias.as_slice());
+    let mut y = vec![0.0f32; x.len()];
+    let mut stats = Vec::with_capacity(x.len() / d);
+    for (row, out) in x.as_slice().chunks_exact(d).zip(y.chunks_exact_mut(d)) {
+        // Two passes (mean, then squared deviations): no cancellation for rows with a large
+        // mean, which the one-pass E[x²] − E[x]² formula suffers from in f32.
+        let mean = row.iter().sum::<f32>() / d as f32;
+        let var = row.iter().map(|&v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+        let rstd = 1.0 / (var + eps).sqrt();
+        for (((o, &v), &wi), &bi) in out.iter_mut().zip(row).zip(w).zip(b) {
+            *o = (v - mean) * rstd * wi + bi;
+        }
+        stats.push([mean, rstd]);
+    }
+    Ok((Tensor::from_vec(x.shape(), y)?, stats))
+}
+
+/// Gradients of [`layer_norm`]: `(dx, dweight, dbias)`.
+///
+/// With `x̂ = (x − μ)·r` and `ĝ = g ⊙ w`: `dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂))`,
+/// `dw = Σ_rows g ⊙ x̂`, `db = Σ_rows g`.
+pub fn layer_norm_backward(g: &Tensor, x: &Tensor, weight: &Tensor, stats: &[[f32; 2]]) -> Result<[Tensor; 3]> {
+    let d = last_axis(x, "layer_norm_backward")?;
+    if g.shape() != x.shape() || weight.shape() != [d] || stats.len() * d != x.len() {
+        return Err(g.shape_err("layer_norm_backward", x));
+    }
+    let w = weight.as_slice();
+    let mut dx = vec![0.0f32; x.len()];
+    let mut dw = vec![0.0f32; d];
+    let mut db = vec![0.0f32; d];
+    let mut xhat = vec![0.0f32; d];
+    let rows = x.as_slice().chunks_exact(d).zip(g.as_slice().chunks_exact(d));
+    for (((row, grow), out), &[mean, rstd]) in rows.zip(dx.chunks_exact_mut(d)).zip(stats) {
+        let (mut sum_g, mut sum_gx) = (0.0f32, 0.0f32);
+        for j in 0..d {
+            xhat[j] = (row[j] - mean) * rstd;
+            let gh = grow[j] * w[j];
+            sum_g += gh;
+            sum_gx += gh * xhat[j];
+            dw[j] += grow[j] * xhat[j];
+            db[j] += grow[j];
+        }
+        let (mg, mgx) = (sum_g / d as f32, sum_gx / d as f32);
+        for j in 0..d {
+            out[j] = rstd * (grow[j] * w[j] - mg - xhat[j] * mgx);
+        }
+    }
+    Ok([
+        Tensor::from_vec(x.shape(), dx)?,
+        Tensor::from_vec(&[d], dw)?,
+        Tensor::from_vec(&[d], db)?,
+    ])
+}
+
+/// The error function, to about 1.5e-7 absolute (Abramowitz & Stegun 7.1.26), which is below
+/// f32's resolution of `1 + erf(x)` in GELU. std's `erf` is not stable Rust yet.
+pub fn erf(x: f32) -> f32 {
+    const P: f32 = 0.327_591_1;
+    const A: [f32; 5] = [0.254_829_6, -0.284_496_74, 1.421_413_8, -1.453_152_1, 1.061_405_4];
+    let ax = x.abs();
+    let t = 1.0 / (1.0 + P * ax);
+    let poly = ((((A[4] * t + A[3]) * t + A[2]) * t + A[1]) * t + A[0]) * t;
+    let y = 1.0 - poly * (-ax * ax).exp();
+    y.copysign(x)
+}
+
+const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
+/// 1/√(2π), the standard normal density at 0.
+const INV_SQRT_2PI: f32 = 0.398_942_3;
+
+/// Exact GELU (PyTorch's default `approximate="none"`): `x·Φ(x) = ½x(1 + erf(x/√2))`.
+pub fn gelu(x: f32) -> f32 {
+    0.5 * x * (1.0 + erf(x * FRAC_1_SQRT_2))
+}
+
+/// `d gelu/dx = Φ(x) + x·φ(x)`.
+pub fn gelu_grad(x: f32) -> f32 {
+    0.5 * (1.0 + erf(x * FRAC_1_SQRT_2)) + x * INV_SQRT_2PI * (-0.5 * x * x).exp()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_matches_reference_values() {
+        // erf values from tables (Abramowitz & Stegun, table 7.1).
+        for (x, want) in [
+            (0.0f32, 0.0f32),
+            (0.1, 0.112_462_9),
+            (0.5, 0.520_499_9),
+            (1.0, 0.842_700_8),
+            (2.0, 0.995_322_3),
+            (3.0, 0.999_977_9),
+        ] {
+            assert!((erf(x) - want).abs() < 3e-7, "erf({x}) = {}", erf(x));
+            assert!((erf(-x) + want).abs() < 3e-7);
+        }
+        // PyTorch: torch.nn.functional.gelu(torch.tensor([-1., 0.5, 2.])) = [-0.1587, 0.3457, 1.9545]
+        for (x, want) in [(-1.0f32, -0.158_655_3), (0.5, 0.345_731_1), (2.0, 1.954_499_7)] {
+            assert!((gelu(x) - want).abs() < 1e-6, "gelu({x}) = {}", gelu(x));
+        }
+        for x in [-3.0f32, -0.7, 0.0, 0.3, 1.9] {
+            let h = 1e-2;
+            let numeric = (gelu(x + h) - gelu(x - h)) / (2.0 * h);
+            assert!((gelu_grad(x) - numeric).abs() < 1e-3, "{x}");
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_the_definition() {
+        let x = Tensor::from_vec(&[2, 4], vec![1., 2., 3., 4., 1000., 1001., 1002., 1003.]).unwrap();
+        let w = Tensor::from_vec(&[4], vec![1., 2., 1., 0.5]).unwrap();
+        let b = Tensor::from_vec(&[4], vec![0., 0., 1., 0.]).unwrap();
+        let (y, stats) = layer_norm(&x, &w, &b, 1e-5).unwrap();
+        // var = 1.25 for both rows: shifting by 999 must not change the result
+        let r = 1.0 / (1.25f32 + 1e-5).sqrt();
+        let want = [-1.5 * r, -0.5 * r * 2.0, 0.5 * r + 1.0, 1.5 * r * 0.5];
+        for row in y.as_slice().chunks(4) {
+            for (a, b) in row.iter().zip(want) {
+                assert!((a - b).abs() < 1e-4, "{row:?}");
+            }
+        }
+        assert_eq!(stats[1][0], 1001.5);
+        assert!(layer_norm(&x, &Tensor::ones(&[3]), &b, 1e-5).is_err());
+    }
+}
