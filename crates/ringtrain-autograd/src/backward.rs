@@ -2,8 +2,8 @@
 //! output `y`. Broadcasting ops reduce their input gradients back to the input shapes with
 //! `sum_to_shape`.
 
-use ringtrain_tensor::conv;
-use ringtrain_tensor::Tensor;
+use ringtrain_tensor::attention::{self as attn, GradSlot, Heads};
+use ringtrain_tensor::{conv, fused, Tensor};
 
 use crate::ops::sigmoid;
 use crate::{AutogradError, Gradients, Graph, Op, Result, Var};
@@ -237,6 +237,60 @@ impl Graph<'_> {
                     ds[row * c + t] -= 1.0;
                 }
                 vec![(*logits, d.scale(scale))]
+            }
+            Op::Linear { x, w, b } => {
+                let need_b = b.is_some_and(need);
+                let [dx, dw, db] = Tensor::linear_backward(g, val(*x), val(*w), [need(*x), need(*w), need_b])?;
+                let mut out = Vec::with_capacity(3);
+                out.extend(dx.map(|t| (*x, t)));
+                out.extend(dw.map(|t| (*w, t)));
+                if let (Some(b), Some(db)) = (b, db) {
+                    out.push((*b, db));
+                }
+                out
+            }
+            Op::LayerNorm { x, w, b, stats } => {
+                let [dx, dw, db] = fused::layer_norm_backward(g, val(*x), val(*w), stats)?;
+                vec![(*x, dx), (*w, dw), (*b, db)]
+            }
+            Op::Gelu(x) => unary(*x, &|g, x, _| g * fused::gelu_grad(x))?,
+            Op::Attention {
+                q,
+                k,
+                v,
+                heads,
+                dim,
+                scale,
+                dropout,
+                probs,
+            } => {
+                // q, k and v may be column blocks of one value (a packed projection): one
+                // gradient tensor per distinct value, each block written in place.
+                let mut vars: Vec<Var> = Vec::with_capacity(3);
+                let slot = |c: &crate::Cols, vars: &mut Vec<Var>| {
+                    let index = vars.iter().position(|&v| v == c.var).unwrap_or_else(|| {
+                        vars.push(c.var);
+                        vars.len() - 1
+                    });
+                    GradSlot {
+                        index,
+                        offset: c.offset,
+                        needed: need(c.var),
+                    }
+                };
+                let slots = [slot(q, &mut vars), slot(k, &mut vars), slot(v, &mut vars)];
+                let mut grads: Vec<Tensor> = vars
+                    .iter()
+                    .map(|&v| Tensor::zeros(if need(v) { val(v).shape() } else { &[0] }))
+                    .collect();
+                let heads_of = |c: &crate::Cols| Heads {
+                    t: val(c.var),
+                    offset: c.offset,
+                };
+                let (hq, hk, hv) = (heads_of(q), heads_of(k), heads_of(v));
+                let dims = attn::attention_dims(hq, hk, hv, *dim, *heads)?;
+                attn::attention_backward(g, hq, hk, hv, &dims, *scale, *dropout, probs, &mut grads, slots)?;
+                vars.into_iter().zip(grads).filter(|(v, _)| need(*v)).collect()
             }
         })
     }

@@ -144,6 +144,61 @@ pub(crate) enum Op {
         logits: Var,
         targets: Vec<usize>,
     },
+    /// `x · wᵀ + b` over the last axis of `x`.
+    Linear {
+        x: Var,
+        w: Var,
+        b: Option<Var>,
+    },
+    /// `stats` holds each row's `(mean, 1/std)` from the forward pass.
+    LayerNorm {
+        x: Var,
+        w: Var,
+        b: Var,
+        stats: Vec<[f32; 2]>,
+    },
+    Gelu(Var),
+    /// `probs` is the forward's `[B, H, Tq, Tk]`, dropped entries marked by their sign bit;
+    /// nothing else is kept for backward.
+    Attention {
+        q: Cols,
+        k: Cols,
+        v: Cols,
+        heads: usize,
+        dim: usize,
+        scale: f32,
+        dropout: f32,
+        probs: Tensor,
+    },
+}
+
+/// One of the queries, keys or values of [`Graph::attention_cols`]: the columns
+/// `offset .. offset + dim` of a `[B, T, W]` value, head `h` in `offset + h·dh ..`.
+///
+/// A packed projection `[B, T, 3D]` is used in place as q = `Cols { var, offset: 0 }`,
+/// k = `offset: D`, v = `offset: 2D`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cols {
+    pub var: Var,
+    pub offset: usize,
+}
+
+/// Options of the fused attention ops ([`Graph::attention`] and friends).
+#[derive(Debug, Clone, Default)]
+pub struct AttentionOpts {
+    /// Number of heads; the feature count must divide by it.
+    pub heads: usize,
+    /// Query `i` attends keys `j ≤ i` only (top-left aligned, as PyTorch's `is_causal`).
+    pub causal: bool,
+    /// `[B, Tk]`, 1 = a real key, 0 = padding no query attends (the crate-wide mask
+    /// convention; PyTorch's `key_padding_mask` is its negation).
+    pub key_mask: Option<Tensor>,
+    /// Additive `[Tq, Tk]` mask (`-inf` blocks a pair), as PyTorch's float `attn_mask`.
+    pub bias: Option<Tensor>,
+    /// Dropout on the attention probabilities, in training mode only.
+    pub dropout: f32,
+    /// Score scale; `None` means `1/√head_dim`.
+    pub scale: Option<f32>,
 }
 
 #[derive(Debug)]

@@ -1,10 +1,11 @@
 //! Forward ops: each computes its value with `ringtrain-tensor` and records how to
 //! differentiate it. The matching backward rules are in `backward.rs`.
 
+use ringtrain_tensor::attention::{self as attn, AttentionMask, Heads};
 use ringtrain_tensor::conv::{self, Window2d};
-use ringtrain_tensor::Tensor;
+use ringtrain_tensor::{fused, Tensor};
 
-use crate::{AutogradError, Graph, Op, Result, Var};
+use crate::{AttentionOpts, AutogradError, Cols, Graph, Op, Result, Var};
 
 impl Graph<'_> {
     fn unary(&mut self, x: Var, value: Tensor, op: Op) -> Var {
@@ -324,6 +325,145 @@ impl Graph<'_> {
                 targets: targets.to_vec(),
             },
         ))
+    }
+
+    /// `x · wᵀ + b` over the last axis (PyTorch's `F.linear`): one sgemm over all leading
+    /// axes with the bias fused in, and no reshape copies.
+    ///
+    /// # Shapes
+    /// `x: [..., in]`, `w: [out, in]`, `b: [out]` → `[..., out]`.
+    pub fn linear(&mut self, x: Var, w: Var, b: Option<Var>) -> Result<Var> {
+        let y = self.value(x).linear(self.value(w), b.map(|b| self.value(b)))?;
+        let mut inputs = vec![x, w];
+        inputs.extend(b);
+        Ok(self.record(y, Op::Linear { x, w, b }, &inputs))
+    }
+
+    /// Layer normalisation over the last axis (PyTorch's `nn.LayerNorm`: biased variance, `eps`
+    /// inside the root), fused into one pass per row.
+    ///
+    /// # Shapes
+    /// `x: [..., d]`, `w, b: [d]` → `[..., d]`.
+    pub fn layer_norm(&mut self, x: Var, w: Var, b: Var, eps: f32) -> Result<Var> {
+        let (y, stats) = fused::layer_norm(self.value(x), self.value(w), self.value(b), eps)?;
+        Ok(self.record(y, Op::LayerNorm { x, w, b, stats }, &[x, w, b]))
+    }
+
+    /// Exact GELU `½x(1 + erf(x/√2))` (PyTorch's default, not the tanh approximation).
+    pub fn gelu(&mut self, x: Var) -> Var {
+        let v = self.value(x).map(fused::gelu);
+        self.unary(x, v, Op::Gelu(x))
+    }
+
+    /// Inverted dropout with a mask from the graph's seeded generator: in training each value
+    /// is zeroed with probability `p` and the rest scaled by `1/(1 − p)`; otherwise identity.
+    pub fn dropout(&mut self, x: Var, p: f64) -> Result<Var> {
+        if !self.is_training() || p <= 0.0 {
+            return Ok(x);
+        }
+        if p >= 1.0 {
+            return Err(AutogradError::Invalid {
+                op: "dropout",
+                reason: format!("p must be in [0, 1), got {p}"),
+            });
+        }
+        let shape = self.shape(x).to_vec();
+        let mask = ringtrain_tensor::random::dropout_mask(&shape, p, self.rng());
+        self.mul_const(x, mask)
+    }
+
+    /// Multi-head scaled dot-product attention on separate q `[B, Tq, D]`, k and v
+    /// `[B, Tk, D]` (batch first, heads in the feature axis); see [`Graph::attention_cols`].
+    pub fn attention(&mut self, q: Var, k: Var, v: Var, opts: &AttentionOpts) -> Result<Var> {
+        let dim = self.shape(q).last().copied().unwrap_or(0);
+        let at = |var| Cols { var, offset: 0 };
+        Ok(self.attention_cols(at(q), at(k), at(v), dim, opts, false)?.0)
+    }
+
+    /// Self-attention on a packed projection `qkv: [B, T, 3D]` (PyTorch's `in_proj` output:
+    /// q, k, v side by side) → `[B, T, D]`, read in place.
+    pub fn attention_packed(&mut self, qkv: Var, opts: &AttentionOpts) -> Result<Var> {
+        let width = self.shape(qkv).last().copied().unwrap_or(0);
+        if width % 3 != 0 {
+            return Err(AutogradError::Invalid {
+                op: "attention",
+                reason: format!(
+                    "packed q/k/v needs a feature axis divisible by 3, got {:?}",
+                    self.shape(qkv)
+                ),
+            });
+        }
+        let d = width / 3;
+        let at = |offset| Cols { var: qkv, offset };
+        Ok(self.attention_cols(at(0), at(d), at(2 * d), d, opts, false)?.0)
+    }
+
+    /// Fused multi-head scaled dot-product attention:
+    /// `softmax(scale·Q Kᵀ + masks) V` for every batch row and head, with dropout on the
+    /// probabilities in training mode. Masked keys get probability 0; a query whose keys are
+    /// all masked gets a zero output (not NaN). Backward keeps only the probabilities.
+    ///
+    /// With `keep_probs`, also returns the probabilities `[B, H, Tq, Tk]` (before dropout),
+    /// e.g. to show what each head attends to.
+    ///
+    /// # Shapes
+    /// q: columns of `[B, Tq, Wq]`, k, v: columns of `[B, Tk, W]`, each `dim = H·dh` wide
+    /// (see [`Cols`]) → `[B, Tq, dim]`.
+    pub fn attention_cols(
+        &mut self,
+        q: Cols,
+        k: Cols,
+        v: Cols,
+        dim: usize,
+        opts: &AttentionOpts,
+        keep_probs: bool,
+    ) -> Result<(Var, Option<Tensor>)> {
+        let heads_of = |c: Cols| Heads {
+            t: self.value(c.var),
+            offset: c.offset,
+        };
+        let dims = attn::attention_dims(heads_of(q), heads_of(k), heads_of(v), dim, opts.heads)?;
+        let scale = opts.scale.unwrap_or(1.0 / (dims.head_dim as f32).sqrt());
+        let dropout = if self.is_training() { opts.dropout } else { 0.0 };
+        // The generator is moved out while the values are borrowed, and put back after.
+        let mut rng = (dropout > 0.0).then(|| {
+            self.rng();
+            self.rng.take()
+        });
+        let mask = AttentionMask {
+            key_mask: opts.key_mask.as_ref(),
+            bias: opts.bias.as_ref(),
+            causal: opts.causal,
+        };
+        let heads_of = |c: Cols| Heads {
+            t: self.value(c.var),
+            offset: c.offset,
+        };
+        let result = attn::attention_forward(
+            heads_of(q),
+            heads_of(k),
+            heads_of(v),
+            &dims,
+            scale,
+            &mask,
+            rng.as_mut().and_then(|r| r.as_mut()).map(|r| (dropout, r)),
+        );
+        if let Some(r) = rng {
+            self.rng = r;
+        }
+        let (out, probs) = result?;
+        let shown = keep_probs.then(|| attn::decode_probs(&probs));
+        let op = Op::Attention {
+            q,
+            k,
+            v,
+            heads: opts.heads,
+            dim,
+            scale,
+            dropout,
+            probs,
+        };
+        Ok((self.record(out, op, &[q.var, k.var, v.var]), shown))
     }
 }
 

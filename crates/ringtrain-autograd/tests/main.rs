@@ -5,7 +5,7 @@
 
 use proptest::prelude::*;
 use ringtrain_autograd::gradcheck::{check, Tolerance};
-use ringtrain_autograd::{Graph, ParamStore, Result, Tensor, Var};
+use ringtrain_autograd::{AttentionOpts, Cols, Graph, ParamStore, Result, Tensor, Var};
 use ringtrain_tensor::random;
 
 fn cases() -> ProptestConfig {
@@ -271,4 +271,142 @@ fn ringtrain_data_free_shuffle(n: usize, seed: u64) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();
     idx.sort_by(|&a, &b| keys.as_slice()[a].total_cmp(&keys.as_slice()[b]));
     idx
+}
+
+proptest! {
+    #![proptest_config(cases())]
+
+    #[test]
+    fn linear_layer_norm_gelu(r in 1usize..4, i in 1usize..5, o in 1usize..4, bias: bool, seed: u64) {
+        let x = away_from_zero(&[2, r, i], seed);
+        let w = away_from_zero(&[o, i], seed ^ 1);
+        let b = away_from_zero(&[o], seed ^ 2);
+        if bias {
+            assert_grad(|g, v| g.linear(v[0], v[1], Some(v[2])), &[x.clone(), w, b]);
+        } else {
+            assert_grad(|g, v| g.linear(v[0], v[1], None), &[x.clone(), w]);
+        }
+        // rows of well separated values (column j near j), so the standard deviation stays far
+        // from 0, where layer norm is a near-step that finite differences cannot follow
+        let jitter = random::uniform(&[r, i + 1], -0.3, 0.3, &mut random::rng(seed ^ 3));
+        let xn = Tensor::from_vec(&[r, i + 1], jitter.as_slice().iter().enumerate()
+            .map(|(k, &e)| (k % (i + 1)) as f32 + e).collect()).unwrap();
+        let wn = away_from_zero(&[i + 1], seed ^ 4);
+        let bn = away_from_zero(&[i + 1], seed ^ 5);
+        assert_grad(|g, v| g.layer_norm(v[0], v[1], v[2], 1e-5), &[xn, wn, bn]);
+        assert_grad(|g, v| Ok(g.gelu(v[0])), &[x]);
+    }
+
+    #[test]
+    fn attention_packed_with_padding_and_causal_masks(bsz in 1usize..3, t in 1usize..5, heads in 1usize..3,
+                                                      dh in 1usize..4, causal: bool, seed: u64) {
+        let d = heads * dh;
+        let qkv = away_from_zero(&[bsz, t, 3 * d], seed);
+        // the last batch row loses its last key to padding (when it has more than one)
+        let mut km = Tensor::ones(&[bsz, t]);
+        if t > 1 {
+            km.as_mut_slice()[bsz * t - 1] = 0.0;
+        }
+        let opts = AttentionOpts { heads, causal, key_mask: Some(km), ..AttentionOpts::default() };
+        assert_grad(|g, v| g.attention_packed(v[0], &opts), &[qkv]);
+    }
+
+    #[test]
+    fn cross_attention_with_bias_and_dropout(bsz in 1usize..3, tq in 1usize..4, tk in 1usize..4, heads in 1usize..3,
+                                             dropout: bool, seed: u64) {
+        let (dh, d) = (2, 2 * heads);
+        let q = away_from_zero(&[bsz, tq, d], seed);
+        let kv = away_from_zero(&[bsz, tk, 2 * d], seed ^ 1);
+        let bias = away_from_zero(&[tq, tk], seed ^ 2);
+        let opts = AttentionOpts {
+            heads,
+            bias: Some(bias),
+            // a fresh standalone tape seeds its generator with 0: every evaluation of the
+            // check draws the same mask, so the function is deterministic
+            dropout: if dropout { 0.3 } else { 0.0 },
+            ..AttentionOpts::default()
+        };
+        let _ = dh;
+        assert_grad(|g, v| {
+            let (y, _) = g.attention_cols(Cols { var: v[0], offset: 0 }, Cols { var: v[1], offset: 0 },
+                                          Cols { var: v[1], offset: d }, d, &opts, false)?;
+            Ok(y)
+        }, &[q.clone(), kv.clone()]);
+        // separate q, k, v; k and v the same value
+        let k = away_from_zero(&[bsz, tk, d], seed ^ 3);
+        assert_grad(|g, v| g.attention(v[0], v[1], v[1], &opts), &[q, k]);
+    }
+}
+
+#[test]
+fn attention_fully_masked_rows_are_zero_with_zero_gradient() {
+    let qkv = away_from_zero(&[2, 3, 12], 5);
+    // first batch row: every key is padding
+    let km = Tensor::from_vec(&[2, 3], vec![0., 0., 0., 1., 1., 0.]).unwrap();
+    let opts = AttentionOpts {
+        heads: 2,
+        key_mask: Some(km),
+        ..AttentionOpts::default()
+    };
+    let mut g = Graph::standalone();
+    let x = g.variable(qkv.clone());
+    let y = g.attention_packed(x, &opts).unwrap();
+    let out = g.value(y).to_vec();
+    assert!(out.iter().all(|v| v.is_finite()));
+    assert!(out[..12].iter().all(|&v| v == 0.0));
+    let s = g.sum(y);
+    let grads = g.backward(s).unwrap();
+    let dx = grads.get(x).unwrap().to_vec();
+    assert!(dx.iter().all(|v| v.is_finite()));
+    assert!(dx[..36].iter().all(|&v| v == 0.0));
+    assert_grad(|g, v| g.attention_packed(v[0], &opts), &[qkv]);
+}
+
+#[test]
+fn attention_probabilities_are_returned_and_dropout_only_in_training() {
+    let x = away_from_zero(&[1, 4, 6], 8);
+    let opts = AttentionOpts {
+        heads: 2,
+        causal: true,
+        dropout: 0.5,
+        ..AttentionOpts::default()
+    };
+    let store = ParamStore::from_named(Default::default());
+    let mut g = Graph::inference(&store);
+    let xv = g.input(x.clone());
+    let c = |offset| Cols { var: xv, offset };
+    let (y, probs) = g.attention_cols(c(0), c(0), c(0), 6, &opts, true).unwrap();
+    let probs = probs.unwrap();
+    assert_eq!(probs.shape(), &[1, 2, 4, 4]);
+    for (i, row) in probs.as_slice().chunks(4).enumerate() {
+        let q = i % 4;
+        assert!((row.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+        assert!(row[q + 1..].iter().all(|&p| p == 0.0), "causal row {q}: {row:?}");
+    }
+    // inference: no dropout, so the same call twice gives the same value
+    let (y2, _) = g.attention_cols(c(0), c(0), c(0), 6, &opts, false).unwrap();
+    assert_eq!(g.value(y), g.value(y2));
+    let mut t = Graph::standalone();
+    t.seed_rng(1);
+    let xt = t.input(x);
+    let yt = t.attention(xt, xt, xt, &opts).unwrap();
+    assert_ne!(t.value(yt), g.value(y));
+}
+
+#[test]
+fn dropout_op_is_seeded_and_identity_in_inference() {
+    let x = Tensor::ones(&[1000]);
+    let mut a = Graph::standalone();
+    a.seed_rng(3);
+    let xa = a.variable(x.clone());
+    let ya = a.dropout(xa, 0.5).unwrap();
+    let mut b = Graph::standalone();
+    b.seed_rng(3);
+    let xb = b.variable(x.clone());
+    let yb = b.dropout(xb, 0.5).unwrap();
+    assert_eq!(a.value(ya), b.value(yb));
+    let zeros = a.value(ya).as_slice().iter().filter(|&&v| v == 0.0).count();
+    assert!((400..600).contains(&zeros), "{zeros}");
+    a.set_training(false);
+    assert_eq!(a.dropout(xa, 0.5).unwrap(), xa);
 }

@@ -45,6 +45,28 @@ pub fn bernoulli(shape: &[usize], p: f64, rng: &mut Rng) -> Tensor {
     Tensor::from_vec(shape, values).expect("length matches shape by construction")
 }
 
+/// An inverted-dropout mask: each value is 0 with probability `p`, else `1/(1 − p)`.
+///
+/// One u32 draw per value compared with a threshold (not `random_bool`'s f64 path): dropout
+/// masks are the largest random draws of a training step.
+pub fn dropout_mask(shape: &[usize], p: f64, rng: &mut Rng) -> Tensor {
+    use rand::RngCore as _;
+    let n: usize = shape.iter().product();
+    let keep = (1.0 - p).clamp(0.0, 1.0);
+    let threshold = (keep * 4_294_967_296.0) as u64;
+    let scale = if keep > 0.0 { (1.0 / keep) as f32 } else { 0.0 };
+    let values = (0..n)
+        .map(|_| {
+            if u64::from(rng.next_u32()) < threshold {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    Tensor::from_vec(shape, values).expect("length matches shape by construction")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +79,13 @@ mod tests {
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert!(a.as_slice().iter().all(|v| (-1.0..1.0).contains(v)));
+    }
+
+    #[test]
+    fn dropout_mask_keeps_the_expectation() {
+        let m = dropout_mask(&[100_000], 0.2, &mut rng(3));
+        let mean = m.sum_all() / m.len() as f32;
+        assert!((mean - 1.0).abs() < 0.02, "{mean}");
+        assert!(m.as_slice().iter().all(|&v| v == 0.0 || v == 1.25));
     }
 }
