@@ -20,9 +20,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
+use clap::builder::BoolishValueParser;
 use clap::Args;
 use ringtrain_config::Job;
-use ringtrain_coordinator::{serve, CoordinatorConfig, CoordinatorError, Event, JobOutcome, JobSpec};
+use ringtrain_coordinator::{
+    serve, serve_metrics, CoordinatorConfig, CoordinatorError, Event, JobOutcome, JobSpec, Metrics,
+};
 use ringtrain_train::{EpochReport, RunSummary};
 use ringtrain_worker::{run_worker, WorkerEvent, WorkerOptions};
 use serde_json::json;
@@ -30,6 +33,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::collective_cmd::TOKEN_ENV;
 
+/// Pause of a `--rejoin` worker between two jobs.
+const REJOIN_PAUSE: Duration = Duration::from_secs(1);
 /// How long `launch` waits for its workers to exit after a successful job.
 const EXIT_DEADLINE: Duration = Duration::from_secs(10);
 /// A failed child makes `launch` give up this long after its exit unless the coordinator
@@ -40,30 +45,36 @@ const CHILD_FAILURE_GRACE: Duration = Duration::from_millis(1500);
 #[derive(Args, Debug, Clone)]
 pub struct JobArgs {
     /// Number of workers.
-    #[arg(long)]
+    #[arg(long, env = "RINGTRAIN_WORKERS")]
     pub workers: usize,
     /// The job file (TOML).
+    #[arg(env = "RINGTRAIN_JOB")]
     pub job: PathBuf,
     /// Run directory (written by rank 0): metrics, summary, weights, checkpoints.
-    #[arg(long)]
+    #[arg(long, env = "RINGTRAIN_OUT")]
     pub out: PathBuf,
     /// Continue from OUT/checkpoint.safetensors (same job and worker count).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume_latest")]
     pub resume: bool,
+    /// Continue from OUT/checkpoint.safetensors when it exists, else start afresh; a run
+    /// whose summary and last-epoch checkpoint are already there is not repeated (for
+    /// restarts by a supervisor such as a Kubernetes Job).
+    #[arg(long, env = "RINGTRAIN_RESUME_LATEST", value_parser = BoolishValueParser::new())]
+    pub resume_latest: bool,
     /// Save OUT/checkpoint.safetensors every K epochs (and after the last).
-    #[arg(long, value_name = "K")]
+    #[arg(long, value_name = "K", env = "RINGTRAIN_CHECKPOINT_EVERY")]
     pub checkpoint_every: Option<usize>,
     /// Override the job's data path (file or directory; must exist on every worker).
-    #[arg(long)]
+    #[arg(long, env = "RINGTRAIN_DATA")]
     pub data: Option<PathBuf>,
     /// A worker silent for this long fails the job.
-    #[arg(long, default_value_t = 5000)]
+    #[arg(long, default_value_t = 5000, env = "RINGTRAIN_HEARTBEAT_TIMEOUT_MS")]
     pub heartbeat_timeout_ms: u64,
     /// How long to wait for every worker to register.
-    #[arg(long, default_value_t = 60_000)]
+    #[arg(long, default_value_t = 60_000, env = "RINGTRAIN_RENDEZVOUS_TIMEOUT_MS")]
     pub rendezvous_timeout_ms: u64,
     /// Print only the final summary.
-    #[arg(long)]
+    #[arg(long, env = "RINGTRAIN_QUIET", value_parser = BoolishValueParser::new())]
     pub quiet: bool,
 }
 
@@ -83,6 +94,13 @@ pub struct CoordinatorArgs {
     /// Shared job token.
     #[arg(long, env = TOKEN_ENV, hide_env_values = true)]
     pub token: String,
+    /// Serve Prometheus metrics at http://ADDR/metrics (port 0: any free port; the bound
+    /// address is printed).
+    #[arg(long, value_name = "ADDR", env = "RINGTRAIN_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
+    /// After the job ends, keep serving /metrics this long so a scraper sees the final state.
+    #[arg(long, default_value_t = 0, env = "RINGTRAIN_METRICS_LINGER_MS")]
+    pub metrics_linger_ms: u64,
     #[command(flatten)]
     pub job: JobArgs,
 }
@@ -104,14 +122,19 @@ pub struct WorkerArgs {
     #[arg(long, env = "RINGTRAIN_ADVERTISE_ADDR")]
     pub advertise: Option<String>,
     /// How long to keep trying to reach the coordinator.
-    #[arg(long, default_value_t = 30_000)]
+    #[arg(long, default_value_t = 30_000, env = "RINGTRAIN_CONNECT_TIMEOUT_MS")]
     pub connect_timeout_ms: u64,
     /// How long to wait for the other workers to register.
-    #[arg(long, default_value_t = 120_000)]
+    #[arg(long, default_value_t = 120_000, env = "RINGTRAIN_RENDEZVOUS_TIMEOUT_MS")]
     pub rendezvous_timeout_ms: u64,
     /// Runtime threads moving collective bytes.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, env = "RINGTRAIN_IO_THREADS")]
     pub io_threads: usize,
+    /// After a job ends (finished or failed), join the next one instead of exiting; a
+    /// missing coordinator is waited for. For workers kept alive by a supervisor (a
+    /// Kubernetes StatefulSet), so a restarted coordinator finds them again.
+    #[arg(long, env = "RINGTRAIN_REJOIN", value_parser = BoolishValueParser::new())]
+    pub rejoin: bool,
 }
 
 /// A job checked here, before any worker sees it.
@@ -119,6 +142,8 @@ struct Prepared {
     spec: JobSpec,
     epochs: usize,
     resume_from: Option<String>,
+    /// `--resume-latest` found the run already complete: nothing to train.
+    finished: bool,
 }
 
 fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
@@ -138,8 +163,8 @@ fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
         return Err(crate::bad_input("--checkpoint-every must be at least 1"));
     }
     let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let ckpt = absolute(&args.out.join("checkpoint.safetensors"));
     let resume_from = if args.resume {
-        let ckpt = absolute(&args.out.join("checkpoint.safetensors"));
         if !ckpt.is_file() {
             return Err(crate::bad_input(format!(
                 "--resume: no checkpoint at {} (run with --checkpoint-every K first)",
@@ -147,9 +172,20 @@ fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
             )));
         }
         Some(ckpt.display().to_string())
+    } else if args.resume_latest && ckpt.is_file() {
+        Some(ckpt.display().to_string())
     } else {
         None
     };
+    // A supervisor restarting a coordinator whose job completed (e.g. the pod was lost after
+    // the last report) must not train the finished run again: the last-epoch checkpoint and
+    // the summary are the proof it ended.
+    let mut finished = false;
+    if let (true, Some(path)) = (args.resume_latest, &resume_from) {
+        let manifest = ringtrain_train::read_checkpoint_manifest(Path::new(path))
+            .map_err(|e| crate::bad_input(format!("--resume-latest: {e} (delete it to start the run over)")))?;
+        finished = manifest.epoch >= job.training.epochs && args.out.join("summary.json").is_file();
+    }
     Ok(Prepared {
         spec: JobSpec {
             toml: text,
@@ -158,6 +194,7 @@ fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
         },
         epochs: job.training.epochs,
         resume_from,
+        finished,
     })
 }
 
@@ -351,42 +388,81 @@ fn report(outcome: &JobOutcome, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `ringtrain coordinator`.
+/// `ringtrain coordinator`: runs one job and exits with its result (0 done, 1 failed and
+/// worth retrying, 2 bad job), so a supervisor (a Kubernetes Job) can tell them apart.
 pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     let prepared = prepare(&args.job)?;
-    let config = coordinator_config(&args.job, &prepared, &args.token);
+    if prepared.finished {
+        println!(
+            "{}: already finished (last-epoch checkpoint and summary.json present); nothing to do",
+            args.job.out.display()
+        );
+        return Ok(());
+    }
+    let mut config = coordinator_config(&args.job, &prepared, &args.token);
     let rt = runtime()?;
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(&args.listen))
         .with_context(|| format!("bind {}", args.listen))?;
     let addr = listener.local_addr().context("read the bound address")?;
     listening("coordinator", &addr.to_string());
-    let shutdown = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
+    let metrics_server = match &args.metrics_listen {
+        Some(metrics_addr) => {
+            let listener = rt
+                .block_on(tokio::net::TcpListener::bind(metrics_addr))
+                .with_context(|| format!("bind the metrics server on {metrics_addr}"))?;
+            let bound = listener.local_addr().context("read the metrics address")?;
+            listening("metrics", &bound.to_string());
+            let metrics = Arc::new(Metrics::new());
+            config.metrics = Some(metrics.clone());
+            let (stop, stopped) = oneshot::channel::<()>();
+            let stopped = async {
+                let _ = stopped.await;
+            };
+            Some((stop, rt.spawn(serve_metrics(listener, stopped, metrics))))
         }
+        None => None,
     };
+    if let (Some(from), false) = (&prepared.resume_from, args.job.quiet) {
+        println!("resuming from {from}");
+    }
     let mut printer = EventPrinter::new(args.job.quiet, prepared.epochs);
-    let outcome = coordinate(&rt, listener, config, shutdown, &mut printer).map_err(job_failed)?;
-    report(&outcome, &args.job.out)
+    let outcome = coordinate(&rt, listener, config, shutdown_signal(), &mut printer);
+    if let Some((stop, server)) = metrics_server {
+        // The final state (succeeded/failed, last epoch) stays scrapeable for a while.
+        std::thread::sleep(Duration::from_millis(args.metrics_linger_ms));
+        let _ = stop.send(());
+        let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), server).await });
+    }
+    report(&outcome.map_err(job_failed)?, &args.job.out)
 }
 
-/// `ringtrain worker`.
+/// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends before killing a pod), so the
+/// workers are told to stop and the last checkpoint is named.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => {
+            if r.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        _ = term => {}
+    }
+}
+
+/// `ringtrain worker`: one job, or with `--rejoin` one job after another.
 pub fn run_worker_cmd(args: WorkerArgs) -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind(&args.peer_addr).with_context(|| format!("bind {}", args.peer_addr))?;
     let bound = listener.local_addr().context("read the bound address")?;
     listening("worker", &bound.to_string());
-    let opts = WorkerOptions {
-        coordinator: args.coordinator,
-        token: args.token,
-        listener,
-        advertise: args.advertise.unwrap_or_else(|| bound.to_string()),
-        host: host_name(),
-        pid: std::process::id(),
-        io_threads: args.io_threads,
-        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-        rendezvous_timeout: Duration::from_millis(args.rendezvous_timeout_ms),
-    };
     let mut observe = |e: WorkerEvent| {
         if let WorkerEvent::Assigned { rank, world, job_id } = e {
             println!(
@@ -395,20 +471,43 @@ pub fn run_worker_cmd(args: WorkerArgs) -> anyhow::Result<()> {
             );
         }
     };
-    match run_worker(opts, &mut observe) {
-        Ok(r) => {
-            println!(
-                "{}",
-                json!({
-                    "event": "finished", "rank": r.rank, "world": r.world,
-                    "params_checksum": format!("{:016x}", r.params_checksum),
-                    "allreduce_secs": r.stats.allreduce_secs, "allreduces": r.stats.allreduces,
-                })
-            );
-            Ok(())
+    loop {
+        // Every job serves its ring on the same socket, so the advertised port never changes.
+        let ring_listener = listener.try_clone().context("reuse the collective listener")?;
+        let opts = WorkerOptions {
+            coordinator: args.coordinator.clone(),
+            token: args.token.clone(),
+            listener: ring_listener,
+            advertise: args.advertise.clone().unwrap_or_else(|| bound.to_string()),
+            host: host_name(),
+            pid: std::process::id(),
+            io_threads: args.io_threads,
+            connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+            rendezvous_timeout: Duration::from_millis(args.rendezvous_timeout_ms),
+        };
+        match run_worker(opts, &mut observe) {
+            Ok(r) => {
+                println!(
+                    "{}",
+                    json!({
+                        "event": "finished", "rank": r.rank, "world": r.world,
+                        "params_checksum": format!("{:016x}", r.params_checksum),
+                        "allreduce_secs": r.stats.allreduce_secs, "allreduces": r.stats.allreduces,
+                    })
+                );
+                if !args.rejoin {
+                    return Ok(());
+                }
+            }
+            Err(e) if !args.rejoin && e.is_bad_input() => return Err(crate::bad_input(e)),
+            Err(e) if !args.rejoin => return Err(anyhow::Error::new(e).context("worker failed")),
+            // The coordinator reports the job's failure; here it is only why this worker is
+            // between jobs.
+            Err(e) => println!("{}", json!({"event": "between_jobs", "reason": e.to_string()})),
         }
-        Err(e) if e.is_bad_input() => Err(crate::bad_input(e)),
-        Err(e) => Err(anyhow::Error::new(e).context("worker failed")),
+        // The coordinator that just ended may still hold its port for a moment; a worker
+        // that registered there again would only be refused.
+        std::thread::sleep(REJOIN_PAUSE);
     }
 }
 
@@ -558,6 +657,13 @@ impl Workers {
 pub fn run_launch(args: LaunchArgs) -> anyhow::Result<()> {
     let args = args.job;
     let prepared = prepare(&args)?;
+    if prepared.finished {
+        println!(
+            "{}: already finished (last-epoch checkpoint and summary.json present); nothing to do",
+            args.out.display()
+        );
+        return Ok(());
+    }
     let token = fresh_token();
     let config = coordinator_config(&args, &prepared, &token);
     let rt = runtime()?;

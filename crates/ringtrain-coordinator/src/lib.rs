@@ -24,17 +24,24 @@
 //! before it reports the worker's own error.
 //!
 //! Every call must carry the job token (`x-ringtrain-token`); calls without it are refused.
+//! The standard `grpc.health.v1.Health` service answers on the same port without a token
+//! (for Kubernetes `grpc:` probes): `SERVING` for `""` and [`HEALTH_SERVICE`] while the job
+//! runs. With [`CoordinatorConfig::metrics`] set, the job's progress is also kept as
+//! Prometheus metrics ([`Metrics`], served over HTTP by [`serve_metrics`]).
 //!
 //! **Architecture invariant:** no compute crate. The job is text plus a fingerprint; the
 //! metrics are JSON strings passed through. No printing, no environment, no process exit:
 //! progress goes out as [`Event`]s.
 
 mod error;
+mod metrics;
 mod server;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::{CoordinatorError, LastCheckpoint, Result};
+pub use metrics::{serve_metrics, JobState, Metrics, METRICS_PATH};
 pub use ringtrain_proto::coordinator::Assignment;
 pub use server::serve;
 use tokio::sync::mpsc;
@@ -92,7 +99,12 @@ pub struct CoordinatorConfig {
     pub failure_grace: Duration,
     /// Progress of the job, if someone listens.
     pub events: Option<mpsc::UnboundedSender<Event>>,
+    /// Operator metrics to keep up to date, if someone serves them.
+    pub metrics: Option<Arc<Metrics>>,
 }
+
+/// Name under which the health service reports the coordinator (besides `""`).
+pub const HEALTH_SERVICE: &str = "ringtrain.v1.Coordinator";
 
 impl std::fmt::Debug for CoordinatorConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -132,6 +144,7 @@ impl CoordinatorConfig {
             collective_timeout: Duration::from_secs(5),
             failure_grace: Duration::from_secs(1),
             events: None,
+            metrics: None,
         }
     }
 

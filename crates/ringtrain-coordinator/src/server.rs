@@ -19,7 +19,8 @@ use tonic::transport::Server;
 use tonic::{Request, Status};
 
 use crate::error::{CoordinatorError, LastCheckpoint, Result};
-use crate::{CoordinatorConfig, EpochRecord, Event, JobOutcome, WorkerInfo};
+use crate::metrics::{EpochMetrics, JobState};
+use crate::{CoordinatorConfig, EpochRecord, Event, JobOutcome, WorkerInfo, HEALTH_SERVICE};
 
 /// How often the supervisor looks at the clock when nothing happens.
 const TICK: Duration = Duration::from_millis(100);
@@ -273,6 +274,19 @@ impl CoordinatorHandler for Handler {
             comm_secs: report.comm_secs,
             epoch_secs: report.epoch_secs,
         };
+        if let Some(m) = &shared.config.metrics {
+            m.record_epoch(&EpochMetrics {
+                epoch: report.epoch,
+                world: shared.config.workers,
+                train_loss: report.train_loss,
+                test_loss: report.test_loss,
+                test_accuracy: report.test_accuracy,
+                examples_per_sec: report.examples_per_sec,
+                epoch_secs: report.epoch_secs,
+                comm_secs: report.comm_secs,
+                allreduce_bytes: report.allreduce_bytes,
+            });
+        }
         shared.emit(Event::Epoch(record.clone()));
         st.epochs.push(record);
         Ok(())
@@ -301,6 +315,11 @@ impl CoordinatorHandler for Handler {
                     st.reported = Some((Instant::now(), failure));
                 }
             } else {
+                // The final report knows the last step; the last beat may predate it.
+                if let WorkerOutcome::Finished { steps, .. } = &report.outcome {
+                    let slot = &mut st.slots[report.rank];
+                    slot.step = slot.step.max(*steps);
+                }
                 shared.emit(Event::Finished { rank: report.rank });
             }
             st.slots[report.rank].outcome = Some(report.outcome);
@@ -353,9 +372,30 @@ pub async fn serve(
         wake: Notify::new(),
     });
     let service = InterceptedService::new(coordinator_service(Handler(shared.clone())), check_token);
+    // Outside the token check: kubelet probes carry no token, and health says nothing secret.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(HEALTH_SERVICE, tonic_health::ServingStatus::Serving)
+        .await;
+    if let Some(m) = &shared.config.metrics {
+        m.set_state(JobState::Rendezvous);
+        m.set_workers(shared.config.workers, 0, 0);
+    }
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut server = tokio::spawn(Server::builder().add_service(service).serve_with_incoming(incoming));
+    let mut server = tokio::spawn(
+        Server::builder()
+            .add_service(health_service)
+            .add_service(service)
+            .serve_with_incoming(incoming),
+    );
     let result = supervise(&shared, shutdown, &mut server).await;
+    if let Some(m) = &shared.config.metrics {
+        m.set_state(if result.is_ok() {
+            JobState::Succeeded
+        } else {
+            JobState::Failed
+        });
+    }
     if let Err(e) = &result {
         tell_everyone_to_stop(&shared, e).await;
     }
@@ -399,6 +439,9 @@ async fn supervise(
 fn check(shared: &Shared, now: Instant) -> Option<Result<JobOutcome>> {
     let config = &shared.config;
     let mut st = shared.lock();
+    if let Some(m) = &config.metrics {
+        observe(m, shared, &st);
+    }
     if !st.formed {
         if now >= shared.rendezvous_deadline {
             return Some(Err(CoordinatorError::Rendezvous {
@@ -472,6 +515,22 @@ fn check(shared: &Shared, now: Instant) -> Option<Result<JobOutcome>> {
         comm_secs: finished.iter().map(|f| f.2).collect(),
         steps: finished[config.writer_rank].3,
     }))
+}
+
+/// Copies what the slots know into the metrics.
+fn observe(m: &crate::Metrics, shared: &Shared, st: &State) {
+    let live = st
+        .slots
+        .iter()
+        .filter(|s| s.lost.is_none() && !matches!(s.outcome, Some(WorkerOutcome::Failed { .. })))
+        .count();
+    m.set_workers(shared.config.workers, st.slots.len(), live);
+    let step = st.slots.iter().map(|s| s.step).max().unwrap_or(0);
+    let checkpoint = st.slots.get(shared.config.writer_rank).and_then(|s| s.checkpoint_epoch);
+    m.set_progress(step, checkpoint);
+    if st.formed {
+        m.set_state(JobState::Running);
+    }
 }
 
 /// Tells every connected worker why the job failed and waits (briefly) until each has

@@ -224,6 +224,13 @@ pub struct EpochUpdate {
     pub metrics_json: String,
     pub comm_secs: f64,
     pub epoch_secs: f64,
+    /// Operator metrics (typed copies of fields of `metrics_json`); NaN when not measured.
+    pub train_loss: f64,
+    pub test_loss: f64,
+    pub test_accuracy: Option<f64>,
+    pub examples_per_sec: f64,
+    /// Bytes this rank fed into gradient all-reduces during the epoch.
+    pub allreduce_bytes: u64,
 }
 
 fn seconds(message: &'static str, field: &'static str, v: f64) -> Result<f64, ControlError> {
@@ -245,6 +252,12 @@ impl TryFrom<wire::EpochReport> for EpochUpdate {
             metrics_json: w.metrics_json,
             comm_secs: seconds(M, "comm_secs", w.comm_secs)?,
             epoch_secs: seconds(M, "epoch_secs", w.epoch_secs)?,
+            // Losses may legitimately be NaN (a diverged run is worth exporting as such).
+            train_loss: w.train_loss,
+            test_loss: w.test_loss,
+            test_accuracy: w.test_accuracy,
+            examples_per_sec: w.examples_per_sec,
+            allreduce_bytes: w.allreduce_bytes,
         })
     }
 }
@@ -258,6 +271,11 @@ impl From<EpochUpdate> for wire::EpochReport {
             metrics_json: e.metrics_json,
             comm_secs: e.comm_secs,
             epoch_secs: e.epoch_secs,
+            train_loss: e.train_loss,
+            test_loss: e.test_loss,
+            test_accuracy: e.test_accuracy,
+            examples_per_sec: e.examples_per_sec,
+            allreduce_bytes: e.allreduce_bytes,
         }
     }
 }

@@ -17,6 +17,8 @@ pub struct SyncStats {
     pub allreduce_secs: f64,
     /// Gradient all-reduces done.
     pub allreduces: u64,
+    /// Bytes fed into gradient all-reduces (this rank's buffer size times the count).
+    pub allreduce_bytes: u64,
     /// Seconds spent in the other collectives (metric sums, broadcast, final check).
     pub other_secs: f64,
 }
@@ -81,7 +83,7 @@ impl RingSync {
 
     fn timed<T>(
         &mut self,
-        grads: bool,
+        grad_bytes: Option<u64>,
         f: impl FnOnce(&mut Communicator) -> ringtrain_collective::Result<T>,
     ) -> Result<T, SyncError> {
         self.check_abort()?;
@@ -89,9 +91,10 @@ impl RingSync {
         let out = f(&mut self.comm).map_err(|e| SyncError(e.to_string()));
         let secs = started.elapsed().as_secs_f64();
         if let Ok(mut s) = self.stats.lock() {
-            if grads {
+            if let Some(bytes) = grad_bytes {
                 s.allreduce_secs += secs;
                 s.allreduces += 1;
+                s.allreduce_bytes += bytes;
             } else {
                 s.other_secs += secs;
             }
@@ -141,14 +144,15 @@ impl GradSync for RingSync {
     }
 
     fn all_reduce_mean(&mut self, grads: &mut [f32]) -> Result<(), SyncError> {
-        self.timed(true, |c| c.all_reduce_mean(grads))
+        let bytes = std::mem::size_of_val(grads) as u64;
+        self.timed(Some(bytes), |c| c.all_reduce_mean(grads))
     }
 
     /// All-gathers the values and adds them in rank order, so every rank computes the same
     /// floating-point sum.
     fn all_reduce_sum_f64(&mut self, values: &mut [f64]) -> Result<(), SyncError> {
         let rank = self.comm.rank();
-        let gathered = self.timed(false, |c| c.all_gather_f64(values))?;
+        let gathered = self.timed(None, |c| c.all_gather_f64(values))?;
         for (r, v) in gathered.iter().enumerate() {
             if v.len() != values.len() {
                 return Err(SyncError(format!(
@@ -165,7 +169,7 @@ impl GradSync for RingSync {
     }
 
     fn broadcast_params(&mut self, params: &mut [f32]) -> Result<(), SyncError> {
-        self.timed(false, |c| c.broadcast(params, 0))
+        self.timed(None, |c| c.broadcast(params, 0))
     }
 
     /// Gathers every rank's [`param_checksum`] and fails unless all are equal.
@@ -174,7 +178,7 @@ impl GradSync for RingSync {
         let mine = param_checksum(params);
         // Two exact 32-bit halves: every u32 is representable as an f64.
         let halves = [(mine >> 32) as f64, (mine & 0xffff_ffff) as f64];
-        let gathered = self.timed(false, |c| c.all_gather_f64(&halves))?;
+        let gathered = self.timed(None, |c| c.all_gather_f64(&halves))?;
         for (r, h) in gathered.iter().enumerate() {
             let theirs = match h.as_slice() {
                 [hi, lo] => ((*hi as u64) << 32) | (*lo as u64),

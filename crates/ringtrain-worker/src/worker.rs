@@ -352,7 +352,7 @@ fn train(
             let _ = tokio::time::timeout(CALL_TIMEOUT, client.report_epoch(update)).await;
         }
     });
-    let (mut comm_mark, mut epoch_mark) = (0.0f64, Instant::now());
+    let (mut comm_mark, mut bytes_mark, mut epoch_mark) = (0.0f64, 0u64, Instant::now());
     let mut on_progress = |p: Progress| {
         if let Ok(mut pos) = position.lock() {
             match &p {
@@ -376,7 +376,10 @@ fn train(
             }
         }
         if let (true, Progress::Epoch(r)) = (writer, &p) {
-            let comm = stats.lock().map(|s| s.allreduce_secs).unwrap_or(0.0);
+            let (comm, bytes) = stats
+                .lock()
+                .map(|s| (s.allreduce_secs, s.allreduce_bytes))
+                .unwrap_or((0.0, 0));
             let now = Instant::now();
             let _ = updates_tx.send(EpochUpdate {
                 job_id: a.job_id.clone(),
@@ -385,8 +388,14 @@ fn train(
                 metrics_json: serde_json::to_string(r).unwrap_or_default(),
                 comm_secs: comm - comm_mark,
                 epoch_secs: now.duration_since(epoch_mark).as_secs_f64(),
+                train_loss: r.train_loss,
+                test_loss: r.test_loss,
+                test_accuracy: r.test_accuracy,
+                examples_per_sec: r.examples_per_sec,
+                allreduce_bytes: bytes.saturating_sub(bytes_mark),
             });
             comm_mark = comm;
+            bytes_mark = bytes;
             epoch_mark = now;
         }
         observe(WorkerEvent::Progress(p));
