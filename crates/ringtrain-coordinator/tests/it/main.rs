@@ -264,3 +264,85 @@ async fn calls_without_the_token_are_refused_and_extra_workers_turned_away() {
     fakes[0].finish(finished(7)).await;
     assert_eq!(job.await.unwrap().unwrap().params_checksum, 7);
 }
+
+/// `GET path` over a plain TCP connection (HTTP/1.1, connection closed by the server).
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut response))
+        .await
+        .unwrap()
+        .unwrap();
+    response
+}
+
+#[tokio::test]
+async fn health_answers_without_a_token_and_metrics_follow_the_job() {
+    use ringtrain_coordinator::{serve_metrics, Metrics, HEALTH_SERVICE};
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{health_client::HealthClient, HealthCheckRequest};
+
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let mut c = config(2);
+    c.metrics = Some(metrics.clone());
+    let (addr, job) = start(c).await;
+    let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let metrics_addr = metrics_listener.local_addr().unwrap().to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve_metrics(
+        metrics_listener,
+        async {
+            let _ = stopped.await;
+        },
+        metrics,
+    ));
+
+    // What a kubelet `grpc:` probe sends: no token, service "" or the coordinator's name.
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    for service in ["", HEALTH_SERVICE] {
+        let status = health
+            .check(HealthCheckRequest { service: service.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+    }
+    let page = http_get(&metrics_addr, "/metrics").await;
+    assert!(page.contains("ringtrain_job_state{state=\"rendezvous\"} 1"), "{page}");
+
+    let mut fakes = join(&addr, 2).await;
+    fakes[0].beat(1, 7, Some(1)).await;
+    for f in &mut fakes {
+        f.finish(finished(5)).await;
+    }
+    job.await.unwrap().unwrap();
+    let page = http_get(&metrics_addr, "/metrics").await;
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("application/openmetrics-text"), "{page}");
+    for line in [
+        "ringtrain_job_state{state=\"succeeded\"} 1",
+        "ringtrain_job_state{state=\"running\"} 0",
+        "ringtrain_workers_registered 2",
+        "ringtrain_workers_live 2",
+        // The final reports' step count (10) beats the last heartbeat's (7).
+        "ringtrain_step 10",
+        "ringtrain_checkpoint_epoch 1",
+    ] {
+        assert!(page.lines().any(|l| l == line), "{line:?} missing:\n{page}");
+    }
+    stop.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), server)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
