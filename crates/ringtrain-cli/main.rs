@@ -72,6 +72,8 @@ enum Command {
     Evaluate(use_model::EvaluateArgs),
     /// Predict the rows of a CSV file (or the images of an IDX file) with a run's saved model.
     Predict(use_model::PredictArgs),
+    /// Sample text from a run's language model (data.format = "corpus").
+    Generate(use_model::GenerateArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -137,6 +139,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Worker(args) => cluster_cmd::run_worker_cmd(args),
         Command::Evaluate(args) => use_model::evaluate(args),
         Command::Predict(args) => use_model::predict(args),
+        Command::Generate(args) => use_model::generate(args),
         Command::Train {
             job,
             out,
@@ -280,6 +283,12 @@ fn print_summary(s: &RunSummary) {
         if let Some(r) = f.test.rmse {
             println!("test RMSE: {r:.4}  MAE: {:.4}", f.test.mae.unwrap_or(f64::NAN));
         }
+        if let Some(p) = f.test.perplexity {
+            println!("test perplexity: {p:.4}");
+        }
+    }
+    for (name, value) in &s.baseline {
+        println!("baseline {}: {value:.4}", name.replace('_', " "));
     }
     if let Some(cm) = &s.confusion_matrix {
         let width = s.class_names.iter().map(String::len).max().unwrap_or(4).max(6);

@@ -4,7 +4,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
-use ringtrain_train::{Prediction, SavedModel};
+use ringtrain_train::{GenerateOptions, Prediction, SavedModel};
 
 use crate::bad_input;
 
@@ -24,6 +24,24 @@ pub struct PredictArgs {
     /// Rows to predict: a CSV laid out like the training data (the label column may be left
     /// out), or an IDX image file for image models.
     input: PathBuf,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct GenerateArgs {
+    /// A run directory of a language-model job.
+    run_dir: PathBuf,
+    /// Text to continue (the model sees START, then this).
+    #[arg(long, default_value = "")]
+    prompt: String,
+    /// Sampling temperature: below 1 is more conservative, 0 always takes the likeliest token.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Stop after this many tokens if the model has not produced STOP.
+    #[arg(long, default_value_t = 400)]
+    max_tokens: usize,
+    /// Seed of the sampler (the same seed gives the same text).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 /// Every failure here is about the run directory or the input the user named: exit code 2.
@@ -55,6 +73,9 @@ pub fn evaluate(args: EvaluateArgs) -> anyhow::Result<()> {
     }
     if let Some(a) = m.mae {
         println!("MAE: {a}");
+    }
+    if let Some(p) = m.perplexity {
+        println!("perplexity: {p}");
     }
     if let Some(cm) = &m.confusion_matrix {
         print_confusion(&eval.class_names, cm);
@@ -108,4 +129,25 @@ pub fn predict(args: PredictArgs) -> anyhow::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => Ok(other.context("write predictions to stdout")?),
     }
+}
+
+/// Prints the prompt and its sampled continuation.
+pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    if !(args.temperature.is_finite() && args.temperature >= 0.0) {
+        return Err(bad_input(format!(
+            "--temperature must be a number >= 0, got {}",
+            args.temperature
+        )));
+    }
+    let model = load(&args.run_dir)?;
+    let text = model
+        .generate(&GenerateOptions {
+            prompt: args.prompt,
+            temperature: args.temperature,
+            max_tokens: args.max_tokens,
+            seed: args.seed,
+        })
+        .map_err(bad_input)?;
+    println!("{text}");
+    Ok(())
 }

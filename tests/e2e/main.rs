@@ -6,4 +6,5 @@ mod cluster;
 mod cnn;
 mod collective;
 mod reports;
+mod sequences;
 mod util;

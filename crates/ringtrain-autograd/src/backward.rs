@@ -25,6 +25,17 @@ impl Graph<'_> {
                 continue;
             }
             let Some(g) = grads[i].take() else { continue };
+            // A slice's gradient goes straight into its place in the input's gradient: a
+            // recurrent layer slices one step at a time out of a [B, T, ·] tensor, and a
+            // full-size zero tensor per step would make backpropagation through time O(T²).
+            if let Op::SliceAxis { x, axis, start } = &node.op {
+                if self.nodes[x.0].needs_grad {
+                    let slot = &mut grads[x.0];
+                    let acc = slot.get_or_insert_with(|| Tensor::zeros(self.value(*x).shape()));
+                    acc.slice_axis_add(*axis, *start, &g)?;
+                }
+                continue;
+            }
             for (input, gi) in self.input_grads(i, &g)? {
                 if !self.nodes[input.0].needs_grad {
                     continue;

@@ -69,6 +69,13 @@ pub enum DataFormat {
     Idx,
     /// Text classification: one example per line, `label<TAB>text` (plain or .gz).
     Text,
+    /// Language modelling: one running text (plain or .gz). Paragraphs (blocks separated by
+    /// blank lines) become documents wrapped in START … STOP, so a model learns where a
+    /// passage ends; training windows of `seq_len` tokens predict the next token at every step.
+    Corpus,
+    /// Forecasting: one numeric column (`label`) of a CSV file with a header, in time order;
+    /// each example is `seq_len` past values and the next value is its target.
+    Series,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,6 +126,9 @@ pub struct DataConfig {
     /// Text: keep at most this many tokens per example.
     #[serde(default)]
     pub max_len: Option<usize>,
+    /// Corpus: tokens per training window; series: past values per example.
+    #[serde(default)]
+    pub seq_len: Option<usize>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,9 +221,26 @@ pub struct ModelConfig {
     /// Recurrent models: a backward direction as well.
     #[serde(default)]
     pub bidirectional: bool,
-    /// Recurrent models: dropout between stacked layers.
+    /// Recurrent models: dropout between stacked layers (and, for language models, before
+    /// the output layer).
     #[serde(default)]
     pub dropout: f64,
+    /// Text classifiers: dropout on the embedded tokens.
+    #[serde(default)]
+    pub embedding_dropout: f64,
+    /// Text classifiers: how the per-token outputs become one vector.
+    #[serde(default)]
+    pub pooling: PoolingName,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoolingName {
+    /// The final state (after the last real token) of each direction.
+    #[default]
+    Last,
+    /// The mean of the outputs over the real tokens.
+    Mean,
 }
 
 impl ModelKind {
@@ -303,6 +330,9 @@ pub enum EvalScheme {
     Provided,
     /// K-fold cross-validation: K models, each tested on one fold.
     Kfold,
+    /// Ordered hold-out: train on the first `1 - test_fraction` of the data in its order and
+    /// test on the rest, nothing shuffled across the cut (series and language-model corpora).
+    TimeSeries,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -496,7 +526,7 @@ impl Job {
                     format!("directory not found: {}", self.data.path.display()),
                 ));
             }
-            DataFormat::Text if !self.data.path.is_file() => {
+            DataFormat::Text | DataFormat::Corpus | DataFormat::Series if !self.data.path.is_file() => {
                 return Err(fail(
                     "data.path",
                     format!("file not found: {}", self.data.path.display()),
@@ -517,16 +547,53 @@ impl Job {
                 "\"provided\" needs a dataset with its own test split (idx, or text with data.test_path)".into(),
             ));
         }
-        if self.model.kind.is_recurrent() != (self.data.format == DataFormat::Text) {
+        let ordered = matches!(self.data.format, DataFormat::Corpus | DataFormat::Series);
+        if ordered && e.scheme != EvalScheme::TimeSeries {
+            return Err(fail(
+                "evaluation.scheme",
+                format!(
+                    "{:?} data is ordered in time: use scheme = \"time_series\" (test on the tail, nothing shuffled)",
+                    self.data.format
+                )
+                .to_lowercase(),
+            ));
+        }
+        if self.data.seq_len == Some(0) {
+            return Err(fail("data.seq_len", "must be at least 1".into()));
+        }
+        let sequence_model = self.model.kind.is_recurrent();
+        let fits = match self.data.format {
+            DataFormat::Text | DataFormat::Corpus => sequence_model,
+            DataFormat::Series => sequence_model || matches!(self.model.kind, ModelKind::Mlp | ModelKind::Logistic),
+            DataFormat::Csv | DataFormat::Idx => !sequence_model,
+        };
+        if !fits {
             return Err(fail(
                 "model.kind",
-                "recurrent models (rnn, gru, lstm) go with text data, and text data with them".into(),
+                format!(
+                    "{:?} does not fit {:?} data: token data (text, corpus) needs rnn, gru or lstm; series take \
+                     those or mlp; recurrent models need token or series data",
+                    self.model.kind, self.data.format
+                )
+                .to_lowercase(),
+            ));
+        }
+        if self.data.format == DataFormat::Corpus && self.model.bidirectional {
+            return Err(fail(
+                "model.bidirectional",
+                "a language model predicts the next token and may not read ahead".into(),
             ));
         }
         if !(0.0..1.0).contains(&self.model.dropout) {
             return Err(fail(
                 "model.dropout",
                 format!("must be in [0, 1), got {}", self.model.dropout),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.model.embedding_dropout) {
+            return Err(fail(
+                "model.embedding_dropout",
+                format!("must be in [0, 1), got {}", self.model.embedding_dropout),
             ));
         }
         if (self.model.kind == ModelKind::Layers) == self.model.layers.is_empty() {

@@ -20,7 +20,10 @@ pub use conv::{Conv2d, Dropout, Flatten, GlobalAvgPool, Pool2d, Residual};
 pub use init::Init;
 pub use layers::{Activation, Linear, Sequential};
 pub use loss::{Loss, Targets};
-pub use recurrent::{ids_and_mask, CellKind, Embedding, Recurrent, RecurrentOutput, SequenceClassifier};
+pub use recurrent::{
+    ids_and_mask, CellKind, Embedding, Pooling, Recurrent, RecurrentLm, RecurrentOutput, SequenceClassifier,
+    SequenceRegressor,
+};
 
 use std::collections::BTreeMap;
 

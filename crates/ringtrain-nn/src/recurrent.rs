@@ -290,6 +290,20 @@ pub struct SequenceClassifier {
     pub embedding: Embedding,
     pub rnn: Recurrent,
     pub head: crate::Linear,
+    pub pooling: Pooling,
+    /// Dropout on the embedded tokens (training only): short texts overfit a fresh embedding
+    /// table quickly, and this is the cheapest regulariser for it.
+    pub embedding_dropout: f64,
+}
+
+/// How a sequence classifier turns the per-step outputs into one vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Pooling {
+    /// The final state of each direction (after the last real token).
+    #[default]
+    Last,
+    /// The mean of the outputs over the real (non-padding) steps.
+    Mean,
 }
 
 impl SequenceClassifier {
@@ -323,8 +337,45 @@ impl SequenceClassifier {
             },
             rnn,
             head,
+            pooling: Pooling::Last,
+            embedding_dropout: 0.0,
         }
     }
+
+    pub fn with_pooling(mut self, pooling: Pooling) -> Self {
+        self.pooling = pooling;
+        self
+    }
+
+    pub fn with_embedding_dropout(mut self, p: f64) -> Self {
+        self.embedding_dropout = p;
+        self
+    }
+}
+
+/// Inverted dropout (training only), as in [`crate::Dropout`].
+fn dropout(g: &mut Graph<'_>, x: Var, p: f64) -> Result<Var> {
+    if p <= 0.0 || !g.is_training() {
+        return Ok(x);
+    }
+    let shape = g.shape(x).to_vec();
+    let keep = 1.0 - p;
+    let m = random::bernoulli(&shape, keep, g.rng()).scale((1.0 / keep) as f32);
+    Ok(g.mul_const(x, m)?)
+}
+
+/// Mean of `seq: [B, T, D]` over the steps where `mask: [B, T]` is 1. The recurrent layer
+/// already zeroes padded outputs, so the masked sum is a plain sum.
+fn masked_mean(g: &mut Graph<'_>, seq: Var, mask: &Tensor) -> Result<Var> {
+    let sum = g.sum_axis(seq, 1, false)?;
+    let b = mask.shape()[0];
+    let t = mask.shape()[1];
+    let inv: Vec<f32> = mask
+        .as_slice()
+        .chunks(t.max(1))
+        .map(|row| 1.0 / row.iter().sum::<f32>().max(1.0))
+        .collect();
+    Ok(g.mul_const(sum, Tensor::from_vec(&[b, 1], inv)?)?)
 }
 
 /// Token ids and padding mask of an id batch `[B, T]`.
@@ -355,37 +406,172 @@ impl Module for SequenceClassifier {
     fn forward(&self, g: &mut Graph<'_>, x: Var) -> Result<Var> {
         let (ids, mask, b, t) = ids_and_mask(g.value(x))?;
         let emb = self.embedding.lookup(g, &ids, b, t)?;
+        let emb = dropout(g, emb, self.embedding_dropout)?;
         let out = self.rnn.run(g, emb, &mask)?;
-        self.head.forward(g, out.last)
+        let pooled = match self.pooling {
+            Pooling::Last => out.last,
+            Pooling::Mean => masked_mean(g, out.sequence, &mask)?,
+        };
+        self.head.forward(g, pooled)
     }
 
     fn describe(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<Vec<usize>> {
         let t = input.first().copied().unwrap_or(0);
-        rows.push(LayerSummary {
-            name: self.embedding.name.clone(),
-            kind: format!("Embedding({}, {})", self.embedding.vocab, self.embedding.dim),
-            output: vec![t, self.embedding.dim],
-            params: self.embedding.vocab * self.embedding.dim,
-            flops: 0,
-        });
+        describe_embedding_and_rnn(&self.embedding, &self.rnn, t, rows);
         let r = &self.rnn;
-        let gh = r.cell.gates() * r.hidden_size;
-        rows.push(LayerSummary {
-            name: r.name.clone(),
-            kind: format!(
-                "{:?}({} -> {}, layers {}, {})",
-                r.cell,
-                r.input_size,
-                r.hidden_size,
-                r.num_layers,
-                if r.bidirectional { "bidirectional" } else { "forward" }
-            ),
-            output: vec![r.hidden_size * r.directions()],
-            params: r.param_count(),
-            flops: (2 * t * r.directions() * gh * (r.input_size + r.hidden_size) * r.num_layers) as u64,
-        });
         self.head.describe(&[r.hidden_size * r.directions()], rows)
     }
+}
+
+/// Next-token language model: embedding → unidirectional recurrent stack → one linear layer
+/// to the vocabulary at every step.
+///
+/// Input `[B, T]` token ids; output `[B·T, vocab]` logits, row `b·T + t` predicting token
+/// `t + 1` of sequence `b`, so the ordinary cross-entropy applies to the flattened targets.
+#[derive(Debug, Clone)]
+pub struct RecurrentLm {
+    pub embedding: Embedding,
+    pub rnn: Recurrent,
+    pub head: crate::Linear,
+    /// Dropout on the recurrent outputs before the head (and between stacked layers).
+    pub dropout: f64,
+}
+
+impl RecurrentLm {
+    pub fn new(cell: CellKind, vocab: usize, embed: usize, hidden: &[usize], dropout: f64) -> Self {
+        let hidden_size = hidden.first().copied().unwrap_or(128);
+        RecurrentLm {
+            embedding: Embedding {
+                name: "embedding".into(),
+                vocab,
+                dim: embed,
+                padding_idx: Some(0),
+            },
+            rnn: Recurrent {
+                name: "rnn".into(),
+                cell,
+                input_size: embed,
+                hidden_size,
+                num_layers: hidden.len().max(1),
+                bidirectional: false,
+                dropout,
+            },
+            head: crate::Linear::new("head", hidden_size, vocab).with_init(crate::Init::XavierUniform),
+            dropout,
+        }
+    }
+}
+
+impl Module for RecurrentLm {
+    fn init_params(&self, rng: &mut Rng, out: &mut BTreeMap<String, Tensor>) {
+        self.embedding.init(rng, out);
+        self.rnn.init(rng, out);
+        self.head.init_params(rng, out);
+    }
+
+    /// # Shapes
+    /// `[B, T]` token ids → `[B·T, vocab]` logits.
+    fn forward(&self, g: &mut Graph<'_>, x: Var) -> Result<Var> {
+        let (ids, mask, b, t) = ids_and_mask(g.value(x))?;
+        let emb = self.embedding.lookup(g, &ids, b, t)?;
+        let out = self.rnn.run(g, emb, &mask)?;
+        let seq = dropout(g, out.sequence, self.dropout)?;
+        let flat = g.reshape(seq, &[b * t, self.rnn.hidden_size])?;
+        self.head.forward(g, flat)
+    }
+
+    fn describe(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<Vec<usize>> {
+        let t = input.first().copied().unwrap_or(0);
+        describe_embedding_and_rnn(&self.embedding, &self.rnn, t, rows);
+        let per_step = self.head.describe(&[self.rnn.hidden_size], rows)?;
+        if let Some(r) = rows.last_mut() {
+            r.output = vec![t, self.embedding.vocab];
+            r.flops *= t as u64;
+        }
+        Ok(vec![t, per_step.first().copied().unwrap_or(0)])
+    }
+}
+
+/// Many-to-one regression over real-valued sequences (forecasting): `[B, T]` values (one
+/// variable) → recurrent layer → linear on the final state → `[B, outputs]`.
+#[derive(Debug, Clone)]
+pub struct SequenceRegressor {
+    pub rnn: Recurrent,
+    pub head: crate::Linear,
+}
+
+impl SequenceRegressor {
+    pub fn new(cell: CellKind, hidden: &[usize], dropout: f64, outputs: usize) -> Self {
+        let hidden_size = hidden.first().copied().unwrap_or(32);
+        SequenceRegressor {
+            rnn: Recurrent {
+                name: "rnn".into(),
+                cell,
+                input_size: 1,
+                hidden_size,
+                num_layers: hidden.len().max(1),
+                bidirectional: false,
+                dropout,
+            },
+            head: crate::Linear::new("head", hidden_size, outputs).with_init(crate::Init::XavierUniform),
+        }
+    }
+}
+
+impl Module for SequenceRegressor {
+    fn init_params(&self, rng: &mut Rng, out: &mut BTreeMap<String, Tensor>) {
+        self.rnn.init(rng, out);
+        self.head.init_params(rng, out);
+    }
+
+    /// # Shapes
+    /// `[B, T]` values → `[B, outputs]`.
+    fn forward(&self, g: &mut Graph<'_>, x: Var) -> Result<Var> {
+        let &[b, t] = g.shape(x) else {
+            return Err(self.rnn.err(format!("expects values [batch, time], got {:?}", g.shape(x))));
+        };
+        let x3 = g.reshape(x, &[b, t, 1])?;
+        let mask = Tensor::ones(&[b, t]);
+        let out = self.rnn.run(g, x3, &mask)?;
+        self.head.forward(g, out.last)
+    }
+
+    fn describe(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<Vec<usize>> {
+        let &[t] = input else {
+            return Err(self.rnn.err(format!("expects one value per step [time], got {input:?}")));
+        };
+        describe_rnn(&self.rnn, t, rows);
+        self.head.describe(&[self.rnn.hidden_size], rows)
+    }
+}
+
+fn describe_embedding_and_rnn(e: &Embedding, r: &Recurrent, t: usize, rows: &mut Vec<LayerSummary>) {
+    rows.push(LayerSummary {
+        name: e.name.clone(),
+        kind: format!("Embedding({}, {})", e.vocab, e.dim),
+        output: vec![t, e.dim],
+        params: e.vocab * e.dim,
+        flops: 0,
+    });
+    describe_rnn(r, t, rows);
+}
+
+fn describe_rnn(r: &Recurrent, t: usize, rows: &mut Vec<LayerSummary>) {
+    let gh = r.cell.gates() * r.hidden_size;
+    rows.push(LayerSummary {
+        name: r.name.clone(),
+        kind: format!(
+            "{:?}({} -> {}, layers {}, {})",
+            r.cell,
+            r.input_size,
+            r.hidden_size,
+            r.num_layers,
+            if r.bidirectional { "bidirectional" } else { "forward" }
+        ),
+        output: vec![r.hidden_size * r.directions()],
+        params: r.param_count(),
+        flops: (2 * t * r.directions() * gh * (r.input_size + r.hidden_size) * r.num_layers) as u64,
+    });
 }
 
 #[cfg(test)]

@@ -83,6 +83,9 @@ pub struct EvalMetrics {
     pub rmse: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mae: Option<f64>,
+    /// Language models: exp(mean cross-entropy per token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confusion_matrix: Option<Vec<Vec<u64>>>,
 }
@@ -97,6 +100,7 @@ impl EvalMetrics {
             ("macro_f1", self.macro_f1),
             ("rmse", self.rmse),
             ("mae", self.mae),
+            ("perplexity", self.perplexity),
         ] {
             if let Some(v) = v {
                 m.insert(k.to_string(), v);
@@ -121,6 +125,8 @@ pub struct EpochReport {
     pub test_accuracy: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_rmse: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_perplexity: Option<f64>,
     pub examples_per_sec: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_norm: Option<f64>,
@@ -162,6 +168,14 @@ pub struct RunSummary {
     pub test_accuracy: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub test_loss: Option<f64>,
+    /// Regression: in the data's units.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_rmse: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_perplexity: Option<f64>,
+    /// Scores of trivial predictors on the same test split, for comparison.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub baseline: BTreeMap<String, f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confusion_matrix: Option<Vec<Vec<u64>>>,
     pub folds: Vec<FoldReport>,
@@ -324,7 +338,8 @@ impl Trainer {
         let local_batch = self.batch_size / world;
         let order = shard_indices(indices, rank, world, epoch as u64, self.seed, Remainder::Pad)?;
         let total = order.len().div_ceil(local_batch);
-        let (mut loss_sum, mut correct, mut seen) = (0.0f64, 0usize, 0usize);
+        // `targets` counts predictions (examples, or tokens for a language model) for accuracy.
+        let (mut loss_sum, mut correct, mut seen, mut targets_seen) = (0.0f64, 0usize, 0usize, 0usize);
         let mut grad_norm = None;
         for (b, chunk) in order.chunks(local_batch).enumerate() {
             let batch = examples.batch(chunk)?;
@@ -341,6 +356,9 @@ impl Trainer {
                 let x = g.input(batch.x);
                 let out = self.model.forward(&mut g, x)?;
                 correct += count_correct(&task.target, g.value(out), &batch.targets)?;
+                if let Targets::Classes(c) = &batch.targets {
+                    targets_seen += c.len();
+                }
                 let loss = self.loss.compute(&mut g, out, &targets)?;
                 let value = g.value(loss).item().map_err(ringtrain_autograd::AutogradError::from)?;
                 let grads = g.backward(loss)?;
@@ -372,13 +390,13 @@ impl Trainer {
                 total,
             });
         }
-        let mut sums = [loss_sum, correct as f64, seen as f64];
+        let mut sums = [loss_sum, correct as f64, seen as f64, targets_seen as f64];
         sync.all_reduce_sum_f64(&mut sums).map_err(|source| TrainError::Sync {
             step: self.step,
             source,
         })?;
-        let [loss_sum, correct, seen] = sums;
-        let acc = (task.target.n_classes() > 0).then(|| correct / seen.max(1.0));
+        let [loss_sum, correct, seen, targets_seen] = sums;
+        let acc = (task.target.n_classes() > 0).then(|| correct / targets_seen.max(1.0));
         Ok((loss_sum / seen.max(1.0), acc, grad_norm))
     }
 
@@ -393,8 +411,12 @@ impl Trainer {
         sync: &mut dyn GradSync,
     ) -> Result<EvalMetrics> {
         let n_classes = task.target.n_classes();
-        let mut confusion = ConfusionMatrix::new(n_classes.max(1));
+        // A language model's "classes" are its vocabulary: count hits, not a V×V matrix.
+        let tokens = matches!(task.target, TargetKind::NextToken { .. });
+        let mut confusion = ConfusionMatrix::new(if tokens { 1 } else { n_classes.max(1) });
         let (mut loss_sum, mut sq_sum, mut abs_sum) = (0.0f64, 0.0f64, 0.0f64);
+        let (mut token_hits, mut token_count) = (0.0f64, 0.0f64);
+        let scale = f64::from(examples.target_scale());
         let mine = eval_shard(indices.len(), sync.rank(), sync.world().max(1))?;
         for chunk in indices[mine].chunks(self.batch_size.max(256)) {
             let batch = examples.batch(chunk)?;
@@ -406,13 +428,18 @@ impl Trainer {
             loss_sum +=
                 f64::from(g.value(loss).item().map_err(ringtrain_autograd::AutogradError::from)?) * chunk.len() as f64;
             match (&batch.targets, &task.target) {
+                (Targets::Classes(truth), kind) if tokens => {
+                    let pred = predict_classes(kind, g.value(out))?;
+                    token_hits += pred.iter().zip(truth).filter(|(p, t)| p == t).count() as f64;
+                    token_count += truth.len() as f64;
+                }
                 (Targets::Classes(truth), kind) => {
                     let pred = predict_classes(kind, g.value(out))?;
                     confusion.add_all(truth, &pred);
                 }
                 (Targets::Values(t), _) => {
                     for (&y, &p) in t.as_slice().iter().zip(g.value(out).as_slice()) {
-                        let e = f64::from(p) - f64::from(y);
+                        let e = (f64::from(p) - f64::from(y)) * scale;
                         sq_sum += e * e;
                         abs_sum += e.abs();
                     }
@@ -420,27 +447,33 @@ impl Trainer {
             }
         }
         // One vector of sums for one all-reduce: loss, squared and absolute errors, counts.
-        let k = n_classes.max(1);
-        let mut sums = vec![loss_sum, sq_sum, abs_sum];
+        let k = confusion.counts().len();
+        let mut sums = vec![loss_sum, sq_sum, abs_sum, token_hits, token_count];
         sums.extend(confusion.counts().iter().flatten().map(|&c| c as f64));
         sync.all_reduce_sum_f64(&mut sums).map_err(|source| TrainError::Sync {
             step: self.step,
             source,
         })?;
-        let counts: Vec<Vec<u64>> = sums[3..]
+        let counts: Vec<Vec<u64>> = sums[5..]
             .chunks(k)
             .map(|r| r.iter().map(|&c| c.round() as u64).collect())
             .collect();
         let confusion = ConfusionMatrix::from_counts(counts)?;
         let n = indices.len().max(1) as f64;
-        let classification = n_classes > 0;
+        let classification = n_classes > 0 && !tokens;
+        let regression = n_classes == 0;
         Ok(EvalMetrics {
             examples: indices.len(),
             loss: sums[0] / n,
-            accuracy: classification.then(|| confusion.accuracy()),
+            accuracy: if tokens {
+                Some(sums[3] / sums[4].max(1.0))
+            } else {
+                classification.then(|| confusion.accuracy())
+            },
             macro_f1: classification.then(|| confusion.macro_f1()),
-            rmse: (!classification).then(|| (sums[1] / n).sqrt()),
-            mae: (!classification).then(|| sums[2] / n),
+            rmse: regression.then(|| (sums[1] / n).sqrt()),
+            mae: regression.then(|| sums[2] / n),
+            perplexity: tokens.then(|| (sums[0] / n).exp()),
             confusion_matrix: classification.then(|| confusion.counts().to_vec()),
         })
     }
@@ -593,6 +626,15 @@ pub fn run_job_opts(
             .enumerate()
             .map(|(i, s)| (Some(i), s.train, s.test, false))
             .collect(),
+        // Ordered data: a task that cuts its own tail (series, corpus) brings it as the test
+        // split; otherwise the rows' own order is cut.
+        EvalScheme::TimeSeries => match &task.test_examples {
+            Some(test) => vec![(None, (0..n).collect(), (0..test.len()).collect(), true)],
+            None => {
+                let cut = n - ((n as f64) * job.evaluation.test_fraction).round() as usize;
+                vec![(None, (0..cut).collect(), (cut..n).collect(), false)]
+            }
+        },
         EvalScheme::Provided => {
             let test = task.test_examples.as_ref().ok_or(TrainError::Job {
                 field: "evaluation.scheme",
@@ -657,6 +699,7 @@ pub fn run_job_opts(
                 test_loss: test.loss,
                 test_accuracy: test.accuracy,
                 test_rmse: test.rmse,
+                test_perplexity: test.perplexity,
                 examples_per_sec: train.len() as f64 / secs.max(1e-9),
                 grad_norm,
             };
@@ -718,6 +761,9 @@ pub fn run_job_opts(
         class_names: task.target.class_names(),
         test_accuracy: single.and_then(|t| t.accuracy),
         test_loss: single.map(|t| t.loss),
+        test_rmse: single.and_then(|t| t.rmse),
+        test_perplexity: single.and_then(|t| t.perplexity),
+        baseline: task.baseline.clone(),
         confusion_matrix: single.and_then(|t| t.confusion_matrix.clone()),
         folds,
         kfold: kfold_stats,

@@ -17,7 +17,7 @@ use ringtrain_tensor::Tensor;
 use serde::Deserialize;
 
 use crate::engine::{EvalMetrics, LocalSync, Trainer};
-use crate::task::{build_model, Batch, Examples, TargetKind, Task};
+use crate::task::{build_model_for, Batch, Examples, TargetKind, Task};
 use crate::{restore_params, Result, TrainError};
 
 /// `preprocess.json` as the engine writes it.
@@ -41,6 +41,10 @@ enum SavedInput {
     },
     /// Grey images: `(pixel * scale - mean) / std`.
     Pixels { pixel_scale: f64, mean: f32, std: f32 },
+    /// Token ids from a vocabulary (text classification, language models).
+    Tokens { vocab: serde_json::Value },
+    /// Anything else (a series' standardisation): evaluation re-derives it from the data.
+    Other(serde::de::IgnoredAny),
 }
 
 /// One prediction.
@@ -78,6 +82,17 @@ pub struct SavedModel {
     input: SavedInput,
     input_shape: Vec<usize>,
     data_path: Option<PathBuf>,
+    vocab: Option<ringtrain_data::Vocab>,
+}
+
+/// What `ringtrain generate` asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateOptions {
+    pub prompt: String,
+    /// Softmax temperature; 0 picks the most probable token every time.
+    pub temperature: f32,
+    pub max_tokens: usize,
+    pub seed: u64,
 }
 
 fn read_text(path: &Path) -> Result<String> {
@@ -134,7 +149,20 @@ impl SavedModel {
         let pre_path = run_dir.join("preprocess.json");
         let pre: SavedPreprocess = serde_json::from_str(&read_text(&pre_path)?)
             .map_err(|e| format_error(&pre_path, format!("not a preprocess.json of this version: {e}")))?;
-        let target = if let Some(pos) = &job.data.positive_class {
+        let vocab = match &pre.input {
+            SavedInput::Tokens { vocab, .. } => Some(
+                ringtrain_data::Vocab::from_json(&vocab.to_string())
+                    .map_err(|e| format_error(&pre_path, format!("vocabulary: {e}")))?,
+            ),
+            _ => None,
+        };
+        let target = if job.data.format == DataFormat::Corpus {
+            TargetKind::NextToken {
+                vocab: vocab.as_ref().map_or(0, ringtrain_data::Vocab::len),
+            }
+        } else if job.data.format == DataFormat::Series {
+            TargetKind::Regression
+        } else if let Some(pos) = &job.data.positive_class {
             TargetKind::Binary {
                 names: [format!("not {pos}"), pos.clone()],
             }
@@ -149,7 +177,13 @@ impl SavedModel {
                 names: pre.class_names.clone(),
             }
         };
-        let model = build_model(&job.model, &pre.input_shape, target.outputs())?;
+        let model = build_model_for(
+            &job.model,
+            job.data.format,
+            &pre.input_shape,
+            target.outputs(),
+            vocab.as_ref().map(ringtrain_data::Vocab::len),
+        )?;
         let mut store = init_store(model.as_ref(), job.job.seed);
         let weights = run_dir.join("model.safetensors");
         if !weights.is_file() {
@@ -165,6 +199,51 @@ impl SavedModel {
             input: pre.input,
             input_shape: pre.input_shape,
             data_path: pre.data_path,
+            vocab,
+        })
+    }
+
+    /// Samples a continuation of `prompt` from a language model: the context is START, the
+    /// prompt's tokens and what was generated so far (its last `seq_len` tokens, the window the
+    /// model was trained on); sampling stops at STOP or after `max_tokens` tokens. Returns the
+    /// prompt followed by the generated text.
+    pub fn generate(&self, opts: &GenerateOptions) -> Result<String> {
+        let (TargetKind::NextToken { vocab: v }, Some(vocab)) = (&self.target, &self.vocab) else {
+            return Err(format_error(
+                &self.run_dir,
+                "not a language model (train a job with data.format = \"corpus\")",
+            ));
+        };
+        let window = self.input_shape.first().copied().unwrap_or(1).max(1);
+        let mut ids = vec![ringtrain_data::START];
+        ids.extend(vocab.encode(&opts.prompt));
+        let mut rng = ringtrain_tensor::random::rng(opts.seed);
+        let mut generated = Vec::new();
+        for _ in 0..opts.max_tokens {
+            let context = &ids[ids.len().saturating_sub(window)..];
+            let x = Tensor::from_vec(&[1, context.len()], context.iter().map(|&i| i as f32).collect())
+                .map_err(ringtrain_autograd::AutogradError::from)?;
+            let mut g = Graph::inference(&self.store);
+            let input = g.input(x);
+            let logits = self.model.forward(&mut g, input)?;
+            let all = g.value(logits).as_slice();
+            let last = &all[all.len() - v..];
+            let next = sample(last, opts.temperature, &mut rng);
+            if next == ringtrain_data::STOP {
+                break;
+            }
+            ids.push(next);
+            generated.push(next);
+        }
+        let sep = match vocab.tokenizer() {
+            ringtrain_data::Tokenizer::Char => "",
+            ringtrain_data::Tokenizer::Word { .. } => " ",
+        };
+        let continuation = vocab.decode(&generated);
+        Ok(if opts.prompt.is_empty() || continuation.is_empty() {
+            format!("{}{continuation}", opts.prompt)
+        } else {
+            format!("{}{sep}{continuation}", opts.prompt)
         })
     }
 
@@ -232,7 +311,13 @@ impl SavedModel {
             input: self.input.clone(),
             class_map,
         };
-        let model = build_model(&job.model, &self.input_shape, self.target.outputs())?;
+        let model = build_model_for(
+            &job.model,
+            job.data.format,
+            &self.input_shape,
+            self.target.outputs(),
+            self.vocab.as_ref().map(ringtrain_data::Vocab::len),
+        )?;
         let mut trainer = Trainer::new(&job, model, task.loss, rows.len());
         trainer.store = self.store.clone();
         let metrics = trainer.evaluate(&task, &prepared, &rows, &mut LocalSync)?;
@@ -363,7 +448,7 @@ impl SavedModel {
                         probabilities: vec![1.0 - p, p],
                     }
                 })),
-                TargetKind::Classes { .. } => {
+                TargetKind::Classes { .. } | TargetKind::NextToken { .. } => {
                     let probs = logits.softmax(1).map_err(ringtrain_autograd::AutogradError::from)?;
                     let classes = logits.argmax_rows().map_err(ringtrain_autograd::AutogradError::from)?;
                     for (row, class) in probs.as_slice().chunks(names.len().max(1)).zip(classes) {
@@ -439,6 +524,40 @@ impl SavedModel {
         }
         Ok(rows)
     }
+}
+
+/// Draws a token id from `softmax(logits / temperature)`; temperature 0 (or below) is the
+/// arg-max. PAD and UNK are never drawn: they carry no text.
+fn sample(logits: &[f32], temperature: f32, rng: &mut ringtrain_tensor::random::Rng) -> u32 {
+    let allowed = |i: usize| i as u32 != ringtrain_data::PAD && i as u32 != ringtrain_data::UNK;
+    let best = (0..logits.len())
+        .filter(|&i| allowed(i))
+        .max_by(|&a, &b| logits[a].total_cmp(&logits[b]))
+        .unwrap_or(0);
+    if temperature <= 0.0 {
+        return best as u32;
+    }
+    let weights: Vec<f64> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &z)| {
+            if allowed(i) {
+                (f64::from(z - logits[best]) / f64::from(temperature)).exp()
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let total: f64 = weights.iter().sum();
+    let draw = ringtrain_tensor::random::uniform(&[1], 0.0, 1.0, rng);
+    let mut u = f64::from(draw.as_slice()[0]) * total;
+    for (i, w) in weights.iter().enumerate() {
+        if u < *w {
+            return i as u32;
+        }
+        u -= w;
+    }
+    best as u32
 }
 
 /// Splits one line on the delimiter; fields are trimmed and may be wrapped in double quotes.

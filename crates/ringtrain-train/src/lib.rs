@@ -25,9 +25,9 @@ pub use engine::{
     read_checkpoint_manifest, run_job, run_job_opts, run_job_with, Checkpoint, EpochReport, EvalMetrics, FoldReport,
     GradSync, LocalSync, Progress, RunOptions, RunSummary, SyncError, Trainer,
 };
-pub use inference::{Evaluation, Prediction, SavedModel};
+pub use inference::{Evaluation, GenerateOptions, Prediction, SavedModel};
 pub use plots::write_plots;
-pub use task::{build_model, build_model_with_vocab, Batch, Examples, Task};
+pub use task::{build_model, build_model_for, build_model_with_vocab, Batch, Examples, TargetKind, Task};
 
 use std::path::PathBuf;
 

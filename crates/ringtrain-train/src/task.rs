@@ -1,14 +1,16 @@
 //! From a job to a task: examples, targets, model and loss.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ringtrain_config::{
-    ActivationName, ColumnRef, DataFormat, Job, LayerSpec, LossName, ModelConfig, ModelKind, TokenizerName,
+    ActivationName, ColumnRef, DataFormat, Job, LayerSpec, LossName, ModelConfig, ModelKind, PoolingName,
+    TokenizerName,
 };
 use ringtrain_data::{read_csv, CsvOptions, LabelColumn, LabelKind, Labels, TabularData};
 use ringtrain_nn::{
-    zoo, Activation, CellKind, Conv2d, Dropout, Flatten, GlobalAvgPool, Init, Linear, Loss, Module, Pool2d, Residual,
-    SequenceClassifier, Sequential, Targets,
+    zoo, Activation, CellKind, Conv2d, Dropout, Flatten, GlobalAvgPool, Init, Linear, Loss, Module, Pool2d, Pooling,
+    RecurrentLm, Residual, SequenceClassifier, SequenceRegressor, Sequential, Targets,
 };
 use ringtrain_tensor::Tensor;
 
@@ -43,6 +45,11 @@ pub trait Examples: Send + Sync + std::fmt::Debug {
     /// Size of the token vocabulary, for models that embed token ids.
     fn vocab_size(&self) -> Option<usize> {
         None
+    }
+    /// Regression targets are standardised for training; errors times this factor are in the
+    /// data's own units (RMSE and MAE are reported in them).
+    fn target_scale(&self) -> f32 {
+        1.0
     }
 }
 
@@ -98,6 +105,9 @@ pub enum TargetKind {
     Binary { names: [String; 2] },
     /// A real value.
     Regression,
+    /// The next token at every step of a sequence (language model); one logit per
+    /// vocabulary entry and step.
+    NextToken { vocab: usize },
 }
 
 impl TargetKind {
@@ -105,6 +115,7 @@ impl TargetKind {
         match self {
             TargetKind::Classes { names } => names.len(),
             TargetKind::Binary { .. } => 2,
+            TargetKind::NextToken { vocab } => *vocab,
             TargetKind::Regression => 0,
         }
     }
@@ -113,13 +124,14 @@ impl TargetKind {
         match self {
             TargetKind::Classes { names } => names.clone(),
             TargetKind::Binary { names } => names.to_vec(),
-            TargetKind::Regression => Vec::new(),
+            TargetKind::Regression | TargetKind::NextToken { .. } => Vec::new(),
         }
     }
 
     pub fn outputs(&self) -> usize {
         match self {
             TargetKind::Classes { names } => names.len(),
+            TargetKind::NextToken { vocab } => *vocab,
             TargetKind::Binary { .. } | TargetKind::Regression => 1,
         }
     }
@@ -169,6 +181,112 @@ impl Examples for TextSet {
             .ok()
             .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok());
         serde_json::json!({ "max_len": self.max_len, "vocab": vocab })
+    }
+}
+
+/// Next-token windows over a token stream (language modelling).
+#[derive(Debug, Clone)]
+pub struct CorpusSet {
+    seqs: Arc<ringtrain_data::LmSequences>,
+    vocab: Arc<ringtrain_data::Vocab>,
+}
+
+impl Examples for CorpusSet {
+    fn len(&self) -> usize {
+        self.seqs.len()
+    }
+
+    fn input_shape(&self) -> Vec<usize> {
+        vec![self.seqs.seq_len()]
+    }
+
+    fn batch(&self, indices: &[usize]) -> Result<Batch> {
+        let (inputs, targets) = self.seqs.batch(indices);
+        let x = Tensor::from_vec(
+            &[indices.len(), self.seqs.seq_len()],
+            inputs.iter().map(|&i| i as f32).collect(),
+        )
+        .map_err(ringtrain_autograd::AutogradError::from)?;
+        Ok(Batch {
+            x,
+            targets: Targets::Classes(targets.iter().map(|&t| t as usize).collect()),
+        })
+    }
+
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.vocab.len())
+    }
+
+    fn preprocess(&self) -> serde_json::Value {
+        let vocab = self
+            .vocab
+            .to_json()
+            .ok()
+            .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok());
+        serde_json::json!({ "max_len": self.seqs.seq_len(), "vocab": vocab })
+    }
+}
+
+/// Forecasting examples: `seq_len` standardised past values → the next value.
+#[derive(Debug, Clone)]
+pub struct SeriesSet {
+    /// The whole series, standardised with the training part's mean and deviation.
+    values: Arc<Vec<f32>>,
+    /// First step of each example's input window.
+    starts: Vec<usize>,
+    seq_len: usize,
+    mean: f32,
+    std: f32,
+}
+
+impl SeriesSet {
+    /// RMSE, in the data's units, of the naive forecast "the next value equals the last one".
+    pub fn naive_rmse(&self) -> f64 {
+        let sq: f64 = self
+            .starts
+            .iter()
+            .map(|&s| {
+                let e = f64::from(self.values[s + self.seq_len] - self.values[s + self.seq_len - 1]);
+                e * e
+            })
+            .sum();
+        (sq / self.starts.len().max(1) as f64).sqrt() * f64::from(self.std)
+    }
+}
+
+impl Examples for SeriesSet {
+    fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    fn input_shape(&self) -> Vec<usize> {
+        vec![self.seq_len]
+    }
+
+    fn batch(&self, indices: &[usize]) -> Result<Batch> {
+        let t = self.seq_len;
+        let mut x = Vec::with_capacity(indices.len() * t);
+        let mut y = Vec::with_capacity(indices.len());
+        for &i in indices {
+            let s = self.starts[i];
+            x.extend_from_slice(&self.values[s..s + t]);
+            y.push(self.values[s + t]);
+        }
+        let n = indices.len();
+        let x = Tensor::from_vec(&[n, t], x).map_err(ringtrain_autograd::AutogradError::from)?;
+        let y = Tensor::from_vec(&[n, 1], y).map_err(ringtrain_autograd::AutogradError::from)?;
+        Ok(Batch {
+            x,
+            targets: Targets::Values(y),
+        })
+    }
+
+    fn target_scale(&self) -> f32 {
+        self.std
+    }
+
+    fn preprocess(&self) -> serde_json::Value {
+        serde_json::json!({ "series_mean": self.mean, "series_std": self.std, "seq_len": self.seq_len })
     }
 }
 
@@ -271,6 +389,10 @@ pub struct Task {
     pub loss: Loss,
     /// Class of each example, for stratified splits.
     pub strata: Option<Vec<usize>>,
+    pub format: DataFormat,
+    /// Reference scores of trivial predictors on the test split (e.g. the unigram perplexity
+    /// of a language model, the naive last-value RMSE of a forecast), for the summary.
+    pub baseline: BTreeMap<String, f64>,
 }
 
 impl Task {
@@ -278,6 +400,8 @@ impl Task {
         match job.data.format {
             DataFormat::Idx => return Task::from_idx(job),
             DataFormat::Text => return Task::from_text(job),
+            DataFormat::Corpus => return Task::from_corpus(job),
+            DataFormat::Series => return Task::from_series(job),
             DataFormat::Csv => {}
         }
         let label_kind = if job
@@ -342,6 +466,7 @@ impl Task {
             (None, TargetKind::Classes { .. }) => Loss::CrossEntropy,
             (None, TargetKind::Binary { .. }) => Loss::BinaryCrossEntropy,
             (None, TargetKind::Regression) => Loss::Mse,
+            (None, TargetKind::NextToken { .. }) => Loss::CrossEntropy,
         };
         let ok = matches!(
             (loss, &target),
@@ -368,6 +493,8 @@ impl Task {
             test_examples: None,
             target,
             loss,
+            format: job.data.format,
+            baseline: BTreeMap::new(),
         })
     }
 
@@ -428,6 +555,8 @@ impl Task {
                 names: train.label_names.clone(),
             },
             loss: Loss::CrossEntropy,
+            format: job.data.format,
+            baseline: BTreeMap::new(),
         })
     }
 
@@ -456,6 +585,135 @@ impl Task {
                 names: (0..classes).map(|c| c.to_string()).collect(),
             },
             loss: Loss::CrossEntropy,
+            format: job.data.format,
+            baseline: BTreeMap::new(),
+        })
+    }
+
+    /// A running text: the tail (`evaluation.test_fraction` of it) is the validation text, the
+    /// vocabulary comes from the head only.
+    fn from_corpus(job: &Job) -> Result<Task> {
+        let text = ringtrain_data::read_text(&job.data.path)?;
+        let (head, tail) = ringtrain_data::split_text_tail(&text, job.evaluation.test_fraction)?;
+        let tokenizer = match job.data.tokenizer.unwrap_or(TokenizerName::Char) {
+            TokenizerName::Word => ringtrain_data::Tokenizer::Word { lowercase: true },
+            TokenizerName::Char => ringtrain_data::Tokenizer::Char,
+        };
+        let opts = ringtrain_data::VocabOptions {
+            max_size: job.data.vocab_size,
+            min_freq: job.data.min_freq,
+        };
+        let vocab = Arc::new(ringtrain_data::Vocab::build(tokenizer, paragraphs(head), &opts)?);
+        let seq_len = job.data.seq_len.unwrap_or(128);
+        let stream = |t: &str| -> Vec<u32> { paragraphs(t).flat_map(|p| vocab.encode_with_bounds(p)).collect() };
+        let (train_ids, test_ids) = (stream(head), stream(tail));
+        let windows = |ids: Vec<u32>, part: &str| -> Result<ringtrain_data::LmSequences> {
+            let n = ids.len();
+            let seqs = ringtrain_data::LmSequences::new(ids, seq_len, seq_len)?;
+            if seqs.is_empty() {
+                return Err(TrainError::Job {
+                    field: "data.seq_len",
+                    reason: format!("the {part} text has {n} tokens, too few for one window of {seq_len}"),
+                });
+            }
+            Ok(seqs)
+        };
+        let unigram = unigram_perplexity(&train_ids, &test_ids, vocab.len());
+        let train = CorpusSet {
+            seqs: Arc::new(windows(train_ids, "training")?),
+            vocab: vocab.clone(),
+        };
+        let test = CorpusSet {
+            seqs: Arc::new(windows(test_ids, "validation")?),
+            vocab: vocab.clone(),
+        };
+        if job.training.loss.is_some_and(|l| l != LossName::CrossEntropy) {
+            return Err(TrainError::Job {
+                field: "training.loss",
+                reason: "language models train with cross_entropy".into(),
+            });
+        }
+        Ok(Task {
+            strata: None,
+            examples: Arc::new(train),
+            test_examples: Some(Arc::new(test)),
+            target: TargetKind::NextToken { vocab: vocab.len() },
+            loss: Loss::CrossEntropy,
+            format: job.data.format,
+            baseline: BTreeMap::from([("unigram_perplexity".to_string(), unigram)]),
+        })
+    }
+
+    /// One column of a CSV file in time order. The last `evaluation.test_fraction` of the
+    /// targets are the test examples (their input windows may reach back into the training
+    /// part: those values are known when forecasting); training windows end before the cut.
+    fn from_series(job: &Job) -> Result<Task> {
+        let column = match &job.data.label {
+            Some(ColumnRef::Name(n)) => n.clone(),
+            _ => {
+                return Err(TrainError::Job {
+                    field: "data.label",
+                    reason: "series data needs the name of the column to forecast".into(),
+                })
+            }
+        };
+        let delimiter = u8::try_from(job.data.delimiter).map_err(|_| TrainError::Job {
+            field: "data.delimiter",
+            reason: format!("must be an ASCII character, got {:?}", job.data.delimiter),
+        })?;
+        let series = ringtrain_data::read_series_csv(
+            &job.data.path,
+            delimiter,
+            &[column.as_str()],
+            ringtrain_data::Missing::Refuse,
+        )?;
+        let raw = series.column(0);
+        let seq_len = job.data.seq_len.unwrap_or(12);
+        let n_examples = raw.len().saturating_sub(seq_len);
+        let n_test = ((n_examples as f64) * job.evaluation.test_fraction).round() as usize;
+        if n_test == 0 || n_test >= n_examples {
+            return Err(TrainError::Job {
+                field: "data.seq_len",
+                reason: format!(
+                    "{} values give {n_examples} windows of {seq_len}, too few for a train/test cut at {}",
+                    raw.len(),
+                    job.evaluation.test_fraction
+                ),
+            });
+        }
+        let n_train = n_examples - n_test;
+        // Statistics of the values the training windows see (inputs and targets), nothing later.
+        let seen = &raw[..n_train + seq_len];
+        let mean = seen.iter().map(|&v| f64::from(v)).sum::<f64>() / seen.len() as f64;
+        let var = seen.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / seen.len() as f64;
+        let std = var.sqrt().max(1e-12);
+        let values: Arc<Vec<f32>> = Arc::new(raw.iter().map(|&v| ((f64::from(v) - mean) / std) as f32).collect());
+        let set = |starts: std::ops::Range<usize>| SeriesSet {
+            values: values.clone(),
+            starts: starts.collect(),
+            seq_len,
+            mean: mean as f32,
+            std: std as f32,
+        };
+        let test = set(n_train..n_examples);
+        let loss = match job.training.loss {
+            None | Some(LossName::Mse) => Loss::Mse,
+            Some(LossName::Mae) => Loss::Mae,
+            Some(other) => {
+                return Err(TrainError::Job {
+                    field: "training.loss",
+                    reason: format!("forecasting is regression: use mse or mae, not {other:?}"),
+                })
+            }
+        };
+        Ok(Task {
+            strata: None,
+            baseline: BTreeMap::from([("naive_last_value_rmse".to_string(), test.naive_rmse())]),
+            examples: Arc::new(set(0..n_train)),
+            test_examples: Some(Arc::new(test)),
+            target: TargetKind::Regression,
+            loss,
+            format: job.data.format,
         })
     }
 
@@ -465,8 +723,9 @@ impl Task {
 
     /// The job's model for this task's inputs, outputs and vocabulary, shape-checked.
     pub fn model(&self, cfg: &ModelConfig) -> Result<Box<dyn Module>> {
-        build_model_with_vocab(
+        build_model_for(
             cfg,
+            self.format,
             &self.examples.input_shape(),
             self.target.outputs(),
             self.examples.vocab_size(),
@@ -499,6 +758,19 @@ pub fn build_model(cfg: &ModelConfig, input: &[usize], outputs: usize) -> Result
 /// [`build_model`] for models that embed tokens from a vocabulary of `vocab` entries.
 pub fn build_model_with_vocab(
     cfg: &ModelConfig,
+    input: &[usize],
+    outputs: usize,
+    vocab: Option<usize>,
+) -> Result<Box<dyn Module>> {
+    let format = if vocab.is_some() { DataFormat::Text } else { DataFormat::Csv };
+    build_model_for(cfg, format, input, outputs, vocab)
+}
+
+/// The model of `cfg` for data of `format`: the same recurrent kind classifies texts, models a
+/// corpus or forecasts a series depending on the data.
+pub fn build_model_for(
+    cfg: &ModelConfig,
+    format: DataFormat,
     input: &[usize],
     outputs: usize,
     vocab: Option<usize>,
@@ -540,12 +812,8 @@ pub fn build_model_with_vocab(
                 ModelKind::Gru => CellKind::Gru,
                 _ => CellKind::Lstm,
             };
-            let vocab = vocab.ok_or(TrainError::Job {
-                field: "model.kind",
-                reason: "recurrent models need text data (a vocabulary)".into(),
-            })?;
             let hidden = if cfg.hidden.is_empty() {
-                vec![128]
+                vec![if format == DataFormat::Series { 32 } else { 128 }]
             } else {
                 cfg.hidden.clone()
             };
@@ -555,19 +823,52 @@ pub fn build_model_with_vocab(
                     reason: format!("stacked recurrent layers share one hidden size, got {hidden:?}"),
                 });
             }
-            Box::new(SequenceClassifier::new(
-                cell,
-                vocab,
-                cfg.embedding_dim.unwrap_or(64),
-                &hidden,
-                cfg.bidirectional,
-                cfg.dropout,
-                outputs,
-            ))
+            let embed = cfg.embedding_dim.unwrap_or(64);
+            match (format, vocab) {
+                (DataFormat::Series, _) => Box::new(SequenceRegressor::new(cell, &hidden, cfg.dropout, outputs)),
+                (DataFormat::Corpus, Some(v)) => Box::new(RecurrentLm::new(cell, v, embed, &hidden, cfg.dropout)),
+                (_, Some(v)) => Box::new(
+                    SequenceClassifier::new(cell, v, embed, &hidden, cfg.bidirectional, cfg.dropout, outputs)
+                        .with_pooling(match cfg.pooling {
+                            PoolingName::Last => Pooling::Last,
+                            PoolingName::Mean => Pooling::Mean,
+                        })
+                        .with_embedding_dropout(cfg.embedding_dropout),
+                ),
+                (_, None) => {
+                    return Err(TrainError::Job {
+                        field: "model.kind",
+                        reason: "recurrent models need token data (text, corpus) or a series".into(),
+                    })
+                }
+            }
         }
     };
     model.describe(input, &mut Vec::new())?;
     Ok(model)
+}
+
+/// The paragraphs (blocks between blank lines) of a text, each trimmed of surrounding
+/// newlines; they become START … STOP documents.
+fn paragraphs(text: &str) -> impl Iterator<Item = &str> {
+    text.split("\n\n").map(|p| p.trim_matches('\n')).filter(|p| !p.trim().is_empty())
+}
+
+/// Perplexity of an add-one-smoothed unigram model fitted on `train`, on `test`: what a
+/// language model must clearly beat to have learnt anything about context.
+fn unigram_perplexity(train: &[u32], test: &[u32], vocab: usize) -> f64 {
+    let mut counts = vec![1.0f64; vocab];
+    for &t in train {
+        if let Some(c) = counts.get_mut(t as usize) {
+            *c += 1.0;
+        }
+    }
+    let total: f64 = counts.iter().sum();
+    let nll: f64 = test
+        .iter()
+        .map(|&t| -(counts.get(t as usize).copied().unwrap_or(1.0) / total).ln())
+        .sum();
+    (nll / test.len().max(1) as f64).exp()
 }
 
 fn activation(name: ActivationName) -> Activation {

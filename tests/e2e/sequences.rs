@@ -1,0 +1,123 @@
+//! Sequence jobs end to end: a character language model with `generate`, and forecasting a
+//! series against the naive last-value forecast.
+
+use std::path::Path;
+
+use crate::util::{describe, ok, read_json, repo, ringtrain};
+
+/// The bundled example with `edits` applied, written next to a copy-free absolute data path.
+fn edited_job(example: &str, dir: &Path, edits: &[(&str, &str)]) -> String {
+    let mut text = std::fs::read_to_string(repo().join("examples").join(example)).expect("example job");
+    text = text.replace("path = \"../data/", &format!("path = \"{}/data/", repo().display()));
+    for (from, to) in edits {
+        assert!(text.contains(from), "{from:?} not in {example}");
+        text = text.replace(from, to);
+    }
+    let job = dir.join(example);
+    std::fs::write(&job, text).expect("write job");
+    job.display().to_string()
+}
+
+#[test]
+fn char_lm_beats_the_unigram_baseline_and_generates_until_stop() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = edited_job(
+        "hamlet-char-lstm.toml",
+        dir.path(),
+        &[
+            ("seq_len = 100", "seq_len = 50"),
+            ("embedding_dim = 48", "embedding_dim = 16"),
+            ("hidden = [256]", "hidden = [64]"),
+            ("epochs = 12", "epochs = 3"),
+            ("lr = 0.003", "lr = 0.01"),
+        ],
+    );
+    let run = dir.path().join("run");
+    let run_s = run.display().to_string();
+    ok(&["train", &job, "--out", &run_s, "--quiet"]);
+    let summary = read_json(&run.join("summary.json"));
+    let ppl = summary["test_perplexity"].as_f64().expect("test_perplexity");
+    let unigram = summary["baseline"]["unigram_perplexity"].as_f64().expect("unigram baseline");
+    assert!(unigram > 15.0, "a character unigram model of English is near 25-30, got {unigram}");
+    assert!(ppl < 0.6 * unigram, "perplexity {ppl} is not clearly below the unigram {unigram}");
+    // `evaluate` reproduces the validation perplexity from the saved model.
+    let eval = ok(&["evaluate", &run_s]);
+    let printed = String::from_utf8_lossy(&eval.stdout).to_string();
+    assert!(printed.contains(&format!("perplexity: {ppl}")), "{printed}");
+
+    let generate = |seed: &str, temperature: &str, max: &str| {
+        let args = [
+            "generate",
+            &run_s,
+            "--prompt",
+            "Ham.\n",
+            "--temperature",
+            temperature,
+            "--max-tokens",
+            max,
+            "--seed",
+            seed,
+        ];
+        let out = ok(&args);
+        String::from_utf8_lossy(&out.stdout).trim_end_matches('\n').to_string()
+    };
+    let a = generate("1", "0.8", "300");
+    assert!(a.starts_with("Ham.\n") && a.len() > "Ham.\n".len(), "{a:?}");
+    assert_eq!(a, generate("1", "0.8", "300"), "the same seed must give the same text");
+    assert_ne!(a, generate("2", "0.8", "300"), "another seed should give another text");
+    // Paragraphs end with STOP, so sampling stops well before a generous token budget.
+    let lengths: Vec<usize> = (1..=4)
+        .map(|s| generate(&s.to_string(), "0.8", "3000").chars().count())
+        .collect();
+    assert!(
+        lengths.iter().any(|&n| n < 3000),
+        "no sample ended with STOP: lengths {lengths:?}"
+    );
+}
+
+#[test]
+fn forecast_beats_the_naive_last_value_on_the_held_out_tail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = edited_job("sunspots-lstm.toml", dir.path(), &[("epochs = 60", "epochs = 40")]);
+    let run = dir.path().join("run");
+    let run_s = run.display().to_string();
+    ok(&["train", &job, "--out", &run_s, "--quiet"]);
+    let summary = read_json(&run.join("summary.json"));
+    let rmse = summary["test_rmse"].as_f64().expect("test_rmse");
+    let naive = summary["baseline"]["naive_last_value_rmse"].as_f64().expect("naive baseline");
+    assert!(rmse < 0.8 * naive, "test RMSE {rmse} vs naive {naive}");
+    // The test split is the tail: 20 % of the 297 windows, in order.
+    assert_eq!(summary["folds"][0]["test_examples"], 59);
+    assert_eq!(summary["folds"][0]["train_examples"], 238);
+}
+
+#[test]
+fn ordered_data_with_a_shuffled_split_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = edited_job(
+        "sunspots-lstm.toml",
+        dir.path(),
+        &[("scheme = \"time_series\"", "scheme = \"train_test\"")],
+    );
+    let args = ["validate", job.as_str()];
+    let out = ringtrain(&args);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&args, &out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("evaluation.scheme") && err.contains("time_series"), "{err}");
+}
+
+#[test]
+fn generate_refuses_a_model_that_is_not_a_language_model() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run = dir.path().join("run");
+    let run_s = run.display().to_string();
+    ok(&["train", "examples/iris-logistic.toml", "--out", &run_s, "--quiet"]);
+    let args = ["generate", run_s.as_str(), "--prompt", "x"];
+    let out = ringtrain(&args);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&args, &out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("not a language model"),
+        "{}",
+        describe(&args, &out)
+    );
+}
