@@ -9,6 +9,7 @@
 //! `nn.Sequential` numbers every child, activations included), so weights saved by
 //! ringtrain load into the equivalent PyTorch model by name.
 
+mod attention;
 mod conv;
 mod init;
 mod layers;
@@ -16,6 +17,11 @@ mod loss;
 mod recurrent;
 pub mod zoo;
 
+pub use attention::{
+    sinusoidal_positions, AttentionMask, BlockConfig, FfActivation, LayerNorm, MultiHeadAttention, NormPlacement,
+    PositionalEncoding, Positions, Seq2SeqConfig, Seq2SeqTransformer, TransformerBlock, TransformerClassifier,
+    TransformerConfig, TransformerDecoderLayer, TransformerLm,
+};
 pub use conv::{Conv2d, Dropout, Flatten, GlobalAvgPool, Pool2d, Residual};
 pub use init::Init;
 pub use layers::{Activation, Linear, Sequential};
