@@ -184,9 +184,10 @@ pub fn attention_forward(
     } else {
         Vec::new()
     };
-    // Per query row, which keys are allowed (key mask ∧ causal), rebuilt per batch row.
-    let mut allowed = vec![true; tk];
+    let key_mask = mask.key_mask.map(Tensor::as_slice);
+    let bias = mask.bias.map(Tensor::as_slice);
     for b in 0..bsz {
+        let keys = key_mask.map(|m| &m[b * tk..(b + 1) * tk]);
         for head in 0..heads {
             let base = (b * heads + head) * tq * tk;
             let qb = block(q, dims, b, head)?;
@@ -196,34 +197,35 @@ pub fn attention_forward(
                 general_mat_mul(scale, &qb, &kb.t(), 0.0, &mut s);
             }
             for i in 0..tq {
-                for (j, a) in allowed.iter_mut().enumerate() {
-                    let key_ok = mask.key_mask.is_none_or(|m| m.as_slice()[b * tk + j] != 0.0);
-                    *a = key_ok && !(mask.causal && j > i);
-                }
                 let row = &mut probs[base + i * tk..base + (i + 1) * tk];
-                if let Some(bias) = mask.bias {
-                    for (x, &bv) in row.iter_mut().zip(&bias.as_slice()[i * tk..(i + 1) * tk]) {
-                        *x += bv;
+                if let Some(bias) = bias {
+                    row.iter_mut()
+                        .zip(&bias[i * tk..(i + 1) * tk])
+                        .for_each(|(x, &bv)| *x += bv);
+                }
+                // keys past the diagonal do not exist for a causal query
+                let visible = if mask.causal { (i + 1).min(tk) } else { tk };
+                row[visible..].fill(f32::NEG_INFINITY);
+                if let Some(keys) = keys {
+                    for (x, &m) in row[..visible].iter_mut().zip(keys) {
+                        if m == 0.0 {
+                            *x = f32::NEG_INFINITY;
+                        }
                     }
                 }
-                let mut max = f32::NEG_INFINITY;
-                for (x, &a) in row.iter_mut().zip(&allowed) {
-                    if !a {
-                        *x = f32::NEG_INFINITY;
-                    }
-                    max = max.max(*x);
-                }
+                let max = row[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
                 if max == f32::NEG_INFINITY {
                     // every key masked: attend to nothing rather than divide 0 by 0
                     row.fill(0.0);
                 } else {
                     let mut sum = 0.0f32;
-                    for x in row.iter_mut() {
+                    for x in row[..visible].iter_mut() {
                         *x = (*x - max).exp();
                         sum += *x;
                     }
                     let inv = 1.0 / sum;
-                    row.iter_mut().for_each(|x| *x *= inv);
+                    row[..visible].iter_mut().for_each(|x| *x *= inv);
+                    row[visible..].fill(0.0);
                 }
                 if let Some(rng) = rng.as_deref_mut() {
                     let dropped = &mut scratch[i * tk..(i + 1) * tk];
@@ -232,7 +234,8 @@ pub fn attention_forward(
                             *o = *x * inv_keep;
                         } else {
                             *o = 0.0;
-                            *x = -*x; // sign bit = dropped (see the module docs)
+                            // sign bit = dropped (see the module docs); -0.0 for a zero
+                            *x = -x.abs();
                             if *x == 0.0 {
                                 *x = -0.0;
                             }
