@@ -274,11 +274,10 @@ fn print_summary(s: &RunSummary) {
     }
     if let Some(f) = s.folds.first() {
         println!("test examples: {}  test loss: {:.4}", f.test_examples, f.test.loss);
-        if let Some(a) = f.test.accuracy {
-            println!(
-                "test accuracy: {a:.4}  macro F1: {:.4}",
-                f.test.macro_f1.unwrap_or(f64::NAN)
-            );
+        match (f.test.accuracy, f.test.macro_f1) {
+            (Some(a), Some(f1)) => println!("test accuracy: {a:.4}  macro F1: {f1:.4}"),
+            (Some(a), None) => println!("test token accuracy: {a:.4}"),
+            _ => {}
         }
         if let Some(r) = f.test.rmse {
             println!("test RMSE: {r:.4}  MAE: {:.4}", f.test.mae.unwrap_or(f64::NAN));
@@ -286,6 +285,9 @@ fn print_summary(s: &RunSummary) {
         if let Some(p) = f.test.perplexity {
             println!("test perplexity: {p:.4}");
         }
+    }
+    if let Some(a) = s.test_sequence_accuracy {
+        println!("test exact-sequence accuracy (greedy decoding): {a:.4}");
     }
     for (name, value) in &s.baseline {
         println!("baseline {}: {value:.4}", name.replace('_', " "));

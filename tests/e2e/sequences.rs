@@ -121,3 +121,66 @@ fn generate_refuses_a_model_that_is_not_a_language_model() {
         describe(&args, &out)
     );
 }
+
+/// Digit strings of 1..=max_len digits and their reversals, from a fixed-seed LCG.
+fn reversal_pairs(n: usize, max_len: usize, seed: u64) -> String {
+    let mut state = seed;
+    let mut next = |m: u64| {
+        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (state >> 33) % m
+    };
+    let mut out = String::new();
+    for _ in 0..n {
+        let len = 1 + next(max_len as u64) as usize;
+        let s: String = (0..len).map(|_| char::from(b'0' + next(10) as u8)).collect();
+        let r: String = s.chars().rev().collect();
+        out.push_str(&format!("{s}\t{r}\n"));
+    }
+    out
+}
+
+#[test]
+fn encoder_decoder_transformer_learns_to_reverse_digit_strings() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("train.tsv"), reversal_pairs(3000, 6, 1)).expect("write train");
+    std::fs::write(dir.path().join("test.tsv"), reversal_pairs(300, 6, 2)).expect("write test");
+    let train = dir.path().join("train.tsv").display().to_string();
+    let test = dir.path().join("test.tsv").display().to_string();
+    let job = edited_job(
+        "reverse-transformer.toml",
+        dir.path(),
+        &[
+            (&format!("path = \"{}/data/reverse-digits/train.tsv\"", repo().display()), &format!("path = \"{train}\"")),
+            (&format!("test_path = \"../data/reverse-digits/test.tsv\""), &format!("test_path = \"{test}\"")),
+            ("epochs = 6", "epochs = 8"),
+            ("ff_dim = 128", "ff_dim = 64"),
+            ("embedding_dim = 64", "embedding_dim = 32"),
+        ],
+    );
+    let run = dir.path().join("run");
+    let run_s = run.display().to_string();
+    ok(&["train", &job, "--out", &run_s, "--quiet"]);
+    let summary = read_json(&run.join("summary.json"));
+    let exact = summary["test_sequence_accuracy"].as_f64().expect("test_sequence_accuracy");
+    assert!(exact >= 0.9, "exact-sequence accuracy {exact}");
+}
+
+#[test]
+fn transformer_decoder_lm_beats_the_unigram_baseline_and_generates() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = edited_job(
+        "hamlet-char-transformer.toml",
+        dir.path(),
+        &[("epochs = 8", "epochs = 1"), ("seq_len = 128", "seq_len = 64")],
+    );
+    let run = dir.path().join("run");
+    let run_s = run.display().to_string();
+    ok(&["train", &job, "--out", &run_s, "--quiet"]);
+    let summary = read_json(&run.join("summary.json"));
+    let ppl = summary["test_perplexity"].as_f64().expect("test_perplexity");
+    let unigram = summary["baseline"]["unigram_perplexity"].as_f64().expect("unigram baseline");
+    assert!(ppl < 0.6 * unigram, "perplexity {ppl} vs unigram {unigram}");
+    let out = ok(&["generate", &run_s, "--prompt", "Ham.\n", "--max-tokens", "100", "--seed", "3"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("Ham.\n") && text.trim_end().len() > 5, "{text:?}");
+}

@@ -73,6 +73,9 @@ pub enum DataFormat {
     /// blank lines) become documents wrapped in START … STOP, so a model learns where a
     /// passage ends; training windows of `seq_len` tokens predict the next token at every step.
     Corpus,
+    /// Sequence to sequence: one pair per line, `source<TAB>target` (plain or .gz), with one
+    /// vocabulary for both sides; models a transformer encoder–decoder.
+    Pairs,
     /// Forecasting: one numeric column (`label`) of a CSV file with a header, in time order;
     /// each example is `seq_len` past values and the next value is its target.
     Series,
@@ -150,6 +153,10 @@ pub enum ModelKind {
     Gru,
     /// Embedding → LSTM → linear.
     Lstm,
+    /// Token embedding + positions → `blocks` self-attention blocks: a classifier on text data
+    /// (key-padding masks, mean pooling), a causal decoder (GPT-style) on a corpus, the
+    /// original encoder–decoder on pairs.
+    Transformer,
 }
 
 /// One entry of `model.layers`; input sizes (channels, features) are inferred from the
@@ -215,9 +222,27 @@ pub struct ModelConfig {
     /// For `kind = "layers"`.
     #[serde(default)]
     pub layers: Vec<LayerSpec>,
-    /// Recurrent models: embedding width.
+    /// Recurrent models: embedding width; transformers: d_model.
     #[serde(default)]
     pub embedding_dim: Option<usize>,
+    /// Transformers: attention heads (divides embedding_dim; default 4).
+    #[serde(default)]
+    pub heads: Option<usize>,
+    /// Transformers: number of attention blocks (default 2).
+    #[serde(default)]
+    pub blocks: Option<usize>,
+    /// Transformers: width of the position-wise feed-forward network (default 4·d_model).
+    #[serde(default)]
+    pub ff_dim: Option<usize>,
+    /// Transformers: "relu" (default) or "gelu" in the feed-forward network.
+    #[serde(default)]
+    pub ff_activation: FfActivationName,
+    /// Transformers: "post" (default, the original) or "pre" layer normalisation.
+    #[serde(default)]
+    pub norm: NormName,
+    /// Transformers: "sinusoidal" (default), "learned" or "none".
+    #[serde(default)]
+    pub positions: PositionsName,
     /// Recurrent models: a backward direction as well.
     #[serde(default)]
     pub bidirectional: bool,
@@ -231,6 +256,31 @@ pub struct ModelConfig {
     /// Text classifiers: how the per-token outputs become one vector.
     #[serde(default)]
     pub pooling: PoolingName,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FfActivationName {
+    #[default]
+    Relu,
+    Gelu,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormName {
+    #[default]
+    Post,
+    Pre,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PositionsName {
+    #[default]
+    Sinusoidal,
+    Learned,
+    None,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -526,7 +576,9 @@ impl Job {
                     format!("directory not found: {}", self.data.path.display()),
                 ));
             }
-            DataFormat::Text | DataFormat::Corpus | DataFormat::Series if !self.data.path.is_file() => {
+            DataFormat::Text | DataFormat::Corpus | DataFormat::Series | DataFormat::Pairs
+                if !self.data.path.is_file() =>
+            {
                 return Err(fail(
                     "data.path",
                     format!("file not found: {}", self.data.path.display()),
@@ -540,7 +592,7 @@ impl Job {
             }
         }
         let has_test_split = self.data.format == DataFormat::Idx
-            || (self.data.format == DataFormat::Text && self.data.test_path.is_some());
+            || (matches!(self.data.format, DataFormat::Text | DataFormat::Pairs) && self.data.test_path.is_some());
         if e.scheme == EvalScheme::Provided && !has_test_split {
             return Err(fail(
                 "evaluation.scheme",
@@ -561,9 +613,10 @@ impl Job {
         if self.data.seq_len == Some(0) {
             return Err(fail("data.seq_len", "must be at least 1".into()));
         }
-        let sequence_model = self.model.kind.is_recurrent();
+        let sequence_model = self.model.kind.is_recurrent() || self.model.kind == ModelKind::Transformer;
         let fits = match self.data.format {
             DataFormat::Text | DataFormat::Corpus => sequence_model,
+            DataFormat::Pairs => self.model.kind == ModelKind::Transformer,
             DataFormat::Series => sequence_model || matches!(self.model.kind, ModelKind::Mlp | ModelKind::Logistic),
             DataFormat::Csv | DataFormat::Idx => !sequence_model,
         };
@@ -571,8 +624,8 @@ impl Job {
             return Err(fail(
                 "model.kind",
                 format!(
-                    "{:?} does not fit {:?} data: token data (text, corpus) needs rnn, gru or lstm; series take \
-                     those or mlp; recurrent models need token or series data",
+                    "{:?} does not fit {:?} data: token data (text, corpus) needs rnn, gru, lstm or transformer; \
+                     series take those or mlp; sequence models need token or series data",
                     self.model.kind, self.data.format
                 )
                 .to_lowercase(),
@@ -589,6 +642,19 @@ impl Job {
                 "model.dropout",
                 format!("must be in [0, 1), got {}", self.model.dropout),
             ));
+        }
+        if self.model.kind == ModelKind::Transformer {
+            let d = self.model.embedding_dim.unwrap_or(64);
+            let h = self.model.heads.unwrap_or(4);
+            if h == 0 || d % h != 0 {
+                return Err(fail(
+                    "model.heads",
+                    format!("must divide embedding_dim (d_model) {d}, got {h}"),
+                ));
+            }
+            if self.model.blocks == Some(0) {
+                return Err(fail("model.blocks", "must be at least 1".into()));
+            }
         }
         if !(0.0..1.0).contains(&self.model.embedding_dropout) {
             return Err(fail(

@@ -173,6 +173,9 @@ pub struct RunSummary {
     pub test_rmse: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_perplexity: Option<f64>,
+    /// Pairs: fraction of test examples whose greedy decoding equals the target exactly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_sequence_accuracy: Option<f64>,
     /// Scores of trivial predictors on the same test split, for comparison.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub baseline: BTreeMap<String, f64>,
@@ -656,6 +659,7 @@ pub fn run_job_opts(
     }
     let mut folds = Vec::new();
     let mut last: Option<(Trainer, Arc<dyn Examples>)> = None;
+    let mut last_test_rows = Vec::new();
     for (fold, train, test_rows, provided) in splits {
         let examples = match job.data.standardize.then(|| task.examples.fitted_on(&train)).flatten() {
             Some(fitted) => fitted,
@@ -725,6 +729,7 @@ pub fn run_job_opts(
             test,
         });
         last = Some((trainer, examples));
+        last_test_rows = test_rows;
     }
     let (trainer, examples) = last.ok_or(TrainError::Job {
         field: "evaluation",
@@ -752,6 +757,16 @@ pub fn run_job_opts(
     } else {
         BTreeMap::new()
     };
+    // Encoder–decoder: what matters is the whole decoded sequence, not teacher-forced tokens.
+    let sequence_accuracy = match (&task.pair_test, &task.pairs) {
+        (Some(test), _) if folds.len() == 1 && matches!(job.evaluation.scheme, EvalScheme::Provided) => {
+            Some(test.exact_match(trainer.model(), &trainer.store, &(0..test.len()).collect::<Vec<_>>())?)
+        }
+        (_, Some(train)) if folds.len() == 1 => {
+            Some(train.exact_match(trainer.model(), &trainer.store, &last_test_rows)?)
+        }
+        _ => None,
+    };
     let single = (folds.len() == 1).then(|| &folds[0].test);
     let summary = RunSummary {
         job: job.job.name.clone(),
@@ -763,6 +778,7 @@ pub fn run_job_opts(
         test_loss: single.map(|t| t.loss),
         test_rmse: single.and_then(|t| t.rmse),
         test_perplexity: single.and_then(|t| t.perplexity),
+        test_sequence_accuracy: sequence_accuracy,
         baseline: task.baseline.clone(),
         confusion_matrix: single.and_then(|t| t.confusion_matrix.clone()),
         folds,

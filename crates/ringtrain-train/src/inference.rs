@@ -42,7 +42,14 @@ enum SavedInput {
     /// Grey images: `(pixel * scale - mean) / std`.
     Pixels { pixel_scale: f64, mean: f32, std: f32 },
     /// Token ids from a vocabulary (text classification, language models).
-    Tokens { vocab: serde_json::Value },
+    Tokens {
+        vocab: serde_json::Value,
+        /// Pairs: source and decoder lengths.
+        #[serde(default)]
+        src_len: Option<usize>,
+        #[serde(default)]
+        tgt_len: Option<usize>,
+    },
     /// Anything else (a series' standardisation): evaluation re-derives it from the data.
     Other(serde::de::IgnoredAny),
 }
@@ -81,6 +88,8 @@ pub struct SavedModel {
     target: TargetKind,
     input: SavedInput,
     input_shape: Vec<usize>,
+    /// What the model was built for (the input shape, or a pair model's two lengths).
+    model_input: Vec<usize>,
     data_path: Option<PathBuf>,
     vocab: Option<ringtrain_data::Vocab>,
 }
@@ -156,7 +165,7 @@ impl SavedModel {
             ),
             _ => None,
         };
-        let target = if job.data.format == DataFormat::Corpus {
+        let target = if matches!(job.data.format, DataFormat::Corpus | DataFormat::Pairs) {
             TargetKind::NextToken {
                 vocab: vocab.as_ref().map_or(0, ringtrain_data::Vocab::len),
             }
@@ -177,10 +186,18 @@ impl SavedModel {
                 names: pre.class_names.clone(),
             }
         };
+        let model_input = match &pre.input {
+            SavedInput::Tokens {
+                src_len: Some(s),
+                tgt_len: Some(t),
+                ..
+            } => vec![*s, *t],
+            _ => pre.input_shape.clone(),
+        };
         let model = build_model_for(
             &job.model,
             job.data.format,
-            &pre.input_shape,
+            &model_input,
             target.outputs(),
             vocab.as_ref().map(ringtrain_data::Vocab::len),
         )?;
@@ -198,6 +215,7 @@ impl SavedModel {
             target,
             input: pre.input,
             input_shape: pre.input_shape,
+            model_input,
             data_path: pre.data_path,
             vocab,
         })
@@ -314,7 +332,7 @@ impl SavedModel {
         let model = build_model_for(
             &job.model,
             job.data.format,
-            &self.input_shape,
+            &self.model_input,
             self.target.outputs(),
             self.vocab.as_ref().map(ringtrain_data::Vocab::len),
         )?;

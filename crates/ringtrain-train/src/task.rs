@@ -4,13 +4,17 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ringtrain_config::{
-    ActivationName, ColumnRef, DataFormat, Job, LayerSpec, LossName, ModelConfig, ModelKind, PoolingName,
-    TokenizerName,
+    ActivationName, ColumnRef, DataFormat, FfActivationName, Job, LayerSpec, LossName, ModelConfig, ModelKind, NormName,
+    PoolingName, PositionsName, TokenizerName,
 };
 use ringtrain_data::{read_csv, CsvOptions, LabelColumn, LabelKind, Labels, TabularData};
 use ringtrain_nn::{
     zoo, Activation, CellKind, Conv2d, Dropout, Flatten, GlobalAvgPool, Init, Linear, Loss, Module, Pool2d, Pooling,
     RecurrentLm, Residual, SequenceClassifier, SequenceRegressor, Sequential, Targets,
+};
+use ringtrain_nn::{
+    FfActivation, NormPlacement, Positions, Seq2SeqConfig, Seq2SeqTransformer, TransformerClassifier, TransformerConfig,
+    TransformerLm,
 };
 use ringtrain_tensor::Tensor;
 
@@ -227,6 +231,137 @@ impl Examples for CorpusSet {
     }
 }
 
+/// Source/target pairs for an encoder–decoder. An example's input is
+/// `[source ids (PAD-padded to src_len) | START, target ids (PAD-padded to tgt_len)]` and its
+/// targets are `target ids, STOP, PAD…` (teacher forcing: position k predicts token k + 1).
+#[derive(Debug, Clone)]
+pub struct PairSet {
+    src: Arc<Vec<Vec<u32>>>,
+    tgt: Arc<Vec<Vec<u32>>>,
+    vocab: Arc<ringtrain_data::Vocab>,
+    src_len: usize,
+    tgt_len: usize,
+}
+
+impl PairSet {
+    /// Fraction of examples at `rows` whose greedy decoding (most likely token at every step,
+    /// fed back, until STOP) equals the target exactly.
+    pub fn exact_match(&self, model: &dyn Module, store: &ringtrain_autograd::ParamStore, rows: &[usize]) -> Result<f64> {
+        let (s, t) = (self.src_len, self.tgt_len);
+        let mut hits = 0usize;
+        for chunk in rows.chunks(256) {
+            let n = chunk.len();
+            let mut x = vec![0.0f32; n * (s + t)];
+            for (r, &i) in chunk.iter().enumerate() {
+                for (k, &id) in self.src[i].iter().enumerate() {
+                    x[r * (s + t) + k] = id as f32;
+                }
+                x[r * (s + t) + s] = ringtrain_data::START as f32;
+            }
+            let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
+            let mut done = vec![false; n];
+            for step in 0..t {
+                let input = Tensor::from_vec(&[n, s + t], x.clone()).map_err(ringtrain_autograd::AutogradError::from)?;
+                let mut g = ringtrain_autograd::Graph::inference(store);
+                let xv = g.input(input);
+                let logits = model.forward(&mut g, xv)?;
+                let logits = g.value(logits);
+                let v = logits.shape()[1];
+                for r in 0..n {
+                    if done[r] {
+                        continue;
+                    }
+                    let row = &logits.as_slice()[(r * t + step) * v..(r * t + step + 1) * v];
+                    let next = (0..v).max_by(|&a, &b| row[a].total_cmp(&row[b])).unwrap_or(0) as u32;
+                    if next == ringtrain_data::STOP || next == ringtrain_data::PAD {
+                        done[r] = true;
+                        continue;
+                    }
+                    out[r].push(next);
+                    if step + 1 < t {
+                        x[r * (s + t) + s + step + 1] = next as f32;
+                    }
+                }
+                if done.iter().all(|&d| d) {
+                    break;
+                }
+            }
+            hits += chunk.iter().zip(&out).filter(|(&i, o)| self.tgt[i] == **o).count();
+        }
+        Ok(hits as f64 / rows.len().max(1) as f64)
+    }
+}
+
+impl Examples for PairSet {
+    fn len(&self) -> usize {
+        self.src.len()
+    }
+
+    fn input_shape(&self) -> Vec<usize> {
+        vec![self.src_len + self.tgt_len]
+    }
+
+    fn batch(&self, indices: &[usize]) -> Result<Batch> {
+        let (s, t) = (self.src_len, self.tgt_len);
+        let mut x = vec![0.0f32; indices.len() * (s + t)];
+        let mut y = vec![ringtrain_data::PAD as usize; indices.len() * t];
+        for (r, &i) in indices.iter().enumerate() {
+            let row = &mut x[r * (s + t)..(r + 1) * (s + t)];
+            for (k, &id) in self.src[i].iter().enumerate() {
+                row[k] = id as f32;
+            }
+            row[s] = ringtrain_data::START as f32;
+            for (k, &id) in self.tgt[i].iter().enumerate() {
+                row[s + 1 + k] = id as f32;
+                y[r * t + k] = id as usize;
+            }
+            y[r * t + self.tgt[i].len()] = ringtrain_data::STOP as usize;
+        }
+        let x = Tensor::from_vec(&[indices.len(), s + t], x).map_err(ringtrain_autograd::AutogradError::from)?;
+        Ok(Batch {
+            x,
+            targets: Targets::Classes(y),
+        })
+    }
+
+    fn vocab_size(&self) -> Option<usize> {
+        Some(self.vocab.len())
+    }
+
+    fn preprocess(&self) -> serde_json::Value {
+        let vocab = self
+            .vocab
+            .to_json()
+            .ok()
+            .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok());
+        serde_json::json!({ "src_len": self.src_len, "tgt_len": self.tgt_len, "vocab": vocab })
+    }
+}
+
+/// `source<TAB>target` lines; a line without a TAB is refused with its number.
+fn read_pairs(path: &std::path::Path) -> Result<Vec<(String, String)>> {
+    let text = ringtrain_data::read_text(path)?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.is_empty())
+        .map(|(i, l)| {
+            l.split_once('\t')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| {
+                    ringtrain_data::DataError::Text {
+                        path: path.to_path_buf(),
+                        at: ringtrain_data::LineRef {
+                            line: i + 1,
+                            column: None,
+                        },
+                        problem: "expected `source<TAB>target`, found no TAB".into(),
+                    }
+                    .into()
+                })
+        })
+        .collect()
+}
+
 /// Forecasting examples: `seq_len` standardised past values → the next value.
 #[derive(Debug, Clone)]
 pub struct SeriesSet {
@@ -393,6 +528,9 @@ pub struct Task {
     /// Reference scores of trivial predictors on the test split (e.g. the unigram perplexity
     /// of a language model, the naive last-value RMSE of a forecast), for the summary.
     pub baseline: BTreeMap<String, f64>,
+    /// Pairs data: the training and provided test sets, for exact-match decoding.
+    pub pairs: Option<Arc<PairSet>>,
+    pub pair_test: Option<Arc<PairSet>>,
 }
 
 impl Task {
@@ -402,6 +540,7 @@ impl Task {
             DataFormat::Text => return Task::from_text(job),
             DataFormat::Corpus => return Task::from_corpus(job),
             DataFormat::Series => return Task::from_series(job),
+            DataFormat::Pairs => return Task::from_pairs(job),
             DataFormat::Csv => {}
         }
         let label_kind = if job
@@ -495,6 +634,8 @@ impl Task {
             loss,
             format: job.data.format,
             baseline: BTreeMap::new(),
+            pairs: None,
+            pair_test: None,
         })
     }
 
@@ -557,6 +698,8 @@ impl Task {
             loss: Loss::CrossEntropy,
             format: job.data.format,
             baseline: BTreeMap::new(),
+            pairs: None,
+            pair_test: None,
         })
     }
 
@@ -587,6 +730,8 @@ impl Task {
             loss: Loss::CrossEntropy,
             format: job.data.format,
             baseline: BTreeMap::new(),
+            pairs: None,
+            pair_test: None,
         })
     }
 
@@ -641,6 +786,59 @@ impl Task {
             loss: Loss::CrossEntropy,
             format: job.data.format,
             baseline: BTreeMap::from([("unigram_perplexity".to_string(), unigram)]),
+            pairs: None,
+            pair_test: None,
+        })
+    }
+
+    /// Sequence-to-sequence pairs; the vocabulary and the lengths come from the training file.
+    fn from_pairs(job: &Job) -> Result<Task> {
+        let train = read_pairs(&job.data.path)?;
+        let test = match &job.data.test_path {
+            Some(p) => Some(read_pairs(p)?),
+            None => None,
+        };
+        let tokenizer = match job.data.tokenizer.unwrap_or(TokenizerName::Char) {
+            TokenizerName::Word => ringtrain_data::Tokenizer::Word { lowercase: true },
+            TokenizerName::Char => ringtrain_data::Tokenizer::Char,
+        };
+        let opts = ringtrain_data::VocabOptions {
+            max_size: job.data.vocab_size,
+            min_freq: job.data.min_freq,
+        };
+        let vocab = Arc::new(ringtrain_data::Vocab::build(
+            tokenizer,
+            train.iter().flat_map(|(a, b)| [a.as_str(), b.as_str()]),
+            &opts,
+        )?);
+        let cap = job.data.max_len.unwrap_or(usize::MAX);
+        let encode = |t: &str| {
+            let mut ids = vocab.encode(t);
+            ids.truncate(cap);
+            ids
+        };
+        let longest = |side: fn(&(String, String)) -> &str| train.iter().map(|p| encode(side(p)).len()).max().unwrap_or(0);
+        let src_len = longest(|p| &p.0).max(1);
+        // One more for START (inputs) and STOP (targets).
+        let tgt_len = longest(|p| &p.1) + 1;
+        let set = |pairs: &[(String, String)]| PairSet {
+            src: Arc::new(pairs.iter().map(|p| { let mut v = encode(&p.0); v.truncate(src_len); v }).collect()),
+            tgt: Arc::new(pairs.iter().map(|p| { let mut v = encode(&p.1); v.truncate(tgt_len - 1); v }).collect()),
+            vocab: vocab.clone(),
+            src_len,
+            tgt_len,
+        };
+        let pair_test = test.as_deref().map(set);
+        Ok(Task {
+            strata: None,
+            examples: Arc::new(set(&train)),
+            test_examples: pair_test.clone().map(|t| Arc::new(t) as Arc<dyn Examples>),
+            target: TargetKind::NextToken { vocab: vocab.len() },
+            loss: Loss::CrossEntropy,
+            format: job.data.format,
+            baseline: BTreeMap::new(),
+            pairs: Some(Arc::new(set(&train))),
+            pair_test: pair_test.map(Arc::new),
         })
     }
 
@@ -714,6 +912,8 @@ impl Task {
             target: TargetKind::Regression,
             loss,
             format: job.data.format,
+            pairs: None,
+            pair_test: None,
         })
     }
 
@@ -723,13 +923,11 @@ impl Task {
 
     /// The job's model for this task's inputs, outputs and vocabulary, shape-checked.
     pub fn model(&self, cfg: &ModelConfig) -> Result<Box<dyn Module>> {
-        build_model_for(
-            cfg,
-            self.format,
-            &self.examples.input_shape(),
-            self.target.outputs(),
-            self.examples.vocab_size(),
-        )
+        let input = match &self.pairs {
+            Some(p) => vec![p.src_len, p.tgt_len],
+            None => self.examples.input_shape(),
+        };
+        build_model_for(cfg, self.format, &input, self.target.outputs(), self.examples.vocab_size())
     }
 
     pub fn example_count(&self) -> usize {
@@ -767,7 +965,8 @@ pub fn build_model_with_vocab(
 }
 
 /// The model of `cfg` for data of `format`: the same recurrent kind classifies texts, models a
-/// corpus or forecasts a series depending on the data.
+/// corpus or forecasts a series depending on the data. For pairs, `input` is
+/// `[source length, decoder length]` (an example is both, concatenated).
 pub fn build_model_for(
     cfg: &ModelConfig,
     format: DataFormat,
@@ -806,6 +1005,36 @@ pub fn build_model_for(
         ModelKind::Lenet5 => Box::new(zoo::lenet5(input.first().copied().unwrap_or(1), outputs)),
         ModelKind::ResnetMini => Box::new(zoo::resnet_mini(input.first().copied().unwrap_or(1), outputs)),
         ModelKind::Layers => Box::new(from_layer_list(&cfg.layers, input, outputs)?),
+        ModelKind::Transformer => {
+            let vocab = vocab.ok_or(TrainError::Job {
+                field: "model.kind",
+                reason: "a transformer needs token data (text or corpus)".into(),
+            })?;
+            let t = transformer_config(cfg, vocab, input.first().copied().unwrap_or(1));
+            match format {
+                DataFormat::Corpus => Box::new(TransformerLm::new(t)),
+                DataFormat::Pairs => {
+                    let &[src_len, tgt_len] = input else {
+                        return Err(TrainError::Job {
+                            field: "data.format",
+                            reason: format!("pairs need [source, target] lengths, got {input:?}"),
+                        });
+                    };
+                    let mut c = Seq2SeqConfig::new(vocab, src_len, tgt_len);
+                    c.d_model = t.d_model;
+                    c.heads = t.heads;
+                    c.encoder_layers = t.layers;
+                    c.decoder_layers = t.layers;
+                    c.ff = t.ff;
+                    c.dropout = t.dropout;
+                    c.activation = t.activation;
+                    c.norm = t.norm;
+                    c.positions = t.positions;
+                    Box::new(Seq2SeqTransformer::new(c))
+                }
+                _ => Box::new(TransformerClassifier::new(t, outputs)),
+            }
+        }
         ModelKind::Rnn | ModelKind::Gru | ModelKind::Lstm => {
             let cell = match cfg.kind {
                 ModelKind::Rnn => CellKind::Rnn,
@@ -844,7 +1073,11 @@ pub fn build_model_for(
             }
         }
     };
-    model.describe(input, &mut Vec::new())?;
+    let one_example = match (format, input) {
+        (DataFormat::Pairs, &[s, t]) => vec![s + t],
+        _ => input.to_vec(),
+    };
+    model.describe(&one_example, &mut Vec::new())?;
     Ok(model)
 }
 
@@ -869,6 +1102,34 @@ fn unigram_perplexity(train: &[u32], test: &[u32], vocab: usize) -> f64 {
         .map(|&t| -(counts.get(t as usize).copied().unwrap_or(1.0) / total).ln())
         .sum();
     (nll / test.len().max(1) as f64).exp()
+}
+
+/// The job's transformer shape; positions cover the longest sequence the data can give.
+fn transformer_config(cfg: &ModelConfig, vocab: usize, max_len: usize) -> TransformerConfig {
+    let d = cfg.embedding_dim.unwrap_or(64);
+    let mut t = TransformerConfig::new(
+        vocab,
+        d,
+        cfg.heads.unwrap_or(4),
+        cfg.blocks.unwrap_or(2),
+        cfg.ff_dim.unwrap_or(4 * d),
+    );
+    t.max_len = max_len.max(1);
+    t.dropout = cfg.dropout;
+    t.activation = match cfg.ff_activation {
+        FfActivationName::Relu => FfActivation::Relu,
+        FfActivationName::Gelu => FfActivation::Gelu,
+    };
+    t.norm = match cfg.norm {
+        NormName::Post => NormPlacement::Post,
+        NormName::Pre => NormPlacement::Pre,
+    };
+    t.positions = match cfg.positions {
+        PositionsName::Sinusoidal => Positions::Sinusoidal,
+        PositionsName::Learned => Positions::Learned,
+        PositionsName::None => Positions::None,
+    };
+    t
 }
 
 fn activation(name: ActivationName) -> Activation {
