@@ -171,7 +171,7 @@ fn transformer_decoder_lm_beats_the_unigram_baseline_and_generates() {
     let job = edited_job(
         "hamlet-char-transformer.toml",
         dir.path(),
-        &[("epochs = 8", "epochs = 1"), ("seq_len = 128", "seq_len = 64")],
+        &[("epochs = 8", "epochs = 1")],
     );
     let run = dir.path().join("run");
     let run_s = run.display().to_string();
@@ -183,4 +183,54 @@ fn transformer_decoder_lm_beats_the_unigram_baseline_and_generates() {
     let out = ok(&["generate", &run_s, "--prompt", "Ham.\n", "--max-tokens", "100", "--seed", "3"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("Ham.\n") && text.trim_end().len() > 5, "{text:?}");
+}
+
+#[test]
+fn text_jobs_read_the_imdb_directory_layout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let words = ["good", "great", "fine", "bad", "awful", "dull"];
+    for (split, n) in [("train", 12), ("test", 4)] {
+        for (class, offset) in [("pos", 0), ("neg", 3)] {
+            let d = dir.path().join(split).join(class);
+            std::fs::create_dir_all(&d).expect("mkdir");
+            for i in 0..n {
+                let text = format!("a {} film, {} acting", words[offset + i % 3], words[offset + (i + 1) % 3]);
+                std::fs::write(d.join(format!("{i}_7.txt")), text).expect("write review");
+            }
+        }
+    }
+    // IMDb's train/ also holds unlabelled reviews, which must not become a class.
+    let unsup = dir.path().join("train/unsup");
+    std::fs::create_dir_all(&unsup).expect("mkdir");
+    std::fs::write(unsup.join("0_0.txt"), "no label").expect("write");
+    let job = edited_job(
+        "sentiment-gru.toml",
+        dir.path(),
+        &[
+            ("epochs = ", "epochs = 1 #"),
+            ("max_len = ", "max_len = 20 #"),
+        ],
+    );
+    let text = std::fs::read_to_string(&job).expect("job");
+    let text = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("path =") {
+                format!("path = \"{}\"", dir.path().join("train").display())
+            } else if l.starts_with("test_path =") {
+                format!("test_path = \"{}\"", dir.path().join("test").display())
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(&job, text).expect("write job");
+    let run = dir.path().join("run");
+    let run_s = run.display().to_string();
+    ok(&["train", &job, "--out", &run_s, "--quiet"]);
+    let summary = read_json(&run.join("summary.json"));
+    assert_eq!(summary["class_names"], serde_json::json!(["neg", "pos"]));
+    assert_eq!(summary["folds"][0]["train_examples"], 24);
+    assert_eq!(summary["folds"][0]["test_examples"], 8);
 }

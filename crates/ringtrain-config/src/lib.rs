@@ -576,8 +576,13 @@ impl Job {
                     format!("directory not found: {}", self.data.path.display()),
                 ));
             }
-            DataFormat::Text | DataFormat::Corpus | DataFormat::Series | DataFormat::Pairs
-                if !self.data.path.is_file() =>
+            DataFormat::Text if !self.data.path.exists() => {
+                return Err(fail(
+                    "data.path",
+                    format!("not found: {}", self.data.path.display()),
+                ));
+            }
+            DataFormat::Corpus | DataFormat::Series | DataFormat::Pairs if !self.data.path.is_file() =>
             {
                 return Err(fail(
                     "data.path",
@@ -587,7 +592,7 @@ impl Job {
             _ => {}
         }
         if let Some(t) = &self.data.test_path {
-            if !t.is_file() {
+            if !t.exists() {
                 return Err(fail("data.test_path", format!("file not found: {}", t.display())));
             }
         }

@@ -338,6 +338,32 @@ impl Examples for PairSet {
     }
 }
 
+/// A `label<TAB>text` file, or a directory with one subdirectory of text files per class (the
+/// IMDb layout; its `unsup/` directory of unlabelled reviews is left out).
+fn read_text_examples(path: &std::path::Path, classes: Option<&[String]>) -> Result<ringtrain_data::TextDataset> {
+    if !path.is_dir() {
+        return Ok(ringtrain_data::read_labeled_lines(path, classes)?);
+    }
+    let labelled: Option<Vec<String>> = match classes {
+        Some(c) => Some(c.to_vec()),
+        None if path.join("unsup").is_dir() => {
+            let mut names: Vec<String> = std::fs::read_dir(path)
+                .map_err(|source| ringtrain_data::DataError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir() && e.file_name() != "unsup")
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            names.sort();
+            Some(names)
+        }
+        None => None,
+    };
+    Ok(ringtrain_data::read_class_dirs(path, labelled.as_deref())?)
+}
+
 /// `source<TAB>target` lines; a line without a TAB is refused with its number.
 fn read_pairs(path: &std::path::Path) -> Result<Vec<(String, String)>> {
     let text = ringtrain_data::read_text(path)?;
@@ -642,9 +668,9 @@ impl Task {
     /// `label<TAB>text` files: the vocabulary is built from the training file only, so
     /// nothing of the test texts leaks into the model's inputs.
     fn from_text(job: &Job) -> Result<Task> {
-        let train = ringtrain_data::read_labeled_lines(&job.data.path, None)?;
+        let train = read_text_examples(&job.data.path, None)?;
         let test = match &job.data.test_path {
-            Some(p) => Some(ringtrain_data::read_labeled_lines(p, Some(&train.label_names))?),
+            Some(p) => Some(read_text_examples(p, Some(&train.label_names))?),
             None => None,
         };
         let tokenizer = match job.data.tokenizer.unwrap_or(TokenizerName::Word) {
