@@ -428,13 +428,15 @@ pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     }
     let mut printer = EventPrinter::new(args.job.quiet, prepared.epochs);
     let outcome = coordinate(&rt, listener, config, shutdown_signal(), &mut printer);
+    let result = outcome.map_err(job_failed).and_then(|o| report(&o, &args.job.out));
     if let Some((stop, server)) = metrics_server {
-        // The final state (succeeded/failed, last epoch) stays scrapeable for a while.
+        // The final state (succeeded/failed, last epoch) stays scrapeable for a while; the
+        // result is already printed, only the exit waits.
         std::thread::sleep(Duration::from_millis(args.metrics_linger_ms));
         let _ = stop.send(());
         let _ = rt.block_on(async { tokio::time::timeout(Duration::from_secs(2), server).await });
     }
-    report(&outcome.map_err(job_failed)?, &args.job.out)
+    result
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what Kubernetes sends before killing a pod), so the

@@ -5,6 +5,7 @@ mod cli;
 mod cluster;
 mod cnn;
 mod collective;
+mod deploy;
 mod reports;
 mod sequences;
 mod util;

@@ -131,7 +131,7 @@ impl Metrics {
             ("epoch", "Last completed epoch", &m.epoch),
             (
                 "checkpoint_epoch",
-                "Epoch of the last checkpoint on disk (0: none yet)",
+                "Epoch of the last checkpoint the writer rank reported by heartbeat (0: none yet)",
                 &m.checkpoint_epoch,
             ),
         ];
