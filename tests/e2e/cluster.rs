@@ -537,39 +537,118 @@ fn a_batch_the_workers_cannot_split_is_bad_input() {
     assert!(err.contains("batch_size 16 must divide evenly by --workers 3"), "{err}");
 }
 
-/// LeNet-5 on MNIST with three workers (opt-in: one epoch takes a minute or more on two
-/// cores): `cargo test --test e2e -- --ignored lenet`. Uses `--data` to point at the data.
-#[test]
-#[ignore = "slow: one MNIST epoch; run with --ignored"]
-fn lenet_on_mnist_with_three_workers() {
-    let data = repo().join("../shared/data/mnist");
-    if !data.is_dir() {
-        eprintln!("skipped: no MNIST at {}", data.display());
-        return;
+/// The first `train` training and `test` test images of `../shared/data/mnist`, written as
+/// plain IDX files in `dir` (MNIST's names), or `None` when the data is not there.
+fn mnist_subset(dir: &Path, train: usize, test: usize) -> Option<PathBuf> {
+    let src = repo().join("../shared/data/mnist");
+    if !src.is_dir() {
+        return None;
     }
+    let mnist = ringtrain_data::load_mnist(&src).expect("read MNIST");
+    let out = dir.join("mnist");
+    std::fs::create_dir_all(&out).expect("mkdir");
+    for (prefix, split, n) in [("train", &mnist.train, train), ("t10k", &mnist.test, test)] {
+        let (r, c) = (split.images.rows, split.images.cols);
+        let mut images = Vec::with_capacity(16 + n * r * c);
+        for v in [2051u32, n as u32, r as u32, c as u32] {
+            images.extend_from_slice(&v.to_be_bytes());
+        }
+        images.extend_from_slice(&split.images.pixels[..n * r * c]);
+        std::fs::write(out.join(format!("{prefix}-images-idx3-ubyte")), images).expect("write images");
+        let mut labels = Vec::with_capacity(8 + n);
+        for v in [2049u32, n as u32] {
+            labels.extend_from_slice(&v.to_be_bytes());
+        }
+        labels.extend_from_slice(&split.labels[..n]);
+        std::fs::write(out.join(format!("{prefix}-labels-idx1-ubyte")), labels).expect("write labels");
+    }
+    Some(out)
+}
+
+/// The LeNet-5 job with `edits`, written to `dir/name.toml`.
+fn lenet_job(dir: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
+    let mut text = std::fs::read_to_string(repo().join("examples/mnist-lenet.toml")).expect("lenet job");
+    for (from, to) in edits {
+        assert!(text.contains(from), "{from:?} not in the job");
+        text = text.replace(from, to);
+    }
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).expect("write job");
+    path
+}
+
+/// LeNet-5 on a 1 920-image MNIST subset: three workers against one process with the same
+/// global batch. Loss falls, every rank ends bitwise identical, and the results agree.
+#[test]
+fn lenet_with_three_workers_matches_one_process_on_an_mnist_subset() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let text = std::fs::read_to_string(repo().join("examples/mnist-lenet.toml")).expect("mnist job");
-    let text = text
-        .replace("epochs = 8", "epochs = 1")
-        .replace("batch_size = 64", "batch_size = 96");
-    let job = tmp.path().join("lenet.toml");
-    std::fs::write(&job, text).expect("write job");
-    let dir = tmp.path().join("run");
-    let args = [
-        "launch",
-        "--workers",
-        "3",
-        s(&job),
-        "--out",
-        s(&dir),
-        "--data",
-        s(&data),
-        "--quiet",
-    ];
-    let out = run_ok(&args, Duration::from_secs(600));
+    let Some(data) = mnist_subset(tmp.path(), 1920, 600) else {
+        panic!("this test needs ../shared/data/mnist (the shared datasets)");
+    };
+    let job = lenet_job(
+        tmp.path(),
+        "lenet",
+        &[("epochs = 8", "epochs = 2"), ("batch_size = 64", "batch_size = 48")],
+    );
+    let one = tmp.path().join("one");
+    let three = tmp.path().join("three");
+    let status = crate::util::ringtrain(&["train", s(&job), "--data", s(&data), "--out", s(&one), "--quiet"]);
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let out = run_ok(
+        &["launch", "--workers", "3", s(&job), "--data", s(&data), "--out", s(&three), "--quiet", "--threads", "1"],
+        5 * MINUTE,
+    );
     assert!(out.contains("bitwise identical"), "{out}");
-    let accuracy = read_json(&dir.join("summary.json"))["test_accuracy"]
-        .as_f64()
-        .expect("test_accuracy");
-    assert!(accuracy >= 0.95, "accuracy {accuracy}");
+    let epochs = |dir: &Path| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .expect("metrics")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect()
+    };
+    let (m1, m3) = (epochs(&one), epochs(&three));
+    let loss = |m: &[serde_json::Value], e: usize| m[e]["train_loss"].as_f64().expect("train_loss");
+    assert!(loss(&m3, 1) < loss(&m3, 0), "train loss did not fall: {m3:?}");
+    let rel = (loss(&m3, 1) - loss(&m1, 1)).abs() / loss(&m1, 1);
+    assert!(rel < 1e-3, "3 workers {} vs 1 process {}", loss(&m3, 1), loss(&m1, 1));
+    let acc = |dir: &Path| read_json(&dir.join("summary.json"))["test_accuracy"].as_f64().expect("accuracy");
+    assert!((acc(&one) - acc(&three)).abs() <= 1.0 / 600.0 + 1e-12, "{} vs {}", acc(&one), acc(&three));
+    assert!(acc(&three) > 0.8, "accuracy {}", acc(&three));
+}
+
+/// K = 2 cross-validation of a CNN on two workers: per-fold metrics, mean ± std, and the two
+/// test folds are disjoint and cover the data.
+#[test]
+fn distributed_kfold_of_a_cnn() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let Some(data) = mnist_subset(tmp.path(), 960, 10) else {
+        panic!("this test needs ../shared/data/mnist (the shared datasets)");
+    };
+    let job = lenet_job(
+        tmp.path(),
+        "lenet-kfold",
+        &[
+            ("epochs = 8", "epochs = 1"),
+            ("batch_size = 64", "batch_size = 32"),
+            ("scheme = \"provided\"", "scheme = \"kfold\"\nfolds = 2"),
+        ],
+    );
+    let dir = tmp.path().join("run");
+    let out = run_ok(
+        &["launch", "--workers", "2", s(&job), "--data", s(&data), "--out", s(&dir), "--quiet", "--threads", "1"],
+        5 * MINUTE,
+    );
+    for fold in 0..2 {
+        assert!(out.contains(&format!("fold {fold}: test loss")), "fold {fold} missing:\n{out}");
+    }
+    let summary = read_json(&dir.join("summary.json"));
+    let folds = summary["folds"].as_array().expect("folds");
+    assert_eq!(folds.len(), 2);
+    let tested: u64 = folds.iter().map(|f| f["test_examples"].as_u64().expect("n")).sum();
+    let trained: Vec<u64> = folds.iter().map(|f| f["train_examples"].as_u64().expect("n")).collect();
+    // Disjoint and covering: each example is tested once and trained on in the other fold.
+    assert_eq!(tested, 960);
+    assert_eq!(trained, vec![480, 480]);
+    assert_eq!(summary["kfold"]["accuracy"]["values"].as_array().map(Vec::len), Some(2));
+    assert!(summary["kfold"]["accuracy"]["std"].as_f64().is_some());
 }

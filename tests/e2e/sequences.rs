@@ -150,8 +150,8 @@ fn encoder_decoder_transformer_learns_to_reverse_digit_strings() {
         "reverse-transformer.toml",
         dir.path(),
         &[
-            (&format!("path = \"{}/data/reverse-digits/train.tsv\"", repo().display()), &format!("path = \"{train}\"")),
-            (&format!("test_path = \"../data/reverse-digits/test.tsv\""), &format!("test_path = \"{test}\"")),
+            (&format!("\"{}/data/reverse-digits/train.tsv\"", repo().display()), &format!("\"{train}\"")),
+            (&format!("\"{}/data/reverse-digits/test.tsv\"", repo().display()), &format!("\"{test}\"")),
             ("epochs = 6", "epochs = 8"),
             ("ff_dim = 128", "ff_dim = 64"),
             ("embedding_dim = 64", "embedding_dim = 32"),
