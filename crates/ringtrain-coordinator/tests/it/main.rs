@@ -309,7 +309,9 @@ async fn health_answers_without_a_token_and_metrics_follow_the_job() {
     let mut health = HealthClient::new(channel);
     for service in ["", HEALTH_SERVICE] {
         let status = health
-            .check(HealthCheckRequest { service: service.into() })
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
             .await
             .unwrap()
             .into_inner()
