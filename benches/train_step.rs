@@ -3,13 +3,22 @@
 //! same shapes) are in `../shared/design/peers.md`; compare ratios measured on one machine.
 //!
 //! Run: `cargo bench --profile dev --bench train_step` (`RINGTRAIN_BENCH_THREADS=2` for two
-//! threads; default one).
+//! threads; default one; `RINGTRAIN_BENCH_CLOCK=cpu` to time the sequence models by CPU time
+//! on a busy machine).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ringtrain_autograd::{Graph, ParamStore, Tensor};
-use ringtrain_nn::{init_store, zoo, Activation, Loss, Module, Targets};
+use ringtrain_nn::{
+    init_store, zoo, Activation, CellKind, Loss, Module, SequenceClassifier, Targets, TransformerClassifier,
+    TransformerConfig,
+};
 use ringtrain_optim::{Optimizer, OptimizerKind};
 use ringtrain_tensor::{random, threads};
+
+// As in the `ringtrain` binary: glibc's allocator hands multi-megabyte activations back to the
+// kernel every step and the page faults of refilling them dominated the profile.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 struct Step {
     model: Box<dyn Module>,
@@ -37,6 +46,15 @@ impl Step {
         }
     }
 
+    /// A step on token ids `[batch, seq]` drawn uniformly from `1..vocab` (no padding), with
+    /// `classes` balanced labels.
+    fn tokens(model: Box<dyn Module>, vocab: usize, batch: usize, seq: usize, classes: usize) -> Step {
+        let mut step = Step::new(model, OptimizerKind::adam(0.0), &[batch, seq], classes);
+        let u = random::uniform(&[batch, seq], 1.0, vocab as f32, &mut random::rng(3));
+        step.x = u.map(|v| v.floor().min(vocab as f32 - 1.0));
+        step
+    }
+
     fn run(&mut self) {
         {
             let mut g = Graph::new(&self.store);
@@ -47,6 +65,40 @@ impl Step {
             g.param_grads_into(&grads, &mut self.grad).expect("grads");
         }
         self.opt.step(self.store.flat_mut(), &self.grad, 1e-3).expect("step");
+    }
+}
+
+/// CPU nanoseconds the calling thread has run (the kernel's `sum_exec_runtime`, updated at
+/// least every scheduler tick).
+fn thread_cpu_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
+/// `RINGTRAIN_BENCH_CLOCK=cpu` times steps by the benchmarking thread's CPU time instead of the
+/// wall clock: on a machine shared with other builds, wall time mostly measures the neighbours.
+/// Valid with one BLAS thread and one rayon thread (all work then runs on this thread).
+fn cpu_clock() -> bool {
+    std::env::var("RINGTRAIN_BENCH_CLOCK").is_ok_and(|v| v == "cpu") && thread_cpu_ns().is_some()
+}
+
+fn bench_step<M: criterion::measurement::Measurement<Value = std::time::Duration>>(
+    group: &mut criterion::BenchmarkGroup<'_, M>,
+    name: &str,
+    step: &mut Step,
+) {
+    if cpu_clock() {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let t0 = thread_cpu_ns().unwrap_or(0);
+                for _ in 0..iters {
+                    step.run();
+                }
+                std::time::Duration::from_nanos(thread_cpu_ns().unwrap_or(0).saturating_sub(t0))
+            })
+        });
+    } else {
+        group.bench_function(name, |b| b.iter(|| step.run()));
     }
 }
 
@@ -83,6 +135,37 @@ fn train_steps(c: &mut Criterion) {
     group.finish();
 }
 
+/// The two sequence models of `peers.md`, same shapes as PyTorch's figures: vocabulary 10 000,
+/// sequences of 64 tokens, batch 32, Adam, 2 classes.
+fn sequence_steps(c: &mut Criterion) {
+    let t = bench_threads();
+    threads::configure(threads::ThreadConfig { blas: t, rayon: t });
+    let mut group = c.benchmark_group(format!("train_step_{t}thread"));
+    group.measurement_time(std::time::Duration::from_secs(8));
+    group.sample_size(20);
+    group.throughput(Throughput::Elements(32));
+
+    let lstm = SequenceClassifier::new(CellKind::Lstm, 10_000, 64, &[128], false, 0.0, 2);
+    let mut lstm = Step::tokens(Box::new(lstm), 10_000, 32, 64, 2);
+    bench_step(&mut group, "lstm_v10000_e64_h128_t64_b32_adam", &mut lstm);
+
+    // PyTorch's nn.TransformerEncoderLayer defaults: post-norm, ReLU, dropout 0.1.
+    let cfg = TransformerConfig {
+        max_len: 64,
+        ..TransformerConfig::new(10_000, 64, 4, 2, 256)
+    };
+    let mut tf = Step::tokens(Box::new(TransformerClassifier::new(cfg.clone(), 2)), 10_000, 32, 64, 2);
+    bench_step(&mut group, "transformer_v10000_d64_h4_l2_ff256_t64_b32_adam", &mut tf);
+    let no_dropout = TransformerConfig { dropout: 0.0, ..cfg };
+    let mut tf0 = Step::tokens(Box::new(TransformerClassifier::new(no_dropout, 2)), 10_000, 32, 64, 2);
+    bench_step(
+        &mut group,
+        "transformer_v10000_d64_h4_l2_ff256_t64_b32_adam_nodropout",
+        &mut tf0,
+    );
+    group.finish();
+}
+
 /// conv2d forward + backward alone: LeNet's second convolution (6→16, 5×5) on a batch of 64.
 fn conv2d(c: &mut Criterion) {
     let t = bench_threads();
@@ -106,5 +189,5 @@ fn conv2d(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, train_steps, conv2d);
+criterion_group!(benches, train_steps, sequence_steps, conv2d);
 criterion_main!(benches);

@@ -23,8 +23,8 @@
 
 use ndarray::linalg::general_mat_mul;
 use ndarray::{ArrayView2, ArrayViewMut2, ShapeBuilder};
-use rand::RngCore;
 
+use crate::fused;
 use crate::random::Rng;
 use crate::{Result, Tensor, TensorError};
 
@@ -173,8 +173,7 @@ pub fn attention_forward(
     };
     let keep = 1.0 - p_drop;
     let inv_keep = 1.0 / keep;
-    // u32 draws below this keep their probability.
-    let threshold = (f64::from(keep) * 4_294_967_296.0) as u64;
+    let mut sampler = crate::random::KeepSampler::new(f64::from(keep));
 
     let mut out = vec![0.0f32; bsz * tq * d];
     let mut probs = vec![0.0f32; bsz * heads * tq * tk];
@@ -194,7 +193,8 @@ pub fn attention_forward(
             let kb = block(k, dims, b, head)?;
             {
                 let mut s = view_mut(&mut probs, base, tq, tk, tk)?;
-                general_mat_mul(scale, &qb, &kb.t(), 0.0, &mut s);
+                // beta = 1 on the zeroed buffers: BLAS then skips its own pass zeroing C
+                general_mat_mul(scale, &qb, &kb.t(), 1.0, &mut s);
             }
             for i in 0..tq {
                 let row = &mut probs[base + i * tk..base + (i + 1) * tk];
@@ -208,19 +208,20 @@ pub fn attention_forward(
                 row[visible..].fill(f32::NEG_INFINITY);
                 if let Some(keys) = keys {
                     for (x, &m) in row[..visible].iter_mut().zip(keys) {
-                        if m == 0.0 {
-                            *x = f32::NEG_INFINITY;
-                        }
+                        *x = if m == 0.0 { f32::NEG_INFINITY } else { *x };
                     }
                 }
-                let max = row[..visible].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                // `if >` rather than f32::max (NaN rules) so the loops vectorise
+                let max = row[..visible]
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
                 if max == f32::NEG_INFINITY {
                     // every key masked: attend to nothing rather than divide 0 by 0
                     row.fill(0.0);
                 } else {
                     let mut sum = 0.0f32;
                     for x in row[..visible].iter_mut() {
-                        *x = (*x - max).exp();
+                        *x = fused::exp_nonpositive(*x - max);
                         sum += *x;
                     }
                     let inv = 1.0 / sum;
@@ -228,18 +229,13 @@ pub fn attention_forward(
                     row[visible..].fill(0.0);
                 }
                 if let Some(rng) = rng.as_deref_mut() {
+                    sampler.draw(rng, tk);
                     let dropped = &mut scratch[i * tk..(i + 1) * tk];
-                    for (x, o) in row.iter_mut().zip(dropped) {
-                        if u64::from(rng.next_u32()) < threshold {
-                            *o = *x * inv_keep;
-                        } else {
-                            *o = 0.0;
-                            // sign bit = dropped (see the module docs); -0.0 for a zero
-                            *x = -x.abs();
-                            if *x == 0.0 {
-                                *x = -0.0;
-                            }
-                        }
+                    for (j, (x, o)) in row.iter_mut().zip(dropped).enumerate() {
+                        let keep = sampler.keep(j);
+                        *o = if keep { *x * inv_keep } else { 0.0 };
+                        // sign bit = dropped (see the module docs); -(+0.0) is -0.0
+                        *x = if keep { *x } else { -*x };
                     }
                 }
             }
@@ -250,7 +246,7 @@ pub fn attention_forward(
                 view(&probs, base, tq, tk, tk)?
             };
             let mut ob = view_mut(&mut out, b * tq * d + head * dims.head_dim, tq, dims.head_dim, d)?;
-            general_mat_mul(1.0, &pd, &vb, 0.0, &mut ob);
+            general_mat_mul(1.0, &pd, &vb, 1.0, &mut ob);
         }
     }
     Ok((

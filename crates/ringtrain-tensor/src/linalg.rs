@@ -58,7 +58,8 @@ impl Tensor {
                     return Err(self.shape_err(OP, other));
                 }
                 let mut out = ndarray::Array2::<f32>::zeros((a.nrows(), b.ncols()));
-                general_mat_mul(1.0, &a, &b, 0.0, &mut out);
+                // beta = 1 on a zeroed buffer: BLAS then skips its own pass zeroing C
+                general_mat_mul(1.0, &a, &b, 1.0, &mut out);
                 Ok(Tensor::from_array(out.into_dyn()))
             }
             (3, 3) => {
@@ -94,7 +95,7 @@ impl Tensor {
                     let a = maybe_t(a3.index_axis(Axis(0), i), trans_a);
                     let b = maybe_t(b3.index_axis(Axis(0), i), trans_b);
                     let mut c = out.index_axis_mut(Axis(0), i);
-                    general_mat_mul(1.0, &a, &b, 0.0, &mut c);
+                    general_mat_mul(1.0, &a, &b, 1.0, &mut c);
                 }
                 Ok(Tensor::from_array(out.into_dyn()))
             }
@@ -139,7 +140,8 @@ impl Tensor {
             op: OP,
             reason: e.to_string(),
         })?;
-        general_mat_mul(1.0, &x, &wv.t(), if b.is_some() { 1.0 } else { 0.0 }, &mut c);
+        // beta = 1: C holds the bias rows, or zeros (BLAS then skips its own zeroing pass)
+        general_mat_mul(1.0, &x, &wv.t(), 1.0, &mut c);
         let mut shape = self.shape().to_vec();
         if let Some(last) = shape.last_mut() {
             *last = out_f;
@@ -167,14 +169,15 @@ impl Tensor {
         })?;
         let dx = if need[0] {
             let mut dx = ndarray::Array2::<f32>::zeros((rows, inp));
-            general_mat_mul(1.0, &gv, &wv, 0.0, &mut dx);
+            // beta = 1 on a zeroed buffer: BLAS then skips its own pass zeroing C
+            general_mat_mul(1.0, &gv, &wv, 1.0, &mut dx);
             Some(Tensor::from_vec(x.shape(), dx.into_raw_vec_and_offset().0)?)
         } else {
             None
         };
         let dw = if need[1] {
             let mut dw = ndarray::Array2::<f32>::zeros((out_f, inp));
-            general_mat_mul(1.0, &gv.t(), &xv, 0.0, &mut dw);
+            general_mat_mul(1.0, &gv.t(), &xv, 1.0, &mut dw);
             Some(Tensor::from_array(dw.into_dyn()))
         } else {
             None
