@@ -561,7 +561,7 @@ fn metric(page: &str, name: &str) -> f64 {
 }
 
 /// How the rehearsal maps the cluster onto this machine: Service names and 0.0.0.0 to
-/// 127.0.0.1, each manifest port to a free local one (per pod for the workers' port),
+/// 127.0.0.1, each manifest port to a local one (0 = any, for the process that listens),
 /// mount paths to directories, Secret and resource references to their values.
 struct Rehearsal {
     root: PathBuf,
@@ -679,25 +679,28 @@ fn the_kubernetes_topology_rehearsed_on_localhost_trains_iris_and_exports_real_m
         .iter()
         .map(|(k, v)| (k.clone(), str_of(v).to_owned()))
         .collect();
-    let mut ports = BTreeMap::new();
-    for name in ["grpc", "metrics"] {
-        ports.insert(container_port(coord, name), free_port());
-    }
-    let r = Rehearsal {
+    // The coordinator binds port 0 for each of its ports; the workers then dial what it
+    // printed, as they would dial the Service.
+    let (grpc, metrics) = (container_port(coord, "grpc"), container_port(coord, "metrics"));
+    let mut r = Rehearsal {
         root: tmp.path().to_path_buf(),
-        ports,
+        ports: BTreeMap::from([(grpc, 0), (metrics, 0)]),
         secret,
     };
 
     let deadline = Instant::now() + 2 * MINUTE;
     let mut coordinator = r.start(coord, &BTreeMap::new(), "coordinator");
-    coordinator.line(deadline, |l| l.contains("\"role\":\"coordinator\""));
-    let metrics_addr = format!("127.0.0.1:{}", r.ports[&container_port(coord, "metrics")]);
+    for (role, port) in [("coordinator", grpc), ("metrics", metrics)] {
+        let line = coordinator.line(deadline, |l| l.contains(&format!("\"role\":\"{role}\"")));
+        let v: Value = serde_json::from_str(&line).expect("json line");
+        r.ports.insert(port, port_of(str_of(&v["addr"])) as u16);
+    }
+    let metrics_addr = format!("127.0.0.1:{}", r.ports[&metrics]);
     let collective = container_port(worker, "collective");
     let mut workers: Vec<Proc> = (0..world)
         .map(|i| {
-            // Pods have their own IPs; here each worker needs its own port.
-            let own = BTreeMap::from([(collective, free_port())]);
+            // Pods have their own IPs; here each worker binds its own port.
+            let own = BTreeMap::from([(collective, 0)]);
             r.start(worker, &own, &format!("worker {i}"))
         })
         .collect();
