@@ -684,6 +684,11 @@ pub fn run_job_opts(
                 for line in old.lines().take(done) {
                     metrics_lines.push_str(line);
                     metrics_lines.push('\n');
+                    // A checkpoint of the last epoch leaves nothing to train: the summary's
+                    // train loss is then the last recorded one.
+                    if let Ok(r) = serde_json::from_str::<EpochReport>(line) {
+                        train_loss = r.train_loss;
+                    }
                 }
             }
         }
