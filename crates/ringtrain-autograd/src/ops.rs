@@ -89,7 +89,7 @@ impl Graph<'_> {
     }
 
     pub fn tanh(&mut self, x: Var) -> Var {
-        let v = self.value(x).map(f32::tanh);
+        let v = self.value(x).map(fused::tanh);
         self.unary(x, v, Op::Tanh(x))
     }
 
@@ -468,13 +468,7 @@ impl Graph<'_> {
 }
 
 pub(crate) fn sigmoid(x: f32) -> f32 {
-    // Two branches so exp never overflows.
-    if x >= 0.0 {
-        1.0 / (1.0 + (-x).exp())
-    } else {
-        let e = x.exp();
-        e / (1.0 + e)
-    }
+    fused::sigmoid(x)
 }
 
 trait ShapeMismatch {

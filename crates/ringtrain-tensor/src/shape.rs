@@ -1,6 +1,6 @@
 //! Shape manipulation: reshape, permute, slice, concat, gather (index_select) and its adjoint.
 
-use ndarray::{Axis, IxDyn, Slice};
+use ndarray::{Axis, IxDyn};
 
 use crate::{Result, Tensor, TensorError};
 
@@ -63,9 +63,19 @@ impl Tensor {
                 ),
             });
         }
-        Ok(Tensor::from_array(
-            self.data.slice_axis(Axis(axis), Slice::from(start..end)).to_owned(),
-        ))
+        // (outer, len·inner) blocks: each kept block is one contiguous copy, where the n-d
+        // strided iterator visited element by element (LSTM gates and time steps)
+        let inner: usize = self.shape()[axis + 1..].iter().product();
+        let (src_block, dst_block) = (len * inner, (end - start) * inner);
+        let mut out = Vec::with_capacity(self.len() / len.max(1) * (end - start));
+        if src_block > 0 {
+            for block in self.as_slice().chunks_exact(src_block) {
+                out.extend_from_slice(&block[start * inner..start * inner + dst_block]);
+            }
+        }
+        let mut shape = self.shape().to_vec();
+        shape[axis] = end - start;
+        Tensor::from_vec(&shape, out)
     }
 
     /// Adds `src` into the elements `start..start + src.shape()[axis]` along `axis` (the adjoint
@@ -80,12 +90,25 @@ impl Tensor {
         if axis >= self.ndim() || src.ndim() != self.ndim() || start + src.shape()[axis] > self.shape()[axis] {
             return Err(bad());
         }
-        let end = start + src.shape()[axis];
-        let mut dst = self.data.slice_axis_mut(Axis(axis), Slice::from(start..end));
-        if dst.shape() != src.shape() {
+        let same_other_axes = (0..self.ndim()).all(|a| a == axis || self.shape()[a] == src.shape()[a]);
+        if !same_other_axes {
             return Err(bad());
         }
-        dst += &src.data;
+        let inner: usize = self.shape()[axis + 1..].iter().product();
+        let (dst_block, src_block) = (self.shape()[axis] * inner, src.shape()[axis] * inner);
+        if dst_block == 0 || src_block == 0 {
+            return Ok(());
+        }
+        for (d, s) in self
+            .as_mut_slice()
+            .chunks_exact_mut(dst_block)
+            .zip(src.as_slice().chunks_exact(src_block))
+        {
+            d[start * inner..start * inner + src_block]
+                .iter_mut()
+                .zip(s)
+                .for_each(|(a, &b)| *a += b);
+        }
         Ok(())
     }
 
@@ -170,6 +193,21 @@ mod tests {
         assert_eq!(b.shape(), &[4, 2, 3]);
         assert_eq!(b.as_slice()[1], 4.0);
         assert!(a.permute(&[0, 0]).is_err());
+    }
+
+    #[test]
+    fn slice_and_its_adjoint_on_a_middle_axis() {
+        let a = iota(&[2, 3, 2]);
+        let s = a.slice_axis(1, 1, 3).unwrap();
+        assert_eq!(s.shape(), &[2, 2, 2]);
+        assert_eq!(s.to_vec(), vec![2., 3., 4., 5., 8., 9., 10., 11.]);
+        let mut z = Tensor::zeros(&[2, 3, 2]);
+        z.slice_axis_add(1, 1, &s).unwrap();
+        z.slice_axis_add(1, 1, &s).unwrap();
+        assert_eq!(z.to_vec(), vec![0., 0., 4., 6., 8., 10., 0., 0., 16., 18., 20., 22.]);
+        assert!(z.slice_axis_add(1, 2, &s).is_err());
+        assert!(z.slice_axis_add(0, 0, &iota(&[1, 2, 2])).is_err());
+        assert_eq!(a.slice_axis(2, 1, 1).unwrap().shape(), &[2, 3, 0]);
     }
 
     #[test]
