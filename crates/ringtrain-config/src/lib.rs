@@ -396,6 +396,11 @@ pub struct EvaluationConfig {
     pub stratify: bool,
     #[serde(default = "five")]
     pub folds: usize,
+    /// k-fold on a cluster: train the folds in parallel on groups of workers, each group its
+    /// own ring (G groups, G the largest divisor of the worker count that is at most `folds`),
+    /// instead of one after another on the whole ring. Same splits and seeds either way.
+    #[serde(default)]
+    pub parallel_folds: bool,
 }
 
 impl Default for EvaluationConfig {
@@ -405,6 +410,7 @@ impl Default for EvaluationConfig {
             test_fraction: test_fraction(),
             stratify: true,
             folds: five(),
+            parallel_folds: false,
         }
     }
 }
@@ -552,6 +558,12 @@ impl Job {
             return Err(fail(
                 "evaluation.folds",
                 format!("k-fold needs at least 2 folds, got {}", e.folds),
+            ));
+        }
+        if e.parallel_folds && e.scheme != EvalScheme::Kfold {
+            return Err(fail(
+                "evaluation.parallel_folds",
+                "runs the folds of scheme = \"kfold\" in parallel; this job has no folds".into(),
             ));
         }
         if self.model.kind == ModelKind::Mlp && self.model.hidden.contains(&0) {
@@ -782,6 +794,17 @@ batch_size = 4
             .to_string();
         assert!(err.contains("unknown variant `transformr`"), "{err}");
         assert!(check(&GOOD.replace("batch_size = 4", "batch_size = 0")).is_err());
+    }
+
+    #[test]
+    fn parallel_folds_need_kfold() {
+        let kfold = format!("{GOOD}\n[evaluation]\nscheme = \"kfold\"\nfolds = 3\nparallel_folds = true\n");
+        assert!(check(&kfold).unwrap().evaluation.parallel_folds);
+        assert!(!check(GOOD).unwrap().evaluation.parallel_folds, "off by default");
+        let err = check(&kfold.replace("scheme = \"kfold\"", "scheme = \"train_test\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(":26: `evaluation.parallel_folds`: runs the folds"), "{err}");
     }
 
     #[test]

@@ -72,6 +72,19 @@ pub enum CoordinatorError {
     #[error("worker rank {rank} ended with parameters {theirs:016x}, rank 0 with {ours:016x}: ranks diverged")]
     ParamsDiffer { rank: usize, ours: u64, theirs: u64 },
 
+    /// Ranks of one parallel k-fold group finished with different parameters.
+    #[error(
+        "worker rank {rank} ended with parameters {theirs:016x}, rank {first_rank} of the same fold \
+         group {group} with {ours:016x}: ranks diverged"
+    )]
+    GroupParamsDiffer {
+        group: usize,
+        rank: usize,
+        first_rank: usize,
+        ours: u64,
+        theirs: u64,
+    },
+
     /// The shutdown signal arrived before the job ended.
     #[error("coordinator shut down before the job ended (epoch {epoch}); {checkpoint}")]
     Shutdown { epoch: u64, checkpoint: LastCheckpoint },

@@ -19,6 +19,16 @@
 //!    its final parameters, or its error. The job succeeds when every rank finished with the
 //!    same checksum.
 //!
+//! **Parallel k-fold.** With [`CoordinatorConfig::parallel_folds`] set to K, the workers are
+//! split at the rendezvous into G rings ([`fold_groups`]: G is the largest divisor of the
+//! worker count that is at most K). Each assignment then also carries the worker's group:
+//! its rank in the group's ring, the group's peers, the folds it trains (`g, g + G, ...`) and
+//! a collective job id of its own. Liveness stays per worker, and a failure anywhere stops
+//! every group. Ranks must agree on their checksum within their group; the outcome lists each
+//! group's summary and `metrics.jsonl` lines ([`GroupOutcome`]) for the caller to merge. The
+//! run directory goes to the first rank of the group that trains the last fold, so its saved
+//! model is the last fold's, as in sequential k-fold.
+//!
 //! A failure a worker reports (typically "lost my neighbour") usually has a cause elsewhere;
 //! the coordinator waits [`CoordinatorConfig::failure_grace`] for a lost worker to blame
 //! before it reports the worker's own error.
@@ -34,6 +44,7 @@
 //! progress goes out as [`Event`]s.
 
 mod error;
+mod groups;
 mod metrics;
 mod server;
 
@@ -41,6 +52,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use error::{CoordinatorError, LastCheckpoint, Result};
+pub use groups::{fold_groups, FoldPlan};
 pub use metrics::{serve_metrics, JobState, Metrics, METRICS_PATH};
 pub use ringtrain_proto::coordinator::Assignment;
 pub use server::serve;
@@ -101,6 +113,9 @@ pub struct CoordinatorConfig {
     pub events: Option<mpsc::UnboundedSender<Event>>,
     /// Operator metrics to keep up to date, if someone serves them.
     pub metrics: Option<Arc<Metrics>>,
+    /// Parallel k-fold with this many folds: the workers form [`fold_groups`] rings, each
+    /// training its share of the folds. `None`: one ring of every worker.
+    pub parallel_folds: Option<usize>,
 }
 
 /// Name under which the health service reports the coordinator (besides `""`).
@@ -121,6 +136,7 @@ impl std::fmt::Debug for CoordinatorConfig {
             .field("heartbeat_interval", &self.heartbeat_interval)
             .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("collective_timeout", &self.collective_timeout)
+            .field("parallel_folds", &self.parallel_folds)
             .finish()
     }
 }
@@ -145,6 +161,7 @@ impl CoordinatorConfig {
             failure_grace: Duration::from_secs(1),
             events: None,
             metrics: None,
+            parallel_folds: None,
         }
     }
 
@@ -174,6 +191,9 @@ impl CoordinatorConfig {
         }
         if self.rendezvous_timeout.is_zero() || self.collective_timeout.is_zero() {
             return bad("timeouts must be positive".into());
+        }
+        if self.parallel_folds == Some(0) {
+            return bad("parallel k-fold needs at least one fold".into());
         }
         Ok(())
     }
@@ -215,6 +235,10 @@ pub enum Event {
     RingFormed {
         peers: Vec<String>,
     },
+    /// Parallel k-fold: the rings formed at the rendezvous (after [`Event::RingFormed`]).
+    FoldGroups {
+        groups: Vec<FoldPlan>,
+    },
     Epoch(EpochRecord),
     /// A rank reported success.
     Finished {
@@ -239,5 +263,22 @@ pub struct JobOutcome {
     /// Per rank: seconds spent in collectives.
     pub comm_secs: Vec<f64>,
     /// Optimizer steps taken.
+    pub steps: u64,
+    /// Parallel k-fold: one entry per group, by index (empty otherwise). `summary_json`,
+    /// `params_checksum` and `steps` above are then those of the group that wrote the run
+    /// directory (the one that trained the last fold).
+    pub groups: Vec<GroupOutcome>,
+}
+
+/// What one ring of a parallel k-fold job reported.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GroupOutcome {
+    pub plan: FoldPlan,
+    /// The group's run summary (JSON), covering only its folds.
+    pub summary_json: String,
+    /// The group's `metrics.jsonl` lines (each names its fold).
+    pub metrics_jsonl: String,
+    /// The final parameters' checksum (of the group's last fold), equal on the group's ranks.
+    pub params_checksum: u64,
     pub steps: u64,
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ringtrain_proto::coordinator::{
     coordinator_service, Abort, AbortStream, Assignment, Beat, CoordinatorHandler, EpochUpdate, FinishReport,
-    InboundBeats, Registration, WorkerOutcome,
+    FoldGroup, InboundBeats, Registration, WorkerOutcome,
 };
 use ringtrain_proto::grpc::TOKEN_METADATA_KEY;
 use tokio::net::TcpListener;
@@ -19,8 +19,9 @@ use tonic::transport::Server;
 use tonic::{Request, Status};
 
 use crate::error::{CoordinatorError, LastCheckpoint, Result};
+use crate::groups::{fold_groups, FoldPlan};
 use crate::metrics::{EpochMetrics, JobState};
-use crate::{CoordinatorConfig, EpochRecord, Event, JobOutcome, WorkerInfo, HEALTH_SERVICE};
+use crate::{CoordinatorConfig, EpochRecord, Event, GroupOutcome, JobOutcome, WorkerInfo, HEALTH_SERVICE};
 
 /// How often the supervisor looks at the clock when nothing happens.
 const TICK: Duration = Duration::from_millis(100);
@@ -61,6 +62,12 @@ struct Shared {
     ring: watch::Sender<Option<Vec<String>>>,
     wake: Notify,
     rendezvous_deadline: Instant,
+    /// Parallel k-fold rings (empty: one ring of every worker).
+    groups: Vec<FoldPlan>,
+    /// The rank that writes the run directory: the configured one, or with fold groups the
+    /// first rank of the group that trains the last fold (so the saved model is the last
+    /// fold's, as in sequential k-fold).
+    writer: usize,
 }
 
 impl Shared {
@@ -75,8 +82,12 @@ impl Shared {
         }
     }
 
+    fn group_of(&self, rank: usize) -> Option<&FoldPlan> {
+        self.groups.iter().find(|g| g.ranks.contains(&rank))
+    }
+
     fn checkpoint(&self, st: &State) -> LastCheckpoint {
-        let writer = st.slots.get(self.config.writer_rank);
+        let writer = st.slots.get(self.writer);
         LastCheckpoint {
             epoch: writer.and_then(|s| s.checkpoint_epoch),
             path: self
@@ -173,6 +184,11 @@ impl CoordinatorHandler for Handler {
                 }
                 st.formed = true;
                 shared.emit(Event::RingFormed { peers: peers.clone() });
+                if !shared.groups.is_empty() {
+                    shared.emit(Event::FoldGroups {
+                        groups: shared.groups.clone(),
+                    });
+                }
                 shared.ring.send_replace(Some(peers));
             }
             rank
@@ -190,6 +206,15 @@ impl CoordinatorHandler for Handler {
                 )));
             }
         };
+        let group = shared.group_of(rank).map(|g| FoldGroup {
+            index: g.index,
+            count: shared.groups.len(),
+            rank: rank - g.ranks.start,
+            peers: peers.get(g.ranks.clone()).map(<[String]>::to_vec).unwrap_or_default(),
+            folds: g.folds.clone(),
+            // The job id is printable ASCII without spaces (validated), and so is this.
+            ring_id: format!("{}.group{}", config.job_id, g.index),
+        });
         Ok(Assignment {
             job_id: config.job_id.clone(),
             rank,
@@ -198,12 +223,13 @@ impl CoordinatorHandler for Handler {
             job_path: config.job.path.clone(),
             data_path: config.job.data_path.clone(),
             fingerprint: config.job.fingerprint(),
-            writer_rank: config.writer_rank,
-            out_dir: config.out_dir.clone().filter(|_| rank == config.writer_rank),
+            writer_rank: shared.writer,
+            out_dir: config.out_dir.clone().filter(|_| rank == shared.writer),
             resume_from: config.resume_from.clone(),
             checkpoint_every: config.checkpoint_every,
             heartbeat_interval: config.heartbeat_interval,
             collective_timeout: config.collective_timeout,
+            group,
         })
     }
 
@@ -277,7 +303,8 @@ impl CoordinatorHandler for Handler {
         if let Some(m) = &shared.config.metrics {
             m.record_epoch(&EpochMetrics {
                 epoch: report.epoch,
-                world: shared.config.workers,
+                // The bus bandwidth is that of the ring the reporting rank trains in.
+                world: shared.group_of(report.rank).map_or(shared.config.workers, FoldPlan::size),
                 train_loss: report.train_loss,
                 test_loss: report.test_loss,
                 test_accuracy: report.test_accuracy,
@@ -364,7 +391,17 @@ pub async fn serve(
         }
     };
     let (ring, _) = watch::channel(None);
+    let groups = config
+        .parallel_folds
+        .map(|k| fold_groups(config.workers, k))
+        .unwrap_or_default();
+    let writer = groups
+        .iter()
+        .max_by_key(|g| g.folds.last().copied())
+        .map_or(config.writer_rank, |g| g.ranks.start);
     let shared = Arc::new(Shared {
+        groups,
+        writer,
         rendezvous_deadline: Instant::now() + config.rendezvous_timeout,
         config,
         state: Mutex::new(State::default()),
@@ -494,26 +531,52 @@ fn check(shared: &Shared, now: Instant) -> Option<Result<JobOutcome>> {
                 summary_json,
                 comm_secs,
                 steps,
-            }) => finished.push((*params_checksum, summary_json, *comm_secs, *steps)),
+                metrics_jsonl,
+            }) => finished.push((*params_checksum, summary_json, *comm_secs, *steps, metrics_jsonl)),
             _ => return None,
         }
     }
-    let ours = finished[0].0;
-    if let Some((rank, theirs)) = finished.iter().enumerate().find(|(_, f)| f.0 != ours) {
-        return Some(Err(CoordinatorError::ParamsDiffer {
-            rank,
-            ours,
-            theirs: theirs.0,
-        }));
+    let mut groups = Vec::with_capacity(shared.groups.len());
+    for plan in &shared.groups {
+        let first = plan.ranks.start;
+        let ours = finished[first].0;
+        if let Some(rank) = plan.ranks.clone().find(|&r| finished[r].0 != ours) {
+            return Some(Err(CoordinatorError::GroupParamsDiffer {
+                group: plan.index,
+                rank,
+                first_rank: first,
+                ours,
+                theirs: finished[rank].0,
+            }));
+        }
+        groups.push(GroupOutcome {
+            plan: plan.clone(),
+            summary_json: finished[first].1.clone(),
+            metrics_jsonl: finished[first].4.clone(),
+            params_checksum: ours,
+            steps: finished[first].3,
+        });
+    }
+    let writer = shared.writer;
+    let ours = finished[writer].0;
+    if groups.is_empty() {
+        if let Some((rank, theirs)) = finished.iter().enumerate().find(|(_, f)| f.0 != ours) {
+            return Some(Err(CoordinatorError::ParamsDiffer {
+                rank,
+                ours,
+                theirs: theirs.0,
+            }));
+        }
     }
     Some(Ok(JobOutcome {
         job_id: config.job_id.clone(),
         workers: st.slots.iter().map(|s| s.info.clone()).collect(),
         epochs: st.epochs.clone(),
-        summary_json: finished[config.writer_rank].1.clone(),
+        summary_json: finished[writer].1.clone(),
         params_checksum: ours,
         comm_secs: finished.iter().map(|f| f.2).collect(),
-        steps: finished[config.writer_rank].3,
+        steps: finished[writer].3,
+        groups,
     }))
 }
 
@@ -526,7 +589,7 @@ fn observe(m: &crate::Metrics, shared: &Shared, st: &State) {
         .count();
     m.set_workers(shared.config.workers, st.slots.len(), live);
     let step = st.slots.iter().map(|s| s.step).max().unwrap_or(0);
-    let checkpoint = st.slots.get(shared.config.writer_rank).and_then(|s| s.checkpoint_epoch);
+    let checkpoint = st.slots.get(shared.writer).and_then(|s| s.checkpoint_epoch);
     m.set_progress(step, checkpoint);
     if st.formed {
         m.set_state(JobState::Running);

@@ -101,6 +101,80 @@ pub struct Assignment {
     pub checkpoint_every: Option<usize>,
     pub heartbeat_interval: Duration,
     pub collective_timeout: Duration,
+    /// Parallel k-fold: the ring this worker trains in and its folds; `None` = one ring of
+    /// every worker running every fold.
+    pub group: Option<FoldGroup>,
+}
+
+/// One ring of a parallel k-fold job (`evaluation.parallel_folds`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FoldGroup {
+    pub index: usize,
+    /// Groups in the job.
+    pub count: usize,
+    /// This worker's rank in the group's ring.
+    pub rank: usize,
+    /// The group's collective addresses in ring order; non-empty, `peers[rank]` is this
+    /// worker's own address.
+    pub peers: Vec<String>,
+    /// Folds to train, in order; non-empty.
+    pub folds: Vec<usize>,
+    /// Job id of the group's collective frames (distinct per group).
+    pub ring_id: String,
+}
+
+impl FoldGroup {
+    fn try_from_wire(w: wire::FoldGroup, own_addr: &str) -> Result<Self, ControlError> {
+        const M: &str = "Assignment.group";
+        if w.index >= w.count {
+            return Err(invalid(
+                M,
+                "index",
+                format!("{} is not below the {} groups", w.index, w.count),
+            ));
+        }
+        if w.rank as usize >= w.peers.len() {
+            return Err(invalid(
+                M,
+                "rank",
+                format!("{} is not below the group size {}", w.rank, w.peers.len()),
+            ));
+        }
+        if w.peers[w.rank as usize] != own_addr {
+            return Err(invalid(
+                M,
+                "peers",
+                format!(
+                    "the group's rank {} is {}, not this worker's address {own_addr}",
+                    w.rank, w.peers[w.rank as usize]
+                ),
+            ));
+        }
+        if w.folds.is_empty() {
+            return Err(invalid(M, "folds", "must not be empty"));
+        }
+        Ok(FoldGroup {
+            index: w.index as usize,
+            count: w.count as usize,
+            rank: w.rank as usize,
+            peers: w.peers,
+            folds: w.folds.into_iter().map(|f| f as usize).collect(),
+            ring_id: non_empty(M, "ring_id", w.ring_id)?,
+        })
+    }
+}
+
+impl From<FoldGroup> for wire::FoldGroup {
+    fn from(g: FoldGroup) -> Self {
+        wire::FoldGroup {
+            index: g.index as u32,
+            count: g.count as u32,
+            rank: g.rank as u32,
+            peers: g.peers,
+            folds: g.folds.into_iter().map(|f| f as u32).collect(),
+            ring_id: g.ring_id,
+        }
+    }
 }
 
 impl TryFrom<wire::Assignment> for Assignment {
@@ -134,6 +208,8 @@ impl TryFrom<wire::Assignment> for Assignment {
         if w.collective_timeout_ms == 0 {
             return Err(invalid(M, "collective_timeout_ms", "must be positive"));
         }
+        let own_addr = &w.peers[w.rank as usize];
+        let group = w.group.map(|g| FoldGroup::try_from_wire(g, own_addr)).transpose()?;
         Ok(Assignment {
             job_id: non_empty(M, "job_id", w.job_id)?,
             rank: w.rank as usize,
@@ -148,6 +224,7 @@ impl TryFrom<wire::Assignment> for Assignment {
             checkpoint_every: (w.checkpoint_every > 0).then_some(w.checkpoint_every as usize),
             heartbeat_interval: Duration::from_millis(w.heartbeat_interval_ms),
             collective_timeout: Duration::from_millis(w.collective_timeout_ms),
+            group,
         })
     }
 }
@@ -168,6 +245,7 @@ impl From<Assignment> for wire::Assignment {
             checkpoint_every: a.checkpoint_every.unwrap_or(0) as u32,
             heartbeat_interval_ms: a.heartbeat_interval.as_millis() as u64,
             collective_timeout_ms: a.collective_timeout.as_millis() as u64,
+            group: a.group.map(wire::FoldGroup::from),
         }
     }
 }
@@ -289,6 +367,8 @@ pub enum WorkerOutcome {
         summary_json: String,
         comm_secs: f64,
         steps: u64,
+        /// Parallel k-fold: the group's `metrics.jsonl` lines (from its rank 0), else empty.
+        metrics_jsonl: String,
     },
     Failed {
         error: String,
@@ -315,6 +395,7 @@ impl TryFrom<wire::FinishReport> for FinishReport {
                 summary_json: f.summary_json,
                 comm_secs: seconds(M, "finished.comm_secs", f.comm_secs)?,
                 steps: f.steps,
+                metrics_jsonl: f.metrics_jsonl,
             },
             Some(wire::finish_report::Outcome::Failed(f)) => WorkerOutcome::Failed {
                 error: non_empty(M, "failed.error", f.error)?,
@@ -338,11 +419,13 @@ impl From<FinishReport> for wire::FinishReport {
                 summary_json,
                 comm_secs,
                 steps,
+                metrics_jsonl,
             } => wire::finish_report::Outcome::Finished(wire::Finished {
                 params_checksum,
                 summary_json,
                 comm_secs,
                 steps,
+                metrics_jsonl,
             }),
             WorkerOutcome::Failed { error, bad_input } => {
                 wire::finish_report::Outcome::Failed(wire::Failed { error, bad_input })
@@ -536,6 +619,7 @@ mod tests {
             checkpoint_every: Some(2),
             heartbeat_interval: Duration::from_millis(250),
             collective_timeout: Duration::from_secs(5),
+            group: None,
         }
     }
 
@@ -547,6 +631,30 @@ mod tests {
         w.rank = 2;
         let e = Assignment::try_from(w).unwrap_err();
         assert_eq!(e.field, "rank");
+    }
+
+    #[test]
+    fn a_fold_group_round_trips_and_must_contain_this_worker() {
+        let mut a = assignment();
+        a.group = Some(FoldGroup {
+            index: 1,
+            count: 2,
+            rank: 0,
+            peers: vec!["b:2".into()],
+            folds: vec![1, 3],
+            ring_id: "j.group1".into(),
+        });
+        assert_eq!(Assignment::try_from(wire::Assignment::from(a.clone())).unwrap(), a);
+        let mut w = wire::Assignment::from(a);
+        if let Some(g) = w.group.as_mut() {
+            g.peers = vec!["a:1".into()];
+        }
+        assert_eq!(Assignment::try_from(w.clone()).unwrap_err().field, "peers");
+        if let Some(g) = w.group.as_mut() {
+            g.peers = vec!["b:2".into()];
+            g.folds.clear();
+        }
+        assert_eq!(Assignment::try_from(w).unwrap_err().field, "folds");
     }
 
     #[test]
@@ -565,6 +673,7 @@ mod tests {
                 summary_json: "{}".into(),
                 comm_secs: 0.5,
                 steps: 3,
+                metrics_jsonl: String::new(),
             },
         };
         assert_eq!(

@@ -127,6 +127,7 @@ fn finished(checksum: u64) -> WorkerOutcome {
         summary_json: "{\"job\":\"t\"}".into(),
         comm_secs: 0.25,
         steps: 10,
+        metrics_jsonl: String::new(),
     }
 }
 
@@ -347,4 +348,68 @@ async fn health_answers_without_a_token_and_metrics_follow_the_job() {
         .unwrap()
         .unwrap()
         .unwrap();
+}
+
+/// Parallel k-fold on 4 workers with K = 2: two rings of two, each its own peers, folds and
+/// collective job id; the run directory goes to the group of the last fold; checksums only
+/// have to agree within a group, and each group's report comes back.
+#[tokio::test]
+async fn parallel_folds_form_one_ring_per_group_and_compare_checksums_within_it() {
+    let mut c = config(4);
+    c.parallel_folds = Some(2);
+    let (addr, job) = start(c).await;
+    let mut fakes = join(&addr, 4).await;
+    for (i, f) in fakes.iter().enumerate() {
+        let g = f.a.group.as_ref().expect("a fold group");
+        assert_eq!((g.index, g.count, g.rank), (i / 2, 2, i % 2));
+        assert_eq!(g.folds, [i / 2]);
+        let base = 9000 + 2 * (i / 2);
+        assert_eq!(g.peers, [format!("127.0.0.1:{base}"), format!("127.0.0.1:{}", base + 1)]);
+        assert_eq!(g.ring_id, format!("job-t.group{}", i / 2));
+        assert_eq!(f.a.peers.len(), 4, "the job-wide peer list stays");
+        assert_eq!(f.a.writer_rank, 2);
+        assert_eq!(f.a.out_dir.is_some(), i == 2, "the last fold's group writes");
+    }
+    for (i, f) in fakes.iter_mut().enumerate() {
+        let group = i / 2;
+        f.finish(WorkerOutcome::Finished {
+            params_checksum: 100 + group as u64,
+            summary_json: format!("{{\"group\":{group}}}"),
+            comm_secs: 0.5,
+            steps: 3 + group as u64,
+            metrics_jsonl: if i % 2 == 0 { format!("{{\"fold\":{group}}}\n") } else { String::new() },
+        })
+        .await;
+    }
+    let outcome = job.await.unwrap().unwrap();
+    assert_eq!(outcome.groups.len(), 2);
+    for (g, group) in outcome.groups.iter().enumerate() {
+        assert_eq!(group.plan.ranks, 2 * g..2 * g + 2);
+        assert_eq!(group.params_checksum, 100 + g as u64);
+        assert_eq!(group.metrics_jsonl, format!("{{\"fold\":{g}}}\n"));
+        assert_eq!(group.summary_json, format!("{{\"group\":{g}}}"));
+    }
+    assert_eq!((outcome.params_checksum, outcome.steps), (101, 4), "the writer group's");
+
+    let mut c = config(4);
+    c.parallel_folds = Some(2);
+    let (addr, job) = start(c).await;
+    let mut fakes = join(&addr, 4).await;
+    for (i, f) in fakes.iter_mut().enumerate() {
+        f.finish(finished(if i == 3 { 9 } else { 7 })).await;
+    }
+    let err = job.await.unwrap().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CoordinatorError::GroupParamsDiffer {
+                group: 1,
+                rank: 3,
+                first_rank: 2,
+                ours: 7,
+                theirs: 9
+            }
+        ),
+        "{err}"
+    );
 }
