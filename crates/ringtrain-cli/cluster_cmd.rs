@@ -22,9 +22,10 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::builder::BoolishValueParser;
 use clap::Args;
-use ringtrain_config::Job;
+use ringtrain_config::{EvalScheme, Job};
 use ringtrain_coordinator::{
-    serve, serve_metrics, CoordinatorConfig, CoordinatorError, Event, JobOutcome, JobSpec, Metrics,
+    fold_groups, serve, serve_metrics, CoordinatorConfig, CoordinatorError, Event, GroupOutcome, JobOutcome, JobSpec,
+    Metrics,
 };
 use ringtrain_train::{EpochReport, RunSummary};
 use ringtrain_worker::{run_worker, WorkerEvent, WorkerOptions};
@@ -144,6 +145,8 @@ struct Prepared {
     resume_from: Option<String>,
     /// `--resume-latest` found the run already complete: nothing to train.
     finished: bool,
+    /// Parallel k-fold: the number of folds the worker groups share.
+    parallel_folds: Option<usize>,
 }
 
 fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
@@ -151,7 +154,24 @@ fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
         return Err(crate::bad_input("--workers must be at least 1"));
     }
     let (job, text) = load_job(&args.job, args.data.as_deref())?;
-    if job.training.batch_size % args.workers != 0 {
+    let parallel_folds =
+        (job.evaluation.parallel_folds && job.evaluation.scheme == EvalScheme::Kfold).then_some(job.evaluation.folds);
+    if let Some(k) = parallel_folds {
+        // Each group is a ring of its own: the batch splits over the group, not the job.
+        let groups = fold_groups(args.workers, k);
+        let size = args.workers / groups.len().max(1);
+        if job.training.batch_size % size != 0 {
+            return Err(crate::bad_input(format!(
+                "{}: training.batch_size {} must divide evenly by the group size {size} \
+                 (evaluation.parallel_folds: {} workers form {} groups of {size} for {k} folds; \
+                 each worker of a group takes batch / group size)",
+                args.job.display(),
+                job.training.batch_size,
+                args.workers,
+                groups.len()
+            )));
+        }
+    } else if job.training.batch_size % args.workers != 0 {
         return Err(crate::bad_input(format!(
             "{}: training.batch_size {} must divide evenly by --workers {} (each worker takes batch / workers)",
             args.job.display(),
@@ -195,6 +215,7 @@ fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
         epochs: job.training.epochs,
         resume_from,
         finished,
+        parallel_folds,
     })
 }
 
@@ -224,6 +245,7 @@ fn coordinator_config(args: &JobArgs, prepared: &Prepared, token: &str) -> Coord
     config.checkpoint_every = args.checkpoint_every;
     config.heartbeat_timeout = Duration::from_millis(args.heartbeat_timeout_ms.max(500));
     config.rendezvous_timeout = Duration::from_millis(args.rendezvous_timeout_ms.max(1));
+    config.parallel_folds = prepared.parallel_folds;
     config
 }
 
@@ -288,6 +310,18 @@ impl EventPrinter {
             Event::RingFormed { peers } if !self.quiet => {
                 println!("ring formed: {}", peers.join(" -> "));
             }
+            Event::FoldGroups { groups } if !self.quiet => {
+                for g in groups {
+                    let folds: Vec<String> = g.folds.iter().map(ToString::to_string).collect();
+                    println!(
+                        "fold group {}: ranks {}..{}, folds {}",
+                        g.index,
+                        g.ranks.start,
+                        g.ranks.end,
+                        folds.join(", ")
+                    );
+                }
+            }
             Event::Epoch(e) => {
                 let Ok(r) = serde_json::from_str::<EpochReport>(&e.metrics_json) else {
                     return;
@@ -349,17 +383,35 @@ fn job_failed(e: CoordinatorError) -> anyhow::Error {
 /// Prints the result like `train` does, plus what only a cluster knows (ranks, checksum,
 /// time in collectives per rank and per epoch), which also goes to OUT/cluster.json.
 fn report(outcome: &JobOutcome, out: &Path) -> anyhow::Result<()> {
-    let summary: RunSummary =
-        serde_json::from_str(&outcome.summary_json).context("read the run summary reported by rank 0")?;
+    let summary: RunSummary = if outcome.groups.is_empty() {
+        serde_json::from_str(&outcome.summary_json).context("read the run summary reported by rank 0")?
+    } else {
+        write_merged_folds(&outcome.groups, out)?
+    };
     crate::print_summary(&summary);
     let world = outcome.workers.len();
     let comm: Vec<String> = outcome.comm_secs.iter().map(|s| format!("{s:.3}")).collect();
-    println!(
-        "{world} workers, {} steps, final parameters bitwise identical on every rank (checksum {:016x}); seconds in collectives per rank: {}",
-        outcome.steps,
-        outcome.params_checksum,
-        comm.join(" ")
-    );
+    if outcome.groups.is_empty() {
+        println!(
+            "{world} workers, {} steps, final parameters bitwise identical on every rank (checksum {:016x}); seconds in collectives per rank: {}",
+            outcome.steps,
+            outcome.params_checksum,
+            comm.join(" ")
+        );
+    } else {
+        let checksums: Vec<String> = outcome
+            .groups
+            .iter()
+            .map(|g| format!("group {} {:016x}", g.plan.index, g.params_checksum))
+            .collect();
+        println!(
+            "{world} workers in {} fold groups of {}, final parameters bitwise identical within each group ({}); seconds in collectives per rank: {}",
+            outcome.groups.len(),
+            world / outcome.groups.len(),
+            checksums.join(", "),
+            comm.join(" ")
+        );
+    }
     let cluster = json!({
         "job_id": outcome.job_id,
         "workers": outcome.workers.iter().map(|w| json!({
@@ -370,6 +422,10 @@ fn report(outcome: &JobOutcome, out: &Path) -> anyhow::Result<()> {
         "collective_secs_per_rank": outcome.comm_secs,
         "epochs": outcome.epochs.iter().map(|e| json!({
             "epoch": e.epoch, "allreduce_secs": e.comm_secs, "epoch_secs": e.epoch_secs,
+        })).collect::<Vec<_>>(),
+        "fold_groups": outcome.groups.iter().map(|g| json!({
+            "group": g.plan.index, "ranks": g.plan.ranks.clone().collect::<Vec<_>>(), "folds": g.plan.folds,
+            "params_checksum": format!("{:016x}", g.params_checksum), "steps": g.steps,
         })).collect::<Vec<_>>(),
     });
     // On a multi-node run the run directory lives on rank 0's machine; this file is only a
@@ -386,6 +442,69 @@ fn report(outcome: &JobOutcome, out: &Path) -> anyhow::Result<()> {
     }
     println!("run directory: {}", out.display());
     Ok(())
+}
+
+/// Parallel k-fold: joins the groups' results into the run directory the last fold's group
+/// wrote (its model, preprocessing and job copy stay): `summary.json` with every fold in fold
+/// order and the mean ± std over all of them, `metrics.jsonl` with every fold's lines, the
+/// plots redrawn. Written here, by the coordinator, after every group finished, so a
+/// multi-node run needs OUT to be the same directory for the coordinator and that rank.
+fn write_merged_folds(groups: &[GroupOutcome], out: &Path) -> anyhow::Result<RunSummary> {
+    let mut parts = Vec::with_capacity(groups.len());
+    let mut lines: Vec<((Option<usize>, usize), &str)> = Vec::new();
+    for g in groups {
+        let part: RunSummary = serde_json::from_str(&g.summary_json)
+            .with_context(|| format!("read the run summary of fold group {}", g.plan.index))?;
+        parts.push(part);
+        for line in g.metrics_jsonl.lines().filter(|l| !l.trim().is_empty()) {
+            let r: EpochReport = serde_json::from_str(line)
+                .with_context(|| format!("read a metrics line of fold group {}: {line}", g.plan.index))?;
+            lines.push(((r.fold, r.epoch), line));
+        }
+    }
+    // Sequential k-fold writes fold after fold, epochs in order; the sort is stable.
+    lines.sort_by_key(|(key, _)| *key);
+    let mut metrics = String::new();
+    for (_, line) in &lines {
+        metrics.push_str(line);
+        metrics.push('\n');
+    }
+    let mut folds: Vec<_> = parts.iter().flat_map(|p| p.folds.iter().cloned()).collect();
+    folds.sort_by_key(|f| f.fold);
+    let got: Vec<Option<usize>> = folds.iter().map(|f| f.fold).collect();
+    if got != (0..folds.len()).map(Some).collect::<Vec<_>>() {
+        anyhow::bail!("the fold groups reported folds {got:?}, not each fold once");
+    }
+    let per_fold: Vec<_> = folds.iter().map(|f| f.test.scalars()).collect();
+    let stats = ringtrain_data::summarize_folds(&per_fold).context("summarise the folds")?;
+    let first = parts.into_iter().next().context("no fold group reported")?;
+    // The fields of a single train/test split stay empty, as in sequential k-fold (a group
+    // that trained one fold filled them in for that fold).
+    let merged = RunSummary {
+        test_accuracy: None,
+        test_loss: None,
+        test_rmse: None,
+        test_perplexity: None,
+        test_sequence_accuracy: None,
+        confusion_matrix: None,
+        folds,
+        kfold: Default::default(),
+        ..first
+    };
+    // `FoldStat` is not exported: the stats go in through the summary's own JSON form.
+    let mut value = serde_json::to_value(&merged).context("serialise the merged summary")?;
+    value["kfold"] = stats
+        .into_iter()
+        .map(|(k, s)| (k, json!({"mean": s.mean, "std": s.std, "values": s.values})))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    let merged: RunSummary = serde_json::from_value(value).context("build the merged summary")?;
+    std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
+    let text = serde_json::to_string_pretty(&merged).context("serialise the merged summary")?;
+    ringtrain_train::write_atomic(&out.join("summary.json"), text.as_bytes()).context("write summary.json")?;
+    ringtrain_train::write_atomic(&out.join("metrics.jsonl"), metrics.as_bytes()).context("write metrics.jsonl")?;
+    ringtrain_train::write_plots(out, &metrics, &merged).context("draw the plots of every fold")?;
+    Ok(merged)
 }
 
 /// `ringtrain coordinator`: runs one job and exits with its result (0 done, 1 failed and
@@ -466,10 +585,16 @@ pub fn run_worker_cmd(args: WorkerArgs) -> anyhow::Result<()> {
     let bound = listener.local_addr().context("read the bound address")?;
     listening("worker", &bound.to_string());
     let mut observe = |e: WorkerEvent| {
-        if let WorkerEvent::Assigned { rank, world, job_id } = e {
+        if let WorkerEvent::Assigned {
+            rank,
+            world,
+            job_id,
+            group,
+        } = e
+        {
             println!(
                 "{}",
-                json!({"event": "assigned", "rank": rank, "world": world, "job_id": job_id})
+                json!({"event": "assigned", "rank": rank, "world": world, "job_id": job_id, "group": group})
             );
         }
     };
@@ -492,7 +617,7 @@ pub fn run_worker_cmd(args: WorkerArgs) -> anyhow::Result<()> {
                 println!(
                     "{}",
                     json!({
-                        "event": "finished", "rank": r.rank, "world": r.world,
+                        "event": "finished", "rank": r.rank, "world": r.world, "group": r.group,
                         "params_checksum": format!("{:016x}", r.params_checksum),
                         "allreduce_secs": r.stats.allreduce_secs, "allreduces": r.stats.allreduces,
                     })

@@ -228,6 +228,9 @@ pub struct RunOptions<'a> {
     pub checkpoint_every: Option<usize>,
     /// Continue from this checkpoint (every rank reads it).
     pub resume_from: Option<&'a Path>,
+    /// k-fold only: train just these folds (one group of a parallel k-fold run), with the
+    /// same splits and seeds as when every fold runs; the summary then covers these folds.
+    pub folds: Option<&'a [usize]>,
 }
 
 /// Global-norm clip applied to recurrent models unless the job sets `clip_grad_norm`.
@@ -646,6 +649,25 @@ pub fn run_job_opts(
             vec![(None, (0..n).collect(), (0..test.len()).collect(), true)]
         }
     };
+    // The filter runs after the split so that fold k is the same examples whatever it keeps.
+    let splits = match opts.folds {
+        None => splits,
+        Some(only) => {
+            if job.evaluation.scheme != EvalScheme::Kfold || only.iter().any(|&f| f >= splits.len()) {
+                return Err(TrainError::Job {
+                    field: "evaluation.parallel_folds",
+                    reason: format!(
+                        "folds {only:?} were asked for, but this job has {} k-fold splits",
+                        if job.evaluation.scheme == EvalScheme::Kfold { splits.len() } else { 0 }
+                    ),
+                });
+            }
+            splits
+                .into_iter()
+                .filter(|(fold, ..)| fold.is_some_and(|f| only.contains(&f)))
+                .collect()
+        }
+    };
     if let Some(dir) = out {
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, format!("cannot create run directory: {e}")))?;
         write_atomic(&dir.join("job.toml"), job_text.as_bytes())?;
@@ -841,6 +863,7 @@ mod tests {
             out: Some(resumed.path()),
             checkpoint_every: Some(1),
             resume_from: None,
+            folds: None,
         };
         run_job_opts(&short, &text, &opts, &mut LocalSync, &mut |_| {}).unwrap();
         let ckpt = resumed.path().join("checkpoint.safetensors");
@@ -851,6 +874,7 @@ mod tests {
             out: Some(resumed.path()),
             checkpoint_every: Some(1),
             resume_from: Some(&copy),
+            folds: None,
         };
         run_job_opts(&job, &text, &opts, &mut LocalSync, &mut |_| {}).unwrap();
 
@@ -872,6 +896,7 @@ mod tests {
             out: Some(dir.path()),
             checkpoint_every: Some(1),
             resume_from: None,
+            folds: None,
         };
         run_job_opts(&job, &text, &opts, &mut LocalSync, &mut |_| {}).unwrap();
         let mut other = job.clone();
@@ -881,6 +906,7 @@ mod tests {
             out: None,
             checkpoint_every: None,
             resume_from: Some(&ckpt),
+            folds: None,
         };
         let err = run_job_opts(&other, &text, &opts, &mut LocalSync, &mut |_| {})
             .unwrap_err()

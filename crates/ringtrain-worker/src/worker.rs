@@ -48,8 +48,14 @@ pub struct WorkerOptions {
 /// What happened on the way: rank assigned, epochs done. Given to the observer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerEvent {
-    /// Registration answered: this worker's place in the job.
-    Assigned { rank: usize, world: usize, job_id: String },
+    /// Registration answered: this worker's place in the job. `world` is the size of the ring
+    /// it trains in: the whole job, or its group of a parallel k-fold run (`group`).
+    Assigned {
+        rank: usize,
+        world: usize,
+        job_id: String,
+        group: Option<usize>,
+    },
     /// The engine's progress.
     Progress(Progress),
 }
@@ -59,6 +65,8 @@ pub enum WorkerEvent {
 pub struct WorkerReport {
     pub rank: usize,
     pub world: usize,
+    /// Parallel k-fold: the group this worker trained in.
+    pub group: Option<usize>,
     pub summary: RunSummary,
     /// Checksum of the final parameters, checked equal on every rank.
     pub params_checksum: u64,
@@ -194,11 +202,14 @@ pub fn run_worker(opts: WorkerOptions, observe: &mut dyn FnMut(WorkerEvent)) -> 
         opts.rendezvous_timeout + CALL_TIMEOUT,
         client.register(registration),
     )?;
-    let (rank, world) = (a.rank, a.peers.len());
+    let rank = a.rank;
+    let world = a.group.as_ref().map_or(a.peers.len(), |g| g.peers.len());
+    let group = a.group.as_ref().map(|g| g.index);
     observe(WorkerEvent::Assigned {
         rank,
         world,
         job_id: a.job_id.clone(),
+        group,
     });
 
     // Heartbeats start at once: the coordinator watches us from the rendezvous on.
@@ -209,11 +220,12 @@ pub fn run_worker(opts: WorkerOptions, observe: &mut dyn FnMut(WorkerEvent)) -> 
 
     let result = train(&control, &a, &opts, (position, nudge), &abort, observe);
     let outcome = match &result {
-        Ok((summary, checksum, stats, steps)) => WorkerOutcome::Finished {
-            params_checksum: *checksum,
-            summary_json: serde_json::to_string(summary).unwrap_or_default(),
-            comm_secs: stats.allreduce_secs + stats.other_secs,
-            steps: *steps,
+        Ok(t) => WorkerOutcome::Finished {
+            params_checksum: t.checksum,
+            summary_json: serde_json::to_string(&t.summary).unwrap_or_default(),
+            comm_secs: t.stats.allreduce_secs + t.stats.other_secs,
+            steps: t.steps,
+            metrics_jsonl: t.metrics_jsonl.clone(),
         },
         Err(e) => WorkerOutcome::Failed {
             error: e.to_string(),
@@ -232,14 +244,15 @@ pub fn run_worker(opts: WorkerOptions, observe: &mut dyn FnMut(WorkerEvent)) -> 
     );
     // Only now stop beating: a stream that ends before the final report reads as a crash.
     beats.abort();
-    let (summary, params_checksum, stats, _) = result?;
+    let trained = result?;
     finished?;
     Ok(WorkerReport {
         rank,
         world,
-        summary,
-        params_checksum,
-        stats,
+        group,
+        summary: trained.summary,
+        params_checksum: trained.checksum,
+        stats: trained.stats,
     })
 }
 
@@ -299,7 +312,14 @@ impl Drop for AbortOnDrop {
     }
 }
 
-type Trained = (RunSummary, u64, SyncStats, u64);
+struct Trained {
+    summary: RunSummary,
+    checksum: u64,
+    stats: SyncStats,
+    steps: u64,
+    /// Parallel k-fold, the group's rank 0: its `metrics.jsonl` lines for the coordinator.
+    metrics_jsonl: String,
+}
 
 fn train(
     control: &Control,
@@ -327,7 +347,11 @@ fn train(
             p.checkpoint_epoch = Some(manifest.epoch as u64);
         }
     }
-    let mut config = GrpcConfig::new(rank, a.peers.clone(), a.job_id.clone(), opts.token.clone());
+    // A parallel k-fold group trains in a ring of its own, under its own collective job id.
+    let mut config = match &a.group {
+        Some(g) => GrpcConfig::new(g.rank, g.peers.clone(), g.ring_id.clone(), opts.token.clone()),
+        None => GrpcConfig::new(rank, a.peers.clone(), a.job_id.clone(), opts.token.clone()),
+    };
     config.timeout = a.collective_timeout;
     config.connect_timeout = opts.connect_timeout.max(Duration::from_secs(5));
     let listener = opts.listener.try_clone().map_err(|e| WorkerError::Setup {
@@ -341,8 +365,15 @@ fn train(
         out,
         checkpoint_every: a.checkpoint_every.filter(|_| out.is_some()),
         resume_from: resume,
+        folds: a.group.as_ref().map(|g| g.folds.as_slice()),
     };
-    let writer = rank == a.writer_rank;
+    // Every group reports its own epochs (and lines) through its first rank.
+    let writer = match &a.group {
+        Some(g) => g.rank == 0,
+        None => rank == a.writer_rank,
+    };
+    let mut metrics_jsonl = String::new();
+    let keep_lines = writer && a.group.is_some();
     let epochs = job.training.epochs as u64;
     let (updates_tx, mut updates_rx) = mpsc::unbounded_channel::<EpochUpdate>();
     let mut client = control.client.clone();
@@ -373,6 +404,13 @@ fn train(
                     }
                     nudge.notify_one();
                 }
+            }
+        }
+        if let (true, Progress::Epoch(r)) = (keep_lines, &p) {
+            // The same serialisation as the engine's metrics.jsonl lines.
+            if let Ok(line) = serde_json::to_string(r) {
+                metrics_jsonl.push_str(&line);
+                metrics_jsonl.push('\n');
             }
         }
         if let (true, Progress::Epoch(r)) = (writer, &p) {
@@ -419,5 +457,11 @@ fn train(
     }
     let checksum = sync.final_checksum().unwrap_or(0);
     let final_stats = stats.lock().map(|s| *s).unwrap_or_default();
-    Ok((summary, checksum, final_stats, pos.step))
+    Ok(Trained {
+        summary,
+        checksum,
+        stats: final_stats,
+        steps: pos.step,
+        metrics_jsonl,
+    })
 }
