@@ -652,3 +652,156 @@ fn distributed_kfold_of_a_cnn() {
     assert_eq!(summary["kfold"]["accuracy"]["values"].as_array().map(Vec::len), Some(2));
     assert!(summary["kfold"]["accuracy"]["std"].as_f64().is_some());
 }
+
+/// `metrics.jsonl` as JSON values without the wall-clock field (the only one timing sets).
+fn metric_lines_without_speed(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).expect("json line");
+            v.as_object_mut().expect("object").remove("examples_per_sec");
+            v
+        })
+        .collect()
+}
+
+/// Parallel k-fold, K = 5 on 2 workers: two rings of one worker (folds 0, 2, 4 and 1, 3).
+/// One worker per ring trains exactly like a one-worker sequential run, so every fold's
+/// result, the mean ± std, the summary file and the saved model (the last fold's) are
+/// bitwise the sequential run's, and metrics.jsonl has the same lines in the same order.
+#[test]
+fn parallel_kfold_on_two_workers_matches_the_sequential_folds_bitwise() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let kfold = [("epochs = 100", "epochs = 20"), ("scheme = \"train_test\"", "scheme = \"kfold\"\nfolds = 5")];
+    let sequential = iris_job(tmp.path(), "sequential", &kfold);
+    let mut edits = kfold.to_vec();
+    edits[1].1 = "scheme = \"kfold\"\nfolds = 5\nparallel_folds = true";
+    let parallel = iris_job(tmp.path(), "parallel", &edits);
+    let (par, seq) = (tmp.path().join("par"), tmp.path().join("seq"));
+    let out = run_ok(&["launch", "--workers", "2", s(&parallel), "--out", s(&par)], MINUTE);
+    assert!(out.contains("fold group 0: ranks 0..1, folds 0, 2, 4"), "{out}");
+    assert!(out.contains("fold group 1: ranks 1..2, folds 1, 3"), "{out}");
+    for fold in 0..5 {
+        assert!(out.contains(&format!("fold {fold}: test loss")), "fold {fold} missing:\n{out}");
+    }
+    assert!(
+        out.lines().any(|l| l.trim_start().starts_with("accuracy:") && l.contains('±')),
+        "{out}"
+    );
+    assert!(out.contains("2 workers in 2 fold groups of 1, final parameters bitwise identical within each group"), "{out}");
+    run_ok(&["launch", "--workers", "1", s(&sequential), "--out", s(&seq), "--quiet"], MINUTE);
+
+    let summary = read_json(&par.join("summary.json"));
+    let folds: Vec<u64> = summary["folds"]
+        .as_array()
+        .expect("folds")
+        .iter()
+        .map(|f| f["fold"].as_u64().expect("fold"))
+        .collect();
+    assert_eq!(folds, [0, 1, 2, 3, 4], "every fold, in fold order");
+    assert_eq!(summary["kfold"]["accuracy"]["values"].as_array().map(Vec::len), Some(5));
+    assert!(summary["kfold"]["accuracy"]["mean"].as_f64().is_some_and(|m| m > 0.8), "{summary}");
+    assert!(summary.get("test_accuracy").is_none(), "no single-split fields: {summary}");
+    for file in ["summary.json", "model.safetensors"] {
+        let same = std::fs::read(par.join(file)).ok() == std::fs::read(seq.join(file)).ok();
+        assert!(same, "{file} differs between parallel and sequential k-fold");
+    }
+    let (p, q) = (metric_lines_without_speed(&par), metric_lines_without_speed(&seq));
+    assert_eq!(p.len(), 5 * 20);
+    assert_eq!(p, q, "metrics.jsonl: same lines, same order");
+    let cluster = read_json(&par.join("cluster.json"));
+    assert_eq!(cluster["fold_groups"].as_array().map(Vec::len), Some(2));
+}
+
+/// Parallel K = 2 cross-validation of a CNN on 4 workers, a coordinator and worker processes:
+/// two rings of two. The folds are disjoint and cover the data, both report, and each ring's
+/// two ranks end bitwise identical (the rings differ: they trained different folds).
+#[test]
+fn parallel_kfold_of_a_cnn_on_four_workers_in_two_rings() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let Some(data) = mnist_subset(tmp.path(), 960, 10) else {
+        panic!("this test needs ../shared/data/mnist (the shared datasets)");
+    };
+    let job = lenet_job(
+        tmp.path(),
+        "lenet-parallel-kfold",
+        &[
+            ("epochs = 8", "epochs = 1"),
+            ("batch_size = 64", "batch_size = 32"),
+            ("scheme = \"provided\"", "scheme = \"kfold\"\nfolds = 2\nparallel_folds = true"),
+        ],
+    );
+    let dir = tmp.path().join("run");
+    let mut coordinator = Proc::start(
+        &[
+            "coordinator", "--listen", "127.0.0.1:0", "--workers", "4", s(&job), "--data", s(&data), "--out", s(&dir),
+        ],
+        "folds-token",
+    );
+    let listening = coordinator.line(Instant::now() + MINUTE, |l| l.contains("\"listening\""));
+    let v: serde_json::Value = serde_json::from_str(&listening).expect("json line");
+    let addr = v["addr"].as_str().expect("addr").to_owned();
+    let mut workers: Vec<Proc> = (0..4)
+        .map(|_| Proc::start(&["worker", "--coordinator", &addr, "--peer-addr", "127.0.0.1:0"], "folds-token"))
+        .collect();
+    let (status, out, _) = coordinator.finish(3 * MINUTE);
+    assert!(status.success(), "{}", coordinator.describe());
+    assert!(out.contains("fold group 0: ranks 0..2, folds 0"), "{out}");
+    assert!(out.contains("fold group 1: ranks 2..4, folds 1"), "{out}");
+    assert!(out.contains("4 workers in 2 fold groups of 2"), "{out}");
+    for fold in 0..2 {
+        assert!(out.contains(&format!("fold {fold}: test loss")), "fold {fold} missing:\n{out}");
+    }
+    let mut by_group: Vec<Vec<String>> = vec![Vec::new(); 2];
+    for w in &mut workers {
+        let (status, out, _) = w.finish(Duration::from_secs(20));
+        assert!(status.success(), "{}", w.describe());
+        let finished = out.lines().find(|l| l.contains("\"finished\"")).unwrap_or_else(|| panic!("{out}"));
+        let v: serde_json::Value = serde_json::from_str(finished).expect("json line");
+        assert_eq!(v["world"].as_u64(), Some(2), "a ring of two: {v}");
+        let group = v["group"].as_u64().expect("group") as usize;
+        by_group[group].push(v["params_checksum"].as_str().expect("checksum").to_owned());
+    }
+    for (g, sums) in by_group.iter().enumerate() {
+        assert_eq!(sums.len(), 2, "group {g}: {by_group:?}");
+        assert_eq!(sums[0], sums[1], "group {g}'s ranks must end bitwise identical");
+    }
+    assert_ne!(by_group[0][0], by_group[1][0], "the groups trained different folds");
+
+    let summary = read_json(&dir.join("summary.json"));
+    let folds = summary["folds"].as_array().expect("folds");
+    assert_eq!(folds.len(), 2);
+    let tested: u64 = folds.iter().map(|f| f["test_examples"].as_u64().expect("n")).sum();
+    let trained: Vec<u64> = folds.iter().map(|f| f["train_examples"].as_u64().expect("n")).collect();
+    assert_eq!(tested, 960, "disjoint and covering");
+    assert_eq!(trained, vec![480, 480]);
+    assert_eq!(summary["kfold"]["accuracy"]["values"].as_array().map(Vec::len), Some(2));
+    let lines = metric_lines_without_speed(&dir);
+    let folds_of_lines: Vec<u64> = lines.iter().map(|l| l["fold"].as_u64().expect("fold")).collect();
+    assert_eq!(folds_of_lines, [0, 1], "one epoch per fold, in fold order");
+    assert!(dir.join("model.safetensors").is_file());
+}
+
+#[test]
+fn a_batch_a_fold_group_cannot_split_is_bad_input() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // 4 workers, 2 folds: two groups of 2, and 15 does not divide by 2 (4 does not matter).
+    let job = iris_job(
+        tmp.path(),
+        "odd",
+        &[
+            ("batch_size = 16", "batch_size = 15"),
+            ("scheme = \"train_test\"", "scheme = \"kfold\"\nfolds = 2\nparallel_folds = true"),
+        ],
+    );
+    let dir = tmp.path().join("never-written");
+    let (status, _, err) = run(&["launch", "--workers", "4", s(&job), "--out", s(&dir)], MINUTE);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("training.batch_size 15 must divide evenly by the group size 2")
+            && err.contains("4 workers form 2 groups of 2 for 2 folds"),
+        "{err}"
+    );
+    assert!(!dir.exists());
+}
