@@ -673,7 +673,10 @@ fn metric_lines_without_speed(dir: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn parallel_kfold_on_two_workers_matches_the_sequential_folds_bitwise() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let kfold = [("epochs = 100", "epochs = 20"), ("scheme = \"train_test\"", "scheme = \"kfold\"\nfolds = 5")];
+    let kfold = [
+        ("epochs = 100", "epochs = 20"),
+        ("scheme = \"train_test\"", "scheme = \"kfold\"\nfolds = 5"),
+    ];
     let sequential = iris_job(tmp.path(), "sequential", &kfold);
     let mut edits = kfold.to_vec();
     edits[1].1 = "scheme = \"kfold\"\nfolds = 5\nparallel_folds = true";
@@ -683,14 +686,24 @@ fn parallel_kfold_on_two_workers_matches_the_sequential_folds_bitwise() {
     assert!(out.contains("fold group 0: ranks 0..1, folds 0, 2, 4"), "{out}");
     assert!(out.contains("fold group 1: ranks 1..2, folds 1, 3"), "{out}");
     for fold in 0..5 {
-        assert!(out.contains(&format!("fold {fold}: test loss")), "fold {fold} missing:\n{out}");
+        assert!(
+            out.contains(&format!("fold {fold}: test loss")),
+            "fold {fold} missing:\n{out}"
+        );
     }
     assert!(
-        out.lines().any(|l| l.trim_start().starts_with("accuracy:") && l.contains('±')),
+        out.lines()
+            .any(|l| l.trim_start().starts_with("accuracy:") && l.contains('±')),
         "{out}"
     );
-    assert!(out.contains("2 workers in 2 fold groups of 1, final parameters bitwise identical within each group"), "{out}");
-    run_ok(&["launch", "--workers", "1", s(&sequential), "--out", s(&seq), "--quiet"], MINUTE);
+    assert!(
+        out.contains("2 workers in 2 fold groups of 1, final parameters bitwise identical within each group"),
+        "{out}"
+    );
+    run_ok(
+        &["launch", "--workers", "1", s(&sequential), "--out", s(&seq), "--quiet"],
+        MINUTE,
+    );
 
     let summary = read_json(&par.join("summary.json"));
     let folds: Vec<u64> = summary["folds"]
@@ -701,8 +714,14 @@ fn parallel_kfold_on_two_workers_matches_the_sequential_folds_bitwise() {
         .collect();
     assert_eq!(folds, [0, 1, 2, 3, 4], "every fold, in fold order");
     assert_eq!(summary["kfold"]["accuracy"]["values"].as_array().map(Vec::len), Some(5));
-    assert!(summary["kfold"]["accuracy"]["mean"].as_f64().is_some_and(|m| m > 0.8), "{summary}");
-    assert!(summary.get("test_accuracy").is_none(), "no single-split fields: {summary}");
+    assert!(
+        summary["kfold"]["accuracy"]["mean"].as_f64().is_some_and(|m| m > 0.8),
+        "{summary}"
+    );
+    assert!(
+        summary.get("test_accuracy").is_none(),
+        "no single-split fields: {summary}"
+    );
     for file in ["summary.json", "model.safetensors"] {
         let same = std::fs::read(par.join(file)).ok() == std::fs::read(seq.join(file)).ok();
         assert!(same, "{file} differs between parallel and sequential k-fold");
@@ -729,13 +748,25 @@ fn parallel_kfold_of_a_cnn_on_four_workers_in_two_rings() {
         &[
             ("epochs = 8", "epochs = 1"),
             ("batch_size = 64", "batch_size = 32"),
-            ("scheme = \"provided\"", "scheme = \"kfold\"\nfolds = 2\nparallel_folds = true"),
+            (
+                "scheme = \"provided\"",
+                "scheme = \"kfold\"\nfolds = 2\nparallel_folds = true",
+            ),
         ],
     );
     let dir = tmp.path().join("run");
     let mut coordinator = Proc::start(
         &[
-            "coordinator", "--listen", "127.0.0.1:0", "--workers", "4", s(&job), "--data", s(&data), "--out", s(&dir),
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "4",
+            s(&job),
+            "--data",
+            s(&data),
+            "--out",
+            s(&dir),
         ],
         "folds-token",
     );
@@ -743,7 +774,12 @@ fn parallel_kfold_of_a_cnn_on_four_workers_in_two_rings() {
     let v: serde_json::Value = serde_json::from_str(&listening).expect("json line");
     let addr = v["addr"].as_str().expect("addr").to_owned();
     let mut workers: Vec<Proc> = (0..4)
-        .map(|_| Proc::start(&["worker", "--coordinator", &addr, "--peer-addr", "127.0.0.1:0"], "folds-token"))
+        .map(|_| {
+            Proc::start(
+                &["worker", "--coordinator", &addr, "--peer-addr", "127.0.0.1:0"],
+                "folds-token",
+            )
+        })
         .collect();
     let (status, out, _) = coordinator.finish(3 * MINUTE);
     assert!(status.success(), "{}", coordinator.describe());
@@ -751,13 +787,19 @@ fn parallel_kfold_of_a_cnn_on_four_workers_in_two_rings() {
     assert!(out.contains("fold group 1: ranks 2..4, folds 1"), "{out}");
     assert!(out.contains("4 workers in 2 fold groups of 2"), "{out}");
     for fold in 0..2 {
-        assert!(out.contains(&format!("fold {fold}: test loss")), "fold {fold} missing:\n{out}");
+        assert!(
+            out.contains(&format!("fold {fold}: test loss")),
+            "fold {fold} missing:\n{out}"
+        );
     }
     let mut by_group: Vec<Vec<String>> = vec![Vec::new(); 2];
     for w in &mut workers {
         let (status, out, _) = w.finish(Duration::from_secs(20));
         assert!(status.success(), "{}", w.describe());
-        let finished = out.lines().find(|l| l.contains("\"finished\"")).unwrap_or_else(|| panic!("{out}"));
+        let finished = out
+            .lines()
+            .find(|l| l.contains("\"finished\""))
+            .unwrap_or_else(|| panic!("{out}"));
         let v: serde_json::Value = serde_json::from_str(finished).expect("json line");
         assert_eq!(v["world"].as_u64(), Some(2), "a ring of two: {v}");
         let group = v["group"].as_u64().expect("group") as usize;
@@ -792,7 +834,10 @@ fn a_batch_a_fold_group_cannot_split_is_bad_input() {
         "odd",
         &[
             ("batch_size = 16", "batch_size = 15"),
-            ("scheme = \"train_test\"", "scheme = \"kfold\"\nfolds = 2\nparallel_folds = true"),
+            (
+                "scheme = \"train_test\"",
+                "scheme = \"kfold\"\nfolds = 2\nparallel_folds = true",
+            ),
         ],
     );
     let dir = tmp.path().join("never-written");

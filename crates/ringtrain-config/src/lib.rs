@@ -673,6 +673,13 @@ impl Job {
                 return Err(fail("model.blocks", "must be at least 1".into()));
             }
         }
+        if self.model.embedding_dropout > 0.0 && !self.model.kind.is_recurrent() {
+            return Err(fail(
+                "model.embedding_dropout",
+                "applies to recurrent text models; a transformer's dropout (model.dropout) covers its embeddings"
+                    .into(),
+            ));
+        }
         if !(0.0..1.0).contains(&self.model.embedding_dropout) {
             return Err(fail(
                 "model.embedding_dropout",
@@ -804,7 +811,10 @@ batch_size = 4
         let err = check(&kfold.replace("scheme = \"kfold\"", "scheme = \"train_test\""))
             .unwrap_err()
             .to_string();
-        assert!(err.contains(":26: `evaluation.parallel_folds`: runs the folds"), "{err}");
+        assert!(
+            err.contains(":26: `evaluation.parallel_folds`: runs the folds"),
+            "{err}"
+        );
     }
 
     #[test]

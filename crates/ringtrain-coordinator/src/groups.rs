@@ -63,7 +63,11 @@ mod tests {
         assert_eq!(shape(3, 5), [(0..1, vec![0, 3]), (1..2, vec![1, 4]), (2..3, vec![2])]);
         assert_eq!(shape(4, 3), [(0..2, vec![0, 2]), (2..4, vec![1])]);
         assert_eq!(shape(6, 4), [(0..2, vec![0, 3]), (2..4, vec![1]), (4..6, vec![2])]);
-        assert_eq!(shape(5, 2), [(0..5, vec![0, 1])], "a prime worker count above K: one ring");
+        assert_eq!(
+            shape(5, 2),
+            [(0..5, vec![0, 1])],
+            "a prime worker count above K: one ring"
+        );
         assert_eq!(shape(1, 5), [(0..1, vec![0, 1, 2, 3, 4])]);
         assert!(fold_groups(0, 5).is_empty() && fold_groups(3, 0).is_empty());
     }
@@ -74,7 +78,10 @@ mod tests {
             for folds in 1..=12 {
                 let groups = fold_groups(workers, folds);
                 let g = groups.len();
-                assert!(g >= 1 && g <= folds && workers % g == 0, "{workers} workers, {folds} folds: {g}");
+                assert!(
+                    g >= 1 && g <= folds && workers % g == 0,
+                    "{workers} workers, {folds} folds: {g}"
+                );
                 assert!(
                     (g + 1..=folds.min(workers)).all(|bigger| workers % bigger != 0),
                     "{g} is not the largest divisor"

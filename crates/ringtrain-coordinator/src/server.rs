@@ -304,7 +304,9 @@ impl CoordinatorHandler for Handler {
             m.record_epoch(&EpochMetrics {
                 epoch: report.epoch,
                 // The bus bandwidth is that of the ring the reporting rank trains in.
-                world: shared.group_of(report.rank).map_or(shared.config.workers, FoldPlan::size),
+                world: shared
+                    .group_of(report.rank)
+                    .map_or(shared.config.workers, FoldPlan::size),
                 train_loss: report.train_loss,
                 test_loss: report.test_loss,
                 test_accuracy: report.test_accuracy,

@@ -658,7 +658,11 @@ pub fn run_job_opts(
                     field: "evaluation.parallel_folds",
                     reason: format!(
                         "folds {only:?} were asked for, but this job has {} k-fold splits",
-                        if job.evaluation.scheme == EvalScheme::Kfold { splits.len() } else { 0 }
+                        if job.evaluation.scheme == EvalScheme::Kfold {
+                            splits.len()
+                        } else {
+                            0
+                        }
                     ),
                 });
             }

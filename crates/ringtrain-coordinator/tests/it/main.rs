@@ -364,7 +364,10 @@ async fn parallel_folds_form_one_ring_per_group_and_compare_checksums_within_it(
         assert_eq!((g.index, g.count, g.rank), (i / 2, 2, i % 2));
         assert_eq!(g.folds, [i / 2]);
         let base = 9000 + 2 * (i / 2);
-        assert_eq!(g.peers, [format!("127.0.0.1:{base}"), format!("127.0.0.1:{}", base + 1)]);
+        assert_eq!(
+            g.peers,
+            [format!("127.0.0.1:{base}"), format!("127.0.0.1:{}", base + 1)]
+        );
         assert_eq!(g.ring_id, format!("job-t.group{}", i / 2));
         assert_eq!(f.a.peers.len(), 4, "the job-wide peer list stays");
         assert_eq!(f.a.writer_rank, 2);
@@ -377,7 +380,11 @@ async fn parallel_folds_form_one_ring_per_group_and_compare_checksums_within_it(
             summary_json: format!("{{\"group\":{group}}}"),
             comm_secs: 0.5,
             steps: 3 + group as u64,
-            metrics_jsonl: if i % 2 == 0 { format!("{{\"fold\":{group}}}\n") } else { String::new() },
+            metrics_jsonl: if i % 2 == 0 {
+                format!("{{\"fold\":{group}}}\n")
+            } else {
+                String::new()
+            },
         })
         .await;
     }
