@@ -173,7 +173,7 @@ pub fn attention_forward(
     };
     let keep = 1.0 - p_drop;
     let inv_keep = 1.0 / keep;
-    let mut sampler = crate::random::KeepSampler::new(f64::from(keep));
+    let sampler = crate::random::KeepSampler::new(f64::from(keep));
 
     let mut out = vec![0.0f32; bsz * tq * d];
     let mut probs = vec![0.0f32; bsz * heads * tq * tk];
@@ -211,32 +211,27 @@ pub fn attention_forward(
                         *x = if m == 0.0 { f32::NEG_INFINITY } else { *x };
                     }
                 }
-                // `if >` rather than f32::max (NaN rules) so the loops vectorise
-                let max = row[..visible]
-                    .iter()
-                    .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+                let max = fused::max_lanes(&row[..visible]);
                 if max == f32::NEG_INFINITY {
                     // every key masked: attend to nothing rather than divide 0 by 0
                     row.fill(0.0);
                 } else {
-                    let mut sum = 0.0f32;
                     for x in row[..visible].iter_mut() {
                         *x = fused::exp_nonpositive(*x - max);
-                        sum += *x;
                     }
+                    let sum = fused::sum_lanes(&row[..visible]);
                     let inv = 1.0 / sum;
                     row[..visible].iter_mut().for_each(|x| *x *= inv);
                     row[visible..].fill(0.0);
                 }
                 if let Some(rng) = rng.as_deref_mut() {
-                    sampler.draw(rng, tk);
                     let dropped = &mut scratch[i * tk..(i + 1) * tk];
-                    for (j, (x, o)) in row.iter_mut().zip(dropped).enumerate() {
-                        let keep = sampler.keep(j);
-                        *o = if keep { *x * inv_keep } else { 0.0 };
+                    sampler.decide(rng, tk, |j, keep| {
+                        let x = row[j];
+                        dropped[j] = if keep { x * inv_keep } else { 0.0 };
                         // sign bit = dropped (see the module docs); -(+0.0) is -0.0
-                        *x = if keep { *x } else { -*x };
-                    }
+                        row[j] = if keep { x } else { -x };
+                    });
                 }
             }
             let vb = block(v, dims, b, head)?;

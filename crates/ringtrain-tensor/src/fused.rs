@@ -113,14 +113,16 @@ pub fn exp_nonpositive(x: f32) -> f32 {
     const ROUND: f32 = 12_582_912.0;
     let small = x < -87.0; // below e⁻⁸⁷ the result is subnormal: flush to 0
     let xc = if small { 0.0 } else { x };
-    let n = (xc * LOG2E + ROUND) - ROUND;
+    let t = xc * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r + 1.666_666_5e-1)
         * r
         + 0.5;
     let y = p * r * r + r + 1.0;
-    // 2ⁿ from its exponent bits; n ∈ [-126, 0] here
-    let two_n = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2ⁿ from its exponent bits, n ∈ [-126, 0]: t's low mantissa bits hold n (two's
+    // complement), so integer ops give the exponent without a float→int conversion
+    let two_n = f32::from_bits(t.to_bits().wrapping_add(127) << 23);
     if small {
         0.0
     } else {
@@ -171,6 +173,38 @@ pub fn tanh(x: f32) -> f32 {
     } else {
         large
     }
+}
+
+/// Sum of a row in eight independent lanes: one serial accumulator would keep the loop scalar
+/// (f32 addition is not associative, so the compiler may not reorder it).
+#[inline]
+pub fn sum_lanes(v: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let rest: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] += c[k];
+        }
+    }
+    acc.iter().sum::<f32>() + rest
+}
+
+/// Maximum of a row (`-inf` when empty) in eight lanes, as [`sum_lanes`].
+#[inline]
+pub fn max_lanes(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks
+        .remainder()
+        .iter()
+        .fold(f32::NEG_INFINITY, |m, &x| if x > m { x } else { m });
+    for c in chunks {
+        for k in 0..8 {
+            acc[k] = if c[k] > acc[k] { c[k] } else { acc[k] };
+        }
+    }
+    acc.iter().fold(rest, |m, &x| if x > m { x } else { m })
 }
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
@@ -248,6 +282,17 @@ mod tests {
         assert_eq!(tanh(-50.0), -1.0);
         assert_eq!(tanh(0.0), 0.0);
         assert_eq!(exp_fast(100.0), f32::INFINITY);
+    }
+
+    #[test]
+    fn lane_reductions() {
+        let v: Vec<f32> = (0..21).map(|i| (i as f32 * 7.3).sin()).collect();
+        for n in [0, 1, 7, 8, 9, 21] {
+            let s: f32 = v[..n].iter().sum();
+            assert!((sum_lanes(&v[..n]) - s).abs() < 1e-5);
+            let m = v[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_lanes(&v[..n]), m);
+        }
     }
 
     #[test]

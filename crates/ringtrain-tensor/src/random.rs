@@ -47,35 +47,33 @@ pub fn bernoulli(shape: &[usize], p: f64, rng: &mut Rng) -> Tensor {
 
 /// Keep/drop decisions with probability `keep` of keeping, from 16 random bits each.
 ///
-/// Dropout masks are the largest random draws of a training step: the bits are generated in
-/// bulk (four decisions per u64) and compared without branches, and 1/65536 resolution on
-/// `keep` is far below anything training can notice.
-#[derive(Debug)]
+/// Dropout masks are the largest random draws of a training step: four decisions come from
+/// each u64 draw and are compared without branches; 1/65536 resolution on `keep` is far below
+/// anything training can notice.
+#[derive(Debug, Clone, Copy)]
 pub struct KeepSampler {
     threshold: u32,
-    words: Vec<u64>,
 }
 
 impl KeepSampler {
     pub fn new(keep: f64) -> KeepSampler {
         KeepSampler {
             threshold: (keep.clamp(0.0, 1.0) * 65536.0).round() as u32,
-            words: Vec::new(),
         }
     }
 
-    /// Draws `n` decisions, read back with [`KeepSampler::keep`].
-    pub fn draw(&mut self, rng: &mut Rng, n: usize) {
-        use rand::RngCore as _;
-        self.words.clear();
-        self.words.extend((0..n.div_ceil(4)).map(|_| rng.next_u64()));
-    }
-
-    /// Decision `i` of the last draw: `true` = keep.
+    /// Calls `f(i, keep)` for `i` in `0..n`, in order.
     #[inline]
-    pub fn keep(&self, i: usize) -> bool {
-        let lane = (self.words[i >> 2] >> ((i & 3) * 16)) as u16;
-        u32::from(lane) < self.threshold
+    pub fn decide(&self, rng: &mut Rng, n: usize, mut f: impl FnMut(usize, bool)) {
+        use rand::RngCore as _;
+        let mut i = 0;
+        while i < n {
+            let w = rng.next_u64();
+            for k in 0..4.min(n - i) {
+                f(i + k, u32::from((w >> (16 * k)) as u16) < self.threshold);
+            }
+            i += 4;
+        }
     }
 }
 
@@ -84,9 +82,8 @@ pub fn dropout_mask(shape: &[usize], p: f64, rng: &mut Rng) -> Tensor {
     let n: usize = shape.iter().product();
     let keep = (1.0 - p).clamp(0.0, 1.0);
     let scale = if keep > 0.0 { (1.0 / keep) as f32 } else { 0.0 };
-    let mut sampler = KeepSampler::new(keep);
-    sampler.draw(rng, n);
-    let values = (0..n).map(|i| if sampler.keep(i) { scale } else { 0.0 }).collect();
+    let mut values = vec![0.0f32; n];
+    KeepSampler::new(keep).decide(rng, n, |i, k| values[i] = if k { scale } else { 0.0 });
     Tensor::from_vec(shape, values).expect("length matches shape by construction")
 }
 
