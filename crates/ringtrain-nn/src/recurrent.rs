@@ -771,4 +771,36 @@ mod tests {
         assert_eq!(m.describe(&[3], &mut rows).unwrap(), vec![2]);
         assert_eq!(rows.iter().map(|r| r.params).sum::<usize>(), store.num_elements());
     }
+
+    #[test]
+    fn language_model_logits_depend_only_on_the_past() {
+        let m = RecurrentLm::new(CellKind::Gru, 12, 4, &[6], 0.0);
+        let store = init_store(&m, 3);
+        let logits = |ids: Vec<f32>| {
+            let mut g = Graph::inference(&store);
+            let x = g.input(Tensor::from_vec(&[1, 5], ids).unwrap());
+            let y = m.forward(&mut g, x).unwrap();
+            assert_eq!(g.shape(y), &[5, 12]);
+            g.value(y).as_slice().to_vec()
+        };
+        let a = logits(vec![2., 5., 6., 7., 8.]);
+        let b = logits(vec![2., 5., 6., 9., 10.]);
+        // Positions 0..=2 saw the same prefix; position 3 saw another token.
+        assert_eq!(a[..3 * 12], b[..3 * 12]);
+        assert_ne!(a[3 * 12..4 * 12], b[3 * 12..4 * 12]);
+        let mut rows = Vec::new();
+        assert_eq!(m.describe(&[5], &mut rows).unwrap(), vec![5, 12]);
+        assert_eq!(rows.iter().map(|r| r.params).sum::<usize>(), store.num_elements());
+    }
+
+    #[test]
+    fn regressor_maps_a_window_to_one_value_and_passes_gradcheck() {
+        let m = SequenceRegressor::new(CellKind::Lstm, &[3], 0.0, 1);
+        let store = init_store(&m, 4);
+        let x = random::uniform(&[2, 4], -1.0, 1.0, &mut random::rng(5));
+        check_all(&|g: &mut Graph<'_>, x: Var| m.forward(g, x).unwrap(), &store, &x);
+        let mut rows = Vec::new();
+        assert_eq!(m.describe(&[4], &mut rows).unwrap(), vec![1]);
+        assert_eq!(rows.iter().map(|r| r.params).sum::<usize>(), store.num_elements());
+    }
 }

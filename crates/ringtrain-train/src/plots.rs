@@ -339,6 +339,7 @@ mod tests {
                 macro_f1: None,
                 rmse: None,
                 mae: None,
+                perplexity: None,
                 confusion_matrix: cm,
             },
         }
@@ -353,6 +354,10 @@ mod tests {
             class_names: class_names.iter().map(|s| s.to_string()).collect(),
             test_accuracy: None,
             test_loss: None,
+            test_rmse: None,
+            test_perplexity: None,
+            test_sequence_accuracy: None,
+            baseline: Default::default(),
             confusion_matrix: None,
             folds,
             kfold: Default::default(),

@@ -179,11 +179,7 @@ impl Examples for TextSet {
     }
 
     fn preprocess(&self) -> serde_json::Value {
-        let vocab = self
-            .vocab
-            .to_json()
-            .ok()
-            .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok());
+        let vocab = vocab_json(&self.vocab);
         serde_json::json!({ "max_len": self.max_len, "vocab": vocab })
     }
 }
@@ -222,11 +218,7 @@ impl Examples for CorpusSet {
     }
 
     fn preprocess(&self) -> serde_json::Value {
-        let vocab = self
-            .vocab
-            .to_json()
-            .ok()
-            .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok());
+        let vocab = vocab_json(&self.vocab);
         serde_json::json!({ "max_len": self.seqs.seq_len(), "vocab": vocab })
     }
 }
@@ -329,11 +321,7 @@ impl Examples for PairSet {
     }
 
     fn preprocess(&self) -> serde_json::Value {
-        let vocab = self
-            .vocab
-            .to_json()
-            .ok()
-            .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok());
+        let vocab = vocab_json(&self.vocab);
         serde_json::json!({ "src_len": self.src_len, "tgt_len": self.tgt_len, "vocab": vocab })
     }
 }
@@ -673,14 +661,7 @@ impl Task {
             Some(p) => Some(read_text_examples(p, Some(&train.label_names))?),
             None => None,
         };
-        let tokenizer = match job.data.tokenizer.unwrap_or(TokenizerName::Word) {
-            TokenizerName::Word => ringtrain_data::Tokenizer::Word { lowercase: true },
-            TokenizerName::Char => ringtrain_data::Tokenizer::Char,
-        };
-        let opts = ringtrain_data::VocabOptions {
-            max_size: job.data.vocab_size,
-            min_freq: job.data.min_freq,
-        };
+        let (tokenizer, opts) = vocab_settings(job, TokenizerName::Word);
         let vocab = Arc::new(ringtrain_data::Vocab::build(
             tokenizer,
             train.texts.iter().map(String::as_str),
@@ -766,14 +747,7 @@ impl Task {
     fn from_corpus(job: &Job) -> Result<Task> {
         let text = ringtrain_data::read_text(&job.data.path)?;
         let (head, tail) = ringtrain_data::split_text_tail(&text, job.evaluation.test_fraction)?;
-        let tokenizer = match job.data.tokenizer.unwrap_or(TokenizerName::Char) {
-            TokenizerName::Word => ringtrain_data::Tokenizer::Word { lowercase: true },
-            TokenizerName::Char => ringtrain_data::Tokenizer::Char,
-        };
-        let opts = ringtrain_data::VocabOptions {
-            max_size: job.data.vocab_size,
-            min_freq: job.data.min_freq,
-        };
+        let (tokenizer, opts) = vocab_settings(job, TokenizerName::Char);
         let vocab = Arc::new(ringtrain_data::Vocab::build(tokenizer, paragraphs(head), &opts)?);
         let seq_len = job.data.seq_len.unwrap_or(128);
         let stream = |t: &str| -> Vec<u32> { paragraphs(t).flat_map(|p| vocab.encode_with_bounds(p)).collect() };
@@ -824,14 +798,7 @@ impl Task {
             Some(p) => Some(read_pairs(p)?),
             None => None,
         };
-        let tokenizer = match job.data.tokenizer.unwrap_or(TokenizerName::Char) {
-            TokenizerName::Word => ringtrain_data::Tokenizer::Word { lowercase: true },
-            TokenizerName::Char => ringtrain_data::Tokenizer::Char,
-        };
-        let opts = ringtrain_data::VocabOptions {
-            max_size: job.data.vocab_size,
-            min_freq: job.data.min_freq,
-        };
+        let (tokenizer, opts) = vocab_settings(job, TokenizerName::Char);
         let vocab = Arc::new(ringtrain_data::Vocab::build(
             tokenizer,
             train.iter().flat_map(|(a, b)| [a.as_str(), b.as_str()]),
@@ -1105,6 +1072,24 @@ pub fn build_model_for(
     };
     model.describe(&one_example, &mut Vec::new())?;
     Ok(model)
+}
+
+/// The job's tokenizer (or `default`) and vocabulary limits.
+fn vocab_settings(job: &Job, default: TokenizerName) -> (ringtrain_data::Tokenizer, ringtrain_data::VocabOptions) {
+    let tokenizer = match job.data.tokenizer.unwrap_or(default) {
+        TokenizerName::Word => ringtrain_data::Tokenizer::Word { lowercase: true },
+        TokenizerName::Char => ringtrain_data::Tokenizer::Char,
+    };
+    let opts = ringtrain_data::VocabOptions {
+        max_size: job.data.vocab_size,
+        min_freq: job.data.min_freq,
+    };
+    (tokenizer, opts)
+}
+
+/// A vocabulary as JSON for `preprocess.json` (what `generate` and `evaluate` rebuild it from).
+fn vocab_json(vocab: &ringtrain_data::Vocab) -> Option<serde_json::Value> {
+    vocab.to_json().ok().and_then(|j| serde_json::from_str(&j).ok())
 }
 
 /// The paragraphs (blocks between blank lines) of a text, each trimmed of surrounding
