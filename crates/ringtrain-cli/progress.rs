@@ -90,7 +90,10 @@ impl TrainProgress {
         let fold = r.fold.map(|f| format!("fold {f} ")).unwrap_or_default();
         let acc = r.test_accuracy.map(|a| format!(" test_acc {a:.4}")).unwrap_or_default();
         let rmse = r.test_rmse.map(|a| format!(" test_rmse {a:.4}")).unwrap_or_default();
-        let ppl = r.test_perplexity.map(|p| format!(" test_ppl {p:.3}")).unwrap_or_default();
+        let ppl = r
+            .test_perplexity
+            .map(|p| format!(" test_ppl {p:.3}"))
+            .unwrap_or_default();
         let norm = r.grad_norm.map(|n| format!(" grad_norm {n:.3}")).unwrap_or_default();
         format!(
             "{fold}epoch {:>4}/{epochs}  train_loss {:.4}  test_loss {:.4}{acc}{rmse}{ppl}{norm}",

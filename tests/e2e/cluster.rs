@@ -595,7 +595,19 @@ fn lenet_with_three_workers_matches_one_process_on_an_mnist_subset() {
     let status = crate::util::ringtrain(&["train", s(&job), "--data", s(&data), "--out", s(&one), "--quiet"]);
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
     let out = run_ok(
-        &["launch", "--workers", "3", s(&job), "--data", s(&data), "--out", s(&three), "--quiet", "--threads", "1"],
+        &[
+            "launch",
+            "--workers",
+            "3",
+            s(&job),
+            "--data",
+            s(&data),
+            "--out",
+            s(&three),
+            "--quiet",
+            "--threads",
+            "1",
+        ],
         5 * MINUTE,
     );
     assert!(out.contains("bitwise identical"), "{out}");
@@ -611,8 +623,17 @@ fn lenet_with_three_workers_matches_one_process_on_an_mnist_subset() {
     assert!(loss(&m3, 1) < loss(&m3, 0), "train loss did not fall: {m3:?}");
     let rel = (loss(&m3, 1) - loss(&m1, 1)).abs() / loss(&m1, 1);
     assert!(rel < 1e-3, "3 workers {} vs 1 process {}", loss(&m3, 1), loss(&m1, 1));
-    let acc = |dir: &Path| read_json(&dir.join("summary.json"))["test_accuracy"].as_f64().expect("accuracy");
-    assert!((acc(&one) - acc(&three)).abs() <= 1.0 / 600.0 + 1e-12, "{} vs {}", acc(&one), acc(&three));
+    let acc = |dir: &Path| {
+        read_json(&dir.join("summary.json"))["test_accuracy"]
+            .as_f64()
+            .expect("accuracy")
+    };
+    assert!(
+        (acc(&one) - acc(&three)).abs() <= 1.0 / 600.0 + 1e-12,
+        "{} vs {}",
+        acc(&one),
+        acc(&three)
+    );
     assert!(acc(&three) > 0.8, "accuracy {}", acc(&three));
 }
 
@@ -635,11 +656,26 @@ fn distributed_kfold_of_a_cnn() {
     );
     let dir = tmp.path().join("run");
     let out = run_ok(
-        &["launch", "--workers", "2", s(&job), "--data", s(&data), "--out", s(&dir), "--quiet", "--threads", "1"],
+        &[
+            "launch",
+            "--workers",
+            "2",
+            s(&job),
+            "--data",
+            s(&data),
+            "--out",
+            s(&dir),
+            "--quiet",
+            "--threads",
+            "1",
+        ],
         5 * MINUTE,
     );
     for fold in 0..2 {
-        assert!(out.contains(&format!("fold {fold}: test loss")), "fold {fold} missing:\n{out}");
+        assert!(
+            out.contains(&format!("fold {fold}: test loss")),
+            "fold {fold} missing:\n{out}"
+        );
     }
     let summary = read_json(&dir.join("summary.json"));
     let folds = summary["folds"].as_array().expect("folds");

@@ -37,9 +37,17 @@ fn char_lm_beats_the_unigram_baseline_and_generates_until_stop() {
     ok(&["train", &job, "--out", &run_s, "--quiet"]);
     let summary = read_json(&run.join("summary.json"));
     let ppl = summary["test_perplexity"].as_f64().expect("test_perplexity");
-    let unigram = summary["baseline"]["unigram_perplexity"].as_f64().expect("unigram baseline");
-    assert!(unigram > 15.0, "a character unigram model of English is near 25-30, got {unigram}");
-    assert!(ppl < 0.6 * unigram, "perplexity {ppl} is not clearly below the unigram {unigram}");
+    let unigram = summary["baseline"]["unigram_perplexity"]
+        .as_f64()
+        .expect("unigram baseline");
+    assert!(
+        unigram > 15.0,
+        "a character unigram model of English is near 25-30, got {unigram}"
+    );
+    assert!(
+        ppl < 0.6 * unigram,
+        "perplexity {ppl} is not clearly below the unigram {unigram}"
+    );
     // `evaluate` reproduces the validation perplexity from the saved model.
     let eval = ok(&["evaluate", &run_s]);
     let printed = String::from_utf8_lossy(&eval.stdout).to_string();
@@ -84,7 +92,9 @@ fn forecast_beats_the_naive_last_value_on_the_held_out_tail() {
     ok(&["train", &job, "--out", &run_s, "--quiet"]);
     let summary = read_json(&run.join("summary.json"));
     let rmse = summary["test_rmse"].as_f64().expect("test_rmse");
-    let naive = summary["baseline"]["naive_last_value_rmse"].as_f64().expect("naive baseline");
+    let naive = summary["baseline"]["naive_last_value_rmse"]
+        .as_f64()
+        .expect("naive baseline");
     assert!(rmse < 0.8 * naive, "test RMSE {rmse} vs naive {naive}");
     // The test split is the tail: 20 % of the 297 windows, in order.
     assert_eq!(summary["folds"][0]["test_examples"], 59);
@@ -103,7 +113,10 @@ fn ordered_data_with_a_shuffled_split_is_refused() {
     let out = ringtrain(&args);
     assert_eq!(out.status.code(), Some(2), "{}", describe(&args, &out));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("evaluation.scheme") && err.contains("time_series"), "{err}");
+    assert!(
+        err.contains("evaluation.scheme") && err.contains("time_series"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -126,7 +139,9 @@ fn generate_refuses_a_model_that_is_not_a_language_model() {
 fn reversal_pairs(n: usize, max_len: usize, seed: u64) -> String {
     let mut state = seed;
     let mut next = |m: u64| {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         (state >> 33) % m
     };
     let mut out = String::new();
@@ -150,8 +165,14 @@ fn encoder_decoder_transformer_learns_to_reverse_digit_strings() {
         "reverse-transformer.toml",
         dir.path(),
         &[
-            (&format!("\"{}/data/reverse-digits/train.tsv\"", repo().display()), &format!("\"{train}\"")),
-            (&format!("\"{}/data/reverse-digits/test.tsv\"", repo().display()), &format!("\"{test}\"")),
+            (
+                &format!("\"{}/data/reverse-digits/train.tsv\"", repo().display()),
+                &format!("\"{train}\""),
+            ),
+            (
+                &format!("\"{}/data/reverse-digits/test.tsv\"", repo().display()),
+                &format!("\"{test}\""),
+            ),
             ("epochs = 6", "epochs = 8"),
             ("ff_dim = 128", "ff_dim = 64"),
             ("embedding_dim = 64", "embedding_dim = 32"),
@@ -161,7 +182,9 @@ fn encoder_decoder_transformer_learns_to_reverse_digit_strings() {
     let run_s = run.display().to_string();
     ok(&["train", &job, "--out", &run_s, "--quiet"]);
     let summary = read_json(&run.join("summary.json"));
-    let exact = summary["test_sequence_accuracy"].as_f64().expect("test_sequence_accuracy");
+    let exact = summary["test_sequence_accuracy"]
+        .as_f64()
+        .expect("test_sequence_accuracy");
     assert!(exact >= 0.9, "exact-sequence accuracy {exact}");
 }
 
@@ -178,9 +201,20 @@ fn transformer_decoder_lm_beats_the_unigram_baseline_and_generates() {
     ok(&["train", &job, "--out", &run_s, "--quiet"]);
     let summary = read_json(&run.join("summary.json"));
     let ppl = summary["test_perplexity"].as_f64().expect("test_perplexity");
-    let unigram = summary["baseline"]["unigram_perplexity"].as_f64().expect("unigram baseline");
+    let unigram = summary["baseline"]["unigram_perplexity"]
+        .as_f64()
+        .expect("unigram baseline");
     assert!(ppl < 0.6 * unigram, "perplexity {ppl} vs unigram {unigram}");
-    let out = ok(&["generate", &run_s, "--prompt", "Ham.\n", "--max-tokens", "100", "--seed", "3"]);
+    let out = ok(&[
+        "generate",
+        &run_s,
+        "--prompt",
+        "Ham.\n",
+        "--max-tokens",
+        "100",
+        "--seed",
+        "3",
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("Ham.\n") && text.trim_end().len() > 5, "{text:?}");
 }
@@ -194,7 +228,11 @@ fn text_jobs_read_the_imdb_directory_layout() {
             let d = dir.path().join(split).join(class);
             std::fs::create_dir_all(&d).expect("mkdir");
             for i in 0..n {
-                let text = format!("a {} film, {} acting", words[offset + i % 3], words[offset + (i + 1) % 3]);
+                let text = format!(
+                    "a {} film, {} acting",
+                    words[offset + i % 3],
+                    words[offset + (i + 1) % 3]
+                );
                 std::fs::write(d.join(format!("{i}_7.txt")), text).expect("write review");
             }
         }
@@ -206,10 +244,7 @@ fn text_jobs_read_the_imdb_directory_layout() {
     let job = edited_job(
         "sentiment-gru.toml",
         dir.path(),
-        &[
-            ("epochs = ", "epochs = 1 #"),
-            ("max_len = ", "max_len = 20 #"),
-        ],
+        &[("epochs = ", "epochs = 1 #"), ("max_len = ", "max_len = 20 #")],
     );
     let text = std::fs::read_to_string(&job).expect("job");
     let text = text

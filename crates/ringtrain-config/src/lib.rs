@@ -589,13 +589,9 @@ impl Job {
                 ));
             }
             DataFormat::Text if !self.data.path.exists() => {
-                return Err(fail(
-                    "data.path",
-                    format!("not found: {}", self.data.path.display()),
-                ));
+                return Err(fail("data.path", format!("not found: {}", self.data.path.display())));
             }
-            DataFormat::Corpus | DataFormat::Series | DataFormat::Pairs if !self.data.path.is_file() =>
-            {
+            DataFormat::Corpus | DataFormat::Series | DataFormat::Pairs if !self.data.path.is_file() => {
                 return Err(fail(
                     "data.path",
                     format!("file not found: {}", self.data.path.display()),

@@ -528,7 +528,9 @@ impl Module for SequenceRegressor {
     /// `[B, T]` values → `[B, outputs]`.
     fn forward(&self, g: &mut Graph<'_>, x: Var) -> Result<Var> {
         let &[b, t] = g.shape(x) else {
-            return Err(self.rnn.err(format!("expects values [batch, time], got {:?}", g.shape(x))));
+            return Err(self
+                .rnn
+                .err(format!("expects values [batch, time], got {:?}", g.shape(x))));
         };
         let x3 = g.reshape(x, &[b, t, 1])?;
         let mask = Tensor::ones(&[b, t]);
@@ -538,7 +540,9 @@ impl Module for SequenceRegressor {
 
     fn describe(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<Vec<usize>> {
         let &[t] = input else {
-            return Err(self.rnn.err(format!("expects one value per step [time], got {input:?}")));
+            return Err(self
+                .rnn
+                .err(format!("expects one value per step [time], got {input:?}")));
         };
         describe_rnn(&self.rnn, t, rows);
         self.head.describe(&[self.rnn.hidden_size], rows)

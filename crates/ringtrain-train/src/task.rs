@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use ringtrain_config::{
-    ActivationName, ColumnRef, DataFormat, FfActivationName, Job, LayerSpec, LossName, ModelConfig, ModelKind, NormName,
-    PoolingName, PositionsName, TokenizerName,
+    ActivationName, ColumnRef, DataFormat, FfActivationName, Job, LayerSpec, LossName, ModelConfig, ModelKind,
+    NormName, PoolingName, PositionsName, TokenizerName,
 };
 use ringtrain_data::{read_csv, CsvOptions, LabelColumn, LabelKind, Labels, TabularData};
 use ringtrain_nn::{
@@ -13,8 +13,8 @@ use ringtrain_nn::{
     RecurrentLm, Residual, SequenceClassifier, SequenceRegressor, Sequential, Targets,
 };
 use ringtrain_nn::{
-    FfActivation, NormPlacement, Positions, Seq2SeqConfig, Seq2SeqTransformer, TransformerClassifier, TransformerConfig,
-    TransformerLm,
+    FfActivation, NormPlacement, Positions, Seq2SeqConfig, Seq2SeqTransformer, TransformerClassifier,
+    TransformerConfig, TransformerLm,
 };
 use ringtrain_tensor::Tensor;
 
@@ -238,7 +238,12 @@ pub struct PairSet {
 impl PairSet {
     /// Fraction of examples at `rows` whose greedy decoding (most likely token at every step,
     /// fed back, until STOP) equals the target exactly.
-    pub fn exact_match(&self, model: &dyn Module, store: &ringtrain_autograd::ParamStore, rows: &[usize]) -> Result<f64> {
+    pub fn exact_match(
+        &self,
+        model: &dyn Module,
+        store: &ringtrain_autograd::ParamStore,
+        rows: &[usize],
+    ) -> Result<f64> {
         let (s, t) = (self.src_len, self.tgt_len);
         let mut hits = 0usize;
         for chunk in rows.chunks(256) {
@@ -253,7 +258,8 @@ impl PairSet {
             let mut out: Vec<Vec<u32>> = vec![Vec::new(); n];
             let mut done = vec![false; n];
             for step in 0..t {
-                let input = Tensor::from_vec(&[n, s + t], x.clone()).map_err(ringtrain_autograd::AutogradError::from)?;
+                let input =
+                    Tensor::from_vec(&[n, s + t], x.clone()).map_err(ringtrain_autograd::AutogradError::from)?;
                 let mut g = ringtrain_autograd::Graph::inference(store);
                 let xv = g.input(input);
                 let logits = model.forward(&mut g, xv)?;
@@ -810,13 +816,32 @@ impl Task {
             ids.truncate(cap);
             ids
         };
-        let longest = |side: fn(&(String, String)) -> &str| train.iter().map(|p| encode(side(p)).len()).max().unwrap_or(0);
+        let longest =
+            |side: fn(&(String, String)) -> &str| train.iter().map(|p| encode(side(p)).len()).max().unwrap_or(0);
         let src_len = longest(|p| &p.0).max(1);
         // One more for START (inputs) and STOP (targets).
         let tgt_len = longest(|p| &p.1) + 1;
         let set = |pairs: &[(String, String)]| PairSet {
-            src: Arc::new(pairs.iter().map(|p| { let mut v = encode(&p.0); v.truncate(src_len); v }).collect()),
-            tgt: Arc::new(pairs.iter().map(|p| { let mut v = encode(&p.1); v.truncate(tgt_len - 1); v }).collect()),
+            src: Arc::new(
+                pairs
+                    .iter()
+                    .map(|p| {
+                        let mut v = encode(&p.0);
+                        v.truncate(src_len);
+                        v
+                    })
+                    .collect(),
+            ),
+            tgt: Arc::new(
+                pairs
+                    .iter()
+                    .map(|p| {
+                        let mut v = encode(&p.1);
+                        v.truncate(tgt_len - 1);
+                        v
+                    })
+                    .collect(),
+            ),
             vocab: vocab.clone(),
             src_len,
             tgt_len,
@@ -920,7 +945,13 @@ impl Task {
             Some(p) => vec![p.src_len, p.tgt_len],
             None => self.examples.input_shape(),
         };
-        build_model_for(cfg, self.format, &input, self.target.outputs(), self.examples.vocab_size())
+        build_model_for(
+            cfg,
+            self.format,
+            &input,
+            self.target.outputs(),
+            self.examples.vocab_size(),
+        )
     }
 
     pub fn example_count(&self) -> usize {
@@ -953,7 +984,11 @@ pub fn build_model_with_vocab(
     outputs: usize,
     vocab: Option<usize>,
 ) -> Result<Box<dyn Module>> {
-    let format = if vocab.is_some() { DataFormat::Text } else { DataFormat::Csv };
+    let format = if vocab.is_some() {
+        DataFormat::Text
+    } else {
+        DataFormat::Csv
+    };
     build_model_for(cfg, format, input, outputs, vocab)
 }
 
@@ -1095,7 +1130,9 @@ fn vocab_json(vocab: &ringtrain_data::Vocab) -> Option<serde_json::Value> {
 /// The paragraphs (blocks between blank lines) of a text, each trimmed of surrounding
 /// newlines; they become START … STOP documents.
 fn paragraphs(text: &str) -> impl Iterator<Item = &str> {
-    text.split("\n\n").map(|p| p.trim_matches('\n')).filter(|p| !p.trim().is_empty())
+    text.split("\n\n")
+        .map(|p| p.trim_matches('\n'))
+        .filter(|p| !p.trim().is_empty())
 }
 
 /// Perplexity of an add-one-smoothed unigram model fitted on `train`, on `test`: what a
