@@ -70,7 +70,7 @@ enum Command {
     },
     /// Recompute the metrics of a run's saved model on the job's test split (or on --data).
     Evaluate(use_model::EvaluateArgs),
-    /// Predict the rows of a CSV file (or the images of an IDX file) with a run's saved model.
+    /// Predict the rows of a CSV file (the images of an IDX file, the lines of a text file) with a run's saved model.
     Predict(use_model::PredictArgs),
     /// Sample text from a run's language model (data.format = "corpus").
     Generate(use_model::GenerateArgs),

@@ -22,7 +22,7 @@ pub struct PredictArgs {
     /// A run directory written by `ringtrain train --out`.
     run_dir: PathBuf,
     /// Rows to predict: a CSV laid out like the training data (the label column may be left
-    /// out), or an IDX image file for image models.
+    /// out), an IDX image file for image models, or one text per line for text classifiers.
     input: PathBuf,
 }
 

@@ -268,4 +268,19 @@ fn text_jobs_read_the_imdb_directory_layout() {
     assert_eq!(summary["class_names"], serde_json::json!(["neg", "pos"]));
     assert_eq!(summary["folds"][0]["train_examples"], 24);
     assert_eq!(summary["folds"][0]["test_examples"], 8);
+
+    // The saved text model evaluates its test split again and predicts new lines of text.
+    let accuracy = summary["test_accuracy"].as_f64().expect("test_accuracy");
+    let eval = ok(&["evaluate", &run_s]);
+    let printed = String::from_utf8_lossy(&eval.stdout).to_string();
+    assert!(printed.contains(&format!("accuracy: {accuracy}")), "{printed}");
+    let reviews = dir.path().join("reviews.txt");
+    std::fs::write(&reviews, "a great film\n\npos\tgood acting , fine film\nan unseen zyzzyva\n").expect("write");
+    let out = ok(&["predict", &run_s, reviews.to_str().expect("utf-8")]);
+    let rows: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().skip(1).map(str::to_string).collect();
+    assert_eq!(rows.len(), 3, "one prediction per non-empty line: {rows:?}");
+    for row in &rows {
+        let p: Vec<f64> = row.split('\t').skip(2).map(|v| v.parse().expect("probability")).collect();
+        assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-3, "{row}");
+    }
 }

@@ -431,11 +431,55 @@ impl SavedModel {
         self.predict_tensor(x)
     }
 
-    /// Predicts a file of the job's data format: CSV for tabular jobs, IDX images for image jobs.
+    /// Predictions for a text classifier: one text per non-empty line (a `label<TAB>` prefix,
+    /// as in the training file, is dropped), tokenised with the saved vocabulary and cut to the
+    /// trained length.
+    pub fn predict_texts(&self, path: &Path) -> Result<Vec<Prediction>> {
+        let Some(vocab) = self.vocab.as_ref().filter(|_| self.job.data.format == DataFormat::Text) else {
+            return Err(format_error(path, "this model does not classify texts"));
+        };
+        let max_len = self.input_shape.first().copied().unwrap_or(1).max(1);
+        let text = ringtrain_data::read_text(path)?;
+        let seqs: Vec<Vec<u32>> = text
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let body = l.split_once('\t').map_or(l, |(_, t)| t);
+                let mut ids = vocab.encode(body);
+                ids.truncate(max_len);
+                if ids.is_empty() {
+                    ids.push(ringtrain_data::UNK);
+                }
+                ids
+            })
+            .collect();
+        if seqs.is_empty() {
+            return Err(format_error(path, "no text lines"));
+        }
+        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+        let padded = ringtrain_data::pad_batch(&refs, None);
+        let x = Tensor::from_vec(
+            &[seqs.len(), padded.max_len],
+            padded.ids.iter().map(|&i| i as f32).collect(),
+        )
+        .map_err(ringtrain_autograd::AutogradError::from)?;
+        self.predict_tensor(x)
+    }
+
+    /// Predicts a file of the job's data format: CSV for tabular jobs, IDX images for image
+    /// jobs, text lines for text classifiers.
     pub fn predict_file(&self, path: &Path) -> Result<Vec<Prediction>> {
         match self.job.data.format {
             DataFormat::Idx => self.predict_idx(path),
-            _ => self.predict_csv(path),
+            DataFormat::Text => self.predict_texts(path),
+            DataFormat::Csv => self.predict_csv(path),
+            other => Err(format_error(
+                path,
+                format!(
+                    "predict takes tabular, image or text-classification models; this one was trained on {other:?} \
+                     data (use `evaluate`, or `generate` for a language model)"
+                ),
+            )),
         }
     }
 
