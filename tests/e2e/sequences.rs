@@ -275,12 +275,24 @@ fn text_jobs_read_the_imdb_directory_layout() {
     let printed = String::from_utf8_lossy(&eval.stdout).to_string();
     assert!(printed.contains(&format!("accuracy: {accuracy}")), "{printed}");
     let reviews = dir.path().join("reviews.txt");
-    std::fs::write(&reviews, "a great film\n\npos\tgood acting , fine film\nan unseen zyzzyva\n").expect("write");
+    std::fs::write(
+        &reviews,
+        "a great film\n\npos\tgood acting , fine film\nan unseen zyzzyva\n",
+    )
+    .expect("write");
     let out = ok(&["predict", &run_s, reviews.to_str().expect("utf-8")]);
-    let rows: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().skip(1).map(str::to_string).collect();
+    let rows: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .map(str::to_string)
+        .collect();
     assert_eq!(rows.len(), 3, "one prediction per non-empty line: {rows:?}");
     for row in &rows {
-        let p: Vec<f64> = row.split('\t').skip(2).map(|v| v.parse().expect("probability")).collect();
+        let p: Vec<f64> = row
+            .split('\t')
+            .skip(2)
+            .map(|v| v.parse().expect("probability"))
+            .collect();
         assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-3, "{row}");
     }
 }
