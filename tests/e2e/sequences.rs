@@ -194,7 +194,7 @@ fn transformer_decoder_lm_beats_the_unigram_baseline_and_generates() {
     let job = edited_job(
         "hamlet-char-transformer.toml",
         dir.path(),
-        &[("epochs = 8", "epochs = 1")],
+        &[("epochs = 16", "epochs = 1")],
     );
     let run = dir.path().join("run");
     let run_s = run.display().to_string();
