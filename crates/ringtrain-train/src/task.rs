@@ -846,17 +846,18 @@ impl Task {
             src_len,
             tgt_len,
         };
-        let pair_test = test.as_deref().map(set);
+        let train_set = Arc::new(set(&train));
+        let test_set = test.as_deref().map(|t| Arc::new(set(t)));
         Ok(Task {
             strata: None,
-            examples: Arc::new(set(&train)),
-            test_examples: pair_test.clone().map(|t| Arc::new(t) as Arc<dyn Examples>),
+            examples: train_set.clone(),
+            test_examples: test_set.clone().map(|t| t as Arc<dyn Examples>),
             target: TargetKind::NextToken { vocab: vocab.len() },
             loss: Loss::CrossEntropy,
             format: job.data.format,
             baseline: BTreeMap::new(),
-            pairs: Some(Arc::new(set(&train))),
-            pair_test: pair_test.map(Arc::new),
+            pairs: Some(train_set),
+            pair_test: test_set,
         })
     }
 
