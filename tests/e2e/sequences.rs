@@ -296,3 +296,48 @@ fn text_jobs_read_the_imdb_directory_layout() {
         assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-3, "{row}");
     }
 }
+
+#[test]
+fn one_hot_inputs_replace_the_embedding_of_a_char_lm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = edited_job(
+        "hamlet-char-lstm.toml",
+        dir.path(),
+        &[
+            ("seq_len = 100", "seq_len = 50"),
+            ("embedding_dim = 48", "one_hot = true"),
+            ("hidden = [256]", "hidden = [64]"),
+            ("epochs = 12", "epochs = 3"),
+            ("lr = 0.003", "lr = 0.01"),
+        ],
+    );
+    let inspect = ok(&["inspect", &job]);
+    let table = String::from_utf8_lossy(&inspect.stdout).to_string();
+    assert!(table.contains("OneHot("), "{table}");
+    let run = dir.path().join("run");
+    let run_s = run.display().to_string();
+    ok(&["train", &job, "--out", &run_s, "--quiet"]);
+    let summary = read_json(&run.join("summary.json"));
+    let ppl = summary["test_perplexity"].as_f64().expect("test_perplexity");
+    let unigram = summary["baseline"]["unigram_perplexity"]
+        .as_f64()
+        .expect("unigram baseline");
+    assert!(ppl < 0.6 * unigram, "perplexity {ppl} vs unigram {unigram}");
+    // The weights hold no embedding table.
+    let weights = std::fs::read(run.join("model.safetensors")).expect("weights");
+    assert!(!String::from_utf8_lossy(&weights[..4096.min(weights.len())]).contains("embedding.weight"));
+
+    let bad = edited_job(
+        "sentiment-transformer.toml",
+        dir.path(),
+        &[("kind = \"transformer\"", "kind = \"transformer\"\none_hot = true")],
+    );
+    let args = ["validate", bad.as_str()];
+    let out = ringtrain(&args);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&args, &out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("model.one_hot"),
+        "{}",
+        describe(&args, &out)
+    );
+}

@@ -253,6 +253,10 @@ pub struct ModelConfig {
     /// Text classifiers: dropout on the embedded tokens.
     #[serde(default)]
     pub embedding_dropout: f64,
+    /// Recurrent token models: fixed one-hot inputs instead of a learned embedding (small
+    /// vocabularies, e.g. characters).
+    #[serde(default)]
+    pub one_hot: bool,
     /// Text classifiers: how the per-token outputs become one vector.
     #[serde(default)]
     pub pooling: PoolingName,
@@ -668,6 +672,14 @@ impl Job {
             if self.model.blocks == Some(0) {
                 return Err(fail("model.blocks", "must be at least 1".into()));
             }
+        }
+        if self.model.one_hot && (!self.model.kind.is_recurrent() || self.model.embedding_dim.is_some()) {
+            return Err(fail(
+                "model.one_hot",
+                "replaces the learned embedding of a recurrent token model: use it with rnn, gru or lstm, without \
+                 embedding_dim"
+                    .into(),
+            ));
         }
         if self.model.embedding_dropout > 0.0 && !self.model.kind.is_recurrent() {
             return Err(fail(

@@ -732,6 +732,7 @@ impl TokenInput {
                 vocab,
                 dim,
                 padding_idx: Some(0),
+                one_hot: false,
             },
             positions: PositionalEncoding {
                 name: format!("{prefix}pos_embedding"),

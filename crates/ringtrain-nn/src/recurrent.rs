@@ -30,9 +30,18 @@ pub struct Embedding {
     pub vocab: usize,
     pub dim: usize,
     pub padding_idx: Option<usize>,
+    /// Fixed one-hot rows instead of a learned table (`dim` is then `vocab`, and there are no
+    /// parameters): the textbook input encoding, for small vocabularies such as characters.
+    pub one_hot: bool,
 }
 
 impl Embedding {
+    /// Switches to fixed one-hot rows (`dim` becomes `vocab`).
+    pub fn one_hot_input(&mut self) {
+        self.one_hot = true;
+        self.dim = self.vocab;
+    }
+
     /// # Shapes
     /// `ids: [B, T]` (token ids) → `[B, T, dim]`.
     pub fn lookup(&self, g: &mut Graph<'_>, ids: &[usize], batch: usize, steps: usize) -> Result<Var> {
@@ -41,6 +50,15 @@ impl Embedding {
                 layer: self.name.clone(),
                 reason: format!("token id {bad} is outside the vocabulary of {}", self.vocab),
             });
+        }
+        if self.one_hot {
+            let mut x = vec![0.0f32; ids.len() * self.vocab];
+            for (row, &id) in x.chunks_mut(self.vocab).zip(ids) {
+                if Some(id) != self.padding_idx {
+                    row[id] = 1.0;
+                }
+            }
+            return Ok(g.input(Tensor::from_vec(&[batch, steps, self.vocab], x)?));
         }
         let w = g.param(&format!("{}.weight", self.name))?;
         let rows = g.index_select(w, 0, ids)?;
@@ -56,6 +74,9 @@ impl Embedding {
     }
 
     pub fn init(&self, rng: &mut Rng, out: &mut BTreeMap<String, Tensor>) {
+        if self.one_hot {
+            return;
+        }
         let mut w = random::normal(&[self.vocab, self.dim], 1.0, rng);
         if let Some(p) = self.padding_idx.filter(|&p| p < self.vocab) {
             w.as_mut_slice()[p * self.dim..(p + 1) * self.dim].fill(0.0);
@@ -344,6 +365,7 @@ impl SequenceClassifier {
                 vocab,
                 dim: embed,
                 padding_idx: Some(0),
+                one_hot: false,
             },
             rnn,
             head,
@@ -359,6 +381,13 @@ impl SequenceClassifier {
 
     pub fn with_embedding_dropout(mut self, p: f64) -> Self {
         self.embedding_dropout = p;
+        self
+    }
+
+    /// One-hot token inputs instead of a learned embedding.
+    pub fn with_one_hot(mut self) -> Self {
+        self.embedding.one_hot_input();
+        self.rnn.input_size = self.embedding.dim;
         self
     }
 }
@@ -456,6 +485,7 @@ impl RecurrentLm {
                 vocab,
                 dim: embed,
                 padding_idx: Some(0),
+                one_hot: false,
             },
             rnn: Recurrent {
                 name: "rnn".into(),
@@ -469,6 +499,13 @@ impl RecurrentLm {
             head: crate::Linear::new("head", hidden_size, vocab).with_init(crate::Init::XavierUniform),
             dropout,
         }
+    }
+
+    /// One-hot token inputs instead of a learned embedding.
+    pub fn with_one_hot(mut self) -> Self {
+        self.embedding.one_hot_input();
+        self.rnn.input_size = self.embedding.dim;
+        self
     }
 }
 
@@ -562,9 +599,13 @@ impl Module for SequenceRegressor {
 fn describe_embedding_and_rnn(e: &Embedding, r: &Recurrent, t: usize, rows: &mut Vec<LayerSummary>) {
     rows.push(LayerSummary {
         name: e.name.clone(),
-        kind: format!("Embedding({}, {})", e.vocab, e.dim),
+        kind: if e.one_hot {
+            format!("OneHot({})", e.vocab)
+        } else {
+            format!("Embedding({}, {})", e.vocab, e.dim)
+        },
         output: vec![t, e.dim],
-        params: e.vocab * e.dim,
+        params: if e.one_hot { 0 } else { e.vocab * e.dim },
         flops: 0,
     });
     describe_rnn(r, t, rows);

@@ -1084,15 +1084,19 @@ pub fn build_model_for(
             let embed = cfg.embedding_dim.unwrap_or(64);
             match (format, vocab) {
                 (DataFormat::Series, _) => Box::new(SequenceRegressor::new(cell, &hidden, cfg.dropout, outputs)),
-                (DataFormat::Corpus, Some(v)) => Box::new(RecurrentLm::new(cell, v, embed, &hidden, cfg.dropout)),
-                (_, Some(v)) => Box::new(
-                    SequenceClassifier::new(cell, v, embed, &hidden, cfg.bidirectional, cfg.dropout, outputs)
+                (DataFormat::Corpus, Some(v)) => {
+                    let lm = RecurrentLm::new(cell, v, embed, &hidden, cfg.dropout);
+                    Box::new(if cfg.one_hot { lm.with_one_hot() } else { lm })
+                }
+                (_, Some(v)) => {
+                    let c = SequenceClassifier::new(cell, v, embed, &hidden, cfg.bidirectional, cfg.dropout, outputs)
                         .with_pooling(match cfg.pooling {
                             PoolingName::Last => Pooling::Last,
                             PoolingName::Mean => Pooling::Mean,
                         })
-                        .with_embedding_dropout(cfg.embedding_dropout),
-                ),
+                        .with_embedding_dropout(cfg.embedding_dropout);
+                    Box::new(if cfg.one_hot { c.with_one_hot() } else { c })
+                }
                 (_, None) => {
                     return Err(TrainError::Job {
                         field: "model.kind",
