@@ -74,6 +74,8 @@ enum Command {
     Predict(use_model::PredictArgs),
     /// Sample text from a run's language model (data.format = "corpus").
     Generate(use_model::GenerateArgs),
+    /// Print what each head of a transformer text classifier attends to for one text (JSON).
+    Attention(use_model::AttentionArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -140,6 +142,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Evaluate(args) => use_model::evaluate(args),
         Command::Predict(args) => use_model::predict(args),
         Command::Generate(args) => use_model::generate(args),
+        Command::Attention(args) => use_model::attention(args),
         Command::Train {
             job,
             out,

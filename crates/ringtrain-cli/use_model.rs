@@ -44,6 +44,15 @@ pub struct GenerateArgs {
     seed: u64,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct AttentionArgs {
+    /// A run directory of a transformer text classifier.
+    run_dir: PathBuf,
+    /// The text to look at.
+    #[arg(long)]
+    text: String,
+}
+
 /// Every failure here is about the run directory or the input the user named: exit code 2.
 fn load(run_dir: &Path) -> anyhow::Result<SavedModel> {
     SavedModel::load(run_dir).map_err(bad_input)
@@ -149,5 +158,29 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         })
         .map_err(bad_input)?;
     println!("{text}");
+    Ok(())
+}
+
+/// Prints, per layer and head, each token's attention over the text as one JSON object:
+/// `{"tokens": [...], "layers": [[[[p, ...] per key] per query] per head] per layer}`.
+pub fn attention(args: AttentionArgs) -> anyhow::Result<()> {
+    let model = load(&args.run_dir)?;
+    let (tokens, maps) = model.attention_maps(&args.text).map_err(bad_input)?;
+    let layers: Vec<serde_json::Value> = maps
+        .iter()
+        .map(|m| {
+            let (h, t) = (m.shape()[0], m.shape()[1]);
+            let heads: Vec<Vec<Vec<f32>>> = (0..h)
+                .map(|k| {
+                    m.as_slice()[k * t * t..(k + 1) * t * t]
+                        .chunks(t)
+                        .map(<[f32]>::to_vec)
+                        .collect()
+                })
+                .collect();
+            serde_json::json!(heads)
+        })
+        .collect();
+    println!("{}", serde_json::json!({ "tokens": tokens, "layers": layers }));
     Ok(())
 }

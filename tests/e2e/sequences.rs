@@ -341,3 +341,35 @@ fn one_hot_inputs_replace_the_embedding_of_a_char_lm() {
         describe(&args, &out)
     );
 }
+
+#[test]
+fn attention_of_a_trained_transformer_classifier_is_exported_per_layer_and_head() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let job = edited_job(
+        "sentiment-transformer.toml",
+        dir.path(),
+        &[("epochs = 3", "epochs = 1"), ("max_len = 60", "max_len = 20")],
+    );
+    let run = dir.path().join("run");
+    let run_s = run.display().to_string();
+    ok(&["train", &job, "--out", &run_s, "--quiet"]);
+    let out = ok(&["attention", &run_s, "--text", "a gorgeous , witty film"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(v["tokens"], serde_json::json!(["a", "gorgeous", ",", "witty", "film"]));
+    let layers = v["layers"].as_array().expect("layers");
+    assert_eq!(layers.len(), 1);
+    let heads = layers[0].as_array().expect("heads");
+    assert_eq!(heads.len(), 4);
+    for head in heads {
+        for row in head.as_array().expect("rows") {
+            let p: Vec<f64> = row
+                .as_array()
+                .expect("row")
+                .iter()
+                .map(|x| x.as_f64().expect("p"))
+                .collect();
+            assert_eq!(p.len(), 5);
+            assert!((p.iter().sum::<f64>() - 1.0).abs() < 1e-4, "{p:?}");
+        }
+    }
+}

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ringtrain_autograd::{Graph, ParamStore};
-use ringtrain_config::{ColumnRef, DataFormat, EvalScheme, Job, LossName};
+use ringtrain_config::{ColumnRef, DataFormat, EvalScheme, Job, LossName, ModelKind};
 use ringtrain_data::{kfold, train_test_split, DataError, LineRef};
 use ringtrain_nn::{init_store, Module, Targets};
 use ringtrain_tensor::Tensor;
@@ -429,6 +429,37 @@ impl SavedModel {
         let x = Tensor::from_vec(&[images.n, 1, images.rows, images.cols], x)
             .map_err(ringtrain_autograd::AutogradError::from)?;
         self.predict_tensor(x)
+    }
+
+    /// What each head of a transformer text classifier attends to for one text: the tokens
+    /// and, per layer, the attention probabilities `[heads, T, T]` (row = query token).
+    pub fn attention_maps(&self, text: &str) -> Result<(Vec<String>, Vec<Tensor>)> {
+        let vocab = self
+            .vocab
+            .as_ref()
+            .filter(|_| self.job.data.format == DataFormat::Text && self.job.model.kind == ModelKind::Transformer)
+            .ok_or_else(|| format_error(&self.run_dir, "not a transformer text classifier"))?;
+        let max_len = self.input_shape.first().copied().unwrap_or(1).max(1);
+        let mut ids = vocab.encode(text);
+        ids.truncate(max_len);
+        if ids.is_empty() {
+            return Err(format_error(&self.run_dir, "the text has no tokens"));
+        }
+        let tokens = ids.iter().map(|&i| vocab.token(i).unwrap_or("<unk>").to_string()).collect();
+        let cfg = crate::task::transformer_config(&self.job.model, vocab.len(), max_len);
+        let model = ringtrain_nn::TransformerClassifier::new(cfg, self.target.outputs());
+        let x = Tensor::from_vec(&[1, ids.len()], ids.iter().map(|&i| i as f32).collect())
+            .map_err(ringtrain_autograd::AutogradError::from)?;
+        let maps = model.attention_maps(&self.store, &x)?;
+        // One example: drop the batch axis.
+        let maps = maps
+            .into_iter()
+            .map(|m| {
+                let shape = m.shape()[1..].to_vec();
+                m.reshape(&shape).map_err(|e| ringtrain_autograd::AutogradError::from(e).into())
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok((tokens, maps))
     }
 
     /// Predictions for a text classifier: one text per non-empty line (a `label<TAB>` prefix,

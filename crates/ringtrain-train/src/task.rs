@@ -1158,7 +1158,7 @@ fn unigram_perplexity(train: &[u32], test: &[u32], vocab: usize) -> f64 {
 }
 
 /// The job's transformer shape; positions cover the longest sequence the data can give.
-fn transformer_config(cfg: &ModelConfig, vocab: usize, max_len: usize) -> TransformerConfig {
+pub(crate) fn transformer_config(cfg: &ModelConfig, vocab: usize, max_len: usize) -> TransformerConfig {
     let d = cfg.embedding_dim.unwrap_or(64);
     let mut t = TransformerConfig::new(
         vocab,
