@@ -445,7 +445,10 @@ impl SavedModel {
         if ids.is_empty() {
             return Err(format_error(&self.run_dir, "the text has no tokens"));
         }
-        let tokens = ids.iter().map(|&i| vocab.token(i).unwrap_or("<unk>").to_string()).collect();
+        let tokens = ids
+            .iter()
+            .map(|&i| vocab.token(i).unwrap_or("<unk>").to_string())
+            .collect();
         let cfg = crate::task::transformer_config(&self.job.model, vocab.len(), max_len);
         let model = ringtrain_nn::TransformerClassifier::new(cfg, self.target.outputs());
         let x = Tensor::from_vec(&[1, ids.len()], ids.iter().map(|&i| i as f32).collect())
@@ -456,7 +459,8 @@ impl SavedModel {
             .into_iter()
             .map(|m| {
                 let shape = m.shape()[1..].to_vec();
-                m.reshape(&shape).map_err(|e| ringtrain_autograd::AutogradError::from(e).into())
+                m.reshape(&shape)
+                    .map_err(|e| ringtrain_autograd::AutogradError::from(e).into())
             })
             .collect::<Result<Vec<_>>>()?;
         Ok((tokens, maps))
