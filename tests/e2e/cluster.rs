@@ -7,137 +7,29 @@
 //! rounding, not bitwise: final train loss within 1e-3 relative, test accuracy within one
 //! example.
 
-use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::{bin, read_json, repo};
+use crate::util::{bin, read_json, repo, Proc};
 
-/// A `ringtrain` process with its output collected; killed when dropped.
-struct Proc {
-    child: Child,
-    args: Vec<String>,
-    lines: Receiver<String>,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn collect(mut pipe: impl std::io::Read + Send + 'static, sink: Arc<Mutex<String>>) {
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(k) = pipe.read(&mut buf) {
-            if k == 0 {
-                break;
-            }
-            if let Ok(mut s) = sink.lock() {
-                s.push_str(&String::from_utf8_lossy(&buf[..k]));
-            }
-        }
-    });
-}
-
-impl Proc {
-    fn start(args: &[&str], token: &str) -> Proc {
-        let mut command = Command::new(bin());
-        command
-            .args(args)
-            .env("RINGTRAIN_TOKEN", token)
-            .env("RINGTRAIN_THREADS", "1");
-        Proc::spawn(command, args)
-    }
-
-    fn spawn(mut command: Command, args: &[&str]) -> Proc {
-        let mut child = command
-            .current_dir(repo())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ringtrain");
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let (tx, lines) = mpsc::channel();
-        let out = child.stdout.take().expect("stdout");
-        let sink = stdout.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Ok(mut s) = sink.lock() {
-                    s.push_str(&line);
-                    s.push('\n');
-                }
-                let _ = tx.send(line);
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        collect(child.stderr.take().expect("stderr"), stderr.clone());
-        Proc {
-            child,
-            args: args.iter().map(|s| s.to_string()).collect(),
-            lines,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn describe(&self) -> String {
-        let out = self.stdout.lock().map(|s| s.clone()).unwrap_or_default();
-        let err = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
-        format!(
-            "ringtrain {}\n--- stdout\n{out}\n--- stderr\n{err}",
-            self.args.join(" ")
-        )
-    }
-
-    /// The next stdout line satisfying `want`, before `deadline`.
-    fn line(&self, deadline: Instant, want: impl Fn(&str) -> bool) -> String {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if want(&line) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no expected line in time\n{}", self.describe()),
-            }
-        }
-    }
-
-    /// Waits for the exit, at most `within`; returns status, stdout, stderr.
-    fn finish(&mut self, within: Duration) -> (ExitStatus, String, String) {
-        let until = Instant::now() + within;
-        let status = loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                break s;
-            }
-            assert!(
-                Instant::now() < until,
-                "still running after {within:?}\n{}",
-                self.describe()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        // Let the reader threads drain the pipes.
-        std::thread::sleep(Duration::from_millis(50));
-        let out = self.stdout.lock().map(|s| s.clone()).unwrap_or_default();
-        let err = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
-        (status, out, err)
-    }
+/// `ringtrain args` with the job token and one thread.
+fn start(args: &[&str], token: &str) -> Proc {
+    let mut command = Command::new(bin());
+    command
+        .args(args)
+        .env("RINGTRAIN_TOKEN", token)
+        .env("RINGTRAIN_THREADS", "1");
+    Proc::spawn(command, &format!("ringtrain {}", args.join(" ")))
 }
 
 /// Runs `ringtrain args` to completion within `within`.
 fn run(args: &[&str], within: Duration) -> (ExitStatus, String, String) {
-    Proc::start(args, "e2e-cluster").finish(within)
+    start(args, "e2e-cluster").finish(within)
 }
 
 fn run_ok(args: &[&str], within: Duration) -> String {
-    let mut p = Proc::start(args, "e2e-cluster");
+    let mut p = start(args, "e2e-cluster");
     let (status, out, _) = p.finish(within);
     assert!(status.success(), "{}", p.describe());
     out
@@ -296,7 +188,7 @@ fn a_killed_worker_is_named_and_a_fresh_launch_resumes_from_its_checkpoint() {
         "--checkpoint-every",
         "1",
     ];
-    let mut launch = Proc::start(&args, "unused");
+    let mut launch = start(&args, "unused");
     let deadline = Instant::now() + MINUTE;
     let joined = launch.line(deadline, |l| l.starts_with("worker rank 1 joined (pid "));
     let pid: u32 = joined["worker rank 1 joined (pid ".len()..]
@@ -360,7 +252,7 @@ fn a_coordinator_and_workers_configured_from_the_environment_train_together() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let job = iris_job(tmp.path(), "pair", &[("epochs = 100", "epochs = 5")]);
     let dir = tmp.path().join("run");
-    let mut coordinator = Proc::start(
+    let mut coordinator = start(
         &[
             "coordinator",
             "--listen",
@@ -387,7 +279,7 @@ fn a_coordinator_and_workers_configured_from_the_environment_train_together() {
                 .env("RINGTRAIN_TOKEN", "pair-token")
                 .env("RINGTRAIN_PEER_ADDR", "127.0.0.1:0")
                 .env("RINGTRAIN_THREADS", "1");
-            Proc::spawn(child, &["worker"])
+            Proc::spawn(child, "ringtrain worker")
         })
         .collect();
     let (status, out, _) = coordinator.finish(MINUTE);
@@ -430,7 +322,7 @@ fn a_hung_worker_is_named_when_its_heartbeats_stop() {
         "--heartbeat-timeout-ms",
         "2500",
     ];
-    let mut launch = Proc::start(&args, "unused");
+    let mut launch = start(&args, "unused");
     let joined = launch.line(Instant::now() + MINUTE, |l| l.starts_with("worker rank 2 joined (pid "));
     let pid = joined["worker rank 2 joined (pid ".len()..]
         .split(' ')
@@ -465,7 +357,7 @@ fn a_wrong_token_is_refused_and_the_rendezvous_times_out() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let job = iris_job(tmp.path(), "one", &[("epochs = 100", "epochs = 1")]);
     let dir = tmp.path().join("run");
-    let mut coordinator = Proc::start(
+    let mut coordinator = start(
         &[
             "coordinator",
             "--listen",
@@ -484,7 +376,7 @@ fn a_wrong_token_is_refused_and_the_rendezvous_times_out() {
     let v: serde_json::Value = serde_json::from_str(&listening).expect("json line");
     let addr = v["addr"].as_str().expect("addr").to_owned();
 
-    let mut worker = Proc::start(
+    let mut worker = start(
         &["worker", "--coordinator", &addr, "--peer-addr", "127.0.0.1:0"],
         "wrong-token",
     );
@@ -793,7 +685,7 @@ fn parallel_kfold_of_a_cnn_on_four_workers_in_two_rings() {
         ],
     );
     let dir = tmp.path().join("run");
-    let mut coordinator = Proc::start(
+    let mut coordinator = start(
         &[
             "coordinator",
             "--listen",
@@ -813,7 +705,7 @@ fn parallel_kfold_of_a_cnn_on_four_workers_in_two_rings() {
     let addr = v["addr"].as_str().expect("addr").to_owned();
     let mut workers: Vec<Proc> = (0..4)
         .map(|_| {
-            Proc::start(
+            start(
                 &["worker", "--coordinator", &addr, "--peer-addr", "127.0.0.1:0"],
                 "folds-token",
             )

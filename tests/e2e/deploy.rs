@@ -7,16 +7,14 @@
 //! with the command that installs it: a schema check that did not run must not pass.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::util::{bin, describe, repo};
+use crate::util::{bin, describe, repo, Proc};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
@@ -433,105 +431,6 @@ fn image_job(dir: &Path) -> PathBuf {
 
 // ---------------------------------------------------------------------------------------
 // The rehearsal: the manifests' processes on 127.0.0.1
-
-/// A process with its stdout lines and stderr collected; killed when dropped.
-struct Proc {
-    child: Child,
-    what: String,
-    lines: Receiver<String>,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    fn spawn(mut command: Command, what: &str) -> Proc {
-        let mut child = command
-            .current_dir(repo())
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn ringtrain");
-        let stdout = Arc::new(Mutex::new(String::new()));
-        let (tx, lines) = mpsc::channel();
-        let out = child.stdout.take().expect("stdout");
-        let sink = stdout.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if let Ok(mut s) = sink.lock() {
-                    s.push_str(&line);
-                    s.push('\n');
-                }
-                let _ = tx.send(line);
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut err = child.stderr.take().expect("stderr");
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 4096];
-            while let Ok(k) = err.read(&mut buf) {
-                if k == 0 {
-                    break;
-                }
-                if let Ok(mut s) = sink.lock() {
-                    s.push_str(&String::from_utf8_lossy(&buf[..k]));
-                }
-            }
-        });
-        Proc {
-            child,
-            what: what.to_owned(),
-            lines,
-            stdout,
-            stderr,
-        }
-    }
-
-    fn describe(&self) -> String {
-        let out = self.stdout.lock().map(|s| s.clone()).unwrap_or_default();
-        let err = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
-        format!("{}\n--- stdout\n{out}\n--- stderr\n{err}", self.what)
-    }
-
-    fn line(&self, deadline: Instant, want: impl Fn(&str) -> bool) -> String {
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if want(&line) => return line,
-                Ok(_) => {}
-                Err(_) => panic!("no expected line in time\n{}", self.describe()),
-            }
-        }
-    }
-
-    fn wait(&mut self, within: Duration) -> ExitStatus {
-        let until = Instant::now() + within;
-        loop {
-            if let Some(s) = self.child.try_wait().expect("wait") {
-                std::thread::sleep(Duration::from_millis(50));
-                return s;
-            }
-            assert!(
-                Instant::now() < until,
-                "still running after {within:?}\n{}",
-                self.describe()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn stdout(&self) -> String {
-        self.stdout.lock().map(|s| s.clone()).unwrap_or_default()
-    }
-}
 
 fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");

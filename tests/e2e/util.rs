@@ -1,7 +1,11 @@
 //! Helpers for running the real `ringtrain` binary.
 
+use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_ringtrain"))
@@ -43,4 +47,122 @@ pub fn ok(args: &[&str]) -> Output {
 pub fn read_json(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))
+}
+
+/// A running process with its output collected (stdout also line by line); killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    what: String,
+    lines: Receiver<String>,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn collect(mut pipe: impl std::io::Read + Send + 'static, sink: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(k) = pipe.read(&mut buf) {
+            if k == 0 {
+                break;
+            }
+            if let Ok(mut s) = sink.lock() {
+                s.push_str(&String::from_utf8_lossy(&buf[..k]));
+            }
+        }
+    });
+}
+
+impl Proc {
+    /// Starts `command` in the repository root; `what` names it in failure messages.
+    pub fn spawn(mut command: Command, what: &str) -> Proc {
+        let mut child = command
+            .current_dir(repo())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn ringtrain");
+        let stdout = Arc::new(Mutex::new(String::new()));
+        let (tx, lines) = mpsc::channel();
+        let out = child.stdout.take().expect("stdout");
+        let sink = stdout.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if let Ok(mut s) = sink.lock() {
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+                let _ = tx.send(line);
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        collect(child.stderr.take().expect("stderr"), stderr.clone());
+        Proc {
+            child,
+            what: what.to_owned(),
+            lines,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        format!(
+            "{}\n--- stdout\n{}\n--- stderr\n{}",
+            self.what,
+            self.stdout(),
+            self.stderr()
+        )
+    }
+
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The next stdout line satisfying `want`, before `deadline`.
+    pub fn line(&self, deadline: Instant, want: impl Fn(&str) -> bool) -> String {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if want(&line) => return line,
+                Ok(_) => {}
+                Err(_) => panic!("no expected line in time\n{}", self.describe()),
+            }
+        }
+    }
+
+    /// Waits for the exit, at most `within`.
+    pub fn wait(&mut self, within: Duration) -> ExitStatus {
+        let until = Instant::now() + within;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("wait") {
+                // Let the reader threads drain the pipes.
+                std::thread::sleep(Duration::from_millis(50));
+                return s;
+            }
+            assert!(
+                Instant::now() < until,
+                "still running after {within:?}\n{}",
+                self.describe()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits for the exit, at most `within`; returns status, stdout, stderr.
+    pub fn finish(&mut self, within: Duration) -> (ExitStatus, String, String) {
+        let status = self.wait(within);
+        (status, self.stdout(), self.stderr())
+    }
 }
