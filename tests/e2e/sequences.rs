@@ -18,6 +18,16 @@ fn edited_job(example: &str, dir: &Path, edits: &[(&str, &str)]) -> String {
     job.display().to_string()
 }
 
+/// Trains `job` into `dir/run`; returns the run directory (as a path and a string) and its
+/// summary.
+fn train_run(job: &str, dir: &Path) -> (std::path::PathBuf, String, serde_json::Value) {
+    let run = dir.join("run");
+    let run_s = run.display().to_string();
+    ok(&["train", job, "--out", &run_s, "--quiet"]);
+    let summary = read_json(&run.join("summary.json"));
+    (run, run_s, summary)
+}
+
 #[test]
 fn char_lm_beats_the_unigram_baseline_and_generates_until_stop() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -32,10 +42,7 @@ fn char_lm_beats_the_unigram_baseline_and_generates_until_stop() {
             ("lr = 0.003", "lr = 0.01"),
         ],
     );
-    let run = dir.path().join("run");
-    let run_s = run.display().to_string();
-    ok(&["train", &job, "--out", &run_s, "--quiet"]);
-    let summary = read_json(&run.join("summary.json"));
+    let (_, run_s, summary) = train_run(&job, dir.path());
     let ppl = summary["test_perplexity"].as_f64().expect("test_perplexity");
     let unigram = summary["baseline"]["unigram_perplexity"]
         .as_f64()
@@ -87,10 +94,7 @@ fn char_lm_beats_the_unigram_baseline_and_generates_until_stop() {
 fn forecast_beats_the_naive_last_value_on_the_held_out_tail() {
     let dir = tempfile::tempdir().expect("tempdir");
     let job = edited_job("sunspots-lstm.toml", dir.path(), &[("epochs = 60", "epochs = 40")]);
-    let run = dir.path().join("run");
-    let run_s = run.display().to_string();
-    ok(&["train", &job, "--out", &run_s, "--quiet"]);
-    let summary = read_json(&run.join("summary.json"));
+    let (_, _, summary) = train_run(&job, dir.path());
     let rmse = summary["test_rmse"].as_f64().expect("test_rmse");
     let naive = summary["baseline"]["naive_last_value_rmse"]
         .as_f64()
@@ -122,9 +126,7 @@ fn ordered_data_with_a_shuffled_split_is_refused() {
 #[test]
 fn generate_refuses_a_model_that_is_not_a_language_model() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let run = dir.path().join("run");
-    let run_s = run.display().to_string();
-    ok(&["train", "examples/iris-logistic.toml", "--out", &run_s, "--quiet"]);
+    let (_, run_s, _) = train_run("examples/iris-logistic.toml", dir.path());
     let args = ["generate", run_s.as_str(), "--prompt", "x"];
     let out = ringtrain(&args);
     assert_eq!(out.status.code(), Some(2), "{}", describe(&args, &out));
@@ -178,10 +180,7 @@ fn encoder_decoder_transformer_learns_to_reverse_digit_strings() {
             ("embedding_dim = 64", "embedding_dim = 32"),
         ],
     );
-    let run = dir.path().join("run");
-    let run_s = run.display().to_string();
-    ok(&["train", &job, "--out", &run_s, "--quiet"]);
-    let summary = read_json(&run.join("summary.json"));
+    let (_, _, summary) = train_run(&job, dir.path());
     let exact = summary["test_sequence_accuracy"]
         .as_f64()
         .expect("test_sequence_accuracy");
@@ -196,10 +195,7 @@ fn transformer_decoder_lm_beats_the_unigram_baseline_and_generates() {
         dir.path(),
         &[("epochs = 16", "epochs = 1")],
     );
-    let run = dir.path().join("run");
-    let run_s = run.display().to_string();
-    ok(&["train", &job, "--out", &run_s, "--quiet"]);
-    let summary = read_json(&run.join("summary.json"));
+    let (_, run_s, summary) = train_run(&job, dir.path());
     let ppl = summary["test_perplexity"].as_f64().expect("test_perplexity");
     let unigram = summary["baseline"]["unigram_perplexity"]
         .as_f64()
@@ -261,10 +257,7 @@ fn text_jobs_read_the_imdb_directory_layout() {
         .collect::<Vec<_>>()
         .join("\n");
     std::fs::write(&job, text).expect("write job");
-    let run = dir.path().join("run");
-    let run_s = run.display().to_string();
-    ok(&["train", &job, "--out", &run_s, "--quiet"]);
-    let summary = read_json(&run.join("summary.json"));
+    let (_, run_s, summary) = train_run(&job, dir.path());
     assert_eq!(summary["class_names"], serde_json::json!(["neg", "pos"]));
     assert_eq!(summary["folds"][0]["train_examples"], 24);
     assert_eq!(summary["folds"][0]["test_examples"], 8);
@@ -314,10 +307,7 @@ fn one_hot_inputs_replace_the_embedding_of_a_char_lm() {
     let inspect = ok(&["inspect", &job]);
     let table = String::from_utf8_lossy(&inspect.stdout).to_string();
     assert!(table.contains("OneHot("), "{table}");
-    let run = dir.path().join("run");
-    let run_s = run.display().to_string();
-    ok(&["train", &job, "--out", &run_s, "--quiet"]);
-    let summary = read_json(&run.join("summary.json"));
+    let (run, _, summary) = train_run(&job, dir.path());
     let ppl = summary["test_perplexity"].as_f64().expect("test_perplexity");
     let unigram = summary["baseline"]["unigram_perplexity"]
         .as_f64()
@@ -350,9 +340,7 @@ fn attention_of_a_trained_transformer_classifier_is_exported_per_layer_and_head(
         dir.path(),
         &[("epochs = 3", "epochs = 1"), ("max_len = 60", "max_len = 20")],
     );
-    let run = dir.path().join("run");
-    let run_s = run.display().to_string();
-    ok(&["train", &job, "--out", &run_s, "--quiet"]);
+    let (_, run_s, _) = train_run(&job, dir.path());
     let out = ok(&["attention", &run_s, "--text", "a gorgeous , witty film"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
     assert_eq!(v["tokens"], serde_json::json!(["a", "gorgeous", ",", "witty", "film"]));
