@@ -17,7 +17,7 @@ use ringtrain_tensor::Tensor;
 use serde::Deserialize;
 
 use crate::engine::{EvalMetrics, LocalSync, Trainer};
-use crate::task::{build_model_for, Batch, Examples, TargetKind, Task};
+use crate::task::{build_model_for, Batch, Examples, TargetKind, Task, TextSet};
 use crate::{restore_params, Result, TrainError};
 
 /// `preprocess.json` as the engine writes it.
@@ -91,7 +91,7 @@ pub struct SavedModel {
     /// What the model was built for (the input shape, or a pair model's two lengths).
     model_input: Vec<usize>,
     data_path: Option<PathBuf>,
-    vocab: Option<ringtrain_data::Vocab>,
+    vocab: Option<Arc<ringtrain_data::Vocab>>,
 }
 
 /// What `ringtrain generate` asks for.
@@ -159,15 +159,15 @@ impl SavedModel {
         let pre: SavedPreprocess = serde_json::from_str(&read_text(&pre_path)?)
             .map_err(|e| format_error(&pre_path, format!("not a preprocess.json of this version: {e}")))?;
         let vocab = match &pre.input {
-            SavedInput::Tokens { vocab, .. } => Some(
+            SavedInput::Tokens { vocab, .. } => Some(Arc::new(
                 ringtrain_data::Vocab::from_json(&vocab.to_string())
                     .map_err(|e| format_error(&pre_path, format!("vocabulary: {e}")))?,
-            ),
+            )),
             _ => None,
         };
         let target = if matches!(job.data.format, DataFormat::Corpus | DataFormat::Pairs) {
             TargetKind::NextToken {
-                vocab: vocab.as_ref().map_or(0, ringtrain_data::Vocab::len),
+                vocab: vocab.as_ref().map_or(0, |v| v.len()),
             }
         } else if job.data.format == DataFormat::Series {
             TargetKind::Regression
@@ -199,7 +199,7 @@ impl SavedModel {
             job.data.format,
             &model_input,
             target.outputs(),
-            vocab.as_ref().map(ringtrain_data::Vocab::len),
+            vocab.as_ref().map(|v| v.len()),
         )?;
         let mut store = init_store(model.as_ref(), job.job.seed);
         let weights = run_dir.join("model.safetensors");
@@ -334,7 +334,7 @@ impl SavedModel {
             job.data.format,
             &self.model_input,
             self.target.outputs(),
-            self.vocab.as_ref().map(ringtrain_data::Vocab::len),
+            self.vocab.as_ref().map(|v| v.len()),
         )?;
         let mut trainer = Trainer::new(&job, model, task.loss, rows.len());
         trainer.store = self.store.clone();
@@ -475,30 +475,18 @@ impl SavedModel {
         };
         let max_len = self.input_shape.first().copied().unwrap_or(1).max(1);
         let text = ringtrain_data::read_text(path)?;
-        let seqs: Vec<Vec<u32>> = text
+        let lines: Vec<&str> = text
             .lines()
             .filter(|l| !l.trim().is_empty())
-            .map(|l| {
-                let body = l.split_once('\t').map_or(l, |(_, t)| t);
-                let mut ids = vocab.encode(body);
-                ids.truncate(max_len);
-                if ids.is_empty() {
-                    ids.push(ringtrain_data::UNK);
-                }
-                ids
-            })
+            .map(|l| l.split_once('\t').map_or(l, |(_, t)| t))
             .collect();
-        if seqs.is_empty() {
+        if lines.is_empty() {
             return Err(format_error(path, "no text lines"));
         }
-        let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
-        let padded = ringtrain_data::pad_batch(&refs, None);
-        let x = Tensor::from_vec(
-            &[seqs.len(), padded.max_len],
-            padded.ids.iter().map(|&i| i as f32).collect(),
-        )
-        .map_err(ringtrain_autograd::AutogradError::from)?;
-        self.predict_tensor(x)
+        let n = lines.len();
+        // The same encoding and padding as training; the labels are placeholders.
+        let set = TextSet::new(lines.into_iter(), vec![0; n], vocab.clone(), max_len);
+        self.predict_tensor(set.batch(&(0..n).collect::<Vec<_>>())?.x)
     }
 
     /// Predicts a file of the job's data format: CSV for tabular jobs, IDX images for image

@@ -151,6 +151,34 @@ pub struct TextSet {
     max_len: usize,
 }
 
+impl TextSet {
+    /// `texts` tokenised with `vocab` and cut to `max_len` tokens.
+    pub fn new<'a>(
+        texts: impl Iterator<Item = &'a str>,
+        labels: Vec<usize>,
+        vocab: Arc<ringtrain_data::Vocab>,
+        max_len: usize,
+    ) -> TextSet {
+        let ids = texts
+            .map(|t| {
+                let mut ids = vocab.encode(t);
+                ids.truncate(max_len);
+                if ids.is_empty() {
+                    // An empty text still needs one step; UNK says "nothing known".
+                    ids.push(ringtrain_data::UNK);
+                }
+                ids
+            })
+            .collect();
+        TextSet {
+            ids: Arc::new(ids),
+            labels: Arc::new(labels),
+            vocab,
+            max_len,
+        }
+    }
+}
+
 impl Examples for TextSet {
     fn len(&self) -> usize {
         self.ids.len()
@@ -674,24 +702,13 @@ impl Task {
             &opts,
         )?);
         let max_len = job.data.max_len.unwrap_or(256);
-        let encode = |d: &ringtrain_data::TextDataset| TextSet {
-            ids: Arc::new(
-                d.texts
-                    .iter()
-                    .map(|t| {
-                        let mut ids = vocab.encode(t);
-                        ids.truncate(max_len);
-                        if ids.is_empty() {
-                            // An empty text still needs one step; UNK says "nothing known".
-                            ids.push(ringtrain_data::UNK);
-                        }
-                        ids
-                    })
-                    .collect(),
-            ),
-            labels: Arc::new(d.labels.clone()),
-            vocab: vocab.clone(),
-            max_len,
+        let encode = |d: &ringtrain_data::TextDataset| {
+            TextSet::new(
+                d.texts.iter().map(String::as_str),
+                d.labels.clone(),
+                vocab.clone(),
+                max_len,
+            )
         };
         let train_set = encode(&train);
         let test_set = test.as_ref().map(encode);
