@@ -66,6 +66,17 @@ fn out_hw(win: &Window2d, h: usize, w: usize, op: &'static str) -> Result<(usize
     })
 }
 
+/// Runs `f(i, piece)` over the `chunk`-sized pieces of `out`, on rayon only when the pool has
+/// more than one thread: with one thread, a hand-off to its worker only adds latency.
+fn for_each_chunk(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+    let chunk = chunk.max(1);
+    if rayon::current_num_threads() > 1 {
+        out.par_chunks_mut(chunk).enumerate().for_each(|(i, piece)| f(i, piece));
+    } else {
+        out.chunks_mut(chunk).enumerate().for_each(|(i, piece)| f(i, piece));
+    }
+}
+
 /// `[N, C, H, W] -> [C·KH·KW, N·OH·OW]`, zero where the window reaches into the padding.
 pub fn im2col(x: &Tensor, win: &Window2d) -> Result<Tensor> {
     let [n, c, h, w] = dims4(x, "im2col")?;
@@ -76,7 +87,7 @@ pub fn im2col(x: &Tensor, win: &Window2d) -> Result<Tensor> {
     let mut cols = vec![0.0f32; c * kh * kw * n * l];
     let st = win.stride;
     // One row per (channel, ki, kj); rows are independent, so they fill in parallel.
-    cols.par_chunks_mut((n * l).max(1)).enumerate().for_each(|(row, out)| {
+    for_each_chunk(&mut cols, n * l, |row, out| {
         let (ch, ki, kj) = (row / (kh * kw), (row / kw) % kh, row % kw);
         let ys = valid_range(oh, h, ki, st, win.padding);
         let xs_range = valid_range(ow, w, kj, st, win.padding);
@@ -117,7 +128,7 @@ pub fn col2im(cols: &Tensor, shape: [usize; 4], win: &Window2d) -> Result<Tensor
     let mut x = vec![0.0f32; n * c * h * w];
     let st = win.stride;
     // Each image writes only its own slice of x: parallel over images, no races.
-    x.par_chunks_mut((c * h * w).max(1)).enumerate().for_each(|(img, xi)| {
+    for_each_chunk(&mut x, c * h * w, |img, xi| {
         for row in 0..c * kh * kw {
             let (ch, ki, kj) = (row / (kh * kw), (row / kw) % kh, row % kw);
             let ys = valid_range(oh, h, ki, st, win.padding);
@@ -129,8 +140,15 @@ pub fn col2im(cols: &Tensor, shape: [usize; 4], win: &Window2d) -> Result<Tensor
                 let dst = &mut plane[iy * w..(iy + 1) * w];
                 let from = &src[oy * ow..(oy + 1) * ow][xs_range.clone()];
                 let x0 = xs_range.start * st + kj - win.padding;
-                for (d, &v) in dst[x0..].iter_mut().step_by(st).zip(from) {
-                    *d += v;
+                if st == 1 {
+                    // contiguous on both sides: the compiler vectorises this add
+                    for (d, &v) in dst[x0..x0 + from.len()].iter_mut().zip(from) {
+                        *d += v;
+                    }
+                } else {
+                    for (d, &v) in dst[x0..].iter_mut().step_by(st).zip(from) {
+                        *d += v;
+                    }
                 }
             }
         }
@@ -152,34 +170,62 @@ pub fn max_pool2d(x: &Tensor, win: &Window2d) -> Result<(Tensor, Vec<u32>)> {
     let xs = x.as_slice();
     let mut out = vec![0.0f32; n * c * oh * ow];
     let mut arg = vec![0u32; n * c * oh * ow];
-    out.par_chunks_mut((oh * ow).max(1))
-        .zip(arg.par_chunks_mut((oh * ow).max(1)))
-        .enumerate()
-        .for_each(|(plane, (o, a))| {
-            let base = plane * h * w;
-            let (st, p) = (win.stride, win.padding);
+    let pool_plane = |plane: usize, o: &mut [f32], a: &mut [u32]| {
+        let base = plane * h * w;
+        let (st, p) = (win.stride, win.padding);
+        if win.kernel == (2, 2) && st == 2 && p == 0 {
+            // LeNet's and most CNNs' pooling: two input rows give one output row.
             for oy in 0..oh {
-                let y_lo = (oy * st).saturating_sub(p);
-                let y_hi = (oy * st + win.kernel.0).saturating_sub(p).min(h);
+                let r0 = base + 2 * oy * w;
+                let r1 = r0 + w;
                 for ox in 0..ow {
-                    let x_lo = (ox * st).saturating_sub(p);
-                    let x_hi = (ox * st + win.kernel.1).saturating_sub(p).min(w);
-                    let mut best = f32::NEG_INFINITY;
-                    let mut best_i = base + y_lo * w + x_lo;
-                    for iy in y_lo..y_hi {
-                        let row = base + iy * w;
-                        for (ix, &v) in xs[row + x_lo..row + x_hi].iter().enumerate() {
-                            if v > best {
-                                best = v;
-                                best_i = row + x_lo + ix;
-                            }
+                    let i = 2 * ox;
+                    let (mut best, mut best_i) = (xs[r0 + i], r0 + i);
+                    for j in [r0 + i + 1, r1 + i, r1 + i + 1] {
+                        if xs[j] > best {
+                            best = xs[j];
+                            best_i = j;
                         }
                     }
                     o[oy * ow + ox] = best;
                     a[oy * ow + ox] = best_i as u32;
                 }
             }
-        });
+            return;
+        }
+        for oy in 0..oh {
+            let y_lo = (oy * st).saturating_sub(p);
+            let y_hi = (oy * st + win.kernel.0).saturating_sub(p).min(h);
+            for ox in 0..ow {
+                let x_lo = (ox * st).saturating_sub(p);
+                let x_hi = (ox * st + win.kernel.1).saturating_sub(p).min(w);
+                let mut best = f32::NEG_INFINITY;
+                let mut best_i = base + y_lo * w + x_lo;
+                for iy in y_lo..y_hi {
+                    let row = base + iy * w;
+                    for (ix, &v) in xs[row + x_lo..row + x_hi].iter().enumerate() {
+                        if v > best {
+                            best = v;
+                            best_i = row + x_lo + ix;
+                        }
+                    }
+                }
+                o[oy * ow + ox] = best;
+                a[oy * ow + ox] = best_i as u32;
+            }
+        }
+    };
+    let plane_len = (oh * ow).max(1);
+    if rayon::current_num_threads() > 1 {
+        out.par_chunks_mut(plane_len)
+            .zip(arg.par_chunks_mut(plane_len))
+            .enumerate()
+            .for_each(|(i, (o, a))| pool_plane(i, o, a));
+    } else {
+        for (i, (o, a)) in out.chunks_mut(plane_len).zip(arg.chunks_mut(plane_len)).enumerate() {
+            pool_plane(i, o, a);
+        }
+    }
     Ok((Tensor::from_vec(&[n, c, oh, ow], out)?, arg))
 }
 
@@ -313,6 +359,52 @@ mod tests {
         assert_eq!(m.to_vec(), vec![5., 8.]);
         assert_eq!(arg, vec![1, 6]);
         assert_eq!(avg_pool2d(&x, &win).unwrap().to_vec(), vec![3.25, 4.25]);
+    }
+
+    #[test]
+    fn max_pool_equals_a_brute_force_reference() {
+        // 2×2/2 takes the specialised path; the others the general one. Odd sizes leave a
+        // border row/column out, as PyTorch does.
+        for (k, stride, padding, h, w) in [(2, 2, 0, 7, 6), (2, 2, 0, 4, 4), (3, 2, 1, 7, 5), (3, 1, 0, 5, 6)] {
+            let win = Window2d {
+                kernel: (k, k),
+                stride,
+                padding,
+            };
+            let mut rng = random::rng(k as u64 + h as u64);
+            // a coarse grid of values makes ties common: the first maximum must win
+            let x = random::uniform(&[2, 3, h, w], 0.0, 4.0, &mut rng).map(f32::floor);
+            let (y, arg) = max_pool2d(&x, &win).unwrap();
+            let (oh, ow) = win.output_hw(h, w).unwrap();
+            let xs = x.as_slice();
+            for plane in 0..6 {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        let mut best = (f32::NEG_INFINITY, 0);
+                        for i in 0..k {
+                            for j in 0..k {
+                                let (iy, ix) = (
+                                    (oy * stride + i) as isize - padding as isize,
+                                    (ox * stride + j) as isize - padding as isize,
+                                );
+                                if iy >= 0 && ix >= 0 && (iy as usize) < h && (ix as usize) < w {
+                                    let at = plane * h * w + iy as usize * w + ix as usize;
+                                    if xs[at] > best.0 {
+                                        best = (xs[at], at);
+                                    }
+                                }
+                            }
+                        }
+                        let o = (plane * oh + oy) * ow + ox;
+                        assert_eq!(
+                            (y.as_slice()[o], arg[o] as usize),
+                            best,
+                            "k {k} s {stride} p {padding} at {o}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
