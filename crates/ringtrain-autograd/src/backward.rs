@@ -213,6 +213,18 @@ impl Graph<'_> {
                 }
                 out
             }
+            Op::Lstm {
+                xp,
+                w_hh,
+                b_hh,
+                mask,
+                reverse,
+                tape,
+            } => {
+                let [dxp, dw, db] =
+                    ringtrain_tensor::lstm::lstm_backward(g, val(*xp).shape(), val(*w_hh), mask, *reverse, tape)?;
+                vec![(*xp, dxp), (*w_hh, dw), (*b_hh, db)]
+            }
             Op::MaxPool2d { x, argmax } => {
                 let mut dx = Tensor::zeros(val(*x).shape());
                 let d = dx.as_mut_slice();

@@ -158,6 +158,15 @@ pub(crate) enum Op {
         stats: Vec<[f32; 2]>,
     },
     Gelu(Var),
+    /// One direction of an LSTM layer over all steps (see [`Graph::lstm`]).
+    Lstm {
+        xp: Var,
+        w_hh: Var,
+        b_hh: Var,
+        mask: Tensor,
+        reverse: bool,
+        tape: ringtrain_tensor::lstm::LstmTape,
+    },
     /// `probs` is the forward's `[B, H, Tq, Tk]`, dropped entries marked by their sign bit;
     /// nothing else is kept for backward.
     Attention {

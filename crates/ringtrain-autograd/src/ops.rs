@@ -372,6 +372,36 @@ impl Graph<'_> {
         self.mul_const(x, mask)
     }
 
+    /// One direction of an LSTM layer, all time steps in one op (PyTorch's gate order and
+    /// layout, zero initial state; see [`ringtrain_tensor::lstm`]). Padded steps (mask 0)
+    /// keep the state and output zeros.
+    ///
+    /// # Shapes
+    /// `xp: [B, T, 4H]` (the input projections `x·W_ihᵀ + b_ih`), `w_hh: [4H, H]`,
+    /// `b_hh: [4H]`, `mask: [B, T]` → `[B, T + 1, H]`: the T outputs at their time indices,
+    /// then the final state.
+    pub fn lstm(&mut self, xp: Var, w_hh: Var, b_hh: Var, mask: &Tensor, reverse: bool) -> Result<Var> {
+        let inputs = [xp, w_hh, b_hh];
+        let keep = self.grad_enabled() && inputs.iter().any(|v| self.nodes[v.0].needs_grad);
+        let (y, tape) = ringtrain_tensor::lstm::lstm_forward(
+            self.value(xp),
+            self.value(w_hh),
+            self.value(b_hh),
+            mask,
+            reverse,
+            keep,
+        )?;
+        let op = Op::Lstm {
+            xp,
+            w_hh,
+            b_hh,
+            mask: mask.clone(),
+            reverse,
+            tape,
+        };
+        Ok(self.record(y, op, &inputs))
+    }
+
     /// Multi-head scaled dot-product attention on separate q `[B, Tq, D]`, k and v
     /// `[B, Tk, D]` (batch first, heads in the feature axis); see [`Graph::attention_cols`].
     pub fn attention(&mut self, q: Var, k: Var, v: Var, opts: &AttentionOpts) -> Result<Var> {

@@ -298,6 +298,23 @@ proptest! {
     }
 
     #[test]
+    fn lstm_layer_through_time_with_padding(bsz in 1usize..3, t in 1usize..5, h in 1usize..4, reverse: bool,
+                                           seed: u64) {
+        let xp = away_from_zero(&[bsz, t, 4 * h], seed).scale(0.5);
+        let w = away_from_zero(&[4 * h, h], seed ^ 1).scale(0.5);
+        let b = away_from_zero(&[4 * h], seed ^ 2).scale(0.5);
+        // the last row is padded at its end and has a gap in the middle (mask 0 keeps the state)
+        let mut mask = Tensor::ones(&[bsz, t]);
+        if t > 1 {
+            mask.as_mut_slice()[bsz * t - 1] = 0.0;
+        }
+        if t > 2 {
+            mask.as_mut_slice()[bsz * t - 3] = 0.0;
+        }
+        assert_grad(|g, v| g.lstm(v[0], v[1], v[2], &mask, reverse), &[xp, w, b]);
+    }
+
+    #[test]
     fn attention_packed_with_padding_and_causal_masks(bsz in 1usize..3, t in 1usize..5, heads in 1usize..3,
                                                       dh in 1usize..4, causal: bool, seed: u64) {
         let d = heads * dh;

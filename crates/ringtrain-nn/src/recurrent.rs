@@ -176,20 +176,47 @@ impl Recurrent {
     }
 
     /// One direction of one layer: (outputs `[B, T, H]`, final state `[B, H]`).
+    ///
+    /// An LSTM runs as one fused op over all steps ([`Graph::lstm`]); the RNN and GRU cells
+    /// are recorded step by step ([`Recurrent::direction_steps`]).
     fn direction(&self, g: &mut Graph<'_>, x: Var, mask: &Tensor, layer: usize, reverse: bool) -> Result<(Var, Var)> {
-        let shape = g.shape(x).to_vec();
-        let (b, t, i) = (shape[0], shape[1], shape[2]);
+        let (b, t) = (g.shape(x)[0], g.shape(x)[1]);
+        if self.cell != CellKind::Lstm || t == 0 {
+            return self.direction_steps(g, x, mask, layer, reverse);
+        }
+        let h = self.hidden_size;
+        let xp = self.input_projection(g, x, layer, reverse)?;
+        let w_hh = g.param(&self.pname("weight_hh", layer, reverse))?;
+        let b_hh = g.param(&self.pname("bias_hh", layer, reverse))?;
+        let packed = g.lstm(xp, w_hh, b_hh, mask, reverse)?;
+        let seq = g.slice_axis(packed, 1, 0, t)?;
+        let last = g.slice_axis(packed, 1, t, t + 1)?;
+        Ok((seq, g.reshape(last, &[b, h])?))
+    }
+
+    /// `x · W_ihᵀ + b_ih` for all time steps and gates in one product: `[B, T, gates·H]`.
+    fn input_projection(&self, g: &mut Graph<'_>, x: Var, layer: usize, reverse: bool) -> Result<Var> {
+        let w_ih = g.param(&self.pname("weight_ih", layer, reverse))?;
+        let b_ih = g.param(&self.pname("bias_ih", layer, reverse))?;
+        Ok(g.linear(x, w_ih, Some(b_ih))?)
+    }
+
+    /// [`Recurrent::direction`] recorded one tape op at a time, for every cell: the
+    /// definition the fused LSTM is tested against.
+    fn direction_steps(
+        &self,
+        g: &mut Graph<'_>,
+        x: Var,
+        mask: &Tensor,
+        layer: usize,
+        reverse: bool,
+    ) -> Result<(Var, Var)> {
+        let (b, t) = (g.shape(x)[0], g.shape(x)[1]);
         let h = self.hidden_size;
         let gh = self.cell.gates() * h;
-        let w_ih = g.param(&self.pname("weight_ih", layer, reverse))?;
+        let xp = self.input_projection(g, x, layer, reverse)?;
         let w_hh = g.param(&self.pname("weight_hh", layer, reverse))?;
-        let b_ih = g.param(&self.pname("bias_ih", layer, reverse))?;
         let b_hh = g.param(&self.pname("bias_hh", layer, reverse))?;
-        // All time steps' input projections, all gates, in one product.
-        let x2 = g.reshape(x, &[b * t, i])?;
-        let xp = g.matmul_t(x2, w_ih, false, true)?;
-        let xp = g.add(xp, b_ih)?;
-        let xp = g.reshape(xp, &[b, t, gh])?;
         let mut state = g.input(Tensor::zeros(&[b, h]));
         let mut cell = g.input(Tensor::zeros(&[b, h]));
         let mut outputs = vec![state; t];
@@ -726,6 +753,59 @@ mod tests {
     }
 
     #[test]
+    fn fused_lstm_equals_the_step_by_step_tape() {
+        let r = Recurrent {
+            hidden_size: 5,
+            // bidirectional for the reverse direction's parameters; each direction is run alone
+            ..rnn(CellKind::Lstm, 1, true)
+        };
+        let mut named = BTreeMap::new();
+        r.init(&mut random::rng(2), &mut named);
+        let store = ParamStore::from_named(named);
+        let x = random::uniform(&[3, 6, 3], -1.0, 1.0, &mut random::rng(4));
+        // row 1 has a gap, row 2 trailing padding
+        let mask = Tensor::from_vec(
+            &[3, 6],
+            vec![1., 1., 1., 1., 1., 1., 1., 1., 0., 1., 1., 1., 1., 1., 1., 1., 0., 0.],
+        )
+        .unwrap();
+        for reverse in [false, true] {
+            let run = |fused: bool| {
+                let mut g = Graph::new(&store);
+                let xv = g.variable(x.clone());
+                let (seq, last) = if fused {
+                    r.direction(&mut g, xv, &mask, 0, reverse).unwrap()
+                } else {
+                    r.direction_steps(&mut g, xv, &mask, 0, reverse).unwrap()
+                };
+                let w = g.input(random::uniform(&[3, 6, 5], 0.5, 1.5, &mut random::rng(9)));
+                let ws = g.mul(seq, w).unwrap();
+                let (a, b) = (g.sum(ws), g.sum(last));
+                let loss = g.add(a, b).unwrap();
+                let grads = g.backward(loss).unwrap();
+                let mut flat = vec![0.0; store.num_elements()];
+                g.param_grads_into(&grads, &mut flat).unwrap();
+                let mut values = g.value(seq).to_vec();
+                values.extend(g.value(last).to_vec());
+                (values, flat, grads.get(xv).unwrap().to_vec())
+            };
+            let (fused, steps) = (run(true), run(false));
+            for (what, a, b) in [
+                ("outputs", &fused.0, &steps.0),
+                ("params", &fused.1, &steps.1),
+                ("x", &fused.2, &steps.2),
+            ] {
+                for (k, (u, v)) in a.iter().zip(b.iter()).enumerate() {
+                    assert!(
+                        (u - v).abs() <= 1e-5 * (1.0 + v.abs()),
+                        "reverse {reverse} {what}[{k}]: {u} vs {v}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn padded_steps_do_not_change_the_final_state() {
         let r = rnn(CellKind::Lstm, 1, true);
         let mut named = BTreeMap::new();
@@ -748,7 +828,13 @@ mod tests {
 
     #[test]
     fn bidirectional_equals_two_unidirectional_layers_one_on_reversed_input() {
-        let bi = rnn(CellKind::Gru, 1, true);
+        for cell in [CellKind::Gru, CellKind::Lstm] {
+            bidirectional_is_two_directions(cell);
+        }
+    }
+
+    fn bidirectional_is_two_directions(cell: CellKind) {
+        let bi = rnn(cell, 1, true);
         let mut named = BTreeMap::new();
         bi.init(&mut random::rng(8), &mut named);
         let store = ParamStore::from_named(named.clone());
@@ -758,7 +844,7 @@ mod tests {
             .filter_map(|(k, v)| k.strip_suffix("_reverse").map(|k| (k.to_string(), v.clone())))
             .collect();
         let rev_store = ParamStore::from_named(rev_named);
-        let uni = rnn(CellKind::Gru, 1, false);
+        let uni = rnn(cell, 1, false);
         let x = random::uniform(&[2, 5, 3], -1.0, 1.0, &mut random::rng(1));
         let ones = Tensor::ones(&[2, 5]);
         let mut g = Graph::inference(&store);

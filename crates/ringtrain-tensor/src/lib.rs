@@ -23,9 +23,11 @@ pub mod conv;
 mod error;
 pub mod fused;
 mod linalg;
+pub mod lstm;
 mod ops;
 pub mod random;
 mod shape;
+pub mod simd;
 pub mod threads;
 
 pub use error::TensorError;
