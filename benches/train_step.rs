@@ -3,8 +3,8 @@
 //! same shapes) are in `../shared/design/peers.md`; compare ratios measured on one machine.
 //!
 //! Run: `cargo bench --profile dev --bench train_step` (`RINGTRAIN_BENCH_THREADS=2` for two
-//! threads; default one; `RINGTRAIN_BENCH_CLOCK=cpu` to time the sequence models by CPU time
-//! on a busy machine).
+//! threads; default one; `RINGTRAIN_BENCH_CLOCK=cpu` to time by this thread's CPU time on a
+//! busy machine).
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use ringtrain_autograd::{Graph, ParamStore, Tensor};
@@ -82,23 +82,25 @@ fn cpu_clock() -> bool {
     std::env::var("RINGTRAIN_BENCH_CLOCK").is_ok_and(|v| v == "cpu") && thread_cpu_ns().is_some()
 }
 
-fn bench_step<M: criterion::measurement::Measurement<Value = std::time::Duration>>(
+/// Times `step` by the wall clock, or by this thread's CPU time under
+/// `RINGTRAIN_BENCH_CLOCK=cpu`.
+fn bench_step<M: criterion::measurement::Measurement<Value = std::time::Duration>, R>(
     group: &mut criterion::BenchmarkGroup<'_, M>,
     name: &str,
-    step: &mut Step,
+    step: &mut dyn FnMut() -> R,
 ) {
     if cpu_clock() {
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let t0 = thread_cpu_ns().unwrap_or(0);
                 for _ in 0..iters {
-                    step.run();
+                    std::hint::black_box(step());
                 }
                 std::time::Duration::from_nanos(thread_cpu_ns().unwrap_or(0).saturating_sub(t0))
             })
         });
     } else {
-        group.bench_function(name, |b| b.iter(|| step.run()));
+        group.bench_function(name, |b| b.iter(&mut *step));
     }
 }
 
@@ -122,7 +124,7 @@ fn train_steps(c: &mut Criterion) {
         &[128, 784],
         10,
     );
-    group.bench_function("mlp_784_256_128_10_b128_sgd", |b| b.iter(|| mlp.run()));
+    bench_step(&mut group, "mlp_784_256_128_10_b128_sgd", &mut || mlp.run());
 
     group.throughput(Throughput::Elements(64));
     let mut lenet = Step::new(
@@ -131,7 +133,7 @@ fn train_steps(c: &mut Criterion) {
         &[64, 1, 28, 28],
         10,
     );
-    group.bench_function("lenet5_b64_adam", |b| b.iter(|| lenet.run()));
+    bench_step(&mut group, "lenet5_b64_adam", &mut || lenet.run());
     group.finish();
 }
 
@@ -147,7 +149,7 @@ fn sequence_steps(c: &mut Criterion) {
 
     let lstm = SequenceClassifier::new(CellKind::Lstm, 10_000, 64, &[128], false, 0.0, 2);
     let mut lstm = Step::tokens(Box::new(lstm), 10_000, 32, 64, 2);
-    bench_step(&mut group, "lstm_v10000_e64_h128_t64_b32_adam", &mut lstm);
+    bench_step(&mut group, "lstm_v10000_e64_h128_t64_b32_adam", &mut || lstm.run());
 
     // PyTorch's nn.TransformerEncoderLayer defaults: post-norm, ReLU, dropout 0.1.
     let cfg = TransformerConfig {
@@ -155,13 +157,17 @@ fn sequence_steps(c: &mut Criterion) {
         ..TransformerConfig::new(10_000, 64, 4, 2, 256)
     };
     let mut tf = Step::tokens(Box::new(TransformerClassifier::new(cfg.clone(), 2)), 10_000, 32, 64, 2);
-    bench_step(&mut group, "transformer_v10000_d64_h4_l2_ff256_t64_b32_adam", &mut tf);
+    bench_step(
+        &mut group,
+        "transformer_v10000_d64_h4_l2_ff256_t64_b32_adam",
+        &mut || tf.run(),
+    );
     let no_dropout = TransformerConfig { dropout: 0.0, ..cfg };
     let mut tf0 = Step::tokens(Box::new(TransformerClassifier::new(no_dropout, 2)), 10_000, 32, 64, 2);
     bench_step(
         &mut group,
         "transformer_v10000_d64_h4_l2_ff256_t64_b32_adam_nodropout",
-        &mut tf0,
+        &mut || tf0.run(),
     );
     group.finish();
 }
@@ -176,15 +182,13 @@ fn conv2d(c: &mut Criterion) {
     let mut group = c.benchmark_group(format!("conv2d_{t}thread"));
     // 2·O·C·K²·OH·OW per example forward, ×3 with backward
     group.throughput(Throughput::Elements(3 * 2 * 16 * 6 * 25 * 10 * 10 * 64));
-    group.bench_function("conv2d_6to16_k5_b64_fwd_bwd_flops", |b| {
-        b.iter(|| {
-            let mut g = Graph::standalone();
-            let xv = g.variable(x.clone());
-            let wv = g.variable(w.clone());
-            let y = g.conv2d(xv, wv, None, 1, 0).expect("conv");
-            let s = g.sum(y);
-            g.backward(s).expect("backward")
-        })
+    bench_step(&mut group, "conv2d_6to16_k5_b64_fwd_bwd_flops", &mut || {
+        let mut g = Graph::standalone();
+        let xv = g.variable(x.clone());
+        let wv = g.variable(w.clone());
+        let y = g.conv2d(xv, wv, None, 1, 0).expect("conv");
+        let s = g.sum(y);
+        g.backward(s).expect("backward")
     });
     group.finish();
 }

@@ -225,6 +225,16 @@ impl Graph<'_> {
                     ringtrain_tensor::lstm::lstm_backward(g, val(*xp).shape(), val(*w_hh), mask, *reverse, tape)?;
                 vec![(*xp, dxp), (*w_hh, dw), (*b_hh, db)]
             }
+            Op::MaskedMax { x, argmax } => {
+                let mut dx = Tensor::zeros(val(*x).shape());
+                let d = dx.as_mut_slice();
+                for (&i, &gv) in argmax.iter().zip(g.as_slice()) {
+                    if i != u32::MAX {
+                        d[i as usize] += gv;
+                    }
+                }
+                vec![(*x, dx)]
+            }
             Op::MaxPool2d { x, argmax } => {
                 let mut dx = Tensor::zeros(val(*x).shape());
                 let d = dx.as_mut_slice();

@@ -158,6 +158,12 @@ pub(crate) enum Op {
         stats: Vec<[f32; 2]>,
     },
     Gelu(Var),
+    /// `argmax[b·D + d]` is the flat index into `x` of the maximum, `u32::MAX` for a row
+    /// without real steps (its output is 0 and gets no gradient).
+    MaskedMax {
+        x: Var,
+        argmax: Vec<u32>,
+    },
     /// One direction of an LSTM layer over all steps (see [`Graph::lstm`]).
     Lstm {
         xp: Var,

@@ -372,6 +372,44 @@ impl Graph<'_> {
         self.mul_const(x, mask)
     }
 
+    /// Max over time of `x: [B, T, D]` at the steps where `mask: [B, T]` is 1 → `[B, D]`
+    /// (max-over-time pooling of a sentence); a row without real steps gives zeros. The
+    /// gradient goes to the first maximum.
+    pub fn masked_max(&mut self, x: Var, mask: &Tensor) -> Result<Var> {
+        let shape = self.shape(x).to_vec();
+        let &[b, t, d] = shape.as_slice() else {
+            return Err(AutogradError::Invalid {
+                op: "masked_max",
+                reason: format!("expects [batch, time, features], got {shape:?}"),
+            });
+        };
+        if mask.shape() != [b, t] || b * t * d >= u32::MAX as usize {
+            return Err(AutogradError::Invalid {
+                op: "masked_max",
+                reason: format!(
+                    "needs a [{b}, {t}] mask and under 2^32 elements, got mask {:?}",
+                    mask.shape()
+                ),
+            });
+        }
+        let (xs, ms) = (self.value(x).as_slice(), mask.as_slice());
+        let mut out = vec![0.0f32; b * d];
+        let mut argmax = vec![u32::MAX; b * d];
+        for r in 0..b {
+            let (o, a) = (&mut out[r * d..][..d], &mut argmax[r * d..][..d]);
+            for step in (0..t).filter(|&s| ms[r * t + s] != 0.0) {
+                let base = (r * t + step) * d;
+                for (j, &v) in xs[base..base + d].iter().enumerate() {
+                    if a[j] == u32::MAX || v > o[j] {
+                        (o[j], a[j]) = (v, (base + j) as u32);
+                    }
+                }
+            }
+        }
+        let y = Tensor::from_vec(&[b, d], out)?;
+        Ok(self.unary(x, y, Op::MaskedMax { x, argmax }))
+    }
+
     /// One direction of an LSTM layer, all time steps in one op (PyTorch's gate order and
     /// layout, zero initial state; see [`ringtrain_tensor::lstm`]). Padded steps (mask 0)
     /// keep the state and output zeros.

@@ -298,6 +298,24 @@ proptest! {
     }
 
     #[test]
+    fn masked_max_over_time(bsz in 1usize..3, t in 1usize..5, d in 1usize..4, seed: u64) {
+        // distinct values a step apart: the maximum never changes under the finite difference
+        let perm = random::uniform(&[bsz * t * d], 0.0, 1.0, &mut random::rng(seed));
+        let mut order: Vec<usize> = (0..perm.len()).collect();
+        order.sort_by(|&a, &b| perm.as_slice()[a].total_cmp(&perm.as_slice()[b]));
+        let mut x = vec![0.0f32; order.len()];
+        for (rank, &i) in order.iter().enumerate() {
+            x[i] = rank as f32 * 0.5;
+        }
+        let x = Tensor::from_vec(&[bsz, t, d], x).unwrap();
+        let mut mask = Tensor::ones(&[bsz, t]);
+        if t > 1 {
+            mask.as_mut_slice()[bsz * t - 1] = 0.0;
+        }
+        assert_grad(|g, v| g.masked_max(v[0], &mask), &[x]);
+    }
+
+    #[test]
     fn lstm_layer_through_time_with_padding(bsz in 1usize..3, t in 1usize..5, h in 1usize..4, reverse: bool,
                                            seed: u64) {
         let xp = away_from_zero(&[bsz, t, 4 * h], seed).scale(0.5);
@@ -426,4 +444,21 @@ fn dropout_op_is_seeded_and_identity_in_inference() {
     assert!((400..600).contains(&zeros), "{zeros}");
     a.set_training(false);
     assert_eq!(a.dropout(xa, 0.5).unwrap(), xa);
+}
+
+#[test]
+fn masked_max_skips_padding_and_gives_zeros_for_an_empty_row() {
+    let x = Tensor::from_vec(&[2, 3, 2], vec![1., -5., 3., -4., 9., 9., -1., -2., -3., -4., 7., 7.]).unwrap();
+    let mask = Tensor::from_vec(&[2, 3], vec![1., 1., 0., 0., 0., 0.]).unwrap();
+    let mut g = Graph::standalone();
+    let xv = g.variable(x);
+    let y = g.masked_max(xv, &mask).unwrap();
+    // row 0: the padded step's 9s are ignored; row 1: no real step
+    assert_eq!(g.value(y).to_vec(), vec![3., -4., 0., 0.]);
+    let s = g.sum(y);
+    let grads = g.backward(s).unwrap();
+    assert_eq!(
+        grads.get(xv).unwrap().to_vec(),
+        vec![0., 0., 1., 1., 0., 0., 0., 0., 0., 0., 0., 0.]
+    );
 }

@@ -257,9 +257,10 @@ pub struct ModelConfig {
     /// vocabularies, e.g. characters).
     #[serde(default)]
     pub one_hot: bool,
-    /// Text classifiers: how the per-token outputs become one vector.
+    /// Text classifiers: how the per-token outputs become one vector (recurrent default
+    /// `last`, transformer default `mean`; a transformer has no `last`).
     #[serde(default)]
-    pub pooling: PoolingName,
+    pub pooling: Option<PoolingName>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -295,6 +296,8 @@ pub enum PoolingName {
     Last,
     /// The mean of the outputs over the real tokens.
     Mean,
+    /// The element-wise maximum of the outputs over the real tokens (max-over-time).
+    Max,
 }
 
 impl ModelKind {

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use ringtrain_autograd::{AttentionOpts, Cols, Graph, ParamStore, Tensor, Var};
 use ringtrain_tensor::random::{self, Rng};
 
-use crate::{ids_and_mask, Embedding, Init, LayerSummary, Linear, Module, NnError, Result};
+use crate::{ids_and_mask, Embedding, Init, LayerSummary, Linear, Module, NnError, Pooling, Result};
 
 fn layer_err(layer: &str, reason: impl Into<String>) -> NnError {
     NnError::Layer {
@@ -797,7 +797,8 @@ fn seq_len(input: &[usize], layer: &str) -> Result<usize> {
 }
 
 /// Encoder-only sequence classifier: embedding + positions → N encoder blocks (key padding
-/// mask) → masked mean over the real tokens → (final layer norm when pre-norm) → linear.
+/// mask) → (final layer norm when pre-norm) → masked mean (or max) over the real tokens →
+/// linear.
 ///
 /// Parameters: `embedding.weight`, `pos_embedding` (learned positions), `encoder.layers.{i}.*`,
 /// `encoder.norm.*` (pre-norm), `head.weight`, `head.bias`.
@@ -809,6 +810,8 @@ pub struct TransformerClassifier {
     pub blocks: Vec<TransformerBlock>,
     pub final_norm: Option<LayerNorm>,
     pub head: Linear,
+    /// `Mean` (default) or `Max` over the real tokens.
+    pub pooling: Pooling,
 }
 
 impl TransformerClassifier {
@@ -833,8 +836,22 @@ impl TransformerClassifier {
             input,
             blocks,
             final_norm,
+            pooling: Pooling::Mean,
             cfg,
         }
+    }
+
+    /// Pools by `Mean` or `Max` over the real tokens (an encoder has no final state, so
+    /// `Last` is refused).
+    pub fn with_pooling(mut self, pooling: Pooling) -> Result<Self> {
+        if pooling == Pooling::Last {
+            return Err(layer_err(
+                "pool",
+                "a transformer classifier pools by mean or max (it has no final state)".to_string(),
+            ));
+        }
+        self.pooling = pooling;
+        Ok(self)
     }
 
     fn pooled(&self, g: &mut Graph<'_>, x: Var, probs: Option<&mut Vec<Tensor>>) -> Result<Var> {
@@ -850,6 +867,9 @@ impl TransformerClassifier {
         }
         if let Some(n) = &self.final_norm {
             h = n.forward(g, h)?;
+        }
+        if self.pooling == Pooling::Max {
+            return Ok(g.masked_max(h, &mask)?);
         }
         // Masked mean as one batched product: [B, 1, T] weights (1/count on real tokens,
         // 0 on PAD; an all-PAD row pools to zeros) · [B, T, d].

@@ -362,6 +362,9 @@ pub enum Pooling {
     Last,
     /// The mean of the outputs over the real (non-padding) steps.
     Mean,
+    /// The element-wise maximum of the outputs over the real steps (max-over-time pooling, as
+    /// in Kim's 2014 sentence CNN).
+    Max,
 }
 
 impl SequenceClassifier {
@@ -477,6 +480,7 @@ impl Module for SequenceClassifier {
         let pooled = match self.pooling {
             Pooling::Last => out.last,
             Pooling::Mean => masked_mean(g, out.sequence, &mask)?,
+            Pooling::Max => g.masked_max(out.sequence, &mask)?,
         };
         self.head.forward(g, pooled)
     }

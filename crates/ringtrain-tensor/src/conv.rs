@@ -126,32 +126,48 @@ pub fn col2im(cols: &Tensor, shape: [usize; 4], win: &Window2d) -> Result<Tensor
     }
     let cs = cols.as_slice();
     let mut x = vec![0.0f32; n * c * h * w];
-    let st = win.stride;
+    let (st, p) = (win.stride, win.padding);
+    // Each row's window geometry, computed once rather than once per image.
+    let rows: Vec<_> = (0..c * kh * kw)
+        .map(|row| {
+            let (ch, ki, kj) = (row / (kh * kw), (row / kw) % kh, row % kw);
+            let ys = valid_range(oh, h, ki, st, p);
+            let xs = valid_range(ow, w, kj, st, p);
+            // first valid input column of the window; rows iy = oy·st + ki − p for oy in ys
+            (
+                ys.clone(),
+                xs.clone(),
+                ch * h * w,
+                ki,
+                (xs.start * st + kj).saturating_sub(p),
+            )
+        })
+        .collect();
     // Each image writes only its own slice of x: parallel over images, no races.
     for_each_chunk(&mut x, c * h * w, |img, xi| {
-        for row in 0..c * kh * kw {
-            let (ch, ki, kj) = (row / (kh * kw), (row / kw) % kh, row % kw);
-            let ys = valid_range(oh, h, ki, st, win.padding);
-            let xs_range = valid_range(ow, w, kj, st, win.padding);
-            let src = &cs[row * n * l + img * l..row * n * l + (img + 1) * l];
-            let plane = &mut xi[ch * h * w..(ch + 1) * h * w];
-            for oy in ys {
-                let iy = oy * st + ki - win.padding;
-                let dst = &mut plane[iy * w..(iy + 1) * w];
-                let from = &src[oy * ow..(oy + 1) * ow][xs_range.clone()];
-                let x0 = xs_range.start * st + kj - win.padding;
-                if st == 1 {
-                    // contiguous on both sides: the compiler vectorises this add
-                    for (d, &v) in dst[x0..x0 + from.len()].iter_mut().zip(from) {
-                        *d += v;
-                    }
-                } else {
-                    for (d, &v) in dst[x0..].iter_mut().step_by(st).zip(from) {
-                        *d += v;
+        crate::simd::fast(
+            #[inline(always)]
+            || {
+                for (row, (ys, xs, plane, ki, ix0)) in rows.iter().enumerate() {
+                    let src = &cs[row * n * l + img * l..][..l];
+                    let len = xs.len();
+                    for oy in ys.clone() {
+                        let from = &src[oy * ow + xs.start..][..len];
+                        let d0 = plane + (oy * st + ki - p) * w + ix0;
+                        if st == 1 {
+                            // contiguous on both sides: the compiler vectorises this add
+                            for (d, &v) in xi[d0..d0 + len].iter_mut().zip(from) {
+                                *d += v;
+                            }
+                        } else {
+                            for (d, &v) in xi[d0..].iter_mut().step_by(st).zip(from) {
+                                *d += v;
+                            }
+                        }
                     }
                 }
-            }
-        }
+            },
+        )
     });
     Tensor::from_vec(&shape, x)
 }

@@ -1078,7 +1078,14 @@ pub fn build_model_for(
                     c.positions = t.positions;
                     Box::new(Seq2SeqTransformer::new(c))
                 }
-                _ => Box::new(TransformerClassifier::new(t, outputs)),
+                _ => Box::new(
+                    TransformerClassifier::new(t, outputs)
+                        .with_pooling(pooling(cfg.pooling.unwrap_or(PoolingName::Mean)))
+                        .map_err(|e| TrainError::Job {
+                            field: "model.pooling",
+                            reason: e.to_string(),
+                        })?,
+                ),
             }
         }
         ModelKind::Rnn | ModelKind::Gru | ModelKind::Lstm => {
@@ -1107,10 +1114,7 @@ pub fn build_model_for(
                 }
                 (_, Some(v)) => {
                     let c = SequenceClassifier::new(cell, v, embed, &hidden, cfg.bidirectional, cfg.dropout, outputs)
-                        .with_pooling(match cfg.pooling {
-                            PoolingName::Last => Pooling::Last,
-                            PoolingName::Mean => Pooling::Mean,
-                        })
+                        .with_pooling(pooling(cfg.pooling.unwrap_or(PoolingName::Last)))
                         .with_embedding_dropout(cfg.embedding_dropout);
                     Box::new(if cfg.one_hot { c.with_one_hot() } else { c })
                 }
@@ -1175,6 +1179,14 @@ fn unigram_perplexity(train: &[u32], test: &[u32], vocab: usize) -> f64 {
 }
 
 /// The job's transformer shape; positions cover the longest sequence the data can give.
+fn pooling(name: PoolingName) -> Pooling {
+    match name {
+        PoolingName::Last => Pooling::Last,
+        PoolingName::Mean => Pooling::Mean,
+        PoolingName::Max => Pooling::Max,
+    }
+}
+
 pub(crate) fn transformer_config(cfg: &ModelConfig, vocab: usize, max_len: usize) -> TransformerConfig {
     let d = cfg.embedding_dim.unwrap_or(64);
     let mut t = TransformerConfig::new(
