@@ -361,3 +361,63 @@ fn attention_of_a_trained_transformer_classifier_is_exported_per_layer_and_head(
         }
     }
 }
+
+#[test]
+fn truncated_bptt_carries_the_state_through_the_text() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // short windows: what the state carries from the previous window matters
+    let job = edited_job(
+        "hamlet-char-lstm.toml",
+        dir.path(),
+        &[
+            ("seq_len = 100", "seq_len = 25"),
+            ("embedding_dim = 48", "embedding_dim = 16"),
+            ("hidden = [256]", "hidden = [64]"),
+            ("epochs = 12", "epochs = 2"),
+            ("lr = 0.003", "lr = 0.01"),
+            ("clip_grad_norm = 5.0", "clip_grad_norm = 5.0\ntbptt = true"),
+        ],
+    );
+    let (run, run_s, summary) = train_run(&job, dir.path());
+    let ppl = summary["test_perplexity"].as_f64().expect("test_perplexity");
+    let unigram = summary["baseline"]["unigram_perplexity"]
+        .as_f64()
+        .expect("unigram baseline");
+    assert!(ppl < 0.6 * unigram, "perplexity {ppl} vs unigram {unigram}");
+    // evaluation streams the validation text with the state carried too, reproducibly
+    let eval = ok(&["evaluate", &run_s]);
+    let printed = String::from_utf8_lossy(&eval.stdout).to_string();
+    assert!(printed.contains(&format!("perplexity: {ppl}")), "{printed}");
+    // the same model scored window by window from a zero state does worse: the carried
+    // state is real context
+    let stateless = std::fs::read_to_string(run.join("job.toml"))
+        .expect("job copy")
+        .replace("tbptt = true", "tbptt = false");
+    std::fs::write(run.join("job.toml"), stateless).expect("rewrite job");
+    let eval = ok(&["evaluate", &run_s]);
+    let printed = String::from_utf8_lossy(&eval.stdout).to_string();
+    let cold: f64 = printed
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("perplexity: "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no perplexity in {printed}"));
+    assert!(
+        cold > ppl,
+        "zero-state perplexity {cold} should exceed the streamed {ppl}"
+    );
+
+    // a model without a recurrent state is refused, naming the field
+    let bad = edited_job(
+        "sentiment-lstm.toml",
+        dir.path(),
+        &[("[training]", "[training]\ntbptt = true")],
+    );
+    let args = ["validate", bad.as_str()];
+    let out = ringtrain(&args);
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&args, &out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("training.tbptt"),
+        "{}",
+        describe(&args, &out)
+    );
+}

@@ -414,11 +414,22 @@ impl Graph<'_> {
     /// layout, zero initial state; see [`ringtrain_tensor::lstm`]). Padded steps (mask 0)
     /// keep the state and output zeros.
     ///
+    /// `init` is the `(h, c)` to start from (zeros when `None`), a constant: the state a
+    /// previous window ended with, for truncated backpropagation through time.
+    ///
     /// # Shapes
     /// `xp: [B, T, 4H]` (the input projections `x·W_ihᵀ + b_ih`), `w_hh: [4H, H]`,
-    /// `b_hh: [4H]`, `mask: [B, T]` → `[B, T + 1, H]`: the T outputs at their time indices,
-    /// then the final state.
-    pub fn lstm(&mut self, xp: Var, w_hh: Var, b_hh: Var, mask: &Tensor, reverse: bool) -> Result<Var> {
+    /// `b_hh: [4H]`, `mask: [B, T]`, `init: [B, H]` twice → `[B, T + 2, H]`: the T outputs at
+    /// their time indices, then the final state h and the final cell c.
+    pub fn lstm(
+        &mut self,
+        xp: Var,
+        w_hh: Var,
+        b_hh: Var,
+        mask: &Tensor,
+        reverse: bool,
+        init: ringtrain_tensor::lstm::LstmState<'_>,
+    ) -> Result<Var> {
         let inputs = [xp, w_hh, b_hh];
         let keep = self.grad_enabled() && inputs.iter().any(|v| self.nodes[v.0].needs_grad);
         let (y, tape) = ringtrain_tensor::lstm::lstm_forward(
@@ -427,6 +438,7 @@ impl Graph<'_> {
             self.value(b_hh),
             mask,
             reverse,
+            init,
             keep,
         )?;
         let op = Op::Lstm {

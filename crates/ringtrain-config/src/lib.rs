@@ -376,6 +376,12 @@ pub struct TrainingConfig {
     /// Clip gradients to this global L2 norm.
     #[serde(default)]
     pub clip_grad_norm: Option<f64>,
+    /// Recurrent language models: truncated backpropagation through time over the text as
+    /// `batch_size` parallel streams, in order, carrying the recurrent state from one window
+    /// to the next (gradients stop at the window boundary). Off: shuffled windows, each from a
+    /// zero state.
+    #[serde(default)]
+    pub tbptt: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -681,6 +687,14 @@ impl Job {
                 "model.one_hot",
                 "replaces the learned embedding of a recurrent token model: use it with rnn, gru or lstm, without \
                  embedding_dim"
+                    .into(),
+            ));
+        }
+        if self.training.tbptt && (self.data.format != DataFormat::Corpus || !self.model.kind.is_recurrent()) {
+            return Err(fail(
+                "training.tbptt",
+                "carries a recurrent state through a running text: use it with data.format = \"corpus\" and model.kind \
+                 rnn, gru or lstm"
                     .into(),
             ));
         }

@@ -113,6 +113,30 @@ pub fn eval_shard(n: usize, rank: usize, world: usize) -> Result<Range<usize>, D
     Ok(start..start + len)
 }
 
+/// Batches for truncated backpropagation through time over consecutive windows of a text
+/// (PyTorch's `batchify` + `bptt` loop): `windows`, in text order, are cut into `streams`
+/// contiguous streams of ⌈len/streams⌉ windows, and batch k holds window k of every stream
+/// that has one. Row j of consecutive batches therefore continues the same text, and the state
+/// a batch ends with is the right start for the next; only the last streams can run out, so
+/// rows leave from the end.
+pub fn stream_batches(windows: &[usize], streams: usize) -> Vec<Vec<usize>> {
+    if windows.is_empty() {
+        return Vec::new();
+    }
+    let per_stream = windows.len().div_ceil(streams.max(1));
+    (0..per_stream)
+        .map(|k| windows.chunks(per_stream).filter_map(|s| s.get(k).copied()).collect())
+        .collect()
+}
+
+/// This rank's part of `windows` for [`stream_batches`]: `len / world` consecutive windows
+/// (the last `len % world` are left out), so that every rank takes the same number of steps.
+pub fn stream_part(windows: &[usize], rank: usize, world: usize) -> Result<&[usize], DataError> {
+    check_rank(rank, world)?;
+    let part = windows.len() / world;
+    Ok(&windows[rank * part..(rank + 1) * part])
+}
+
 /// Number of batches in a shard of `len` examples.
 pub fn num_batches(len: usize, batch_size: usize, drop_last: bool) -> usize {
     if batch_size == 0 {
@@ -206,6 +230,30 @@ mod tests {
                 let mapped = shard_indices(&indices, r, world, 1, seed, Remainder::Pad).unwrap();
                 prop_assert_eq!(mapped, direct.iter().map(|&p| indices[p]).collect::<Vec<_>>());
             }
+        }
+
+        #[test]
+        fn stream_batches_continue_each_stream_and_cover_every_window(n in 0usize..300, streams in 1usize..40) {
+            let windows: Vec<usize> = (0..n).map(|i| i * 2).collect();
+            let batches = stream_batches(&windows, streams);
+            let mut all: Vec<usize> = batches.iter().flatten().copied().collect();
+            all.sort_unstable();
+            prop_assert_eq!(&all, &windows);
+            for pair in batches.windows(2) {
+                // rows only leave from the end, and row j of the next batch is the next window
+                prop_assert!(pair[1].len() <= pair[0].len() && pair[0].len() <= streams);
+                for (a, b) in pair[0].iter().zip(&pair[1]) {
+                    prop_assert_eq!(*b, *a + 2);
+                }
+            }
+        }
+
+        #[test]
+        fn stream_parts_are_equal_and_disjoint(n in 0usize..300, world in 1usize..9) {
+            let windows: Vec<usize> = (0..n).collect();
+            let parts: Vec<&[usize]> = (0..world).map(|r| stream_part(&windows, r, world).unwrap()).collect();
+            prop_assert!(parts.iter().all(|p| p.len() == n / world));
+            prop_assert_eq!(parts.concat(), (0..n - n % world).collect::<Vec<_>>());
         }
 
         #[test]

@@ -75,6 +75,20 @@ pub trait Module: std::fmt::Debug + Send + Sync {
     /// always the batch.
     fn forward(&self, g: &mut Graph<'_>, x: Var) -> Result<Var>;
 
+    /// Whether [`Module::forward_carry`] carries a recurrent state from batch to batch
+    /// (recurrent language models), which truncated backpropagation through time needs.
+    fn carries_state(&self) -> bool {
+        false
+    }
+
+    /// [`Module::forward`] from the state a previous batch ended with (`None`: from zeros),
+    /// also returning the state this batch ends with, to carry into the next. Modules without
+    /// a state return an empty one.
+    fn forward_carry(&self, g: &mut Graph<'_>, x: Var, state: Option<&[Tensor]>) -> Result<(Var, Vec<Var>)> {
+        let _ = state;
+        Ok((self.forward(g, x)?, Vec::new()))
+    }
+
     /// Checks that the module accepts one example of shape `input` (no batch axis), appends its
     /// summary rows and returns the output shape. Errors name the layer and the shapes, so a
     /// job is refused at validation time instead of failing mid-run.

@@ -121,12 +121,22 @@ pub struct Recurrent {
 }
 
 /// What a recurrent layer returns.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RecurrentOutput {
     /// Every step's output of the last layer: `[B, T, H·directions]` (zeros at padding).
     pub sequence: Var,
     /// The last layer's final state: `[B, H·directions]` (forward, then backward).
     pub last: Var,
+    /// Every layer's and direction's final state, `[B, H]` each, in the order
+    /// [`Recurrent::run_from`] takes them back: per layer, per direction, h then (LSTM) c.
+    pub states: Vec<Var>,
+}
+
+/// One direction's result: outputs `[B, T, H]`, final state and (LSTM) final cell `[B, H]`.
+struct DirectionOutput {
+    seq: Var,
+    h: Var,
+    c: Option<Var>,
 }
 
 impl Recurrent {
@@ -138,12 +148,32 @@ impl Recurrent {
         }
     }
 
+    /// Tensors in a carried state: per layer and direction, h and (LSTM) c.
+    pub fn state_len(&self) -> usize {
+        let per = if self.cell == CellKind::Lstm { 2 } else { 1 };
+        self.num_layers * self.directions() * per
+    }
+
     fn pname(&self, what: &str, layer: usize, reverse: bool) -> String {
         format!("{}.{what}_l{layer}{}", self.name, if reverse { "_reverse" } else { "" })
     }
 
-    /// Runs the layer over `x: [B, T, I]` with `mask: [B, T]` (1 = real token).
+    /// Runs the layer over `x: [B, T, I]` with `mask: [B, T]` (1 = real token), from zeros.
     pub fn run(&self, g: &mut Graph<'_>, x: Var, mask: &Tensor) -> Result<RecurrentOutput> {
+        self.run_from(g, x, mask, None)
+    }
+
+    /// [`Recurrent::run`] from the states `init` (as [`RecurrentOutput::states`] lists them,
+    /// `[B, H]` each) instead of zeros: truncated backpropagation through time carries the
+    /// state one window ended with into the next. The states are constants; no gradient flows
+    /// back across the cut.
+    pub fn run_from(
+        &self,
+        g: &mut Graph<'_>,
+        x: Var,
+        mask: &Tensor,
+        init: Option<&[Tensor]>,
+    ) -> Result<RecurrentOutput> {
         let shape = g.shape(x).to_vec();
         let &[b, t, i] = shape.as_slice() else {
             return Err(self.err(format!("expects [batch, time, features], got {shape:?}")));
@@ -155,8 +185,20 @@ impl Recurrent {
                 mask.shape()
             )));
         }
+        if let Some(init) = init {
+            let h = self.hidden_size;
+            if init.len() != self.state_len() || init.iter().any(|s| s.shape() != [b, h]) {
+                return Err(self.err(format!(
+                    "a carried state is {} tensors of [{b}, {h}], got {:?}",
+                    self.state_len(),
+                    init.iter().map(|s| s.shape().to_vec()).collect::<Vec<_>>()
+                )));
+            }
+        }
+        let mut init = init.map(|s| s.iter());
         let mut input = x;
         let mut last = x;
+        let mut states = Vec::with_capacity(self.state_len());
         for layer in 0..self.num_layers {
             if layer > 0 && self.dropout > 0.0 && g.is_training() {
                 let shape = g.shape(input).to_vec();
@@ -164,34 +206,62 @@ impl Recurrent {
                 let m = random::bernoulli(&shape, keep, g.rng()).scale((1.0 / keep) as f32);
                 input = g.mul_const(input, m)?;
             }
-            let (fwd_seq, fwd_last) = self.direction(g, input, mask, layer, false)?;
-            (input, last) = if self.bidirectional {
-                let (bwd_seq, bwd_last) = self.direction(g, input, mask, layer, true)?;
-                (g.concat(&[fwd_seq, bwd_seq], 2)?, g.concat(&[fwd_last, bwd_last], 1)?)
-            } else {
-                (fwd_seq, fwd_last)
+            let mut outs = Vec::with_capacity(2);
+            for reverse in [false, true].into_iter().take(self.directions()) {
+                let start = init.as_mut().map(|it| {
+                    let h0 = it.next().expect("length checked above");
+                    let c0 = (self.cell == CellKind::Lstm).then(|| it.next().expect("length checked above"));
+                    (h0, c0)
+                });
+                let out = self.direction(g, input, mask, layer, reverse, start)?;
+                states.push(out.h);
+                states.extend(out.c);
+                outs.push(out);
+            }
+            (input, last) = match outs.as_slice() {
+                [f, r] => (g.concat(&[f.seq, r.seq], 2)?, g.concat(&[f.h, r.h], 1)?),
+                [f] => (f.seq, f.h),
+                _ => unreachable!("one or two directions"),
             };
         }
-        Ok(RecurrentOutput { sequence: input, last })
+        Ok(RecurrentOutput {
+            sequence: input,
+            last,
+            states,
+        })
     }
 
-    /// One direction of one layer: (outputs `[B, T, H]`, final state `[B, H]`).
+    /// One direction of one layer, from `init` (h, and c for an LSTM) or zeros.
     ///
     /// An LSTM runs as one fused op over all steps ([`Graph::lstm`]); the RNN and GRU cells
     /// are recorded step by step ([`Recurrent::direction_steps`]).
-    fn direction(&self, g: &mut Graph<'_>, x: Var, mask: &Tensor, layer: usize, reverse: bool) -> Result<(Var, Var)> {
+    fn direction(
+        &self,
+        g: &mut Graph<'_>,
+        x: Var,
+        mask: &Tensor,
+        layer: usize,
+        reverse: bool,
+        init: Option<(&Tensor, Option<&Tensor>)>,
+    ) -> Result<DirectionOutput> {
         let (b, t) = (g.shape(x)[0], g.shape(x)[1]);
         if self.cell != CellKind::Lstm || t == 0 {
-            return self.direction_steps(g, x, mask, layer, reverse);
+            return self.direction_steps(g, x, mask, layer, reverse, init);
         }
         let h = self.hidden_size;
         let xp = self.input_projection(g, x, layer, reverse)?;
         let w_hh = g.param(&self.pname("weight_hh", layer, reverse))?;
         let b_hh = g.param(&self.pname("bias_hh", layer, reverse))?;
-        let packed = g.lstm(xp, w_hh, b_hh, mask, reverse)?;
+        let start = init.and_then(|(h0, c0)| Some((h0, c0?)));
+        let packed = g.lstm(xp, w_hh, b_hh, mask, reverse, start)?;
         let seq = g.slice_axis(packed, 1, 0, t)?;
         let last = g.slice_axis(packed, 1, t, t + 1)?;
-        Ok((seq, g.reshape(last, &[b, h])?))
+        let cell = g.slice_axis(packed, 1, t + 1, t + 2)?;
+        Ok(DirectionOutput {
+            seq,
+            h: g.reshape(last, &[b, h])?,
+            c: Some(g.reshape(cell, &[b, h])?),
+        })
     }
 
     /// `x · W_ihᵀ + b_ih` for all time steps and gates in one product: `[B, T, gates·H]`.
@@ -210,15 +280,19 @@ impl Recurrent {
         mask: &Tensor,
         layer: usize,
         reverse: bool,
-    ) -> Result<(Var, Var)> {
+        init: Option<(&Tensor, Option<&Tensor>)>,
+    ) -> Result<DirectionOutput> {
         let (b, t) = (g.shape(x)[0], g.shape(x)[1]);
         let h = self.hidden_size;
         let gh = self.cell.gates() * h;
         let xp = self.input_projection(g, x, layer, reverse)?;
         let w_hh = g.param(&self.pname("weight_hh", layer, reverse))?;
         let b_hh = g.param(&self.pname("bias_hh", layer, reverse))?;
-        let mut state = g.input(Tensor::zeros(&[b, h]));
-        let mut cell = g.input(Tensor::zeros(&[b, h]));
+        let mut state = g.input(init.map_or_else(|| Tensor::zeros(&[b, h]), |(h0, _)| h0.clone()));
+        let mut cell = g.input(
+            init.and_then(|(_, c0)| c0.cloned())
+                .unwrap_or_else(|| Tensor::zeros(&[b, h])),
+        );
         let mut outputs = vec![state; t];
         let order: Vec<usize> = if reverse {
             (0..t).rev().collect()
@@ -291,7 +365,11 @@ impl Recurrent {
         } else {
             g.concat(&outputs, 1)?
         };
-        Ok((seq, state))
+        Ok(DirectionOutput {
+            seq,
+            h: state,
+            c: (self.cell == CellKind::Lstm).then_some(cell),
+        })
     }
 
     fn err(&self, reason: String) -> NnError {
@@ -550,12 +628,20 @@ impl Module for RecurrentLm {
     /// # Shapes
     /// `[B, T]` token ids → `[B·T, vocab]` logits.
     fn forward(&self, g: &mut Graph<'_>, x: Var) -> Result<Var> {
+        Ok(self.forward_carry(g, x, None)?.0)
+    }
+
+    fn carries_state(&self) -> bool {
+        true
+    }
+
+    fn forward_carry(&self, g: &mut Graph<'_>, x: Var, state: Option<&[Tensor]>) -> Result<(Var, Vec<Var>)> {
         let (ids, mask, b, t) = ids_and_mask(g.value(x))?;
         let emb = self.embedding.lookup(g, &ids, b, t)?;
-        let out = self.rnn.run(g, emb, &mask)?;
+        let out = self.rnn.run_from(g, emb, &mask, state)?;
         let seq = dropout(g, out.sequence, self.dropout)?;
         let flat = g.reshape(seq, &[b * t, self.rnn.hidden_size])?;
-        self.head.forward(g, flat)
+        Ok((self.head.forward(g, flat)?, out.states))
     }
 
     fn describe(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<Vec<usize>> {
@@ -777,20 +863,28 @@ mod tests {
             let run = |fused: bool| {
                 let mut g = Graph::new(&store);
                 let xv = g.variable(x.clone());
-                let (seq, last) = if fused {
-                    r.direction(&mut g, xv, &mask, 0, reverse).unwrap()
+                // from a carried state, so that the initial state's path is compared too
+                let (h0, c0) = (Tensor::full(&[3, 5], 0.3), Tensor::full(&[3, 5], -0.2));
+                let start = Some((&h0, Some(&c0)));
+                let out = if fused {
+                    r.direction(&mut g, xv, &mask, 0, reverse, start).unwrap()
                 } else {
-                    r.direction_steps(&mut g, xv, &mask, 0, reverse).unwrap()
+                    r.direction_steps(&mut g, xv, &mask, 0, reverse, start).unwrap()
                 };
+                let (seq, last) = (out.seq, out.h);
+                let cell = out.c.unwrap();
                 let w = g.input(random::uniform(&[3, 6, 5], 0.5, 1.5, &mut random::rng(9)));
                 let ws = g.mul(seq, w).unwrap();
                 let (a, b) = (g.sum(ws), g.sum(last));
-                let loss = g.add(a, b).unwrap();
+                let ab = g.add(a, b).unwrap();
+                let c = g.sum(cell);
+                let loss = g.add(ab, c).unwrap();
                 let grads = g.backward(loss).unwrap();
                 let mut flat = vec![0.0; store.num_elements()];
                 g.param_grads_into(&grads, &mut flat).unwrap();
                 let mut values = g.value(seq).to_vec();
                 values.extend(g.value(last).to_vec());
+                values.extend(g.value(cell).to_vec());
                 (values, flat, grads.get(xv).unwrap().to_vec())
             };
             let (fused, steps) = (run(true), run(false));
@@ -806,6 +900,45 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn a_carried_state_continues_the_sequence_exactly() {
+        // two windows with the state carried equal one run over the joined sequence
+        for cell in [CellKind::Lstm, CellKind::Gru] {
+            let lm = RecurrentLm::new(cell, 9, 4, &[5, 3], 0.0);
+            let store = init_store(&lm, 3);
+            let ids = |v: &[usize]| Tensor::from_vec(&[2, v.len() / 2], v.iter().map(|&i| i as f32).collect()).unwrap();
+            let (a, b) = ([1, 2, 3, 4, 5, 6, 7, 8], [8, 7, 6, 5, 4, 3, 2, 1]);
+            let joined: Vec<usize> = [&a[..4], &b[..4], &a[4..], &b[4..]].concat();
+            let mut g = Graph::inference(&store);
+            let (xa, xb, xj) = (g.input(ids(&a)), g.input(ids(&b)), g.input(ids(&joined)));
+            let (_, state) = lm.forward_carry(&mut g, xa, None).unwrap();
+            assert_eq!(state.len(), lm.rnn.state_len());
+            let carried: Vec<Tensor> = state.iter().map(|&v| g.value(v).clone()).collect();
+            let (second, _) = lm.forward_carry(&mut g, xb, Some(&carried)).unwrap();
+            let whole = lm.forward(&mut g, xj).unwrap();
+            // logits rows are (batch row, step): the second window is steps 4..8 of each row
+            let (sv, wv) = (g.value(second).to_vec(), g.value(whole).to_vec());
+            for row in 0..2 {
+                for step in 0..4 {
+                    let got = &sv[(row * 4 + step) * 9..][..9];
+                    let want = &wv[(row * 8 + 4 + step) * 9..][..9];
+                    for (x, y) in got.iter().zip(want) {
+                        assert!(
+                            (x - y).abs() < 1e-5,
+                            "{cell:?} row {row} step {step}: {got:?} vs {want:?}"
+                        );
+                    }
+                }
+            }
+            let fresh = lm.forward(&mut g, xb).unwrap();
+            assert_ne!(
+                g.value(fresh).to_vec(),
+                sv,
+                "{cell:?}: the carried state changed nothing"
+            );
         }
     }
 

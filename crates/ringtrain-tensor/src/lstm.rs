@@ -74,22 +74,28 @@ fn time_index(step: usize, t: usize, reverse: bool) -> usize {
     }
 }
 
+/// The state `(h, c)`, each `[B, H]`, an LSTM starts from (zeros when `None`): the state a
+/// previous window ended with, for truncated backpropagation through time. It is a constant:
+/// no gradient flows back into it.
+pub type LstmState<'a> = Option<(&'a Tensor, &'a Tensor)>;
+
 /// Runs one LSTM direction over `xp: [B, T, 4H]` (the input projections `x Wᵢₕᵀ + bᵢₕ` of every
-/// step, all gates), from a zero state, right to left when `reverse`.
+/// step, all gates), from `init`, right to left when `reverse`.
 ///
-/// Returns `[B, T + 1, H]`: the outputs of the T steps at their time indices, then the final
-/// state; and, when `keep_tape`, what [`lstm_backward`] needs.
+/// Returns `[B, T + 2, H]`: the outputs of the T steps at their time indices, then the final
+/// state h and the final cell c; and, when `keep_tape`, what [`lstm_backward`] needs.
 pub fn lstm_forward(
     xp: &Tensor,
     w_hh: &Tensor,
     b_hh: &Tensor,
     mask: &Tensor,
     reverse: bool,
+    init: LstmState<'_>,
     keep_tape: bool,
 ) -> Result<(Tensor, LstmTape)> {
     crate::simd::fast(
         #[inline(always)]
-        || forward(xp, w_hh, b_hh, mask, reverse, keep_tape),
+        || forward(xp, w_hh, b_hh, mask, reverse, init, keep_tape),
     )
 }
 
@@ -100,12 +106,22 @@ fn forward(
     b_hh: &Tensor,
     mask: &Tensor,
     reverse: bool,
+    init: LstmState<'_>,
     keep_tape: bool,
 ) -> Result<(Tensor, LstmTape)> {
     let (b, t, h) = dims(xp, w_hh, b_hh, mask)?;
+    if let Some((h0, c0)) = init {
+        if h0.shape() != [b, h] || c0.shape() != [b, h] {
+            return Err(invalid(format!(
+                "the initial state must be [{b}, {h}] twice, got {:?} and {:?}",
+                h0.shape(),
+                c0.shape()
+            )));
+        }
+    }
     let g4 = 4 * h;
     let (xs, ws, bias, ms) = (xp.as_slice(), w_hh.as_slice(), b_hh.as_slice(), mask.as_slice());
-    let mut out = vec![0.0f32; b * (t + 1) * h];
+    let mut out = vec![0.0f32; b * (t + 2) * h];
     let mut tape = if keep_tape {
         LstmTape {
             acts: vec![0.0; b * t * g4],
@@ -116,7 +132,11 @@ fn forward(
     } else {
         LstmTape::default()
     };
-    let (mut hs, mut cs, mut pre) = (vec![0.0f32; b * h], vec![0.0f32; b * h], vec![0.0f32; b * g4]);
+    let (mut hs, mut cs) = match init {
+        Some((h0, c0)) => (h0.to_vec(), c0.to_vec()),
+        None => (vec![0.0f32; b * h], vec![0.0f32; b * h]),
+    };
+    let mut pre = vec![0.0f32; b * g4];
     let (mut c_new, mut tanh_c) = (vec![0.0f32; h], vec![0.0f32; h]);
     for step in 0..t {
         let ti = time_index(step, t, reverse);
@@ -157,7 +177,7 @@ fn forward(
                 tape.c_prev[row * h..][..h].copy_from_slice(cr);
                 tape.tanh_c[row * h..][..h].copy_from_slice(&tanh_c);
             }
-            let o_row = &mut out[(r * (t + 1) + ti) * h..][..h];
+            let o_row = &mut out[(r * (t + 2) + ti) * h..][..h];
             for ((((o, hv), cv), (&og, &tc)), &cn) in o_row
                 .iter_mut()
                 .zip(hr.iter_mut())
@@ -178,12 +198,13 @@ fn forward(
         }
     }
     for r in 0..b {
-        out[(r * (t + 1) + t) * h..][..h].copy_from_slice(&hs[r * h..][..h]);
+        out[(r * (t + 2) + t) * h..][..h].copy_from_slice(&hs[r * h..][..h]);
+        out[(r * (t + 2) + t + 1) * h..][..h].copy_from_slice(&cs[r * h..][..h]);
     }
-    Ok((Tensor::from_vec(&[b, t + 1, h], out)?, tape))
+    Ok((Tensor::from_vec(&[b, t + 2, h], out)?, tape))
 }
 
-/// Backpropagation through time for [`lstm_forward`]: given the gradient `g: [B, T + 1, H]` of
+/// Backpropagation through time for [`lstm_forward`]: given the gradient `g: [B, T + 2, H]` of
 /// its output, returns the gradients of `xp` (`[B, T, 4H]`, also that of the pre-activations),
 /// `w_hh` and `b_hh`.
 pub fn lstm_backward(
@@ -213,7 +234,7 @@ fn backward(
         return Err(invalid(format!("xp must be [B, T, 4H], got {xp_shape:?}")));
     };
     let h = g4 / 4;
-    if g.shape() != [b, t + 1, h] || tape.acts.len() != b * t * g4 || w_hh.shape() != [g4, h] {
+    if g.shape() != [b, t + 2, h] || tape.acts.len() != b * t * g4 || w_hh.shape() != [g4, h] {
         return Err(invalid(format!(
             "backward got gradient {:?} and w_hh {:?} for xp {xp_shape:?} (was the forward run with keep_tape?)",
             g.shape(),
@@ -223,10 +244,11 @@ fn backward(
     let (gs, ws, ms) = (g.as_slice(), w_hh.as_slice(), mask.as_slice());
     let mut dxp = vec![0.0f32; b * t * g4];
     let mut dh = vec![0.0f32; b * h];
-    for r in 0..b {
-        dh[r * h..][..h].copy_from_slice(&gs[(r * (t + 1) + t) * h..][..h]);
-    }
     let mut dc = vec![0.0f32; b * h];
+    for r in 0..b {
+        dh[r * h..][..h].copy_from_slice(&gs[(r * (t + 2) + t) * h..][..h]);
+        dc[r * h..][..h].copy_from_slice(&gs[(r * (t + 2) + t + 1) * h..][..h]);
+    }
     let mut dpre = vec![0.0f32; b * g4];
     for step in (0..t).rev() {
         let ti = time_index(step, t, reverse);
@@ -235,7 +257,7 @@ fn backward(
             let m = ms[row];
             let acts = &tape.acts[row * g4..][..g4];
             let (tcs, cps) = (&tape.tanh_c[row * h..][..h], &tape.c_prev[row * h..][..h]);
-            let gout = &gs[(r * (t + 1) + ti) * h..][..h];
+            let gout = &gs[(r * (t + 2) + ti) * h..][..h];
             let (dhr, dcr) = (&mut dh[r * h..][..h], &mut dc[r * h..][..h]);
             let dp = &mut dpre[r * g4..][..g4];
             // Equal-length slices let the compiler drop the bounds checks and vectorise.

@@ -7,7 +7,10 @@ use std::time::Instant;
 
 use ringtrain_autograd::{Graph, ParamStore};
 use ringtrain_config::{EvalScheme, Job, OptimizerName, ScheduleName};
-use ringtrain_data::{eval_shard, kfold, shard_indices, summarize_folds, train_test_split, ConfusionMatrix, Remainder};
+use ringtrain_data::{
+    eval_shard, kfold, shard_indices, stream_batches, stream_part, summarize_folds, train_test_split, ConfusionMatrix,
+    Remainder,
+};
 use ringtrain_nn::{init_store, Loss, Module, Targets};
 use ringtrain_optim::{clip_grad_norm, Optimizer, OptimizerKind, Schedule, ScheduleKind};
 use serde::Serialize;
@@ -250,6 +253,8 @@ pub struct Trainer {
     /// Preallocated flat gradient buffer, reused every step.
     grad: Vec<f32>,
     step: u64,
+    /// Truncated BPTT: ordered streams with the recurrent state carried between batches.
+    tbptt: bool,
 }
 
 impl Trainer {
@@ -313,6 +318,7 @@ impl Trainer {
             batch_size: job.training.batch_size,
             seed: job.job.seed,
             step: 0,
+            tbptt: job.training.tbptt,
         }
     }
 
@@ -342,12 +348,32 @@ impl Trainer {
             });
         }
         let local_batch = self.batch_size / world;
-        let order = shard_indices(indices, rank, world, epoch as u64, self.seed, Remainder::Pad)?;
-        let total = order.len().div_ceil(local_batch);
+        let batches: Vec<Vec<usize>> = if self.tbptt {
+            // Windows in text order, one stream per batch row; the same number of steps on
+            // every rank.
+            let mut windows = indices.to_vec();
+            windows.sort_unstable();
+            let part = stream_part(&windows, rank, world)?;
+            if part.is_empty() {
+                return Err(TrainError::Job {
+                    field: "training.tbptt",
+                    reason: format!("{} training windows are too few for {world} workers", windows.len()),
+                });
+            }
+            stream_batches(part, local_batch)
+        } else {
+            shard_indices(indices, rank, world, epoch as u64, self.seed, Remainder::Pad)?
+                .chunks(local_batch)
+                .map(<[usize]>::to_vec)
+                .collect()
+        };
+        let total = batches.len();
         // `targets` counts predictions (examples, or tokens for a language model) for accuracy.
         let (mut loss_sum, mut correct, mut seen, mut targets_seen) = (0.0f64, 0usize, 0usize, 0usize);
         let mut grad_norm = None;
-        for (b, chunk) in order.chunks(local_batch).enumerate() {
+        // The recurrent state the previous batch ended with (truncated BPTT; reset per epoch).
+        let mut carried: Option<Vec<ringtrain_tensor::Tensor>> = None;
+        for (b, chunk) in batches.iter().enumerate() {
             let batch = examples.batch(chunk)?;
             let targets = task.loss_targets(&batch.targets)?;
             let lr = self.schedule.lr_at(self.step);
@@ -360,7 +386,14 @@ impl Trainer {
                         ^ (rank as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9),
                 );
                 let x = g.input(batch.x);
-                let out = self.model.forward(&mut g, x)?;
+                let out = if self.tbptt {
+                    let state = carried.take().map(|s| keep_rows(s, chunk.len())).transpose()?;
+                    let (out, next) = self.model.forward_carry(&mut g, x, state.as_deref())?;
+                    carried = Some(next.iter().map(|&v| g.value(v).clone()).collect());
+                    out
+                } else {
+                    self.model.forward(&mut g, x)?
+                };
                 correct += count_correct(&task.target, g.value(out), &batch.targets)?;
                 if let Targets::Classes(c) = &batch.targets {
                     targets_seen += c.len();
@@ -423,13 +456,29 @@ impl Trainer {
         let (mut loss_sum, mut sq_sum, mut abs_sum) = (0.0f64, 0.0f64, 0.0f64);
         let (mut token_hits, mut token_count) = (0.0f64, 0.0f64);
         let scale = f64::from(examples.target_scale());
-        let mine = eval_shard(indices.len(), sync.rank(), sync.world().max(1))?;
-        for chunk in indices[mine].chunks(self.batch_size.max(256)) {
+        let mine = &indices[eval_shard(indices.len(), sync.rank(), sync.world().max(1))?];
+        let batches: Vec<Vec<usize>> = if self.tbptt {
+            // The validation text as streams too, so each window starts from its context.
+            let mut windows = mine.to_vec();
+            windows.sort_unstable();
+            stream_batches(&windows, self.batch_size)
+        } else {
+            mine.chunks(self.batch_size.max(256)).map(<[usize]>::to_vec).collect()
+        };
+        let mut carried: Option<Vec<ringtrain_tensor::Tensor>> = None;
+        for chunk in &batches {
             let batch = examples.batch(chunk)?;
             let targets = task.loss_targets(&batch.targets)?;
             let mut g = Graph::inference(&self.store);
             let x = g.input(batch.x);
-            let out = self.model.forward(&mut g, x)?;
+            let out = if self.tbptt {
+                let state = carried.take().map(|s| keep_rows(s, chunk.len())).transpose()?;
+                let (out, next) = self.model.forward_carry(&mut g, x, state.as_deref())?;
+                carried = Some(next.iter().map(|&v| g.value(v).clone()).collect());
+                out
+            } else {
+                self.model.forward(&mut g, x)?
+            };
             let loss = self.loss.compute(&mut g, out, &targets)?;
             loss_sum +=
                 f64::from(g.value(loss).item().map_err(ringtrain_autograd::AutogradError::from)?) * chunk.len() as f64;
@@ -559,6 +608,22 @@ impl Trainer {
 }
 
 /// Class predictions from model outputs: arg-max of logits, or logit > 0 for one output.
+/// The first `rows` rows of each carried state: at the end of an epoch the last streams run
+/// out of windows and leave the batch.
+fn keep_rows(state: Vec<ringtrain_tensor::Tensor>, rows: usize) -> Result<Vec<ringtrain_tensor::Tensor>> {
+    state
+        .into_iter()
+        .map(|t| {
+            if t.shape().first() == Some(&rows) {
+                Ok(t)
+            } else {
+                t.slice_axis(0, 0, rows)
+                    .map_err(|e| ringtrain_autograd::AutogradError::from(e).into())
+            }
+        })
+        .collect()
+}
+
 fn predict_classes(kind: &TargetKind, out: &ringtrain_tensor::Tensor) -> Result<Vec<usize>> {
     Ok(match kind {
         TargetKind::Binary { .. } => out.as_slice().iter().map(|&z| usize::from(z > 0.0)).collect(),
@@ -696,6 +761,12 @@ pub fn run_job_opts(
             _ => examples.clone(),
         };
         let model = task.model(&job.model)?;
+        if job.training.tbptt && !model.carries_state() {
+            return Err(TrainError::Job {
+                field: "training.tbptt",
+                reason: "truncated BPTT needs a recurrent language model (data.format = \"corpus\", model.kind = \"rnn\", \"gru\" or \"lstm\")".into(),
+            });
+        }
         let mut trainer = Trainer::new(job, model, task.loss, train.len());
         sync.broadcast_params(trainer.store.flat_mut())
             .map_err(|source| TrainError::Sync { step: 0, source })?;
