@@ -2,15 +2,19 @@
 `../shared/design/peers.md` (and the issues' benches), one training step = forward + backward +
 optimizer step on synthetic inputs, in examples/s.
 
-Run it on the same machine right after our bench so the two are a ratio measured in one run:
+`cargo xtask peers` installs PyTorch into target/tools/torch-venv, runs our criterion bench and
+this script one after the other on the same machine, and prints the ratios. By hand:
 
     python3 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch numpy
-    /tmp/torchenv/bin/python benches/pytorch/train_step.py [--threads 1] [--steps 30]
+    /tmp/torchenv/bin/python benches/pytorch/train_step.py [--threads 1] [--steps 30] [--clock cpu] [--json]
 
 Prints one line per model: median and best examples/s over the timed steps (after warm-up).
+`--clock cpu` times by the calling thread's CPU time (valid with one thread, where every op
+runs on the calling thread), as `RINGTRAIN_BENCH_CLOCK=cpu` does for our bench on a busy machine.
 """
 
 import argparse
+import json
 import statistics
 import time
 
@@ -71,16 +75,16 @@ def models():
     yield "transformer_v10000_d64_h4_l2_ff256_t64_b32_adam", TransformerClassifier(), tokens, 2, lambda p: torch.optim.Adam(p, lr=1e-3)
 
 
-def conv2d_fwd_bwd(steps):
+def conv2d_fwd_bwd(steps, clock):
     """LeNet's second convolution (6→16, 5×5) forward + backward on a batch of 64, in GFLOP/s."""
     x = torch.randn(64, 6, 14, 14, requires_grad=True)
     w = torch.randn(16, 6, 5, 5, requires_grad=True)
     flops = 3 * 2 * 16 * 6 * 25 * 10 * 10 * 64
     times = []
     for i in range(steps + 5):
-        t0 = time.perf_counter()
+        t0 = clock()
         F.conv2d(x, w).sum().backward()
-        dt = time.perf_counter() - t0
+        dt = clock() - t0
         if i >= 5:
             times.append(dt)
     return flops / statistics.median(times) / 1e9, flops / min(times) / 1e9
@@ -91,9 +95,20 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--filter", default="")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
+    ap.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), mkldnn={torch.backends.mkldnn.is_available()}")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+
+    def report(name, unit, median, best):
+        if args.json:
+            print(json.dumps({"name": name, "unit": unit, "median": median, "best": best}), flush=True)
+        else:
+            print(f"{name}: median {median:9.1f} {unit}, best {best:9.1f} {unit}", flush=True)
+
+    if not args.json:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {args.clock} clock")
     for name, model, x, classes, make_opt in models():
         if args.filter not in name:
             continue
@@ -102,19 +117,19 @@ def main():
         model.train()
         times = []
         for i in range(args.steps + 5):
-            t0 = time.perf_counter()
+            t0 = clock()
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             if i >= 5:
                 times.append(dt)
         b = x.shape[0]
-        print(f"{name}: median {b / statistics.median(times):9.0f} ex/s, best {b / min(times):9.0f} ex/s")
+        report(name, "ex/s", b / statistics.median(times), b / min(times))
     if "conv2d" in args.filter or not args.filter:
-        med, best = conv2d_fwd_bwd(args.steps)
-        print(f"conv2d_6to16_k5_b64_fwd_bwd: median {med:.1f} GFLOP/s, best {best:.1f} GFLOP/s")
+        med, best = conv2d_fwd_bwd(args.steps, clock)
+        report("conv2d_6to16_k5_b64_fwd_bwd_flops", "GFLOP/s", med, best)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 //! - `cargo xtask demo`: install what is missing, build, train the main job, print metrics.
 //! - `cargo xtask ci`: install what is missing, then formatting, lints and the whole test suite
 //!   (what `.ci/run` runs).
+//! - `cargo xtask peers [THREADS]`: our training-step bench and PyTorch's on the same shapes,
+//!   one after the other on this machine, as a table of ratios.
 //!
 //! System packages come from Debian's apt. As root they are installed directly; otherwise
 //! through `sudo -n` when passwordless sudo is available; otherwise the command stops and
@@ -30,11 +32,13 @@ fn main() -> Result<()> {
         Some("demo") => demo(&args[1..]),
         Some("ci") => ci(),
         Some("deps") => ensure_system_packages().and_then(|()| ensure_deploy_tools()),
+        Some("peers") => peers(args.get(1).map_or("1", String::as_str)),
         _ => {
-            println!("usage: cargo xtask <demo|ci|deps>");
+            println!("usage: cargo xtask <demo|ci|deps|peers>");
             println!("  demo  install missing system packages, build, train the main job");
             println!("  ci    install missing system packages, check formatting and lints, run all tests");
             println!("  deps  only install missing system packages and the deploy test tools");
+            println!("  peers [THREADS]  train-step benches against PyTorch on this machine (installs torch, ~3 GB)");
             Ok(())
         }
     }
@@ -174,4 +178,91 @@ fn run(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed with {status}");
     }
     Ok(())
+}
+
+/// The PyTorch reference's virtual environment (PyPI's torch wheel with its CUDA libraries,
+/// unused here, about 3 GB: only `peers` installs it).
+const TORCH_VENV: &str = "target/tools/torch-venv";
+
+/// Our `train_step` bench and `benches/pytorch/train_step.py` on the same shapes, one after the
+/// other, both timed by the benchmarking thread's CPU time with one thread (so a neighbour's
+/// load counts against neither), as a table of median examples/s and their ratio.
+fn peers(threads: &str) -> Result<()> {
+    ensure_system_packages()?;
+    let python = Path::new(TORCH_VENV).join("bin/python");
+    if !python.is_file() {
+        println!("xtask: installing PyTorch into {TORCH_VENV} (about 3 GB from PyPI)");
+        run(Command::new("python3").args(["-m", "venv", TORCH_VENV]))?;
+        run(Command::new(Path::new(TORCH_VENV).join("bin/pip")).args(["install", "--quiet", "torch", "numpy"]))?;
+    }
+    let clock = if threads == "1" { "cpu" } else { "wall" };
+    run(Command::new("cargo")
+        .args(["bench", "--profile", "dev", "--bench", "train_step", "--", "--noplot"])
+        .env("RINGTRAIN_BENCH_THREADS", threads)
+        .env("RINGTRAIN_BENCH_CLOCK", clock))?;
+    let out = Command::new(&python)
+        .args([
+            "benches/pytorch/train_step.py",
+            "--json",
+            "--threads",
+            threads,
+            "--clock",
+            clock,
+        ])
+        .output()
+        .context("run benches/pytorch/train_step.py")?;
+    if !out.status.success() {
+        bail!("the PyTorch bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    println!(
+        "\n{threads} thread(s), {clock} clock, medians; PyTorch {}",
+        torch_version(&python)
+    );
+    println!("| step | ringtrain | PyTorch | ratio |\n|---|---|---|---|");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let theirs: serde_json::Value = serde_json::from_str(line).with_context(|| format!("parse {line:?}"))?;
+        let name = theirs["name"].as_str().unwrap_or_default();
+        let (unit, their_rate) = (
+            theirs["unit"].as_str().unwrap_or_default(),
+            theirs["median"].as_f64().unwrap_or(0.0),
+        );
+        let group = if name.starts_with("conv2d") {
+            "conv2d"
+        } else {
+            "train_step"
+        };
+        let ours = ours_per_second(&format!("{group}_{threads}thread"), name)?;
+        // criterion's throughput for conv2d is in FLOP/s; PyTorch's script reports GFLOP/s
+        let ours = if unit == "GFLOP/s" { ours / 1e9 } else { ours };
+        println!(
+            "| {name} | {ours:.1} {unit} | {their_rate:.1} {unit} | {:.2} |",
+            ours / their_rate
+        );
+    }
+    Ok(())
+}
+
+/// Median throughput of one criterion benchmark, from its saved estimates and throughput.
+fn ours_per_second(group: &str, name: &str) -> Result<f64> {
+    let dir = Path::new("target/criterion").join(group).join(name).join("new");
+    let read = |file: &str| -> Result<serde_json::Value> {
+        let text =
+            std::fs::read_to_string(dir.join(file)).with_context(|| format!("read {}", dir.join(file).display()))?;
+        Ok(serde_json::from_str(&text)?)
+    };
+    let ns = read("estimates.json")?["median"]["point_estimate"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    let per_iter = read("benchmark.json")?["throughput"]["Elements"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    Ok(per_iter / (ns * 1e-9))
+}
+
+fn torch_version(python: &Path) -> String {
+    Command::new(python)
+        .args(["-c", "import torch; print(torch.__version__)"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }

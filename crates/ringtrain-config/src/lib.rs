@@ -253,6 +253,10 @@ pub struct ModelConfig {
     /// Text classifiers: dropout on the embedded tokens.
     #[serde(default)]
     pub embedding_dropout: f64,
+    /// Transformer classifiers: in training, each real token is left out (of attention and
+    /// pooling) with this probability, at least one kept per text ("word dropout").
+    #[serde(default)]
+    pub token_dropout: f64,
     /// Recurrent token models: fixed one-hot inputs instead of a learned embedding (small
     /// vocabularies, e.g. characters).
     #[serde(default)]
@@ -702,6 +706,20 @@ impl Job {
             return Err(fail(
                 "model.embedding_dropout",
                 "applies to recurrent text models; a transformer's dropout (model.dropout) covers its embeddings"
+                    .into(),
+            ));
+        }
+        if !(0.0..1.0).contains(&self.model.token_dropout) {
+            return Err(fail(
+                "model.token_dropout",
+                format!("must be in [0, 1), got {}", self.model.token_dropout),
+            ));
+        }
+        if self.model.token_dropout > 0.0 && self.model.kind != ModelKind::Transformer {
+            return Err(fail(
+                "model.token_dropout",
+                "leaves tokens out of a transformer classifier's attention and pooling; recurrent models have \
+                 embedding_dropout"
                     .into(),
             ));
         }

@@ -812,6 +812,9 @@ pub struct TransformerClassifier {
     pub head: Linear,
     /// `Mean` (default) or `Max` over the real tokens.
     pub pooling: Pooling,
+    /// Training only: the probability that a real token is left out of attention and pooling
+    /// (word dropout; at least one token per text is kept).
+    pub token_dropout: f64,
 }
 
 impl TransformerClassifier {
@@ -837,8 +840,15 @@ impl TransformerClassifier {
             blocks,
             final_norm,
             pooling: Pooling::Mean,
+            token_dropout: 0.0,
             cfg,
         }
+    }
+
+    /// Word dropout in training: each real token is left out with probability `p`.
+    pub fn with_token_dropout(mut self, p: f64) -> Self {
+        self.token_dropout = p;
+        self
     }
 
     /// Pools by `Mean` or `Max` over the real tokens (an encoder has no final state, so
@@ -855,7 +865,22 @@ impl TransformerClassifier {
     }
 
     fn pooled(&self, g: &mut Graph<'_>, x: Var, probs: Option<&mut Vec<Tensor>>) -> Result<Var> {
-        let (ids, mask, b, t) = ids_and_mask(g.value(x))?;
+        let (ids, mut mask, b, t) = ids_and_mask(g.value(x))?;
+        if self.token_dropout > 0.0 && g.is_training() {
+            let keep = random::bernoulli(&[b, t], 1.0 - self.token_dropout, g.rng());
+            for (row, kept) in mask
+                .as_mut_slice()
+                .chunks_mut(t.max(1))
+                .zip(keep.as_slice().chunks(t.max(1)))
+            {
+                // a text whose every token drew "drop" keeps its first real token
+                let first = row.iter().position(|&m| m > 0.0);
+                row.iter_mut().zip(kept).for_each(|(m, &k)| *m *= k);
+                if let (Some(i), true) = (first, row.iter().all(|&m| m == 0.0)) {
+                    row[i] = 1.0;
+                }
+            }
+        }
         let mut h = self.input.run(g, &ids, b, t)?;
         let amask = AttentionMask {
             key_mask: Some(mask.clone()),
@@ -1618,6 +1643,46 @@ mod tests {
         for (a, b) in short.as_slice().iter().zip(long.as_slice()) {
             assert!((a - b).abs() < 1e-5);
         }
+    }
+
+    #[test]
+    fn token_dropout_leaves_tokens_out_in_training_only_and_keeps_one() {
+        let base = TransformerConfig {
+            dropout: 0.0,
+            ..small(Positions::Learned, NormPlacement::Pre)
+        };
+        let plain = TransformerClassifier::new(base.clone(), 2);
+        let dropped = TransformerClassifier::new(base, 2).with_token_dropout(0.999);
+        let store = init_store(&plain, 5);
+        let x = ids(2, 4, &[3, 4, 5, 6, 7, 0, 0, 0]);
+        // evaluation ignores it
+        assert_eq!(infer(&plain, &store, &x), infer(&dropped, &store, &x));
+        let train = |m: &TransformerClassifier| {
+            let mut g = Graph::new(&store);
+            g.seed_rng(1);
+            let xv = g.input(x.clone());
+            let y = m.forward(&mut g, xv).unwrap();
+            g.value(y).clone()
+        };
+        let (a, b) = (train(&plain), train(&dropped));
+        assert_ne!(a, b, "token dropout changed nothing in training");
+        // nearly every token drawn out: each text still keeps one, so the output is finite
+        assert!(b.as_slice().iter().all(|v| v.is_finite()), "{b:?}");
+        // with only the first token kept, row 1 (a single real token) is unchanged
+        assert_eq!(a.as_slice()[2..], b.as_slice()[2..]);
+    }
+
+    #[test]
+    fn max_pooling_takes_the_largest_feature_over_real_tokens() {
+        let cfg = small(Positions::Learned, NormPlacement::Pre);
+        let m = TransformerClassifier::new(cfg.clone(), 2)
+            .with_pooling(Pooling::Max)
+            .unwrap();
+        let store = init_store(&m, 6);
+        let x = ids(2, 3, &[3, 4, 5, 6, 0, 0]);
+        let run = |g: &mut Graph<'_>, x: Var| m.forward(g, x).unwrap();
+        check_all(&run, &store, &x, false);
+        assert!(TransformerClassifier::new(cfg, 2).with_pooling(Pooling::Last).is_err());
     }
 
     #[test]

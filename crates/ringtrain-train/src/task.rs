@@ -1084,7 +1084,8 @@ pub fn build_model_for(
                         .map_err(|e| TrainError::Job {
                             field: "model.pooling",
                             reason: e.to_string(),
-                        })?,
+                        })?
+                        .with_token_dropout(cfg.token_dropout),
                 ),
             }
         }
