@@ -40,7 +40,10 @@ impl Tensor {
         let out: Vec<f32> = if parallel(src.len()) {
             src.par_iter().with_min_len(PAR_CHUNK).map(|&x| f(x)).collect()
         } else {
-            src.iter().map(|&x| f(x)).collect()
+            crate::simd::fast(
+                #[inline(always)]
+                || src.iter().map(|&x| f(x)).collect(),
+            )
         };
         Tensor::from_vec(self.shape(), out).expect("same length as the source")
     }
@@ -63,7 +66,10 @@ impl Tensor {
                     .map(|(&x, &y)| f(x, y))
                     .collect()
             } else {
-                a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+                crate::simd::fast(
+                    #[inline(always)]
+                    || a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect(),
+                )
             };
             return Tensor::from_vec(self.shape(), out);
         }
