@@ -1685,6 +1685,107 @@ mod tests {
         assert!(TransformerClassifier::new(cfg, 2).with_pooling(Pooling::Last).is_err());
     }
 
+    fn fixture_tensor(v: &serde_json::Value) -> Tensor {
+        let shape: Vec<usize> = v["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_u64().unwrap() as usize)
+            .collect();
+        let data: Vec<f32> = v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_f64().unwrap() as f32)
+            .collect();
+        Tensor::from_vec(&shape, data).unwrap()
+    }
+
+    fn assert_close(what: &str, got: &[f32], want: &[f32]) {
+        assert_eq!(got.len(), want.len(), "{what}: length");
+        for (k, (a, b)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (a - b).abs() <= 5e-5 + 1e-4 * b.abs(),
+                "{what}[{k}]: {a} vs PyTorch {b}"
+            );
+        }
+    }
+
+    /// An encoder block equals PyTorch's `nn.TransformerEncoderLayer` with the same weights,
+    /// post-norm/ReLU and pre-norm/GELU, with padded keys: outputs at the real tokens and every
+    /// gradient (`fixtures/pytorch_transformer.py` made the values).
+    #[test]
+    fn encoder_block_matches_pytorch() {
+        let fixture: serde_json::Value =
+            serde_json::from_str(include_str!("fixtures/pytorch_transformer.json")).unwrap();
+        for (key, norm, activation) in [
+            ("post_relu", NormPlacement::Post, FfActivation::Relu),
+            ("pre_gelu", NormPlacement::Pre, FfActivation::Gelu),
+        ] {
+            let case = &fixture[key];
+            let block = TransformerBlock::new(
+                "block",
+                BlockConfig {
+                    dim: 8,
+                    heads: 2,
+                    ff: 16,
+                    dropout: 0.0,
+                    activation,
+                    norm,
+                },
+            );
+            let named: BTreeMap<String, Tensor> = case["params"]
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, v)| (k.clone(), fixture_tensor(v)))
+                .collect();
+            let mut ours = BTreeMap::new();
+            block.init_params(&mut random::rng(0), &mut ours);
+            assert_eq!(
+                ours.keys().collect::<Vec<_>>(),
+                named.keys().collect::<Vec<_>>(),
+                "{key}: parameter names"
+            );
+            let store = ParamStore::from_named(named);
+            let mask = fixture_tensor(&case["mask"]);
+            let mut g = Graph::new(&store);
+            let xv = g.variable(fixture_tensor(&case["x"]));
+            let amask = AttentionMask {
+                key_mask: Some(mask.clone()),
+                causal: false,
+            };
+            let y = block.run(&mut g, xv, &amask, None).unwrap();
+            // outputs at real tokens only (the fixture zeroes the padded ones)
+            let real = g.input(mask.reshape(&[2, 5, 1]).unwrap());
+            let shown = g.mul(y, real).unwrap();
+            assert_close(
+                &format!("{key} output"),
+                g.value(shown).as_slice(),
+                fixture_tensor(&case["output"]).as_slice(),
+            );
+            let w = g.input(fixture_tensor(&case["w"]));
+            let weighted = g.mul(y, w).unwrap();
+            let loss = g.sum(weighted);
+            let grads = g.backward(loss).unwrap();
+            assert_close(
+                &format!("{key} dx"),
+                grads.get(xv).unwrap().as_slice(),
+                fixture_tensor(&case["dx"]).as_slice(),
+            );
+            let mut flat = vec![0.0; store.num_elements()];
+            g.param_grads_into(&grads, &mut flat).unwrap();
+            for spec in store.specs() {
+                let want = fixture_tensor(&case["grads"][&spec.name]);
+                assert_close(
+                    &format!("{key} d{}", spec.name),
+                    &flat[spec.offset..spec.offset + spec.len],
+                    want.as_slice(),
+                );
+            }
+        }
+    }
+
     #[test]
     fn names_and_shapes_follow_pytorch_and_describe_counts_every_parameter() {
         let m = TransformerClassifier::new(small(Positions::Learned, NormPlacement::Pre), 3);
