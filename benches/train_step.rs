@@ -150,6 +150,9 @@ fn sequence_steps(c: &mut Criterion) {
     let lstm = SequenceClassifier::new(CellKind::Lstm, 10_000, 64, &[128], false, 0.0, 2);
     let mut lstm = Step::tokens(Box::new(lstm), 10_000, 32, 64, 2);
     bench_step(&mut group, "lstm_v10000_e64_h128_t64_b32_adam", &mut || lstm.run());
+    let gru = SequenceClassifier::new(CellKind::Gru, 10_000, 64, &[128], false, 0.0, 2);
+    let mut gru = Step::tokens(Box::new(gru), 10_000, 32, 64, 2);
+    bench_step(&mut group, "gru_v10000_e64_h128_t64_b32_adam", &mut || gru.run());
 
     // PyTorch's nn.TransformerEncoderLayer defaults: post-norm, ReLU, dropout 0.1.
     let cfg = TransformerConfig {

@@ -39,15 +39,16 @@ class LeNet5(nn.Module):
         return self.f3(F.relu(self.f2(F.relu(self.f1(x)))))
 
 
-class LstmClassifier(nn.Module):
-    def __init__(self, vocab=10_000, emb=64, hidden=128, classes=2):
+class RnnClassifier(nn.Module):
+    def __init__(self, cell, vocab=10_000, emb=64, hidden=128, classes=2):
         super().__init__()
         self.emb = nn.Embedding(vocab, emb, padding_idx=0)
-        self.lstm = nn.LSTM(emb, hidden, batch_first=True)
+        self.rnn = cell(emb, hidden, batch_first=True)
         self.out = nn.Linear(hidden, classes)
 
     def forward(self, x):
-        _, (h, _) = self.lstm(self.emb(x))
+        _, h = self.rnn(self.emb(x))
+        h = h[0] if isinstance(h, tuple) else h  # the LSTM's state is (h, c)
         return self.out(h[-1])
 
 
@@ -71,7 +72,8 @@ def models():
     yield "mlp_784_256_128_10_b128_sgd", mlp, torch.randn(128, 784), 10, lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9)
     yield "lenet5_b64_adam", LeNet5(), torch.randn(64, 1, 28, 28), 10, lambda p: torch.optim.Adam(p, lr=1e-3)
     tokens = torch.randint(1, 10_000, (32, 64))
-    yield "lstm_v10000_e64_h128_t64_b32_adam", LstmClassifier(), tokens, 2, lambda p: torch.optim.Adam(p, lr=1e-3)
+    yield "lstm_v10000_e64_h128_t64_b32_adam", RnnClassifier(nn.LSTM), tokens, 2, lambda p: torch.optim.Adam(p, lr=1e-3)
+    yield "gru_v10000_e64_h128_t64_b32_adam", RnnClassifier(nn.GRU), tokens, 2, lambda p: torch.optim.Adam(p, lr=1e-3)
     yield "transformer_v10000_d64_h4_l2_ff256_t64_b32_adam", TransformerClassifier(), tokens, 2, lambda p: torch.optim.Adam(p, lr=1e-3)
 
 

@@ -201,6 +201,18 @@ impl Graph<'_> {
                 }
                 out
             }
+            Op::Gru {
+                xp,
+                w_hh,
+                b_hh,
+                mask,
+                reverse,
+                tape,
+            } => {
+                let [dxp, dw, db] =
+                    ringtrain_tensor::gru::gru_backward(g, val(*xp).shape(), val(*w_hh), mask, *reverse, tape)?;
+                vec![(*xp, dxp), (*w_hh, dw), (*b_hh, db)]
+            }
             Op::Lstm {
                 xp,
                 w_hh,

@@ -164,6 +164,15 @@ pub(crate) enum Op {
         x: Var,
         argmax: Vec<u32>,
     },
+    /// One direction of a GRU layer over all steps (see [`Graph::gru`]).
+    Gru {
+        xp: Var,
+        w_hh: Var,
+        b_hh: Var,
+        mask: Tensor,
+        reverse: bool,
+        tape: ringtrain_tensor::gru::GruTape,
+    },
     /// One direction of an LSTM layer over all steps (see [`Graph::lstm`]).
     Lstm {
         xp: Var,

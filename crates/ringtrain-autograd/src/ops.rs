@@ -410,6 +410,45 @@ impl Graph<'_> {
         Ok(self.unary(x, y, Op::MaskedMax { x, argmax }))
     }
 
+    /// One direction of a GRU layer, all time steps in one op (PyTorch's gate order r, z, n
+    /// and layout; see [`ringtrain_tensor::gru`]), from `h0` (a constant; zeros when `None`).
+    /// Padded steps (mask 0) keep the state and output zeros.
+    ///
+    /// # Shapes
+    /// `xp: [B, T, 3H]` (the input projections `x·W_ihᵀ + b_ih`), `w_hh: [3H, H]`,
+    /// `b_hh: [3H]`, `mask: [B, T]`, `h0: [B, H]` → `[B, T + 1, H]`: the T outputs at their
+    /// time indices, then the final state.
+    pub fn gru(
+        &mut self,
+        xp: Var,
+        w_hh: Var,
+        b_hh: Var,
+        mask: &Tensor,
+        reverse: bool,
+        h0: Option<&Tensor>,
+    ) -> Result<Var> {
+        let inputs = [xp, w_hh, b_hh];
+        let keep = self.grad_enabled() && inputs.iter().any(|v| self.nodes[v.0].needs_grad);
+        let (y, tape) = ringtrain_tensor::gru::gru_forward(
+            self.value(xp),
+            self.value(w_hh),
+            self.value(b_hh),
+            mask,
+            reverse,
+            h0,
+            keep,
+        )?;
+        let op = Op::Gru {
+            xp,
+            w_hh,
+            b_hh,
+            mask: mask.clone(),
+            reverse,
+            tape,
+        };
+        Ok(self.record(y, op, &inputs))
+    }
+
     /// One direction of an LSTM layer, all time steps in one op (PyTorch's gate order and
     /// layout, zero initial state; see [`ringtrain_tensor::lstm`]). Padded steps (mask 0)
     /// keep the state and output zeros.

@@ -316,6 +316,24 @@ proptest! {
     }
 
     #[test]
+    fn gru_layer_through_time_with_padding(bsz in 1usize..3, t in 1usize..5, h in 1usize..4, reverse: bool,
+                                          seed: u64) {
+        let xp = away_from_zero(&[bsz, t, 3 * h], seed).scale(0.5);
+        let w = away_from_zero(&[3 * h, h], seed ^ 1).scale(0.5);
+        let b = away_from_zero(&[3 * h], seed ^ 2).scale(0.5);
+        let mut mask = Tensor::ones(&[bsz, t]);
+        if t > 1 {
+            mask.as_mut_slice()[bsz * t - 1] = 0.0;
+        }
+        if t > 2 {
+            mask.as_mut_slice()[bsz * t - 3] = 0.0;
+        }
+        assert_grad(|g, v| g.gru(v[0], v[1], v[2], &mask, reverse, None), &[xp.clone(), w.clone(), b.clone()]);
+        let h0 = away_from_zero(&[bsz, h], seed ^ 3).scale(0.5);
+        assert_grad(|g, v| g.gru(v[0], v[1], v[2], &mask, reverse, Some(&h0)), &[xp, w, b]);
+    }
+
+    #[test]
     fn lstm_layer_through_time_with_padding(bsz in 1usize..3, t in 1usize..5, h in 1usize..4, reverse: bool,
                                            seed: u64) {
         let xp = away_from_zero(&[bsz, t, 4 * h], seed).scale(0.5);

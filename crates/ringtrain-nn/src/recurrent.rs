@@ -233,8 +233,8 @@ impl Recurrent {
 
     /// One direction of one layer, from `init` (h, and c for an LSTM) or zeros.
     ///
-    /// An LSTM runs as one fused op over all steps ([`Graph::lstm`]); the RNN and GRU cells
-    /// are recorded step by step ([`Recurrent::direction_steps`]).
+    /// LSTM and GRU run as one fused op over all steps ([`Graph::lstm`], [`Graph::gru`]); the
+    /// RNN cell is recorded step by step ([`Recurrent::direction_steps`]).
     fn direction(
         &self,
         g: &mut Graph<'_>,
@@ -245,13 +245,23 @@ impl Recurrent {
         init: Option<(&Tensor, Option<&Tensor>)>,
     ) -> Result<DirectionOutput> {
         let (b, t) = (g.shape(x)[0], g.shape(x)[1]);
-        if self.cell != CellKind::Lstm || t == 0 {
+        if self.cell == CellKind::Rnn || t == 0 {
             return self.direction_steps(g, x, mask, layer, reverse, init);
         }
         let h = self.hidden_size;
         let xp = self.input_projection(g, x, layer, reverse)?;
         let w_hh = g.param(&self.pname("weight_hh", layer, reverse))?;
         let b_hh = g.param(&self.pname("bias_hh", layer, reverse))?;
+        if self.cell == CellKind::Gru {
+            let packed = g.gru(xp, w_hh, b_hh, mask, reverse, init.map(|(h0, _)| h0))?;
+            let seq = g.slice_axis(packed, 1, 0, t)?;
+            let last = g.slice_axis(packed, 1, t, t + 1)?;
+            return Ok(DirectionOutput {
+                seq,
+                h: g.reshape(last, &[b, h])?,
+                c: None,
+            });
+        }
         let start = init.and_then(|(h0, c0)| Some((h0, c0?)));
         let packed = g.lstm(xp, w_hh, b_hh, mask, reverse, start)?;
         let seq = g.slice_axis(packed, 1, 0, t)?;
@@ -843,11 +853,17 @@ mod tests {
     }
 
     #[test]
-    fn fused_lstm_equals_the_step_by_step_tape() {
+    fn fused_lstm_and_gru_equal_the_step_by_step_tape() {
+        for cell in [CellKind::Lstm, CellKind::Gru] {
+            fused_equals_steps(cell);
+        }
+    }
+
+    fn fused_equals_steps(cell: CellKind) {
         let r = Recurrent {
             hidden_size: 5,
             // bidirectional for the reverse direction's parameters; each direction is run alone
-            ..rnn(CellKind::Lstm, 1, true)
+            ..rnn(cell, 1, true)
         };
         let mut named = BTreeMap::new();
         r.init(&mut random::rng(2), &mut named);
@@ -865,14 +881,14 @@ mod tests {
                 let xv = g.variable(x.clone());
                 // from a carried state, so that the initial state's path is compared too
                 let (h0, c0) = (Tensor::full(&[3, 5], 0.3), Tensor::full(&[3, 5], -0.2));
-                let start = Some((&h0, Some(&c0)));
+                let start = Some((&h0, (cell == CellKind::Lstm).then_some(&c0)));
                 let out = if fused {
                     r.direction(&mut g, xv, &mask, 0, reverse, start).unwrap()
                 } else {
                     r.direction_steps(&mut g, xv, &mask, 0, reverse, start).unwrap()
                 };
                 let (seq, last) = (out.seq, out.h);
-                let cell = out.c.unwrap();
+                let cell = out.c.unwrap_or(last);
                 let w = g.input(random::uniform(&[3, 6, 5], 0.5, 1.5, &mut random::rng(9)));
                 let ws = g.mul(seq, w).unwrap();
                 let (a, b) = (g.sum(ws), g.sum(last));

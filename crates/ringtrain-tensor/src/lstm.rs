@@ -35,17 +35,26 @@ fn invalid(reason: String) -> TensorError {
     TensorError::Invalid { op: "lstm", reason }
 }
 
-/// `(B, T, H)` after checking `xp: [B, T, 4H]`, `w_hh: [4H, H]`, `b_hh: [4H]`, `mask: [B, T]`.
-fn dims(xp: &Tensor, w_hh: &Tensor, b_hh: &Tensor, mask: &Tensor) -> Result<(usize, usize, usize)> {
-    let (&[b, t, g4], &[w4, h]) = (xp.shape(), w_hh.shape()) else {
-        return Err(invalid(format!(
-            "needs xp [B, T, 4H] and w_hh [4H, H], got {:?} and {:?}",
+/// `(B, T, H)` after checking `xp: [B, T, G·H]`, `w_hh: [G·H, H]`, `b_hh: [G·H]` and
+/// `mask: [B, T]` for a cell with `gates` gates (shared with the GRU kernel).
+pub(crate) fn dims(
+    op: &'static str,
+    gates: usize,
+    xp: &Tensor,
+    w_hh: &Tensor,
+    b_hh: &Tensor,
+    mask: &Tensor,
+) -> Result<(usize, usize, usize)> {
+    let fail = |reason: String| TensorError::Invalid { op, reason };
+    let (&[b, t, gx], &[gw, h]) = (xp.shape(), w_hh.shape()) else {
+        return Err(fail(format!(
+            "needs xp [B, T, {gates}H] and w_hh [{gates}H, H], got {:?} and {:?}",
             xp.shape(),
             w_hh.shape()
         )));
     };
-    if g4 != 4 * h || w4 != 4 * h || b_hh.shape() != [4 * h] || mask.shape() != [b, t] {
-        return Err(invalid(format!(
+    if gx != gates * h || gw != gates * h || b_hh.shape() != [gates * h] || mask.shape() != [b, t] {
+        return Err(fail(format!(
             "xp {:?}, w_hh {:?}, b_hh {:?} and mask {:?} do not fit hidden size {h}",
             xp.shape(),
             w_hh.shape(),
@@ -57,7 +66,14 @@ fn dims(xp: &Tensor, w_hh: &Tensor, b_hh: &Tensor, mask: &Tensor) -> Result<(usi
 }
 
 /// `c += a · bᵀ` (`trans_b`) or `c += a · b` on row-major slices, through BLAS.
-fn gemm_acc(a: &[f32], (m, k): (usize, usize), b: &[f32], (bm, bn): (usize, usize), trans_b: bool, c: &mut [f32]) {
+pub(crate) fn gemm_acc(
+    a: &[f32],
+    (m, k): (usize, usize),
+    b: &[f32],
+    (bm, bn): (usize, usize),
+    trans_b: bool,
+    c: &mut [f32],
+) {
     let a = ArrayView2::from_shape((m, k), a).expect("caller sized a");
     let b = ArrayView2::from_shape((bm, bn), b).expect("caller sized b");
     let b = if trans_b { b.t() } else { b };
@@ -66,7 +82,7 @@ fn gemm_acc(a: &[f32], (m, k): (usize, usize), b: &[f32], (bm, bn): (usize, usiz
 }
 
 /// Time index of the `step`-th step processed.
-fn time_index(step: usize, t: usize, reverse: bool) -> usize {
+pub(crate) fn time_index(step: usize, t: usize, reverse: bool) -> usize {
     if reverse {
         t - 1 - step
     } else {
@@ -109,7 +125,7 @@ fn forward(
     init: LstmState<'_>,
     keep_tape: bool,
 ) -> Result<(Tensor, LstmTape)> {
-    let (b, t, h) = dims(xp, w_hh, b_hh, mask)?;
+    let (b, t, h) = dims("lstm", 4, xp, w_hh, b_hh, mask)?;
     if let Some((h0, c0)) = init {
         if h0.shape() != [b, h] || c0.shape() != [b, h] {
             return Err(invalid(format!(
