@@ -88,7 +88,10 @@
 //! * The first rank to fail sends an `Abort` frame to its right neighbour;
 //!   each rank that receives it fails with [`Error::Aborted`] (naming the rank
 //!   that failed and why) and passes it on, so the whole ring fails within
-//!   about one hop per rank instead of waiting for timeouts.
+//!   about one hop per rank instead of waiting for timeouts. A rank whose
+//!   right link closes waits up to a second for that abort before reporting
+//!   its own lost neighbour: when rank r dies, rank r − 1 fails and exits, and
+//!   rank r − 2 would otherwise blame r − 1 instead of r.
 //! * A failed collective poisons the communicator: every later call returns
 //!   [`Error::Poisoned`]. Recovery (rebuilding the ring) belongs to the
 //!   coordinator.

@@ -7,10 +7,14 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use ringtrain_proto::collective::{Abort, CollectiveOp, DataFrame, DataHeader, Frame, Waiting};
 
-use crate::error::{Error, LinkError, LinkFailure, Result};
+use crate::error::{Direction, Error, LinkError, LinkFailure, Result};
 use crate::kernels;
 use crate::layout::{even_range, plain_fingerprint, BucketPlan, Cut};
 use crate::transport::Transport;
+
+/// How long a rank whose right link closed waits for an abort from its left
+/// naming the rank that failed first (see `Ring::finish`).
+const ABORT_GRACE: Duration = Duration::from_secs(1);
 
 /// Reduction applied by an all-reduce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,7 +167,7 @@ impl<T: Transport> Ring<T> {
         let seq = self.begin()?;
         let fingerprint = plain_fingerprint(buf.len());
         let result = self.reduce_bucket(buf, cop, seq, 0, fingerprint).await;
-        self.finish(cop, seq, result)
+        self.finish(cop, seq, result).await
     }
 
     /// All-reduce a flat buffer bucket by bucket, in the plan's order. The
@@ -194,7 +198,7 @@ impl<T: Transport> Ring<T> {
             }
             result
         };
-        self.finish(cop, seq, result)
+        self.finish(cop, seq, result).await
     }
 
     /// Copy `root`'s buffer into every rank's `buf` (pipelined along the ring).
@@ -203,7 +207,7 @@ impl<T: Transport> Ring<T> {
         let cop = CollectiveOp::Broadcast;
         let seq = self.begin()?;
         let result = self.broadcast_inner(buf, root, seq).await;
-        self.finish(cop, seq, result)
+        self.finish(cop, seq, result).await
     }
 
     /// Return once every rank has entered the barrier.
@@ -211,7 +215,7 @@ impl<T: Transport> Ring<T> {
         let cop = CollectiveOp::Barrier;
         let seq = self.begin()?;
         let result = self.reduce_bucket(&mut [], cop, seq, 0, 0).await;
-        self.finish(cop, seq, result)
+        self.finish(cop, seq, result).await
     }
 
     /// Gather a few values from every rank: `result[r]` is rank `r`'s
@@ -220,7 +224,7 @@ impl<T: Transport> Ring<T> {
         let cop = CollectiveOp::AllGather;
         let seq = self.begin()?;
         let result = self.all_gather_inner(values, seq).await;
-        self.finish(cop, seq, result)
+        self.finish(cop, seq, result).await
     }
 
     fn begin(&mut self) -> Result<u64> {
@@ -237,7 +241,23 @@ impl<T: Transport> Ring<T> {
 
     /// On failure: poison the ring and tell the right neighbour, so the abort
     /// travels around the ring and every rank fails fast.
-    fn finish<R>(&mut self, op: CollectiveOp, seq: u64, result: Result<R>) -> Result<R> {
+    ///
+    /// A lost right neighbour is often not the cause: when rank r dies, its left
+    /// neighbour fails and exits too, and the rank before that may notice its
+    /// own right link closing before the abort naming r has come round from
+    /// the left. So after a send failure this rank waits briefly for that abort
+    /// and reports it instead, naming the rank that actually failed.
+    async fn finish<R>(&mut self, op: CollectiveOp, seq: u64, result: Result<R>) -> Result<R> {
+        let result = match result {
+            Err(Error::PeerLost {
+                direction: Direction::ToRight,
+                ..
+            }) if self.world > 2 => {
+                let lost = result.err().expect("matched an error");
+                Err(self.abort_from_left(op, seq).await.unwrap_or(lost))
+            }
+            other => other,
+        };
         if let Err(err) = &result {
             self.poisoned = Some(err.to_string());
             let right = (self.rank + 1) % self.world;
@@ -257,6 +277,33 @@ impl<T: Transport> Ring<T> {
             }
         }
         result
+    }
+
+    /// An abort arriving from the left within [`ABORT_GRACE`] (capped at the
+    /// timeout), as this rank's error; `None` if the left link stays quiet or fails.
+    async fn abort_from_left(&mut self, op: CollectiveOp, seq: u64) -> Option<Error> {
+        let grace = ABORT_GRACE.min(self.opts.timeout);
+        let until = tokio::time::Instant::now() + grace;
+        loop {
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            match self.transport.recv(left).await {
+                Ok(Frame::Abort(a)) => {
+                    return Some(Error::Aborted {
+                        op,
+                        rank: self.rank,
+                        seq,
+                        origin: a.origin_rank as usize,
+                        reason: a.reason,
+                    })
+                }
+                // data or waiting notices of the collective that failed: skip
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
     }
 
     fn left(&self) -> usize {
