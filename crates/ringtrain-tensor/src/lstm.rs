@@ -17,17 +17,18 @@ use ndarray::{linalg::general_mat_mul, ArrayView2, ArrayViewMut2};
 use crate::fused::{sigmoid, tanh};
 use crate::{Result, Tensor, TensorError};
 
-/// What backward needs from the forward pass, each in `[B, T, ·]` layout (row `b·T + t` is
-/// time index `t` of batch row `b`, whatever the direction).
+/// What backward needs from the forward pass, each in time-major `[T, B, ·]` layout (row
+/// `t·B + b` is time index `t` of batch row `b`, whatever the direction), so that one step's
+/// rows are one contiguous block.
 #[derive(Debug, Clone, Default)]
 pub struct LstmTape {
-    /// The activated gates i, f, g, o: `[B, T, 4H]`.
+    /// The activated gates i, f, g, o: `[T, B, 4H]`.
     acts: Vec<f32>,
-    /// The state entering each step: `[B, T, H]`.
+    /// The state entering each step: `[T, B, H]`.
     h_prev: Vec<f32>,
-    /// The cell entering each step: `[B, T, H]`.
+    /// The cell entering each step: `[T, B, H]`.
     c_prev: Vec<f32>,
-    /// `tanh(c')` of each step: `[B, T, H]`.
+    /// `tanh(c')` of each step: `[T, B, H]`.
     tanh_c: Vec<f32>,
 }
 
@@ -152,20 +153,33 @@ fn forward(
         Some((h0, c0)) => (h0.to_vec(), c0.to_vec()),
         None => (vec![0.0f32; b * h], vec![0.0f32; b * h]),
     };
-    let mut pre = vec![0.0f32; b * g4];
-    let (mut c_new, mut tanh_c) = (vec![0.0f32; h], vec![0.0f32; h]);
+    // Without a tape, one step's gates and tanh(c') live in scratch buffers; with one, they
+    // are computed in place in the tape's block for that step (time-major, so a step's rows
+    // are contiguous and the sgemm writes straight into them).
+    let mut scratch = if keep_tape { Vec::new() } else { vec![0.0f32; b * g4] };
+    let mut scratch_tc = if keep_tape { Vec::new() } else { vec![0.0f32; b * h] };
+    let mut c_new = vec![0.0f32; h];
     for step in 0..t {
         let ti = time_index(step, t, reverse);
+        let (pre, tcs) = if keep_tape {
+            tape.h_prev[ti * b * h..][..b * h].copy_from_slice(&hs);
+            tape.c_prev[ti * b * h..][..b * h].copy_from_slice(&cs);
+            (
+                &mut tape.acts[ti * b * g4..][..b * g4],
+                &mut tape.tanh_c[ti * b * h..][..b * h],
+            )
+        } else {
+            (&mut scratch[..], &mut scratch_tc[..])
+        };
         for r in 0..b {
             let src = &xs[(r * t + ti) * g4..][..g4];
             for ((p, &x), &bv) in pre[r * g4..][..g4].iter_mut().zip(src).zip(bias) {
                 *p = x + bv;
             }
         }
-        gemm_acc(&hs, (b, h), ws, (g4, h), true, &mut pre);
+        gemm_acc(&hs, (b, h), ws, (g4, h), true, pre);
         for r in 0..b {
-            let row = r * t + ti;
-            let m = ms[row];
+            let m = ms[r * t + ti];
             let (hr, cr) = (&mut hs[r * h..][..h], &mut cs[r * h..][..h]);
             // Activate in place, one gate block at a time: plain slice maps vectorise.
             let p = &mut pre[r * g4..][..g4];
@@ -184,21 +198,16 @@ fn forward(
             {
                 *cn = f * cp + i * g;
             }
+            let tanh_c = &mut tcs[r * h..][..h];
             for (tc, &cn) in tanh_c.iter_mut().zip(&c_new) {
                 *tc = tanh(cn);
-            }
-            if keep_tape {
-                tape.acts[row * g4..][..g4].copy_from_slice(p);
-                tape.h_prev[row * h..][..h].copy_from_slice(hr);
-                tape.c_prev[row * h..][..h].copy_from_slice(cr);
-                tape.tanh_c[row * h..][..h].copy_from_slice(&tanh_c);
             }
             let o_row = &mut out[(r * (t + 2) + ti) * h..][..h];
             for ((((o, hv), cv), (&og, &tc)), &cn) in o_row
                 .iter_mut()
                 .zip(hr.iter_mut())
                 .zip(cr.iter_mut())
-                .zip(p[3 * h..].iter().zip(&tanh_c))
+                .zip(o_gate.iter().zip(tanh_c.iter()))
                 .zip(&c_new)
             {
                 let h_new = og * tc;
@@ -265,17 +274,20 @@ fn backward(
         dh[r * h..][..h].copy_from_slice(&gs[(r * (t + 2) + t) * h..][..h]);
         dc[r * h..][..h].copy_from_slice(&gs[(r * (t + 2) + t + 1) * h..][..h]);
     }
-    let mut dpre = vec![0.0f32; b * g4];
+    // The gates' gradients in the tape's time-major order: a step's rows are one block, the
+    // left operand of that step's product with W_hh, and all of them of the weight gradient's.
+    let mut dpre = vec![0.0f32; b * t * g4];
     for step in (0..t).rev() {
         let ti = time_index(step, t, reverse);
         for r in 0..b {
             let row = r * t + ti;
             let m = ms[row];
-            let acts = &tape.acts[row * g4..][..g4];
-            let (tcs, cps) = (&tape.tanh_c[row * h..][..h], &tape.c_prev[row * h..][..h]);
+            let tm = ti * b + r; // the tape's time-major row
+            let acts = &tape.acts[tm * g4..][..g4];
+            let (tcs, cps) = (&tape.tanh_c[tm * h..][..h], &tape.c_prev[tm * h..][..h]);
             let gout = &gs[(r * (t + 2) + ti) * h..][..h];
             let (dhr, dcr) = (&mut dh[r * h..][..h], &mut dc[r * h..][..h]);
-            let dp = &mut dpre[r * g4..][..g4];
+            let dp = &mut dpre[tm * g4..][..g4];
             // Equal-length slices let the compiler drop the bounds checks and vectorise.
             let (ai, af, ag, ao) = (&acts[..h], &acts[h..2 * h], &acts[2 * h..3 * h], &acts[3 * h..]);
             let (dpi, rest) = dp.split_at_mut(h);
@@ -296,18 +308,18 @@ fn backward(
             dxp[row * g4..][..g4].copy_from_slice(dp);
         }
         // dh_prev += dpre · W_hh
-        gemm_acc(&dpre, (b, g4), ws, (g4, h), false, &mut dh);
+        gemm_acc(&dpre[ti * b * g4..][..b * g4], (b, g4), ws, (g4, h), false, &mut dh);
     }
     // One product over all B·T rows: dW_hh = dpreᵀ · h_prev.
     let mut dw = vec![0.0f32; g4 * h];
     {
-        let a = ArrayView2::from_shape((b * t, g4), &dxp[..]).expect("sized above");
+        let a = ArrayView2::from_shape((b * t, g4), &dpre[..]).expect("sized above");
         let hp = ArrayView2::from_shape((b * t, h), &tape.h_prev[..]).expect("sized above");
         let mut c = ArrayViewMut2::from_shape((g4, h), &mut dw[..]).expect("sized above");
         general_mat_mul(1.0, &a.t(), &hp, 1.0, &mut c);
     }
     let mut db = vec![0.0f32; g4];
-    for row in dxp.chunks_exact(g4) {
+    for row in dpre.chunks_exact(g4) {
         for (d, &v) in db.iter_mut().zip(row) {
             *d += v;
         }
