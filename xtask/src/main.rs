@@ -4,7 +4,7 @@
 //! - `cargo xtask ci`: install what is missing, then formatting, lints and the whole test suite
 //!   (what `.ci/run` runs).
 //! - `cargo xtask peers [THREADS]`: our training-step bench and PyTorch's on the same shapes,
-//!   one after the other on this machine, as a table of ratios.
+//!   alternating on this machine, as a table of ratios.
 //!
 //! System packages come from Debian's apt. As root they are installed directly; otherwise
 //! through `sudo -n` when passwordless sudo is available; otherwise the command stops and
@@ -184,9 +184,24 @@ fn run(cmd: &mut Command) -> Result<()> {
 /// unused here, about 3 GB: only `peers` installs it).
 const TORCH_VENV: &str = "target/tools/torch-venv";
 
-/// Our `train_step` bench and `benches/pytorch/train_step.py` on the same shapes, one after the
-/// other, both timed by the benchmarking thread's CPU time with one thread (so a neighbour's
-/// load counts against neither), as a table of median examples/s and their ratio.
+/// The steps `peers` compares: criterion's benchmark ids, which `benches/pytorch/train_step.py`
+/// uses for the same shapes.
+const PEER_BENCHES: &[&str] = &[
+    "mlp_784_256_128_10_b128_sgd",
+    "lenet5_b64_adam",
+    "lstm_v10000_e64_h128_t64_b32_adam",
+    "gru_v10000_e64_h128_t64_b32_adam",
+    "transformer_v10000_d64_h4_l2_ff256_t64_b32_adam",
+    "conv2d_6to16_k5_b64_fwd_bwd_flops",
+];
+
+/// Each step is measured this many times, alternating ours and PyTorch's.
+const PEER_ROUNDS: usize = 3;
+
+/// Our `train_step` bench and `benches/pytorch/train_step.py` on the same shapes, alternating
+/// per step and round (a shared machine drifts by ±15 % within minutes, so back-to-back pairs
+/// are compared, not two long runs), both timed by the benchmarking thread's CPU time with one
+/// thread; prints the medians over rounds of each side and of the per-round ratios.
 fn peers(threads: &str) -> Result<()> {
     ensure_system_packages()?;
     let python = Path::new(TORCH_VENV).join("bin/python");
@@ -196,50 +211,82 @@ fn peers(threads: &str) -> Result<()> {
         run(Command::new(Path::new(TORCH_VENV).join("bin/pip")).args(["install", "--quiet", "torch", "numpy"]))?;
     }
     let clock = if threads == "1" { "cpu" } else { "wall" };
-    run(Command::new("cargo")
-        .args(["bench", "--profile", "dev", "--bench", "train_step", "--", "--noplot"])
-        .env("RINGTRAIN_BENCH_THREADS", threads)
-        .env("RINGTRAIN_BENCH_CLOCK", clock))?;
-    let out = Command::new(&python)
-        .args([
-            "benches/pytorch/train_step.py",
-            "--json",
-            "--threads",
-            threads,
-            "--clock",
-            clock,
-        ])
-        .output()
-        .context("run benches/pytorch/train_step.py")?;
-    if !out.status.success() {
-        bail!("the PyTorch bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    run(Command::new("cargo").args(["bench", "--profile", "dev", "--bench", "train_step", "--no-run"]))?;
+    let mut rows = Vec::new();
+    for name in PEER_BENCHES {
+        let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        let mut unit = String::new();
+        for _ in 0..PEER_ROUNDS {
+            let filter = format!("/{name}$");
+            let bench = Command::new("cargo")
+                .args([
+                    "bench",
+                    "--profile",
+                    "dev",
+                    "--bench",
+                    "train_step",
+                    "--",
+                    "--noplot",
+                    &filter,
+                ])
+                .env("RINGTRAIN_BENCH_THREADS", threads)
+                .env("RINGTRAIN_BENCH_CLOCK", clock)
+                .output()
+                .context("run the train_step bench")?;
+            if !bench.status.success() {
+                bail!(
+                    "the train_step bench failed: {}",
+                    String::from_utf8_lossy(&bench.stderr)
+                );
+            }
+            let out = Command::new(&python)
+                .args([
+                    "benches/pytorch/train_step.py",
+                    "--json",
+                    "--threads",
+                    threads,
+                    "--clock",
+                    clock,
+                ])
+                .args(["--filter", name])
+                .output()
+                .context("run benches/pytorch/train_step.py")?;
+            if !out.status.success() {
+                bail!("the PyTorch bench failed: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let line = String::from_utf8_lossy(&out.stdout);
+            let v: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| format!("parse {line:?}"))?;
+            unit = v["unit"].as_str().unwrap_or_default().to_string();
+            let group = if name.starts_with("conv2d") {
+                "conv2d"
+            } else {
+                "train_step"
+            };
+            let mine = ours_per_second(&format!("{group}_{threads}thread"), name)?;
+            // criterion's conv2d throughput is in FLOP/s; the script reports GFLOP/s
+            let mine = if unit == "GFLOP/s" { mine / 1e9 } else { mine };
+            let their = v["median"].as_f64().unwrap_or(f64::NAN);
+            println!("xtask: {name}: ringtrain {mine:.1} {unit}, PyTorch {their:.1} {unit}");
+            ours.push(mine);
+            theirs.push(their);
+            ratios.push(mine / their);
+        }
+        rows.push((name, unit, median(&mut ours), median(&mut theirs), median(&mut ratios)));
     }
     println!(
-        "\n{threads} thread(s), {clock} clock, medians; PyTorch {}",
+        "\n{threads} thread(s), {clock} clock, medians over {PEER_ROUNDS} alternating rounds; PyTorch {}",
         torch_version(&python)
     );
     println!("| step | ringtrain | PyTorch | ratio |\n|---|---|---|---|");
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let theirs: serde_json::Value = serde_json::from_str(line).with_context(|| format!("parse {line:?}"))?;
-        let name = theirs["name"].as_str().unwrap_or_default();
-        let (unit, their_rate) = (
-            theirs["unit"].as_str().unwrap_or_default(),
-            theirs["median"].as_f64().unwrap_or(0.0),
-        );
-        let group = if name.starts_with("conv2d") {
-            "conv2d"
-        } else {
-            "train_step"
-        };
-        let ours = ours_per_second(&format!("{group}_{threads}thread"), name)?;
-        // criterion's throughput for conv2d is in FLOP/s; PyTorch's script reports GFLOP/s
-        let ours = if unit == "GFLOP/s" { ours / 1e9 } else { ours };
-        println!(
-            "| {name} | {ours:.1} {unit} | {their_rate:.1} {unit} | {:.2} |",
-            ours / their_rate
-        );
+    for (name, unit, ours, theirs, ratio) in rows {
+        println!("| {name} | {ours:.1} {unit} | {theirs:.1} {unit} | {ratio:.2} |");
     }
     Ok(())
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// Median throughput of one criterion benchmark, from its saved estimates and throughput.
