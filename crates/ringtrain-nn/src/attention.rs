@@ -1685,32 +1685,6 @@ mod tests {
         assert!(TransformerClassifier::new(cfg, 2).with_pooling(Pooling::Last).is_err());
     }
 
-    fn fixture_tensor(v: &serde_json::Value) -> Tensor {
-        let shape: Vec<usize> = v["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect();
-        let data: Vec<f32> = v["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_f64().unwrap() as f32)
-            .collect();
-        Tensor::from_vec(&shape, data).unwrap()
-    }
-
-    fn assert_close(what: &str, got: &[f32], want: &[f32]) {
-        assert_eq!(got.len(), want.len(), "{what}: length");
-        for (k, (a, b)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (a - b).abs() <= 5e-5 + 1e-4 * b.abs(),
-                "{what}[{k}]: {a} vs PyTorch {b}"
-            );
-        }
-    }
-
     /// An encoder block equals PyTorch's `nn.TransformerEncoderLayer` with the same weights,
     /// post-norm/ReLU and pre-norm/GELU, with padded keys: outputs at the real tokens and every
     /// gradient (`fixtures/pytorch_transformer.py` made the values).
@@ -1738,7 +1712,7 @@ mod tests {
                 .as_object()
                 .unwrap()
                 .iter()
-                .map(|(k, v)| (k.clone(), fixture_tensor(v)))
+                .map(|(k, v)| (k.clone(), crate::pytorch_fixture::tensor(v)))
                 .collect();
             let mut ours = BTreeMap::new();
             block.init_params(&mut random::rng(0), &mut ours);
@@ -1748,9 +1722,9 @@ mod tests {
                 "{key}: parameter names"
             );
             let store = ParamStore::from_named(named);
-            let mask = fixture_tensor(&case["mask"]);
+            let mask = crate::pytorch_fixture::tensor(&case["mask"]);
             let mut g = Graph::new(&store);
-            let xv = g.variable(fixture_tensor(&case["x"]));
+            let xv = g.variable(crate::pytorch_fixture::tensor(&case["x"]));
             let amask = AttentionMask {
                 key_mask: Some(mask.clone()),
                 causal: false,
@@ -1759,28 +1733,31 @@ mod tests {
             // outputs at real tokens only (the fixture zeroes the padded ones)
             let real = g.input(mask.reshape(&[2, 5, 1]).unwrap());
             let shown = g.mul(y, real).unwrap();
-            assert_close(
+            crate::pytorch_fixture::assert_close(
                 &format!("{key} output"),
                 g.value(shown).as_slice(),
-                fixture_tensor(&case["output"]).as_slice(),
+                crate::pytorch_fixture::tensor(&case["output"]).as_slice(),
+                5e-5,
             );
-            let w = g.input(fixture_tensor(&case["w"]));
+            let w = g.input(crate::pytorch_fixture::tensor(&case["w"]));
             let weighted = g.mul(y, w).unwrap();
             let loss = g.sum(weighted);
             let grads = g.backward(loss).unwrap();
-            assert_close(
+            crate::pytorch_fixture::assert_close(
                 &format!("{key} dx"),
                 grads.get(xv).unwrap().as_slice(),
-                fixture_tensor(&case["dx"]).as_slice(),
+                crate::pytorch_fixture::tensor(&case["dx"]).as_slice(),
+                5e-5,
             );
             let mut flat = vec![0.0; store.num_elements()];
             g.param_grads_into(&grads, &mut flat).unwrap();
             for spec in store.specs() {
-                let want = fixture_tensor(&case["grads"][&spec.name]);
-                assert_close(
+                let want = crate::pytorch_fixture::tensor(&case["grads"][&spec.name]);
+                crate::pytorch_fixture::assert_close(
                     &format!("{key} d{}", spec.name),
                     &flat[spec.offset..spec.offset + spec.len],
                     want.as_slice(),
+                    5e-5,
                 );
             }
         }

@@ -14,6 +14,8 @@ mod conv;
 mod init;
 mod layers;
 mod loss;
+#[cfg(test)]
+mod pytorch_fixture;
 mod recurrent;
 pub mod zoo;
 

@@ -958,32 +958,6 @@ mod tests {
         }
     }
 
-    fn fixture_tensor(v: &serde_json::Value) -> Tensor {
-        let shape: Vec<usize> = v["shape"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_u64().unwrap() as usize)
-            .collect();
-        let data: Vec<f32> = v["data"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_f64().unwrap() as f32)
-            .collect();
-        Tensor::from_vec(&shape, data).unwrap()
-    }
-
-    fn assert_close(what: &str, got: &[f32], want: &[f32]) {
-        assert_eq!(got.len(), want.len(), "{what}: length");
-        for (k, (a, b)) in got.iter().zip(want).enumerate() {
-            assert!(
-                (a - b).abs() <= 2e-5 + 1e-4 * b.abs(),
-                "{what}[{k}]: {a} vs PyTorch {b}"
-            );
-        }
-    }
-
     /// Outputs, final states and every gradient of a 2-layer bidirectional RNN, GRU and LSTM
     /// against PyTorch with the same weights (`fixtures/pytorch_rnn.py` made the values).
     #[test]
@@ -1000,27 +974,29 @@ mod tests {
                 .as_object()
                 .unwrap()
                 .iter()
-                .map(|(k, v)| (k.clone(), fixture_tensor(v)))
+                .map(|(k, v)| (k.clone(), crate::pytorch_fixture::tensor(v)))
                 .collect();
             let store = ParamStore::from_named(named);
             assert_eq!(store.num_elements(), r.param_count(), "{key}: parameter count");
-            let x = fixture_tensor(&case["x"]);
+            let x = crate::pytorch_fixture::tensor(&case["x"]);
             let mut g = Graph::new(&store);
             let xv = g.variable(x);
             let out = r.run(&mut g, xv, &Tensor::ones(&[2, 5])).unwrap();
-            assert_close(
+            crate::pytorch_fixture::assert_close(
                 &format!("{key} output"),
                 g.value(out.sequence).as_slice(),
-                fixture_tensor(&case["output"]).as_slice(),
+                crate::pytorch_fixture::tensor(&case["output"]).as_slice(),
+                2e-5,
             );
             // states: per layer and direction, h then (LSTM) c; PyTorch stacks h_n and c_n apart
             let per = if cell == CellKind::Lstm { 2 } else { 1 };
             let h: Vec<Var> = out.states.iter().step_by(per).copied().collect();
             let h_values: Vec<f32> = h.iter().flat_map(|&v| g.value(v).to_vec()).collect();
-            assert_close(
+            crate::pytorch_fixture::assert_close(
                 &format!("{key} h_n"),
                 &h_values,
-                fixture_tensor(&case["h_n"]).as_slice(),
+                crate::pytorch_fixture::tensor(&case["h_n"]).as_slice(),
+                2e-5,
             );
             if cell == CellKind::Lstm {
                 let c: Vec<f32> = out
@@ -1030,9 +1006,14 @@ mod tests {
                     .step_by(2)
                     .flat_map(|&v| g.value(v).to_vec())
                     .collect();
-                assert_close("lstm c_n", &c, fixture_tensor(&case["c_n"]).as_slice());
+                crate::pytorch_fixture::assert_close(
+                    "lstm c_n",
+                    &c,
+                    crate::pytorch_fixture::tensor(&case["c_n"]).as_slice(),
+                    2e-5,
+                );
             }
-            let w = g.input(fixture_tensor(&case["w"]));
+            let w = g.input(crate::pytorch_fixture::tensor(&case["w"]));
             let weighted = g.mul(out.sequence, w).unwrap();
             let mut loss = g.sum(weighted);
             for v in h {
@@ -1040,19 +1021,21 @@ mod tests {
                 loss = g.add(loss, s).unwrap();
             }
             let grads = g.backward(loss).unwrap();
-            assert_close(
+            crate::pytorch_fixture::assert_close(
                 &format!("{key} dx"),
                 grads.get(xv).unwrap().as_slice(),
-                fixture_tensor(&case["dx"]).as_slice(),
+                crate::pytorch_fixture::tensor(&case["dx"]).as_slice(),
+                2e-5,
             );
             let mut flat = vec![0.0; store.num_elements()];
             g.param_grads_into(&grads, &mut flat).unwrap();
             for spec in store.specs() {
-                let want = fixture_tensor(&case["grads"][&spec.name]);
-                assert_close(
+                let want = crate::pytorch_fixture::tensor(&case["grads"][&spec.name]);
+                crate::pytorch_fixture::assert_close(
                     &format!("{key} d{}", spec.name),
                     &flat[spec.offset..spec.offset + spec.len],
                     want.as_slice(),
+                    2e-5,
                 );
             }
         }

@@ -6,10 +6,8 @@
 //! `r = σ(x_r + h_r)`, `z = σ(x_z + h_z)`, `n = tanh(x_n + r ⊙ h_n)` with `h_· = W_h· h + b_h·`,
 //! `h' = (1 − z) ⊙ n + z ⊙ h`. A padded step (mask 0) keeps the state and outputs zeros.
 
-use ndarray::{linalg::general_mat_mul, ArrayView2, ArrayViewMut2};
-
 use crate::fused::{sigmoid, tanh};
-use crate::lstm::{dims, gemm_acc, time_index};
+use crate::lstm::{dims, gemm_acc, recurrent_weight_grads, time_index};
 use crate::{Result, Tensor, TensorError};
 
 /// What backward needs from the forward pass, in `[B, T, ·]` layout (row `b·T + t` is time
@@ -208,20 +206,7 @@ fn backward(
         // dh_prev += dhp · W_hh
         gemm_acc(&dhp, (b, g3), ws, (g3, h), false, &mut dh);
     }
-    // One product over all B·T rows: dW_hh = dhpᵀ · h_prev; db_hh = Σ dhp.
-    let mut dw = vec![0.0f32; g3 * h];
-    {
-        let a = ArrayView2::from_shape((b * t, g3), &dhp_all[..]).expect("sized above");
-        let hp = ArrayView2::from_shape((b * t, h), &tape.h_prev[..]).expect("sized above");
-        let mut c = ArrayViewMut2::from_shape((g3, h), &mut dw[..]).expect("sized above");
-        general_mat_mul(1.0, &a.t(), &hp, 1.0, &mut c);
-    }
-    let mut db = vec![0.0f32; g3];
-    for row in dhp_all.chunks_exact(g3) {
-        for (d, &v) in db.iter_mut().zip(row) {
-            *d += v;
-        }
-    }
+    let (dw, db) = recurrent_weight_grads(&dhp_all, &tape.h_prev, g3, h);
     Ok([
         Tensor::from_vec(xp_shape, dxp)?,
         Tensor::from_vec(&[g3, h], dw)?,

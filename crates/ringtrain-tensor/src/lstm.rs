@@ -82,6 +82,25 @@ pub(crate) fn gemm_acc(
     general_mat_mul(1.0, &a, &b, 1.0, &mut c);
 }
 
+/// `(dW_hh, db_hh)` from every step's gate gradients `dpre: [rows, G]` and the states that
+/// entered them `h_prev: [rows, H]` (rows in the same order): `dpreᵀ · h_prev` as one product
+/// over all rows, and the column sums.
+pub(crate) fn recurrent_weight_grads(dpre: &[f32], h_prev: &[f32], gates: usize, h: usize) -> (Vec<f32>, Vec<f32>) {
+    let rows = h_prev.len() / h.max(1);
+    let mut dw = vec![0.0f32; gates * h];
+    let a = ArrayView2::from_shape((rows, gates), dpre).expect("caller sized dpre");
+    let hp = ArrayView2::from_shape((rows, h), h_prev).expect("caller sized h_prev");
+    let mut c = ArrayViewMut2::from_shape((gates, h), &mut dw[..]).expect("sized above");
+    general_mat_mul(1.0, &a.t(), &hp, 1.0, &mut c);
+    let mut db = vec![0.0f32; gates];
+    for row in dpre.chunks_exact(gates.max(1)) {
+        for (d, &v) in db.iter_mut().zip(row) {
+            *d += v;
+        }
+    }
+    (dw, db)
+}
+
 /// Time index of the `step`-th step processed.
 pub(crate) fn time_index(step: usize, t: usize, reverse: bool) -> usize {
     if reverse {
@@ -310,20 +329,7 @@ fn backward(
         // dh_prev += dpre · W_hh
         gemm_acc(&dpre[ti * b * g4..][..b * g4], (b, g4), ws, (g4, h), false, &mut dh);
     }
-    // One product over all B·T rows: dW_hh = dpreᵀ · h_prev.
-    let mut dw = vec![0.0f32; g4 * h];
-    {
-        let a = ArrayView2::from_shape((b * t, g4), &dpre[..]).expect("sized above");
-        let hp = ArrayView2::from_shape((b * t, h), &tape.h_prev[..]).expect("sized above");
-        let mut c = ArrayViewMut2::from_shape((g4, h), &mut dw[..]).expect("sized above");
-        general_mat_mul(1.0, &a.t(), &hp, 1.0, &mut c);
-    }
-    let mut db = vec![0.0f32; g4];
-    for row in dpre.chunks_exact(g4) {
-        for (d, &v) in db.iter_mut().zip(row) {
-            *d += v;
-        }
-    }
+    let (dw, db) = recurrent_weight_grads(&dpre, &tape.h_prev, g4, h);
     Ok([
         Tensor::from_vec(xp_shape, dxp)?,
         Tensor::from_vec(&[g4, h], dw)?,

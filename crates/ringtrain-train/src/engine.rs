@@ -386,14 +386,7 @@ impl Trainer {
                         ^ (rank as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9),
                 );
                 let x = g.input(batch.x);
-                let out = if self.tbptt {
-                    let state = carried.take().map(|s| keep_rows(s, chunk.len())).transpose()?;
-                    let (out, next) = self.model.forward_carry(&mut g, x, state.as_deref())?;
-                    carried = Some(next.iter().map(|&v| g.value(v).clone()).collect());
-                    out
-                } else {
-                    self.model.forward(&mut g, x)?
-                };
+                let out = self.forward(&mut g, x, &mut carried, chunk.len())?;
                 correct += count_correct(&task.target, g.value(out), &batch.targets)?;
                 if let Targets::Classes(c) = &batch.targets {
                     targets_seen += c.len();
@@ -471,14 +464,7 @@ impl Trainer {
             let targets = task.loss_targets(&batch.targets)?;
             let mut g = Graph::inference(&self.store);
             let x = g.input(batch.x);
-            let out = if self.tbptt {
-                let state = carried.take().map(|s| keep_rows(s, chunk.len())).transpose()?;
-                let (out, next) = self.model.forward_carry(&mut g, x, state.as_deref())?;
-                carried = Some(next.iter().map(|&v| g.value(v).clone()).collect());
-                out
-            } else {
-                self.model.forward(&mut g, x)?
-            };
+            let out = self.forward(&mut g, x, &mut carried, chunk.len())?;
             let loss = self.loss.compute(&mut g, out, &targets)?;
             loss_sum +=
                 f64::from(g.value(loss).item().map_err(ringtrain_autograd::AutogradError::from)?) * chunk.len() as f64;
@@ -531,6 +517,24 @@ impl Trainer {
             perplexity: tokens.then(|| (sums[0] / n).exp()),
             confusion_matrix: classification.then(|| confusion.counts().to_vec()),
         })
+    }
+
+    /// The model on one batch of `rows` examples; with truncated BPTT from the state the
+    /// previous batch left in `carried`, which then holds this batch's final state.
+    fn forward(
+        &self,
+        g: &mut Graph<'_>,
+        x: ringtrain_autograd::Var,
+        carried: &mut Option<Vec<ringtrain_tensor::Tensor>>,
+        rows: usize,
+    ) -> Result<ringtrain_autograd::Var> {
+        if !self.tbptt {
+            return Ok(self.model.forward(g, x)?);
+        }
+        let state = carried.take().map(|s| keep_rows(s, rows)).transpose()?;
+        let (out, next) = self.model.forward_carry(g, x, state.as_deref())?;
+        *carried = Some(next.iter().map(|&v| g.value(v).clone()).collect());
+        Ok(out)
     }
 
     pub fn learning_rate(&self) -> f32 {

@@ -1,0 +1,30 @@
+//! Reading the PyTorch reference values in `src/fixtures/*.json` (the scripts beside them made
+//! them) for the tests that compare layers with PyTorch.
+#![allow(clippy::unwrap_used)] // reason: test support; a malformed fixture should fail loudly
+
+use ringtrain_autograd::Tensor;
+
+/// A tensor stored as `{"shape": [...], "data": [...]}`.
+pub(crate) fn tensor(v: &serde_json::Value) -> Tensor {
+    let shape: Vec<usize> = v["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_u64().unwrap() as usize)
+        .collect();
+    let data: Vec<f32> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_f64().unwrap() as f32)
+        .collect();
+    Tensor::from_vec(&shape, data).unwrap()
+}
+
+/// Every element within `abs + 1e-4·|want|` of PyTorch's value.
+pub(crate) fn assert_close(what: &str, got: &[f32], want: &[f32], abs: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (k, (a, b)) in got.iter().zip(want).enumerate() {
+        assert!((a - b).abs() <= abs + 1e-4 * b.abs(), "{what}[{k}]: {a} vs PyTorch {b}");
+    }
+}
