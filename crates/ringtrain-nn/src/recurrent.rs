@@ -252,25 +252,26 @@ impl Recurrent {
         let xp = self.input_projection(g, x, layer, reverse)?;
         let w_hh = g.param(&self.pname("weight_hh", layer, reverse))?;
         let b_hh = g.param(&self.pname("bias_hh", layer, reverse))?;
-        if self.cell == CellKind::Gru {
-            let packed = g.gru(xp, w_hh, b_hh, mask, reverse, init.map(|(h0, _)| h0))?;
-            let seq = g.slice_axis(packed, 1, 0, t)?;
-            let last = g.slice_axis(packed, 1, t, t + 1)?;
-            return Ok(DirectionOutput {
-                seq,
-                h: g.reshape(last, &[b, h])?,
-                c: None,
-            });
-        }
-        let start = init.and_then(|(h0, c0)| Some((h0, c0?)));
-        let packed = g.lstm(xp, w_hh, b_hh, mask, reverse, start)?;
-        let seq = g.slice_axis(packed, 1, 0, t)?;
-        let last = g.slice_axis(packed, 1, t, t + 1)?;
-        let cell = g.slice_axis(packed, 1, t + 1, t + 2)?;
+        // The fused ops return [B, T + 1, H] (GRU: steps, final h) or [B, T + 2, H] (LSTM:
+        // steps, final h, final c).
+        let packed = if self.cell == CellKind::Gru {
+            g.gru(xp, w_hh, b_hh, mask, reverse, init.map(|(h0, _)| h0))?
+        } else {
+            let start = init.and_then(|(h0, c0)| Some((h0, c0?)));
+            g.lstm(xp, w_hh, b_hh, mask, reverse, start)?
+        };
+        let row = |g: &mut Graph<'_>, at: usize| -> Result<Var> {
+            let v = g.slice_axis(packed, 1, at, at + 1)?;
+            Ok(g.reshape(v, &[b, h])?)
+        };
+        let (h_last, c_last) = (
+            row(g, t)?,
+            (self.cell == CellKind::Lstm).then(|| row(g, t + 1)).transpose()?,
+        );
         Ok(DirectionOutput {
-            seq,
-            h: g.reshape(last, &[b, h])?,
-            c: Some(g.reshape(cell, &[b, h])?),
+            seq: g.slice_axis(packed, 1, 0, t)?,
+            h: h_last,
+            c: c_last,
         })
     }
 
