@@ -715,11 +715,13 @@ impl Job {
                 format!("must be in [0, 1), got {}", self.model.token_dropout),
             ));
         }
-        if self.model.token_dropout > 0.0 && self.model.kind != ModelKind::Transformer {
+        if self.model.token_dropout > 0.0
+            && (self.model.kind != ModelKind::Transformer || self.data.format != DataFormat::Text)
+        {
             return Err(fail(
                 "model.token_dropout",
-                "leaves tokens out of a transformer classifier's attention and pooling; recurrent models have \
-                 embedding_dropout"
+                "leaves tokens out of a transformer text classifier's attention and pooling (data.format = \"text\"); \
+                 recurrent models have embedding_dropout"
                     .into(),
             ));
         }
