@@ -156,106 +156,12 @@ impl Optimizer {
         }
         self.step += 1;
         let t = self.step;
-        match (self.kind, self.slots.as_mut_slice()) {
-            (OptimizerKind::Sgd { weight_decay, .. }, []) => {
-                for (p, &g) in params.iter_mut().zip(grads) {
-                    *p -= lr * (g + weight_decay * *p);
-                }
-            }
-            (
-                OptimizerKind::Sgd {
-                    momentum,
-                    dampening,
-                    nesterov,
-                    weight_decay,
-                },
-                [buf],
-            ) => {
-                for ((p, &g), b) in params.iter_mut().zip(grads).zip(buf.iter_mut()) {
-                    let g = g + weight_decay * *p;
-                    // PyTorch starts the buffer at the first gradient, undamped.
-                    *b = if t == 1 {
-                        g
-                    } else {
-                        momentum * *b + (1.0 - dampening) * g
-                    };
-                    let d = if nesterov { g + momentum * *b } else { *b };
-                    *p -= lr * d;
-                }
-            }
-            (
-                OptimizerKind::Adagrad {
-                    lr_decay,
-                    eps,
-                    weight_decay,
-                },
-                [sum],
-            ) => {
-                let clr = lr / (1.0 + (t - 1) as f32 * lr_decay);
-                for ((p, &g), s) in params.iter_mut().zip(grads).zip(sum.iter_mut()) {
-                    let g = g + weight_decay * *p;
-                    *s += g * g;
-                    *p -= clr * g / (s.sqrt() + eps);
-                }
-            }
-            (
-                OptimizerKind::RmsProp {
-                    alpha,
-                    eps,
-                    weight_decay,
-                    ..
-                },
-                [sq],
-            ) => {
-                for ((p, &g), v) in params.iter_mut().zip(grads).zip(sq.iter_mut()) {
-                    let g = g + weight_decay * *p;
-                    *v = alpha * *v + (1.0 - alpha) * g * g;
-                    *p -= lr * g / (v.sqrt() + eps);
-                }
-            }
-            (
-                OptimizerKind::RmsProp {
-                    alpha,
-                    eps,
-                    momentum,
-                    weight_decay,
-                },
-                [sq, buf],
-            ) => {
-                for (((p, &g), v), b) in params.iter_mut().zip(grads).zip(sq.iter_mut()).zip(buf.iter_mut()) {
-                    let g = g + weight_decay * *p;
-                    *v = alpha * *v + (1.0 - alpha) * g * g;
-                    *b = momentum * *b + g / (v.sqrt() + eps);
-                    *p -= lr * *b;
-                }
-            }
-            (
-                OptimizerKind::Adam {
-                    beta1,
-                    beta2,
-                    eps,
-                    weight_decay,
-                    decoupled,
-                },
-                [m, v],
-            ) => {
-                let bc1 = 1.0 - beta1.powi(t.min(i32::MAX as u64) as i32);
-                let bc2_sqrt = (1.0 - beta2.powi(t.min(i32::MAX as u64) as i32)).sqrt();
-                let step_size = lr / bc1;
-                for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
-                    let g = if decoupled {
-                        *p *= 1.0 - lr * weight_decay;
-                        g
-                    } else {
-                        g + weight_decay * *p
-                    };
-                    *m = beta1 * *m + (1.0 - beta1) * g;
-                    *v = beta2 * *v + (1.0 - beta2) * g * g;
-                    *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
-                }
-            }
-            _ => unreachable!("slots are created from kind.slot_names()"),
-        }
+        let (kind, slots) = (self.kind, self.slots.as_mut_slice());
+        // One pass over every parameter: compiled a second time with AVX2 (same bits).
+        ringtrain_tensor::simd::fast(
+            #[inline(always)]
+            || update(kind, slots, params, grads, lr, t),
+        );
         Ok(())
     }
 
@@ -309,4 +215,109 @@ pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
         }
     }
     norm
+}
+
+/// The update rule of `kind` over the flat buffers, at step `t` (1-based).
+#[inline(always)]
+fn update(kind: OptimizerKind, slots: &mut [Vec<f32>], params: &mut [f32], grads: &[f32], lr: f32, t: u64) {
+    match (kind, slots) {
+        (OptimizerKind::Sgd { weight_decay, .. }, []) => {
+            for (p, &g) in params.iter_mut().zip(grads) {
+                *p -= lr * (g + weight_decay * *p);
+            }
+        }
+        (
+            OptimizerKind::Sgd {
+                momentum,
+                dampening,
+                nesterov,
+                weight_decay,
+            },
+            [buf],
+        ) => {
+            for ((p, &g), b) in params.iter_mut().zip(grads).zip(buf.iter_mut()) {
+                let g = g + weight_decay * *p;
+                // PyTorch starts the buffer at the first gradient, undamped.
+                *b = if t == 1 {
+                    g
+                } else {
+                    momentum * *b + (1.0 - dampening) * g
+                };
+                let d = if nesterov { g + momentum * *b } else { *b };
+                *p -= lr * d;
+            }
+        }
+        (
+            OptimizerKind::Adagrad {
+                lr_decay,
+                eps,
+                weight_decay,
+            },
+            [sum],
+        ) => {
+            let clr = lr / (1.0 + (t - 1) as f32 * lr_decay);
+            for ((p, &g), s) in params.iter_mut().zip(grads).zip(sum.iter_mut()) {
+                let g = g + weight_decay * *p;
+                *s += g * g;
+                *p -= clr * g / (s.sqrt() + eps);
+            }
+        }
+        (
+            OptimizerKind::RmsProp {
+                alpha,
+                eps,
+                weight_decay,
+                ..
+            },
+            [sq],
+        ) => {
+            for ((p, &g), v) in params.iter_mut().zip(grads).zip(sq.iter_mut()) {
+                let g = g + weight_decay * *p;
+                *v = alpha * *v + (1.0 - alpha) * g * g;
+                *p -= lr * g / (v.sqrt() + eps);
+            }
+        }
+        (
+            OptimizerKind::RmsProp {
+                alpha,
+                eps,
+                momentum,
+                weight_decay,
+            },
+            [sq, buf],
+        ) => {
+            for (((p, &g), v), b) in params.iter_mut().zip(grads).zip(sq.iter_mut()).zip(buf.iter_mut()) {
+                let g = g + weight_decay * *p;
+                *v = alpha * *v + (1.0 - alpha) * g * g;
+                *b = momentum * *b + g / (v.sqrt() + eps);
+                *p -= lr * *b;
+            }
+        }
+        (
+            OptimizerKind::Adam {
+                beta1,
+                beta2,
+                eps,
+                weight_decay,
+                decoupled,
+            },
+            [m, v],
+        ) => {
+            let bc1 = 1.0 - beta1.powi(t.min(i32::MAX as u64) as i32);
+            let bc2_sqrt = (1.0 - beta2.powi(t.min(i32::MAX as u64) as i32)).sqrt();
+            let step_size = lr / bc1;
+            for (((p, &g), m), v) in params.iter_mut().zip(grads).zip(m.iter_mut()).zip(v.iter_mut()) {
+                let g = if decoupled {
+                    *p *= 1.0 - lr * weight_decay;
+                    g
+                } else {
+                    g + weight_decay * *p
+                };
+                *m = beta1 * *m + (1.0 - beta1) * g;
+                *v = beta2 * *v + (1.0 - beta2) * g * g;
+                *p -= step_size * *m / (v.sqrt() / bc2_sqrt + eps);
+            }
+        }
+        _ => unreachable!("slots are created from kind.slot_names()"),
+    }
 }
