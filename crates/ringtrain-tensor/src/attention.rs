@@ -141,6 +141,22 @@ pub fn attention_forward(
     mask: &AttentionMask<'_>,
     dropout: Option<(f32, &mut Rng)>,
 ) -> Result<(Tensor, Tensor)> {
+    crate::simd::fast(
+        #[inline(always)]
+        || attention_forward_impl(q, k, v, dims, scale, mask, dropout),
+    )
+}
+
+#[inline(always)]
+fn attention_forward_impl(
+    q: Heads<'_>,
+    k: Heads<'_>,
+    v: Heads<'_>,
+    dims: &AttentionDims,
+    scale: f32,
+    mask: &AttentionMask<'_>,
+    dropout: Option<(f32, &mut Rng)>,
+) -> Result<(Tensor, Tensor)> {
     let AttentionDims {
         batch: bsz,
         heads,
@@ -266,6 +282,25 @@ pub struct GradSlot {
 /// Attention backward: adds dq, dk, dv into the column blocks `slots` of `grads` (which may be
 /// one tensor for a packed projection). `probs` is the forward's, dropout signs included.
 pub fn attention_backward(
+    g: &Tensor,
+    q: Heads<'_>,
+    k: Heads<'_>,
+    v: Heads<'_>,
+    dims: &AttentionDims,
+    scale: f32,
+    dropout: f32,
+    probs: &Tensor,
+    grads: &mut [Tensor],
+    slots: [GradSlot; 3],
+) -> Result<()> {
+    crate::simd::fast(
+        #[inline(always)]
+        || attention_backward_impl(g, q, k, v, dims, scale, dropout, probs, grads, slots),
+    )
+}
+
+#[inline(always)]
+fn attention_backward_impl(
     g: &Tensor,
     q: Heads<'_>,
     k: Heads<'_>,

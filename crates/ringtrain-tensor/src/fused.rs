@@ -23,6 +23,14 @@ fn last_axis(x: &Tensor, op: &'static str) -> Result<usize> {
 /// # Shapes
 /// `x: [..., d]`, `weight, bias: [d]` → `y: [..., d]` and one `(mean, rstd)` per row.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<(Tensor, RowStats)> {
+    crate::simd::fast(
+        #[inline(always)]
+        || layer_norm_impl(x, weight, bias, eps),
+    )
+}
+
+#[inline(always)]
+fn layer_norm_impl(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Result<(Tensor, RowStats)> {
     let d = last_axis(x, "layer_norm")?;
     if weight.shape() != [d] || bias.shape() != [d] {
         return Err(TensorError::Invalid {
@@ -57,6 +65,14 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f32) -> Resul
 /// With `x̂ = (x − μ)·r` and `ĝ = g ⊙ w`: `dx = r·(ĝ − mean(ĝ) − x̂·mean(ĝ ⊙ x̂))`,
 /// `dw = Σ_rows g ⊙ x̂`, `db = Σ_rows g`.
 pub fn layer_norm_backward(g: &Tensor, x: &Tensor, weight: &Tensor, stats: &[[f32; 2]]) -> Result<[Tensor; 3]> {
+    crate::simd::fast(
+        #[inline(always)]
+        || layer_norm_backward_impl(g, x, weight, stats),
+    )
+}
+
+#[inline(always)]
+fn layer_norm_backward_impl(g: &Tensor, x: &Tensor, weight: &Tensor, stats: &[[f32; 2]]) -> Result<[Tensor; 3]> {
     let d = last_axis(x, "layer_norm_backward")?;
     if g.shape() != x.shape() || weight.shape() != [d] || stats.len() * d != x.len() {
         return Err(g.shape_err("layer_norm_backward", x));
