@@ -325,6 +325,23 @@ mod tests {
     }
 
     #[test]
+    fn im2col_is_the_same_on_one_thread_and_on_several() {
+        // for_each_chunk's two paths: in turn on one thread, on rayon with several
+        let pool = |threads| rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        for (stride, padding, k) in [(1, 0, 3), (2, 1, 3), (1, 2, 5), (3, 0, 2), (1, 3, 2)] {
+            let x = random::uniform(&[3, 2, 7, 6], -1.0, 1.0, &mut random::rng(k as u64));
+            let win = Window2d {
+                kernel: (k, k),
+                stride,
+                padding,
+            };
+            let one = pool(1).install(|| im2col(&x, &win).unwrap());
+            let two = pool(2).install(|| im2col(&x, &win).unwrap());
+            assert_eq!(one, two, "stride {stride} padding {padding} kernel {k}");
+        }
+    }
+
+    #[test]
     fn col2im_is_the_adjoint_of_im2col() {
         // <im2col(x), c> == <x, col2im(c)> for random x, c
         let mut rng = random::rng(5);
