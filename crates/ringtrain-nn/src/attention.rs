@@ -1708,12 +1708,7 @@ mod tests {
                     norm,
                 },
             );
-            let named: BTreeMap<String, Tensor> = case["params"]
-                .as_object()
-                .unwrap()
-                .iter()
-                .map(|(k, v)| (k.clone(), crate::pytorch_fixture::tensor(v)))
-                .collect();
+            let named = crate::pytorch_fixture::params(case);
             let mut ours = BTreeMap::new();
             block.init_params(&mut random::rng(0), &mut ours);
             assert_eq!(
@@ -1751,15 +1746,7 @@ mod tests {
             );
             let mut flat = vec![0.0; store.num_elements()];
             g.param_grads_into(&grads, &mut flat).unwrap();
-            for spec in store.specs() {
-                let want = crate::pytorch_fixture::tensor(&case["grads"][&spec.name]);
-                crate::pytorch_fixture::assert_close(
-                    &format!("{key} d{}", spec.name),
-                    &flat[spec.offset..spec.offset + spec.len],
-                    want.as_slice(),
-                    5e-5,
-                );
-            }
+            crate::pytorch_fixture::assert_param_grads(key, case, &store, &flat, 5e-5);
         }
     }
 

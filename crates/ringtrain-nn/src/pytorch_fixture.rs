@@ -2,7 +2,9 @@
 //! them) for the tests that compare layers with PyTorch.
 #![allow(clippy::unwrap_used)] // reason: test support; a malformed fixture should fail loudly
 
-use ringtrain_autograd::Tensor;
+use std::collections::BTreeMap;
+
+use ringtrain_autograd::{ParamStore, Tensor};
 
 /// A tensor stored as `{"shape": [...], "data": [...]}`.
 pub(crate) fn tensor(v: &serde_json::Value) -> Tensor {
@@ -26,5 +28,28 @@ pub(crate) fn assert_close(what: &str, got: &[f32], want: &[f32], abs: f32) {
     assert_eq!(got.len(), want.len(), "{what}: length");
     for (k, (a, b)) in got.iter().zip(want).enumerate() {
         assert!((a - b).abs() <= abs + 1e-4 * b.abs(), "{what}[{k}]: {a} vs PyTorch {b}");
+    }
+}
+
+/// The case's parameters (`"params"`), by PyTorch's names.
+pub(crate) fn params(case: &serde_json::Value) -> BTreeMap<String, Tensor> {
+    case["params"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.clone(), tensor(v)))
+        .collect()
+}
+
+/// Every parameter's gradient in `flat` (the store's layout) against the case's `"grads"`.
+pub(crate) fn assert_param_grads(what: &str, case: &serde_json::Value, store: &ParamStore, flat: &[f32], abs: f32) {
+    for spec in store.specs() {
+        let want = tensor(&case["grads"][&spec.name]);
+        assert_close(
+            &format!("{what} d{}", spec.name),
+            &flat[spec.offset..spec.offset + spec.len],
+            want.as_slice(),
+            abs,
+        );
     }
 }

@@ -971,12 +971,7 @@ mod tests {
                 hidden_size: 4,
                 ..rnn(cell, 2, true)
             };
-            let named: BTreeMap<String, Tensor> = case["params"]
-                .as_object()
-                .unwrap()
-                .iter()
-                .map(|(k, v)| (k.clone(), crate::pytorch_fixture::tensor(v)))
-                .collect();
+            let named = crate::pytorch_fixture::params(case);
             let store = ParamStore::from_named(named);
             assert_eq!(store.num_elements(), r.param_count(), "{key}: parameter count");
             let x = crate::pytorch_fixture::tensor(&case["x"]);
@@ -1030,15 +1025,7 @@ mod tests {
             );
             let mut flat = vec![0.0; store.num_elements()];
             g.param_grads_into(&grads, &mut flat).unwrap();
-            for spec in store.specs() {
-                let want = crate::pytorch_fixture::tensor(&case["grads"][&spec.name]);
-                crate::pytorch_fixture::assert_close(
-                    &format!("{key} d{}", spec.name),
-                    &flat[spec.offset..spec.offset + spec.len],
-                    want.as_slice(),
-                    2e-5,
-                );
-            }
+            crate::pytorch_fixture::assert_param_grads(key, case, &store, &flat, 2e-5);
         }
     }
 
