@@ -77,9 +77,9 @@
 //!
 //! * A silent neighbour: every receive has a deadline ([`RingOptions::timeout`],
 //!   5 s by default); when it passes without any frame from the left
-//!   neighbour, [`Error::Timeout`] names it. A rank that has waited half the
-//!   timeout tells its right neighbour it is alive but waiting (a `Waiting`
-//!   frame, repeated every half timeout), so when one rank hangs only the rank
+//!   neighbour, [`Error::Timeout`] names it. A rank that has waited a quarter
+//!   of the timeout tells its right neighbour it is alive but waiting (a
+//!   `Waiting` frame, repeated every quarter timeout), so when one rank hangs only the rank
 //!   after it times out; the others receive its abort, which names the hung
 //!   rank, instead of each blaming its own live neighbour. A wait is capped
 //!   at `world × timeout`.

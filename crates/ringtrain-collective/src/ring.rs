@@ -390,7 +390,7 @@ impl<T: Transport> Ring<T> {
     ///
     /// The left neighbour is declared dead or hung after `timeout` without any
     /// frame from it. While waiting, this rank tells its right neighbour every
-    /// `timeout / 2` that it is alive but waiting ([`Waiting`]), and treats such
+    /// `timeout / 4` that it is alive but waiting ([`Waiting`]), and treats such
     /// notices from its left as signs of life. So when one rank hangs, only
     /// its right neighbour times out (naming it) and the others keep waiting
     /// for the abort that follows, instead of all timing out together and
@@ -398,7 +398,11 @@ impl<T: Transport> Ring<T> {
     /// `world × timeout`.
     async fn next_frame(&mut self, ctx: &Ctx) -> Result<Received> {
         let timeout = self.opts.timeout;
-        let slice = (timeout / 2).max(Duration::from_millis(1));
+        // A quarter, not a half: a notice delayed by a loaded machine by up to
+        // three quarters of the timeout still arrives before the right neighbour
+        // gives up on this live rank (with half, a 2-core CI machine running the
+        // whole suite occasionally let one slip).
+        let slice = (timeout / 4).max(Duration::from_millis(1));
         let started = tokio::time::Instant::now();
         let cap = timeout * u32::try_from(self.world).unwrap_or(u32::MAX);
         let mut last_alive = started;
