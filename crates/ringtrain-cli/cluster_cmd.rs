@@ -128,6 +128,10 @@ pub struct WorkerArgs {
     /// How long to wait for the other workers to register.
     #[arg(long, default_value_t = 120_000, env = "RINGTRAIN_RENDEZVOUS_TIMEOUT_MS")]
     pub rendezvous_timeout_ms: u64,
+    /// A coordinator unreachable for this long (its connection answers no ping) stops this
+    /// worker; the coordinator's own setting of the same name, mirrored.
+    #[arg(long, default_value_t = 5000, env = "RINGTRAIN_HEARTBEAT_TIMEOUT_MS")]
+    pub heartbeat_timeout_ms: u64,
     /// Runtime threads moving collective bytes.
     #[arg(long, default_value_t = 1, env = "RINGTRAIN_IO_THREADS")]
     pub io_threads: usize,
@@ -611,6 +615,7 @@ pub fn run_worker_cmd(args: WorkerArgs) -> anyhow::Result<()> {
             io_threads: args.io_threads,
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
             rendezvous_timeout: Duration::from_millis(args.rendezvous_timeout_ms),
+            coordinator_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
         };
         match run_worker(opts, &mut observe) {
             Ok(r) => {
@@ -670,13 +675,15 @@ impl Drop for Workers {
 }
 
 impl Workers {
-    fn spawn(n: usize, coordinator: &str, token: &str, threads: usize) -> anyhow::Result<Workers> {
+    fn spawn(args: &JobArgs, coordinator: &str, token: &str, threads: usize) -> anyhow::Result<Workers> {
         let exe = std::env::current_exe().context("find this executable")?;
+        let n = args.workers;
         let workers = Workers(Arc::new(Mutex::new(Vec::with_capacity(n))));
         for i in 0..n {
             let mut child = Command::new(&exe)
                 .args(["worker", "--coordinator", coordinator, "--peer-addr", "127.0.0.1:0"])
                 .args(["--threads", &threads.to_string()])
+                .args(["--heartbeat-timeout-ms", &args.heartbeat_timeout_ms.to_string()])
                 .env(TOKEN_ENV, token)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -802,7 +809,7 @@ pub fn run_launch(args: LaunchArgs) -> anyhow::Result<()> {
 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / args.workers).max(1);
-    let workers = Workers::spawn(args.workers, &addr, &token, threads)?;
+    let workers = Workers::spawn(&args, &addr, &token, threads)?;
     let (failed_tx, failed_rx) = oneshot::channel();
     workers.watch(failed_tx);
     // A dead child usually breaks its heartbeat stream first, and the coordinator names it

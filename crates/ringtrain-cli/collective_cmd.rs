@@ -47,6 +47,18 @@ pub struct BenchAllreduceArgs {
     /// Print one JSON line per size instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Run rank r inside network namespace NETNS[r] (`ip netns exec`), e.g. the simulated
+    /// hosts of `cargo xtask cluster-sim up`; one per worker, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub netns: Vec<String>,
+    /// Rank r serves its ring link on IP[r] (default 127.0.0.1); one per worker,
+    /// comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub listen: Vec<String>,
+    /// The rate of each rank's link in Gbit/s (e.g. a `tc` shaped 1gbit link): adds busbw
+    /// as a fraction of it, the physical limit of a ring.
+    #[arg(long)]
+    pub link_gbit: Option<f64>,
 }
 
 /// What a peer does once the ring is up.
@@ -314,7 +326,8 @@ impl Drop for Peers {
 }
 
 impl Peers {
-    fn spawn(n: usize, token: &str, extra: &[String]) -> anyhow::Result<Self> {
+    /// Starts rank r inside `netns[r]` when given, listening on `listen[r]`:0 when given.
+    fn spawn(n: usize, token: &str, extra: &[String], netns: &[String], listen: &[String]) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("find the ringtrain executable")?;
         let (tx, lines) = mpsc::channel();
         let mut peers = Peers {
@@ -323,8 +336,21 @@ impl Peers {
             lines,
         };
         for rank in 0..n {
-            let mut child = Command::new(&exe)
+            let mut command = match netns.get(rank) {
+                Some(ns) => {
+                    let mut c = Command::new("ip");
+                    c.args(["netns", "exec", ns]).arg(&exe);
+                    c
+                }
+                None => Command::new(&exe),
+            };
+            let listen: Vec<String> = listen
+                .get(rank)
+                .map(|ip| vec!["--listen".to_owned(), format!("{ip}:0")])
+                .unwrap_or_default();
+            let mut child = command
                 .arg("collective-peer")
+                .args(&listen)
                 .args(["--rank", &rank.to_string(), "--world", &n.to_string()])
                 .args(extra)
                 .env(TOKEN_ENV, token)
@@ -409,6 +435,14 @@ pub fn run_bench_allreduce(args: BenchAllreduceArgs) -> anyhow::Result<()> {
     if args.workers == 0 {
         bail!("--workers must be at least 1");
     }
+    for (flag, list) in [("--netns", &args.netns), ("--listen", &args.listen)] {
+        if !list.is_empty() && list.len() != args.workers {
+            bail!("{flag} names {} ranks for --workers {}", list.len(), args.workers);
+        }
+    }
+    if args.link_gbit.is_some_and(|g| !g.is_finite() || g <= 0.0) {
+        bail!("--link-gbit must be positive");
+    }
     let sizes: Vec<usize> = if args.bytes.is_empty() {
         // 4 KiB, 16 KiB, ..., 16 MiB, 64 MiB.
         (0..8).map(|i| 4096usize << (2 * i)).collect()
@@ -436,7 +470,7 @@ pub fn run_bench_allreduce(args: BenchAllreduceArgs) -> anyhow::Result<()> {
     if let Some(iters) = args.iters {
         extra.extend(["--iters".to_owned(), iters.to_string()]);
     }
-    let mut peers = Peers::spawn(n, &local_token(), &extra)?;
+    let mut peers = Peers::spawn(n, &local_token(), &extra, &args.netns, &args.listen)?;
 
     let startup = Instant::now() + Duration::from_secs(30);
     let mut addrs = vec![String::new(); n];
@@ -458,14 +492,30 @@ pub fn run_bench_allreduce(args: BenchAllreduceArgs) -> anyhow::Result<()> {
 
     let factor = 2.0 * (n as f64 - 1.0) / n as f64;
     if !args.json {
+        let hosts = if args.netns.is_empty() {
+            "127.0.0.1".to_owned()
+        } else {
+            format!("network namespaces {}", args.netns.join(","))
+        };
         println!(
-            "# ringtrain bench allreduce: {n} workers on 127.0.0.1, float32 mean, gRPC ring, parts of {}",
+            "# ringtrain bench allreduce: {n} workers on {hosts}, float32 mean, gRPC ring, parts of {}",
             human(args.part_bytes)
         );
         println!("# busbw = algbw x 2(N-1)/N (nccl-tests); GB/s = 1e9 bytes/s");
+        if let Some(g) = args.link_gbit {
+            println!("# of_link = busbw / link rate ({g} Gbit/s = {:.3} GB/s)", g / 8.0);
+        }
         println!(
-            "{:>10} {:>12} {:>6} {:>12} {:>12} {:>12} {:>12} {:>12}",
-            "size", "count", "iters", "avg_us", "best_us", "algbw_GB/s", "busbw_GB/s", "best_busbw"
+            "{:>10} {:>12} {:>6} {:>12} {:>12} {:>12} {:>12} {:>12}{}",
+            "size",
+            "count",
+            "iters",
+            "avg_us",
+            "best_us",
+            "algbw_GB/s",
+            "busbw_GB/s",
+            "best_busbw",
+            if args.link_gbit.is_some() { "      of_link" } else { "" }
         );
     }
     let mut results = 0;
@@ -484,15 +534,18 @@ pub fn run_bench_allreduce(args: BenchAllreduceArgs) -> anyhow::Result<()> {
         let algbw = bytes / (avg * 1e-6) / 1e9;
         let busbw = algbw * factor;
         let best_busbw = bytes / (best * 1e-6) / 1e9 * factor;
+        // GB/s over the link's GB/s (Gbit/s / 8).
+        let of_link = args.link_gbit.map(|g| busbw / (g / 8.0));
         if args.json {
             println!(
                 "{}",
                 json!({"workers": n, "bytes": bytes, "iters": iters, "avg_us": avg, "best_us": best,
-                       "algbw_gbps": algbw, "busbw_gbps": busbw, "best_busbw_gbps": best_busbw, "rank": rank})
+                       "algbw_gbps": algbw, "busbw_gbps": busbw, "best_busbw_gbps": best_busbw, "rank": rank,
+                       "link_gbit": args.link_gbit, "of_link": of_link})
             );
         } else {
             println!(
-                "{:>10} {:>12} {:>6} {:>12.1} {:>12.1} {:>12.3} {:>12.3} {:>12.3}",
+                "{:>10} {:>12} {:>6} {:>12.1} {:>12.1} {:>12.3} {:>12.3} {:>12.3}{}",
                 human(bytes as usize),
                 bytes as usize / 4,
                 iters,
@@ -500,7 +553,8 @@ pub fn run_bench_allreduce(args: BenchAllreduceArgs) -> anyhow::Result<()> {
                 best,
                 algbw,
                 busbw,
-                best_busbw
+                best_busbw,
+                of_link.map_or(String::new(), |f| format!("{f:>13.3}"))
             );
         }
         results += 1;

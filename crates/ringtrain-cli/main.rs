@@ -125,11 +125,26 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let bad_input = e.chain().any(|c| c.is::<BadInput>());
-            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", msg.join(": "));
+            eprintln!("error: {}", one_line(&e));
             ExitCode::from(if bad_input { 2 } else { 1 })
         }
     }
+}
+
+/// The error and its causes on one line, each cause said once: our library errors already
+/// write their source into their message, so a cause the line holds already is left out.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain().map(ToString::to_string) {
+        if line.contains(&cause) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&cause);
+    }
+    line
 }
 
 fn run(command: Command) -> anyhow::Result<()> {

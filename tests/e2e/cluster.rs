@@ -15,7 +15,12 @@ use crate::util::{bin, read_json, repo, Proc};
 
 /// `ringtrain args` with the job token and one thread.
 fn start(args: &[&str], token: &str) -> Proc {
-    let mut command = Command::new(bin());
+    start_with(Command::new(bin()), args, token)
+}
+
+/// `command` (the binary, or a wrapper such as `ip netns exec NS ringtrain`) with `args`,
+/// the job token and one thread.
+pub fn start_with(mut command: Command, args: &[&str], token: &str) -> Proc {
     command
         .args(args)
         .env("RINGTRAIN_TOKEN", token)
@@ -36,7 +41,7 @@ fn run_ok(args: &[&str], within: Duration) -> String {
 }
 
 /// The Iris MLP job with `edits` applied, written to `dir/name.toml` (data path absolute).
-fn iris_job(dir: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
+pub fn iris_job(dir: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
     let mut text = std::fs::read_to_string(repo().join("examples/iris-mlp.toml")).expect("iris job");
     let data = repo().join("data/iris/iris.csv");
     text = text.replace(
@@ -52,11 +57,11 @@ fn iris_job(dir: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
     path
 }
 
-fn s(p: &Path) -> &str {
+pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-const MINUTE: Duration = Duration::from_secs(60);
+pub const MINUTE: Duration = Duration::from_secs(60);
 
 #[test]
 fn three_workers_train_iris_like_one_process() {

@@ -6,6 +6,7 @@ mod cluster;
 mod cnn;
 mod collective;
 mod deploy;
+mod hosts;
 mod reports;
 mod sequences;
 mod util;

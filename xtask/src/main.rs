@@ -5,6 +5,9 @@
 //!   (what `.ci/run` runs).
 //! - `cargo xtask peers [THREADS]`: our training-step bench and PyTorch's on the same shapes,
 //!   alternating on this machine, as a table of ratios.
+//! - `cargo xtask cluster-sim up|down|bench`: simulated hosts (network namespaces on one
+//!   switch, links shaped with `tc tbf`) to rehearse a multi-node cluster on one machine, and
+//!   the all-reduce bench across them (root; see `ringtrain-testkit`).
 //!
 //! System packages come from Debian's apt. As root they are installed directly; otherwise
 //! through `sudo -n` when passwordless sudo is available; otherwise the command stops and
@@ -21,8 +24,9 @@ use std::process::Command;
 use anyhow::{bail, Context, Result};
 
 /// Debian packages the build needs: OpenBLAS (linked by `openblas-src` with its `system`
-/// feature, so nothing is downloaded at build time) and pkg-config to find it.
-const APT_PACKAGES: &[&str] = &["libopenblas-dev", "pkg-config"];
+/// feature, so nothing is downloaded at build time) and pkg-config to find it; iproute2's
+/// `ip` and `tc` for the simulated hosts of the multi-host tests and `cluster-sim`.
+const APT_PACKAGES: &[&str] = &["libopenblas-dev", "pkg-config", "iproute2"];
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -33,12 +37,16 @@ fn main() -> Result<()> {
         Some("ci") => ci(),
         Some("deps") => ensure_system_packages().and_then(|()| ensure_deploy_tools()),
         Some("peers") => peers(args.get(1).map_or("1", String::as_str)),
+        Some("cluster-sim") => cluster_sim(&args[1..]),
         _ => {
-            println!("usage: cargo xtask <demo|ci|deps|peers>");
+            println!("usage: cargo xtask <demo|ci|deps|peers|cluster-sim>");
             println!("  demo  install missing system packages, build, train the main job");
             println!("  ci    install missing system packages, check formatting and lints, run all tests");
             println!("  deps  only install missing system packages and the deploy test tools");
             println!("  peers [THREADS]  train-step benches against PyTorch on this machine (installs torch, ~3 GB)");
+            println!("  cluster-sim up [--hosts N] [--rate 1gbit] [--name NAME] | down [--name NAME]");
+            println!("              | bench [--rates 1gbit,10gbit] [--workers 2,4] [--bytes 256K,...,64M]");
+            println!("        simulated hosts (network namespaces, root) and the all-reduce bench across them");
             Ok(())
         }
     }
@@ -312,4 +320,115 @@ fn torch_version(python: &Path) -> String {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
+}
+
+/// The simulated cluster `cluster-sim up` makes unless `--name` says otherwise.
+const SIM_NAME: &str = "rtsim";
+
+/// `cargo xtask cluster-sim up|down|bench`.
+fn cluster_sim(args: &[String]) -> Result<()> {
+    use ringtrain_testkit::{remove, Cluster, Rate};
+    ensure_system_packages()?;
+    let flag = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .map(String::as_str)
+    };
+    let name = flag("--name").unwrap_or(SIM_NAME);
+    match args.first().map(String::as_str) {
+        Some("up") => {
+            let hosts: usize = flag("--hosts").unwrap_or("5").parse().context("--hosts takes a number")?;
+            let rate = flag("--rate").map(str::parse::<Rate>).transpose()?;
+            if remove(name)? > 0 {
+                println!("xtask: removed the earlier {name}");
+            }
+            let cluster = Cluster::create(name, hosts, rate)?;
+            let shaped = rate.map_or("unshaped links".to_owned(), |r| format!("links of {r} each way"));
+            println!("{hosts} hosts on one switch ({name}-sw), {shaped}:");
+            for h in cluster.hosts() {
+                println!("  {:<12} {}", h.netns, h.ip);
+            }
+            let (first, last) = (&cluster.hosts()[0], &cluster.hosts()[hosts - 1]);
+            println!("run a process on a host with `ip netns exec HOST COMMAND`, e.g.");
+            println!(
+                "  RINGTRAIN_TOKEN=t ip netns exec {} target/debug/ringtrain coordinator --listen {}:7070 --workers {} examples/iris-mlp.toml --out runs/sim",
+                last.netns,
+                last.ip,
+                hosts.saturating_sub(1).max(1)
+            );
+            println!(
+                "  RINGTRAIN_TOKEN=t ip netns exec {} target/debug/ringtrain worker --coordinator {}:7070 --peer-addr {}:0",
+                first.netns, last.ip, first.ip
+            );
+            println!("cut a host off: ip -n {} link set eth0 down", first.netns);
+            println!("take it all down: cargo xtask cluster-sim down{}", if name == SIM_NAME { String::new() } else { format!(" --name {name}") });
+            cluster.keep();
+            Ok(())
+        }
+        Some("down") => {
+            let n = remove(name)?;
+            println!("xtask: removed {n} namespaces of {name}");
+            Ok(())
+        }
+        Some("bench") => {
+            let rates = flag("--rates").unwrap_or("1gbit,10gbit");
+            let workers = flag("--workers").unwrap_or("2,4");
+            let bytes = flag("--bytes").unwrap_or("256KiB,1MiB,4MiB,16MiB,64MiB");
+            run(Command::new("cargo").args(["build", "--bin", "ringtrain"]))?;
+            println!("# {}", cpu_name());
+            for rate in rates.split(',') {
+                let rate: Rate = rate.parse()?;
+                for n in workers.split(',') {
+                    let n: usize = n.parse().context("--workers takes numbers like 2,4")?;
+                    let bench = format!("{name}b");
+                    remove(&bench)?;
+                    let cluster = Cluster::create(&bench, n, Some(rate))?;
+                    let netns: Vec<&str> = cluster.hosts().iter().map(|h| h.netns.as_str()).collect();
+                    let ips: Vec<String> = cluster.hosts().iter().map(|h| h.ip.to_string()).collect();
+                    println!("\n## {n} hosts, {rate} links");
+                    run(Command::new("target/debug/ringtrain").args([
+                        "bench",
+                        "allreduce",
+                        "--workers",
+                        &n.to_string(),
+                        "--netns",
+                        &netns.join(","),
+                        "--listen",
+                        &ips.join(","),
+                        "--link-gbit",
+                        &(rate.bits_per_sec as f64 / 1e9).to_string(),
+                        "--bytes",
+                        bytes,
+                    ]))?;
+                }
+            }
+            Ok(())
+        }
+        _ => bail!("usage: cargo xtask cluster-sim up [--hosts N] [--rate 1gbit] [--name NAME] | down [--name NAME] | bench [--rates 1gbit,10gbit] [--workers 2,4] [--bytes 256KiB,...]"),
+    }
+}
+
+/// The CPU's model name and its widest vector unit, for benchmark headers.
+fn cpu_name() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = info
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let flags = info.lines().find(|l| l.starts_with("flags")).unwrap_or("");
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let simd = if has("avx512f") {
+        "AVX-512"
+    } else if has("avx2") {
+        "AVX2"
+    } else {
+        "no AVX2"
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("CPU: {model} ({simd}), {cores} cores")
 }

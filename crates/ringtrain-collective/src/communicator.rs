@@ -8,7 +8,7 @@ use tokio::sync::oneshot;
 use crate::error::{Error, Result};
 use crate::grpc::{connect_ring, GrpcConfig, GrpcTransport};
 use crate::layout::BucketPlan;
-use crate::ring::{ReduceOp, Ring};
+use crate::ring::{CancelToken, ReduceOp, Ring};
 
 /// One rank of a gRPC ring, with its own small tokio runtime: every method
 /// blocks the calling thread until the collective is done on this rank.
@@ -76,6 +76,16 @@ impl Communicator {
     /// Address this rank's server is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Stops this rank's collectives from another thread; see [`CancelToken`].
+    pub fn cancel_token(&self) -> CancelToken {
+        self.ring.cancel_token()
+    }
+
+    /// Makes `token` (e.g. one made before the ring) the one that stops this rank.
+    pub fn set_cancel_token(&mut self, token: CancelToken) {
+        self.ring.set_cancel_token(token);
     }
 
     /// The async ring underneath.

@@ -124,6 +124,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// The owner stopped the collective through its [`crate::CancelToken`] (e.g. the
+    /// coordinator ended the job, or was lost).
+    #[error("{op} seq {seq} on rank {rank}: stopped: {reason}")]
+    Cancelled {
+        op: CollectiveOp,
+        rank: usize,
+        seq: u64,
+        reason: String,
+    },
+
     /// An earlier collective failed; the ring must be rebuilt.
     #[error("rank {rank}: communicator unusable after an earlier failure: {first}")]
     Poisoned { rank: usize, first: String },

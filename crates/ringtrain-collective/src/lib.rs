@@ -92,6 +92,10 @@
 //!   right link closes waits up to a second for that abort before reporting
 //!   its own lost neighbour: when rank r dies, rank r − 1 fails and exits, and
 //!   rank r − 2 would otherwise blame r − 1 instead of r.
+//! * The owner can stop a rank from another thread with its [`CancelToken`]
+//!   (the worker does when the coordinator ends the job or is lost): the
+//!   collective in flight fails within a quarter of the timeout and its abort
+//!   goes round the ring like any other failure.
 //! * A failed collective poisons the communicator: every later call returns
 //!   [`Error::Poisoned`]. Recovery (rebuilding the ring) belongs to the
 //!   coordinator.
@@ -133,6 +137,6 @@ pub use communicator::Communicator;
 pub use error::{Direction, Error, LinkError, LinkFailure, Result};
 pub use grpc::{connect_ring, GrpcConfig, GrpcTransport};
 pub use layout::BucketPlan;
-pub use ring::{ReduceOp, Ring, RingOptions, DEFAULT_PART_BYTES, DEFAULT_TIMEOUT};
+pub use ring::{CancelToken, ReduceOp, Ring, RingOptions, DEFAULT_PART_BYTES, DEFAULT_TIMEOUT};
 pub use ringtrain_proto::collective::CollectiveOp;
 pub use transport::{MemoryTransport, Transport};

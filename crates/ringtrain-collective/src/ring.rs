@@ -2,6 +2,7 @@
 //! schedule and its failure semantics.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -87,6 +88,26 @@ enum Received {
     Abort(Abort),
 }
 
+/// Stops a rank's collectives from another thread: the one in flight fails at its next
+/// wake-up (within a quarter of the receive timeout), and so does every later one, with
+/// [`Error::Cancelled`] and the given reason; the abort then travels round the ring as for
+/// any failure. Clones share the state.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<Mutex<Option<String>>>);
+
+impl CancelToken {
+    /// Cancels with `reason` (the first reason given is kept).
+    pub fn cancel(&self, reason: impl Into<String>) {
+        let mut r = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        r.get_or_insert(reason.into());
+    }
+
+    /// Why it was cancelled, once it was.
+    pub fn reason(&self) -> Option<String> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// One rank's endpoint of a ring: runs collectives over a [`Transport`].
 ///
 /// Collectives must be called in the same order, with the same layouts, on
@@ -103,6 +124,7 @@ pub struct Ring<T: Transport> {
     seq: u64,
     poisoned: Option<String>,
     pool: VecDeque<BytesMut>,
+    cancel: CancelToken,
 }
 
 impl<T: Transport> Ring<T> {
@@ -120,7 +142,18 @@ impl<T: Transport> Ring<T> {
             seq: 0,
             poisoned: None,
             pool: VecDeque::new(),
+            cancel: CancelToken::default(),
         }
+    }
+
+    /// The token that stops this ring's collectives from another thread.
+    pub fn cancel_token(&self) -> CancelToken {
+        self.cancel.clone()
+    }
+
+    /// Makes `token` (e.g. one made before the ring) the one that stops this ring.
+    pub fn set_cancel_token(&mut self, token: CancelToken) {
+        self.cancel = token;
     }
 
     /// This rank's index.
@@ -152,7 +185,14 @@ impl<T: Transport> Ring<T> {
     /// Deliver the frames still queued for the right neighbour and close the
     /// link; see [`Transport::close`].
     pub async fn close(&mut self) {
-        self.transport.close().await;
+        if self.poisoned.is_some() {
+            // After a failure only the abort is left to deliver, which takes milliseconds on
+            // a live link; a dead one (a host cut off) would hold this rank for the whole
+            // timeout.
+            let _ = tokio::time::timeout(ABORT_GRACE.min(self.opts.timeout), self.transport.close()).await;
+        } else {
+            self.transport.close().await;
+        }
     }
 
     /// The transport, e.g. to read its bound address.
@@ -164,7 +204,7 @@ impl<T: Transport> Ring<T> {
     /// same bits, the sum (or mean) in ring order.
     pub async fn all_reduce(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<()> {
         let cop = op.collective();
-        let seq = self.begin()?;
+        let seq = self.begin(cop)?;
         let fingerprint = plain_fingerprint(buf.len());
         let result = self.reduce_bucket(buf, cop, seq, 0, fingerprint).await;
         self.finish(cop, seq, result).await
@@ -174,7 +214,7 @@ impl<T: Transport> Ring<T> {
     /// plan's fingerprint travels in every frame.
     pub async fn all_reduce_bucketed(&mut self, buf: &mut [f32], plan: &BucketPlan, op: ReduceOp) -> Result<()> {
         let cop = op.collective();
-        let seq = self.begin()?;
+        let seq = self.begin(cop)?;
         let result = if buf.len() != plan.total_len() {
             Err(Error::InvalidArgument {
                 op: cop,
@@ -205,7 +245,7 @@ impl<T: Transport> Ring<T> {
     /// Returns on the root once the last rank has received everything.
     pub async fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<()> {
         let cop = CollectiveOp::Broadcast;
-        let seq = self.begin()?;
+        let seq = self.begin(cop)?;
         let result = self.broadcast_inner(buf, root, seq).await;
         self.finish(cop, seq, result).await
     }
@@ -213,7 +253,7 @@ impl<T: Transport> Ring<T> {
     /// Return once every rank has entered the barrier.
     pub async fn barrier(&mut self) -> Result<()> {
         let cop = CollectiveOp::Barrier;
-        let seq = self.begin()?;
+        let seq = self.begin(cop)?;
         let result = self.reduce_bucket(&mut [], cop, seq, 0, 0).await;
         self.finish(cop, seq, result).await
     }
@@ -222,16 +262,24 @@ impl<T: Transport> Ring<T> {
     /// `values`. Meant for metrics; at most `part_bytes` per rank.
     pub async fn all_gather_f64(&mut self, values: &[f64]) -> Result<Vec<Vec<f64>>> {
         let cop = CollectiveOp::AllGather;
-        let seq = self.begin()?;
+        let seq = self.begin(cop)?;
         let result = self.all_gather_inner(values, seq).await;
         self.finish(cop, seq, result).await
     }
 
-    fn begin(&mut self) -> Result<u64> {
+    fn begin(&mut self, op: CollectiveOp) -> Result<u64> {
         if let Some(first) = &self.poisoned {
             return Err(Error::Poisoned {
                 rank: self.rank,
                 first: first.clone(),
+            });
+        }
+        if let Some(reason) = self.cancel.reason() {
+            return Err(Error::Cancelled {
+                op,
+                rank: self.rank,
+                seq: self.seq,
+                reason,
             });
         }
         let seq = self.seq;
@@ -407,6 +455,14 @@ impl<T: Transport> Ring<T> {
         let cap = timeout * u32::try_from(self.world).unwrap_or(u32::MAX);
         let mut last_alive = started;
         loop {
+            if let Some(reason) = self.cancel.reason() {
+                return Err(Error::Cancelled {
+                    op: ctx.op,
+                    rank: self.rank,
+                    seq: ctx.seq,
+                    reason,
+                });
+            }
             match self.transport.recv(slice).await {
                 Ok(Frame::Waiting(w)) => {
                     tracing::trace!(

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use ringtrain_proto::coordinator::{
-    coordinator_service, Abort, AbortStream, Assignment, Beat, CoordinatorHandler, EpochUpdate, FinishReport,
-    FoldGroup, InboundBeats, Registration, WorkerOutcome,
+    coordinator_service, Abort, Assignment, Beat, Command, CommandStream, CoordinatorHandler, EpochUpdate,
+    FinishReport, FoldGroup, InboundBeats, Registration, WorkerOutcome,
 };
 use ringtrain_proto::grpc::TOKEN_METADATA_KEY;
 use tokio::net::TcpListener;
@@ -40,7 +40,7 @@ struct Slot {
     /// When and why it was declared lost.
     lost: Option<(Instant, String)>,
     /// Commands to the worker's heartbeat stream.
-    commands: Option<mpsc::Sender<Result<Abort, Status>>>,
+    commands: Option<mpsc::Sender<Result<Command, Status>>>,
 }
 
 #[derive(Debug, Default)]
@@ -233,7 +233,7 @@ impl CoordinatorHandler for Handler {
         })
     }
 
-    async fn heartbeat(&self, mut beats: InboundBeats) -> Result<AbortStream, Status> {
+    async fn heartbeat(&self, mut beats: InboundBeats) -> Result<CommandStream, Status> {
         let shared = self.0.clone();
         let first = match tokio::time::timeout(shared.config.heartbeat_timeout, beats.next()).await {
             Ok(Ok(Some(b))) => b,
@@ -250,9 +250,9 @@ impl CoordinatorHandler for Handler {
             let slot = &mut st.slots[rank];
             apply_beat(slot, &first);
             if let Some(reason) = reason {
-                let _ = tx.try_send(Ok(Abort { reason }));
+                let _ = tx.try_send(Ok(Command::Abort(Abort { reason })));
             }
-            slot.commands = Some(tx);
+            slot.commands = Some(tx.clone());
         }
         tokio::spawn(async move {
             loop {
@@ -268,6 +268,8 @@ impl CoordinatorHandler for Handler {
                             break;
                         }
                         apply_beat(&mut st.slots[rank], &beat);
+                        // Best effort: a full queue already holds a sign of life.
+                        let _ = tx.try_send(Ok(Command::Alive));
                     }
                     Ok(None) => {
                         shared.lose(rank, "closed its heartbeat stream without reporting a result".into());
@@ -609,7 +611,7 @@ async fn tell_everyone_to_stop(shared: &Shared, error: &CoordinatorError) {
         st.slots.iter().filter_map(|s| s.commands.clone()).collect()
     };
     for tx in senders {
-        let _ = tx.try_send(Ok(Abort { reason: reason.clone() }));
+        let _ = tx.try_send(Ok(Command::Abort(Abort { reason: reason.clone() })));
     }
     let deadline = Instant::now() + LINGER;
     while Instant::now() < deadline {

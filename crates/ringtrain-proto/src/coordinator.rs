@@ -292,6 +292,40 @@ pub struct Abort {
     pub reason: String,
 }
 
+/// What the coordinator sends on a heartbeat stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// A sign of life, answering a beat.
+    Alive,
+    /// Stop: the job failed elsewhere.
+    Abort(Abort),
+}
+
+impl From<wire::Command> for Command {
+    fn from(c: wire::Command) -> Command {
+        if c.alive && c.abort_reason.is_empty() {
+            Command::Alive
+        } else {
+            Command::Abort(Abort { reason: c.abort_reason })
+        }
+    }
+}
+
+impl From<Command> for wire::Command {
+    fn from(c: Command) -> wire::Command {
+        match c {
+            Command::Alive => wire::Command {
+                abort_reason: String::new(),
+                alive: true,
+            },
+            Command::Abort(a) => wire::Command {
+                abort_reason: a.reason,
+                alive: false,
+            },
+        }
+    }
+}
+
 /// Metrics of one epoch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EpochUpdate {
@@ -461,12 +495,12 @@ impl InboundBeats {
 }
 
 /// Commands sent back on a heartbeat stream.
-pub type AbortStream = Pin<Box<dyn Stream<Item = Result<Abort, Status>> + Send + 'static>>;
+pub type CommandStream = Pin<Box<dyn Stream<Item = Result<Command, Status>> + Send + 'static>>;
 
 /// Server side of the control plane, in domain types.
 pub trait CoordinatorHandler: Send + Sync + 'static {
     fn register(&self, request: Registration) -> impl Future<Output = Result<Assignment, Status>> + Send;
-    fn heartbeat(&self, beats: InboundBeats) -> impl Future<Output = Result<AbortStream, Status>> + Send;
+    fn heartbeat(&self, beats: InboundBeats) -> impl Future<Output = Result<CommandStream, Status>> + Send;
     fn report_epoch(&self, report: EpochUpdate) -> impl Future<Output = Result<(), Status>> + Send;
     fn finish(&self, report: FinishReport) -> impl Future<Output = Result<(), Status>> + Send;
 }
@@ -496,7 +530,7 @@ impl<H: CoordinatorHandler> Coordinator for CoordinatorAdapter<H> {
             inner: request.into_inner(),
         };
         let commands = self.0.heartbeat(beats).await?;
-        let wire: WireCommands = Box::pin(commands.map(|c| c.map(|a| wire::Command { abort_reason: a.reason })));
+        let wire: WireCommands = Box::pin(commands.map(|c| c.map(wire::Command::from)));
         Ok(Response::new(wire))
     }
 
@@ -531,14 +565,14 @@ pub enum ClientError {
 
 /// Commands arriving on a heartbeat stream.
 #[derive(Debug)]
-pub struct InboundAborts {
+pub struct InboundCommands {
     inner: Streaming<wire::Command>,
 }
 
-impl InboundAborts {
+impl InboundCommands {
     /// Next command; `Ok(None)` when the coordinator closed the stream.
-    pub async fn next(&mut self) -> Result<Option<Abort>, Status> {
-        Ok(self.inner.message().await?.map(|c| Abort { reason: c.abort_reason }))
+    pub async fn next(&mut self) -> Result<Option<Command>, Status> {
+        Ok(self.inner.message().await?.map(Command::from))
     }
 }
 
@@ -575,13 +609,13 @@ impl CoordinatorClient {
     }
 
     /// Stream `beats`; returns the coordinator's commands.
-    pub async fn heartbeat<S>(&mut self, beats: S) -> Result<InboundAborts, ClientError>
+    pub async fn heartbeat<S>(&mut self, beats: S) -> Result<InboundCommands, ClientError>
     where
         S: Stream<Item = Beat> + Send + 'static,
     {
         let request = self.request(beats.map(wire::Beat::from));
         let response = self.inner.heartbeat(request).await.map_err(ClientError::Status)?;
-        Ok(InboundAborts {
+        Ok(InboundCommands {
             inner: response.into_inner(),
         })
     }

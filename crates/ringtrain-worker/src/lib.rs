@@ -21,5 +21,5 @@ mod sync;
 mod worker;
 
 pub use error::{Result, WorkerError};
-pub use sync::{param_checksum, AbortHandle, RingSync, SyncStats};
+pub use sync::{param_checksum, RingSync, SyncStats};
 pub use worker::{run_worker, WorkerEvent, WorkerOptions, WorkerReport};

@@ -1,10 +1,9 @@
 //! [`RingSync`]: the engine's gradient synchronisation over the gRPC ring.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ringtrain_collective::{Communicator, GrpcConfig};
+use ringtrain_collective::{CancelToken, Communicator, GrpcConfig};
 use ringtrain_train::{GradSync, SyncError};
 
 use crate::error::{Result, WorkerError};
@@ -29,24 +28,29 @@ pub struct SyncStats {
 pub struct RingSync {
     comm: Communicator,
     stats: Arc<Mutex<SyncStats>>,
-    abort: AbortHandle,
     checksum: Option<u64>,
 }
 
 impl RingSync {
     /// Joins the ring `config` describes, serving on `listener` (already bound; its address
     /// is `config.peers[config.rank]`). Blocks until every rank is up, at most
-    /// `config.connect_timeout`.
-    pub fn connect(config: &GrpcConfig, listener: std::net::TcpListener, io_threads: usize) -> Result<RingSync> {
-        let comm = Communicator::connect(config, listener, io_threads).map_err(|source| WorkerError::Ring {
+    /// `config.connect_timeout`. `stop` stops its collectives from another thread (see
+    /// [`RingSync::cancel_token`]).
+    pub fn connect(
+        config: &GrpcConfig,
+        listener: std::net::TcpListener,
+        io_threads: usize,
+        stop: CancelToken,
+    ) -> Result<RingSync> {
+        let mut comm = Communicator::connect(config, listener, io_threads).map_err(|source| WorkerError::Ring {
             rank: config.rank,
             world: config.peers.len(),
             source: Box::new(source),
         })?;
+        comm.set_cancel_token(stop);
         Ok(RingSync {
             comm,
             stats: Arc::default(),
-            abort: AbortHandle::default(),
             checksum: None,
         })
     }
@@ -56,16 +60,11 @@ impl RingSync {
         self.stats.clone()
     }
 
-    /// A handle that makes the next collective of this rank fail with `reason` (the job was
-    /// aborted elsewhere): training stops at its next step instead of running on.
-    pub fn abort_handle(&self) -> AbortHandle {
-        self.abort.clone()
-    }
-
-    /// Uses `handle` (created before the ring existed, e.g. by a heartbeat task) to abort.
-    pub fn with_abort(mut self, handle: &AbortHandle) -> RingSync {
-        self.abort = handle.clone();
-        self
+    /// Stops this rank's collectives from another thread (the job was aborted elsewhere, or
+    /// the coordinator was lost): the one in flight fails within a quarter of the ring's
+    /// timeout, and so does every later one, so training stops instead of running on.
+    pub fn cancel_token(&self) -> CancelToken {
+        self.comm.cancel_token()
     }
 
     /// Checksum of the final parameters ([`param_checksum`]), once the job has finished and
@@ -74,19 +73,11 @@ impl RingSync {
         self.checksum
     }
 
-    fn check_abort(&self) -> Result<(), SyncError> {
-        match self.abort.reason() {
-            Some(reason) => Err(SyncError(format!("rank {}: job aborted: {reason}", self.comm.rank()))),
-            None => Ok(()),
-        }
-    }
-
     fn timed<T>(
         &mut self,
         grad_bytes: Option<u64>,
         f: impl FnOnce(&mut Communicator) -> ringtrain_collective::Result<T>,
     ) -> Result<T, SyncError> {
-        self.check_abort()?;
         let started = Instant::now();
         let out = f(&mut self.comm).map_err(|e| SyncError(e.to_string()));
         let secs = started.elapsed().as_secs_f64();
@@ -100,37 +91,6 @@ impl RingSync {
             }
         }
         out
-    }
-}
-
-/// Stops a [`RingSync`] from another thread; see [`RingSync::abort_handle`].
-#[derive(Debug, Clone, Default)]
-pub struct AbortHandle {
-    reason: Arc<Mutex<Option<String>>>,
-    flag: Arc<AtomicBool>,
-}
-
-impl AbortHandle {
-    /// Makes the next collective fail with `reason`.
-    pub fn abort(&self, reason: impl Into<String>) {
-        if let Ok(mut r) = self.reason.lock() {
-            r.get_or_insert(reason.into());
-        }
-        self.flag.store(true, Ordering::Relaxed);
-    }
-
-    /// Why the job was aborted, once it was.
-    pub fn reason(&self) -> Option<String> {
-        if !self.flag.load(Ordering::Relaxed) {
-            return None;
-        }
-        Some(
-            self.reason
-                .lock()
-                .ok()
-                .and_then(|r| r.clone())
-                .unwrap_or_else(|| "aborted".into()),
-        )
     }
 }
 

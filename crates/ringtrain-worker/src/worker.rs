@@ -1,13 +1,14 @@
 //! [`run_worker`]: one worker process's life, from registration to the final report.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ringtrain_collective::GrpcConfig;
+use ringtrain_collective::{CancelToken, GrpcConfig};
 use ringtrain_config::Job;
 use ringtrain_proto::coordinator::{
-    Assignment, Beat, CoordinatorClient, EpochUpdate, FinishReport, Registration, WorkerOutcome,
+    Assignment, Beat, Command, CoordinatorClient, EpochUpdate, FinishReport, Registration, WorkerOutcome,
 };
 use ringtrain_train::{read_checkpoint_manifest, run_job_opts, Progress, RunOptions, RunSummary, TrainError};
 use tokio::runtime::Runtime;
@@ -16,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 use crate::error::{Result, WorkerError};
-use crate::sync::{AbortHandle, RingSync, SyncStats};
+use crate::sync::{RingSync, SyncStats};
 
 /// Deadline of every unary call to the coordinator (registration waits longer).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,6 +44,9 @@ pub struct WorkerOptions {
     pub connect_timeout: Duration,
     /// How long to wait for the other workers to register.
     pub rendezvous_timeout: Duration,
+    /// How long the coordinator's connection may stay silent (HTTP/2 pings unanswered)
+    /// before this worker stops training: the coordinator's heartbeat timeout, mirrored.
+    pub coordinator_timeout: Duration,
 }
 
 /// What happened on the way: rank assigned, epochs done. Given to the observer.
@@ -215,10 +219,18 @@ pub fn run_worker(opts: WorkerOptions, observe: &mut dyn FnMut(WorkerEvent)) -> 
     // Heartbeats start at once: the coordinator watches us from the rendezvous on.
     let position = Arc::new(Mutex::new(Position::default()));
     let nudge = Arc::new(Notify::new());
-    let abort = AbortHandle::default();
-    let beats = start_heartbeats(&mut control, &a, position.clone(), nudge.clone(), abort.clone())?;
+    let abort = CancelToken::default();
+    let lost = Arc::new(AtomicBool::new(false));
+    let beats = start_heartbeats(
+        &mut control,
+        (&a, opts.coordinator_timeout),
+        position.clone(),
+        nudge.clone(),
+        abort.clone(),
+        lost.clone(),
+    )?;
 
-    let result = train(&control, &a, &opts, (position, nudge), &abort, observe);
+    let result = train(&control, &a, &opts, (position, nudge), (&abort, &lost), observe);
     let outcome = match &result {
         Ok(t) => WorkerOutcome::Finished {
             params_checksum: t.checksum,
@@ -233,15 +245,21 @@ pub fn run_worker(opts: WorkerOptions, observe: &mut dyn FnMut(WorkerEvent)) -> 
         },
     };
     let mut client = control.client.clone();
-    let finished = control.call(
-        "final report",
-        CALL_TIMEOUT,
-        client.finish(FinishReport {
-            job_id: a.job_id.clone(),
-            rank,
-            outcome,
-        }),
-    );
+    let finished = if lost.load(Ordering::Relaxed) {
+        // Nobody to report to: waiting out the call's deadline would only keep this process
+        // alive after its job is over.
+        Err(control.err("final report", "the coordinator was lost during the job"))
+    } else {
+        control.call(
+            "final report",
+            CALL_TIMEOUT,
+            client.finish(FinishReport {
+                job_id: a.job_id.clone(),
+                rank,
+                outcome,
+            }),
+        )
+    };
     // Only now stop beating: a stream that ends before the final report reads as a crash.
     beats.abort();
     let trained = result?;
@@ -257,13 +275,17 @@ pub fn run_worker(opts: WorkerOptions, observe: &mut dyn FnMut(WorkerEvent)) -> 
 }
 
 /// Streams beats from a task, every interval and whenever `nudge` is notified (an epoch
-/// ended, a checkpoint landed); an abort command (or losing the coordinator) trips `abort`.
+/// ended, a checkpoint landed); an abort command (or losing the coordinator) trips `abort`,
+/// and losing the coordinator also sets `lost`. The coordinator answers beats with signs of
+/// life; `silent` without one means it is gone, even when no reset arrives (its host was cut
+/// off the network).
 fn start_heartbeats(
     control: &mut Control,
-    a: &Assignment,
+    (a, silent): (&Assignment, Duration),
     position: Arc<Mutex<Position>>,
     nudge: Arc<Notify>,
-    abort: AbortHandle,
+    abort: CancelToken,
+    lost: Arc<AtomicBool>,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let (tx, rx) = mpsc::channel::<Beat>(4);
     let (job_id, rank, every) = (a.job_id.clone(), a.rank, a.heartbeat_interval);
@@ -291,11 +313,24 @@ fn start_heartbeats(
     let mut commands = control.call("heartbeat", CALL_TIMEOUT, client.heartbeat(ReceiverStream::new(rx)))?;
     let addr = control.addr.clone();
     let listener = control.runtime.spawn(async move {
-        match commands.next().await {
-            Ok(Some(cmd)) => abort.abort(format!("the coordinator stopped the job: {}", cmd.reason)),
-            Ok(None) => abort.abort(format!("the coordinator at {addr} closed the heartbeat stream")),
-            Err(status) => abort.abort(format!("lost the coordinator at {addr}: {}", status.message())),
-        }
+        let why = loop {
+            match tokio::time::timeout(silent, commands.next()).await {
+                Ok(Ok(Some(Command::Alive))) => {}
+                Ok(Ok(Some(Command::Abort(a)))) => {
+                    abort.cancel(format!("the coordinator stopped the job: {}", a.reason));
+                    return;
+                }
+                Ok(Ok(None)) => break format!("the coordinator at {addr} closed the heartbeat stream"),
+                Ok(Err(status)) => break format!("lost the coordinator at {addr}: {}", status.message()),
+                Err(_) => {
+                    break format!(
+                        "lost the coordinator at {addr}: no sign of life for {silent:?} (unreachable or hung)"
+                    )
+                }
+            }
+        };
+        lost.store(true, Ordering::Relaxed);
+        abort.cancel(why);
     });
     Ok(control.runtime.spawn(async move {
         // Dropping either ends the stream: cancel both together.
@@ -326,7 +361,7 @@ fn train(
     a: &Assignment,
     opts: &WorkerOptions,
     (position, nudge): (Arc<Mutex<Position>>, Arc<Notify>),
-    abort: &AbortHandle,
+    (abort, lost): (&CancelToken, &AtomicBool),
     observe: &mut dyn FnMut(WorkerEvent),
 ) -> Result<Trained> {
     let rank = a.rank;
@@ -357,7 +392,7 @@ fn train(
     let listener = opts.listener.try_clone().map_err(|e| WorkerError::Setup {
         reason: format!("cannot use the collective listener: {e}"),
     })?;
-    let mut sync = RingSync::connect(&config, listener, opts.io_threads)?.with_abort(abort);
+    let mut sync = RingSync::connect(&config, listener, opts.io_threads, abort.clone())?;
     let stats = sync.stats();
 
     let out = a.out_dir.as_deref().map(Path::new);
@@ -440,10 +475,15 @@ fn train(
     };
     let result = run_job_opts(&job, &a.job_toml, &run, &mut sync, &mut on_progress);
     drop(updates_tx);
-    // Deliver the epoch reports before the final one (bounded by their own deadlines).
-    let _ = control
-        .runtime
-        .block_on(async { tokio::time::timeout(CALL_TIMEOUT, reporter).await });
+    // Deliver the epoch reports before the final one (bounded by their own deadlines), unless
+    // the coordinator is gone.
+    if lost.load(Ordering::Relaxed) {
+        reporter.abort();
+    } else {
+        let _ = control
+            .runtime
+            .block_on(async { tokio::time::timeout(CALL_TIMEOUT, reporter).await });
+    }
     let summary = result.map_err(|e: TrainError| WorkerError::Train {
         rank,
         source: Box::new(e),

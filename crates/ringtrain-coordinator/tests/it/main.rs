@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use ringtrain_coordinator::{serve, CoordinatorConfig, CoordinatorError, JobOutcome, JobSpec};
 use ringtrain_proto::coordinator::{
-    Assignment, Beat, CoordinatorClient, FinishReport, InboundAborts, Registration, WorkerOutcome,
+    Assignment, Beat, CoordinatorClient, FinishReport, InboundCommands, Registration, WorkerOutcome,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -51,7 +51,7 @@ struct Fake {
     client: CoordinatorClient,
     a: Assignment,
     beats: mpsc::Sender<Beat>,
-    _commands: InboundAborts,
+    _commands: InboundCommands,
 }
 
 impl Fake {

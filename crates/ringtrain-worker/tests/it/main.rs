@@ -33,7 +33,7 @@ fn run_ring(job: &Job, text: &str, world: usize) -> Vec<(RunSummary, u64)> {
             std::thread::spawn(move || {
                 let mut config = GrpcConfig::new(rank, peers, "worker-test-ring", "secret");
                 config.connect_timeout = Duration::from_secs(20);
-                let mut sync = RingSync::connect(&config, listener, 1).unwrap();
+                let mut sync = RingSync::connect(&config, listener, 1, Default::default()).unwrap();
                 assert_eq!((sync.rank(), sync.world()), (rank, world));
                 let summary = run_job_with(&job, &text, None, &mut sync, &mut |_| {}).unwrap();
                 let stats = *sync.stats().lock().unwrap();
@@ -83,7 +83,7 @@ fn a_batch_that_does_not_divide_by_the_world_is_refused() {
             let (job, text, peers) = (job.clone(), text.clone(), peers.clone());
             std::thread::spawn(move || {
                 let config = GrpcConfig::new(rank, peers, "worker-test-indivisible", "secret");
-                let mut sync = RingSync::connect(&config, listener, 1).unwrap();
+                let mut sync = RingSync::connect(&config, listener, 1, Default::default()).unwrap();
                 run_job_with(&job, &text, None, &mut sync, &mut |_| {})
                     .unwrap_err()
                     .to_string()
@@ -138,6 +138,7 @@ mod cluster {
             io_threads: 1,
             connect_timeout: Duration::from_secs(5),
             rendezvous_timeout: Duration::from_secs(20),
+            coordinator_timeout: Duration::from_secs(5),
         }
     }
 
