@@ -387,6 +387,30 @@ impl<'p> Graph<'p> {
         }
         Ok(())
     }
+
+    /// Adds `weight` × d(loss)/d(parameter) into `out` (laid out like the store's flat
+    /// buffer), for gradient accumulation over micro-batches. Unused parameters add nothing.
+    pub fn add_param_grads(&self, grads: &Gradients, out: &mut [f32], weight: f32) -> Result<()> {
+        let store = self.params.ok_or(AutogradError::Invalid {
+            op: "add_param_grads",
+            reason: "graph has no parameter store".into(),
+        })?;
+        if out.len() != store.num_elements() {
+            return Err(AutogradError::Invalid {
+                op: "add_param_grads",
+                reason: format!("buffer has {} elements, parameters {}", out.len(), store.num_elements()),
+            });
+        }
+        for (spec, bound) in store.specs().iter().zip(&self.bound) {
+            if let Some(g) = bound.and_then(|v| grads.get(v)) {
+                let dst = &mut out[spec.offset..spec.offset + spec.len];
+                for (d, s) in dst.iter_mut().zip(g.as_slice()) {
+                    *d += weight * s;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Gradients of one backward pass, for the leaves that needed them.

@@ -386,6 +386,11 @@ pub struct TrainingConfig {
     /// zero state.
     #[serde(default)]
     pub tbptt: bool,
+    /// Gradient accumulation (PyTorch's `no_sync`): each optimizer step takes this many
+    /// batches of `batch_size`, weights their gradients by their example counts and
+    /// synchronises once, as one batch of `accumulate_steps × batch_size` would.
+    #[serde(default = "one")]
+    pub accumulate_steps: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -558,6 +563,9 @@ impl Job {
         }
         if self.training.batch_size == 0 {
             return Err(fail("training.batch_size", "must be at least 1".into()));
+        }
+        if self.training.accumulate_steps == 0 {
+            return Err(fail("training.accumulate_steps", "must be at least 1".into()));
         }
         if let Some(c) = self.training.clip_grad_norm {
             if !(c.is_finite() && c > 0.0) {

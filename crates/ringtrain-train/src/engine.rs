@@ -255,6 +255,8 @@ pub struct Trainer {
     step: u64,
     /// Truncated BPTT: ordered streams with the recurrent state carried between batches.
     tbptt: bool,
+    /// Batches per optimizer step (gradient accumulation).
+    accumulate: usize,
 }
 
 impl Trainer {
@@ -286,7 +288,11 @@ impl Trainer {
                 }
             }
         };
-        let steps_per_epoch = train_examples.div_ceil(job.training.batch_size).max(1) as u64;
+        let accumulate = job.training.accumulate_steps.max(1);
+        let steps_per_epoch = train_examples
+            .div_ceil(job.training.batch_size)
+            .div_ceil(accumulate)
+            .max(1) as u64;
         let schedule = Schedule {
             base_lr: o.lr as f32,
             warmup_steps: o.warmup_steps,
@@ -319,6 +325,7 @@ impl Trainer {
             seed: job.job.seed,
             step: 0,
             tbptt: job.training.tbptt,
+            accumulate,
         }
     }
 
@@ -326,8 +333,10 @@ impl Trainer {
     /// across ranks: rank r takes positions r, r + W, r + 2W, ... of the permutation, in local
     /// batches of `batch_size / W`, so global batch k is the same set of examples whatever the
     /// world size (the last, partial batch is padded by repeating examples, like PyTorch's
-    /// `DistributedSampler`). Returns (mean train loss, train accuracy if classification,
-    /// last gradient norm), all averaged over ranks.
+    /// `DistributedSampler`). With gradient accumulation every optimizer step takes
+    /// `accumulate_steps` consecutive batches, their gradients weighted by example counts and
+    /// synchronised once. Returns (mean train loss, train accuracy if classification, last
+    /// gradient norm), all averaged over ranks.
     pub fn train_epoch(
         &mut self,
         task: &Task,
@@ -373,36 +382,53 @@ impl Trainer {
         let mut grad_norm = None;
         // The recurrent state the previous batch ended with (truncated BPTT; reset per epoch).
         let mut carried: Option<Vec<ringtrain_tensor::Tensor>> = None;
-        for (b, chunk) in batches.iter().enumerate() {
-            let batch = examples.batch(chunk)?;
-            let targets = task.loss_targets(&batch.targets)?;
+        let mut done = 0;
+        for group in batches.chunks(self.accumulate) {
             let lr = self.schedule.lr_at(self.step);
-            let loss_value = {
-                let mut g = Graph::new(&self.store);
-                // Dropout masks: a fresh, reproducible stream per step.
-                g.seed_rng(
-                    self.seed
-                        ^ self.step.wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                        ^ (rank as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9),
-                );
-                let x = g.input(batch.x);
-                let out = self.forward(&mut g, x, &mut carried, chunk.len())?;
-                correct += count_correct(&task.target, g.value(out), &batch.targets)?;
-                if let Targets::Classes(c) = &batch.targets {
-                    targets_seen += c.len();
+            let group_rows: usize = group.iter().map(Vec::len).sum();
+            for (m, chunk) in group.iter().enumerate() {
+                let batch = examples.batch(chunk)?;
+                let targets = task.loss_targets(&batch.targets)?;
+                let loss_value = {
+                    let mut g = Graph::new(&self.store);
+                    // Dropout masks: a fresh, reproducible stream per step (and micro-batch).
+                    g.seed_rng(
+                        self.seed
+                            ^ self.step.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                            ^ (rank as u64).wrapping_mul(0xbf58_476d_1ce4_e5b9)
+                            ^ (m as u64).wrapping_mul(0x94d0_49bb_1331_11eb),
+                    );
+                    let x = g.input(batch.x);
+                    let out = self.forward(&mut g, x, &mut carried, chunk.len())?;
+                    correct += count_correct(&task.target, g.value(out), &batch.targets)?;
+                    if let Targets::Classes(c) = &batch.targets {
+                        targets_seen += c.len();
+                    }
+                    let loss = self.loss.compute(&mut g, out, &targets)?;
+                    let value = g.value(loss).item().map_err(ringtrain_autograd::AutogradError::from)?;
+                    let grads = g.backward(loss)?;
+                    // One batch: its mean gradient as it is. Several: the mean over all
+                    // their examples, each batch's mean weighted by its share.
+                    if group.len() == 1 {
+                        g.param_grads_into(&grads, &mut self.grad)?;
+                    } else {
+                        let share = chunk.len() as f32 / group_rows as f32;
+                        if m == 0 {
+                            self.grad.fill(0.0);
+                        }
+                        g.add_param_grads(&grads, &mut self.grad, share)?;
+                    }
+                    value
+                };
+                if !loss_value.is_finite() {
+                    return Err(TrainError::Diverged {
+                        epoch,
+                        step: self.step,
+                        value: loss_value,
+                    });
                 }
-                let loss = self.loss.compute(&mut g, out, &targets)?;
-                let value = g.value(loss).item().map_err(ringtrain_autograd::AutogradError::from)?;
-                let grads = g.backward(loss)?;
-                g.param_grads_into(&grads, &mut self.grad)?;
-                value
-            };
-            if !loss_value.is_finite() {
-                return Err(TrainError::Diverged {
-                    epoch,
-                    step: self.step,
-                    value: loss_value,
-                });
+                loss_sum += f64::from(loss_value) * chunk.len() as f64;
+                seen += chunk.len();
             }
             sync.all_reduce_mean(&mut self.grad)
                 .map_err(|source| TrainError::Sync {
@@ -414,13 +440,8 @@ impl Trainer {
             }
             self.optimizer.step(self.store.flat_mut(), &self.grad, lr)?;
             self.step += 1;
-            loss_sum += f64::from(loss_value) * chunk.len() as f64;
-            seen += chunk.len();
-            observe(Progress::Batch {
-                epoch,
-                done: b + 1,
-                total,
-            });
+            done += group.len();
+            observe(Progress::Batch { epoch, done, total });
         }
         let mut sums = [loss_sum, correct as f64, seen as f64, targets_seen as f64];
         sync.all_reduce_sum_f64(&mut sums).map_err(|source| TrainError::Sync {
@@ -916,6 +937,7 @@ pub fn run_job_opts(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::checkpoint::load_safetensors;
 
     fn iris_job(epochs: usize) -> (Job, String) {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/iris-mlp.toml");
@@ -965,6 +987,52 @@ mod tests {
         let s1 = std::fs::read(straight.path().join("summary.json")).unwrap();
         let s2 = std::fs::read(resumed.path().join("summary.json")).unwrap();
         assert_eq!(s1, s2);
+    }
+
+    /// Final parameters of the Iris job with `edit` applied.
+    fn iris_params(epochs: usize, edit: impl FnOnce(&mut Job)) -> Vec<f32> {
+        let (mut job, text) = iris_job(epochs);
+        edit(&mut job);
+        let dir = tempfile::tempdir().unwrap();
+        let opts = RunOptions {
+            out: Some(dir.path()),
+            ..RunOptions::default()
+        };
+        run_job_opts(&job, &text, &opts, &mut LocalSync, &mut |_| {}).unwrap();
+        let mut tensors: Vec<_> = load_safetensors(&dir.path().join("model.safetensors"))
+            .unwrap()
+            .into_iter()
+            .collect();
+        tensors.sort_by(|a, b| a.0.cmp(&b.0));
+        tensors.iter().flat_map(|(_, t)| t.as_slice().to_vec()).collect()
+    }
+
+    #[test]
+    fn accumulating_batches_equals_one_batch_as_large() {
+        // 120 training rows. Batches of 16 in pairs against batches of 32: the last pair is
+        // 16 + 8 rows against one batch of 24, so the weights by example count matter.
+        // Batches of 20 in fours against 80: the last group has two batches only.
+        for (small, k, large) in [(16, 2, 32), (20, 4, 80)] {
+            let accumulated = iris_params(4, |j| {
+                j.training.batch_size = small;
+                j.training.accumulate_steps = k;
+            });
+            let one = iris_params(4, |j| j.training.batch_size = large);
+            let worst = accumulated
+                .iter()
+                .zip(&one)
+                .map(|(a, b)| (a - b).abs() / b.abs().max(1e-2))
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst < 1e-4,
+                "batch {small} x {k} vs {large}: relative difference {worst}"
+            );
+        }
+        // One batch per step is the plain path, bit for bit.
+        assert_eq!(
+            iris_params(2, |j| j.training.accumulate_steps = 1),
+            iris_params(2, |_| {})
+        );
     }
 
     #[test]
