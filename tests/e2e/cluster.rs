@@ -139,6 +139,42 @@ fn three_workers_train_iris_like_one_process() {
 }
 
 #[test]
+fn bf16_compression_keeps_the_ranks_identical_and_learns_like_f32() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let edits = [("batch_size = 16", "batch_size = 15"), ("epochs = 100", "epochs = 30")];
+    let plain = iris_job(tmp.path(), "plain", &edits);
+    let bf16 = tmp.path().join("bf16.toml");
+    let text = std::fs::read_to_string(&plain).expect("job") + "\n[distributed]\ncompression = \"bf16\"\n";
+    std::fs::write(&bf16, text).expect("write job");
+    let mut summaries = Vec::new();
+    for (job, name) in [(&plain, "plain"), (&bf16, "bf16")] {
+        let dir = tmp.path().join(name);
+        let out = run_ok(
+            &["launch", "--workers", "3", s(job), "--out", s(&dir), "--quiet"],
+            MINUTE,
+        );
+        assert!(
+            out.contains("final parameters bitwise identical on every rank"),
+            "{out}"
+        );
+        summaries.push((
+            read_json(&dir.join("summary.json")),
+            std::fs::read(dir.join("model.safetensors")).expect("model"),
+        ));
+    }
+    let ((f32_summary, f32_model), (bf16_summary, bf16_model)) = (&summaries[0], &summaries[1]);
+    assert_ne!(f32_model, bf16_model, "the gradients did not travel as bf16");
+    let acc = |v: &serde_json::Value| v["test_accuracy"].as_f64().expect("test_accuracy");
+    assert!(acc(bf16_summary) >= 0.9, "bf16 accuracy {}", acc(bf16_summary));
+    assert!(
+        (acc(bf16_summary) - acc(f32_summary)).abs() * 30.0 <= 2.0 + 1e-9,
+        "accuracy {} with bf16 vs {} with f32",
+        acc(bf16_summary),
+        acc(f32_summary)
+    );
+}
+
+#[test]
 fn distributed_kfold_prints_each_fold_and_mean_std() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let job = iris_job(

@@ -49,6 +49,16 @@
 //!   the same bits**, and the same inputs in the same ring order give the same
 //!   bits in every run.
 //!
+//! # Compression
+//!
+//! [`ReduceOp::MeanBf16`] sends every value as bfloat16 (2 bytes instead of
+//! 4, rounded to nearest even, sums still formed in f32): each rank's input
+//! and each forwarded partial sum is rounded once when it leaves, and the
+//! rank that finishes a chunk keeps the rounded mean itself, so the all-gather
+//! still copies identical bits to every rank. Error feedback (carrying each
+//! rank's own rounding into its next step) is the caller's, which owns the
+//! gradient across steps.
+//!
 //! # Pipelining
 //!
 //! Each chunk travels as `parts` messages of at most `part_bytes` (the same
@@ -136,6 +146,7 @@ mod transport;
 pub use communicator::Communicator;
 pub use error::{Direction, Error, LinkError, LinkFailure, Result};
 pub use grpc::{connect_ring, GrpcConfig, GrpcTransport};
+pub use kernels::{from_bf16, to_bf16};
 pub use layout::BucketPlan;
 pub use ring::{CancelToken, ReduceOp, Ring, RingOptions, DEFAULT_PART_BYTES, DEFAULT_TIMEOUT};
 pub use ringtrain_proto::collective::CollectiveOp;

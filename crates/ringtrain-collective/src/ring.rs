@@ -9,7 +9,7 @@ use bytes::{Bytes, BytesMut};
 use ringtrain_proto::collective::{Abort, CollectiveOp, DataFrame, DataHeader, Frame, Waiting};
 
 use crate::error::{Direction, Error, LinkError, LinkFailure, Result};
-use crate::kernels;
+use crate::kernels::{self, Wire};
 use crate::layout::{even_range, plain_fingerprint, BucketPlan, Cut};
 use crate::transport::Transport;
 
@@ -25,6 +25,10 @@ pub enum ReduceOp {
     /// Element-wise sum divided by the world size (by the one rank that owns
     /// each chunk, so every rank still gets the same bits).
     Mean,
+    /// [`ReduceOp::Mean`] with the values travelling as bfloat16: half the
+    /// bytes. Sums are formed in f32 and rounded to bf16 at every hop, and the
+    /// result holds bf16 values, the same bits on every rank.
+    MeanBf16,
 }
 
 impl ReduceOp {
@@ -32,6 +36,7 @@ impl ReduceOp {
         match self {
             ReduceOp::Sum => CollectiveOp::AllReduceSum,
             ReduceOp::Mean => CollectiveOp::AllReduceMean,
+            ReduceOp::MeanBf16 => CollectiveOp::AllReduceMeanBf16,
         }
     }
 }
@@ -670,12 +675,17 @@ impl<T: Transport> Ring<T> {
         if n == 1 {
             return Ok(());
         }
-        let divisor = (op == CollectiveOp::AllReduceMean).then_some(n as f32);
+        let divisor = matches!(op, CollectiveOp::AllReduceMean | CollectiveOp::AllReduceMeanBf16).then_some(n as f32);
+        let wire = if op == CollectiveOp::AllReduceMeanBf16 {
+            Wire::Bf16
+        } else {
+            Wire::F32
+        };
         // Step 0: send our own chunk r.
         for k in 0..cut.parts {
             let range = cut.part(r, k);
-            let mut out = self.take(range.len() * 4);
-            kernels::encode(&buf[range], &mut out);
+            let mut out = self.take(range.len() * op.value_bytes());
+            wire.encode(&buf[range], &mut out);
             let payload = self.give(out);
             self.send(&ctx, 0, k, 0, payload)?;
         }
@@ -694,18 +704,18 @@ impl<T: Transport> Ring<T> {
                 if s + 2 < n {
                     // Intermediate reduce-scatter: forward the partial sum.
                     let mut out = self.take(payload.len());
-                    kernels::add(&buf[range], &payload, &mut out);
+                    wire.add(&buf[range], &payload, &mut out);
                     let out = self.give(out);
                     self.send(&ctx, s + 1, k, 0, out)?;
                 } else if s + 2 == n {
                     // Last reduce-scatter step: this rank owns the final value.
                     let mut out = self.take(payload.len());
-                    kernels::add_finish(&mut buf[range], &payload, divisor, &mut out);
+                    wire.add_finish(&mut buf[range], &payload, divisor, &mut out);
                     let out = self.give(out);
                     self.send(&ctx, s + 1, k, 0, out)?;
                 } else {
                     // All-gather: copy, and forward the very same bytes.
-                    kernels::copy(&mut buf[range], &payload);
+                    wire.copy(&mut buf[range], &payload);
                     if s + 1 < steps {
                         self.send(&ctx, s + 1, k, 0, payload)?;
                     }

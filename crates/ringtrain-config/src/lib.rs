@@ -48,6 +48,27 @@ pub struct Job {
     pub training: TrainingConfig,
     #[serde(default)]
     pub evaluation: EvaluationConfig,
+    #[serde(default)]
+    pub distributed: DistributedConfig,
+}
+
+/// How gradients cross the network in a distributed run; a single process ignores it.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistributedConfig {
+    /// Gradients on the wire: `none` (f32) or `bf16` (half the bytes; each rank carries its
+    /// rounding error into its next step, so nothing is lost for good).
+    #[serde(default)]
+    pub compression: Compression,
+}
+
+/// See [`DistributedConfig::compression`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    #[default]
+    None,
+    Bf16,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -14,6 +14,8 @@ use crate::wire;
 pub enum CollectiveOp {
     AllReduceSum,
     AllReduceMean,
+    /// Mean with bfloat16 values on the wire.
+    AllReduceMeanBf16,
     Broadcast,
     Barrier,
     AllGather,
@@ -25,16 +27,19 @@ impl CollectiveOp {
         match self {
             CollectiveOp::AllReduceSum => "all_reduce_sum",
             CollectiveOp::AllReduceMean => "all_reduce_mean",
+            CollectiveOp::AllReduceMeanBf16 => "all_reduce_mean_bf16",
             CollectiveOp::Broadcast => "broadcast",
             CollectiveOp::Barrier => "barrier",
             CollectiveOp::AllGather => "all_gather",
         }
     }
 
-    /// Size in bytes of one payload value for this op (f64 for all-gather, f32 otherwise).
+    /// Size in bytes of one payload value for this op (f64 for all-gather, bf16 for the
+    /// compressed mean, f32 otherwise).
     pub fn value_bytes(self) -> usize {
         match self {
             CollectiveOp::AllGather => 8,
+            CollectiveOp::AllReduceMeanBf16 => 2,
             _ => 4,
         }
     }
@@ -51,6 +56,7 @@ impl From<CollectiveOp> for wire::CollectiveOp {
         match op {
             CollectiveOp::AllReduceSum => wire::CollectiveOp::AllReduceSum,
             CollectiveOp::AllReduceMean => wire::CollectiveOp::AllReduceMean,
+            CollectiveOp::AllReduceMeanBf16 => wire::CollectiveOp::AllReduceMeanBf16,
             CollectiveOp::Broadcast => wire::CollectiveOp::Broadcast,
             CollectiveOp::Barrier => wire::CollectiveOp::Barrier,
             CollectiveOp::AllGather => wire::CollectiveOp::AllGather,
@@ -166,6 +172,7 @@ impl TryFrom<wire::DataFrame> for DataFrame {
         let op = match wire::CollectiveOp::try_from(d.op) {
             Ok(wire::CollectiveOp::AllReduceSum) => CollectiveOp::AllReduceSum,
             Ok(wire::CollectiveOp::AllReduceMean) => CollectiveOp::AllReduceMean,
+            Ok(wire::CollectiveOp::AllReduceMeanBf16) => CollectiveOp::AllReduceMeanBf16,
             Ok(wire::CollectiveOp::Broadcast) => CollectiveOp::Broadcast,
             Ok(wire::CollectiveOp::Barrier) => CollectiveOp::Barrier,
             Ok(wire::CollectiveOp::AllGather) => CollectiveOp::AllGather,

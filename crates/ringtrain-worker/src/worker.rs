@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ringtrain_collective::{CancelToken, GrpcConfig};
-use ringtrain_config::Job;
+use ringtrain_config::{Compression, Job};
 use ringtrain_proto::coordinator::{
     Assignment, Beat, Command, CoordinatorClient, EpochUpdate, FinishReport, Registration, WorkerOutcome,
 };
@@ -393,6 +393,9 @@ fn train(
         reason: format!("cannot use the collective listener: {e}"),
     })?;
     let mut sync = RingSync::connect(&config, listener, opts.io_threads, abort.clone())?;
+    if job.distributed.compression == Compression::Bf16 {
+        sync = sync.with_bf16_compression();
+    }
     let stats = sync.stats();
 
     let out = a.out_dir.as_deref().map(Path::new);

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use proptest::prelude::*;
-use ringtrain_collective::{BucketPlan, Error, MemoryTransport, ReduceOp, Ring, RingOptions, Transport};
+use ringtrain_collective::{
+    from_bf16, to_bf16, BucketPlan, Error, MemoryTransport, ReduceOp, Ring, RingOptions, Transport,
+};
 
 use crate::{bits, even_range, inputs, ring_model, run};
 
@@ -42,6 +44,29 @@ fn all_reduce(xs: &[Vec<f32>], op: ReduceOp, part_bytes: usize) -> Vec<Vec<f32>>
         }
         out
     })
+}
+
+#[test]
+fn a_bf16_mean_is_the_same_bits_everywhere_and_within_rounding_of_the_mean() {
+    for (n, len, part_values) in [(2, 1000, 64), (3, 4097, 1000), (4, 10, 1), (5, 3, 4096)] {
+        let xs: Vec<Vec<f32>> = (0..n).map(|r| inputs(7, r, len)).collect();
+        let out = all_reduce(&xs, ReduceOp::MeanBf16, part_values * 2);
+        for r in 1..n {
+            assert_eq!(bits(&out[r]), bits(&out[0]), "rank {r} of {n}");
+        }
+        for (i, &v) in out[0].iter().enumerate() {
+            assert_eq!(from_bf16(to_bf16(v)), v, "element {i} is not a bf16 value");
+            let exact = xs.iter().map(|x| f64::from(x[i])).sum::<f64>() / n as f64;
+            // Each of the n roundings (input, n-2 partial sums, the mean) is within 2^-9 of
+            // what it rounds, and none of those exceeds the sum of magnitudes.
+            let magnitudes = xs.iter().map(|x| f64::from(x[i].abs())).sum::<f64>();
+            let tol = n as f64 * magnitudes / 512.0;
+            assert!(
+                (f64::from(v) - exact).abs() <= tol,
+                "n {n} element {i}: {v} vs {exact} (tolerance {tol})"
+            );
+        }
+    }
 }
 
 fn cases() -> u32 {
