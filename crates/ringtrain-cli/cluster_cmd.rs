@@ -625,6 +625,8 @@ pub fn run_worker_cmd(args: WorkerArgs) -> anyhow::Result<()> {
                         "event": "finished", "rank": r.rank, "world": r.world, "group": r.group,
                         "params_checksum": format!("{:016x}", r.params_checksum),
                         "allreduce_secs": r.stats.allreduce_secs, "allreduces": r.stats.allreduces,
+                        "allreduce_exposed_secs": r.stats.allreduce_exposed_secs,
+                        "allreduce_bytes": r.stats.allreduce_bytes,
                     })
                 );
                 if !args.rejoin {

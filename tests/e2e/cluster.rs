@@ -175,6 +175,42 @@ fn bf16_compression_keeps_the_ranks_identical_and_learns_like_f32() {
 }
 
 #[test]
+fn overlapping_the_all_reduce_with_backward_gives_the_same_bits() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let base = iris_job(tmp.path(), "base", &[("epochs = 100", "epochs = 10")]);
+    let text = std::fs::read_to_string(&base).expect("job");
+    for compression in ["none", "bf16"] {
+        let mut checksums = Vec::new();
+        for overlap in [true, false] {
+            let name = format!("{compression}-{overlap}");
+            let job = tmp.path().join(format!("{name}.toml"));
+            // Buckets of 131 values: the MLP's parameters fall into several.
+            let extra =
+                format!("\n[distributed]\ncompression = \"{compression}\"\noverlap = {overlap}\nbucket_mb = 0.0005\n");
+            std::fs::write(&job, format!("{text}{extra}")).expect("write job");
+            let out = run_ok(
+                &[
+                    "launch",
+                    "--workers",
+                    "2",
+                    s(&job),
+                    "--out",
+                    s(&tmp.path().join(&name)),
+                    "--quiet",
+                ],
+                MINUTE,
+            );
+            let at = out.find("(checksum ").unwrap_or_else(|| panic!("{out}"));
+            checksums.push(out[at..at + 26].to_owned());
+        }
+        assert_eq!(
+            checksums[0], checksums[1],
+            "compression {compression}: overlapped vs after backward"
+        );
+    }
+}
+
+#[test]
 fn distributed_kfold_prints_each_fold_and_mean_std() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let job = iris_job(

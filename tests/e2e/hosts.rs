@@ -162,8 +162,9 @@ fn a_worker_cut_off_the_network_is_named_and_every_process_stops() {
     // Packets vanish: no reset reaches anyone, only silence.
     cluster.cut(2).expect("cut host 2");
     let at = Instant::now();
-    // Heartbeat timeout 3 s; the slack covers a loaded 2-core machine.
-    let (line, errs) = all_fail_within(&mut coordinator, &mut workers, at, Duration::from_secs(8));
+    // Heartbeat timeout 3 s: everyone is gone about 2 s later on a quiet machine; the slack
+    // covers a 2-core CI machine running other tests at the same time.
+    let (line, errs) = all_fail_within(&mut coordinator, &mut workers, at, Duration::from_secs(12));
     // Ranks follow registration order, so the cut host is named by its address.
     assert!(
         line.contains("peer 10.77.0.3:") && line.contains("unreachable"),
@@ -187,7 +188,7 @@ fn a_coordinator_cut_off_the_network_stops_every_worker() {
     let (mut coordinator, mut workers) = long_job_running(&cluster, tmp.path());
     cluster.cut(4).expect("cut the coordinator's host");
     let at = Instant::now();
-    let (line, errs) = all_fail_within(&mut coordinator, &mut workers, at, Duration::from_secs(8));
+    let (line, errs) = all_fail_within(&mut coordinator, &mut workers, at, Duration::from_secs(12));
     // The coordinator hears nobody; the workers' ring still works, so it is their
     // coordinator's silence that stops them, named with its address.
     assert!(line.contains("no heartbeat"), "{line}");

@@ -11,6 +11,16 @@ use crate::{AutogradError, Gradients, Graph, Op, Result, Var};
 impl Graph<'_> {
     /// Gradients of the one-element `loss` with respect to every leaf that needs one.
     pub fn backward(&self, loss: Var) -> Result<Gradients> {
+        self.backward_with(loss, &mut |_, _| {})
+    }
+
+    /// [`Graph::backward`] that also hands over each parameter's gradient the moment it is
+    /// final, as `ready(index in the store, gradient)` (`None`: zero, the parameter did not
+    /// reach the loss), so its all-reduce can start while backward continues. A leaf's
+    /// gradient is final when the reverse sweep reaches it, since every node that reads it
+    /// comes later on the tape; parameters are therefore handed over in the order of
+    /// [`Graph::backward_order`]. Every parameter of the store is handed over exactly once.
+    pub fn backward_with(&self, loss: Var, ready: &mut dyn FnMut(usize, Option<&Tensor>)) -> Result<Gradients> {
         let shape = self.shape(loss);
         if self.value(loss).len() != 1 {
             return Err(AutogradError::NotScalar { shape: shape.to_vec() });
@@ -19,9 +29,20 @@ impl Graph<'_> {
         if self.nodes[loss.0].needs_grad {
             grads[loss.0] = Some(Tensor::ones(shape));
         }
+        let mut param_of_leaf: Vec<Option<usize>> = vec![None; self.nodes.len()];
+        for (p, v) in self.bound.iter().enumerate() {
+            if let Some(v) = v {
+                param_of_leaf[v.0] = Some(p);
+            }
+        }
+        let mut handed = vec![false; self.bound.len()];
         for i in (0..=loss.0).rev() {
             let node = &self.nodes[i];
             if matches!(node.op, Op::Leaf) {
+                if let Some(p) = param_of_leaf[i] {
+                    ready(p, grads[i].as_ref());
+                    handed[p] = true;
+                }
                 continue;
             }
             let Some(g) = grads[i].take() else { continue };
@@ -46,7 +67,34 @@ impl Graph<'_> {
                 }
             }
         }
+        // Parameters never bound, or bound after the loss: zero.
+        for (p, done) in handed.iter().enumerate() {
+            if !done {
+                ready(p, None);
+            }
+        }
         Ok(Gradients { grads })
+    }
+
+    /// The store's parameter indices in the order [`Graph::backward_with`] hands their
+    /// gradients over: bound parameters from the last bound to the first (the reverse sweep
+    /// meets their leaves in that order), then the others. The same model gives the same
+    /// order every step.
+    pub fn backward_order(&self, loss: Var) -> Vec<usize> {
+        let mut bound: Vec<(usize, usize)> = self
+            .bound
+            .iter()
+            .enumerate()
+            .filter_map(|(p, v)| v.filter(|v| v.0 <= loss.0).map(|v| (v.0, p)))
+            .collect();
+        bound.sort_unstable_by_key(|&(node, _)| std::cmp::Reverse(node));
+        let mut order: Vec<usize> = bound.iter().map(|&(_, p)| p).collect();
+        let mut seen = vec![false; self.bound.len()];
+        for &p in &order {
+            seen[p] = true;
+        }
+        order.extend((0..self.bound.len()).filter(|&p| !seen[p]));
+        order
     }
 
     fn input_grads(&self, i: usize, g: &Tensor) -> Result<Vec<(Var, Tensor)>> {

@@ -208,6 +208,56 @@ fn param_grads_land_in_store_layout() {
 }
 
 #[test]
+fn backward_hands_each_parameter_over_once_when_its_gradient_is_final() {
+    let named = [
+        ("a.weight".to_string(), Tensor::full(&[2], 1.0)),
+        ("b.weight".to_string(), Tensor::full(&[3], 2.0)),
+        ("c.weight".to_string(), Tensor::full(&[1], 3.0)),
+        ("unused".to_string(), Tensor::full(&[1], 9.0)),
+    ];
+    let store = ParamStore::from_named(named.into_iter().collect());
+    let mut g = Graph::new(&store);
+    // Bound in the order b, a, c; a is read twice, once after c is bound.
+    let b = g.param("b.weight").unwrap();
+    let a = g.param("a.weight").unwrap();
+    let sb = g.sum(b);
+    let sa = g.sum(a);
+    let ab = g.mul(sa, sb).unwrap();
+    let c = g.param("c.weight").unwrap();
+    let a2 = g.param("a.weight").unwrap();
+    let ca = g.mul(c, a2).unwrap();
+    let sca = g.sum(ca);
+    let loss = g.add(ab, sca).unwrap();
+    let order = g.backward_order(loss);
+    assert_eq!(
+        order,
+        vec![2, 0, 1, 3],
+        "c, a, b (the reverse of binding), then the unused one"
+    );
+    let mut handed = Vec::new();
+    let grads = g
+        .backward_with(loss, &mut |p, grad| {
+            handed.push((p, grad.map(|t| t.as_slice().to_vec())));
+        })
+        .unwrap();
+    assert_eq!(handed.iter().map(|h| h.0).collect::<Vec<_>>(), order);
+    // The gradients handed over are the final ones, as `backward` gives them.
+    let mut flat = vec![f32::NAN; store.num_elements()];
+    g.param_grads_into(&grads, &mut flat).unwrap();
+    let mut from_hook = vec![f32::NAN; store.num_elements()];
+    for (p, grad) in handed {
+        let spec = &store.specs()[p];
+        let dst = &mut from_hook[spec.offset..spec.offset + spec.len];
+        match grad {
+            Some(v) => dst.copy_from_slice(&v),
+            None => dst.fill(0.0),
+        }
+    }
+    assert_eq!(from_hook, flat);
+    assert_eq!(flat, vec![6.0 + 3.0, 6.0 + 3.0, 2.0, 2.0, 2.0, 2.0, 0.0]);
+}
+
+#[test]
 fn backward_refuses_non_scalar_loss() {
     let mut g = Graph::standalone();
     let x = g.variable(Tensor::zeros(&[2]));

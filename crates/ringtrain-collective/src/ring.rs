@@ -280,12 +280,16 @@ impl<T: Transport> Ring<T> {
             });
         }
         if let Some(reason) = self.cancel.reason() {
-            return Err(Error::Cancelled {
+            let err = Error::Cancelled {
                 op,
                 rank: self.rank,
                 seq: self.seq,
                 reason,
-            });
+            };
+            // Between collectives too, the neighbours must hear why this rank stops before
+            // they see its links close.
+            self.fail(op, self.seq, &err);
+            return Err(err);
         }
         let seq = self.seq;
         self.seq += 1;
@@ -312,24 +316,29 @@ impl<T: Transport> Ring<T> {
             other => other,
         };
         if let Err(err) = &result {
-            self.poisoned = Some(err.to_string());
-            let right = (self.rank + 1) % self.world;
-            let (origin, reason) = match err {
-                Error::Aborted { origin, reason, .. } => (*origin, reason.clone()),
-                other => (self.rank, other.to_string()),
-            };
-            if self.world > 1 && origin != right {
-                tracing::debug!(rank = self.rank, %op, seq, origin, "forwarding abort");
-                // Best effort: the link to the right may be what failed.
-                let _ = self.transport.send(Frame::Abort(Abort {
-                    job_id: self.opts.job_id.clone(),
-                    seq,
-                    origin_rank: u32::try_from(origin).unwrap_or(u32::MAX),
-                    reason,
-                }));
-            }
+            self.fail(op, seq, err);
         }
         result
+    }
+
+    /// Poisons the ring and passes the abort to the right neighbour.
+    fn fail(&mut self, op: CollectiveOp, seq: u64, err: &Error) {
+        self.poisoned = Some(err.to_string());
+        let right = (self.rank + 1) % self.world;
+        let (origin, reason) = match err {
+            Error::Aborted { origin, reason, .. } => (*origin, reason.clone()),
+            other => (self.rank, other.to_string()),
+        };
+        if self.world > 1 && origin != right {
+            tracing::debug!(rank = self.rank, %op, seq, origin, "forwarding abort");
+            // Best effort: the link to the right may be what failed.
+            let _ = self.transport.send(Frame::Abort(Abort {
+                job_id: self.opts.job_id.clone(),
+                seq,
+                origin_rank: u32::try_from(origin).unwrap_or(u32::MAX),
+                reason,
+            }));
+        }
     }
 
     /// An abort arriving from the left within [`ABORT_GRACE`] (capped at the

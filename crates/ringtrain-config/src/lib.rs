@@ -53,13 +53,35 @@ pub struct Job {
 }
 
 /// How gradients cross the network in a distributed run; a single process ignores it.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DistributedConfig {
     /// Gradients on the wire: `none` (f32) or `bf16` (half the bytes; each rank carries its
     /// rounding error into its next step, so nothing is lost for good).
     #[serde(default)]
     pub compression: Compression,
+    /// Gradients are all-reduced in buckets of about this many MiB (whole parameters, in
+    /// the order backward finishes them).
+    #[serde(default = "bucket_mb")]
+    pub bucket_mb: f64,
+    /// Start a bucket's all-reduce while backward still computes the rest (DDP's overlap);
+    /// off: all buckets after backward. Either way the result has the same bits.
+    #[serde(default = "yes")]
+    pub overlap: bool,
+}
+
+impl Default for DistributedConfig {
+    fn default() -> Self {
+        DistributedConfig {
+            compression: Compression::None,
+            bucket_mb: bucket_mb(),
+            overlap: true,
+        }
+    }
+}
+
+fn bucket_mb() -> f64 {
+    1.0
 }
 
 /// See [`DistributedConfig::compression`].
@@ -587,6 +609,13 @@ impl Job {
         }
         if self.training.accumulate_steps == 0 {
             return Err(fail("training.accumulate_steps", "must be at least 1".into()));
+        }
+        let mb = self.distributed.bucket_mb;
+        if !(mb.is_finite() && mb > 0.0 && mb <= 1024.0) {
+            return Err(fail(
+                "distributed.bucket_mb",
+                format!("must be above 0 and at most 1024, got {mb}"),
+            ));
         }
         if let Some(c) = self.training.clip_grad_norm {
             if !(c.is_finite() && c > 0.0) {

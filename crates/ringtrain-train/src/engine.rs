@@ -24,6 +24,11 @@ use crate::{write_atomic, Result, TrainError};
 #[error("{0}")]
 pub struct SyncError(pub String);
 
+/// Takes one complete gradient bucket (see [`GradSync::reduce_buckets`]).
+pub type EmitBucket<'a> = dyn FnMut(Vec<f32>) + 'a;
+/// Runs a backward pass, handing each gradient bucket over as it completes.
+pub type BucketedBackward<'a> = dyn FnMut(&mut EmitBucket<'_>) + 'a;
+
 /// What the engine needs from its peers: the seam between compute and network.
 ///
 /// Every method must leave the same bits on every rank. Single-process training uses
@@ -41,6 +46,20 @@ pub trait GradSync {
 
     /// Replaces `grads` (the flat gradient buffer) with the mean over all ranks.
     fn all_reduce_mean(&mut self, grads: &mut [f32]) -> Result<(), SyncError>;
+
+    /// Averages one step's gradient, cut into buckets, over all ranks. `backward` runs the
+    /// backward pass and hands over each bucket, in order, the moment it is complete; a sync
+    /// may reduce it while backward goes on. Returns the averaged buckets in order. The
+    /// result must not depend on when buckets arrive. The default reduces each bucket with
+    /// [`GradSync::all_reduce_mean`] after backward.
+    fn reduce_buckets(&mut self, backward: &mut BucketedBackward<'_>) -> Result<Vec<Vec<f32>>, SyncError> {
+        let mut buckets = Vec::new();
+        backward(&mut |b| buckets.push(b));
+        for b in &mut buckets {
+            self.all_reduce_mean(b)?;
+        }
+        Ok(buckets)
+    }
 
     /// Replaces `values` (small metric sums) with their sum over all ranks.
     fn all_reduce_sum_f64(&mut self, values: &mut [f64]) -> Result<(), SyncError>;
@@ -257,6 +276,142 @@ pub struct Trainer {
     tbptt: bool,
     /// Batches per optimizer step (gradient accumulation).
     accumulate: usize,
+    /// Largest gradient bucket, in elements (`distributed.bucket_mb`).
+    bucket_elems: usize,
+    /// The buckets of a distributed step, fixed at its first backward pass.
+    buckets: Option<GradBuckets>,
+}
+
+/// A step's gradient cut into buckets for the all-reduce: whole parameters in the order
+/// backward finishes them ([`Graph::backward_order`]), a bucket closed once it holds
+/// `bucket_elems` elements. Every rank builds the same plan from the same model.
+#[derive(Debug)]
+struct GradBuckets {
+    /// Per parameter of the store: its bucket and its offset there.
+    place: Vec<(usize, usize)>,
+    /// Per bucket: its length.
+    lens: Vec<usize>,
+    /// Per bucket: how many parameters it holds.
+    members: Vec<usize>,
+    /// Buffers of the last step, reused.
+    spare: Vec<Vec<f32>>,
+}
+
+impl GradBuckets {
+    fn new(order: &[usize], specs: &[ringtrain_autograd::ParamSpec], bucket_elems: usize) -> GradBuckets {
+        let mut place = vec![(0, 0); specs.len()];
+        let (mut lens, mut members) = (Vec::new(), Vec::new());
+        for &p in order {
+            let len = specs[p].len;
+            match lens.last_mut() {
+                Some(open) if *open + len <= bucket_elems || *open == 0 => {}
+                _ => {
+                    lens.push(0);
+                    members.push(0);
+                }
+            }
+            let b = lens.len() - 1;
+            place[p] = (b, lens[b]);
+            lens[b] += len;
+            members[b] += 1;
+        }
+        GradBuckets {
+            place,
+            lens,
+            members,
+            spare: Vec::new(),
+        }
+    }
+
+    /// Copies the averaged buckets back into the flat gradient and keeps their buffers.
+    fn scatter(
+        &mut self,
+        buckets: Vec<Vec<f32>>,
+        specs: &[ringtrain_autograd::ParamSpec],
+        flat: &mut [f32],
+    ) -> Result<(), SyncError> {
+        let got: Vec<usize> = buckets.iter().map(Vec::len).collect();
+        if got != self.lens {
+            return Err(SyncError(format!(
+                "the gradient sync returned buckets of {got:?} elements, the plan has {:?}",
+                self.lens
+            )));
+        }
+        for (spec, &(b, at)) in specs.iter().zip(&self.place) {
+            flat[spec.offset..spec.offset + spec.len].copy_from_slice(&buckets[b][at..at + spec.len]);
+        }
+        self.spare = buckets;
+        Ok(())
+    }
+}
+
+/// Fills the buckets of one step from the gradients backward hands over, and sends each
+/// bucket on as soon as it and every bucket before it are complete.
+struct BucketFiller<'a> {
+    plan: &'a GradBuckets,
+    specs: &'a [ringtrain_autograd::ParamSpec],
+    /// Gradient accumulation: the earlier micro-batches' weighted sum and this one's share.
+    earlier: Option<(&'a [f32], f32)>,
+    buffers: Vec<Option<Vec<f32>>>,
+    missing: Vec<usize>,
+    next: usize,
+}
+
+impl<'a> BucketFiller<'a> {
+    fn new(
+        plan: &'a mut GradBuckets,
+        specs: &'a [ringtrain_autograd::ParamSpec],
+        earlier: Option<(&'a [f32], f32)>,
+    ) -> BucketFiller<'a> {
+        let mut spare = std::mem::take(&mut plan.spare);
+        spare.reverse();
+        let buffers = plan
+            .lens
+            .iter()
+            .map(|&len| {
+                // Every element is written before the bucket leaves, so old values can stay.
+                let mut b = spare.pop().unwrap_or_default();
+                b.resize(len, 0.0);
+                Some(b)
+            })
+            .collect();
+        BucketFiller {
+            missing: plan.members.clone(),
+            plan,
+            specs,
+            earlier,
+            buffers,
+            next: 0,
+        }
+    }
+
+    fn put(&mut self, p: usize, grad: Option<&ringtrain_tensor::Tensor>, emit: &mut dyn FnMut(Vec<f32>)) {
+        let (b, at) = self.plan.place[p];
+        let spec = &self.specs[p];
+        let Some(dst) = self.buffers[b].as_mut().map(|buf| &mut buf[at..at + spec.len]) else {
+            return;
+        };
+        match (grad, self.earlier) {
+            (Some(g), None) => dst.copy_from_slice(g.as_slice()),
+            (None, None) => dst.fill(0.0),
+            // The same arithmetic as `Graph::add_param_grads`, so the bits do not depend on
+            // the path.
+            (Some(g), Some((acc, share))) => {
+                let acc = &acc[spec.offset..spec.offset + spec.len];
+                for ((d, a), s) in dst.iter_mut().zip(acc).zip(g.as_slice()) {
+                    *d = a + share * s;
+                }
+            }
+            (None, Some((acc, _))) => dst.copy_from_slice(&acc[spec.offset..spec.offset + spec.len]),
+        }
+        self.missing[b] -= 1;
+        while self.next < self.buffers.len() && self.missing[self.next] == 0 {
+            if let Some(done) = self.buffers[self.next].take() {
+                emit(done);
+            }
+            self.next += 1;
+        }
+    }
 }
 
 impl Trainer {
@@ -326,6 +481,8 @@ impl Trainer {
             step: 0,
             tbptt: job.training.tbptt,
             accumulate,
+            bucket_elems: ((job.distributed.bucket_mb * f64::from(1u32 << 20)) as usize / 4).max(1),
+            buckets: None,
         }
     }
 
@@ -406,17 +563,43 @@ impl Trainer {
                     }
                     let loss = self.loss.compute(&mut g, out, &targets)?;
                     let value = g.value(loss).item().map_err(ringtrain_autograd::AutogradError::from)?;
-                    let grads = g.backward(loss)?;
                     // One batch: its mean gradient as it is. Several: the mean over all
                     // their examples, each batch's mean weighted by its share.
-                    if group.len() == 1 {
-                        g.param_grads_into(&grads, &mut self.grad)?;
-                    } else {
-                        let share = chunk.len() as f32 / group_rows as f32;
-                        if m == 0 {
-                            self.grad.fill(0.0);
+                    let share = (group.len() > 1).then(|| chunk.len() as f32 / group_rows as f32);
+                    if m + 1 == group.len() && world > 1 {
+                        // The step's gradient leaves in buckets as backward completes them.
+                        let specs = self.store.specs();
+                        let plan = self
+                            .buckets
+                            .get_or_insert_with(|| GradBuckets::new(&g.backward_order(loss), specs, self.bucket_elems));
+                        let mut failed = None;
+                        let earlier = share.map(|w| (self.grad.as_slice(), w));
+                        let reduced = sync.reduce_buckets(&mut |emit| {
+                            let mut filler = BucketFiller::new(plan, specs, earlier);
+                            if let Err(e) = g.backward_with(loss, &mut |p, grad| filler.put(p, grad, emit)) {
+                                failed = Some(e);
+                            }
+                        });
+                        if let Some(e) = failed {
+                            return Err(e.into());
                         }
-                        g.add_param_grads(&grads, &mut self.grad, share)?;
+                        reduced
+                            .and_then(|r| plan.scatter(r, specs, &mut self.grad))
+                            .map_err(|source| TrainError::Sync {
+                                step: self.step,
+                                source,
+                            })?;
+                    } else {
+                        let grads = g.backward(loss)?;
+                        match share {
+                            None => g.param_grads_into(&grads, &mut self.grad)?,
+                            Some(w) => {
+                                if m == 0 {
+                                    self.grad.fill(0.0);
+                                }
+                                g.add_param_grads(&grads, &mut self.grad, w)?;
+                            }
+                        }
                     }
                     value
                 };
@@ -430,11 +613,13 @@ impl Trainer {
                 loss_sum += f64::from(loss_value) * chunk.len() as f64;
                 seen += chunk.len();
             }
-            sync.all_reduce_mean(&mut self.grad)
-                .map_err(|source| TrainError::Sync {
-                    step: self.step,
-                    source,
-                })?;
+            if world == 1 {
+                sync.all_reduce_mean(&mut self.grad)
+                    .map_err(|source| TrainError::Sync {
+                        step: self.step,
+                        source,
+                    })?;
+            }
             if let Some(max) = self.clip {
                 grad_norm = Some(f64::from(clip_grad_norm(&mut self.grad, max)));
             }

@@ -4,7 +4,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ringtrain_collective::{from_bf16, to_bf16, CancelToken, Communicator, GrpcConfig, ReduceOp};
-use ringtrain_train::{GradSync, SyncError};
+use ringtrain_train::{BucketedBackward, GradSync, SyncError};
 
 use crate::error::{Result, WorkerError};
 
@@ -12,8 +12,12 @@ use crate::error::{Result, WorkerError};
 /// epoch reports) while training runs.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct SyncStats {
-    /// Seconds spent inside gradient all-reduces, waiting for peers included.
+    /// Seconds spent inside gradient all-reduces, waiting for peers included (on the
+    /// communication thread when they overlap backward).
     pub allreduce_secs: f64,
+    /// Of those, the seconds training waited for them after backward had finished: what
+    /// overlap did not hide.
+    pub allreduce_exposed_secs: f64,
     /// Gradient all-reduces done.
     pub allreduces: u64,
     /// Bytes fed into gradient all-reduces as they travel (this rank's buffer size, halved
@@ -30,9 +34,11 @@ pub struct RingSync {
     comm: Communicator,
     stats: Arc<Mutex<SyncStats>>,
     checksum: Option<u64>,
-    /// bf16 compression: what rounding took from this rank's gradient, added back next step
-    /// (error feedback). `None`: gradients travel as f32.
-    residual: Option<Vec<f32>>,
+    /// bf16 compression: per gradient bucket, what rounding took from this rank's
+    /// gradient, added back next step (error feedback). `None`: gradients travel as f32.
+    residual: Option<Vec<Vec<f32>>>,
+    /// Reduce buckets on a communication thread while backward runs.
+    overlap: bool,
 }
 
 impl RingSync {
@@ -57,6 +63,7 @@ impl RingSync {
             stats: Arc::default(),
             checksum: None,
             residual: None,
+            overlap: true,
         })
     }
 
@@ -65,6 +72,13 @@ impl RingSync {
     /// The all-reduce still gives every rank the same bits.
     pub fn with_bf16_compression(mut self) -> RingSync {
         self.residual = Some(Vec::new());
+        self
+    }
+
+    /// Reduces the gradient buckets only after backward (`false`), or while it runs
+    /// (`true`, the default). The result has the same bits either way.
+    pub fn with_overlap(mut self, overlap: bool) -> RingSync {
+        self.overlap = overlap;
         self
     }
 
@@ -97,6 +111,7 @@ impl RingSync {
         if let Ok(mut s) = self.stats.lock() {
             if let Some(bytes) = grad_bytes {
                 s.allreduce_secs += secs;
+                s.allreduce_exposed_secs += secs;
                 s.allreduces += 1;
                 s.allreduce_bytes += bytes;
             } else {
@@ -105,6 +120,44 @@ impl RingSync {
         }
         out
     }
+
+    /// Bytes a gradient of `values` values puts on the wire.
+    fn wire_bytes(&self, values: usize) -> u64 {
+        let per_value = if self.residual.is_some() { 2 } else { 4 };
+        (values * per_value) as u64
+    }
+}
+
+/// The error-feedback residual of bucket `id`, when compressing.
+fn residual_of(residual: &mut Option<Vec<Vec<f32>>>, id: usize) -> Option<&mut Vec<f32>> {
+    let all = residual.as_mut()?;
+    if all.len() <= id {
+        all.resize_with(id + 1, Vec::new);
+    }
+    Some(&mut all[id])
+}
+
+/// Mean all-reduce of one gradient bucket; through bf16 with error feedback when given a
+/// residual (the rank's gradient plus its last rounding error is rounded, and what this
+/// rounding leaves becomes the new residual).
+fn reduce_bucket(
+    comm: &mut Communicator,
+    buf: &mut [f32],
+    residual: Option<&mut Vec<f32>>,
+) -> ringtrain_collective::Result<()> {
+    let Some(residual) = residual else {
+        return comm.all_reduce_mean(buf);
+    };
+    if residual.len() != buf.len() {
+        *residual = vec![0.0; buf.len()];
+    }
+    for (g, e) in buf.iter_mut().zip(residual.iter_mut()) {
+        let wanted = *g + *e;
+        let sent = from_bf16(to_bf16(wanted));
+        *e = wanted - sent;
+        *g = sent;
+    }
+    comm.all_reduce(buf, ReduceOp::MeanBf16)
 }
 
 impl GradSync for RingSync {
@@ -117,20 +170,66 @@ impl GradSync for RingSync {
     }
 
     fn all_reduce_mean(&mut self, grads: &mut [f32]) -> Result<(), SyncError> {
-        let bytes = std::mem::size_of_val(grads) as u64;
-        let Some(residual) = &mut self.residual else {
-            return self.timed(Some(bytes), |c| c.all_reduce_mean(grads));
+        let bytes = self.wire_bytes(grads.len());
+        let mut residual = self.residual.take();
+        let out = self.timed(Some(bytes), |c| reduce_bucket(c, grads, residual_of(&mut residual, 0)));
+        self.residual = residual;
+        out
+    }
+
+    /// With overlap, a communication thread reduces each bucket the moment backward hands
+    /// it over, one after another in bucket order (the same order on every rank), while
+    /// backward computes the rest; without, the same reductions run after backward. Each
+    /// bucket is its own all-reduce either way, so the bits are the same.
+    fn reduce_buckets(&mut self, backward: &mut BucketedBackward<'_>) -> Result<Vec<Vec<f32>>, SyncError> {
+        let (comm, residual) = (&mut self.comm, &mut self.residual);
+        let reduce_all = |comm: &mut Communicator,
+                          residual: &mut Option<Vec<Vec<f32>>>,
+                          buckets: &mut dyn Iterator<Item = Vec<f32>>| {
+            let (mut out, mut busy) = (Vec::new(), 0.0);
+            for (id, mut b) in buckets.enumerate() {
+                let started = Instant::now();
+                let done = reduce_bucket(comm, &mut b, residual_of(residual, id));
+                busy += started.elapsed().as_secs_f64();
+                if let Err(e) = done {
+                    return (Err(SyncError(e.to_string())), busy);
+                }
+                out.push(b);
+            }
+            (Ok(out), busy)
         };
-        if residual.len() != grads.len() {
-            *residual = vec![0.0; grads.len()];
+        let (reduced, busy, backward_done) = if self.overlap {
+            let (tx, rx) = std::sync::mpsc::channel::<Vec<f32>>();
+            std::thread::scope(|s| {
+                let worker = s.spawn(move || reduce_all(comm, residual, &mut rx.into_iter()));
+                // A failed reduction drops the receiver; backward then runs to its end.
+                backward(&mut |b| {
+                    let _ = tx.send(b);
+                });
+                drop(tx);
+                let backward_done = Instant::now();
+                let (reduced, busy) = worker
+                    .join()
+                    .unwrap_or_else(|_| (Err(SyncError("the communication thread panicked".into())), 0.0));
+                (reduced, busy, backward_done)
+            })
+        } else {
+            let mut buckets = Vec::new();
+            backward(&mut |b| buckets.push(b));
+            let backward_done = Instant::now();
+            let (reduced, busy) = reduce_all(comm, residual, &mut buckets.into_iter());
+            (reduced, busy, backward_done)
+        };
+        let exposed = backward_done.elapsed().as_secs_f64();
+        let values = reduced.as_ref().map_or(0, |r| r.iter().map(Vec::len).sum());
+        let bytes = self.wire_bytes(values);
+        if let Ok(mut s) = self.stats.lock() {
+            s.allreduce_secs += busy;
+            s.allreduce_exposed_secs += exposed;
+            s.allreduces += 1;
+            s.allreduce_bytes += bytes;
         }
-        for (g, e) in grads.iter_mut().zip(residual.iter_mut()) {
-            let wanted = *g + *e;
-            let sent = from_bf16(to_bf16(wanted));
-            *e = wanted - sent;
-            *g = sent;
-        }
-        self.timed(Some(bytes / 2), |c| c.all_reduce(grads, ReduceOp::MeanBf16))
+        reduced
     }
 
     /// All-gathers the values and adds them in rank order, so every rank computes the same

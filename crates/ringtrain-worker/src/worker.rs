@@ -1,7 +1,6 @@
 //! [`run_worker`]: one worker process's life, from registration to the final report.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,7 +11,7 @@ use ringtrain_proto::coordinator::{
 };
 use ringtrain_train::{read_checkpoint_manifest, run_job_opts, Progress, RunOptions, RunSummary, TrainError};
 use tokio::runtime::Runtime;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
@@ -113,6 +112,35 @@ impl Control {
             Ok(Err(e)) => Err(self.err(what, e)),
             Err(_) => Err(self.err(what, format!("no answer within {timeout:?}"))),
         }
+    }
+
+    /// [`Control::call`], given up the moment the coordinator is found lost: waiting out
+    /// the deadline would only keep this process alive after its job is over.
+    fn call_unless_lost<T, F>(&self, what: &'static str, lost: &watch::Receiver<bool>, f: F) -> Result<T>
+    where
+        F: std::future::Future<Output = Result<T, ringtrain_proto::coordinator::ClientError>>,
+    {
+        let mut lost = lost.clone();
+        let answer = self.runtime.block_on(async {
+            tokio::select! {
+                r = tokio::time::timeout(CALL_TIMEOUT, f) => Some(r),
+                () = until_lost(&mut lost) => None,
+            }
+        });
+        match answer {
+            Some(Ok(Ok(v))) => Ok(v),
+            Some(Ok(Err(e))) => Err(self.err(what, e)),
+            Some(Err(_)) => Err(self.err(what, format!("no answer within {CALL_TIMEOUT:?}"))),
+            None => Err(self.err(what, "the coordinator was lost during the job")),
+        }
+    }
+}
+
+/// Resolves once the heartbeat task has found the coordinator lost (never if it ended
+/// otherwise).
+async fn until_lost(lost: &mut watch::Receiver<bool>) {
+    if lost.wait_for(|l| *l).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
@@ -220,14 +248,14 @@ pub fn run_worker(opts: WorkerOptions, observe: &mut dyn FnMut(WorkerEvent)) -> 
     let position = Arc::new(Mutex::new(Position::default()));
     let nudge = Arc::new(Notify::new());
     let abort = CancelToken::default();
-    let lost = Arc::new(AtomicBool::new(false));
+    let (lost_tx, lost) = watch::channel(false);
     let beats = start_heartbeats(
         &mut control,
         (&a, opts.coordinator_timeout),
         position.clone(),
         nudge.clone(),
         abort.clone(),
-        lost.clone(),
+        lost_tx,
     )?;
 
     let result = train(&control, &a, &opts, (position, nudge), (&abort, &lost), observe);
@@ -245,21 +273,15 @@ pub fn run_worker(opts: WorkerOptions, observe: &mut dyn FnMut(WorkerEvent)) -> 
         },
     };
     let mut client = control.client.clone();
-    let finished = if lost.load(Ordering::Relaxed) {
-        // Nobody to report to: waiting out the call's deadline would only keep this process
-        // alive after its job is over.
-        Err(control.err("final report", "the coordinator was lost during the job"))
-    } else {
-        control.call(
-            "final report",
-            CALL_TIMEOUT,
-            client.finish(FinishReport {
-                job_id: a.job_id.clone(),
-                rank,
-                outcome,
-            }),
-        )
-    };
+    let finished = control.call_unless_lost(
+        "final report",
+        &lost,
+        client.finish(FinishReport {
+            job_id: a.job_id.clone(),
+            rank,
+            outcome,
+        }),
+    );
     // Only now stop beating: a stream that ends before the final report reads as a crash.
     beats.abort();
     let trained = result?;
@@ -285,7 +307,7 @@ fn start_heartbeats(
     position: Arc<Mutex<Position>>,
     nudge: Arc<Notify>,
     abort: CancelToken,
-    lost: Arc<AtomicBool>,
+    lost: watch::Sender<bool>,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let (tx, rx) = mpsc::channel::<Beat>(4);
     let (job_id, rank, every) = (a.job_id.clone(), a.rank, a.heartbeat_interval);
@@ -329,7 +351,7 @@ fn start_heartbeats(
                 }
             }
         };
-        lost.store(true, Ordering::Relaxed);
+        lost.send_replace(true);
         abort.cancel(why);
     });
     Ok(control.runtime.spawn(async move {
@@ -361,7 +383,7 @@ fn train(
     a: &Assignment,
     opts: &WorkerOptions,
     (position, nudge): (Arc<Mutex<Position>>, Arc<Notify>),
-    (abort, lost): (&CancelToken, &AtomicBool),
+    (abort, lost): (&CancelToken, &watch::Receiver<bool>),
     observe: &mut dyn FnMut(WorkerEvent),
 ) -> Result<Trained> {
     let rank = a.rank;
@@ -396,6 +418,7 @@ fn train(
     if job.distributed.compression == Compression::Bf16 {
         sync = sync.with_bf16_compression();
     }
+    sync = sync.with_overlap(job.distributed.overlap);
     let stats = sync.stats();
 
     let out = a.out_dir.as_deref().map(Path::new);
@@ -480,13 +503,13 @@ fn train(
     drop(updates_tx);
     // Deliver the epoch reports before the final one (bounded by their own deadlines), unless
     // the coordinator is gone.
-    if lost.load(Ordering::Relaxed) {
-        reporter.abort();
-    } else {
-        let _ = control
-            .runtime
-            .block_on(async { tokio::time::timeout(CALL_TIMEOUT, reporter).await });
-    }
+    let mut gone = lost.clone();
+    control.runtime.block_on(async {
+        tokio::select! {
+            _ = tokio::time::timeout(CALL_TIMEOUT, reporter) => {}
+            () = until_lost(&mut gone) => {}
+        }
+    });
     let summary = result.map_err(|e: TrainError| WorkerError::Train {
         rank,
         source: Box::new(e),
