@@ -46,6 +46,7 @@ fn main() -> Result<()> {
             println!("  peers [THREADS]  train-step benches against PyTorch on this machine (installs torch, ~3 GB)");
             println!("  cluster-sim up [--hosts N] [--rate 1gbit] [--name NAME] | down [--name NAME]");
             println!("              | bench [--rates 1gbit,10gbit] [--workers 2,4] [--bytes 256K,...,64M]");
+            println!("              | scale [--rate 1gbit] [--workers 1,2,4] [--jobs lenet,lstm,transformer] [--bucket-mb MB]");
             println!("        simulated hosts (network namespaces, root) and the all-reduce bench across them");
             Ok(())
         }
@@ -405,7 +406,14 @@ fn cluster_sim(args: &[String]) -> Result<()> {
             }
             Ok(())
         }
-        _ => bail!("usage: cargo xtask cluster-sim up [--hosts N] [--rate 1gbit] [--name NAME] | down [--name NAME] | bench [--rates 1gbit,10gbit] [--workers 2,4] [--bytes 256KiB,...]"),
+        Some("scale") => {
+            let rate: Rate = flag("--rate").unwrap_or("1gbit").parse()?;
+            let workers = flag("--workers").unwrap_or("1,2,4");
+            let jobs = flag("--jobs").unwrap_or("lenet,lstm,transformer");
+            let bucket_mb = flag("--bucket-mb").map(str::parse::<f64>).transpose()?;
+            cluster_scale(&format!("{name}s"), rate, (workers, jobs), bucket_mb)
+        }
+        _ => bail!("usage: cargo xtask cluster-sim up [--hosts N] [--rate 1gbit] [--name NAME] | down [--name NAME] | bench [--rates 1gbit,10gbit] [--workers 2,4] [--bytes 256KiB,...] | scale [--rate 1gbit] [--workers 1,2,4] [--jobs lenet,lstm,transformer] [--bucket-mb MB]"),
     }
 }
 
@@ -431,4 +439,158 @@ fn cpu_name() -> String {
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     format!("CPU: {model} ({simd}), {cores} cores")
+}
+
+/// One epoch of each job on N simulated hosts (plus one for the coordinator) with shaped
+/// links, one thread per worker and a fixed batch per rank, with the gradient all-reduce
+/// after backward, overlapped with it, and overlapped in bf16: global examples/s, the step,
+/// and how much of the all-reduce time backward hid.
+fn cluster_scale(
+    name: &str,
+    rate: ringtrain_testkit::Rate,
+    (workers, jobs): (&str, &str),
+    bucket_mb: Option<f64>,
+) -> Result<()> {
+    run(Command::new("cargo").args(["build", "--bin", "ringtrain"]))?;
+    let dir = Path::new("target/cluster-sim");
+    std::fs::create_dir_all(dir).context("create target/cluster-sim")?;
+    let buckets = bucket_mb.map_or("default buckets".to_owned(), |mb| format!("buckets of {mb} MiB"));
+    println!("# {}; links {rate}; one thread per worker; one epoch each; {buckets}", cpu_name());
+    println!("| job | N | all-reduce | global ex/s | step ms | all-reduce busy | exposed | hidden |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for job in jobs.split(',') {
+        let (path, per_rank, data) = match job {
+            "lenet" => ("examples/mnist-lenet.toml", 64, Some("../shared/data/mnist")),
+            "lstm" => ("examples/sentiment-lstm.toml", 32, None),
+            "transformer" => ("examples/sentiment-transformer.toml", 32, None),
+            other => bail!("unknown job {other:?}: lenet, lstm or transformer"),
+        };
+        let base = std::fs::read_to_string(path).with_context(|| format!("read {path}"))?;
+        for n in workers.split(',') {
+            let n: usize = n.parse().context("--workers takes numbers like 1,2,4")?;
+            let modes: &[(&str, &str)] = if n == 1 {
+                &[("none", "")]
+            } else {
+                &[
+                    ("after backward", "overlap = false"),
+                    ("overlapped", "overlap = true"),
+                    ("overlapped, bf16", "overlap = true\ncompression = \"bf16\""),
+                ]
+            };
+            for (mode, settings) in modes {
+                // The example for one epoch, with the same batch per rank at every N.
+                let mut text: String = base
+                    .lines()
+                    .map(|l| match l.split('=').next().map(str::trim) {
+                        Some("epochs") => "epochs = 1".to_owned(),
+                        Some("batch_size") => format!("batch_size = {}", per_rank * n),
+                        _ => l.to_owned(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                text.push_str(&format!("\n[distributed]\n{settings}\n"));
+                if let Some(mb) = bucket_mb {
+                    text.push_str(&format!("bucket_mb = {mb}\n"));
+                }
+                let stem = format!("{job}-{n}-{}", mode.replace([' ', ','], ""));
+                let job_file = std::path::absolute(Path::new(path))?
+                    .with_file_name(format!(".cluster-sim-{stem}.toml"));
+                std::fs::write(&job_file, text).context("write the job")?;
+                let out = std::path::absolute(dir.join(&stem))?;
+                let _ = std::fs::remove_dir_all(&out);
+                let measured = scale_run(name, rate, n, &job_file, &out, data);
+                let _ = std::fs::remove_file(&job_file);
+                let (busy, exposed, steps, ex_per_s) = measured?;
+                let train_secs = steps as f64 * (per_rank * n) as f64 / ex_per_s;
+                let pct = |s: f64| format!("{:.0} %", 100.0 * s / train_secs);
+                let hidden = if n > 1 && busy > 0.0 {
+                    format!("{:.0} %", 100.0 * (1.0 - exposed / busy).max(0.0))
+                } else {
+                    "-".into()
+                };
+                println!(
+                    "| {job} | {n} | {mode} | {ex_per_s:.0} | {:.1} | {} | {} | {hidden} |",
+                    1e3 * train_secs / steps.max(1) as f64,
+                    pct(busy),
+                    pct(exposed)
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One job on `n` worker hosts and a coordinator host; returns rank 0's all-reduce busy and
+/// exposed seconds, its steps, and the epoch's global examples/s.
+fn scale_run(
+    name: &str,
+    rate: ringtrain_testkit::Rate,
+    n: usize,
+    job: &Path,
+    out: &Path,
+    data: Option<&str>,
+) -> Result<(f64, f64, u64, f64)> {
+    use std::process::Stdio;
+    ringtrain_testkit::remove(name)?;
+    let cluster = ringtrain_testkit::Cluster::create(name, n + 1, Some(rate))?;
+    let bin = std::path::absolute("target/debug/ringtrain")?;
+    let coordinator_addr = format!("{}:7070", cluster.hosts()[n].ip);
+    let token = "cluster-sim-scale";
+    let mut coordinator = cluster.command(n, &bin);
+    coordinator
+        .args(["coordinator", "--listen", &coordinator_addr, "--workers", &n.to_string()])
+        .arg(job)
+        .arg("--out")
+        .arg(out)
+        .arg("--quiet")
+        .env("RINGTRAIN_TOKEN", token);
+    if let Some(d) = data {
+        coordinator.arg("--data").arg(std::path::absolute(d)?);
+    }
+    let coordinator = coordinator
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("start the coordinator")?;
+    let workers: Vec<std::process::Child> = (0..n)
+        .map(|i| {
+            cluster
+                .command(i, &bin)
+                .args(["worker", "--coordinator", &coordinator_addr])
+                .args(["--peer-addr", &format!("{}:0", cluster.hosts()[i].ip)])
+                .env("RINGTRAIN_TOKEN", token)
+                .env("RINGTRAIN_THREADS", "1")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("start a worker")
+        })
+        .collect::<Result<_>>()?;
+    let done = coordinator.wait_with_output().context("wait for the coordinator")?;
+    let outputs: Vec<std::process::Output> = workers
+        .into_iter()
+        .map(|w| w.wait_with_output().context("wait for a worker"))
+        .collect::<Result<_>>()?;
+    if !done.status.success() {
+        bail!("{} failed: {}", job.display(), String::from_utf8_lossy(&done.stderr));
+    }
+    let finished = outputs
+        .iter()
+        .flat_map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(&l).ok())
+        .find(|v| v["event"] == "finished" && v["rank"] == 0)
+        .context("no finished line from rank 0")?;
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).context("read metrics.jsonl")?;
+    let epoch: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap_or("{}"))?;
+    Ok((
+        finished["allreduce_secs"].as_f64().unwrap_or(0.0),
+        finished["allreduce_exposed_secs"].as_f64().unwrap_or(0.0),
+        finished["allreduces"].as_u64().unwrap_or(0),
+        epoch["examples_per_sec"].as_f64().context("no examples_per_sec")?,
+    ))
 }
