@@ -46,7 +46,8 @@ fn main() -> Result<()> {
             println!("  peers [THREADS]  train-step benches against PyTorch on this machine (installs torch, ~3 GB)");
             println!("  cluster-sim up [--hosts N] [--rate 1gbit] [--name NAME] | down [--name NAME]");
             println!("              | bench [--rates 1gbit,10gbit] [--workers 2,4] [--bytes 256K,...,64M]");
-            println!("              | scale [--rate 1gbit] [--workers 1,2,4] [--jobs lenet,lstm,transformer] [--bucket-mb MB]");
+            println!("              | scale [--rate 1gbit|none] [--workers 1,2,4] [--jobs lenet,lstm,transformer] [--bucket-mb MB]");
+            println!("              | ddp [--rate 1gbit|none] [--workers 1,2,4] [--jobs lenet,lstm,transformer]  (PyTorch DDP, Gloo)");
             println!("        simulated hosts (network namespaces, root) and the all-reduce bench across them");
             Ok(())
         }
@@ -407,14 +408,32 @@ fn cluster_sim(args: &[String]) -> Result<()> {
             Ok(())
         }
         Some("scale") => {
-            let rate: Rate = flag("--rate").unwrap_or("1gbit").parse()?;
+            let rate = link_rate(flag("--rate"))?;
             let workers = flag("--workers").unwrap_or("1,2,4");
             let jobs = flag("--jobs").unwrap_or("lenet,lstm,transformer");
             let bucket_mb = flag("--bucket-mb").map(str::parse::<f64>).transpose()?;
             cluster_scale(&format!("{name}s"), rate, (workers, jobs), bucket_mb)
         }
-        _ => bail!("usage: cargo xtask cluster-sim up [--hosts N] [--rate 1gbit] [--name NAME] | down [--name NAME] | bench [--rates 1gbit,10gbit] [--workers 2,4] [--bytes 256KiB,...] | scale [--rate 1gbit] [--workers 1,2,4] [--jobs lenet,lstm,transformer] [--bucket-mb MB]"),
+        Some("ddp") => {
+            let rate = link_rate(flag("--rate"))?;
+            let workers = flag("--workers").unwrap_or("1,2,4");
+            let jobs = flag("--jobs").unwrap_or("lenet,lstm,transformer");
+            cluster_ddp(&format!("{name}d"), rate, workers, jobs)
+        }
+        _ => bail!("usage: cargo xtask cluster-sim up [--hosts N] [--rate 1gbit] [--name NAME] | down [--name NAME] | bench [--rates 1gbit,10gbit] [--workers 2,4] [--bytes 256KiB,...] | scale [--rate 1gbit|none] [--workers 1,2,4] [--jobs lenet,lstm,transformer] [--bucket-mb MB] | ddp [--rate 1gbit|none] [--workers 1,2,4] [--jobs ...]"),
     }
+}
+
+/// `--rate`: a tc rate such as `1gbit` (the default), or `none` for unshaped links.
+fn link_rate(flag: Option<&str>) -> Result<Option<ringtrain_testkit::Rate>> {
+    match flag.unwrap_or("1gbit") {
+        "none" => Ok(None),
+        r => Ok(Some(r.parse()?)),
+    }
+}
+
+fn shown(rate: Option<ringtrain_testkit::Rate>) -> String {
+    rate.map_or_else(|| "unshaped".to_owned(), |r| r.to_string())
 }
 
 /// The CPU's model name and its widest vector unit, for benchmark headers.
@@ -447,7 +466,7 @@ fn cpu_name() -> String {
 /// and how much of the all-reduce time backward hid.
 fn cluster_scale(
     name: &str,
-    rate: ringtrain_testkit::Rate,
+    rate: Option<ringtrain_testkit::Rate>,
     (workers, jobs): (&str, &str),
     bucket_mb: Option<f64>,
 ) -> Result<()> {
@@ -455,7 +474,11 @@ fn cluster_scale(
     let dir = Path::new("target/cluster-sim");
     std::fs::create_dir_all(dir).context("create target/cluster-sim")?;
     let buckets = bucket_mb.map_or("default buckets".to_owned(), |mb| format!("buckets of {mb} MiB"));
-    println!("# {}; links {rate}; one thread per worker; one epoch each; {buckets}", cpu_name());
+    println!(
+        "# {}; links {}; one thread per worker; one epoch each; {buckets}",
+        cpu_name(),
+        shown(rate)
+    );
     println!("| job | N | all-reduce | global ex/s | step ms | all-reduce busy | exposed | hidden |");
     println!("|---|---|---|---|---|---|---|---|");
     for job in jobs.split(',') {
@@ -524,7 +547,7 @@ fn cluster_scale(
 /// exposed seconds, its steps, and the epoch's global examples/s.
 fn scale_run(
     name: &str,
-    rate: ringtrain_testkit::Rate,
+    rate: Option<ringtrain_testkit::Rate>,
     n: usize,
     job: &Path,
     out: &Path,
@@ -532,7 +555,7 @@ fn scale_run(
 ) -> Result<(f64, f64, u64, f64)> {
     use std::process::Stdio;
     ringtrain_testkit::remove(name)?;
-    let cluster = ringtrain_testkit::Cluster::create(name, n + 1, Some(rate))?;
+    let cluster = ringtrain_testkit::Cluster::create(name, n + 1, rate)?;
     let bin = std::path::absolute("target/debug/ringtrain")?;
     let coordinator_addr = format!("{}:7070", cluster.hosts()[n].ip);
     let token = "cluster-sim-scale";
@@ -593,4 +616,71 @@ fn scale_run(
         finished["allreduces"].as_u64().unwrap_or(0),
         epoch["examples_per_sec"].as_f64().context("no examples_per_sec")?,
     ))
+}
+
+/// PyTorch DDP (Gloo) on the same simulated hosts, models, data, batch per rank and threads as
+/// `scale` trains ours (`benches/pytorch/ddp_step.py`; PyTorch from the `peers` venv), 50
+/// warm-up steps then 200 timed ones.
+fn cluster_ddp(name: &str, rate: Option<ringtrain_testkit::Rate>, workers: &str, jobs: &str) -> Result<()> {
+    use std::process::Stdio;
+    let python = std::path::absolute(Path::new(TORCH_VENV).join("bin/python"))?;
+    if !python.is_file() {
+        println!("xtask: installing PyTorch into {TORCH_VENV} (about 3 GB from PyPI)");
+        run(Command::new("python3").args(["-m", "venv", TORCH_VENV]))?;
+        run(Command::new(Path::new(TORCH_VENV).join("bin/pip")).args(["install", "--quiet", "torch", "numpy"]))?;
+    }
+    let script = std::path::absolute("benches/pytorch/ddp_step.py")?;
+    println!(
+        "# {}; links {}; one thread per rank; PyTorch {}",
+        cpu_name(),
+        shown(rate),
+        torch_version(&python)
+    );
+    println!("| job | N | PyTorch DDP (Gloo) global ex/s |");
+    println!("|---|---|---|");
+    for job in jobs.split(',') {
+        let (data, per_rank) = match job {
+            "lenet" => ("../shared/data/mnist", 64),
+            "lstm" | "transformer" => ("data/rotten-tomatoes/train.tsv", 32),
+            other => bail!("unknown job {other:?}: lenet, lstm or transformer"),
+        };
+        let data = std::path::absolute(data)?;
+        for n in workers.split(',') {
+            let n: usize = n.parse().context("--workers takes numbers like 1,2,4")?;
+            ringtrain_testkit::remove(name)?;
+            let cluster = ringtrain_testkit::Cluster::create(name, n, rate)?;
+            let ranks: Vec<std::process::Child> = (0..n)
+                .map(|r| {
+                    cluster
+                        .command(r, &python)
+                        .arg(&script)
+                        .args(["--model", job, "--per-rank-batch", &per_rank.to_string()])
+                        .arg("--data")
+                        .arg(&data)
+                        .env("RANK", r.to_string())
+                        .env("WORLD_SIZE", n.to_string())
+                        .env("MASTER_ADDR", cluster.hosts()[0].ip.to_string())
+                        .env("MASTER_PORT", "29500")
+                        .env("GLOO_SOCKET_IFNAME", ringtrain_testkit::DEV)
+                        .env("OMP_NUM_THREADS", "1")
+                        .stdout(Stdio::piped())
+                        .spawn()
+                        .context("start a DDP rank")
+                })
+                .collect::<Result<_>>()?;
+            let mut line = None;
+            for (r, rank) in ranks.into_iter().enumerate() {
+                let out = rank.wait_with_output().context("wait for a DDP rank")?;
+                if !out.status.success() {
+                    bail!("DDP rank {r} of {job} on {n} hosts failed with {}", out.status);
+                }
+                if r == 0 {
+                    line = String::from_utf8_lossy(&out.stdout).lines().last().map(str::to_owned);
+                }
+            }
+            let v: serde_json::Value = serde_json::from_str(&line.unwrap_or_default()).context("rank 0's result")?;
+            println!("| {job} | {n} | {:.0} |", v["examples_per_sec"].as_f64().unwrap_or(0.0));
+        }
+    }
+    Ok(())
 }
