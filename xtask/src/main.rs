@@ -516,8 +516,8 @@ fn cluster_scale(
                     text.push_str(&format!("bucket_mb = {mb}\n"));
                 }
                 let stem = format!("{job}-{n}-{}", mode.replace([' ', ','], ""));
-                let job_file = std::path::absolute(Path::new(path))?
-                    .with_file_name(format!(".cluster-sim-{stem}.toml"));
+                let job_file =
+                    std::path::absolute(Path::new(path))?.with_file_name(format!(".cluster-sim-{stem}.toml"));
                 std::fs::write(&job_file, text).context("write the job")?;
                 let out = std::path::absolute(dir.join(&stem))?;
                 let _ = std::fs::remove_dir_all(&out);
@@ -561,7 +561,13 @@ fn scale_run(
     let token = "cluster-sim-scale";
     let mut coordinator = cluster.command(n, &bin);
     coordinator
-        .args(["coordinator", "--listen", &coordinator_addr, "--workers", &n.to_string()])
+        .args([
+            "coordinator",
+            "--listen",
+            &coordinator_addr,
+            "--workers",
+            &n.to_string(),
+        ])
         .arg(job)
         .arg("--out")
         .arg(out)
