@@ -365,19 +365,25 @@ impl<'p> Graph<'p> {
         }
     }
 
-    /// Writes d(loss)/d(parameter) into `out`, laid out like the store's flat buffer.
-    /// Parameters the forward pass never used get zero gradient.
-    pub fn param_grads_into(&self, grads: &Gradients, out: &mut [f32]) -> Result<()> {
+    /// The parameter store, once `out` is checked to be laid out like its flat buffer.
+    fn store_for(&self, op: &'static str, out: &[f32]) -> Result<&ParamStore> {
         let store = self.params.ok_or(AutogradError::Invalid {
-            op: "param_grads_into",
+            op,
             reason: "graph has no parameter store".into(),
         })?;
         if out.len() != store.num_elements() {
             return Err(AutogradError::Invalid {
-                op: "param_grads_into",
+                op,
                 reason: format!("buffer has {} elements, parameters {}", out.len(), store.num_elements()),
             });
         }
+        Ok(store)
+    }
+
+    /// Writes d(loss)/d(parameter) into `out`, laid out like the store's flat buffer.
+    /// Parameters the forward pass never used get zero gradient.
+    pub fn param_grads_into(&self, grads: &Gradients, out: &mut [f32]) -> Result<()> {
+        let store = self.store_for("param_grads_into", out)?;
         for (spec, bound) in store.specs().iter().zip(&self.bound) {
             let dst = &mut out[spec.offset..spec.offset + spec.len];
             match bound.and_then(|v| grads.get(v)) {
@@ -391,16 +397,7 @@ impl<'p> Graph<'p> {
     /// Adds `weight` × d(loss)/d(parameter) into `out` (laid out like the store's flat
     /// buffer), for gradient accumulation over micro-batches. Unused parameters add nothing.
     pub fn add_param_grads(&self, grads: &Gradients, out: &mut [f32], weight: f32) -> Result<()> {
-        let store = self.params.ok_or(AutogradError::Invalid {
-            op: "add_param_grads",
-            reason: "graph has no parameter store".into(),
-        })?;
-        if out.len() != store.num_elements() {
-            return Err(AutogradError::Invalid {
-                op: "add_param_grads",
-                reason: format!("buffer has {} elements, parameters {}", out.len(), store.num_elements()),
-            });
-        }
+        let store = self.store_for("add_param_grads", out)?;
         for (spec, bound) in store.specs().iter().zip(&self.bound) {
             if let Some(g) = bound.and_then(|v| grads.get(v)) {
                 let dst = &mut out[spec.offset..spec.offset + spec.len];
