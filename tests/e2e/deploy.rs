@@ -250,6 +250,12 @@ fn check_deployment(objs: &[Value], what: &str) {
     let replicas = sts["spec"]["replicas"].as_u64().expect("replicas");
     assert_eq!(env_value(coord, "RINGTRAIN_WORKERS"), replicas.to_string(), "{what}");
     assert_eq!(sts["spec"]["podManagementPolicy"], "Parallel", "{what}");
+    // Each side gives up on the other after the same silence.
+    assert_eq!(
+        env_value(worker, "RINGTRAIN_HEARTBEAT_TIMEOUT_MS"),
+        env_value(coord, "RINGTRAIN_HEARTBEAT_TIMEOUT_MS"),
+        "{what}"
+    );
 
     // Ports: the listen addresses' ports are the declared container ports.
     let grpc = container_port(coord, "grpc");
