@@ -1193,6 +1193,47 @@ mod tests {
     }
 
     #[test]
+    fn buckets_take_whole_parameters_in_backward_order_up_to_the_size() {
+        let spec = |name: &str, offset, len| ringtrain_autograd::ParamSpec {
+            name: name.into(),
+            shape: vec![len],
+            offset,
+            len,
+        };
+        let specs = [spec("a", 0, 3), spec("b", 3, 10), spec("c", 13, 2), spec("d", 15, 4)];
+        // Backward finishes d, c, b, a; buckets of at most 6 values, b alone being larger.
+        let plan = GradBuckets::new(&[3, 2, 1, 0], &specs, 6);
+        assert_eq!(plan.lens, vec![6, 10, 3]);
+        assert_eq!(plan.members, vec![2, 1, 1]);
+        assert_eq!(plan.place, vec![(2, 0), (1, 0), (0, 4), (0, 0)]);
+
+        // Filled in that order, each bucket leaves once it and those before it are complete.
+        let mut plan = plan;
+        let flat: Vec<f32> = (0..19).map(|v| v as f32).collect();
+        let mut sent = Vec::new();
+        {
+            let mut filler = BucketFiller::new(&mut plan, &specs, None);
+            for p in [3, 2, 1, 0] {
+                let s = &specs[p];
+                let grad =
+                    ringtrain_tensor::Tensor::from_vec(&[s.len], flat[s.offset..s.offset + s.len].to_vec()).unwrap();
+                filler.put(p, Some(&grad), &mut |b| sent.push(b));
+            }
+        }
+        assert_eq!(
+            sent,
+            vec![
+                vec![15.0, 16.0, 17.0, 18.0, 13.0, 14.0],
+                (3..13).map(|v| v as f32).collect(),
+                vec![0.0, 1.0, 2.0]
+            ]
+        );
+        let mut back = vec![f32::NAN; 19];
+        plan.scatter(sent, &specs, &mut back).unwrap();
+        assert_eq!(back, flat);
+    }
+
+    #[test]
     fn accumulating_batches_equals_one_batch_as_large() {
         // 120 training rows. Batches of 16 in pairs against batches of 32: the last pair is
         // 16 + 8 rows against one batch of 24, so the weights by example count matter.
