@@ -627,6 +627,7 @@ pub fn run_worker_cmd(args: WorkerArgs) -> anyhow::Result<()> {
                         "allreduce_secs": r.stats.allreduce_secs, "allreduces": r.stats.allreduces,
                         "allreduce_exposed_secs": r.stats.allreduce_exposed_secs,
                         "allreduce_bytes": r.stats.allreduce_bytes,
+                        "grad_wire_bytes": r.stats.grad_wire_bytes,
                     })
                 );
                 if !args.rejoin {

@@ -479,8 +479,8 @@ fn cluster_scale(
         cpu_name(),
         shown(rate)
     );
-    println!("| job | N | all-reduce | global ex/s | step ms | all-reduce busy | exposed | hidden |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| job | N | gradients | global ex/s | step ms | all-reduce busy | exposed | hidden | sent KB/step |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for job in jobs.split(',') {
         let (path, per_rank, data) = match job {
             "lenet" => ("examples/mnist-lenet.toml", 64, Some("../shared/data/mnist")),
@@ -491,16 +491,28 @@ fn cluster_scale(
         let base = std::fs::read_to_string(path).with_context(|| format!("read {path}"))?;
         for n in workers.split(',') {
             let n: usize = n.parse().context("--workers takes numbers like 1,2,4")?;
-            let modes: &[(&str, &str)] = if n == 1 {
-                &[("none", "")]
+            let dense = "sparse_embeddings = \"never\"";
+            let modes: Vec<(&str, String)> = if n == 1 {
+                vec![("none", String::new())]
             } else {
-                &[
-                    ("after backward", "overlap = false"),
-                    ("overlapped", "overlap = true"),
-                    ("overlapped, bf16", "overlap = true\ncompression = \"bf16\""),
-                ]
+                let mut modes = vec![
+                    ("after backward", format!("overlap = false\n{dense}")),
+                    ("overlapped", format!("overlap = true\n{dense}")),
+                    (
+                        "overlapped, bf16",
+                        format!("overlap = true\ncompression = \"bf16\"\n{dense}"),
+                    ),
+                ];
+                if job != "lenet" {
+                    modes.push(("overlapped, sparse rows", "overlap = true".into()));
+                    modes.push((
+                        "overlapped, bf16, sparse rows",
+                        "overlap = true\ncompression = \"bf16\"".into(),
+                    ));
+                }
+                modes
             };
-            for (mode, settings) in modes {
+            for (mode, settings) in &modes {
                 // The example for one epoch, with the same batch per rank at every N.
                 let mut text: String = base
                     .lines()
@@ -523,7 +535,7 @@ fn cluster_scale(
                 let _ = std::fs::remove_dir_all(&out);
                 let measured = scale_run(name, rate, n, &job_file, &out, data);
                 let _ = std::fs::remove_file(&job_file);
-                let (busy, exposed, steps, ex_per_s) = measured?;
+                let (busy, exposed, steps, ex_per_s, wire) = measured?;
                 let train_secs = steps as f64 * (per_rank * n) as f64 / ex_per_s;
                 let pct = |s: f64| format!("{:.0} %", 100.0 * s / train_secs);
                 let hidden = if n > 1 && busy > 0.0 {
@@ -532,10 +544,11 @@ fn cluster_scale(
                     "-".into()
                 };
                 println!(
-                    "| {job} | {n} | {mode} | {ex_per_s:.0} | {:.1} | {} | {} | {hidden} |",
+                    "| {job} | {n} | {mode} | {ex_per_s:.0} | {:.1} | {} | {} | {hidden} | {:.0} |",
                     1e3 * train_secs / steps.max(1) as f64,
                     pct(busy),
-                    pct(exposed)
+                    pct(exposed),
+                    wire as f64 / 1024.0 / steps.max(1) as f64
                 );
             }
         }
@@ -544,7 +557,8 @@ fn cluster_scale(
 }
 
 /// One job on `n` worker hosts and a coordinator host; returns rank 0's all-reduce busy and
-/// exposed seconds, its steps, and the epoch's global examples/s.
+/// exposed seconds, its steps, the epoch's global examples/s and the gradient bytes rank 0
+/// sent.
 fn scale_run(
     name: &str,
     rate: Option<ringtrain_testkit::Rate>,
@@ -552,7 +566,7 @@ fn scale_run(
     job: &Path,
     out: &Path,
     data: Option<&str>,
-) -> Result<(f64, f64, u64, f64)> {
+) -> Result<(f64, f64, u64, f64, u64)> {
     use std::process::Stdio;
     ringtrain_testkit::remove(name)?;
     let cluster = ringtrain_testkit::Cluster::create(name, n + 1, rate)?;
@@ -621,6 +635,7 @@ fn scale_run(
         finished["allreduce_exposed_secs"].as_f64().unwrap_or(0.0),
         finished["allreduces"].as_u64().unwrap_or(0),
         epoch["examples_per_sec"].as_f64().context("no examples_per_sec")?,
+        finished["grad_wire_bytes"].as_u64().unwrap_or(0),
     ))
 }
 

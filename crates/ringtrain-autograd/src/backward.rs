@@ -6,7 +6,7 @@ use ringtrain_tensor::attention::{self as attn, GradSlot, Heads};
 use ringtrain_tensor::{conv, fused, Tensor};
 
 use crate::ops::sigmoid;
-use crate::{AutogradError, Gradients, Graph, Op, Result, Var};
+use crate::{AutogradError, Gradients, Graph, Op, ParamGrad, Result, RowGrad, Var};
 
 impl Graph<'_> {
     /// Gradients of the one-element `loss` with respect to every leaf that needs one.
@@ -20,7 +20,7 @@ impl Graph<'_> {
     /// gradient is final when the reverse sweep reaches it, since every node that reads it
     /// comes later on the tape; parameters are therefore handed over in the order of
     /// [`Graph::backward_order`]. Every parameter of the store is handed over exactly once.
-    pub fn backward_with(&self, loss: Var, ready: &mut dyn FnMut(usize, Option<&Tensor>)) -> Result<Gradients> {
+    pub fn backward_with(&self, loss: Var, ready: &mut dyn FnMut(usize, ParamGrad<'_>)) -> Result<Gradients> {
         let shape = self.shape(loss);
         if self.value(loss).len() != 1 {
             return Err(AutogradError::NotScalar { shape: shape.to_vec() });
@@ -36,16 +36,45 @@ impl Graph<'_> {
             }
         }
         let mut handed = vec![false; self.bound.len()];
+        let mut rows: Vec<Option<RowGrad>> = (0..self.nodes.len()).map(|_| None).collect();
         for i in (0..=loss.0).rev() {
             let node = &self.nodes[i];
             if matches!(node.op, Op::Leaf) {
                 if let Some(p) = param_of_leaf[i] {
-                    ready(p, grads[i].as_ref());
+                    // Rows and a dense gradient (the table used some other way too): one dense.
+                    if let Some(dense) = grads[i].as_mut() {
+                        if let Some(r) = rows[i].take() {
+                            r.add_into(dense.as_mut_slice(), 1.0);
+                        }
+                    }
+                    let grad = match (&grads[i], &rows[i]) {
+                        (Some(d), _) => ParamGrad::Dense(d),
+                        (None, Some(r)) => ParamGrad::Rows(r),
+                        (None, None) => ParamGrad::Zero,
+                    };
+                    ready(p, grad);
                     handed[p] = true;
                 }
                 continue;
             }
             let Some(g) = grads[i].take() else { continue };
+            // A row lookup of a row-sparse table: keep the rows, not a dense table.
+            if let Op::IndexSelect { x, axis: 0, indices } = &node.op {
+                let sparse = param_of_leaf[x.0].is_some_and(|p| self.row_sparse.get(p).copied().unwrap_or(false));
+                if sparse {
+                    if self.nodes[x.0].needs_grad {
+                        let width = g.len() / indices.len().max(1);
+                        let slot = rows[x.0].get_or_insert_with(|| RowGrad {
+                            rows: Vec::new(),
+                            width,
+                            values: Vec::new(),
+                        });
+                        slot.rows.extend_from_slice(indices);
+                        slot.values.extend_from_slice(g.as_slice());
+                    }
+                    continue;
+                }
+            }
             // A slice's gradient goes straight into its place in the input's gradient: a
             // recurrent layer slices one step at a time out of a [B, T, ·] tensor, and a
             // full-size zero tensor per step would make backpropagation through time O(T²).
@@ -70,10 +99,10 @@ impl Graph<'_> {
         // Parameters never bound, or bound after the loss: zero.
         for (p, done) in handed.iter().enumerate() {
             if !done {
-                ready(p, None);
+                ready(p, ParamGrad::Zero);
             }
         }
-        Ok(Gradients { grads })
+        Ok(Gradients { grads, rows })
     }
 
     /// The store's parameter indices in the order [`Graph::backward_with`] hands their

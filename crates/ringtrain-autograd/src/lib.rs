@@ -239,6 +239,8 @@ pub struct Graph<'p> {
     params: Option<&'p ParamStore>,
     /// Per parameter (store order): its leaf on this tape, once bound.
     bound: Vec<Option<Var>>,
+    /// Per parameter: its row lookups leave a [`RowGrad`] instead of a dense gradient.
+    row_sparse: Vec<bool>,
     grad_enabled: bool,
     training: bool,
     /// Randomness of the forward pass (dropout masks), seeded by the caller per step.
@@ -251,6 +253,7 @@ impl<'p> Graph<'p> {
         Graph {
             nodes: Vec::new(),
             bound: vec![None; params.specs().len()],
+            row_sparse: vec![false; params.specs().len()],
             params: Some(params),
             grad_enabled: true,
             training: true,
@@ -274,10 +277,30 @@ impl<'p> Graph<'p> {
             nodes: Vec::new(),
             params: None,
             bound: Vec::new(),
+            row_sparse: Vec::new(),
             grad_enabled: true,
             training: true,
             rng: None,
         }
+    }
+
+    /// Makes the gradient of parameter `param` (its index in the store) from row lookups
+    /// (`index_select` on axis 0: an embedding table) a [`RowGrad`]: the rows the batch read
+    /// and their gradients, never a dense table. Other uses of the parameter still add a
+    /// dense gradient, and the rows are then added into it.
+    pub fn set_row_sparse(&mut self, param: usize) {
+        if let Some(s) = self.row_sparse.get_mut(param) {
+            *s = true;
+        }
+    }
+
+    /// The gradient of parameter `param` (its index in the store) in `grads`.
+    pub fn param_grad<'g>(&self, grads: &'g Gradients, param: usize) -> ParamGrad<'g> {
+        self.bound
+            .get(param)
+            .copied()
+            .flatten()
+            .map_or(ParamGrad::Zero, |v| grads.param(v))
     }
 
     /// Seeds the randomness of this forward pass (dropout). The trainer derives the seed from
@@ -386,9 +409,13 @@ impl<'p> Graph<'p> {
         let store = self.store_for("param_grads_into", out)?;
         for (spec, bound) in store.specs().iter().zip(&self.bound) {
             let dst = &mut out[spec.offset..spec.offset + spec.len];
-            match bound.and_then(|v| grads.get(v)) {
-                Some(g) => dst.copy_from_slice(g.as_slice()),
-                None => dst.fill(0.0),
+            match bound.map_or(ParamGrad::Zero, |v| grads.param(v)) {
+                ParamGrad::Dense(g) => dst.copy_from_slice(g.as_slice()),
+                ParamGrad::Rows(r) => {
+                    dst.fill(0.0);
+                    r.add_into(dst, 1.0);
+                }
+                ParamGrad::Zero => dst.fill(0.0),
             }
         }
         Ok(())
@@ -399,11 +426,15 @@ impl<'p> Graph<'p> {
     pub fn add_param_grads(&self, grads: &Gradients, out: &mut [f32], weight: f32) -> Result<()> {
         let store = self.store_for("add_param_grads", out)?;
         for (spec, bound) in store.specs().iter().zip(&self.bound) {
-            if let Some(g) = bound.and_then(|v| grads.get(v)) {
-                let dst = &mut out[spec.offset..spec.offset + spec.len];
-                for (d, s) in dst.iter_mut().zip(g.as_slice()) {
-                    *d += weight * s;
+            let dst = &mut out[spec.offset..spec.offset + spec.len];
+            match bound.map_or(ParamGrad::Zero, |v| grads.param(v)) {
+                ParamGrad::Dense(g) => {
+                    for (d, s) in dst.iter_mut().zip(g.as_slice()) {
+                        *d += weight * s;
+                    }
                 }
+                ParamGrad::Rows(r) => r.add_into(dst, weight),
+                ParamGrad::Zero => {}
             }
         }
         Ok(())
@@ -413,11 +444,76 @@ impl<'p> Graph<'p> {
 /// Gradients of one backward pass, for the leaves that needed them.
 #[derive(Debug)]
 pub struct Gradients {
-    grads: Vec<Option<Tensor>>,
+    pub(crate) grads: Vec<Option<Tensor>>,
+    /// Row gradients of row-sparse parameters (see [`Graph::set_row_sparse`]).
+    pub(crate) rows: Vec<Option<RowGrad>>,
 }
 
 impl Gradients {
+    /// The dense gradient of `v` (`None` for a row-sparse parameter; see [`Gradients::param`]).
     pub fn get(&self, v: Var) -> Option<&Tensor> {
         self.grads.get(v.0).and_then(Option::as_ref)
+    }
+
+    /// The gradient of parameter leaf `v`, dense or as rows.
+    pub fn param(&self, v: Var) -> ParamGrad<'_> {
+        match (self.get(v), self.rows.get(v.0).and_then(Option::as_ref)) {
+            (Some(d), _) => ParamGrad::Dense(d),
+            (None, Some(r)) => ParamGrad::Rows(r),
+            (None, None) => ParamGrad::Zero,
+        }
+    }
+}
+
+/// A parameter's gradient as backward hands it over.
+#[derive(Debug, Clone, Copy)]
+pub enum ParamGrad<'a> {
+    /// The parameter did not reach the loss.
+    Zero,
+    Dense(&'a Tensor),
+    /// Zero but for the rows a row-sparse lookup read.
+    Rows(&'a RowGrad),
+}
+
+/// The gradient of a table whose rows were looked up: zero except that row `rows[k]` gets
+/// `values[k·width .. (k+1)·width]` added (a row read twice appears twice, in reading order).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowGrad {
+    pub rows: Vec<usize>,
+    pub width: usize,
+    pub values: Vec<f32>,
+}
+
+impl RowGrad {
+    /// `dst[row·width ..] += weight × values`, row by row in order (`dst` is the table).
+    pub fn add_into(&self, dst: &mut [f32], weight: f32) {
+        for (&row, v) in self.rows.iter().zip(self.values.chunks_exact(self.width.max(1))) {
+            let d = &mut dst[row * self.width..(row + 1) * self.width];
+            for (d, v) in d.iter_mut().zip(v) {
+                *d += weight * v;
+            }
+        }
+    }
+
+    /// The distinct rows in increasing order, each with the sum of its gradients (added in
+    /// reading order, so every run gives the same bits).
+    pub fn coalesce(&self) -> (Vec<usize>, Vec<f32>) {
+        let w = self.width.max(1);
+        let mut order: Vec<usize> = (0..self.rows.len()).collect();
+        order.sort_by_key(|&k| self.rows[k]);
+        let (mut rows, mut values) = (Vec::new(), Vec::new());
+        for k in order {
+            let v = &self.values[k * w..(k + 1) * w];
+            if rows.last() == Some(&self.rows[k]) {
+                let at = values.len() - w;
+                for (d, s) in values[at..].iter_mut().zip(v) {
+                    *d += s;
+                }
+            } else {
+                rows.push(self.rows[k]);
+                values.extend_from_slice(v);
+            }
+        }
+        (rows, values)
     }
 }

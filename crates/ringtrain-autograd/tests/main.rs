@@ -5,7 +5,7 @@
 
 use proptest::prelude::*;
 use ringtrain_autograd::gradcheck::{check, Tolerance};
-use ringtrain_autograd::{AttentionOpts, Cols, Graph, ParamStore, Result, Tensor, Var};
+use ringtrain_autograd::{AttentionOpts, Cols, Graph, ParamGrad, ParamStore, Result, Tensor, Var};
 use ringtrain_tensor::random;
 
 fn cases() -> ProptestConfig {
@@ -237,7 +237,12 @@ fn backward_hands_each_parameter_over_once_when_its_gradient_is_final() {
     let mut handed = Vec::new();
     let grads = g
         .backward_with(loss, &mut |p, grad| {
-            handed.push((p, grad.map(|t| t.as_slice().to_vec())));
+            let grad = match grad {
+                ParamGrad::Dense(t) => Some(t.as_slice().to_vec()),
+                ParamGrad::Zero => None,
+                ParamGrad::Rows(_) => panic!("no parameter is row-sparse here"),
+            };
+            handed.push((p, grad));
         })
         .unwrap();
     assert_eq!(handed.iter().map(|h| h.0).collect::<Vec<_>>(), order);
@@ -255,6 +260,55 @@ fn backward_hands_each_parameter_over_once_when_its_gradient_is_final() {
     }
     assert_eq!(from_hook, flat);
     assert_eq!(flat, vec![6.0 + 3.0, 6.0 + 3.0, 2.0, 2.0, 2.0, 2.0, 0.0]);
+}
+
+#[test]
+fn a_row_sparse_table_gets_the_rows_it_was_read_at_and_the_same_gradient() {
+    let table: Vec<f32> = (0..12).map(|v| v as f32 * 0.5 - 2.0).collect();
+    let named = [
+        ("emb.weight".to_string(), Tensor::from_vec(&[4, 3], table).unwrap()),
+        ("w".to_string(), Tensor::from_vec(&[3], vec![1.0, -2.0, 0.5]).unwrap()),
+    ];
+    let store = ParamStore::from_named(named.into_iter().collect());
+    let ids = [2, 0, 2, 3];
+    let run = |sparse: bool| {
+        let mut g = Graph::new(&store);
+        if sparse {
+            g.set_row_sparse(0);
+        }
+        let e = g.param("emb.weight").unwrap();
+        let w = g.param("w").unwrap();
+        let rows = g.index_select(e, 0, &ids).unwrap();
+        let y = g.mul(rows, w).unwrap();
+        let sq = g.mul(y, y).unwrap();
+        let loss = g.sum(sq);
+        let mut kinds = Vec::new();
+        let grads = g
+            .backward_with(loss, &mut |p, grad| {
+                kinds.push((p, matches!(grad, ParamGrad::Rows(_))));
+            })
+            .unwrap();
+        let mut flat = vec![f32::NAN; store.num_elements()];
+        g.param_grads_into(&grads, &mut flat).unwrap();
+        let rows = match grads.param(e) {
+            ParamGrad::Rows(r) => Some(r.clone()),
+            _ => None,
+        };
+        (flat, kinds, rows)
+    };
+    let (dense, dense_kinds, _) = run(false);
+    let (sparse, sparse_kinds, rows) = run(true);
+    assert_eq!(dense_kinds, vec![(1, false), (0, false)]);
+    assert_eq!(sparse_kinds, vec![(1, false), (0, true)]);
+    // The same numbers: rows added into a zero table are the dense index_add.
+    assert_eq!(sparse, dense);
+    let rows = rows.unwrap();
+    assert_eq!(rows.rows, vec![2, 0, 2, 3]);
+    assert_eq!((rows.width, rows.values.len()), (3, 12));
+    let (distinct, summed) = rows.coalesce();
+    assert_eq!(distinct, vec![0, 2, 3]);
+    assert_eq!(&summed[3..6], &dense[6..9], "row 2 read twice: both gradients, summed");
+    assert_eq!(&summed[..3], &dense[..3]);
 }
 
 #[test]

@@ -118,6 +118,11 @@ impl Communicator {
         self.runtime.block_on(self.ring.barrier())
     }
 
+    /// Gather every rank's buffer of known length; see [`Ring::all_gather_f32`].
+    pub fn all_gather_f32(&mut self, values: &[f32], lens: &[usize]) -> Result<Vec<Vec<f32>>> {
+        self.runtime.block_on(self.ring.all_gather_f32(values, lens))
+    }
+
     /// Gather a few values per rank; see [`Ring::all_gather_f64`].
     pub fn all_gather_f64(&mut self, values: &[f64]) -> Result<Vec<Vec<f64>>> {
         self.runtime.block_on(self.ring.all_gather_f64(values))

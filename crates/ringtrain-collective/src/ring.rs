@@ -263,6 +263,18 @@ impl<T: Transport> Ring<T> {
         self.finish(cop, seq, result).await
     }
 
+    /// Gather every rank's buffer, whatever its length: `result[r]` is rank
+    /// `r`'s `values`, and `lens[r]` its length, which every rank must know
+    /// beforehand (e.g. from an [`Ring::all_gather_f64`] of the counts). Each
+    /// buffer travels the ring in parts of `part_bytes`, forwarded as
+    /// received, so every rank gets the same bits. For sparse gradients.
+    pub async fn all_gather_f32(&mut self, values: &[f32], lens: &[usize]) -> Result<Vec<Vec<f32>>> {
+        let cop = CollectiveOp::AllGatherF32;
+        let seq = self.begin(cop)?;
+        let result = self.all_gather_f32_inner(values, lens, seq).await;
+        self.finish(cop, seq, result).await
+    }
+
     /// Gather a few values from every rank: `result[r]` is rank `r`'s
     /// `values`. Meant for metrics; at most `part_bytes` per rank.
     pub async fn all_gather_f64(&mut self, values: &[f64]) -> Result<Vec<Vec<f64>>> {
@@ -783,6 +795,60 @@ impl<T: Transport> Ring<T> {
             }
         }
         Ok(())
+    }
+
+    async fn all_gather_f32_inner(&mut self, values: &[f32], lens: &[usize], seq: u64) -> Result<Vec<Vec<f32>>> {
+        let (n, r, pe) = (self.world, self.rank, self.part_elems);
+        let op = CollectiveOp::AllGatherF32;
+        if lens.len() != n || lens[r] != values.len() {
+            return Err(Error::InvalidArgument {
+                op,
+                rank: r,
+                what: format!(
+                    "{} lengths for {n} ranks, this rank's {:?} for {} values",
+                    lens.len(),
+                    lens.get(r),
+                    values.len()
+                ),
+            });
+        }
+        let ctx_of = |origin: usize| Ctx {
+            op,
+            seq,
+            bucket: 0,
+            fingerprint: 0,
+            bucket_len: Some(lens[origin] as u64),
+            parts: u32::try_from(lens[origin].div_ceil(pe).max(1)).unwrap_or(u32::MAX),
+        };
+        let part = |len: usize, k: usize| (k * pe).min(len)..((k + 1) * pe).min(len);
+        let mut out = vec![Vec::new(); n];
+        out[r] = values.to_vec();
+        if n == 1 {
+            return Ok(out);
+        }
+        let ctx = ctx_of(r);
+        for k in 0..ctx.parts as usize {
+            let range = part(values.len(), k);
+            let mut buf = self.take(range.len() * 4);
+            kernels::encode(&values[range], &mut buf);
+            let payload = self.give(buf);
+            self.send(&ctx, 0, k, r, payload)?;
+        }
+        for t in 0..n - 1 {
+            let origin = (r + 2 * n - t - 1) % n;
+            let ctx = ctx_of(origin);
+            let mut got = vec![0.0f32; lens[origin]];
+            for k in 0..ctx.parts as usize {
+                let range = part(lens[origin], k);
+                let payload = self.recv(&ctx, t, k, origin, Some(range.len())).await?;
+                kernels::copy(&mut got[range], &payload);
+                if t + 2 < n {
+                    self.send(&ctx, t + 1, k, origin, payload)?;
+                }
+            }
+            out[origin] = got;
+        }
+        Ok(out)
     }
 
     async fn all_gather_inner(&mut self, values: &[f64], seq: u64) -> Result<Vec<Vec<f64>>> {

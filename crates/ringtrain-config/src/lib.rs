@@ -68,6 +68,21 @@ pub struct DistributedConfig {
     /// off: all buckets after backward. Either way the result has the same bits.
     #[serde(default = "yes")]
     pub overlap: bool,
+    /// Embedding tables' gradients: `auto` sends only the rows a step touched (an all-gather
+    /// of rows and their indices) when that is fewer bytes than the dense all-reduce, decided
+    /// per step from every rank's count; `always` or `never` forces one way.
+    #[serde(default)]
+    pub sparse_embeddings: SparseEmbeddings,
+}
+
+/// See [`DistributedConfig::sparse_embeddings`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SparseEmbeddings {
+    #[default]
+    Auto,
+    Always,
+    Never,
 }
 
 impl Default for DistributedConfig {
@@ -76,6 +91,7 @@ impl Default for DistributedConfig {
             compression: Compression::None,
             bucket_mb: bucket_mb(),
             overlap: true,
+            sparse_embeddings: SparseEmbeddings::Auto,
         }
     }
 }

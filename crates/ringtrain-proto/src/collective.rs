@@ -19,6 +19,8 @@ pub enum CollectiveOp {
     Broadcast,
     Barrier,
     AllGather,
+    /// Variable-length f32 buffers, one per rank.
+    AllGatherF32,
 }
 
 impl CollectiveOp {
@@ -31,6 +33,7 @@ impl CollectiveOp {
             CollectiveOp::Broadcast => "broadcast",
             CollectiveOp::Barrier => "barrier",
             CollectiveOp::AllGather => "all_gather",
+            CollectiveOp::AllGatherF32 => "all_gather_f32",
         }
     }
 
@@ -60,6 +63,7 @@ impl From<CollectiveOp> for wire::CollectiveOp {
             CollectiveOp::Broadcast => wire::CollectiveOp::Broadcast,
             CollectiveOp::Barrier => wire::CollectiveOp::Barrier,
             CollectiveOp::AllGather => wire::CollectiveOp::AllGather,
+            CollectiveOp::AllGatherF32 => wire::CollectiveOp::AllGatherF32,
         }
     }
 }
@@ -176,6 +180,7 @@ impl TryFrom<wire::DataFrame> for DataFrame {
             Ok(wire::CollectiveOp::Broadcast) => CollectiveOp::Broadcast,
             Ok(wire::CollectiveOp::Barrier) => CollectiveOp::Barrier,
             Ok(wire::CollectiveOp::AllGather) => CollectiveOp::AllGather,
+            Ok(wire::CollectiveOp::AllGatherF32) => CollectiveOp::AllGatherF32,
             Ok(wire::CollectiveOp::Unspecified) | Err(_) => return Err(WireError::UnknownOp(d.op)),
         };
         if d.sender_rank >= d.world_size {

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ringtrain_autograd::{Graph, ParamStore};
-use ringtrain_config::{EvalScheme, Job, OptimizerName, ScheduleName};
+use ringtrain_autograd::{Graph, ParamGrad, ParamStore};
+use ringtrain_config::{EvalScheme, Job, OptimizerName, ScheduleName, SparseEmbeddings};
 use ringtrain_data::{
     eval_shard, kfold, shard_indices, stream_batches, stream_part, summarize_folds, train_test_split, ConfusionMatrix,
     Remainder,
@@ -59,6 +59,18 @@ pub trait GradSync {
             self.all_reduce_mean(b)?;
         }
         Ok(buckets)
+    }
+
+    /// Every rank's `values`, in rank order, where rank r's has `lens[r]` values (the ranks
+    /// agreed on the lengths beforehand): the exchange of sparse gradient rows.
+    fn all_gather_f32(&mut self, values: &[f32], lens: &[usize]) -> Result<Vec<Vec<f32>>, SyncError> {
+        match lens {
+            [len] if *len == values.len() => Ok(vec![values.to_vec()]),
+            _ => Err(SyncError(format!(
+                "one rank has {} values, not the lengths {lens:?}",
+                values.len()
+            ))),
+        }
     }
 
     /// Replaces `values` (small metric sums) with their sum over all ranks.
@@ -280,6 +292,9 @@ pub struct Trainer {
     bucket_elems: usize,
     /// The buckets of a distributed step, fixed at its first backward pass.
     buckets: Option<GradBuckets>,
+    /// Embedding tables whose gradient may travel as the rows a step touched, and when.
+    sparse: Vec<usize>,
+    sparse_mode: SparseEmbeddings,
 }
 
 /// A step's gradient cut into buckets for the all-reduce: whole parameters in the order
@@ -287,8 +302,9 @@ pub struct Trainer {
 /// `bucket_elems` elements. Every rank builds the same plan from the same model.
 #[derive(Debug)]
 struct GradBuckets {
-    /// Per parameter of the store: its bucket and its offset there.
-    place: Vec<(usize, usize)>,
+    /// Per parameter of the store: its bucket and its offset there (`None`: reduced apart,
+    /// as a sparse table).
+    place: Vec<Option<(usize, usize)>>,
     /// Per bucket: its length.
     lens: Vec<usize>,
     /// Per bucket: how many parameters it holds.
@@ -299,7 +315,7 @@ struct GradBuckets {
 
 impl GradBuckets {
     fn new(order: &[usize], specs: &[ringtrain_autograd::ParamSpec], bucket_elems: usize) -> GradBuckets {
-        let mut place = vec![(0, 0); specs.len()];
+        let mut place = vec![None; specs.len()];
         let (mut lens, mut members) = (Vec::new(), Vec::new());
         for &p in order {
             let len = specs[p].len;
@@ -311,7 +327,7 @@ impl GradBuckets {
                 }
             }
             let b = lens.len() - 1;
-            place[p] = (b, lens[b]);
+            place[p] = Some((b, lens[b]));
             lens[b] += len;
             members[b] += 1;
         }
@@ -337,12 +353,88 @@ impl GradBuckets {
                 self.lens
             )));
         }
-        for (spec, &(b, at)) in specs.iter().zip(&self.place) {
-            flat[spec.offset..spec.offset + spec.len].copy_from_slice(&buckets[b][at..at + spec.len]);
+        for (spec, place) in specs.iter().zip(&self.place) {
+            if let Some((b, at)) = *place {
+                flat[spec.offset..spec.offset + spec.len].copy_from_slice(&buckets[b][at..at + spec.len]);
+            }
         }
         self.spare = buckets;
         Ok(())
     }
+}
+
+/// Averages an embedding table's gradient over the ranks into its place in `flat`. Every
+/// rank first learns how many distinct rows each touched; when the rows and their indices
+/// are fewer bytes than the dense ring all-reduce (`rows × (width + 1) < 2 × table`, the same
+/// decision on every rank) or `always` is asked, they are all-gathered and summed in rank
+/// order (the same bits on every rank) and divided by the world size; otherwise the table,
+/// zero outside those rows, is all-reduced. Rows no rank touched get a zero gradient either
+/// way, so the optimizer's dense pass keeps its exact semantics.
+fn reduce_table(
+    sync: &mut dyn GradSync,
+    grad: ParamGrad<'_>,
+    spec: &ringtrain_autograd::ParamSpec,
+    flat: &mut [f32],
+    mode: SparseEmbeddings,
+) -> Result<(), SyncError> {
+    let dst = &mut flat[spec.offset..spec.offset + spec.len];
+    let (rows, values) = match grad {
+        ParamGrad::Rows(r) => r.coalesce(),
+        ParamGrad::Zero => (Vec::new(), Vec::new()),
+        // Used some other way too (every rank alike): the dense all-reduce.
+        ParamGrad::Dense(d) => {
+            dst.copy_from_slice(d.as_slice());
+            return sync.all_reduce_mean(dst);
+        }
+    };
+    let (rank, world) = (sync.rank(), sync.world().max(1));
+    let width = spec.shape.get(1).copied().unwrap_or(1).max(1);
+    let mut counts = vec![0.0f64; world];
+    counts[rank] = rows.len() as f64;
+    sync.all_reduce_sum_f64(&mut counts)?;
+    let total: f64 = counts.iter().sum();
+    let sparse = match mode {
+        SparseEmbeddings::Always => true,
+        SparseEmbeddings::Never => false,
+        SparseEmbeddings::Auto => total * ((width + 1) as f64) < 2.0 * spec.len as f64,
+    };
+    dst.fill(0.0);
+    if !sparse {
+        for (k, &row) in rows.iter().enumerate() {
+            dst[row * width..(row + 1) * width].copy_from_slice(&values[k * width..(k + 1) * width]);
+        }
+        return sync.all_reduce_mean(dst);
+    }
+    // Row indices travel as the bits of an f32: exact, and forwarded as bytes.
+    let mut payload: Vec<f32> = rows.iter().map(|&r| f32::from_bits(r as u32)).collect();
+    payload.extend_from_slice(&values);
+    let lens: Vec<usize> = counts.iter().map(|&c| c as usize * (width + 1)).collect();
+    let all = sync.all_gather_f32(&payload, &lens)?;
+    let table_rows = spec.len / width;
+    for (r, buf) in all.iter().enumerate() {
+        let n = buf.len() / (width + 1);
+        let (ids, vals) = buf.split_at(n);
+        for (k, id) in ids.iter().enumerate() {
+            let row = id.to_bits() as usize;
+            if row >= table_rows {
+                return Err(SyncError(format!(
+                    "rank {r} sent a gradient for row {row} of {}, which has {table_rows} rows",
+                    spec.name
+                )));
+            }
+            for (d, v) in dst[row * width..(row + 1) * width]
+                .iter_mut()
+                .zip(&vals[k * width..(k + 1) * width])
+            {
+                *d += v;
+            }
+        }
+    }
+    let n = world as f32;
+    for d in dst.iter_mut() {
+        *d /= n;
+    }
+    Ok(())
 }
 
 /// Fills the buckets of one step from the gradients backward hands over, and sends each
@@ -385,24 +477,33 @@ impl<'a> BucketFiller<'a> {
         }
     }
 
-    fn put(&mut self, p: usize, grad: Option<&ringtrain_tensor::Tensor>, emit: &mut dyn FnMut(Vec<f32>)) {
-        let (b, at) = self.plan.place[p];
+    fn put(&mut self, p: usize, grad: ParamGrad<'_>, emit: &mut dyn FnMut(Vec<f32>)) {
+        let Some((b, at)) = self.plan.place[p] else {
+            return;
+        };
         let spec = &self.specs[p];
         let Some(dst) = self.buffers[b].as_mut().map(|buf| &mut buf[at..at + spec.len]) else {
             return;
         };
+        // The same arithmetic as `Graph::param_grads_into` and `Graph::add_param_grads`, so
+        // the bits do not depend on the path.
         match (grad, self.earlier) {
-            (Some(g), None) => dst.copy_from_slice(g.as_slice()),
-            (None, None) => dst.fill(0.0),
-            // The same arithmetic as `Graph::add_param_grads`, so the bits do not depend on
-            // the path.
-            (Some(g), Some((acc, share))) => {
+            (ParamGrad::Dense(g), None) => dst.copy_from_slice(g.as_slice()),
+            (ParamGrad::Dense(g), Some((acc, share))) => {
                 let acc = &acc[spec.offset..spec.offset + spec.len];
                 for ((d, a), s) in dst.iter_mut().zip(acc).zip(g.as_slice()) {
                     *d = a + share * s;
                 }
             }
-            (None, Some((acc, _))) => dst.copy_from_slice(&acc[spec.offset..spec.offset + spec.len]),
+            (ParamGrad::Rows(r), earlier) => {
+                match earlier {
+                    None => dst.fill(0.0),
+                    Some((acc, _)) => dst.copy_from_slice(&acc[spec.offset..spec.offset + spec.len]),
+                }
+                r.add_into(dst, earlier.map_or(1.0, |(_, share)| share));
+            }
+            (ParamGrad::Zero, None) => dst.fill(0.0),
+            (ParamGrad::Zero, Some((acc, _))) => dst.copy_from_slice(&acc[spec.offset..spec.offset + spec.len]),
         }
         self.missing[b] -= 1;
         while self.next < self.buffers.len() && self.missing[self.next] == 0 {
@@ -417,6 +518,24 @@ impl<'a> BucketFiller<'a> {
 impl Trainer {
     pub fn new(job: &Job, model: Box<dyn Module>, loss: Loss, train_examples: usize) -> Trainer {
         let store = init_store(model.as_ref(), job.job.seed);
+        // Lookup tables (not learned positions) whose gradient is the rows a batch read;
+        // accumulated micro-batches sum them densely, so they go dense then.
+        let sparse =
+            if job.distributed.sparse_embeddings == SparseEmbeddings::Never || job.training.accumulate_steps > 1 {
+                Vec::new()
+            } else {
+                store
+                    .specs()
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, s)| {
+                        s.name.ends_with("embedding.weight")
+                            && !s.name.ends_with("pos_embedding.weight")
+                            && s.shape.len() == 2
+                    })
+                    .map(|(p, _)| p)
+                    .collect()
+            };
         let o = &job.optimizer;
         let wd = o.weight_decay as f32;
         let kind = match o.kind {
@@ -483,6 +602,8 @@ impl Trainer {
             accumulate,
             bucket_elems: ((job.distributed.bucket_mb * f64::from(1u32 << 20)) as usize / 4).max(1),
             buckets: None,
+            sparse,
+            sparse_mode: job.distributed.sparse_embeddings,
         }
     }
 
@@ -567,28 +688,47 @@ impl Trainer {
                     // their examples, each batch's mean weighted by its share.
                     let share = (group.len() > 1).then(|| chunk.len() as f32 / group_rows as f32);
                     if m + 1 == group.len() && world > 1 {
-                        // The step's gradient leaves in buckets as backward completes them.
+                        // The step's gradient leaves in buckets as backward completes them;
+                        // embedding tables as the rows the batch read, after backward.
+                        for &p in &self.sparse {
+                            g.set_row_sparse(p);
+                        }
                         let specs = self.store.specs();
-                        let plan = self
-                            .buckets
-                            .get_or_insert_with(|| GradBuckets::new(&g.backward_order(loss), specs, self.bucket_elems));
-                        let mut failed = None;
+                        let sparse = &self.sparse;
+                        let plan = self.buckets.get_or_insert_with(|| {
+                            let mut order = g.backward_order(loss);
+                            order.retain(|p| !sparse.contains(p));
+                            GradBuckets::new(&order, specs, self.bucket_elems)
+                        });
+                        let (mut failed, mut produced) = (None, None);
                         let earlier = share.map(|w| (self.grad.as_slice(), w));
                         let reduced = sync.reduce_buckets(&mut |emit| {
                             let mut filler = BucketFiller::new(plan, specs, earlier);
-                            if let Err(e) = g.backward_with(loss, &mut |p, grad| filler.put(p, grad, emit)) {
-                                failed = Some(e);
+                            match g.backward_with(loss, &mut |p, grad| filler.put(p, grad, emit)) {
+                                Ok(grads) => produced = Some(grads),
+                                Err(e) => failed = Some(e),
                             }
                         });
                         if let Some(e) = failed {
                             return Err(e.into());
                         }
+                        let step = self.step;
+                        let sync_err = |source| TrainError::Sync { step, source };
                         reduced
                             .and_then(|r| plan.scatter(r, specs, &mut self.grad))
-                            .map_err(|source| TrainError::Sync {
-                                step: self.step,
-                                source,
-                            })?;
+                            .map_err(sync_err)?;
+                        if let Some(grads) = &produced {
+                            for &p in sparse {
+                                reduce_table(
+                                    sync,
+                                    g.param_grad(grads, p),
+                                    &specs[p],
+                                    &mut self.grad,
+                                    self.sparse_mode,
+                                )
+                                .map_err(sync_err)?;
+                            }
+                        }
                     } else {
                         let grads = g.backward(loss)?;
                         match share {
@@ -1205,7 +1345,7 @@ mod tests {
         let plan = GradBuckets::new(&[3, 2, 1, 0], &specs, 6);
         assert_eq!(plan.lens, vec![6, 10, 3]);
         assert_eq!(plan.members, vec![2, 1, 1]);
-        assert_eq!(plan.place, vec![(2, 0), (1, 0), (0, 4), (0, 0)]);
+        assert_eq!(plan.place, vec![Some((2, 0)), Some((1, 0)), Some((0, 4)), Some((0, 0))]);
 
         // Filled in that order, each bucket leaves once it and those before it are complete.
         let mut plan = plan;
@@ -1217,7 +1357,7 @@ mod tests {
                 let s = &specs[p];
                 let grad =
                     ringtrain_tensor::Tensor::from_vec(&[s.len], flat[s.offset..s.offset + s.len].to_vec()).unwrap();
-                filler.put(p, Some(&grad), &mut |b| sent.push(b));
+                filler.put(p, ParamGrad::Dense(&grad), &mut |b| sent.push(b));
             }
         }
         assert_eq!(

@@ -25,6 +25,8 @@ pub struct SyncStats {
     pub allreduce_bytes: u64,
     /// Seconds spent in the other collectives (metric sums, broadcast, final check).
     pub other_secs: f64,
+    /// Gradient bytes this rank sent (all-reduces and sparse row exchanges).
+    pub grad_wire_bytes: u64,
 }
 
 /// [`GradSync`] over a ring of workers. Every method blocks until the collective is done on
@@ -114,11 +116,18 @@ impl RingSync {
                 s.allreduce_exposed_secs += secs;
                 s.allreduces += 1;
                 s.allreduce_bytes += bytes;
+                s.grad_wire_bytes += self.ring_share(bytes);
             } else {
                 s.other_secs += secs;
             }
         }
         out
+    }
+
+    /// What a ring all-reduce of `bytes` makes this rank send: 2(N-1)/N of it.
+    fn ring_share(&self, bytes: u64) -> u64 {
+        let n = self.comm.world() as u64;
+        2 * (n - 1) * bytes / n.max(1)
     }
 
     /// Bytes a gradient of `values` values puts on the wire.
@@ -223,13 +232,36 @@ impl GradSync for RingSync {
         let exposed = backward_done.elapsed().as_secs_f64();
         let values = reduced.as_ref().map_or(0, |r| r.iter().map(Vec::len).sum());
         let bytes = self.wire_bytes(values);
+        let sent = self.ring_share(bytes);
         if let Ok(mut s) = self.stats.lock() {
             s.allreduce_secs += busy;
             s.allreduce_exposed_secs += exposed;
             s.allreduces += 1;
             s.allreduce_bytes += bytes;
+            s.grad_wire_bytes += sent;
         }
         reduced
+    }
+
+    /// The ring all-gather: each rank forwards every buffer but its right neighbour's.
+    fn all_gather_f32(&mut self, values: &[f32], lens: &[usize]) -> Result<Vec<Vec<f32>>, SyncError> {
+        let (rank, world) = (self.comm.rank(), self.comm.world());
+        let started = Instant::now();
+        let out = self
+            .comm
+            .all_gather_f32(values, lens)
+            .map_err(|e| SyncError(e.to_string()));
+        let secs = started.elapsed().as_secs_f64();
+        let sent: usize = (0..lens.len())
+            .filter(|&o| world > 1 && o != (rank + 1) % world)
+            .map(|o| lens[o] * 4)
+            .sum();
+        if let Ok(mut s) = self.stats.lock() {
+            s.allreduce_secs += secs;
+            s.allreduce_exposed_secs += secs;
+            s.grad_wire_bytes += sent as u64;
+        }
+        out
     }
 
     /// All-gathers the values and adds them in rank order, so every rank computes the same

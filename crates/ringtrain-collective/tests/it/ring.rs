@@ -69,6 +69,45 @@ fn a_bf16_mean_is_the_same_bits_everywhere_and_within_rounding_of_the_mean() {
     }
 }
 
+#[test]
+fn all_gather_f32_gives_every_rank_every_buffer_whatever_its_length() {
+    for lens in [vec![3usize, 0, 5000, 1], vec![0, 0], vec![17], vec![1000, 999, 1]] {
+        let n = lens.len();
+        let xs: Vec<Vec<f32>> = lens.iter().enumerate().map(|(r, &l)| inputs(9, r, l)).collect();
+        let out = run(Duration::from_secs(30), async {
+            let mut tasks = Vec::new();
+            // Parts of 64 values: the long buffers travel in many.
+            for (mut ring, x) in rings(n, 256, Duration::from_secs(10)).into_iter().zip(xs.clone()) {
+                let lens = lens.clone();
+                tasks.push(tokio::spawn(async move { ring.all_gather_f32(&x, &lens).await }));
+            }
+            let mut out = Vec::new();
+            for t in tasks {
+                out.push(t.await.expect("task").expect("all-gather"));
+            }
+            out
+        });
+        for (r, got) in out.iter().enumerate() {
+            for (o, buf) in got.iter().enumerate() {
+                assert_eq!(
+                    bits(buf),
+                    bits(&xs[o]),
+                    "rank {r}'s copy of rank {o}'s buffer, lengths {lens:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn all_gather_f32_refuses_lengths_that_do_not_fit() {
+    let out = run(Duration::from_secs(30), async {
+        let mut ring = rings(1, 256, Duration::from_secs(1)).pop().expect("a ring");
+        ring.all_gather_f32(&[1.0, 2.0], &[3]).await
+    });
+    assert!(matches!(out, Err(Error::InvalidArgument { .. })), "{out:?}");
+}
+
 fn cases() -> u32 {
     std::env::var("PROPTEST_CASES")
         .ok()

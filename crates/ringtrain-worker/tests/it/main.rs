@@ -7,9 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use ringtrain_collective::GrpcConfig;
-use ringtrain_config::Job;
+use ringtrain_config::{Job, ModelKind, SparseEmbeddings};
 use ringtrain_train::{run_job_with, GradSync, LocalSync, RunSummary};
-use ringtrain_worker::RingSync;
+use ringtrain_worker::{RingSync, SyncStats};
 
 fn iris_job(epochs: usize, batch: usize) -> (Job, String) {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/iris-mlp.toml");
@@ -23,6 +23,15 @@ fn iris_job(epochs: usize, batch: usize) -> (Job, String) {
 /// Runs `job` on `world` ranks (threads), each with its own `RingSync`; returns every
 /// rank's summary and final parameter checksum.
 fn run_ring(job: &Job, text: &str, world: usize) -> Vec<(RunSummary, u64)> {
+    run_ring_into(job, text, world, None)
+        .into_iter()
+        .map(|(s, c, _)| (s, c))
+        .collect()
+}
+
+/// [`run_ring`] with rank 0 writing its run directory to `out`; also returns every rank's
+/// collective statistics.
+fn run_ring_into(job: &Job, text: &str, world: usize, out: Option<&Path>) -> Vec<(RunSummary, u64, SyncStats)> {
     let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let peers: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
     let handles: Vec<_> = listeners
@@ -30,15 +39,16 @@ fn run_ring(job: &Job, text: &str, world: usize) -> Vec<(RunSummary, u64)> {
         .enumerate()
         .map(|(rank, listener)| {
             let (job, text, peers) = (job.clone(), text.to_owned(), peers.clone());
+            let out = out.filter(|_| rank == 0).map(Path::to_path_buf);
             std::thread::spawn(move || {
                 let mut config = GrpcConfig::new(rank, peers, "worker-test-ring", "secret");
                 config.connect_timeout = Duration::from_secs(20);
                 let mut sync = RingSync::connect(&config, listener, 1, Default::default()).unwrap();
                 assert_eq!((sync.rank(), sync.world()), (rank, world));
-                let summary = run_job_with(&job, &text, None, &mut sync, &mut |_| {}).unwrap();
+                let summary = run_job_with(&job, &text, out.as_deref(), &mut sync, &mut |_| {}).unwrap();
                 let stats = *sync.stats().lock().unwrap();
                 assert!(stats.allreduces > 0 && stats.allreduce_secs > 0.0, "{stats:?}");
-                (summary, sync.final_checksum().unwrap())
+                (summary, sync.final_checksum().unwrap(), stats)
             })
         })
         .collect();
@@ -69,6 +79,90 @@ fn three_ranks_agree_bitwise_and_match_one_process() {
     let acc_diff = (a.test.accuracy.unwrap() - b.test.accuracy.unwrap()).abs() * a.test_examples as f64;
     assert!(acc_diff <= 1.0 + 1e-9, "accuracy differs by {acc_diff} examples");
     assert!(first.test_accuracy.unwrap() > 0.8, "{first:?}");
+}
+
+/// Every tenth line of `data/rotten-tomatoes/{split}.tsv` (both classes), into `dir`.
+fn review_subset(dir: &Path, split: &str) -> std::path::PathBuf {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../data/rotten-tomatoes/{split}.tsv"));
+    let text = std::fs::read_to_string(src).unwrap();
+    let some: String = text.lines().step_by(10).map(|l| format!("{l}\n")).collect();
+    let path = dir.join(format!("{split}.tsv"));
+    std::fs::write(&path, some).unwrap();
+    path
+}
+
+/// Rank 0's final parameters, in name order.
+fn params_of(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut named: Vec<(String, Vec<f32>)> = ringtrain_train::load_safetensors(&dir.join("model.safetensors"))
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.as_slice().to_vec()))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named
+}
+
+#[test]
+fn embedding_rows_sent_sparse_give_the_dense_parameters_with_far_fewer_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (train, test) = (review_subset(tmp.path(), "train"), review_subset(tmp.path(), "test"));
+    let example = |name: &str| {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../examples/{name}.toml"));
+        (Job::load(&path).unwrap(), std::fs::read_to_string(&path).unwrap())
+    };
+    let mut jobs = Vec::new();
+    for (name, kind) in [
+        ("sentiment-lstm", None),
+        ("sentiment-lstm", Some(ModelKind::Gru)),
+        ("sentiment-transformer", None),
+    ] {
+        let (mut job, text) = example(name);
+        if let Some(kind) = kind {
+            job.model.kind = kind;
+        }
+        // 1 023 reviews in global batches of 16: 128 steps in two epochs.
+        (job.data.path, job.data.test_path) = (train.clone(), Some(test.clone()));
+        (job.training.epochs, job.training.batch_size) = (2, 16);
+        // This subset's vocabulary is ~1 200 words, so the table is only half the model and
+        // the rest still travels dense (the full data's 10 052 words: README).
+        jobs.push((format!("{name} {kind:?}"), job, text, 2.0));
+    }
+    // A character language model: 96 steps of 16 windows.
+    let (mut lm, text) = example("hamlet-char-lstm");
+    (lm.training.epochs, lm.training.batch_size) = (1, 16);
+    // Its table is 60 characters: no fewer bytes to expect, the same parameters all the same.
+    jobs.push(("hamlet-char-lstm".into(), lm, text, 0.0));
+    for (what, job, text, fewer) in jobs {
+        let mut runs = Vec::new();
+        for mode in [SparseEmbeddings::Never, SparseEmbeddings::Always] {
+            let mut job = job.clone();
+            job.distributed.sparse_embeddings = mode;
+            let out = tmp.path().join(format!("{what}-{mode:?}"));
+            let ranks = run_ring_into(&job, &text, 2, Some(&out));
+            assert_eq!(
+                ranks[0].1, ranks[1].1,
+                "{what} {mode:?}: ranks ended with other parameters"
+            );
+            runs.push((params_of(&out), ranks[0].2));
+        }
+        let ((dense, dense_stats), (sparse, sparse_stats)) = (&runs[0], &runs[1]);
+        assert!(dense_stats.allreduces >= 96, "{what}: {} steps", dense_stats.allreduces);
+        for ((name, d), (_, s)) in dense.iter().zip(sparse) {
+            let worst = d
+                .iter()
+                .zip(s)
+                .map(|(a, b)| (a - b).abs() / a.abs().max(1e-2))
+                .fold(0.0f32, f32::max);
+            assert!(worst < 1e-3, "{what}: {name} differs by {worst} (relative)");
+        }
+        let ratio = dense_stats.grad_wire_bytes as f64 / sparse_stats.grad_wire_bytes as f64;
+        assert!(
+            ratio >= fewer,
+            "{what}: {} bytes dense, {} sparse: only {ratio:.2}x fewer",
+            dense_stats.grad_wire_bytes,
+            sparse_stats.grad_wire_bytes
+        );
+    }
 }
 
 #[test]
