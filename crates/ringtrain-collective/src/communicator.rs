@@ -119,8 +119,9 @@ impl Communicator {
     }
 
     /// Gather every rank's buffer of known length; see [`Ring::all_gather_f32`].
-    pub fn all_gather_f32(&mut self, values: &[f32], lens: &[usize]) -> Result<Vec<Vec<f32>>> {
-        self.runtime.block_on(self.ring.all_gather_f32(values, lens))
+    pub fn all_gather_f32(&mut self, values: &[f32], lens: &[usize], fingerprint: u64) -> Result<Vec<Vec<f32>>> {
+        self.runtime
+            .block_on(self.ring.all_gather_f32(values, lens, fingerprint))
     }
 
     /// Gather a few values per rank; see [`Ring::all_gather_f64`].

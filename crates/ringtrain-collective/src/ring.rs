@@ -267,11 +267,13 @@ impl<T: Transport> Ring<T> {
     /// `r`'s `values`, and `lens[r]` its length, which every rank must know
     /// beforehand (e.g. from an [`Ring::all_gather_f64`] of the counts). Each
     /// buffer travels the ring in parts of `part_bytes`, forwarded as
-    /// received, so every rank gets the same bits. For sparse gradients.
-    pub async fn all_gather_f32(&mut self, values: &[f32], lens: &[usize]) -> Result<Vec<Vec<f32>>> {
+    /// received, so every rank gets the same bits. For sparse gradients;
+    /// `fingerprint` (e.g. of the table's name and shape) travels in every
+    /// frame like a bucket plan's, so two ranks gathering different tables fail.
+    pub async fn all_gather_f32(&mut self, values: &[f32], lens: &[usize], fingerprint: u64) -> Result<Vec<Vec<f32>>> {
         let cop = CollectiveOp::AllGatherF32;
         let seq = self.begin(cop)?;
-        let result = self.all_gather_f32_inner(values, lens, seq).await;
+        let result = self.all_gather_f32_inner(values, lens, seq, fingerprint).await;
         self.finish(cop, seq, result).await
     }
 
@@ -797,7 +799,13 @@ impl<T: Transport> Ring<T> {
         Ok(())
     }
 
-    async fn all_gather_f32_inner(&mut self, values: &[f32], lens: &[usize], seq: u64) -> Result<Vec<Vec<f32>>> {
+    async fn all_gather_f32_inner(
+        &mut self,
+        values: &[f32],
+        lens: &[usize],
+        seq: u64,
+        fingerprint: u64,
+    ) -> Result<Vec<Vec<f32>>> {
         let (n, r, pe) = (self.world, self.rank, self.part_elems);
         let op = CollectiveOp::AllGatherF32;
         if lens.len() != n || lens[r] != values.len() {
@@ -816,7 +824,7 @@ impl<T: Transport> Ring<T> {
             op,
             seq,
             bucket: 0,
-            fingerprint: 0,
+            fingerprint,
             bucket_len: Some(lens[origin] as u64),
             parts: u32::try_from(lens[origin].div_ceil(pe).max(1)).unwrap_or(u32::MAX),
         };

@@ -62,8 +62,9 @@ pub trait GradSync {
     }
 
     /// Every rank's `values`, in rank order, where rank r's has `lens[r]` values (the ranks
-    /// agreed on the lengths beforehand): the exchange of sparse gradient rows.
-    fn all_gather_f32(&mut self, values: &[f32], lens: &[usize]) -> Result<Vec<Vec<f32>>, SyncError> {
+    /// agreed on the lengths beforehand): the exchange of sparse gradient rows. `layout`
+    /// identifies what is gathered (a table), so ranks gathering different things fail.
+    fn all_gather_f32(&mut self, values: &[f32], lens: &[usize], _layout: u64) -> Result<Vec<Vec<f32>>, SyncError> {
         match lens {
             [len] if *len == values.len() => Ok(vec![values.to_vec()]),
             _ => Err(SyncError(format!(
@@ -409,7 +410,15 @@ fn reduce_table(
     let mut payload: Vec<f32> = rows.iter().map(|&r| f32::from_bits(r as u32)).collect();
     payload.extend_from_slice(&values);
     let lens: Vec<usize> = counts.iter().map(|&c| c as usize * (width + 1)).collect();
-    let all = sync.all_gather_f32(&payload, &lens)?;
+    // The table's name and shape, FNV-1a: what the frames' layout fingerprint checks.
+    let layout = spec
+        .name
+        .bytes()
+        .chain(spec.shape.iter().flat_map(|d| (*d as u64).to_le_bytes()))
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    let all = sync.all_gather_f32(&payload, &lens, layout)?;
     let table_rows = spec.len / width;
     for (r, buf) in all.iter().enumerate() {
         let n = buf.len() / (width + 1);

@@ -244,12 +244,12 @@ impl GradSync for RingSync {
     }
 
     /// The ring all-gather: each rank forwards every buffer but its right neighbour's.
-    fn all_gather_f32(&mut self, values: &[f32], lens: &[usize]) -> Result<Vec<Vec<f32>>, SyncError> {
+    fn all_gather_f32(&mut self, values: &[f32], lens: &[usize], layout: u64) -> Result<Vec<Vec<f32>>, SyncError> {
         let (rank, world) = (self.comm.rank(), self.comm.world());
         let started = Instant::now();
         let out = self
             .comm
-            .all_gather_f32(values, lens)
+            .all_gather_f32(values, lens, layout)
             .map_err(|e| SyncError(e.to_string()));
         let secs = started.elapsed().as_secs_f64();
         let sent: usize = (0..lens.len())

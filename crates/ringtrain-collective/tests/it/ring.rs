@@ -79,7 +79,7 @@ fn all_gather_f32_gives_every_rank_every_buffer_whatever_its_length() {
             // Parts of 64 values: the long buffers travel in many.
             for (mut ring, x) in rings(n, 256, Duration::from_secs(10)).into_iter().zip(xs.clone()) {
                 let lens = lens.clone();
-                tasks.push(tokio::spawn(async move { ring.all_gather_f32(&x, &lens).await }));
+                tasks.push(tokio::spawn(async move { ring.all_gather_f32(&x, &lens, 7).await }));
             }
             let mut out = Vec::new();
             for t in tasks {
@@ -103,7 +103,7 @@ fn all_gather_f32_gives_every_rank_every_buffer_whatever_its_length() {
 fn all_gather_f32_refuses_lengths_that_do_not_fit() {
     let out = run(Duration::from_secs(30), async {
         let mut ring = rings(1, 256, Duration::from_secs(1)).pop().expect("a ring");
-        ring.all_gather_f32(&[1.0, 2.0], &[3]).await
+        ring.all_gather_f32(&[1.0, 2.0], &[3], 7).await
     });
     assert!(matches!(out, Err(Error::InvalidArgument { .. })), "{out:?}");
 }

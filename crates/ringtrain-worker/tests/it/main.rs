@@ -127,9 +127,9 @@ fn embedding_rows_sent_sparse_give_the_dense_parameters_with_far_fewer_bytes() {
         // the rest still travels dense (the full data's 10 052 words: README).
         jobs.push((format!("{name} {kind:?}"), job, text, 2.0));
     }
-    // A character language model: 96 steps of 16 windows.
+    // A character language model: 110 steps of 14 windows.
     let (mut lm, text) = example("hamlet-char-lstm");
-    (lm.training.epochs, lm.training.batch_size) = (1, 16);
+    (lm.training.epochs, lm.training.batch_size) = (1, 14);
     // Its table is 60 characters: no fewer bytes to expect, the same parameters all the same.
     jobs.push(("hamlet-char-lstm".into(), lm, text, 0.0));
     for (what, job, text, fewer) in jobs {
@@ -146,7 +146,11 @@ fn embedding_rows_sent_sparse_give_the_dense_parameters_with_far_fewer_bytes() {
             runs.push((params_of(&out), ranks[0].2));
         }
         let ((dense, dense_stats), (sparse, sparse_stats)) = (&runs[0], &runs[1]);
-        assert!(dense_stats.allreduces >= 96, "{what}: {} steps", dense_stats.allreduces);
+        assert!(
+            dense_stats.allreduces >= 100,
+            "{what}: {} steps",
+            dense_stats.allreduces
+        );
         for ((name, d), (_, s)) in dense.iter().zip(sparse) {
             let worst = d
                 .iter()
