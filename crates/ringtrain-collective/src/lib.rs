@@ -119,9 +119,13 @@
 //! * Blocking, for a training loop: [`Communicator::connect`] with a
 //!   [`GrpcConfig`] (rank, peer addresses in ring order, job id, token,
 //!   timeouts) and an already-bound `std::net::TcpListener`; then
-//!   `all_reduce_mean`, `all_reduce_bucketed`, `broadcast`, `barrier`,
-//!   `all_gather_f64`. It owns a small tokio runtime; do not call it from
-//!   inside another runtime.
+//!   `all_reduce_mean`, `all_reduce` (with [`ReduceOp::MeanBf16`] for
+//!   compressed gradients), `all_reduce_bucketed`, `broadcast`, `barrier`,
+//!   `all_gather_f64` (metrics) and `all_gather_f32` (buffers of agreed
+//!   lengths: sparse gradient rows). It owns a small tokio runtime; do not
+//!   call it from inside another runtime, but it may be used from another
+//!   thread than the one that made it (the worker reduces gradient buckets on
+//!   a communication thread while backward runs).
 //! * Async: [`connect_ring`] returns a [`Ring`] over a [`GrpcTransport`];
 //!   [`Ring::new`] over a [`MemoryTransport`] for tests.
 //!
