@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use ringtrain_proto::collective::Frame;
 use ringtrain_proto::grpc::{
-    push_service, InboundError, InboundFrames, PushClient, PushHandler, JOB_METADATA_KEY, RANK_METADATA_KEY,
-    TOKEN_METADATA_KEY,
+    push_service, token_check, InboundError, InboundFrames, PushClient, PushHandler, JOB_METADATA_KEY,
+    RANK_METADATA_KEY, TOKEN_METADATA_KEY,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -24,7 +24,7 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Endpoint, Server};
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 use crate::error::{Direction, Error, LinkError, LinkFailure, Result};
 use crate::ring::{Ring, RingOptions, DEFAULT_PART_BYTES, DEFAULT_TIMEOUT};
@@ -184,17 +184,7 @@ impl GrpcTransport {
             job_id: config.job_id.clone(),
             busy: Arc::new(AtomicBool::new(false)),
         };
-        let token: Arc<[u8]> = Arc::from(config.token.as_bytes());
-        let check_token = move |req: Request<()>| -> Result<Request<()>, Status> {
-            match req.metadata().get(TOKEN_METADATA_KEY) {
-                Some(v) if constant_time_eq(v.as_bytes(), &token) => Ok(req),
-                Some(_) => Err(Status::unauthenticated("wrong job token")),
-                None => Err(Status::unauthenticated(format!(
-                    "missing job token (metadata {TOKEN_METADATA_KEY})"
-                ))),
-            }
-        };
-        let service = InterceptedService::new(push_service(handler, max_message), check_token);
+        let service = InterceptedService::new(push_service(handler, max_message), token_check(&config.token));
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let server = tokio::spawn(async move {
             let served = Server::builder()
@@ -351,10 +341,6 @@ fn stream_metadata(config: &GrpcConfig) -> Result<MetadataMap> {
     md.insert(RANK_METADATA_KEY, value(&config.rank.to_string())?);
     md.insert(JOB_METADATA_KEY, value(&config.job_id)?);
     Ok(md)
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Server side: accepts the one stream from the left neighbour and feeds its
@@ -580,14 +566,6 @@ impl RightLink {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn constant_time_eq_compares_whole_slices() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
-        assert!(!constant_time_eq(b"", b"a"));
-    }
 
     #[test]
     fn config_is_validated_and_token_redacted() {

@@ -8,7 +8,7 @@ use ringtrain_proto::coordinator::{
     coordinator_service, Abort, Assignment, Beat, Command, CommandStream, CoordinatorHandler, EpochUpdate,
     FinishReport, FoldGroup, InboundBeats, Registration, WorkerOutcome,
 };
-use ringtrain_proto::grpc::TOKEN_METADATA_KEY;
+use ringtrain_proto::grpc::token_check;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio::time::Instant;
@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
-use tonic::{Request, Status};
+use tonic::Status;
 
 use crate::error::{CoordinatorError, LastCheckpoint, Result};
 use crate::groups::{fold_groups, FoldPlan};
@@ -371,11 +371,6 @@ fn reachable_addr(peer_addr: &str, remote: Option<std::net::SocketAddr>) -> Stri
     }
 }
 
-/// Compares tokens in time independent of where they differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Runs one job: serves the coordinator on `listener` until every worker finished, the job
 /// failed, or `shutdown` resolved. See the crate docs for the protocol.
 pub async fn serve(
@@ -384,16 +379,7 @@ pub async fn serve(
     config: CoordinatorConfig,
 ) -> Result<JobOutcome> {
     config.validate()?;
-    let token: Arc<[u8]> = Arc::from(config.token.as_bytes());
-    let check_token = move |req: Request<()>| -> Result<Request<()>, Status> {
-        match req.metadata().get(TOKEN_METADATA_KEY) {
-            Some(v) if constant_time_eq(v.as_bytes(), &token) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("wrong job token")),
-            None => Err(Status::unauthenticated(format!(
-                "missing job token (metadata {TOKEN_METADATA_KEY})"
-            ))),
-        }
-    };
+    let check_token = token_check(&config.token);
     let (ring, _) = watch::channel(None);
     let groups = config
         .parallel_folds

@@ -18,6 +18,26 @@ use crate::wire::collective_server::{Collective, CollectiveServer};
 
 /// Metadata key carrying the shared job token.
 pub const TOKEN_METADATA_KEY: &str = "x-ringtrain-token";
+/// The interceptor both services (coordinator and ring links) put in front of every call:
+/// a request must carry `token` under [`TOKEN_METADATA_KEY`], compared in constant time (no
+/// early exit that would tell a prober how much of a guess was right), or it is refused as
+/// unauthenticated before the service sees it.
+pub fn token_check(token: &str) -> impl Fn(Request<()>) -> Result<Request<()>, Status> + Clone + Send + Sync + 'static {
+    let token: std::sync::Arc<[u8]> = std::sync::Arc::from(token.as_bytes());
+    move |req: Request<()>| match req.metadata().get(TOKEN_METADATA_KEY) {
+        Some(v) if constant_time_eq(v.as_bytes(), &token) => Ok(req),
+        Some(_) => Err(Status::unauthenticated("wrong job token")),
+        None => Err(Status::unauthenticated(format!(
+            "missing job token (metadata {TOKEN_METADATA_KEY})"
+        ))),
+    }
+}
+
+/// Equal contents, in time that depends only on the lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// Metadata key carrying the sender's rank (decimal).
 pub const RANK_METADATA_KEY: &str = "x-ringtrain-rank";
 /// Metadata key carrying the job id.
@@ -103,5 +123,36 @@ impl PushClient {
         *request.metadata_mut() = metadata;
         let response = self.inner.push(request).await?;
         Ok(response.into_inner().frames_received)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_token_check_lets_only_the_whole_token_through() {
+        let check = token_check("s3cret");
+        let with = |t: Option<&str>| {
+            let mut r = Request::new(());
+            if let Some(t) = t {
+                r.metadata_mut().insert(TOKEN_METADATA_KEY, t.parse().unwrap());
+            }
+            check(r).map(drop).map_err(|s| (s.code(), s.message().to_owned()))
+        };
+        assert!(with(Some("s3cret")).is_ok());
+        for wrong in ["s3creT", "s3cre", "s3crets", ""] {
+            let err = with(Some(wrong)).unwrap_err();
+            assert_eq!(
+                err,
+                (tonic::Code::Unauthenticated, "wrong job token".into()),
+                "{wrong:?}"
+            );
+        }
+        let err = with(None).unwrap_err();
+        assert_eq!(err.0, tonic::Code::Unauthenticated);
+        assert!(err.1.contains("missing job token"), "{}", err.1);
+        assert!(constant_time_eq(b"abc", b"abc") && !constant_time_eq(b"abc", b"abd"));
     }
 }
