@@ -56,8 +56,9 @@ pub struct Job {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DistributedConfig {
-    /// Gradients on the wire: `none` (f32) or `bf16` (half the bytes; each rank carries its
-    /// rounding error into its next step, so nothing is lost for good).
+    /// Gradient buckets on the wire: `none` (f32) or `bf16` (half the bytes; each rank
+    /// carries its rounding error into its next step, so nothing is lost for good). Embedding
+    /// tables' rows travel as f32.
     #[serde(default)]
     pub compression: Compression,
     /// Gradients are all-reduced in buckets of about this many MiB (whole parameters, in

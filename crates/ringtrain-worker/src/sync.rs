@@ -69,9 +69,10 @@ impl RingSync {
         })
     }
 
-    /// Sends gradients as bfloat16 (half the bytes) with error feedback: each rank rounds
-    /// its gradient plus the residual its last rounding left, and keeps the new residual.
-    /// The all-reduce still gives every rank the same bits.
+    /// Sends gradient buckets as bfloat16 (half the bytes) with error feedback: each rank
+    /// rounds its gradient plus the residual its last rounding left, and keeps the new
+    /// residual, per bucket. The all-reduce still gives every rank the same bits. Sparse
+    /// embedding rows, and tables that go dense, travel as f32.
     pub fn with_bf16_compression(mut self) -> RingSync {
         self.residual = Some(Vec::new());
         self
@@ -178,12 +179,12 @@ impl GradSync for RingSync {
         self.comm.world()
     }
 
+    /// Always in f32: the engine sends its buckets through [`GradSync::reduce_buckets`], and
+    /// what comes here whole (an embedding table that went dense this step) has no bucket
+    /// whose residual could carry its rounding to the next step.
     fn all_reduce_mean(&mut self, grads: &mut [f32]) -> Result<(), SyncError> {
-        let bytes = self.wire_bytes(grads.len());
-        let mut residual = self.residual.take();
-        let out = self.timed(Some(bytes), |c| reduce_bucket(c, grads, residual_of(&mut residual, 0)));
-        self.residual = residual;
-        out
+        let bytes = std::mem::size_of_val(grads) as u64;
+        self.timed(Some(bytes), |c| c.all_reduce_mean(grads))
     }
 
     /// With overlap, a communication thread reduces each bucket the moment backward hands

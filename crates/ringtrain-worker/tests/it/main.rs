@@ -132,6 +132,16 @@ fn embedding_rows_sent_sparse_give_the_dense_parameters_with_far_fewer_bytes() {
     (lm.training.epochs, lm.training.batch_size) = (1, 14);
     // Its table is 60 characters: no fewer bytes to expect, the same parameters all the same.
     jobs.push(("hamlet-char-lstm".into(), lm, text, 0.0));
+    // Together with overlap (the default) and bf16 buckets: still the same bits on every rank.
+    let (what, job, text, _) = &jobs[0];
+    let mut both = job.clone();
+    both.distributed.sparse_embeddings = SparseEmbeddings::Always;
+    both.distributed.compression = ringtrain_config::Compression::Bf16;
+    let ranks = run_ring_into(&both, text, 2, None);
+    assert_eq!(
+        ranks[0].1, ranks[1].1,
+        "{what} with bf16 buckets: ranks ended with other parameters"
+    );
     for (what, job, text, fewer) in jobs {
         let mut runs = Vec::new();
         for mode in [SparseEmbeddings::Never, SparseEmbeddings::Always] {
