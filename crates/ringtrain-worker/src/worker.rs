@@ -43,8 +43,9 @@ pub struct WorkerOptions {
     pub connect_timeout: Duration,
     /// How long to wait for the other workers to register.
     pub rendezvous_timeout: Duration,
-    /// How long the coordinator's connection may stay silent (HTTP/2 pings unanswered)
-    /// before this worker stops training: the coordinator's heartbeat timeout, mirrored.
+    /// How long the coordinator may stay silent (no sign of life answering this worker's
+    /// beats) before this worker stops training: the coordinator's heartbeat timeout,
+    /// mirrored. At least four beat intervals are always allowed.
     pub coordinator_timeout: Duration,
 }
 
@@ -311,6 +312,8 @@ fn start_heartbeats(
 ) -> Result<tokio::task::JoinHandle<()>> {
     let (tx, rx) = mpsc::channel::<Beat>(4);
     let (job_id, rank, every) = (a.job_id.clone(), a.rank, a.heartbeat_interval);
+    // Signs of life answer beats: a timeout shorter than a few intervals would misfire.
+    let silent = silent.max(every * 4);
     let ticker = control.runtime.spawn(async move {
         let mut interval = tokio::time::interval(every);
         loop {
