@@ -136,7 +136,8 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// `Ok` when this process can make namespaces: root, and `ip` and `tc` run.
+    /// `Ok` when this process can make namespaces: root, `ip` and `tc` run, and a probe
+    /// namespace can be made and removed (a container without the capability cannot).
     pub fn check_available() -> Result<()> {
         let uid = output(Command::new("id").arg("-u"))?;
         if uid.trim() != "0" {
@@ -144,7 +145,14 @@ impl Cluster {
         }
         output(Command::new("ip").arg("-V"))?;
         output(Command::new("tc").arg("-V"))?;
-        Ok(())
+        static PROBE: AtomicUsize = AtomicUsize::new(0);
+        let probe = format!(
+            "rt{}x{}-probe",
+            std::process::id(),
+            1_000_000 + PROBE.fetch_add(1, Ordering::Relaxed)
+        );
+        ip(&["netns", "add", &probe])?;
+        ip(&["netns", "del", &probe])
     }
 
     /// A cluster for one test: a fresh name unique to this process, after removing what
