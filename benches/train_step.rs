@@ -70,16 +70,12 @@ impl Step {
 
 /// CPU nanoseconds the calling thread has run (the kernel's `sum_exec_runtime`, updated at
 /// least every scheduler tick).
-fn thread_cpu_ns() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
-    s.split_whitespace().next()?.parse().ok()
-}
 
 /// `RINGTRAIN_BENCH_CLOCK=cpu` times steps by the benchmarking thread's CPU time instead of the
 /// wall clock: on a machine shared with other builds, wall time mostly measures the neighbours.
 /// Valid with one BLAS thread and one rayon thread (all work then runs on this thread).
 fn cpu_clock() -> bool {
-    std::env::var("RINGTRAIN_BENCH_CLOCK").is_ok_and(|v| v == "cpu") && thread_cpu_ns().is_some()
+    std::env::var("RINGTRAIN_BENCH_CLOCK").is_ok_and(|v| v == "cpu") && cpu_time::ThreadTime::try_now().is_ok()
 }
 
 /// Times `step` by the wall clock, or by this thread's CPU time under
@@ -92,11 +88,11 @@ fn bench_step<M: criterion::measurement::Measurement<Value = std::time::Duration
     if cpu_clock() {
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
-                let t0 = thread_cpu_ns().unwrap_or(0);
+                let t0 = cpu_time::ThreadTime::now();
                 for _ in 0..iters {
                     std::hint::black_box(step());
                 }
-                std::time::Duration::from_nanos(thread_cpu_ns().unwrap_or(0).saturating_sub(t0))
+                t0.elapsed()
             })
         });
     } else {

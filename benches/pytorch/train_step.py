@@ -6,9 +6,11 @@ optimizer step on synthetic inputs, in examples/s.
 this script one after the other on the same machine, and prints the ratios. By hand:
 
     python3 -m venv /tmp/torchenv && /tmp/torchenv/bin/pip install torch numpy
-    /tmp/torchenv/bin/python benches/pytorch/train_step.py [--threads 1] [--steps 30] [--clock cpu] [--json]
+    /tmp/torchenv/bin/python benches/pytorch/train_step.py [--threads 1] [--warmup 50] [--steps 200] [--clock cpu] [--json]
 
-Prints one line per model: median and best examples/s over the timed steps (after warm-up).
+Prints one line per model: median and best examples/s over the timed steps, after 50 warm-up
+steps (PyTorch's eager ops are slower for the first tens of steps: its LeNet read 9–11k ex/s
+timed over 30 steps after 5, and 13–15k over 300 on the same machine).
 `--clock cpu` times by the calling thread's CPU time (valid with one thread, where every op
 runs on the calling thread), as `RINGTRAIN_BENCH_CLOCK=cpu` does for our bench on a busy machine.
 """
@@ -77,17 +79,17 @@ def models():
     yield "transformer_v10000_d64_h4_l2_ff256_t64_b32_adam", TransformerClassifier(), tokens, 2, lambda p: torch.optim.Adam(p, lr=1e-3)
 
 
-def conv2d_fwd_bwd(steps, clock):
+def conv2d_fwd_bwd(warmup, steps, clock):
     """LeNet's second convolution (6→16, 5×5) forward + backward on a batch of 64, in GFLOP/s."""
     x = torch.randn(64, 6, 14, 14, requires_grad=True)
     w = torch.randn(16, 6, 5, 5, requires_grad=True)
     flops = 3 * 2 * 16 * 6 * 25 * 10 * 10 * 64
     times = []
-    for i in range(steps + 5):
+    for i in range(warmup + steps):
         t0 = clock()
         F.conv2d(x, w).sum().backward()
         dt = clock() - t0
-        if i >= 5:
+        if i >= warmup:
             times.append(dt)
     return flops / statistics.median(times) / 1e9, flops / min(times) / 1e9
 
@@ -95,7 +97,8 @@ def conv2d_fwd_bwd(steps, clock):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=50, help="untimed steps first (PyTorch needs ~50)")
+    ap.add_argument("--steps", type=int, default=200, help="timed steps")
     ap.add_argument("--filter", default="")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     ap.add_argument("--json", action="store_true", help="one JSON object per line instead of text")
@@ -118,19 +121,19 @@ def main():
         y = torch.arange(x.shape[0]) % classes
         model.train()
         times = []
-        for i in range(args.steps + 5):
+        for i in range(args.warmup + args.steps):
             t0 = clock()
             opt.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x), y)
             loss.backward()
             opt.step()
             dt = clock() - t0
-            if i >= 5:
+            if i >= args.warmup:
                 times.append(dt)
         b = x.shape[0]
         report(name, "ex/s", b / statistics.median(times), b / min(times))
     if "conv2d" in args.filter or not args.filter:
-        med, best = conv2d_fwd_bwd(args.steps, clock)
+        med, best = conv2d_fwd_bwd(args.warmup, args.steps, clock)
         report("conv2d_6to16_k5_b64_fwd_bwd_flops", "GFLOP/s", med, best)
 
 

@@ -207,11 +207,17 @@ const PEER_BENCHES: &[&str] = &[
 
 /// Each step is measured this many times, alternating ours and PyTorch's.
 const PEER_ROUNDS: usize = 3;
+/// PyTorch's steps before timing (it needs about 50 to reach its steady speed) and timed.
+const PEER_WARMUP: &str = "50";
+const PEER_STEPS: &str = "200";
 
 /// Our `train_step` bench and `benches/pytorch/train_step.py` on the same shapes, alternating
 /// per step and round (a shared machine drifts by ±15 % within minutes, so back-to-back pairs
-/// are compared, not two long runs), both timed by the benchmarking thread's CPU time with one
-/// thread; prints the medians over rounds of each side and of the per-round ratios.
+/// are compared, not two long runs). Each round times both sides by wall clock and by the
+/// benchmarking thread's CPU time (valid with one thread); PyTorch is warmed up for 50 steps
+/// and timed over 200, criterion warms up and times by duration. A round whose criterion
+/// estimate was not rewritten is an error, not an old figure. Prints the medians over rounds
+/// of each side and of the per-round ratios, per clock.
 fn peers(threads: &str) -> Result<()> {
     ensure_system_packages()?;
     let python = Path::new(TORCH_VENV).join("bin/python");
@@ -220,78 +226,83 @@ fn peers(threads: &str) -> Result<()> {
         run(Command::new("python3").args(["-m", "venv", TORCH_VENV]))?;
         run(Command::new(Path::new(TORCH_VENV).join("bin/pip")).args(["install", "--quiet", "torch", "numpy"]))?;
     }
-    let clock = if threads == "1" { "cpu" } else { "wall" };
+    // The CPU clock only measures the step when it runs on the calling thread alone.
+    let clocks: &[&str] = if threads == "1" { &["wall", "cpu"] } else { &["wall"] };
     run(Command::new("cargo").args(["bench", "--profile", "dev", "--bench", "train_step", "--no-run"]))?;
     let mut rows = Vec::new();
     for name in PEER_BENCHES {
-        let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        let mut unit = String::new();
-        for _ in 0..PEER_ROUNDS {
-            let filter = format!("/{name}$");
-            let bench = Command::new("cargo")
-                .args([
-                    "bench",
-                    "--profile",
-                    "dev",
-                    "--bench",
-                    "train_step",
-                    "--",
-                    "--noplot",
-                    &filter,
-                ])
-                .env("RINGTRAIN_BENCH_THREADS", threads)
-                .env("RINGTRAIN_BENCH_CLOCK", clock)
-                .output()
-                .context("run the train_step bench")?;
-            if !bench.status.success() {
-                bail!(
-                    "the train_step bench failed: {}",
-                    String::from_utf8_lossy(&bench.stderr)
-                );
+        for &clock in clocks {
+            let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+            let mut unit = String::new();
+            for _ in 0..PEER_ROUNDS {
+                let mine = ours_now(name, threads, clock)?;
+                let out = Command::new(&python)
+                    .args(["benches/pytorch/train_step.py", "--json", "--threads", threads])
+                    .args(["--clock", clock, "--warmup", PEER_WARMUP, "--steps", PEER_STEPS])
+                    .args(["--filter", name])
+                    .output()
+                    .context("run benches/pytorch/train_step.py")?;
+                if !out.status.success() {
+                    bail!("the PyTorch bench failed: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                let line = String::from_utf8_lossy(&out.stdout);
+                let v: serde_json::Value =
+                    serde_json::from_str(line.trim()).with_context(|| format!("parse {line:?}"))?;
+                unit = v["unit"].as_str().unwrap_or_default().to_string();
+                // criterion's conv2d throughput is in FLOP/s; the script reports GFLOP/s
+                let mine = if unit == "GFLOP/s" { mine / 1e9 } else { mine };
+                let their = v["median"].as_f64().unwrap_or(f64::NAN);
+                println!("xtask: {name} ({clock} clock): ringtrain {mine:.1} {unit}, PyTorch {their:.1} {unit}");
+                ours.push(mine);
+                theirs.push(their);
+                ratios.push(mine / their);
             }
-            let out = Command::new(&python)
-                .args([
-                    "benches/pytorch/train_step.py",
-                    "--json",
-                    "--threads",
-                    threads,
-                    "--clock",
-                    clock,
-                ])
-                .args(["--filter", name])
-                .output()
-                .context("run benches/pytorch/train_step.py")?;
-            if !out.status.success() {
-                bail!("the PyTorch bench failed: {}", String::from_utf8_lossy(&out.stderr));
-            }
-            let line = String::from_utf8_lossy(&out.stdout);
-            let v: serde_json::Value = serde_json::from_str(line.trim()).with_context(|| format!("parse {line:?}"))?;
-            unit = v["unit"].as_str().unwrap_or_default().to_string();
-            let group = if name.starts_with("conv2d") {
-                "conv2d"
-            } else {
-                "train_step"
-            };
-            let mine = ours_per_second(&format!("{group}_{threads}thread"), name)?;
-            // criterion's conv2d throughput is in FLOP/s; the script reports GFLOP/s
-            let mine = if unit == "GFLOP/s" { mine / 1e9 } else { mine };
-            let their = v["median"].as_f64().unwrap_or(f64::NAN);
-            println!("xtask: {name}: ringtrain {mine:.1} {unit}, PyTorch {their:.1} {unit}");
-            ours.push(mine);
-            theirs.push(their);
-            ratios.push(mine / their);
+            rows.push((name, clock, unit, median(&mut ours), median(&mut theirs), median(&mut ratios)));
         }
-        rows.push((name, unit, median(&mut ours), median(&mut theirs), median(&mut ratios)));
     }
     println!(
-        "\n{threads} thread(s), {clock} clock, medians over {PEER_ROUNDS} alternating rounds; PyTorch {}",
+        "\n{}; {threads} thread(s); medians over {PEER_ROUNDS} alternating rounds; PyTorch {} ({PEER_WARMUP} warm-up steps, {PEER_STEPS} timed)",
+        cpu_name(),
         torch_version(&python)
     );
-    println!("| step | ringtrain | PyTorch | ratio |\n|---|---|---|---|");
-    for (name, unit, ours, theirs, ratio) in rows {
-        println!("| {name} | {ours:.1} {unit} | {theirs:.1} {unit} | {ratio:.2} |");
+    println!("| step | clock | ringtrain | PyTorch | ratio |\n|---|---|---|---|---|");
+    for (name, clock, unit, ours, theirs, ratio) in rows {
+        println!("| {name} | {clock} | {ours:.1} {unit} | {theirs:.1} {unit} | {ratio:.2} |");
     }
     Ok(())
+}
+
+/// Runs our criterion bench `name` now, timed by `clock`, and returns its median throughput;
+/// fails unless criterion rewrote the estimate (a filter that matched nothing would leave an
+/// old one behind).
+fn ours_now(name: &str, threads: &str, clock: &str) -> Result<f64> {
+    let group = if name.starts_with("conv2d") {
+        "conv2d"
+    } else {
+        "train_step"
+    };
+    let group = format!("{group}_{threads}thread");
+    let estimates = Path::new("target/criterion").join(&group).join(name).join("new/estimates.json");
+    let before = std::fs::metadata(&estimates).and_then(|m| m.modified()).ok();
+    let bench = Command::new("cargo")
+        .args(["bench", "--profile", "dev", "--bench", "train_step", "--", "--noplot"])
+        .arg(format!("^{group}/{name}$"))
+        .env("RINGTRAIN_BENCH_THREADS", threads)
+        .env("RINGTRAIN_BENCH_CLOCK", clock)
+        .output()
+        .context("run the train_step bench")?;
+    if !bench.status.success() {
+        bail!("the train_step bench failed: {}", String::from_utf8_lossy(&bench.stderr));
+    }
+    let after = std::fs::metadata(&estimates).and_then(|m| m.modified()).ok();
+    if after.is_none() || after == before {
+        bail!(
+            "criterion did not write {} for {group}/{name}; its output:\n{}",
+            estimates.display(),
+            String::from_utf8_lossy(&bench.stdout)
+        );
+    }
+    ours_per_second(&group, name)
 }
 
 fn median(values: &mut [f64]) -> f64 {
