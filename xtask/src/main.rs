@@ -257,7 +257,14 @@ fn peers(threads: &str) -> Result<()> {
                 theirs.push(their);
                 ratios.push(mine / their);
             }
-            rows.push((name, clock, unit, median(&mut ours), median(&mut theirs), median(&mut ratios)));
+            rows.push((
+                name,
+                clock,
+                unit,
+                median(&mut ours),
+                median(&mut theirs),
+                median(&mut ratios),
+            ));
         }
     }
     println!(
@@ -282,7 +289,10 @@ fn ours_now(name: &str, threads: &str, clock: &str) -> Result<f64> {
         "train_step"
     };
     let group = format!("{group}_{threads}thread");
-    let estimates = Path::new("target/criterion").join(&group).join(name).join("new/estimates.json");
+    let estimates = Path::new("target/criterion")
+        .join(&group)
+        .join(name)
+        .join("new/estimates.json");
     let before = std::fs::metadata(&estimates).and_then(|m| m.modified()).ok();
     let bench = Command::new("cargo")
         .args(["bench", "--profile", "dev", "--bench", "train_step", "--", "--noplot"])
@@ -292,7 +302,10 @@ fn ours_now(name: &str, threads: &str, clock: &str) -> Result<f64> {
         .output()
         .context("run the train_step bench")?;
     if !bench.status.success() {
-        bail!("the train_step bench failed: {}", String::from_utf8_lossy(&bench.stderr));
+        bail!(
+            "the train_step bench failed: {}",
+            String::from_utf8_lossy(&bench.stderr)
+        );
     }
     let after = std::fs::metadata(&estimates).and_then(|m| m.modified()).ok();
     if after.is_none() || after == before {
