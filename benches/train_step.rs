@@ -68,9 +68,6 @@ impl Step {
     }
 }
 
-/// CPU nanoseconds the calling thread has run (the kernel's `sum_exec_runtime`, updated at
-/// least every scheduler tick).
-
 /// `RINGTRAIN_BENCH_CLOCK=cpu` times steps by the benchmarking thread's CPU time instead of the
 /// wall clock: on a machine shared with other builds, wall time mostly measures the neighbours.
 /// Valid with one BLAS thread and one rayon thread (all work then runs on this thread).
