@@ -220,12 +220,7 @@ const PEER_STEPS: &str = "200";
 /// of each side and of the per-round ratios, per clock.
 fn peers(threads: &str) -> Result<()> {
     ensure_system_packages()?;
-    let python = Path::new(TORCH_VENV).join("bin/python");
-    if !python.is_file() {
-        println!("xtask: installing PyTorch into {TORCH_VENV} (about 3 GB from PyPI)");
-        run(Command::new("python3").args(["-m", "venv", TORCH_VENV]))?;
-        run(Command::new(Path::new(TORCH_VENV).join("bin/pip")).args(["install", "--quiet", "torch", "numpy"]))?;
-    }
+    let python = torch_python()?;
     // The CPU clock only measures the step when it runs on the calling thread alone.
     let clocks: &[&str] = if threads == "1" { &["wall", "cpu"] } else { &["wall"] };
     run(Command::new("cargo").args(["bench", "--profile", "dev", "--bench", "train_step", "--no-run"]))?;
@@ -338,6 +333,17 @@ fn ours_per_second(group: &str, name: &str) -> Result<f64> {
         .as_f64()
         .unwrap_or(f64::NAN);
     Ok(per_iter / (ns * 1e-9))
+}
+
+/// The Python of the PyTorch venv (absolute, for commands run elsewhere), installed on first use.
+fn torch_python() -> Result<PathBuf> {
+    let python = std::path::absolute(Path::new(TORCH_VENV).join("bin/python"))?;
+    if !python.is_file() {
+        println!("xtask: installing PyTorch into {TORCH_VENV} (about 3 GB from PyPI)");
+        run(Command::new("python3").args(["-m", "venv", TORCH_VENV]))?;
+        run(Command::new(Path::new(TORCH_VENV).join("bin/pip")).args(["install", "--quiet", "torch", "numpy"]))?;
+    }
+    Ok(python)
 }
 
 fn torch_version(python: &Path) -> String {
@@ -668,12 +674,7 @@ fn scale_run(
 /// warm-up steps then 200 timed ones.
 fn cluster_ddp(name: &str, rate: Option<ringtrain_testkit::Rate>, workers: &str, jobs: &str) -> Result<()> {
     use std::process::Stdio;
-    let python = std::path::absolute(Path::new(TORCH_VENV).join("bin/python"))?;
-    if !python.is_file() {
-        println!("xtask: installing PyTorch into {TORCH_VENV} (about 3 GB from PyPI)");
-        run(Command::new("python3").args(["-m", "venv", TORCH_VENV]))?;
-        run(Command::new(Path::new(TORCH_VENV).join("bin/pip")).args(["install", "--quiet", "torch", "numpy"]))?;
-    }
+    let python = torch_python()?;
     let script = std::path::absolute("benches/pytorch/ddp_step.py")?;
     println!(
         "# {}; links {}; one thread per rank; PyTorch {}",

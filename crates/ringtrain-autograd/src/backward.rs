@@ -15,8 +15,8 @@ impl Graph<'_> {
     }
 
     /// [`Graph::backward`] that also hands over each parameter's gradient the moment it is
-    /// final, as `ready(index in the store, gradient)` (`None`: zero, the parameter did not
-    /// reach the loss), so its all-reduce can start while backward continues. A leaf's
+    /// final, as `ready(index in the store, gradient)` ([`ParamGrad::Zero`] when the
+    /// parameter did not reach the loss), so its all-reduce can start while backward continues. A leaf's
     /// gradient is final when the reverse sweep reaches it, since every node that reads it
     /// comes later on the tape; parameters are therefore handed over in the order of
     /// [`Graph::backward_order`]. Every parameter of the store is handed over exactly once.
@@ -36,18 +36,23 @@ impl Graph<'_> {
             }
         }
         let mut handed = vec![false; self.bound.len()];
-        let mut rows: Vec<Option<RowGrad>> = (0..self.nodes.len()).map(|_| None).collect();
+        // Only tapes with a row-sparse table pay for a slot per node.
+        let mut rows: Vec<Option<RowGrad>> = if self.row_sparse.contains(&true) {
+            (0..self.nodes.len()).map(|_| None).collect()
+        } else {
+            Vec::new()
+        };
         for i in (0..=loss.0).rev() {
             let node = &self.nodes[i];
             if matches!(node.op, Op::Leaf) {
                 if let Some(p) = param_of_leaf[i] {
                     // Rows and a dense gradient (the table used some other way too): one dense.
                     if let Some(dense) = grads[i].as_mut() {
-                        if let Some(r) = rows[i].take() {
+                        if let Some(r) = rows.get_mut(i).and_then(Option::take) {
                             r.add_into(dense.as_mut_slice(), 1.0);
                         }
                     }
-                    let grad = match (&grads[i], &rows[i]) {
+                    let grad = match (&grads[i], rows.get(i).and_then(Option::as_ref)) {
                         (Some(d), _) => ParamGrad::Dense(d),
                         (None, Some(r)) => ParamGrad::Rows(r),
                         (None, None) => ParamGrad::Zero,

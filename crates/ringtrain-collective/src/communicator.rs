@@ -78,11 +78,6 @@ impl Communicator {
         self.local_addr
     }
 
-    /// Stops this rank's collectives from another thread; see [`CancelToken`].
-    pub fn cancel_token(&self) -> CancelToken {
-        self.ring.cancel_token()
-    }
-
     /// Makes `token` (e.g. one made before the ring) the one that stops this rank.
     pub fn set_cancel_token(&mut self, token: CancelToken) {
         self.ring.set_cancel_token(token);

@@ -151,11 +151,6 @@ impl<T: Transport> Ring<T> {
         }
     }
 
-    /// The token that stops this ring's collectives from another thread.
-    pub fn cancel_token(&self) -> CancelToken {
-        self.cancel.clone()
-    }
-
     /// Makes `token` (e.g. one made before the ring) the one that stops this ring.
     pub fn set_cancel_token(&mut self, token: CancelToken) {
         self.cancel = token;

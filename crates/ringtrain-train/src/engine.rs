@@ -494,12 +494,15 @@ impl<'a> BucketFiller<'a> {
         let Some(dst) = self.buffers[b].as_mut().map(|buf| &mut buf[at..at + spec.len]) else {
             return;
         };
+        // This parameter's share of the earlier micro-batches' sum, if accumulating.
+        let earlier = self
+            .earlier
+            .map(|(acc, share)| (&acc[spec.offset..spec.offset + spec.len], share));
         // The same arithmetic as `Graph::param_grads_into` and `Graph::add_param_grads`, so
         // the bits do not depend on the path.
-        match (grad, self.earlier) {
+        match (grad, earlier) {
             (ParamGrad::Dense(g), None) => dst.copy_from_slice(g.as_slice()),
             (ParamGrad::Dense(g), Some((acc, share))) => {
-                let acc = &acc[spec.offset..spec.offset + spec.len];
                 for ((d, a), s) in dst.iter_mut().zip(acc).zip(g.as_slice()) {
                     *d = a + share * s;
                 }
@@ -507,12 +510,12 @@ impl<'a> BucketFiller<'a> {
             (ParamGrad::Rows(r), earlier) => {
                 match earlier {
                     None => dst.fill(0.0),
-                    Some((acc, _)) => dst.copy_from_slice(&acc[spec.offset..spec.offset + spec.len]),
+                    Some((acc, _)) => dst.copy_from_slice(acc),
                 }
                 r.add_into(dst, earlier.map_or(1.0, |(_, share)| share));
             }
             (ParamGrad::Zero, None) => dst.fill(0.0),
-            (ParamGrad::Zero, Some((acc, _))) => dst.copy_from_slice(&acc[spec.offset..spec.offset + spec.len]),
+            (ParamGrad::Zero, Some((acc, _))) => dst.copy_from_slice(acc),
         }
         self.missing[b] -= 1;
         while self.next < self.buffers.len() && self.missing[self.next] == 0 {

@@ -46,8 +46,9 @@ pub struct RingSync {
 impl RingSync {
     /// Joins the ring `config` describes, serving on `listener` (already bound; its address
     /// is `config.peers[config.rank]`). Blocks until every rank is up, at most
-    /// `config.connect_timeout`. `stop` stops its collectives from another thread (see
-    /// [`RingSync::cancel_token`]).
+    /// `config.connect_timeout`. `stop` stops its collectives from another thread (the job
+    /// was aborted elsewhere, or the coordinator was lost): the one in flight fails within a
+    /// quarter of the ring's timeout, and so does every later one.
     pub fn connect(
         config: &GrpcConfig,
         listener: std::net::TcpListener,
@@ -88,13 +89,6 @@ impl RingSync {
     /// Collective time so far; the handle stays valid while training runs.
     pub fn stats(&self) -> Arc<Mutex<SyncStats>> {
         self.stats.clone()
-    }
-
-    /// Stops this rank's collectives from another thread (the job was aborted elsewhere, or
-    /// the coordinator was lost): the one in flight fails within a quarter of the ring's
-    /// timeout, and so does every later one, so training stops instead of running on.
-    pub fn cancel_token(&self) -> CancelToken {
-        self.comm.cancel_token()
     }
 
     /// Checksum of the final parameters ([`param_checksum`]), once the job has finished and

@@ -108,7 +108,18 @@ impl Control {
         F: std::future::Future<Output = Result<T, ringtrain_proto::coordinator::ClientError>>,
     {
         // The timer must be created inside the runtime.
-        match self.runtime.block_on(async { tokio::time::timeout(timeout, f).await }) {
+        let answer = self.runtime.block_on(async { tokio::time::timeout(timeout, f).await });
+        self.answered(what, timeout, answer)
+    }
+
+    /// A call's answer, or why there was none within `timeout`.
+    fn answered<T>(
+        &self,
+        what: &'static str,
+        timeout: Duration,
+        answer: Result<Result<T, ringtrain_proto::coordinator::ClientError>, tokio::time::error::Elapsed>,
+    ) -> Result<T> {
+        match answer {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => Err(self.err(what, e)),
             Err(_) => Err(self.err(what, format!("no answer within {timeout:?}"))),
@@ -129,9 +140,7 @@ impl Control {
             }
         });
         match answer {
-            Some(Ok(Ok(v))) => Ok(v),
-            Some(Ok(Err(e))) => Err(self.err(what, e)),
-            Some(Err(_)) => Err(self.err(what, format!("no answer within {CALL_TIMEOUT:?}"))),
+            Some(answer) => self.answered(what, CALL_TIMEOUT, answer),
             None => Err(self.err(what, "the coordinator was lost during the job")),
         }
     }
