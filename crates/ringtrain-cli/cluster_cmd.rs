@@ -2,7 +2,9 @@
 //!
 //! * `launch` runs the coordinator in this process on 127.0.0.1 (port 0) and N copies of this
 //!   binary as `worker` children, each with cores / N threads. Children are killed when
-//!   anything fails, and every wait has a deadline.
+//!   anything fails, and every wait has a deadline. In an elastic job (`--min-workers`,
+//!   `--max-workers`) a child's death is the coordinator's to judge, and `--max-restarts`
+//!   starts replacements that join the running job.
 //! * `coordinator` and `worker` are the two halves for multi-node runs; their settings also
 //!   come from `RINGTRAIN_*` environment variables.
 //!
@@ -27,7 +29,7 @@ use ringtrain_coordinator::{
     fold_groups, serve, serve_metrics, CoordinatorConfig, CoordinatorError, Event, GroupOutcome, JobOutcome, JobSpec,
     Metrics,
 };
-use ringtrain_train::{EpochReport, RunSummary};
+use ringtrain_train::{EpochReport, Progress, RunSummary};
 use ringtrain_worker::{run_worker, WorkerEvent, WorkerOptions};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
@@ -74,6 +76,14 @@ pub struct JobArgs {
     /// How long to wait for every worker to register.
     #[arg(long, default_value_t = 60_000, env = "RINGTRAIN_RENDEZVOUS_TIMEOUT_MS")]
     pub rendezvous_timeout_ms: u64,
+    /// Elastic training: go on while at least this many workers are left (default: all
+    /// --workers are needed). The global batch stays the job's batch_size.
+    #[arg(long, value_name = "N", env = "RINGTRAIN_MIN_WORKERS")]
+    pub min_workers: Option<usize>,
+    /// Elastic training: let workers join the running job up to this many (default: no more
+    /// than --workers).
+    #[arg(long, value_name = "N", env = "RINGTRAIN_MAX_WORKERS")]
+    pub max_workers: Option<usize>,
     /// Print only the final summary.
     #[arg(long, env = "RINGTRAIN_QUIET", value_parser = BoolishValueParser::new())]
     pub quiet: bool,
@@ -84,6 +94,15 @@ pub struct JobArgs {
 pub struct LaunchArgs {
     #[command(flatten)]
     pub job: JobArgs,
+    /// Elastic jobs: start a new worker in place of one that died, up to this many times
+    /// in all; it joins the running job (like torchrun's --max-restarts, without restarting
+    /// the others).
+    #[arg(long, value_name = "N", default_value_t = 0, env = "RINGTRAIN_MAX_RESTARTS")]
+    pub max_restarts: usize,
+    /// How long after a worker died its replacement starts (a worker that dies at once
+    /// again must not spin).
+    #[arg(long, value_name = "MS", default_value_t = 1000, env = "RINGTRAIN_RESTART_DELAY_MS")]
+    pub restart_delay_ms: u64,
 }
 
 /// `ringtrain coordinator`: the control plane of a multi-node run.
@@ -175,13 +194,43 @@ fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
                 groups.len()
             )));
         }
-    } else if job.training.batch_size % args.workers != 0 {
+    } else if job.training.tbptt && job.training.batch_size % args.workers != 0 {
         return Err(crate::bad_input(format!(
-            "{}: training.batch_size {} must divide evenly by --workers {} (each worker takes batch / workers)",
+            "{}: training.batch_size {} must divide evenly by --workers {} (truncated BPTT gives each worker \
+             batch / workers streams)",
             args.job.display(),
             job.training.batch_size,
             args.workers
         )));
+    }
+    let elastic =
+        args.min_workers.is_some_and(|m| m < args.workers) || args.max_workers.is_some_and(|m| m > args.workers);
+    if let Some(min) = args.min_workers.filter(|&m| m == 0 || m > args.workers) {
+        return Err(crate::bad_input(format!(
+            "--min-workers {min} must be between 1 and --workers {}",
+            args.workers
+        )));
+    }
+    if let Some(max) = args.max_workers.filter(|&m| m < args.workers) {
+        return Err(crate::bad_input(format!(
+            "--max-workers {max} is below --workers {}",
+            args.workers
+        )));
+    }
+    if elastic {
+        let why = if job.training.tbptt {
+            Some("training.tbptt cuts the text into streams per worker")
+        } else if job.evaluation.scheme == EvalScheme::Kfold {
+            Some("evaluation.scheme = \"kfold\" trains several models in turn")
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(crate::bad_input(format!(
+                "{}: an elastic job (--min-workers/--max-workers) cannot change membership here: {why}",
+                args.job.display()
+            )));
+        }
     }
     if args.checkpoint_every == Some(0) {
         return Err(crate::bad_input("--checkpoint-every must be at least 1"));
@@ -250,6 +299,8 @@ fn coordinator_config(args: &JobArgs, prepared: &Prepared, token: &str) -> Coord
     config.heartbeat_timeout = Duration::from_millis(args.heartbeat_timeout_ms.max(500));
     config.rendezvous_timeout = Duration::from_millis(args.rendezvous_timeout_ms.max(1));
     config.parallel_folds = prepared.parallel_folds;
+    config.min_workers = args.min_workers;
+    config.max_workers = args.max_workers;
     config
 }
 
@@ -326,6 +377,23 @@ impl EventPrinter {
                     );
                 }
             }
+            Event::Reformed(c) if !self.quiet => {
+                let members: Vec<String> = c.members.iter().map(ToString::to_string).collect();
+                println!(
+                    "ring re-formed as generation {} with {} workers (ranks {}): {}",
+                    c.generation,
+                    c.members.len(),
+                    members.join(", "),
+                    ringtrain_coordinator::describe_change(&c)
+                );
+            }
+            Event::Resumed {
+                generation,
+                step,
+                steps_lost,
+            } if !self.quiet => {
+                println!("generation {generation} went on from step {step} ({steps_lost} step(s) of work lost)");
+            }
             Event::Epoch(e) => {
                 let Ok(r) = serde_json::from_str::<EpochReport>(&e.metrics_json) else {
                     return;
@@ -393,7 +461,8 @@ fn report(outcome: &JobOutcome, out: &Path) -> anyhow::Result<()> {
         write_merged_folds(&outcome.groups, out)?
     };
     crate::print_summary(&summary);
-    let world = outcome.workers.len();
+    // The ring at the end (an elastic job may have lost or gained workers on the way).
+    let world = outcome.comm_secs.len();
     let comm: Vec<String> = outcome.comm_secs.iter().map(|s| format!("{s:.3}")).collect();
     if outcome.groups.is_empty() {
         println!(
@@ -430,6 +499,11 @@ fn report(outcome: &JobOutcome, out: &Path) -> anyhow::Result<()> {
         "fold_groups": outcome.groups.iter().map(|g| json!({
             "group": g.plan.index, "ranks": g.plan.ranks.clone().collect::<Vec<_>>(), "folds": g.plan.folds,
             "params_checksum": format!("{:016x}", g.params_checksum), "steps": g.steps,
+        })).collect::<Vec<_>>(),
+        "membership": outcome.membership.iter().map(|c| json!({
+            "generation": c.generation, "at_secs": c.at_secs, "members": c.members,
+            "left": c.left.iter().map(|d| json!({"rank": d.rank, "worker": d.worker, "reason": d.reason})).collect::<Vec<_>>(),
+            "joined": c.joined, "resumed_step": c.resumed_step, "steps_lost": c.steps_lost,
         })).collect::<Vec<_>>(),
     });
     // On a multi-node run the run directory lives on rank 0's machine; this file is only a
@@ -588,19 +662,27 @@ pub fn run_worker_cmd(args: WorkerArgs) -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind(&args.peer_addr).with_context(|| format!("bind {}", args.peer_addr))?;
     let bound = listener.local_addr().context("read the bound address")?;
     listening("worker", &bound.to_string());
-    let mut observe = |e: WorkerEvent| {
-        if let WorkerEvent::Assigned {
+    let mut observe = |e: WorkerEvent| match e {
+        WorkerEvent::Assigned {
             rank,
             world,
             job_id,
             group,
-        } = e
-        {
-            println!(
-                "{}",
-                json!({"event": "assigned", "rank": rank, "world": world, "job_id": job_id, "group": group})
-            );
-        }
+        } => println!(
+            "{}",
+            json!({"event": "assigned", "rank": rank, "world": world, "job_id": job_id, "group": group})
+        ),
+        WorkerEvent::Progress(Progress::Rejoined {
+            rank,
+            world,
+            epoch,
+            step,
+            stepped_back,
+        }) => println!(
+            "{}",
+            json!({"event": "ring_reformed", "rank": rank, "world": world, "epoch": epoch, "step": step, "stepped_back": stepped_back})
+        ),
+        WorkerEvent::Progress(_) => {}
     };
     loop {
         // Every job serves its ring on the same socket, so the advertised port never changes.
@@ -662,6 +744,57 @@ struct Worker {
     exit: Option<ExitStatus>,
 }
 
+/// How `launch` starts a worker child.
+#[derive(Debug, Clone)]
+struct Spawner {
+    exe: PathBuf,
+    coordinator: String,
+    token: String,
+    threads: usize,
+    heartbeat_timeout_ms: u64,
+}
+
+impl Spawner {
+    fn start(&self, i: usize) -> anyhow::Result<Worker> {
+        let mut child = Command::new(&self.exe)
+            .args([
+                "worker",
+                "--coordinator",
+                &self.coordinator,
+                "--peer-addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--threads", &self.threads.to_string()])
+            .args(["--heartbeat-timeout-ms", &self.heartbeat_timeout_ms.to_string()])
+            .env(TOKEN_ENV, &self.token)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("start worker {i} ({})", self.exe.display()))?;
+        let stderr = Arc::new(Mutex::new(String::new()));
+        if let Some(mut pipe) = child.stderr.take() {
+            let sink = stderr.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(k) = pipe.read(&mut buf) {
+                    if k == 0 {
+                        break;
+                    }
+                    if let Ok(mut s) = sink.lock() {
+                        s.push_str(&String::from_utf8_lossy(&buf[..k]));
+                    }
+                }
+            });
+        }
+        Ok(Worker {
+            child,
+            stderr,
+            exit: None,
+        })
+    }
+}
+
 /// The workers of one launch; killed (and reaped) when dropped.
 struct Workers(Arc<Mutex<Vec<Worker>>>);
 
@@ -678,41 +811,11 @@ impl Drop for Workers {
 }
 
 impl Workers {
-    fn spawn(args: &JobArgs, coordinator: &str, token: &str, threads: usize) -> anyhow::Result<Workers> {
-        let exe = std::env::current_exe().context("find this executable")?;
-        let n = args.workers;
+    fn spawn(spawner: &Spawner, n: usize) -> anyhow::Result<Workers> {
         let workers = Workers(Arc::new(Mutex::new(Vec::with_capacity(n))));
         for i in 0..n {
-            let mut child = Command::new(&exe)
-                .args(["worker", "--coordinator", coordinator, "--peer-addr", "127.0.0.1:0"])
-                .args(["--threads", &threads.to_string()])
-                .args(["--heartbeat-timeout-ms", &args.heartbeat_timeout_ms.to_string()])
-                .env(TOKEN_ENV, token)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .with_context(|| format!("start worker {i} ({})", exe.display()))?;
-            let stderr = Arc::new(Mutex::new(String::new()));
-            if let Some(mut pipe) = child.stderr.take() {
-                let sink = stderr.clone();
-                std::thread::spawn(move || {
-                    let mut buf = [0u8; 4096];
-                    while let Ok(k) = pipe.read(&mut buf) {
-                        if k == 0 {
-                            break;
-                        }
-                        if let Ok(mut s) = sink.lock() {
-                            s.push_str(&String::from_utf8_lossy(&buf[..k]));
-                        }
-                    }
-                });
-            }
-            workers.lock().push(Worker {
-                child,
-                stderr,
-                exit: None,
-            });
+            let w = spawner.start(i)?;
+            workers.lock().push(w);
         }
         Ok(workers)
     }
@@ -721,11 +824,16 @@ impl Workers {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Polls the children; the first one to exit unsuccessfully fires `failed`.
-    fn watch(&self, failed: oneshot::Sender<()>) {
+    /// Polls the children. Without `elastic`, the first one to exit unsuccessfully fires
+    /// `failed`; with it, the coordinator judges a death, and up to `restarts` dead children
+    /// are replaced by new workers that join the running job.
+    fn watch(&self, failed: oneshot::Sender<()>, elastic: bool, restarts: (usize, Duration), spawner: Spawner) {
         let ws = self.0.clone();
+        let (mut restarts, delay) = restarts;
         std::thread::spawn(move || {
             let mut failed = Some(failed);
+            // When each replacement is due.
+            let mut due: Vec<Instant> = Vec::new();
             loop {
                 let all_done = {
                     let mut ws = ws.lock().unwrap_or_else(|p| p.into_inner());
@@ -733,13 +841,27 @@ impl Workers {
                         if let Ok(Some(status)) = w.child.try_wait() {
                             w.exit = Some(status);
                             if !status.success() {
-                                if let Some(tx) = failed.take() {
+                                if let (false, Some(tx)) = (elastic, failed.take()) {
                                     let _ = tx.send(());
+                                }
+                                if elastic && restarts > 0 {
+                                    restarts -= 1;
+                                    due.push(Instant::now() + delay);
                                 }
                             }
                         }
                     }
-                    ws.iter().all(|w| w.exit.is_some())
+                    let now = Instant::now();
+                    let ready = due.iter().filter(|t| **t <= now).count();
+                    due.retain(|t| *t > now);
+                    for _ in 0..ready {
+                        let i = ws.len();
+                        match spawner.start(i) {
+                            Ok(w) => ws.push(w),
+                            Err(e) => eprintln!("warning: cannot start a replacement worker: {e:#}"),
+                        }
+                    }
+                    ws.iter().all(|w| w.exit.is_some()) && due.is_empty()
                 };
                 if all_done || Arc::strong_count(&ws) == 1 {
                     break;
@@ -774,26 +896,29 @@ impl Workers {
         ws.iter().map(|w| (w.child.id(), w.exit)).collect()
     }
 
-    /// The first child that exited unsuccessfully: pid, status, last stderr line.
-    fn first_failure(&self) -> Option<(u32, ExitStatus, String)> {
-        self.lock().iter().find_map(|w| {
-            let status = w.exit.filter(|s| !s.success())?;
-            let err = w.stderr.lock().map(|s| s.clone()).unwrap_or_default();
-            let last = err
-                .lines()
-                .rev()
-                .find(|l| !l.trim().is_empty())
-                .unwrap_or("")
-                .to_owned();
-            Some((w.child.id(), status, last))
-        })
+    /// The children that exited unsuccessfully: pid, status, last stderr line.
+    fn failures(&self) -> Vec<(u32, ExitStatus, String)> {
+        self.lock()
+            .iter()
+            .filter_map(|w| {
+                let status = w.exit.filter(|s| !s.success())?;
+                let err = w.stderr.lock().map(|s| s.clone()).unwrap_or_default();
+                let last = err
+                    .lines()
+                    .rev()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or("")
+                    .to_owned();
+                Some((w.child.id(), status, last))
+            })
+            .collect()
     }
 }
 
 /// `ringtrain launch`.
-pub fn run_launch(args: LaunchArgs) -> anyhow::Result<()> {
-    let args = args.job;
-    let prepared = prepare(&args)?;
+pub fn run_launch(launch: LaunchArgs) -> anyhow::Result<()> {
+    let args = &launch.job;
+    let prepared = prepare(args)?;
     if prepared.finished {
         println!(
             "{}: already finished (last-epoch checkpoint and summary.json present); nothing to do",
@@ -802,7 +927,7 @@ pub fn run_launch(args: LaunchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let token = fresh_token();
-    let config = coordinator_config(&args, &prepared, &token);
+    let config = coordinator_config(args, &prepared, &token);
     let rt = runtime()?;
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -812,9 +937,18 @@ pub fn run_launch(args: LaunchArgs) -> anyhow::Result<()> {
 
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / args.workers).max(1);
-    let workers = Workers::spawn(&args, &addr, &token, threads)?;
+    let spawner = Spawner {
+        exe: std::env::current_exe().context("find this executable")?,
+        coordinator: addr.clone(),
+        token: token.clone(),
+        threads,
+        heartbeat_timeout_ms: args.heartbeat_timeout_ms,
+    };
+    let elastic = config.elastic();
+    let workers = Workers::spawn(&spawner, args.workers)?;
     let (failed_tx, failed_rx) = oneshot::channel();
-    workers.watch(failed_tx);
+    let restarts = (launch.max_restarts, Duration::from_millis(launch.restart_delay_ms));
+    workers.watch(failed_tx, elastic, restarts, spawner);
     // A dead child usually breaks its heartbeat stream first, and the coordinator names it
     // with its rank and step; this only decides when the coordinator cannot (e.g. a worker
     // that died before registering).
@@ -830,14 +964,20 @@ pub fn run_launch(args: LaunchArgs) -> anyhow::Result<()> {
         Ok(outcome) => {
             let exits = workers.wait_all(EXIT_DEADLINE);
             if let Some((pid, status)) = exits.iter().find(|(_, s)| !s.is_some_and(|s| s.success())) {
-                anyhow::bail!("the job finished but worker pid {pid} exited with {status:?}");
+                if !elastic {
+                    anyhow::bail!("the job finished but worker pid {pid} exited with {status:?}");
+                }
+            }
+            // An elastic job went on without the workers it lost: say how each ended.
+            for (pid, status, last) in workers.failures() {
+                println!("worker pid {pid} left the job early ({status}): {last}");
             }
             report(&outcome, &args.out)
         }
         Err(e) => {
             // Give the children a moment to exit on their own, then kill the rest.
             let _ = workers.wait_all(Duration::from_millis(500));
-            match (&e, workers.first_failure()) {
+            match (&e, workers.failures().into_iter().next()) {
                 (CoordinatorError::Shutdown { checkpoint, .. }, Some((pid, status, last))) => {
                     let rank = printer
                         .ranks_by_pid

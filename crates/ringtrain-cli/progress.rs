@@ -59,6 +59,8 @@ impl TrainProgress {
                     bar.set_position((self.finished * total + done) as u64);
                 }
             }
+            // One process has no ring to re-form.
+            Progress::Rejoined { .. } => {}
             Progress::Epoch(r) => {
                 self.finished += 1;
                 if let Some(bar) = &self.bar {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::util::{bin, read_json, repo, Proc};
 
 /// `ringtrain args` with the job token and one thread.
-fn start(args: &[&str], token: &str) -> Proc {
+pub fn start(args: &[&str], token: &str) -> Proc {
     start_with(Command::new(bin()), args, token)
 }
 
@@ -490,25 +490,36 @@ fn a_coordinator_that_does_not_answer_is_reported_within_the_deadline() {
 }
 
 #[test]
-fn a_batch_the_workers_cannot_split_is_bad_input() {
+fn an_elastic_job_that_cannot_change_membership_is_bad_input() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = iris_job(
+        tmp.path(),
+        "kfold",
+        &[("scheme = \"train_test\"", "scheme = \"kfold\"\nfolds = 3")],
+    );
     let (status, _, err) = run(
         &[
             "launch",
             "--workers",
             "3",
-            "examples/iris-mlp.toml",
+            "--min-workers",
+            "2",
+            s(&job),
             "--out",
             "/nonexistent/never-written",
         ],
         MINUTE,
     );
     assert_eq!(status.code(), Some(2), "{err}");
-    assert!(err.contains("batch_size 16 must divide evenly by --workers 3"), "{err}");
+    assert!(
+        err.contains("cannot change membership here: evaluation.scheme = \"kfold\""),
+        "{err}"
+    );
 }
 
 /// The first `train` training and `test` test images of `../shared/data/mnist`, written as
 /// plain IDX files in `dir` (MNIST's names), or `None` when the data is not there.
-fn mnist_subset(dir: &Path, train: usize, test: usize) -> Option<PathBuf> {
+pub fn mnist_subset(dir: &Path, train: usize, test: usize) -> Option<PathBuf> {
     let src = repo().join("../shared/data/mnist");
     if !src.is_dir() {
         // As in cnn.rs: the shared datasets are beside the checkout on our machines and in CI.
@@ -537,7 +548,7 @@ fn mnist_subset(dir: &Path, train: usize, test: usize) -> Option<PathBuf> {
 }
 
 /// The LeNet-5 job with `edits`, written to `dir/name.toml`.
-fn lenet_job(dir: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
+pub fn lenet_job(dir: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
     let mut text = std::fs::read_to_string(repo().join("examples/mnist-lenet.toml")).expect("lenet job");
     for (from, to) in edits {
         assert!(text.contains(from), "{from:?} not in the job");

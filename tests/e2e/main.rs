@@ -6,6 +6,7 @@ mod cluster;
 mod cnn;
 mod collective;
 mod deploy;
+mod elastic;
 mod hosts;
 mod reports;
 mod sequences;

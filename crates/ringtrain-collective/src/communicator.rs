@@ -6,7 +6,7 @@ use tokio::runtime::Runtime;
 use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
-use crate::grpc::{connect_ring, GrpcConfig, GrpcTransport};
+use crate::grpc::{connect_ring_cancellable, GrpcConfig, GrpcTransport};
 use crate::layout::BucketPlan;
 use crate::ring::{CancelToken, ReduceOp, Ring};
 
@@ -31,6 +31,17 @@ impl Communicator {
     /// `config.connect_timeout`. `io_threads` runtime threads move bytes (1 or
     /// 2 is plenty).
     pub fn connect(config: &GrpcConfig, listener: std::net::TcpListener, io_threads: usize) -> Result<Self> {
+        Self::connect_cancellable(config, listener, io_threads, CancelToken::default())
+    }
+
+    /// [`Communicator::connect`] whose wait for the ring, and every later collective, `cancel`
+    /// stops (the job was aborted, or its membership changed again meanwhile).
+    pub fn connect_cancellable(
+        config: &GrpcConfig,
+        listener: std::net::TcpListener,
+        io_threads: usize,
+        cancel: CancelToken,
+    ) -> Result<Self> {
         let io = |what: &str, e: std::io::Error| Error::Config {
             what: format!("{what}: {e}"),
         };
@@ -54,7 +65,7 @@ impl Communicator {
         let shutdown = async move {
             let _ = shutdown_rx.await;
         };
-        let ring = runtime.block_on(connect_ring(config, listener, shutdown))?;
+        let ring = runtime.block_on(connect_ring_cancellable(config, listener, shutdown, cancel))?;
         Ok(Self {
             ring,
             local_addr,

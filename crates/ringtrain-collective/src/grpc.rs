@@ -5,6 +5,7 @@
 //! streams to its right neighbour. Inbound frames, and failures of either link,
 //! arrive in one bounded inbox that the ring reads with a deadline.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,8 +14,8 @@ use std::time::Duration;
 
 use ringtrain_proto::collective::Frame;
 use ringtrain_proto::grpc::{
-    push_service, token_check, InboundError, InboundFrames, PushClient, PushHandler, JOB_METADATA_KEY,
-    RANK_METADATA_KEY, TOKEN_METADATA_KEY,
+    push_service, token_check, InboundError, InboundFrames, PushClient, PushHandler, GENERATION_METADATA_KEY,
+    JOB_METADATA_KEY, RANK_METADATA_KEY, TOKEN_METADATA_KEY,
 };
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -27,7 +28,7 @@ use tonic::transport::{Endpoint, Server};
 use tonic::{Code, Status};
 
 use crate::error::{Direction, Error, LinkError, LinkFailure, Result};
-use crate::ring::{Ring, RingOptions, DEFAULT_PART_BYTES, DEFAULT_TIMEOUT};
+use crate::ring::{CancelToken, Ring, RingOptions, DEFAULT_PART_BYTES, DEFAULT_TIMEOUT};
 use crate::transport::Transport;
 
 /// HTTP/2 flow-control window per stream. The default 64 KiB would stall the
@@ -53,6 +54,9 @@ pub struct GrpcConfig {
     pub peers: Vec<String>,
     /// Job id, carried by every frame and stream.
     pub job_id: String,
+    /// Membership generation (elastic training), carried by every frame and stream: a
+    /// stream or frame of another generation is refused.
+    pub generation: u64,
     /// Shared secret; a stream without it is refused.
     pub token: String,
     /// Deadline of every receive.
@@ -70,6 +74,7 @@ impl std::fmt::Debug for GrpcConfig {
             .field("rank", &self.rank)
             .field("peers", &self.peers)
             .field("job_id", &self.job_id)
+            .field("generation", &self.generation)
             .field("token", &"<redacted>")
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
@@ -85,6 +90,7 @@ impl GrpcConfig {
             rank,
             peers,
             job_id: job_id.into(),
+            generation: 0,
             token: token.into(),
             timeout: DEFAULT_TIMEOUT,
             connect_timeout: Duration::from_secs(30),
@@ -122,6 +128,7 @@ impl GrpcConfig {
     fn ring_options(&self) -> RingOptions {
         RingOptions {
             job_id: self.job_id.clone(),
+            generation: self.generation,
             part_bytes: self.part_bytes,
             timeout: self.timeout,
         }
@@ -152,6 +159,8 @@ pub struct GrpcTransport {
     close_timeout: Duration,
     server: JoinHandle<()>,
     client: Option<JoinHandle<()>>,
+    /// The queue to the right neighbour (shared with its client task).
+    queue: Option<Arc<Mutex<FrameQueue>>>,
 }
 
 impl GrpcTransport {
@@ -182,6 +191,7 @@ impl GrpcTransport {
             left,
             rank,
             job_id: config.job_id.clone(),
+            generation: config.generation,
             busy: Arc::new(AtomicBool::new(false)),
         };
         let service = InterceptedService::new(push_service(handler, max_message), token_check(&config.token));
@@ -201,9 +211,16 @@ impl GrpcTransport {
         let right_failed = Arc::new(Mutex::new(None));
         let mut out = None;
         let mut client = None;
+        let mut queue = None;
         if world > 1 {
             let (out_tx, out_rx) = mpsc::unbounded_channel();
             out = Some(out_tx);
+            let frames = Arc::new(Mutex::new(FrameQueue {
+                rx: out_rx,
+                replay: VecDeque::new(),
+                sent: Some(Vec::new()),
+            }));
+            queue = Some(frames.clone());
             let link = RightLink {
                 rank,
                 right,
@@ -215,7 +232,7 @@ impl GrpcTransport {
                 inbox: inbox_tx,
                 failed: right_failed.clone(),
             };
-            client = Some(tokio::spawn(link.run(out_rx)));
+            client = Some(tokio::spawn(link.run(frames)));
         }
         Ok(Self {
             rank,
@@ -229,7 +246,18 @@ impl GrpcTransport {
             close_timeout: config.timeout,
             server,
             client,
+            queue,
         })
+    }
+
+    /// The ring is up (its first barrier passed): frames sent from now on are never offered
+    /// again, so they need not be kept.
+    fn settled(&self) {
+        if let Some(q) = &self.queue {
+            if let Ok(mut q) = q.lock() {
+                q.sent = None;
+            }
+        }
     }
 
     /// Address the server is bound to.
@@ -322,10 +350,25 @@ pub async fn connect_ring<F>(config: &GrpcConfig, listener: TcpListener, shutdow
 where
     F: Future<Output = ()> + Send + 'static,
 {
+    connect_ring_cancellable(config, listener, shutdown, CancelToken::default()).await
+}
+
+/// [`connect_ring`] whose first barrier, and every later collective, `cancel` stops.
+pub async fn connect_ring_cancellable<F>(
+    config: &GrpcConfig,
+    listener: TcpListener,
+    shutdown: F,
+    cancel: CancelToken,
+) -> Result<Ring<GrpcTransport>>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
     let transport = GrpcTransport::start(config, listener, shutdown)?;
     let mut ring = Ring::new(transport, config.ring_options());
+    ring.set_cancel_token(cancel);
     ring.set_timeout(config.connect_timeout);
     ring.barrier().await?;
+    ring.transport().settled();
     ring.set_timeout(config.timeout);
     Ok(ring)
 }
@@ -340,6 +383,7 @@ fn stream_metadata(config: &GrpcConfig) -> Result<MetadataMap> {
     md.insert(TOKEN_METADATA_KEY, value(&config.token)?);
     md.insert(RANK_METADATA_KEY, value(&config.rank.to_string())?);
     md.insert(JOB_METADATA_KEY, value(&config.job_id)?);
+    md.insert(GENERATION_METADATA_KEY, value(&config.generation.to_string())?);
     Ok(md)
 }
 
@@ -352,6 +396,7 @@ struct InboxHandler {
     left: usize,
     rank: usize,
     job_id: String,
+    generation: u64,
     busy: Arc<AtomicBool>,
 }
 
@@ -384,6 +429,25 @@ impl InboxHandler {
 
 impl PushHandler for InboxHandler {
     async fn push(&self, metadata: MetadataMap, mut frames: InboundFrames) -> Result<u64, Status> {
+        let job = metadata.get(JOB_METADATA_KEY).and_then(|v| v.to_str().ok());
+        if job != Some(self.job_id.as_str()) {
+            return Err(Status::permission_denied(format!(
+                "rank {} belongs to job {:?}, not {job:?}",
+                self.rank, self.job_id
+            )));
+        }
+        // Before the rank: in another generation the ranks are other workers.
+        let generation = metadata
+            .get(GENERATION_METADATA_KEY)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        if generation != self.generation {
+            return Err(Status::failed_precondition(format!(
+                "rank {} is in generation {} of the ring, not {generation}: the membership changed",
+                self.rank, self.generation
+            )));
+        }
         let sender = metadata
             .get(RANK_METADATA_KEY)
             .and_then(|v| v.to_str().ok())
@@ -392,13 +456,6 @@ impl PushHandler for InboxHandler {
             return Err(Status::permission_denied(format!(
                 "rank {} accepts frames only from its left neighbour rank {}, not from {sender:?}",
                 self.rank, self.left
-            )));
-        }
-        let job = metadata.get(JOB_METADATA_KEY).and_then(|v| v.to_str().ok());
-        if job != Some(self.job_id.as_str()) {
-            return Err(Status::permission_denied(format!(
-                "rank {} belongs to job {:?}, not {job:?}",
-                self.rank, self.job_id
             )));
         }
         if self.busy.swap(true, Ordering::AcqRel) {
@@ -451,17 +508,50 @@ fn describe(status: &Status) -> String {
     }
 }
 
+/// The frames queued for the right neighbour. Until the ring is up, the frames a stream
+/// took are kept, so that a stream the neighbour refused unread (its server still belongs
+/// to the previous ring of an elastic job) can offer them again; only the first barrier's
+/// frames exist then, since no collective completes before every link works.
+#[derive(Debug)]
+struct FrameQueue {
+    rx: mpsc::UnboundedReceiver<Frame>,
+    /// Frames to offer again before the queue's.
+    replay: VecDeque<Frame>,
+    /// Frames taken so far (`None` once the ring is up).
+    sent: Option<Vec<Frame>>,
+}
+
+impl FrameQueue {
+    /// Offers every frame taken so far again; `false` when they were not kept.
+    fn rewind(&mut self) -> bool {
+        let Some(sent) = self.sent.as_mut() else {
+            return false;
+        };
+        for frame in sent.drain(..).rev() {
+            self.replay.push_front(frame);
+        }
+        true
+    }
+}
+
 /// The outgoing queue as the request stream of the `Push` call.
-struct SharedFrames(Arc<Mutex<mpsc::UnboundedReceiver<Frame>>>);
+struct SharedFrames(Arc<Mutex<FrameQueue>>);
 
 impl Stream for SharedFrames {
     type Item = Frame;
 
     fn poll_next(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Frame>> {
-        match self.0.lock() {
-            Ok(mut frames) => frames.poll_recv(cx),
-            Err(_) => std::task::Poll::Ready(None),
+        let Ok(mut q) = self.0.lock() else {
+            return std::task::Poll::Ready(None);
+        };
+        let next = match q.replay.pop_front() {
+            Some(frame) => std::task::Poll::Ready(Some(frame)),
+            None => q.rx.poll_recv(cx),
+        };
+        if let (std::task::Poll::Ready(Some(frame)), Some(sent)) = (&next, q.sent.as_mut()) {
+            sent.push(frame.clone());
         }
+        next
     }
 }
 
@@ -486,12 +576,11 @@ impl RightLink {
     /// error for a rank still receiving its own last frames, and if it died
     /// mid-collective the ranks downstream of it report it and their abort
     /// reaches this rank from the left.
-    async fn run(self, frames: mpsc::UnboundedReceiver<Frame>) {
+    async fn run(self, frames: Arc<Mutex<FrameQueue>>) {
         // tonic drops the request stream as soon as the call fails; sharing the
         // receiver keeps the queue open until the failure is recorded below, so
         // a concurrent `send` reports why the link ended, not just that it did.
-        let frames = Arc::new(Mutex::new(frames));
-        let (failure, urgent) = match self.stream(SharedFrames(frames.clone())).await {
+        let (failure, urgent) = match self.stream(&frames).await {
             Ok(()) => (LinkFailure::Closed("it ended our stream".into()), false),
             Err((failure, urgent)) => (failure, urgent),
         };
@@ -515,7 +604,7 @@ impl RightLink {
     }
 
     /// `Err((failure, urgent))` where `urgent` marks failures before any frame was accepted.
-    async fn stream(&self, frames: SharedFrames) -> Result<(), (LinkFailure, bool)> {
+    async fn stream(&self, frames: &Arc<Mutex<FrameQueue>>) -> Result<(), (LinkFailure, bool)> {
         let uri = if self.addr.contains("://") {
             self.addr.clone()
         } else {
@@ -546,9 +635,22 @@ impl RightLink {
             }
         };
         let mut client = PushClient::new(channel, self.max_message);
-        match client.push(self.metadata.clone(), frames).await {
-            Ok(_) => Ok(()),
-            Err(status) => Err(match status.code() {
+        loop {
+            let status = match client.push(self.metadata.clone(), SharedFrames(frames.clone())).await {
+                Ok(_) => return Ok(()),
+                Err(status) => status,
+            };
+            // The neighbour's server is that of another ring of this job and read nothing:
+            // it is about to join ours (elastic training). Offer the same frames again.
+            let retry = status.code() == Code::FailedPrecondition
+                && tokio::time::Instant::now() + RETRY < deadline
+                && frames.lock().is_ok_and(|mut q| q.rewind());
+            if retry {
+                tracing::trace!(rank = self.rank, status = %describe(&status), "right neighbour not in this ring yet");
+                tokio::time::sleep(RETRY).await;
+                continue;
+            }
+            return Err(match status.code() {
                 Code::Unauthenticated | Code::PermissionDenied | Code::AlreadyExists => {
                     (LinkFailure::Refused(describe(&status)), true)
                 }
@@ -558,7 +660,7 @@ impl RightLink {
                     LinkFailure::Closed(format!("stream failed: {}", describe(&status))),
                     false,
                 ),
-            }),
+            });
         }
     }
 }

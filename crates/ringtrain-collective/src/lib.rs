@@ -149,7 +149,7 @@ mod transport;
 
 pub use communicator::Communicator;
 pub use error::{Direction, Error, LinkError, LinkFailure, Result};
-pub use grpc::{connect_ring, GrpcConfig, GrpcTransport};
+pub use grpc::{connect_ring, connect_ring_cancellable, GrpcConfig, GrpcTransport};
 pub use kernels::{from_bf16, to_bf16};
 pub use layout::BucketPlan;
 pub use ring::{CancelToken, ReduceOp, Ring, RingOptions, DEFAULT_PART_BYTES, DEFAULT_TIMEOUT};

@@ -53,6 +53,9 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 pub struct RingOptions {
     /// Job id carried by every frame.
     pub job_id: String,
+    /// Membership generation carried by every frame (elastic training re-forms the ring
+    /// under a new one).
+    pub generation: u64,
     /// Payload bytes per pipelined message (rounded down to whole values).
     pub part_bytes: usize,
     /// Deadline of every receive.
@@ -63,6 +66,7 @@ impl Default for RingOptions {
     fn default() -> Self {
         Self {
             job_id: "ringtrain".to_owned(),
+            generation: 0,
             part_bytes: DEFAULT_PART_BYTES,
             timeout: DEFAULT_TIMEOUT,
         }
@@ -346,6 +350,7 @@ impl<T: Transport> Ring<T> {
                 seq,
                 origin_rank: u32::try_from(origin).unwrap_or(u32::MAX),
                 reason,
+                generation: self.opts.generation,
             }));
         }
     }
@@ -422,6 +427,7 @@ impl<T: Transport> Ring<T> {
             part: part as u32,
             parts: ctx.parts,
             origin_rank: origin as u32,
+            generation: self.opts.generation,
         };
         self.transport
             .send(Frame::Data(DataFrame { header, payload }))
@@ -497,6 +503,13 @@ impl<T: Transport> Ring<T> {
                     last_alive = tokio::time::Instant::now();
                 }
                 Ok(Frame::Data(d)) => return Ok(Received::Data(d)),
+                Ok(Frame::Abort(a)) if a.generation != self.opts.generation => {
+                    tracing::debug!(
+                        rank = self.rank,
+                        generation = a.generation,
+                        "abort of another ring ignored"
+                    );
+                }
                 Ok(Frame::Abort(a)) => return Ok(Received::Abort(a)),
                 Err(LinkError {
                     failure: LinkFailure::Timeout(_),
@@ -521,6 +534,7 @@ impl<T: Transport> Ring<T> {
                             seq: ctx.seq,
                             rank: self.rank as u32,
                             waiting_on: self.left() as u32,
+                            generation: self.opts.generation,
                         }));
                     }
                 }
@@ -597,6 +611,15 @@ impl<T: Transport> Ring<T> {
                 &self.opts.job_id,
                 &h.job_id,
                 "the peer belongs to another job",
+            ));
+        }
+        if h.generation != self.opts.generation {
+            return Err(self.mismatch(
+                ctx,
+                "generation",
+                self.opts.generation,
+                h.generation,
+                "the frame belongs to another ring of this job (the membership changed)",
             ));
         }
         if h.world_size as usize != self.world {

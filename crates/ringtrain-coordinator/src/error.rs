@@ -55,6 +55,21 @@ pub enum CoordinatorError {
         checkpoint: LastCheckpoint,
     },
 
+    /// Elastic training: workers were lost and too few are left to go on.
+    #[error(
+        "{lost} lost; {left} workers left, fewer than the {min} needed (min_workers) at epoch {epoch}, \
+         step {step}; {checkpoint}"
+    )]
+    TooFewWorkers {
+        /// Who was lost and why ("worker rank 1 (pid …): reason", joined by "; ").
+        lost: String,
+        left: usize,
+        min: usize,
+        epoch: u64,
+        step: u64,
+        checkpoint: LastCheckpoint,
+    },
+
     /// A worker reported that its run failed.
     #[error("worker rank {rank} ({worker}) failed at epoch {epoch}, step {step}: {error}; {checkpoint}")]
     WorkerFailed {

@@ -29,6 +29,17 @@
 //! run directory goes to the first rank of the group that trains the last fold, so its saved
 //! model is the last fold's, as in sequential k-fold.
 //!
+//! **Elastic training.** With [`CoordinatorConfig::min_workers`] below the starting count or
+//! [`CoordinatorConfig::max_workers`] above it, a lost worker no longer ends the job while at
+//! least `min_workers` are left: the coordinator makes a new *generation* of the ring from
+//! the workers left, in their old order, and tells each its place with a `Reform` command on
+//! its heartbeat stream (the workers abandon the step in flight and level themselves with the
+//! last step every one of them completed). A worker registering while the job runs, up to
+//! `max_workers`, gets a place at the end of the next generation at once; the others hear of
+//! it the same way. A worker keeps its number (`rank` in messages) for the whole job; its
+//! place in the ring can change. The writer stays the same worker while it lives, else the
+//! new ring's first. Every change is kept ([`MembershipChange`]) with where training went on.
+//!
 //! A failure a worker reports (typically "lost my neighbour") usually has a cause elsewhere;
 //! the coordinator waits [`CoordinatorConfig::failure_grace`] for a lost worker to blame
 //! before it reports the worker's own error.
@@ -55,7 +66,7 @@ pub use error::{CoordinatorError, LastCheckpoint, Result};
 pub use groups::{fold_groups, FoldPlan};
 pub use metrics::{serve_metrics, JobState, Metrics, METRICS_PATH};
 pub use ringtrain_proto::coordinator::Assignment;
-pub use server::serve;
+pub use server::{describe_change, serve};
 use tokio::sync::mpsc;
 
 /// The job as the coordinator hands it out: text, not a parsed config.
@@ -116,6 +127,12 @@ pub struct CoordinatorConfig {
     /// Parallel k-fold with this many folds: the workers form [`fold_groups`] rings, each
     /// training its share of the folds. `None`: one ring of every worker.
     pub parallel_folds: Option<usize>,
+    /// Elastic training: the job goes on while at least this many workers are left
+    /// (`None`: it needs every worker).
+    pub min_workers: Option<usize>,
+    /// Elastic training: workers may join the running job up to this many (`None`: no
+    /// more than `workers`).
+    pub max_workers: Option<usize>,
 }
 
 /// Name under which the health service reports the coordinator (besides `""`).
@@ -137,6 +154,8 @@ impl std::fmt::Debug for CoordinatorConfig {
             .field("heartbeat_timeout", &self.heartbeat_timeout)
             .field("collective_timeout", &self.collective_timeout)
             .field("parallel_folds", &self.parallel_folds)
+            .field("min_workers", &self.min_workers)
+            .field("max_workers", &self.max_workers)
             .finish()
     }
 }
@@ -162,7 +181,14 @@ impl CoordinatorConfig {
             events: None,
             metrics: None,
             parallel_folds: None,
+            min_workers: None,
+            max_workers: None,
         }
+    }
+
+    /// Whether workers may leave or join while the job runs.
+    pub fn elastic(&self) -> bool {
+        self.min_workers.is_some_and(|m| m < self.workers) || self.max_workers.is_some_and(|m| m > self.workers)
     }
 
     fn validate(&self) -> Result<()> {
@@ -194,6 +220,25 @@ impl CoordinatorConfig {
         }
         if self.parallel_folds == Some(0) {
             return bad("parallel k-fold needs at least one fold".into());
+        }
+        if let Some(min) = self.min_workers {
+            if min == 0 || min > self.workers {
+                return bad(format!(
+                    "min_workers {min} must be between 1 and the {} workers",
+                    self.workers
+                ));
+            }
+        }
+        if let Some(max) = self.max_workers {
+            if max < self.workers {
+                return bad(format!(
+                    "max_workers {max} is below the {} starting workers",
+                    self.workers
+                ));
+            }
+        }
+        if self.elastic() && self.parallel_folds.is_some() {
+            return bad("parallel k-fold rings cannot change membership: drop min_workers/max_workers".into());
         }
         Ok(())
     }
@@ -248,6 +293,43 @@ pub enum Event {
     Failing {
         error: String,
     },
+    /// Elastic training: the ring re-formed.
+    Reformed(MembershipChange),
+    /// Elastic training: the workers of generation `generation` went on from `step`,
+    /// having undone `steps_lost` steps (0 or 1).
+    Resumed {
+        generation: u64,
+        step: u64,
+        steps_lost: u64,
+    },
+}
+
+/// One change of an elastic job's membership.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MembershipChange {
+    /// The new ring's generation (the first ring is 0).
+    pub generation: u64,
+    /// Seconds since the coordinator started.
+    pub at_secs: f64,
+    /// Workers that left, and why.
+    pub left: Vec<Departure>,
+    /// Workers that joined (their numbers).
+    pub joined: Vec<usize>,
+    /// Workers in the new ring, by number, in ring order.
+    pub members: Vec<usize>,
+    /// The optimizer step the new ring went on from, and the steps of work undone to get
+    /// there (0 or 1), once the workers report it.
+    pub resumed_step: Option<u64>,
+    pub steps_lost: Option<u64>,
+}
+
+/// A worker that left an elastic job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Departure {
+    pub rank: usize,
+    /// "pid … on host, peer …".
+    pub worker: String,
+    pub reason: String,
 }
 
 /// A job that completed on every rank.
@@ -268,6 +350,8 @@ pub struct JobOutcome {
     /// `params_checksum` and `steps` above are then those of the group that wrote the run
     /// directory (the one that trained the last fold).
     pub groups: Vec<GroupOutcome>,
+    /// Elastic training: every change of membership, in order (empty otherwise).
+    pub membership: Vec<MembershipChange>,
 }
 
 /// What one ring of a parallel k-fold job reported.

@@ -62,6 +62,8 @@ pub struct Metrics {
     workers_expected: Gauge,
     workers_registered: Gauge,
     workers_live: Gauge,
+    generation: Gauge,
+    membership_changes: Counter,
     step: Gauge,
     epoch: Gauge,
     epochs: Counter,
@@ -97,6 +99,8 @@ impl Metrics {
             workers_expected: Gauge::default(),
             workers_registered: Gauge::default(),
             workers_live: Gauge::default(),
+            generation: Gauge::default(),
+            membership_changes: Counter::default(),
             step: Gauge::default(),
             epoch: Gauge::default(),
             epochs: Counter::default(),
@@ -115,7 +119,7 @@ impl Metrics {
             "1 for the job's current state (rendezvous, running, succeeded, failed), 0 for the others",
             m.job_state.clone(),
         );
-        let ints: [(&str, &str, &Gauge); 6] = [
+        let ints: [(&str, &str, &Gauge); 7] = [
             (
                 "workers_expected",
                 "Workers the job needs (the world size)",
@@ -126,6 +130,11 @@ impl Metrics {
                 "workers_live",
                 "Registered workers neither lost nor failed",
                 &m.workers_live,
+            ),
+            (
+                "ring_generation",
+                "Membership generation of the ring (elastic training: 0 for the first ring, one more per change)",
+                &m.generation,
             ),
             ("step", "Optimizer steps taken (furthest rank)", &m.step),
             ("epoch", "Last completed epoch", &m.epoch),
@@ -139,6 +148,11 @@ impl Metrics {
             registry.register(name, help, gauge.clone());
         }
         registry.register("epochs", "Epochs completed by this coordinator's job", m.epochs.clone());
+        registry.register(
+            "membership_changes",
+            "Times the ring re-formed because workers left or joined (elastic training)",
+            m.membership_changes.clone(),
+        );
         let floats: [(&str, &str, &FloatGauge); 7] = [
             ("train_loss", "Training loss of the last epoch", &m.train_loss),
             ("test_loss", "Test loss after the last epoch", &m.test_loss),
@@ -195,6 +209,12 @@ impl Metrics {
         self.workers_expected.set(count(expected as u64));
         self.workers_registered.set(count(registered as u64));
         self.workers_live.set(count(live as u64));
+    }
+
+    /// The ring re-formed as `generation`.
+    pub(crate) fn reformed(&self, generation: u64) {
+        self.generation.set(count(generation));
+        self.membership_changes.inc();
     }
 
     pub(crate) fn set_progress(&self, step: u64, checkpoint_epoch: Option<u64>) {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use ringtrain_proto::coordinator::{
     coordinator_service, Abort, Assignment, Beat, Command, CommandStream, CoordinatorHandler, EpochUpdate,
-    FinishReport, FoldGroup, InboundBeats, Registration, WorkerOutcome,
+    FinishReport, FoldGroup, InboundBeats, Reform, Registration, WorkerOutcome,
 };
 use ringtrain_proto::grpc::token_check;
 use tokio::net::TcpListener;
@@ -21,7 +21,10 @@ use tonic::Status;
 use crate::error::{CoordinatorError, LastCheckpoint, Result};
 use crate::groups::{fold_groups, FoldPlan};
 use crate::metrics::{EpochMetrics, JobState};
-use crate::{CoordinatorConfig, EpochRecord, Event, GroupOutcome, JobOutcome, WorkerInfo, HEALTH_SERVICE};
+use crate::{
+    CoordinatorConfig, Departure, EpochRecord, Event, GroupOutcome, JobOutcome, MembershipChange, WorkerInfo,
+    HEALTH_SERVICE,
+};
 
 /// How often the supervisor looks at the clock when nothing happens.
 const TICK: Duration = Duration::from_millis(100);
@@ -41,6 +44,24 @@ struct Slot {
     lost: Option<(Instant, String)>,
     /// Commands to the worker's heartbeat stream.
     commands: Option<mpsc::Sender<Result<Command, Status>>>,
+    /// The last ring generation this worker was told of.
+    told: u64,
+}
+
+impl Slot {
+    fn new(info: WorkerInfo, generation: u64) -> Slot {
+        Slot {
+            info,
+            last_beat: Instant::now(),
+            epoch: 0,
+            step: 0,
+            checkpoint_epoch: None,
+            outcome: None,
+            lost: None,
+            commands: None,
+            told: generation,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -52,6 +73,12 @@ struct State {
     reported: Option<(Instant, CoordinatorError)>,
     /// Set once the job has failed; told to late heartbeat streams.
     abort_reason: Option<String>,
+    /// The ring: worker numbers in ring order (every worker unless the job is elastic and
+    /// some left), its generation, the writer's number, and every change so far.
+    members: Vec<usize>,
+    generation: u64,
+    writer: usize,
+    changes: Vec<MembershipChange>,
 }
 
 #[derive(Debug)]
@@ -68,6 +95,7 @@ struct Shared {
     /// first rank of the group that trains the last fold (so the saved model is the last
     /// fold's, as in sequential k-fold).
     writer: usize,
+    started: Instant,
 }
 
 impl Shared {
@@ -87,7 +115,7 @@ impl Shared {
     }
 
     fn checkpoint(&self, st: &State) -> LastCheckpoint {
-        let writer = st.slots.get(self.writer);
+        let writer = st.slots.get(st.writer);
         LastCheckpoint {
             epoch: writer.and_then(|s| s.checkpoint_epoch),
             path: self
@@ -115,6 +143,151 @@ impl Shared {
         Ok(())
     }
 
+    /// What worker `rank` is told: its place `ring_rank` in `peers` (ring `generation`).
+    fn assignment(
+        &self,
+        rank: usize,
+        ring_rank: usize,
+        peers: Vec<String>,
+        generation: u64,
+        writer_rank: usize,
+    ) -> Assignment {
+        let config = &self.config;
+        let elastic = config.elastic();
+        Assignment {
+            job_id: config.job_id.clone(),
+            rank,
+            peers,
+            ring_rank,
+            elastic,
+            generation,
+            joining: generation > 0,
+            job_toml: config.job.toml.clone(),
+            job_path: config.job.path.clone(),
+            data_path: config.job.data_path.clone(),
+            fingerprint: config.job.fingerprint(),
+            writer_rank,
+            // In an elastic job any worker may become the writer.
+            out_dir: config.out_dir.clone().filter(|_| elastic || rank == self.writer),
+            resume_from: config.resume_from.clone(),
+            checkpoint_every: config.checkpoint_every,
+            heartbeat_interval: config.heartbeat_interval,
+            collective_timeout: config.collective_timeout,
+            group: None,
+        }
+    }
+
+    /// A worker registering with a running job: an elastic job takes it, up to
+    /// `max_workers`, at the end of a new ring that the others are told of at once.
+    fn admit(&self, st: &mut State, request: Registration) -> Result<Assignment, Status> {
+        let config = &self.config;
+        let max = config.max_workers.unwrap_or(config.workers);
+        if !config.elastic() || st.members.len() >= max {
+            return Err(Status::resource_exhausted(format!(
+                "the job already has its {} workers",
+                st.members.len()
+            )));
+        }
+        if st.abort_reason.is_some() || st.members.iter().any(|&m| st.slots[m].outcome.is_some()) {
+            return Err(Status::failed_precondition(
+                "the job is ending and takes no more workers",
+            ));
+        }
+        if let Some(&m) = st
+            .members
+            .iter()
+            .find(|&&m| st.slots[m].info.peer_addr == request.peer_addr)
+        {
+            return Err(Status::already_exists(format!(
+                "peer address {} is already worker rank {m}",
+                request.peer_addr
+            )));
+        }
+        let rank = st.slots.len();
+        let info = WorkerInfo {
+            rank,
+            peer_addr: request.peer_addr,
+            host: request.host,
+            pid: request.pid,
+        };
+        self.emit(Event::Registered(info.clone()));
+        st.slots.push(Slot::new(info, st.generation + 1));
+        st.members.push(rank);
+        self.reform(st, Vec::new(), vec![rank]);
+        let peers = st.members.iter().map(|&m| st.slots[m].info.peer_addr.clone()).collect();
+        let writer_rank = st.members.iter().position(|&m| m == st.writer).unwrap_or(0);
+        Ok(self.assignment(rank, st.members.len() - 1, peers, st.generation, writer_rank))
+    }
+
+    /// The ring re-forms from `st.members` as the next generation: every member is told its
+    /// place, and the change is recorded.
+    fn reform(&self, st: &mut State, left: Vec<Departure>, joined: Vec<usize>) {
+        st.generation += 1;
+        if !st.members.contains(&st.writer) {
+            st.writer = st.members.first().copied().unwrap_or(0);
+        }
+        let change = MembershipChange {
+            generation: st.generation,
+            at_secs: self.started.elapsed().as_secs_f64(),
+            left,
+            joined,
+            members: st.members.clone(),
+            resumed_step: None,
+            steps_lost: None,
+        };
+        st.changes.push(change.clone());
+        for m in st.members.clone() {
+            if let Some(command) = reform_command(st, m) {
+                let slot = &mut st.slots[m];
+                if slot
+                    .commands
+                    .as_ref()
+                    .is_some_and(|tx| tx.try_send(Ok(command)).is_ok())
+                {
+                    slot.told = st.generation;
+                }
+            }
+        }
+        if let Some(m) = &self.config.metrics {
+            m.reformed(st.generation);
+        }
+        self.emit(Event::Reformed(change));
+    }
+
+    /// Bookkeeping of a beat from worker `rank`: its position, where its re-formed ring went
+    /// on, and the command that answers it.
+    fn on_beat(&self, st: &mut State, rank: usize, beat: &Beat) -> Command {
+        apply_beat(&mut st.slots[rank], beat);
+        if let Some(r) = beat.rejoined {
+            if let Some(c) = st.changes.iter_mut().find(|c| c.generation == r.generation) {
+                let first = c.resumed_step.is_none();
+                c.resumed_step = Some(r.step);
+                c.steps_lost = Some(c.steps_lost.unwrap_or(0).max(r.stepped_back));
+                if first || r.stepped_back > 0 {
+                    self.emit(Event::Resumed {
+                        generation: r.generation,
+                        step: r.step,
+                        steps_lost: c.steps_lost.unwrap_or(0),
+                    });
+                }
+            }
+        }
+        if !st.members.contains(&rank) {
+            // Dropped from an elastic job (it fell silent and came back): its ring is gone.
+            let why = st.slots[rank].lost.as_ref().map_or("", |(_, why)| why.as_str());
+            return Command::Abort(Abort {
+                reason: format!("worker rank {rank} was dropped from the job ({why}); the others went on without it"),
+            });
+        }
+        if st.slots[rank].told < st.generation {
+            if let Some(command) = reform_command(st, rank) {
+                st.slots[rank].told = st.generation;
+                return command;
+            }
+        }
+        Command::Alive
+    }
+
     fn lose(&self, rank: usize, reason: String) {
         let mut st = self.lock();
         if let Some(slot) = st.slots.get_mut(rank) {
@@ -125,6 +298,31 @@ impl Shared {
         drop(st);
         self.wake.notify_one();
     }
+}
+
+/// The current ring, as member `rank` must be told of it.
+fn reform_command(st: &State, rank: usize) -> Option<Command> {
+    let ring_rank = st.members.iter().position(|&m| m == rank)?;
+    let last = st.changes.last();
+    let reason = last.map_or_else(String::new, describe_change);
+    Some(Command::Reform(Reform {
+        generation: st.generation,
+        ring_rank,
+        peers: st.members.iter().map(|&m| st.slots[m].info.peer_addr.clone()).collect(),
+        writer_rank: st.members.iter().position(|&m| m == st.writer).unwrap_or(0),
+        reason,
+    }))
+}
+
+/// "worker rank 2 left (…); worker rank 4 joined", for messages.
+pub fn describe_change(c: &MembershipChange) -> String {
+    let mut parts: Vec<String> = c
+        .left
+        .iter()
+        .map(|d| format!("worker rank {} left ({})", d.rank, d.reason))
+        .collect();
+    parts.extend(c.joined.iter().map(|r| format!("worker rank {r} joined")));
+    parts.join("; ")
 }
 
 fn apply_beat(slot: &mut Slot, beat: &Beat) {
@@ -146,11 +344,12 @@ impl CoordinatorHandler for Handler {
         let config = &shared.config;
         let rank = {
             let mut st = shared.lock();
-            if st.slots.len() == config.workers {
-                return Err(Status::resource_exhausted(format!(
-                    "the job already has its {} workers",
-                    config.workers
-                )));
+            if st.formed {
+                // Only an elastic job takes workers once it runs.
+                let joined = shared.admit(&mut st, request);
+                drop(st);
+                shared.wake.notify_one();
+                return joined;
             }
             if let Some(s) = st.slots.iter().find(|s| s.info.peer_addr == request.peer_addr) {
                 return Err(Status::already_exists(format!(
@@ -166,16 +365,7 @@ impl CoordinatorHandler for Handler {
                 pid: request.pid,
             };
             shared.emit(Event::Registered(info.clone()));
-            st.slots.push(Slot {
-                info,
-                last_beat: Instant::now(),
-                epoch: 0,
-                step: 0,
-                checkpoint_epoch: None,
-                outcome: None,
-                lost: None,
-                commands: None,
-            });
+            st.slots.push(Slot::new(info, 0));
             if st.slots.len() == config.workers {
                 let peers: Vec<String> = st.slots.iter().map(|s| s.info.peer_addr.clone()).collect();
                 let now = Instant::now();
@@ -183,6 +373,8 @@ impl CoordinatorHandler for Handler {
                     s.last_beat = now;
                 }
                 st.formed = true;
+                st.members = (0..config.workers).collect();
+                st.writer = shared.writer;
                 shared.emit(Event::RingFormed { peers: peers.clone() });
                 if !shared.groups.is_empty() {
                     shared.emit(Event::FoldGroups {
@@ -215,22 +407,9 @@ impl CoordinatorHandler for Handler {
             // The job id is printable ASCII without spaces (validated), and so is this.
             ring_id: format!("{}.group{}", config.job_id, g.index),
         });
-        Ok(Assignment {
-            job_id: config.job_id.clone(),
-            rank,
-            peers,
-            job_toml: config.job.toml.clone(),
-            job_path: config.job.path.clone(),
-            data_path: config.job.data_path.clone(),
-            fingerprint: config.job.fingerprint(),
-            writer_rank: shared.writer,
-            out_dir: config.out_dir.clone().filter(|_| rank == shared.writer),
-            resume_from: config.resume_from.clone(),
-            checkpoint_every: config.checkpoint_every,
-            heartbeat_interval: config.heartbeat_interval,
-            collective_timeout: config.collective_timeout,
-            group,
-        })
+        let mut a = shared.assignment(rank, rank, peers, 0, shared.writer);
+        a.group = group;
+        Ok(a)
     }
 
     async fn heartbeat(&self, mut beats: InboundBeats) -> Result<CommandStream, Status> {
@@ -242,17 +421,18 @@ impl CoordinatorHandler for Handler {
             Err(_) => return Err(Status::deadline_exceeded("no first beat within the heartbeat timeout")),
         };
         let rank = first.rank;
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(16);
         {
             let mut st = shared.lock();
             shared.check_job(&first.job_id, rank, &st)?;
             let reason = st.abort_reason.clone();
-            let slot = &mut st.slots[rank];
-            apply_beat(slot, &first);
+            let answer = shared.on_beat(&mut st, rank, &first);
             if let Some(reason) = reason {
                 let _ = tx.try_send(Ok(Command::Abort(Abort { reason })));
+            } else if answer != Command::Alive {
+                let _ = tx.try_send(Ok(answer));
             }
-            slot.commands = Some(tx.clone());
+            st.slots[rank].commands = Some(tx.clone());
         }
         tokio::spawn(async move {
             loop {
@@ -267,9 +447,12 @@ impl CoordinatorHandler for Handler {
                             );
                             break;
                         }
-                        apply_beat(&mut st.slots[rank], &beat);
-                        // Best effort: a full queue already holds a sign of life.
-                        let _ = tx.try_send(Ok(Command::Alive));
+                        let answer = shared.on_beat(&mut st, rank, &beat);
+                        // Best effort: a full queue already holds a sign of life, and a
+                        // ring not told is told with the next beat.
+                        if let Err(mpsc::error::TrySendError::Full(Ok(Command::Reform(_)))) = tx.try_send(Ok(answer)) {
+                            st.slots[rank].told = st.generation.saturating_sub(1);
+                        }
                     }
                     Ok(None) => {
                         shared.lose(rank, "closed its heartbeat stream without reporting a result".into());
@@ -332,7 +515,8 @@ impl CoordinatorHandler for Handler {
                 return Err(Status::already_exists(format!("rank {} already finished", report.rank)));
             }
             if let WorkerOutcome::Failed { error, bad_input } = &report.outcome {
-                if st.reported.is_none() {
+                // A worker an elastic job went on without fails alone.
+                if st.reported.is_none() && st.members.contains(&report.rank) {
                     let slot = &st.slots[report.rank];
                     let failure = CoordinatorError::WorkerFailed {
                         rank: report.rank,
@@ -393,6 +577,7 @@ pub async fn serve(
         groups,
         writer,
         rendezvous_deadline: Instant::now() + config.rendezvous_timeout,
+        started: Instant::now(),
         config,
         state: Mutex::new(State::default()),
         ring,
@@ -492,20 +677,62 @@ fn check(shared: &Shared, now: Instant) -> Option<Result<JobOutcome>> {
             ));
         }
     }
-    let first_lost = st
-        .slots
+    // Only the ring's members matter: a worker an elastic job already went on without is
+    // no longer waited for.
+    let mut lost: Vec<(Instant, usize)> = st
+        .members
         .iter()
-        .filter_map(|s| s.lost.as_ref().map(|(at, why)| (*at, s, why)))
-        .min_by_key(|(at, s, _)| (*at, s.info.rank));
-    if let Some((_, slot, why)) = first_lost {
-        return Some(Err(CoordinatorError::WorkerLost {
-            rank: slot.info.rank,
-            worker: slot.info.to_string(),
-            epoch: slot.epoch,
-            step: slot.step,
-            reason: why.clone(),
-            checkpoint: shared.checkpoint(&st),
-        }));
+        .filter_map(|&m| st.slots[m].lost.as_ref().map(|(at, _)| (*at, m)))
+        .collect();
+    lost.sort_unstable();
+    if let Some(&(_, first)) = lost.first() {
+        let finishing = st.members.iter().any(|&m| st.slots[m].outcome.is_some());
+        if !config.elastic() || finishing {
+            let slot = &st.slots[first];
+            return Some(Err(CoordinatorError::WorkerLost {
+                rank: first,
+                worker: slot.info.to_string(),
+                epoch: slot.epoch,
+                step: slot.step,
+                reason: slot.lost.as_ref().map(|(_, why)| why.clone()).unwrap_or_default(),
+                checkpoint: shared.checkpoint(&st),
+            }));
+        }
+        let left: Vec<Departure> = lost
+            .iter()
+            .map(|&(_, m)| Departure {
+                rank: m,
+                worker: st.slots[m].info.to_string(),
+                reason: st.slots[m]
+                    .lost
+                    .as_ref()
+                    .map(|(_, why)| why.clone())
+                    .unwrap_or_default(),
+            })
+            .collect();
+        st.members.retain(|m| lost.iter().all(|&(_, l)| l != *m));
+        let min = config.min_workers.unwrap_or(config.workers);
+        if st.members.len() < min {
+            let (epoch, step) = st
+                .slots
+                .iter()
+                .map(|s| (s.epoch, s.step))
+                .max_by_key(|&(_, step)| step)
+                .unwrap_or((0, 0));
+            return Some(Err(CoordinatorError::TooFewWorkers {
+                lost: left
+                    .iter()
+                    .map(|d| format!("worker rank {} ({}) {}", d.rank, d.worker, d.reason))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                left: st.members.len(),
+                min,
+                epoch,
+                step,
+                checkpoint: shared.checkpoint(&st),
+            }));
+        }
+        shared.reform(&mut st, left, Vec::new());
     }
     if let Some((at, failure)) = &st.reported {
         if failure.is_bad_input() || now.saturating_duration_since(*at) >= config.failure_grace {
@@ -513,9 +740,9 @@ fn check(shared: &Shared, now: Instant) -> Option<Result<JobOutcome>> {
         }
         return None;
     }
-    let mut finished = Vec::with_capacity(st.slots.len());
-    for slot in &st.slots {
-        match &slot.outcome {
+    let mut finished = Vec::with_capacity(st.members.len());
+    for &m in &st.members {
+        match &st.slots[m].outcome {
             Some(WorkerOutcome::Finished {
                 params_checksum,
                 summary_json,
@@ -526,6 +753,7 @@ fn check(shared: &Shared, now: Instant) -> Option<Result<JobOutcome>> {
             _ => return None,
         }
     }
+    // Parallel k-fold jobs are never elastic: the members are every worker, by number.
     let mut groups = Vec::with_capacity(shared.groups.len());
     for plan in &shared.groups {
         let first = plan.ranks.start;
@@ -547,12 +775,12 @@ fn check(shared: &Shared, now: Instant) -> Option<Result<JobOutcome>> {
             steps: finished[first].3,
         });
     }
-    let writer = shared.writer;
+    let writer = st.members.iter().position(|&m| m == st.writer).unwrap_or(0);
     let ours = finished[writer].0;
     if groups.is_empty() {
-        if let Some((rank, theirs)) = finished.iter().enumerate().find(|(_, f)| f.0 != ours) {
+        if let Some((i, theirs)) = finished.iter().enumerate().find(|(_, f)| f.0 != ours) {
             return Some(Err(CoordinatorError::ParamsDiffer {
-                rank,
+                rank: st.members[i],
                 ours,
                 theirs: theirs.0,
             }));
@@ -567,19 +795,22 @@ fn check(shared: &Shared, now: Instant) -> Option<Result<JobOutcome>> {
         comm_secs: finished.iter().map(|f| f.2).collect(),
         steps: finished[writer].3,
         groups,
+        membership: st.changes.clone(),
     }))
 }
 
 /// Copies what the slots know into the metrics.
 fn observe(m: &crate::Metrics, shared: &Shared, st: &State) {
-    let live = st
-        .slots
-        .iter()
-        .filter(|s| s.lost.is_none() && !matches!(s.outcome, Some(WorkerOutcome::Failed { .. })))
-        .count();
+    let alive = |s: &Slot| s.lost.is_none() && !matches!(s.outcome, Some(WorkerOutcome::Failed { .. }));
+    // Once the ring formed only its members count (an elastic job goes on without some).
+    let live = if st.formed {
+        st.members.iter().filter(|&&r| alive(&st.slots[r])).count()
+    } else {
+        st.slots.iter().filter(|s| alive(s)).count()
+    };
     m.set_workers(shared.config.workers, st.slots.len(), live);
     let step = st.slots.iter().map(|s| s.step).max().unwrap_or(0);
-    let checkpoint = st.slots.get(shared.writer).and_then(|s| s.checkpoint_epoch);
+    let checkpoint = st.slots.get(st.writer).and_then(|s| s.checkpoint_epoch);
     m.set_progress(step, checkpoint);
     if st.formed {
         m.set_state(JobState::Running);

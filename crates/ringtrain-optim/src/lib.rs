@@ -178,6 +178,12 @@ impl Optimizer {
         out
     }
 
+    /// The state buffers, each as long as the parameter buffer (sent whole to a worker that
+    /// joins a running job), and the completed steps.
+    pub fn slots_mut(&mut self) -> (&mut [Vec<f32>], &mut u64) {
+        (&mut self.slots, &mut self.step)
+    }
+
     /// Restores state saved by [`Optimizer::state_tensors`] after `steps` completed steps.
     pub fn load_state(
         &mut self,

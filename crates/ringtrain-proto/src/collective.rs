@@ -109,6 +109,8 @@ pub struct DataHeader {
     pub part: u32,
     pub parts: u32,
     pub origin_rank: u32,
+    /// Membership generation of the sender's ring.
+    pub generation: u64,
 }
 
 /// One pipelined part of a chunk: header plus little-endian values.
@@ -126,6 +128,7 @@ pub struct Abort {
     pub seq: u64,
     pub origin_rank: u32,
     pub reason: String,
+    pub generation: u64,
 }
 
 /// A rank that has had no frame for a while says it is alive and whom it is
@@ -136,6 +139,7 @@ pub struct Waiting {
     pub seq: u64,
     pub rank: u32,
     pub waiting_on: u32,
+    pub generation: u64,
 }
 
 /// A validated message between ring neighbours.
@@ -157,6 +161,7 @@ impl TryFrom<wire::Frame> for Frame {
                 seq: a.seq,
                 origin_rank: a.origin_rank,
                 reason: a.reason,
+                generation: a.generation,
             })),
             Some(wire::frame::Kind::Data(d)) => DataFrame::try_from(d).map(Frame::Data),
             Some(wire::frame::Kind::Waiting(w)) => Ok(Frame::Waiting(Waiting {
@@ -164,6 +169,7 @@ impl TryFrom<wire::Frame> for Frame {
                 seq: w.seq,
                 rank: w.rank,
                 waiting_on: w.waiting_on,
+                generation: w.generation,
             })),
         }
     }
@@ -223,6 +229,7 @@ impl TryFrom<wire::DataFrame> for DataFrame {
                 part: d.part,
                 parts: d.parts,
                 origin_rank: d.origin_rank,
+                generation: d.generation,
             },
             payload: d.payload,
         })
@@ -245,6 +252,7 @@ impl From<Frame> for wire::Frame {
                 part: h.part,
                 parts: h.parts,
                 origin_rank: h.origin_rank,
+                generation: h.generation,
                 payload,
             }),
             Frame::Abort(a) => wire::frame::Kind::Abort(wire::Abort {
@@ -252,12 +260,14 @@ impl From<Frame> for wire::Frame {
                 seq: a.seq,
                 origin_rank: a.origin_rank,
                 reason: a.reason,
+                generation: a.generation,
             }),
             Frame::Waiting(w) => wire::frame::Kind::Waiting(wire::Waiting {
                 job_id: w.job_id,
                 seq: w.seq,
                 rank: w.rank,
                 waiting_on: w.waiting_on,
+                generation: w.generation,
             }),
         };
         wire::Frame { kind: Some(kind) }
@@ -283,6 +293,7 @@ mod tests {
             part: 0,
             parts: 2,
             origin_rank: 0,
+            generation: 3,
         }
     }
 
@@ -304,6 +315,7 @@ mod tests {
             seq: 4,
             rank: 1,
             waiting_on: 0,
+            generation: 1,
         });
         assert_eq!(Frame::try_from(wire::Frame::from(frame.clone())), Ok(frame));
     }
@@ -315,6 +327,7 @@ mod tests {
             seq: 3,
             origin_rank: 2,
             reason: "boom".into(),
+            generation: 2,
         });
         assert_eq!(Frame::try_from(wire::Frame::from(frame.clone())), Ok(frame));
     }

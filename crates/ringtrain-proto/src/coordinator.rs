@@ -84,13 +84,23 @@ impl From<Registration> for wire::RegisterRequest {
     }
 }
 
-/// What a worker is told once everyone has registered.
+/// What a worker is told once everyone has registered (or, joining a running elastic job,
+/// once its place in the next ring is decided).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assignment {
     pub job_id: String,
+    /// The worker's number for the whole job (heartbeats, reports, messages).
     pub rank: usize,
-    /// Collective addresses in ring order (= rank order).
+    /// Collective addresses in ring order.
     pub peers: Vec<String>,
+    /// This worker's place in `peers` (= `rank` unless the job is elastic).
+    pub ring_rank: usize,
+    /// Workers may leave and join while the job runs.
+    pub elastic: bool,
+    /// The membership `peers` belongs to (0 = the first ring).
+    pub generation: u64,
+    /// This worker joins a running job and takes the training state from the others.
+    pub joining: bool,
     pub job_toml: String,
     pub job_path: String,
     pub data_path: Option<String>,
@@ -188,11 +198,21 @@ impl TryFrom<wire::Assignment> for Assignment {
         if w.peers.iter().any(String::is_empty) {
             return Err(invalid(M, "peers", "an address is empty"));
         }
-        if w.rank as usize >= world {
+        if w.ring_rank as usize >= world {
             return Err(invalid(
                 M,
-                "rank",
-                format!("{} is not below the world size {world}", w.rank),
+                "ring_rank",
+                format!("{} is not below the world size {world}", w.ring_rank),
+            ));
+        }
+        if !w.elastic && w.ring_rank != w.rank {
+            return Err(invalid(
+                M,
+                "ring_rank",
+                format!(
+                    "{} differs from rank {} in a job that is not elastic",
+                    w.ring_rank, w.rank
+                ),
             ));
         }
         if w.writer_rank as usize >= world {
@@ -208,12 +228,16 @@ impl TryFrom<wire::Assignment> for Assignment {
         if w.collective_timeout_ms == 0 {
             return Err(invalid(M, "collective_timeout_ms", "must be positive"));
         }
-        let own_addr = &w.peers[w.rank as usize];
+        let own_addr = &w.peers[w.ring_rank as usize];
         let group = w.group.map(|g| FoldGroup::try_from_wire(g, own_addr)).transpose()?;
         Ok(Assignment {
             job_id: non_empty(M, "job_id", w.job_id)?,
             rank: w.rank as usize,
             peers: w.peers,
+            ring_rank: w.ring_rank as usize,
+            elastic: w.elastic,
+            generation: w.generation,
+            joining: w.joining,
             job_toml: non_empty(M, "job_toml", w.job_toml)?,
             job_path: non_empty(M, "job_path", w.job_path)?,
             data_path: optional(w.data_path),
@@ -235,6 +259,10 @@ impl From<Assignment> for wire::Assignment {
             job_id: a.job_id,
             rank: a.rank as u32,
             peers: a.peers,
+            ring_rank: a.ring_rank as u32,
+            elastic: a.elastic,
+            generation: a.generation,
+            joining: a.joining,
             job_toml: a.job_toml,
             job_path: a.job_path,
             data_path: a.data_path.unwrap_or_default(),
@@ -259,6 +287,18 @@ pub struct Beat {
     pub step: u64,
     /// Last epoch with a checkpoint on disk.
     pub checkpoint_epoch: Option<u64>,
+    /// Elastic training: the membership the worker trains in since it re-formed.
+    pub rejoined: Option<Rejoined>,
+}
+
+/// Where a worker of an elastic job went on after its ring re-formed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejoined {
+    pub generation: u64,
+    /// The optimizer step training went on from.
+    pub step: u64,
+    /// Steps this worker undid to be level with the others (0 or 1).
+    pub stepped_back: u64,
 }
 
 impl TryFrom<wire::Beat> for Beat {
@@ -270,6 +310,11 @@ impl TryFrom<wire::Beat> for Beat {
             epoch: w.epoch,
             step: w.step,
             checkpoint_epoch: (w.checkpoint_epoch > 0).then_some(w.checkpoint_epoch),
+            rejoined: (w.generation > 0).then_some(Rejoined {
+                generation: w.generation,
+                step: w.resumed_step,
+                stepped_back: u64::from(w.stepped_back),
+            }),
         })
     }
 }
@@ -282,6 +327,9 @@ impl From<Beat> for wire::Beat {
             epoch: b.epoch,
             step: b.step,
             checkpoint_epoch: b.checkpoint_epoch.unwrap_or(0),
+            generation: b.rejoined.map_or(0, |r| r.generation),
+            resumed_step: b.rejoined.map_or(0, |r| r.step),
+            stepped_back: b.rejoined.map_or(0, |r| r.stepped_back as u32),
         }
     }
 }
@@ -292,6 +340,20 @@ pub struct Abort {
     pub reason: String,
 }
 
+/// A new ring for the workers of an elastic job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reform {
+    pub generation: u64,
+    /// This worker's place in `peers`.
+    pub ring_rank: usize,
+    /// Every member's collective address, in ring order.
+    pub peers: Vec<String>,
+    /// The ring rank that writes the run directory.
+    pub writer_rank: usize,
+    /// What changed.
+    pub reason: String,
+}
+
 /// What the coordinator sends on a heartbeat stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -299,15 +361,42 @@ pub enum Command {
     Alive,
     /// Stop: the job failed elsewhere.
     Abort(Abort),
+    /// The membership changed: leave the step in flight and join this ring.
+    Reform(Reform),
 }
 
-impl From<wire::Command> for Command {
-    fn from(c: wire::Command) -> Command {
-        if c.alive && c.abort_reason.is_empty() {
+impl TryFrom<wire::Command> for Command {
+    type Error = ControlError;
+    fn try_from(c: wire::Command) -> Result<Command, ControlError> {
+        const M: &str = "Command.reform";
+        if let Some(r) = c.reform {
+            let world = r.peers.len();
+            if r.ring_rank as usize >= world || r.writer_rank as usize >= world {
+                return Err(invalid(
+                    M,
+                    "ring_rank",
+                    format!(
+                        "ranks {} and {} must be below the world size {world}",
+                        r.ring_rank, r.writer_rank
+                    ),
+                ));
+            }
+            if r.peers.iter().any(String::is_empty) {
+                return Err(invalid(M, "peers", "an address is empty"));
+            }
+            return Ok(Command::Reform(Reform {
+                generation: r.generation,
+                ring_rank: r.ring_rank as usize,
+                peers: r.peers,
+                writer_rank: r.writer_rank as usize,
+                reason: r.reason,
+            }));
+        }
+        Ok(if c.alive && c.abort_reason.is_empty() {
             Command::Alive
         } else {
             Command::Abort(Abort { reason: c.abort_reason })
-        }
+        })
     }
 }
 
@@ -317,10 +406,23 @@ impl From<Command> for wire::Command {
             Command::Alive => wire::Command {
                 abort_reason: String::new(),
                 alive: true,
+                reform: None,
             },
             Command::Abort(a) => wire::Command {
                 abort_reason: a.reason,
                 alive: false,
+                reform: None,
+            },
+            Command::Reform(r) => wire::Command {
+                abort_reason: String::new(),
+                alive: false,
+                reform: Some(wire::Reform {
+                    generation: r.generation,
+                    ring_rank: r.ring_rank as u32,
+                    peers: r.peers,
+                    writer_rank: r.writer_rank as u32,
+                    reason: r.reason,
+                }),
             },
         }
     }
@@ -572,7 +674,12 @@ pub struct InboundCommands {
 impl InboundCommands {
     /// Next command; `Ok(None)` when the coordinator closed the stream.
     pub async fn next(&mut self) -> Result<Option<Command>, Status> {
-        Ok(self.inner.message().await?.map(Command::from))
+        self.inner
+            .message()
+            .await?
+            .map(Command::try_from)
+            .transpose()
+            .map_err(|e| Status::invalid_argument(e.to_string()))
     }
 }
 
@@ -643,6 +750,10 @@ mod tests {
             job_id: "j".into(),
             rank: 1,
             peers: vec!["a:1".into(), "b:2".into()],
+            ring_rank: 1,
+            elastic: false,
+            generation: 0,
+            joining: false,
             job_toml: "[job]".into(),
             job_path: "/x/job.toml".into(),
             data_path: None,
@@ -661,10 +772,38 @@ mod tests {
     fn assignment_round_trips_and_ranks_are_checked() {
         let a = assignment();
         assert_eq!(Assignment::try_from(wire::Assignment::from(a.clone())).unwrap(), a);
-        let mut w = wire::Assignment::from(a);
-        w.rank = 2;
+        let mut w = wire::Assignment::from(a.clone());
+        w.ring_rank = 2;
         let e = Assignment::try_from(w).unwrap_err();
-        assert_eq!(e.field, "rank");
+        assert_eq!(e.field, "ring_rank");
+        // Without elasticity the job-wide number is the ring rank.
+        let mut w = wire::Assignment::from(a.clone());
+        w.rank = 3;
+        assert_eq!(Assignment::try_from(w).unwrap_err().field, "ring_rank");
+        // A worker that joined an elastic job keeps its number; its place in the ring differs.
+        let mut joined = a;
+        (joined.elastic, joined.rank, joined.generation, joined.joining) = (true, 4, 2, true);
+        assert_eq!(
+            Assignment::try_from(wire::Assignment::from(joined.clone())).unwrap(),
+            joined
+        );
+    }
+
+    #[test]
+    fn a_reform_round_trips_and_its_ranks_are_checked() {
+        let r = Command::Reform(Reform {
+            generation: 3,
+            ring_rank: 1,
+            peers: vec!["a:1".into(), "c:3".into()],
+            writer_rank: 0,
+            reason: "worker rank 1 left".into(),
+        });
+        assert_eq!(Command::try_from(wire::Command::from(r.clone())).unwrap(), r);
+        let mut w = wire::Command::from(r);
+        if let Some(reform) = w.reform.as_mut() {
+            reform.ring_rank = 2;
+        }
+        assert_eq!(Command::try_from(w).unwrap_err().field, "ring_rank");
     }
 
     #[test]

@@ -42,6 +42,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 pub const RANK_METADATA_KEY: &str = "x-ringtrain-rank";
 /// Metadata key carrying the job id.
 pub const JOB_METADATA_KEY: &str = "x-ringtrain-job";
+/// Metadata key carrying the ring's membership generation (decimal).
+pub const GENERATION_METADATA_KEY: &str = "x-ringtrain-generation";
 
 /// Why the next inbound frame could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -80,6 +80,31 @@ pub trait GradSync {
     /// Makes every rank's parameters equal to rank 0's.
     fn broadcast_params(&mut self, params: &mut [f32]) -> Result<(), SyncError>;
 
+    /// Elastic training: whether the membership may change while the job runs (the engine
+    /// then keeps what undoes its last step).
+    fn elastic(&self) -> bool {
+        false
+    }
+
+    /// Elastic training, after a collective failed: waits until the job has a new membership
+    /// and joins its ring (`Ok(true)`: rank and world may have changed), or finds that none
+    /// comes (`Ok(false)`: the failure stands).
+    fn reform(&mut self) -> Result<bool, SyncError> {
+        Ok(false)
+    }
+
+    /// This rank joins a job that is already running: it takes the training state from the
+    /// others instead of starting from the initialisation.
+    fn joining(&self) -> bool {
+        false
+    }
+
+    /// Whether this rank writes the run directory it was given (with a changing membership
+    /// the writer can change).
+    fn writes(&self) -> bool {
+        true
+    }
+
     /// Called once when the job is done, with the final parameters (of the last fold), so a
     /// distributed sync can check that every rank ends with the same bits.
     fn finish(&mut self, _params: &[f32]) -> Result<(), SyncError> {
@@ -170,13 +195,73 @@ pub struct EpochReport {
 /// What the observer is told while a job runs.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Progress {
-    /// A batch finished: `done` of `total` batches in this epoch.
+    /// An optimizer step finished: `done` of `total` batches in this epoch, `step` steps
+    /// in all.
     Batch {
         epoch: usize,
         done: usize,
         total: usize,
+        step: u64,
     },
     Epoch(EpochReport),
+    /// The ring re-formed with `world` ranks (elastic training) and this rank goes on as
+    /// `rank` from optimizer step `step` of `epoch`; `stepped_back` is how many steps it
+    /// undid to be level with the others (0 or 1).
+    Rejoined {
+        rank: usize,
+        world: usize,
+        epoch: usize,
+        step: u64,
+        stepped_back: u64,
+    },
+}
+
+/// Where training is within an epoch: the optimizer steps of it already taken and this
+/// rank's running sums. Kept outside the step loop, so that after a change of membership the
+/// epoch goes on from here.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct EpochCursor {
+    /// The epoch being trained (from 1).
+    pub epoch: usize,
+    /// Optimizer steps of this epoch already taken.
+    pub group: usize,
+    /// This rank's loss sum, correct predictions, examples and predictions so far.
+    sums: [f64; 4],
+    grad_norm: Option<f64>,
+}
+
+impl EpochCursor {
+    /// The start of `epoch`.
+    pub fn at(epoch: usize) -> EpochCursor {
+        EpochCursor {
+            epoch,
+            ..EpochCursor::default()
+        }
+    }
+}
+
+/// The batches of one optimizer step on this rank: for each batch, the rows this rank
+/// computes and how many of them count (0 for the stand-in example of a rank that a batch
+/// smaller than the world leaves without one); and the rows of the whole step on all ranks.
+struct StepPlan {
+    shares: Vec<(Vec<usize>, usize)>,
+    global_rows: usize,
+}
+
+/// How this rank undoes its last step forward when a peer failed to take it (elastic
+/// training): ranks can be one step apart when a ring breaks, since a rank finishes a
+/// collective as soon as it has its own result.
+#[derive(Debug)]
+enum Undo {
+    /// An optimizer step: the state before it.
+    Step {
+        cursor: EpochCursor,
+        params: Vec<f32>,
+        optimizer: Optimizer,
+        step: u64,
+    },
+    /// The end of an epoch (totals, evaluation, report): the cursor before it.
+    EpochEnd { cursor: EpochCursor },
 }
 
 /// Result of one model trained and tested (the whole run, or one fold).
@@ -296,6 +381,11 @@ pub struct Trainer {
     /// Embedding tables whose gradient may travel as the rows a step touched, and when.
     sparse: Vec<usize>,
     sparse_mode: SparseEmbeddings,
+    /// Elastic training: keep what undoes the last step ([`Trainer::rejoin`]).
+    elastic: bool,
+    undo: Option<Undo>,
+    /// False for a rank that joined a running job until it received the state.
+    has_state: bool,
 }
 
 /// A step's gradient cut into buckets for the all-reduce: whole parameters in the order
@@ -616,17 +706,13 @@ impl Trainer {
             buckets: None,
             sparse,
             sparse_mode: job.distributed.sparse_embeddings,
+            elastic: false,
+            undo: None,
+            has_state: true,
         }
     }
 
-    /// One epoch over `indices`, shuffled with the epoch's seeded permutation and sharded
-    /// across ranks: rank r takes positions r, r + W, r + 2W, ... of the permutation, in local
-    /// batches of `batch_size / W`, so global batch k is the same set of examples whatever the
-    /// world size (the last, partial batch is padded by repeating examples, like PyTorch's
-    /// `DistributedSampler`). With gradient accumulation every optimizer step takes
-    /// `accumulate_steps` consecutive batches, their gradients weighted by example counts and
-    /// synchronised once. Returns (mean train loss, train accuracy if classification, last
-    /// gradient norm), all averaged over ranks.
+    /// One epoch over `indices`; see [`Trainer::train_from`].
     pub fn train_epoch(
         &mut self,
         task: &Task,
@@ -636,18 +722,43 @@ impl Trainer {
         sync: &mut dyn GradSync,
         observe: &mut dyn FnMut(Progress),
     ) -> Result<(f64, Option<f64>, Option<f64>)> {
+        let mut cursor = EpochCursor::at(epoch);
+        self.train_from(task, examples, indices, &mut cursor, sync, observe)?;
+        self.epoch_totals(task, &cursor, sync)
+    }
+
+    /// The optimizer steps of `cursor.epoch` from `cursor.group` on, over `indices` shuffled
+    /// with the epoch's seeded permutation. Global batch k is positions k·B .. (k+1)·B of the
+    /// permutation (B = `batch_size`), whatever the world size; rank r of W takes the
+    /// batch's positions r, r + W, r + 2W, ..., so shares differ by one example at most and
+    /// the last batch is simply smaller. Each rank's mean gradient is weighted by its share
+    /// of the batch (W·n_r / B), so the averaged gradient is exactly the mean over the global
+    /// batch; a rank left without an example (a batch smaller than W) computes one with
+    /// weight zero. With gradient accumulation every optimizer step takes `accumulate_steps`
+    /// consecutive batches, weighted the same way and synchronised once. `cursor` advances
+    /// with every step, so a run interrupted by a change of membership goes on from it.
+    pub fn train_from(
+        &mut self,
+        task: &Task,
+        examples: &dyn Examples,
+        indices: &[usize],
+        cursor: &mut EpochCursor,
+        sync: &mut dyn GradSync,
+        observe: &mut dyn FnMut(Progress),
+    ) -> Result<()> {
+        let epoch = cursor.epoch;
         let (rank, world) = (sync.rank(), sync.world().max(1));
-        if self.batch_size % world != 0 {
-            return Err(TrainError::Job {
-                field: "training.batch_size",
-                reason: format!(
-                    "the global batch {} must divide evenly by the {world} workers",
-                    self.batch_size
-                ),
-            });
-        }
-        let local_batch = self.batch_size / world;
-        let batches: Vec<Vec<usize>> = if self.tbptt {
+        let mut groups: Vec<StepPlan> = Vec::new();
+        if self.tbptt {
+            if self.batch_size % world != 0 {
+                return Err(TrainError::Job {
+                    field: "training.batch_size",
+                    reason: format!(
+                        "with truncated BPTT the {} streams must divide evenly by the {world} workers",
+                        self.batch_size
+                    ),
+                });
+            }
             // Windows in text order, one stream per batch row; the same number of steps on
             // every rank.
             let mut windows = indices.to_vec();
@@ -659,24 +770,53 @@ impl Trainer {
                     reason: format!("{} training windows are too few for {world} workers", windows.len()),
                 });
             }
-            stream_batches(part, local_batch)
+            for group in stream_batches(part, self.batch_size / world).chunks(self.accumulate) {
+                let rows: usize = group.iter().map(Vec::len).sum();
+                groups.push(StepPlan {
+                    shares: group.iter().map(|b| (b.clone(), b.len())).collect(),
+                    global_rows: rows * world,
+                });
+            }
         } else {
-            shard_indices(indices, rank, world, epoch as u64, self.seed, Remainder::Pad)?
-                .chunks(local_batch)
-                .map(<[usize]>::to_vec)
-                .collect()
-        };
-        let total = batches.len();
-        // `targets` counts predictions (examples, or tokens for a language model) for accuracy.
-        let (mut loss_sum, mut correct, mut seen, mut targets_seen) = (0.0f64, 0usize, 0usize, 0usize);
-        let mut grad_norm = None;
+            let order = shard_indices(indices, 0, 1, epoch as u64, self.seed, Remainder::Pad)?;
+            let batches: Vec<&[usize]> = order.chunks(self.batch_size.max(1)).collect();
+            for group in batches.chunks(self.accumulate) {
+                let shares = group
+                    .iter()
+                    .map(|b| {
+                        let mine: Vec<usize> = b.iter().skip(rank).step_by(world).copied().collect();
+                        match mine.len() {
+                            0 => (vec![b[rank % b.len()]], 0),
+                            n => (mine, n),
+                        }
+                    })
+                    .collect();
+                groups.push(StepPlan {
+                    shares,
+                    global_rows: group.iter().map(|b| b.len()).sum(),
+                });
+            }
+        }
+        let total: usize = groups.iter().map(|g| g.shares.len()).sum();
+        let [mut loss_sum, mut correct, mut seen, mut targets_seen] = cursor.sums;
         // The recurrent state the previous batch ended with (truncated BPTT; reset per epoch).
         let mut carried: Option<Vec<ringtrain_tensor::Tensor>> = None;
-        let mut done = 0;
-        for group in batches.chunks(self.accumulate) {
+        let mut done: usize = groups[..cursor.group.min(groups.len())]
+            .iter()
+            .map(|g| g.shares.len())
+            .sum();
+        for StepPlan {
+            shares: group,
+            global_rows: group_rows,
+        } in groups.iter().skip(cursor.group)
+        {
             let lr = self.schedule.lr_at(self.step);
-            let group_rows: usize = group.iter().map(Vec::len).sum();
-            for (m, chunk) in group.iter().enumerate() {
+            for (m, (chunk, real)) in group.iter().enumerate() {
+                // This batch's weight in the step: its rows' share of the global rows, times W
+                // because the all-reduce divides by W. Exactly 1 when one batch splits evenly.
+                let weight = (real * world) as f32 / *group_rows as f32;
+                let share = (group.len() > 1).then_some(weight);
+                let loss_scale = (group.len() == 1 && weight != 1.0).then_some(weight);
                 let batch = examples.batch(chunk)?;
                 let targets = task.loss_targets(&batch.targets)?;
                 let loss_value = {
@@ -690,15 +830,20 @@ impl Trainer {
                     );
                     let x = g.input(batch.x);
                     let out = self.forward(&mut g, x, &mut carried, chunk.len())?;
-                    correct += count_correct(&task.target, g.value(out), &batch.targets)?;
-                    if let Targets::Classes(c) = &batch.targets {
-                        targets_seen += c.len();
+                    if *real > 0 {
+                        correct += count_correct(&task.target, g.value(out), &batch.targets)? as f64;
+                        if let Targets::Classes(c) = &batch.targets {
+                            targets_seen += c.len() as f64;
+                        }
                     }
                     let loss = self.loss.compute(&mut g, out, &targets)?;
                     let value = g.value(loss).item().map_err(ringtrain_autograd::AutogradError::from)?;
-                    // One batch: its mean gradient as it is. Several: the mean over all
-                    // their examples, each batch's mean weighted by its share.
-                    let share = (group.len() > 1).then(|| chunk.len() as f32 / group_rows as f32);
+                    // One batch: its mean gradient, scaled when the shares are uneven. Several:
+                    // the weighted sum of their means.
+                    let loss = match loss_scale {
+                        Some(w) => g.scale(loss, w),
+                        None => loss,
+                    };
                     if m + 1 == group.len() && world > 1 {
                         // The step's gradient leaves in buckets as backward completes them;
                         // embedding tables as the rows the batch read, after backward.
@@ -762,8 +907,8 @@ impl Trainer {
                         value: loss_value,
                     });
                 }
-                loss_sum += f64::from(loss_value) * chunk.len() as f64;
-                seen += chunk.len();
+                loss_sum += f64::from(loss_value) * *real as f64;
+                seen += *real as f64;
             }
             if world == 1 {
                 sync.all_reduce_mean(&mut self.grad)
@@ -773,21 +918,49 @@ impl Trainer {
                     })?;
             }
             if let Some(max) = self.clip {
-                grad_norm = Some(f64::from(clip_grad_norm(&mut self.grad, max)));
+                cursor.grad_norm = Some(f64::from(clip_grad_norm(&mut self.grad, max)));
+            }
+            if self.elastic {
+                // Every collective of this step is done; a peer may still fail it, and then
+                // this rank must be able to step back.
+                self.undo = Some(Undo::Step {
+                    cursor: cursor.clone(),
+                    params: self.store.flat().to_vec(),
+                    optimizer: self.optimizer.clone(),
+                    step: self.step,
+                });
             }
             self.optimizer.step(self.store.flat_mut(), &self.grad, lr)?;
             self.step += 1;
+            cursor.group += 1;
+            cursor.sums = [loss_sum, correct, seen, targets_seen];
             done += group.len();
-            observe(Progress::Batch { epoch, done, total });
+            observe(Progress::Batch {
+                epoch,
+                done,
+                total,
+                step: self.step,
+            });
         }
-        let mut sums = [loss_sum, correct as f64, seen as f64, targets_seen as f64];
+        Ok(())
+    }
+
+    /// The epoch's mean train loss, train accuracy (classification) and last gradient norm,
+    /// over every rank's examples.
+    pub fn epoch_totals(
+        &mut self,
+        task: &Task,
+        cursor: &EpochCursor,
+        sync: &mut dyn GradSync,
+    ) -> Result<(f64, Option<f64>, Option<f64>)> {
+        let mut sums = cursor.sums;
         sync.all_reduce_sum_f64(&mut sums).map_err(|source| TrainError::Sync {
             step: self.step,
             source,
         })?;
         let [loss_sum, correct, seen, targets_seen] = sums;
         let acc = (task.target.n_classes() > 0).then(|| correct / targets_seen.max(1.0));
-        Ok((loss_sum / seen.max(1.0), acc, grad_norm))
+        Ok((loss_sum / seen.max(1.0), acc, cursor.grad_norm))
     }
 
     /// Loss and metrics of the current parameters on `indices` (inference mode, no tape).
@@ -895,6 +1068,133 @@ impl Trainer {
         Ok(out)
     }
 
+    /// After the ring re-formed (elastic training): levels every rank with the last step all
+    /// of them completed (a rank one step ahead undoes it), then, when ranks joined, gives
+    /// them rank 0's parameters, optimizer state and position. Ranks are never more than one
+    /// step apart: none can finish a step's collectives before every rank has started them.
+    pub fn rejoin(
+        &mut self,
+        cursor: &mut EpochCursor,
+        sync: &mut dyn GradSync,
+        observe: &mut dyn FnMut(Progress),
+    ) -> Result<()> {
+        let (rank, world) = (sync.rank(), sync.world().max(1));
+        let joining = !self.has_state;
+        let step = self.step;
+        let failed = |reason: String| TrainError::Sync {
+            step,
+            source: SyncError(reason),
+        };
+        let synced = |source| TrainError::Sync { step, source };
+        // Each rank's progress in ticks: optimizer steps plus finished epochs (an epoch's end
+        // is a collective too); -1 for a rank that has no state yet.
+        let tick = |step: u64, c: &EpochCursor| (step + c.epoch as u64 - 1) as f64;
+        let mut ticks = vec![0.0f64; world];
+        ticks[rank] = if joining { -1.0 } else { tick(self.step, cursor) };
+        sync.all_reduce_sum_f64(&mut ticks).map_err(synced)?;
+        let level = ticks
+            .iter()
+            .copied()
+            .filter(|t| *t >= 0.0)
+            .fold(f64::INFINITY, f64::min);
+        if !level.is_finite() {
+            return Err(failed("no rank of the new ring has the training state".into()));
+        }
+        let mut stepped_back = 0;
+        if !joining {
+            let mine = ticks[rank];
+            if mine == level + 1.0 {
+                match self.undo.take() {
+                    Some(Undo::Step {
+                        cursor: before,
+                        params,
+                        optimizer,
+                        step,
+                    }) => {
+                        self.store.flat_mut().copy_from_slice(&params);
+                        self.optimizer = optimizer;
+                        self.step = step;
+                        *cursor = before;
+                    }
+                    Some(Undo::EpochEnd { cursor: before }) => *cursor = before,
+                    None => return Err(failed(format!("rank {rank} is one step ahead and cannot undo it"))),
+                }
+                stepped_back = 1;
+            } else if mine != level {
+                return Err(failed(format!(
+                    "rank {rank} is at tick {mine} and another rank at {level}: more than one step apart"
+                )));
+            }
+        }
+        self.undo = None;
+        // Rank 0 (a rank that was there before) says where training is: the others check it,
+        // joining ranks take it.
+        let mut at = [0.0f64; 3];
+        if rank == 0 {
+            at = [cursor.epoch as f64, cursor.group as f64, self.step as f64];
+        }
+        sync.all_reduce_sum_f64(&mut at).map_err(synced)?;
+        let (epoch, group, step) = (at[0] as usize, at[1] as usize, at[2] as u64);
+        if joining {
+            *cursor = EpochCursor {
+                epoch,
+                group,
+                ..EpochCursor::default()
+            };
+            self.step = step;
+        } else if (cursor.epoch, cursor.group, self.step) != (epoch, group, step) {
+            return Err(failed(format!(
+                "rank {rank} is at epoch {} step {} and rank 0 at epoch {epoch} step {step}",
+                cursor.epoch, self.step
+            )));
+        }
+        if ticks.iter().any(|t| *t < 0.0) {
+            // One broadcast: the parameters, then each optimizer slot.
+            let n = self.store.num_elements();
+            let (slots, steps) = self.optimizer.slots_mut();
+            let mut state = Vec::with_capacity(n * (1 + slots.len()));
+            state.extend_from_slice(self.store.flat());
+            for slot in slots.iter() {
+                state.extend_from_slice(slot);
+            }
+            sync.broadcast_params(&mut state).map_err(synced)?;
+            self.store.flat_mut().copy_from_slice(&state[..n]);
+            for (i, slot) in slots.iter_mut().enumerate() {
+                slot.copy_from_slice(&state[n * (i + 1)..n * (i + 2)]);
+            }
+            *steps = step;
+        }
+        self.has_state = true;
+        observe(Progress::Rejoined {
+            rank,
+            world,
+            epoch,
+            step,
+            stepped_back,
+        });
+        Ok(())
+    }
+
+    /// [`Trainer::rejoin`], again in the next ring when the membership changes meanwhile.
+    pub fn rejoin_until_level(
+        &mut self,
+        cursor: &mut EpochCursor,
+        sync: &mut dyn GradSync,
+        observe: &mut dyn FnMut(Progress),
+    ) -> Result<()> {
+        loop {
+            match self.rejoin(cursor, sync, observe) {
+                Err(e @ TrainError::Sync { .. }) => {
+                    let step = self.step;
+                    if !sync.reform().map_err(|source| TrainError::Sync { step, source })? {
+                        return Err(e);
+                    }
+                }
+                done => return done,
+            }
+        }
+    }
+
     pub fn learning_rate(&self) -> f32 {
         self.schedule.lr_at(self.step)
     }
@@ -936,16 +1236,17 @@ impl Trainer {
     }
 
     /// Restores a checkpoint written by [`Trainer::save_checkpoint`]; returns the completed
-    /// epoch. Refuses a checkpoint of another model or world size.
-    pub fn load_checkpoint(&mut self, path: &Path, world: usize) -> Result<usize> {
+    /// epoch. Refuses a checkpoint of another model or seed. The world size may differ: a
+    /// global batch is the same examples whatever the number of ranks.
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<usize> {
         let manifest = read_checkpoint_manifest(path)?;
         let fingerprint = format!("{:016x}", self.store.layout_fingerprint());
-        if manifest.layout_fingerprint != fingerprint || manifest.world != world || manifest.seed != self.seed {
+        if manifest.layout_fingerprint != fingerprint || manifest.seed != self.seed {
             return Err(TrainError::io(
                 path,
                 format!(
-                    "checkpoint is for model {} / world {} / seed {}, this run is model {fingerprint} / world {world} / seed {}",
-                    manifest.layout_fingerprint, manifest.world, manifest.seed, self.seed
+                    "checkpoint is for model {} / seed {}, this run is model {fingerprint} / seed {}",
+                    manifest.layout_fingerprint, manifest.seed, self.seed
                 ),
             ));
         }
@@ -1099,7 +1400,7 @@ pub fn run_job_opts(
                 .collect()
         }
     };
-    if let Some(dir) = out {
+    if let Some(dir) = out.filter(|_| sync.writes()) {
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, format!("cannot create run directory: {e}")))?;
         write_atomic(&dir.join("job.toml"), job_text.as_bytes())?;
     }
@@ -1111,6 +1412,8 @@ pub fn run_job_opts(
         });
     }
     let mut folds = Vec::new();
+    // The parameters every rank must end with the same bits of are the last fold's.
+    let last_fold_index = splits.last().map(|(fold, ..)| *fold);
     let mut last: Option<(Trainer, Arc<dyn Examples>)> = None;
     let mut last_test_rows = Vec::new();
     for (fold, train, test_rows, provided) in splits {
@@ -1130,61 +1433,113 @@ pub fn run_job_opts(
             });
         }
         let mut trainer = Trainer::new(job, model, task.loss, train.len());
-        sync.broadcast_params(trainer.store.flat_mut())
-            .map_err(|source| TrainError::Sync { step: 0, source })?;
+        trainer.elastic = sync.elastic();
+        let joining = sync.joining();
         let mut train_loss = f64::NAN;
         let mut first_epoch = 1;
-        if let Some(ckpt) = opts.resume_from {
-            let done = trainer.load_checkpoint(ckpt, sync.world())?;
-            first_epoch = done + 1;
-            if let Some(dir) = out {
-                // Keep the metrics of the epochs before the checkpoint.
-                let old = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
-                for line in old.lines().take(done) {
-                    metrics_lines.push_str(line);
-                    metrics_lines.push('\n');
-                    // A checkpoint of the last epoch leaves nothing to train: the summary's
-                    // train loss is then the last recorded one.
-                    if let Ok(r) = serde_json::from_str::<EpochReport>(line) {
-                        train_loss = r.train_loss;
+        if !joining {
+            sync.broadcast_params(trainer.store.flat_mut())
+                .map_err(|source| TrainError::Sync { step: 0, source })?;
+            if let Some(ckpt) = opts.resume_from {
+                let done = trainer.load_checkpoint(ckpt)?;
+                first_epoch = done + 1;
+                if let Some(dir) = out {
+                    // Keep the metrics of the epochs before the checkpoint.
+                    let old = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
+                    for line in old.lines().take(done) {
+                        metrics_lines.push_str(line);
+                        metrics_lines.push('\n');
+                        // A checkpoint of the last epoch leaves nothing to train: the summary's
+                        // train loss is then the last recorded one.
+                        if let Ok(r) = serde_json::from_str::<EpochReport>(line) {
+                            train_loss = r.train_loss;
+                        }
                     }
                 }
             }
         }
-        for epoch in first_epoch..=job.training.epochs {
-            let lr = trainer.learning_rate();
-            let started = Instant::now();
-            let (loss, acc, grad_norm) = trainer.train_epoch(&task, examples.as_ref(), &train, epoch, sync, observe)?;
+        let mut cursor = EpochCursor::at(first_epoch);
+        if joining {
+            trainer.has_state = false;
+            trainer.rejoin_until_level(&mut cursor, sync, observe)?;
+        }
+        // Epochs whose report went out: after stepping back over an epoch's end, it is
+        // evaluated again but reported once.
+        let mut reported = cursor.epoch - 1;
+        let mut started = Instant::now();
+        let last_fold = last_fold_index == Some(fold);
+        let test = loop {
+            if cursor.group == 0 {
+                started = Instant::now();
+            }
+            let epoch = cursor.epoch;
+            let attempt = (|| -> Result<(f64, Option<f64>, Option<f64>, EvalMetrics)> {
+                if epoch > job.training.epochs {
+                    let test = trainer.evaluate(&task, test_set.as_ref(), &test_rows, sync)?;
+                    if last_fold {
+                        sync.finish(trainer.store.flat()).map_err(|source| TrainError::Sync {
+                            step: trainer.step,
+                            source,
+                        })?;
+                    }
+                    return Ok((f64::NAN, None, None, test));
+                }
+                trainer.train_from(&task, examples.as_ref(), &train, &mut cursor, sync, observe)?;
+                let (loss, acc, grad_norm) = trainer.epoch_totals(&task, &cursor, sync)?;
+                let test = trainer.evaluate(&task, test_set.as_ref(), &test_rows, sync)?;
+                Ok((loss, acc, grad_norm, test))
+            })();
+            let (loss, acc, grad_norm, test) = match attempt {
+                Ok(done) => done,
+                Err(e @ TrainError::Sync { .. }) => {
+                    let step = trainer.step;
+                    if sync.reform().map_err(|source| TrainError::Sync { step, source })? {
+                        trainer.rejoin_until_level(&mut cursor, sync, observe)?;
+                        continue;
+                    }
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            };
+            if epoch > job.training.epochs {
+                break test;
+            }
             let secs = started.elapsed().as_secs_f64();
             train_loss = loss;
-            let test = trainer.evaluate(&task, test_set.as_ref(), &test_rows, sync)?;
-            let report = EpochReport {
-                fold,
-                epoch,
-                lr: f64::from(lr),
-                train_loss: loss,
-                train_accuracy: acc,
-                test_loss: test.loss,
-                test_accuracy: test.accuracy,
-                test_rmse: test.rmse,
-                test_perplexity: test.perplexity,
-                examples_per_sec: train.len() as f64 / secs.max(1e-9),
-                grad_norm,
-            };
-            metrics_lines.push_str(&serde_json::to_string(&report).map_err(|e| TrainError::io("metrics.jsonl", e))?);
-            metrics_lines.push('\n');
-            observe(Progress::Epoch(report));
-            if let Some(dir) = out {
-                write_atomic(&dir.join("metrics.jsonl"), metrics_lines.as_bytes())?;
-                let due = opts
-                    .checkpoint_every
-                    .is_some_and(|k| epoch % k.max(1) == 0 || epoch == job.training.epochs);
-                if due && fold.is_none() {
-                    trainer.save_checkpoint(&dir.join("checkpoint.safetensors"), epoch, sync.world())?;
+            if epoch > reported {
+                reported = epoch;
+                let report = EpochReport {
+                    fold,
+                    epoch,
+                    lr: f64::from(trainer.schedule.lr_at(trainer.step - cursor.group as u64)),
+                    train_loss: loss,
+                    train_accuracy: acc,
+                    test_loss: test.loss,
+                    test_accuracy: test.accuracy,
+                    test_rmse: test.rmse,
+                    test_perplexity: test.perplexity,
+                    examples_per_sec: train.len() as f64 / secs.max(1e-9),
+                    grad_norm,
+                };
+                metrics_lines
+                    .push_str(&serde_json::to_string(&report).map_err(|e| TrainError::io("metrics.jsonl", e))?);
+                metrics_lines.push('\n');
+                observe(Progress::Epoch(report));
+                if let Some(dir) = out.filter(|_| sync.writes()) {
+                    write_atomic(&dir.join("metrics.jsonl"), metrics_lines.as_bytes())?;
+                    let due = opts
+                        .checkpoint_every
+                        .is_some_and(|k| epoch % k.max(1) == 0 || epoch == job.training.epochs);
+                    if due && fold.is_none() {
+                        trainer.save_checkpoint(&dir.join("checkpoint.safetensors"), epoch, sync.world())?;
+                    }
                 }
             }
-        }
-        let test = trainer.evaluate(&task, test_set.as_ref(), &test_rows, sync)?;
+            if trainer.elastic {
+                trainer.undo = Some(Undo::EpochEnd { cursor: cursor.clone() });
+            }
+            cursor = EpochCursor::at(epoch + 1);
+        };
         folds.push(FoldReport {
             fold,
             train_examples: train.len(),
@@ -1198,10 +1553,6 @@ pub fn run_job_opts(
     let (trainer, examples) = last.ok_or(TrainError::Job {
         field: "evaluation",
         reason: "no split to train on".into(),
-    })?;
-    sync.finish(trainer.store.flat()).map_err(|source| TrainError::Sync {
-        step: trainer.step,
-        source,
     })?;
     let kfold_stats = if folds.len() > 1 {
         let per_fold: Vec<BTreeMap<String, f64>> = folds.iter().map(|f| f.test.scalars()).collect();
@@ -1248,7 +1599,7 @@ pub fn run_job_opts(
         folds,
         kfold: kfold_stats,
     };
-    if let Some(dir) = out {
+    if let Some(dir) = out.filter(|_| sync.writes()) {
         write_atomic(&dir.join("metrics.jsonl"), metrics_lines.as_bytes())?;
         let json = serde_json::to_string_pretty(&summary).map_err(|e| TrainError::io("summary.json", e))?;
         write_atomic(&dir.join("summary.json"), json.as_bytes())?;

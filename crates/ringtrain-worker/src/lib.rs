@@ -17,9 +17,11 @@
 //! reads, no process exit: the binary does those.
 
 mod error;
+mod membership;
 mod sync;
 mod worker;
 
 pub use error::{Result, WorkerError};
-pub use sync::{param_checksum, RingSync, SyncStats};
+pub use membership::Membership;
+pub use sync::{param_checksum, Elastic, RingSync, SyncStats};
 pub use worker::{run_worker, WorkerEvent, WorkerOptions, WorkerReport};

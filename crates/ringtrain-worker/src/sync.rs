@@ -1,12 +1,13 @@
 //! [`RingSync`]: the engine's gradient synchronisation over the gRPC ring.
 
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ringtrain_collective::{from_bf16, to_bf16, CancelToken, Communicator, GrpcConfig, ReduceOp};
 use ringtrain_train::{BucketedBackward, GradSync, SyncError};
 
 use crate::error::{Result, WorkerError};
+use crate::membership::Membership;
 
 /// Time and traffic spent in collectives, shared with whoever reports it (heartbeats,
 /// epoch reports) while training runs.
@@ -33,7 +34,10 @@ pub struct SyncStats {
 /// this rank (bounded by the ring's receive timeout).
 #[derive(Debug)]
 pub struct RingSync {
-    comm: Communicator,
+    /// The ring in use (`None` only between two rings of an elastic job).
+    comm: Option<Communicator>,
+    rank: usize,
+    world: usize,
     stats: Arc<Mutex<SyncStats>>,
     checksum: Option<u64>,
     /// bf16 compression: per gradient bucket, what rounding took from this rank's
@@ -41,6 +45,27 @@ pub struct RingSync {
     residual: Option<Vec<Vec<f32>>>,
     /// Reduce buckets on a communication thread while backward runs.
     overlap: bool,
+    /// Elastic training: how to move to the next ring.
+    elastic: Option<Elastic>,
+}
+
+/// What moving an elastic job's worker from ring to ring takes.
+#[derive(Debug)]
+pub struct Elastic {
+    /// Where the heartbeat task puts the coordinator's new rings.
+    pub membership: Arc<Membership>,
+    /// The current ring's settings (rank, peers and generation change with each ring).
+    pub config: GrpcConfig,
+    /// The collective listener, served by every ring in turn.
+    pub listener: std::net::TcpListener,
+    pub io_threads: usize,
+    /// How long a rank whose collective failed waits for the coordinator's new ring: a
+    /// lost peer is declared lost within the heartbeat timeout.
+    pub wait: Duration,
+    /// The ring rank that writes the run directory.
+    pub writer: usize,
+    /// This worker joins a running job.
+    pub joining: bool,
 }
 
 impl RingSync {
@@ -55,19 +80,66 @@ impl RingSync {
         io_threads: usize,
         stop: CancelToken,
     ) -> Result<RingSync> {
-        let mut comm = Communicator::connect(config, listener, io_threads).map_err(|source| WorkerError::Ring {
-            rank: config.rank,
-            world: config.peers.len(),
-            source: Box::new(source),
+        let comm = Communicator::connect_cancellable(config, listener, io_threads, stop).map_err(|source| {
+            WorkerError::Ring {
+                rank: config.rank,
+                world: config.peers.len(),
+                source: Box::new(source),
+            }
         })?;
-        comm.set_cancel_token(stop);
         Ok(RingSync {
-            comm,
+            rank: comm.rank(),
+            world: comm.world(),
+            comm: Some(comm),
             stats: Arc::default(),
             checksum: None,
             residual: None,
             overlap: true,
+            elastic: None,
         })
+    }
+
+    /// Joins the first ring of an elastic job (`elastic.config`), or, when the membership
+    /// changes again before that ring is up, the newest one.
+    pub fn connect_elastic(mut elastic: Elastic) -> Result<RingSync> {
+        let listener = |e: &Elastic| {
+            e.listener.try_clone().map_err(|err| WorkerError::Setup {
+                reason: format!("cannot use the collective listener: {err}"),
+            })
+        };
+        let mut token = elastic.membership.current();
+        loop {
+            let config = &elastic.config;
+            match Communicator::connect_cancellable(config, listener(&elastic)?, elastic.io_threads, token) {
+                Ok(comm) => {
+                    elastic
+                        .membership
+                        .joined(config.generation, elastic.writer == config.rank);
+                    return Ok(RingSync {
+                        rank: comm.rank(),
+                        world: comm.world(),
+                        comm: Some(comm),
+                        stats: Arc::default(),
+                        checksum: None,
+                        residual: None,
+                        overlap: true,
+                        elastic: Some(elastic),
+                    });
+                }
+                Err(source) => {
+                    let failed = WorkerError::Ring {
+                        rank: config.rank,
+                        world: config.peers.len(),
+                        source: Box::new(source),
+                    };
+                    let Some((next, fresh)) = elastic.membership.next_after(config.generation, Duration::ZERO) else {
+                        return Err(failed);
+                    };
+                    elastic.enter(next);
+                    token = fresh;
+                }
+            }
+        }
     }
 
     /// Sends gradient buckets as bfloat16 (half the bytes) with error feedback: each rank
@@ -97,13 +169,19 @@ impl RingSync {
         self.checksum
     }
 
+    fn comm(&mut self) -> Result<&mut Communicator, SyncError> {
+        self.comm
+            .as_mut()
+            .ok_or_else(|| SyncError(format!("rank {}: no ring (re-forming it failed)", self.rank)))
+    }
+
     fn timed<T>(
         &mut self,
         grad_bytes: Option<u64>,
         f: impl FnOnce(&mut Communicator) -> ringtrain_collective::Result<T>,
     ) -> Result<T, SyncError> {
         let started = Instant::now();
-        let out = f(&mut self.comm).map_err(|e| SyncError(e.to_string()));
+        let out = f(self.comm()?).map_err(|e| SyncError(e.to_string()));
         let secs = started.elapsed().as_secs_f64();
         if let Ok(mut s) = self.stats.lock() {
             if let Some(bytes) = grad_bytes {
@@ -121,7 +199,7 @@ impl RingSync {
 
     /// What a ring all-reduce of `bytes` makes this rank send: 2(N-1)/N of it.
     fn ring_share(&self, bytes: u64) -> u64 {
-        let n = self.comm.world() as u64;
+        let n = self.world as u64;
         2 * (n - 1) * bytes / n.max(1)
     }
 
@@ -166,11 +244,64 @@ fn reduce_bucket(
 
 impl GradSync for RingSync {
     fn rank(&self) -> usize {
-        self.comm.rank()
+        self.rank
     }
 
     fn world(&self) -> usize {
-        self.comm.world()
+        self.world
+    }
+
+    fn elastic(&self) -> bool {
+        self.elastic.is_some()
+    }
+
+    fn joining(&self) -> bool {
+        self.elastic.as_ref().is_some_and(|e| e.joining)
+    }
+
+    fn writes(&self) -> bool {
+        self.elastic.as_ref().is_none_or(|e| e.writer == self.rank)
+    }
+
+    /// Waits for the coordinator's next ring, leaves the current one and joins it. A ring
+    /// that cannot be joined because the membership changed again meanwhile gives way to the
+    /// newest.
+    fn reform(&mut self) -> Result<bool, SyncError> {
+        let Some(elastic) = self.elastic.as_mut() else {
+            return Ok(false);
+        };
+        let mut wait = elastic.wait;
+        let mut failed = None;
+        loop {
+            let Some((next, token)) = elastic.membership.next_after(elastic.config.generation, wait) else {
+                return failed.map_or(Ok(false), Err);
+            };
+            // Leave the old ring first: its server must let go of the listener.
+            self.comm = None;
+            elastic.enter(next);
+            let listener = elastic
+                .listener
+                .try_clone()
+                .map_err(|e| SyncError(format!("cannot use the collective listener: {e}")))?;
+            match Communicator::connect_cancellable(&elastic.config, listener, elastic.io_threads, token) {
+                Ok(comm) => {
+                    (self.rank, self.world) = (comm.rank(), comm.world());
+                    self.comm = Some(comm);
+                    elastic
+                        .membership
+                        .joined(elastic.config.generation, elastic.writer == self.rank);
+                    return Ok(true);
+                }
+                Err(e) => {
+                    failed = Some(SyncError(format!(
+                        "rank {} could not join ring generation {}: {e}",
+                        elastic.config.rank, elastic.config.generation
+                    )));
+                    // Only a newer ring can help now.
+                    wait = Duration::ZERO;
+                }
+            }
+        }
     }
 
     /// Always in f32: the engine sends its buckets through [`GradSync::reduce_buckets`], and
@@ -186,7 +317,11 @@ impl GradSync for RingSync {
     /// backward computes the rest; without, the same reductions run after backward. Each
     /// bucket is its own all-reduce either way, so the bits are the same.
     fn reduce_buckets(&mut self, backward: &mut BucketedBackward<'_>) -> Result<Vec<Vec<f32>>, SyncError> {
-        let (comm, residual) = (&mut self.comm, &mut self.residual);
+        let comm = self
+            .comm
+            .as_mut()
+            .ok_or_else(|| SyncError(format!("rank {}: no ring (re-forming it failed)", self.rank)))?;
+        let residual = &mut self.residual;
         let reduce_all = |comm: &mut Communicator,
                           residual: &mut Option<Vec<Vec<f32>>>,
                           buckets: &mut dyn Iterator<Item = Vec<f32>>| {
@@ -240,10 +375,10 @@ impl GradSync for RingSync {
 
     /// The ring all-gather: each rank forwards every buffer but its right neighbour's.
     fn all_gather_f32(&mut self, values: &[f32], lens: &[usize], layout: u64) -> Result<Vec<Vec<f32>>, SyncError> {
-        let (rank, world) = (self.comm.rank(), self.comm.world());
+        let (rank, world) = (self.rank, self.world);
         let started = Instant::now();
         let out = self
-            .comm
+            .comm()?
             .all_gather_f32(values, lens, layout)
             .map_err(|e| SyncError(e.to_string()));
         let secs = started.elapsed().as_secs_f64();
@@ -262,7 +397,7 @@ impl GradSync for RingSync {
     /// All-gathers the values and adds them in rank order, so every rank computes the same
     /// floating-point sum.
     fn all_reduce_sum_f64(&mut self, values: &mut [f64]) -> Result<(), SyncError> {
-        let rank = self.comm.rank();
+        let rank = self.rank;
         let gathered = self.timed(None, |c| c.all_gather_f64(values))?;
         for (r, v) in gathered.iter().enumerate() {
             if v.len() != values.len() {
@@ -290,7 +425,7 @@ impl GradSync for RingSync {
 
     /// Gathers every rank's [`param_checksum`] and fails unless all are equal.
     fn finish(&mut self, params: &[f32]) -> Result<(), SyncError> {
-        let rank = self.comm.rank();
+        let rank = self.rank;
         let mine = param_checksum(params);
         // Two exact 32-bit halves: every u32 is representable as an f64.
         let halves = [(mine >> 32) as f64, (mine & 0xffff_ffff) as f64];
@@ -308,6 +443,17 @@ impl GradSync for RingSync {
         }
         self.checksum = Some(mine);
         Ok(())
+    }
+}
+
+impl Elastic {
+    /// Takes the settings of ring `next` (the job's collective id stays).
+    fn enter(&mut self, next: ringtrain_proto::coordinator::Reform) {
+        self.config.rank = next.ring_rank;
+        self.config.peers = next.peers;
+        self.config.generation = next.generation;
+        self.writer = next.writer_rank;
+        self.joining = false;
     }
 }
 

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ringtrain_collective::{CancelToken, GrpcConfig};
+use ringtrain_collective::GrpcConfig;
 use ringtrain_config::{Compression, Job};
 use ringtrain_proto::coordinator::{
     Assignment, Beat, Command, CoordinatorClient, EpochUpdate, FinishReport, Registration, WorkerOutcome,
@@ -16,7 +16,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 
 use crate::error::{Result, WorkerError};
-use crate::sync::{RingSync, SyncStats};
+use crate::membership::Membership;
+use crate::sync::{Elastic, RingSync, SyncStats};
 
 /// Deadline of every unary call to the coordinator (registration waits longer).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -248,7 +249,7 @@ pub fn run_worker(opts: WorkerOptions, observe: &mut dyn FnMut(WorkerEvent)) -> 
     let world = a.group.as_ref().map_or(a.peers.len(), |g| g.peers.len());
     let group = a.group.as_ref().map(|g| g.index);
     observe(WorkerEvent::Assigned {
-        rank,
+        rank: a.group.as_ref().map_or(a.ring_rank, |g| g.rank),
         world,
         job_id: a.job_id.clone(),
         group,
@@ -257,18 +258,18 @@ pub fn run_worker(opts: WorkerOptions, observe: &mut dyn FnMut(WorkerEvent)) -> 
     // Heartbeats start at once: the coordinator watches us from the rendezvous on.
     let position = Arc::new(Mutex::new(Position::default()));
     let nudge = Arc::new(Notify::new());
-    let abort = CancelToken::default();
+    let membership = Arc::new(Membership::default());
     let (lost_tx, lost) = watch::channel(false);
     let beats = start_heartbeats(
         &mut control,
         (&a, opts.coordinator_timeout),
         position.clone(),
         nudge.clone(),
-        abort.clone(),
+        membership.clone(),
         lost_tx,
     )?;
 
-    let result = train(&control, &a, &opts, (position, nudge), (&abort, &lost), observe);
+    let result = train(&control, &a, &opts, (position, nudge), (&membership, &lost), observe);
     let outcome = match &result {
         Ok(t) => WorkerOutcome::Finished {
             params_checksum: t.checksum,
@@ -307,22 +308,24 @@ pub fn run_worker(opts: WorkerOptions, observe: &mut dyn FnMut(WorkerEvent)) -> 
 }
 
 /// Streams beats from a task, every interval and whenever `nudge` is notified (an epoch
-/// ended, a checkpoint landed); an abort command (or losing the coordinator) trips `abort`,
-/// and losing the coordinator also sets `lost`. The coordinator answers beats with signs of
-/// life; `silent` without one means it is gone, even when no reset arrives (its host was cut
-/// off the network).
+/// ended, a checkpoint landed, the ring re-formed); an abort command (or losing the
+/// coordinator) stops `membership`, and losing the coordinator also sets `lost`; a new ring
+/// is announced to `membership`. The coordinator answers beats with signs of life; `silent`
+/// without one means it is gone, even when no reset arrives (its host was cut off the
+/// network).
 fn start_heartbeats(
     control: &mut Control,
     (a, silent): (&Assignment, Duration),
     position: Arc<Mutex<Position>>,
     nudge: Arc<Notify>,
-    abort: CancelToken,
+    membership: Arc<Membership>,
     lost: watch::Sender<bool>,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let (tx, rx) = mpsc::channel::<Beat>(4);
     let (job_id, rank, every) = (a.job_id.clone(), a.rank, a.heartbeat_interval);
     // Signs of life answer beats: a timeout shorter than a few intervals would misfire.
     let silent = silent.max(every * 4);
+    let beat_membership = membership.clone();
     let ticker = control.runtime.spawn(async move {
         let mut interval = tokio::time::interval(every);
         loop {
@@ -337,6 +340,7 @@ fn start_heartbeats(
                 epoch: p.epoch,
                 step: p.step,
                 checkpoint_epoch: p.checkpoint_epoch,
+                rejoined: beat_membership.rejoined(),
             };
             if tx.send(beat).await.is_err() {
                 break;
@@ -350,8 +354,9 @@ fn start_heartbeats(
         let why = loop {
             match tokio::time::timeout(silent, commands.next()).await {
                 Ok(Ok(Some(Command::Alive))) => {}
+                Ok(Ok(Some(Command::Reform(r)))) => membership.announce(r),
                 Ok(Ok(Some(Command::Abort(a)))) => {
-                    abort.cancel(format!("the coordinator stopped the job: {}", a.reason));
+                    membership.stop(&format!("the coordinator stopped the job: {}", a.reason));
                     return;
                 }
                 Ok(Ok(None)) => break format!("the coordinator at {addr} closed the heartbeat stream"),
@@ -364,7 +369,7 @@ fn start_heartbeats(
             }
         };
         lost.send_replace(true);
-        abort.cancel(why);
+        membership.stop(&why);
     });
     Ok(control.runtime.spawn(async move {
         // Dropping either ends the stream: cancel both together.
@@ -395,7 +400,7 @@ fn train(
     a: &Assignment,
     opts: &WorkerOptions,
     (position, nudge): (Arc<Mutex<Position>>, Arc<Notify>),
-    (abort, lost): (&CancelToken, &watch::Receiver<bool>),
+    (membership, lost): (&Arc<Membership>, &watch::Receiver<bool>),
     observe: &mut dyn FnMut(WorkerEvent),
 ) -> Result<Trained> {
     let rank = a.rank;
@@ -419,14 +424,29 @@ fn train(
     // A parallel k-fold group trains in a ring of its own, under its own collective job id.
     let mut config = match &a.group {
         Some(g) => GrpcConfig::new(g.rank, g.peers.clone(), g.ring_id.clone(), opts.token.clone()),
-        None => GrpcConfig::new(rank, a.peers.clone(), a.job_id.clone(), opts.token.clone()),
+        None => GrpcConfig::new(a.ring_rank, a.peers.clone(), a.job_id.clone(), opts.token.clone()),
     };
     config.timeout = a.collective_timeout;
     config.connect_timeout = opts.connect_timeout.max(Duration::from_secs(5));
+    config.generation = a.generation;
     let listener = opts.listener.try_clone().map_err(|e| WorkerError::Setup {
         reason: format!("cannot use the collective listener: {e}"),
     })?;
-    let mut sync = RingSync::connect(&config, listener, opts.io_threads, abort.clone())?;
+    let mut sync = if a.elastic {
+        RingSync::connect_elastic(Elastic {
+            membership: membership.clone(),
+            config,
+            listener,
+            io_threads: opts.io_threads,
+            // The coordinator declares a silent peer lost after its heartbeat timeout
+            // (mirrored here); a broken connection it sees at once.
+            wait: opts.coordinator_timeout + a.heartbeat_interval * 4 + a.collective_timeout,
+            writer: a.writer_rank,
+            joining: a.joining,
+        })?
+    } else {
+        RingSync::connect(&config, listener, opts.io_threads, membership.current())?
+    };
     if job.distributed.compression == Compression::Bf16 {
         sync = sync.with_bf16_compression();
     }
@@ -460,9 +480,20 @@ fn train(
     let mut on_progress = |p: Progress| {
         if let Ok(mut pos) = position.lock() {
             match &p {
-                Progress::Batch { epoch, .. } => {
+                Progress::Rejoined {
+                    epoch,
+                    step,
+                    stepped_back,
+                    ..
+                } => {
                     pos.epoch = *epoch as u64;
-                    pos.step += 1;
+                    pos.step = *step;
+                    membership.set_rejoined(*step, *stepped_back);
+                    nudge.notify_one();
+                }
+                Progress::Batch { epoch, step, .. } => {
+                    pos.epoch = *epoch as u64;
+                    pos.step = *step;
                     if let Some(e) = pos.pending_checkpoint.take() {
                         pos.checkpoint_epoch = Some(e);
                         nudge.notify_one();
@@ -486,6 +517,7 @@ fn train(
                 metrics_jsonl.push('\n');
             }
         }
+        let writer = if a.elastic { membership.writer() } else { writer };
         if let (true, Progress::Epoch(r)) = (writer, &p) {
             let (comm, bytes) = stats
                 .lock()

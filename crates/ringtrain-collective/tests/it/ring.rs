@@ -17,6 +17,7 @@ fn rings(n: usize, part_bytes: usize, timeout: Duration) -> Vec<Ring<MemoryTrans
                 t,
                 RingOptions {
                     job_id: "test".into(),
+                    generation: 0,
                     part_bytes,
                     timeout,
                 },
@@ -384,32 +385,61 @@ fn chunking_handles_fewer_elements_than_ranks() {
     }
 }
 
+/// Rank 0's barrier frame of collective `seq` in ring `generation`.
+fn barrier_frame(seq: u64, generation: u64) -> ringtrain_proto::collective::Frame {
+    use ringtrain_proto::collective::{CollectiveOp, DataFrame, DataHeader, Frame};
+    Frame::Data(DataFrame {
+        header: DataHeader {
+            job_id: RingOptions::default().job_id,
+            seq,
+            op: CollectiveOp::Barrier,
+            bucket_id: 0,
+            layout_fingerprint: 0,
+            bucket_len: 0,
+            sender_rank: 0,
+            world_size: 2,
+            step: 0,
+            part: 0,
+            parts: 1,
+            origin_rank: 0,
+            generation,
+        },
+        payload: bytes::Bytes::new(),
+    })
+}
+
+#[test]
+fn a_frame_of_an_older_ring_is_refused() {
+    let mut transports = MemoryTransport::ring(2);
+    let opts = RingOptions {
+        generation: 2,
+        ..RingOptions::default()
+    };
+    let mut ring = Ring::new(transports.pop().expect("rank 1"), opts);
+    let mut rank0 = transports.pop().expect("rank 0");
+    rank0.send(barrier_frame(0, 1)).expect("send");
+    let err = run(Duration::from_secs(5), ring.barrier()).expect_err("generation differs");
+    assert!(
+        matches!(
+            err,
+            Error::Mismatch {
+                field: "generation",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("the membership changed"), "{err}");
+}
+
 #[test]
 fn a_frame_from_another_step_is_a_seq_mismatch() {
-    use ringtrain_proto::collective::{CollectiveOp, DataFrame, DataHeader, Frame};
+    use ringtrain_proto::collective::Frame;
     let mut transports = MemoryTransport::ring(2);
     let mut ring = Ring::new(transports.pop().expect("rank 1"), RingOptions::default());
     let mut rank0 = transports.pop().expect("rank 0");
     // Rank 0 is one collective ahead: it sends seq 1 while rank 1 is at seq 0.
-    rank0
-        .send(Frame::Data(DataFrame {
-            header: DataHeader {
-                job_id: RingOptions::default().job_id,
-                seq: 1,
-                op: CollectiveOp::Barrier,
-                bucket_id: 0,
-                layout_fingerprint: 0,
-                bucket_len: 0,
-                sender_rank: 0,
-                world_size: 2,
-                step: 0,
-                part: 0,
-                parts: 1,
-                origin_rank: 0,
-            },
-            payload: bytes::Bytes::new(),
-        }))
-        .expect("send");
+    rank0.send(barrier_frame(1, 0)).expect("send");
     let err = run(Duration::from_secs(5), ring.barrier()).expect_err("seq differs");
     assert!(
         matches!(

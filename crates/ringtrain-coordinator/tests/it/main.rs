@@ -5,9 +5,10 @@
 
 use std::time::Duration;
 
-use ringtrain_coordinator::{serve, CoordinatorConfig, CoordinatorError, JobOutcome, JobSpec};
+use ringtrain_coordinator::{serve, CoordinatorConfig, CoordinatorError, Event, JobOutcome, JobSpec};
 use ringtrain_proto::coordinator::{
-    Assignment, Beat, CoordinatorClient, FinishReport, InboundCommands, Registration, WorkerOutcome,
+    Assignment, Beat, Command, CoordinatorClient, FinishReport, InboundCommands, Reform, Registration, Rejoined,
+    WorkerOutcome,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -51,7 +52,7 @@ struct Fake {
     client: CoordinatorClient,
     a: Assignment,
     beats: mpsc::Sender<Beat>,
-    _commands: InboundCommands,
+    commands: InboundCommands,
 }
 
 impl Fake {
@@ -62,8 +63,28 @@ impl Fake {
             epoch,
             step,
             checkpoint_epoch,
+            rejoined: None,
         };
         self.beats.send(beat).await.unwrap();
+    }
+
+    /// The next command that is not a sign of life (within 5 s).
+    async fn command(&mut self) -> Command {
+        loop {
+            let next = tokio::time::timeout(Duration::from_secs(5), self.commands.next()).await;
+            match next.expect("a command within 5 s").expect("a healthy stream") {
+                Some(Command::Alive) => {}
+                Some(c) => return c,
+                None => panic!("the coordinator closed the stream"),
+            }
+        }
+    }
+
+    async fn reform(&mut self) -> Reform {
+        match self.command().await {
+            Command::Reform(r) => r,
+            other => panic!("expected a new ring, got {other:?}"),
+        }
     }
 
     async fn finish(&mut self, outcome: WorkerOutcome) {
@@ -99,26 +120,160 @@ async fn join(addrs: &str, n: usize) -> Vec<Fake> {
         .collect();
     let mut fakes = Vec::new();
     for r in registrations {
-        let (mut c, a) = r.await.unwrap();
-        let (tx, rx) = mpsc::channel(16);
-        tx.send(Beat {
-            job_id: a.job_id.clone(),
-            rank: a.rank,
-            epoch: 0,
-            step: 0,
-            checkpoint_epoch: None,
+        let (c, a) = r.await.unwrap();
+        fakes.push(beating(c, a).await);
+    }
+    fakes
+}
+
+/// A registered worker starts its heartbeat stream.
+async fn beating(mut c: CoordinatorClient, a: Assignment) -> Fake {
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(Beat {
+        job_id: a.job_id.clone(),
+        rank: a.rank,
+        epoch: 0,
+        step: 0,
+        checkpoint_epoch: None,
+        rejoined: None,
+    })
+    .await
+    .unwrap();
+    let commands = c.heartbeat(ReceiverStream::new(rx)).await.unwrap();
+    Fake {
+        client: c,
+        a,
+        beats: tx,
+        commands,
+    }
+}
+
+fn elastic_config(workers: usize, min: usize, max: usize) -> CoordinatorConfig {
+    let mut c = config(workers);
+    c.min_workers = Some(min);
+    c.max_workers = Some(max);
+    // Broken streams are seen at once; silence is not what these tests are about.
+    c.heartbeat_timeout = Duration::from_secs(5);
+    c
+}
+
+#[tokio::test]
+async fn an_elastic_job_goes_on_without_a_lost_worker_and_takes_in_a_new_one() {
+    let mut config = elastic_config(3, 2, 3);
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    config.events = Some(events_tx);
+    let (addr, job) = start(config).await;
+    let mut fakes = join(&addr, 3).await;
+    assert!(fakes
+        .iter()
+        .all(|f| f.a.elastic && f.a.generation == 0 && f.a.out_dir.is_some()));
+    // Worker rank 1 dies: the two left are told their places in generation 1.
+    drop(fakes.remove(1));
+    for (i, f) in fakes.iter_mut().enumerate() {
+        let r = f.reform().await;
+        assert_eq!((r.generation, r.ring_rank, r.writer_rank), (1, i, 0));
+        assert_eq!(r.peers, ["127.0.0.1:9000", "127.0.0.1:9002"]);
+        assert!(r.reason.contains("worker rank 1 left"), "{}", r.reason);
+    }
+    // A newcomer takes the free place at the end of generation 2 at once.
+    let mut c = client(&addr, TOKEN).await;
+    let a = c
+        .register(Registration {
+            peer_addr: "127.0.0.1:9005".into(),
+            host: "h".into(),
+            pid: 200,
+            remote: None,
         })
         .await
         .unwrap();
-        let commands = c.heartbeat(ReceiverStream::new(rx)).await.unwrap();
-        fakes.push(Fake {
-            client: c,
-            a,
-            beats: tx,
-            _commands: commands,
-        });
+    assert_eq!((a.rank, a.ring_rank, a.generation, a.joining), (3, 2, 2, true));
+    assert_eq!(a.peers, ["127.0.0.1:9000", "127.0.0.1:9002", "127.0.0.1:9005"]);
+    for f in &mut fakes {
+        let r = f.reform().await;
+        assert_eq!(r.generation, 2);
+        assert!(r.reason.contains("worker rank 3 joined"), "{}", r.reason);
     }
-    fakes
+    fakes.push(beating(c, a).await);
+    // A fourth would exceed max_workers.
+    let mut extra = client(&addr, TOKEN).await;
+    let refused = extra
+        .register(Registration {
+            peer_addr: "127.0.0.1:9006".into(),
+            host: "h".into(),
+            pid: 201,
+            remote: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("already has its 3 workers"), "{refused}");
+    // Where generation 2 went on, as the workers' beats say.
+    for f in &fakes {
+        let beat = Beat {
+            job_id: f.a.job_id.clone(),
+            rank: f.a.rank,
+            epoch: 2,
+            step: 17,
+            checkpoint_epoch: None,
+            rejoined: Some(Rejoined {
+                generation: 2,
+                step: 17,
+                stepped_back: u64::from(f.a.rank == 2),
+            }),
+        };
+        f.beats.send(beat).await.unwrap();
+    }
+    // The coordinator has read them once it says a step was lost.
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+        if let Ok(Some(Event::Resumed {
+            steps_lost: 1, step, ..
+        })) = event
+        {
+            assert_eq!(step, 17);
+            break;
+        }
+        assert!(event.is_ok(), "no Resumed event within 5 s");
+    }
+    for f in &mut fakes {
+        f.finish(finished(7)).await;
+    }
+    let outcome = job.await.unwrap().unwrap();
+    assert_eq!(outcome.params_checksum, 7);
+    assert_eq!(outcome.comm_secs.len(), 3);
+    let changes = &outcome.membership;
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert_eq!((changes[0].left.len(), changes[0].left[0].rank), (1, 1));
+    assert_eq!(changes[0].members, [0, 2]);
+    assert_eq!(
+        (changes[1].joined.as_slice(), changes[1].members.as_slice()),
+        (&[3][..], &[0, 2, 3][..])
+    );
+    assert_eq!((changes[1].resumed_step, changes[1].steps_lost), (Some(17), Some(1)));
+}
+
+#[tokio::test]
+async fn below_min_workers_an_elastic_job_stops_naming_who_was_lost() {
+    let (addr, job) = start(elastic_config(3, 2, 3)).await;
+    let mut fakes = join(&addr, 3).await;
+    drop(fakes.remove(2));
+    let _ = fakes[0].reform().await;
+    drop(fakes.remove(1));
+    let err = job.await.unwrap().unwrap_err();
+    let text = err.to_string();
+    assert!(
+        matches!(err, CoordinatorError::TooFewWorkers { left: 1, min: 2, .. }),
+        "{text}"
+    );
+    assert!(text.contains("worker rank 1 (pid 101"), "{text}");
+    assert!(
+        text.contains("last checkpoint") || text.contains("no checkpoint yet"),
+        "{text}"
+    );
+    // The one left is told to stop.
+    match fakes[0].command().await {
+        Command::Abort(a) => assert!(a.reason.contains("min_workers"), "{}", a.reason),
+        other => panic!("expected an abort, got {other:?}"),
+    }
 }
 
 fn finished(checksum: u64) -> WorkerOutcome {

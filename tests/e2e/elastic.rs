@@ -1,0 +1,272 @@
+//! Elastic training through the real binary: workers lost (killed, hung) while the others
+//! carry on, replacements that join the running job, too few workers left, and a
+//! checkpoint resumed at another world size. Every wait has a deadline.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crate::cluster::{iris_job, lenet_job, mnist_subset, s, start};
+use crate::util::{read_json, Proc};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// The pid of worker `rank` from launch's "worker rank R joined (pid P ..." line.
+fn pid_of(launch: &Proc, rank: usize, deadline: Instant) -> u32 {
+    let prefix = format!("worker rank {rank} joined (pid ");
+    let line = launch.line(deadline, |l| l.starts_with(&prefix));
+    line[prefix.len()..]
+        .split(' ')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"))
+}
+
+fn signal(sig: &str, pid: u32) {
+    let sent = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill {sig} {pid}");
+}
+
+fn accuracy(dir: &Path) -> f64 {
+    read_json(&dir.join("summary.json"))["test_accuracy"]
+        .as_f64()
+        .expect("accuracy")
+}
+
+fn train_losses(dir: &Path) -> Vec<f64> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).expect("json")["train_loss"]
+                .as_f64()
+                .expect("loss")
+        })
+        .collect()
+}
+
+/// LeNet on an MNIST subset with 4 workers: one is killed early in epoch 2, the other three
+/// go on within 5 s, `--max-restarts 1` starts a replacement a second later that joins (back
+/// to 4), and the job ends bitwise identical on every rank with the accuracy of an
+/// uninterrupted run.
+#[test]
+fn a_killed_worker_leaves_three_that_carry_on_and_its_replacement_joins_back() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let Some(data) = mnist_subset(tmp.path(), 3840, 1000) else {
+        return;
+    };
+    let job = lenet_job(tmp.path(), "lenet", &[]);
+    let (whole, elastic) = (tmp.path().join("whole"), tmp.path().join("elastic"));
+    let base = |out: &Path| {
+        let args = ["launch", "--workers", "4", s(&job), "--data", s(&data), "--out", s(out)];
+        args.map(str::to_owned).to_vec()
+    };
+    let mut uninterrupted = start(&base(&whole).iter().map(String::as_str).collect::<Vec<_>>(), "unused");
+    let (status, _, _) = uninterrupted.finish(5 * MINUTE);
+    assert!(status.success(), "{}", uninterrupted.describe());
+
+    let mut args = base(&elastic);
+    args.extend(["--min-workers", "3", "--max-restarts", "1"].map(str::to_owned));
+    let mut launch = start(&args.iter().map(String::as_str).collect::<Vec<_>>(), "unused");
+    let deadline = Instant::now() + 2 * MINUTE;
+    let pid = pid_of(&launch, 2, deadline);
+    launch.line(deadline, |l| l.starts_with("epoch    1/8"));
+    signal("-9", pid);
+    let killed = Instant::now();
+    let reformed = launch.line(killed + Duration::from_secs(5), |l| {
+        l.starts_with("ring re-formed as generation 1 with 3 workers")
+    });
+    assert!(reformed.contains("worker rank 2 left"), "{reformed}");
+    let resumed = launch.line(deadline, |l| l.starts_with("generation 1 went on from step"));
+    assert!(resumed.contains("step(s) of work lost"), "{resumed}");
+    let back = launch.line(deadline, |l| {
+        l.starts_with("ring re-formed as generation 2 with 4 workers")
+    });
+    assert!(back.contains("worker rank 4 joined"), "{back}");
+    let (status, out, _) = launch.finish(3 * MINUTE);
+    assert!(status.success(), "{}", launch.describe());
+    assert!(out.contains("4 workers,") && out.contains("bitwise identical"), "{out}");
+
+    let cluster = read_json(&elastic.join("cluster.json"));
+    let changes = cluster["membership"].as_array().expect("membership");
+    assert_eq!(changes.len(), 2, "{cluster}");
+    assert_eq!(changes[0]["left"][0]["rank"], 2, "{cluster}");
+    assert!(changes[0]["steps_lost"].as_u64().is_some_and(|l| l <= 1), "{cluster}");
+    assert!(
+        changes[0]["resumed_step"].as_u64().is_some_and(|s| s >= 60),
+        "{cluster}"
+    );
+    assert_eq!(changes[1]["joined"], serde_json::json!([4]), "{cluster}");
+    let (a, b) = (accuracy(&whole), accuracy(&elastic));
+    assert!((a - b).abs() <= 0.005, "uninterrupted {a} vs elastic {b}");
+    assert_eq!(train_losses(&elastic).len(), 8, "one metrics line per epoch");
+}
+
+/// A hung worker (SIGSTOP) is dropped after the heartbeat timeout and the others go on;
+/// resumed (SIGCONT), it is told it was dropped and stops, without touching the new ring.
+#[test]
+fn a_hung_worker_is_dropped_and_refused_when_it_wakes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = iris_job(
+        tmp.path(),
+        "long",
+        &[
+            ("epochs = 100", "epochs = 2500"),
+            ("batch_size = 16", "batch_size = 15"),
+        ],
+    );
+    let out = tmp.path().join("run");
+    let args = [
+        "launch",
+        "--workers",
+        "3",
+        "--min-workers",
+        "2",
+        s(&job),
+        "--out",
+        s(&out),
+        "--heartbeat-timeout-ms",
+        "1500",
+    ];
+    let mut launch = start(&args, "unused");
+    let deadline = Instant::now() + MINUTE;
+    let pid = pid_of(&launch, 1, deadline);
+    launch.line(deadline, |l| l.starts_with("epoch "));
+    signal("-STOP", pid);
+    let stopped = Instant::now();
+    let reformed = launch.line(stopped + Duration::from_secs(10), |l| {
+        l.starts_with("ring re-formed as generation 1 with 2 workers")
+    });
+    assert!(reformed.contains("worker rank 1 left (no heartbeat"), "{reformed}");
+    signal("-CONT", pid);
+    let (status, printed, _) = launch.finish(2 * MINUTE);
+    assert!(status.success(), "{}", launch.describe());
+    assert!(
+        printed.contains("2 workers,") && printed.contains("bitwise identical"),
+        "{printed}"
+    );
+    // It stopped by itself once awake, told by the coordinator, not killed at the end.
+    let note = printed
+        .lines()
+        .find(|l| l.starts_with(&format!("worker pid {pid} left the job early (exit status: 1)")))
+        .unwrap_or_else(|| panic!("no note on pid {pid}: {printed}"));
+    // Told it was dropped, or finding its own silence first (its timers ran out while it was
+    // stopped): either way it leaves without a frame into the new ring.
+    assert!(
+        note.contains("was dropped from the job") || note.contains("no sign of life"),
+        "{note}"
+    );
+    let cluster = read_json(&out.join("cluster.json"));
+    assert_eq!(cluster["membership"].as_array().map(Vec::len), Some(1), "{cluster}");
+}
+
+/// Two workers that both must stay (min 2): losing one stops the job with exit code 1, the
+/// lost rank named, and the checkpoint to resume from.
+#[test]
+fn below_min_workers_the_job_stops_with_a_checkpoint_naming_the_lost() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = iris_job(
+        tmp.path(),
+        "long",
+        &[
+            ("epochs = 100", "epochs = 2500"),
+            ("batch_size = 16", "batch_size = 15"),
+        ],
+    );
+    let out = tmp.path().join("run");
+    let args = [
+        "launch",
+        "--workers",
+        "2",
+        "--min-workers",
+        "2",
+        "--max-workers",
+        "3",
+        s(&job),
+        "--out",
+        s(&out),
+        "--checkpoint-every",
+        "1",
+    ];
+    let mut launch = start(&args, "unused");
+    let deadline = Instant::now() + MINUTE;
+    let pid = pid_of(&launch, 1, deadline);
+    while !out.join("checkpoint.safetensors").is_file() {
+        assert!(Instant::now() < deadline, "no checkpoint\n{}", launch.describe());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    signal("-9", pid);
+    let (status, _, err) = launch.finish(Duration::from_secs(20));
+    assert_eq!(status.code(), Some(1), "{}", launch.describe());
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line: {err}"));
+    assert!(line.contains(&format!("worker rank 1 (pid {pid}")), "{line}");
+    assert!(
+        line.contains("1 workers left, fewer than the 2 needed (min_workers)"),
+        "{line}"
+    );
+    assert!(line.contains("checkpoint.safetensors (epoch "), "{line}");
+}
+
+/// A checkpoint written by 4 workers resumed by 2 and by 3: training goes on from the
+/// checkpointed step, and the loss curve goes on like the 4-worker run's (same global batch).
+#[test]
+fn a_four_worker_checkpoint_resumes_with_two_and_with_three() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let Some(data) = mnist_subset(tmp.path(), 1920, 600) else {
+        return;
+    };
+    // A constant rate, so that stopping after 2 of 4 epochs changes nothing but the stop.
+    let edits = |epochs: &'static str| {
+        [
+            ("epochs = 8", epochs),
+            ("schedule = \"cosine\"\nmin_lr = 0.0001", "schedule = \"constant\""),
+        ]
+    };
+    let four = lenet_job(tmp.path(), "four", &edits("epochs = 4"));
+    let two = lenet_job(tmp.path(), "two", &edits("epochs = 2"));
+    let launch = |job: &Path, workers: &str, out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "launch",
+            "--workers",
+            workers,
+            s(job),
+            "--data",
+            s(&data),
+            "--out",
+            s(out),
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--checkpoint-every", "1", "--quiet"]);
+        let mut p = start(&args, "unused");
+        let (status, out, _) = p.finish(3 * MINUTE);
+        assert!(status.success(), "{}", p.describe());
+        out
+    };
+    let reference = tmp.path().join("reference");
+    launch(&four, "4", &reference, &[]);
+    let expected = train_losses(&reference);
+    for workers in ["2", "3"] {
+        let dir = tmp.path().join(format!("resumed-{workers}"));
+        launch(&two, "4", &dir, &[]);
+        let out = launch(&four, workers, &dir, &["--resume"]);
+        assert!(out.contains(&format!("{workers} workers,")), "{out}");
+        let losses = train_losses(&dir);
+        assert_eq!(losses.len(), 4, "{losses:?}");
+        for (e, (got, want)) in losses.iter().zip(&expected).enumerate() {
+            let rel = (got - want).abs() / want.abs();
+            assert!(rel < 1e-3, "{workers} workers, epoch {}: {got} vs {want}", e + 1);
+        }
+        let cluster = read_json(&dir.join("cluster.json"));
+        assert_eq!(
+            cluster["steps"],
+            read_json(&reference.join("cluster.json"))["steps"],
+            "{cluster}"
+        );
+    }
+}
