@@ -179,15 +179,15 @@ fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
     let (job, text) = load_job(&args.job, args.data.as_deref())?;
     let parallel_folds =
         (job.evaluation.parallel_folds && job.evaluation.scheme == EvalScheme::Kfold).then_some(job.evaluation.folds);
-    if let Some(k) = parallel_folds {
-        // Each group is a ring of its own: the batch splits over the group, not the job.
+    if let Some(k) = parallel_folds.filter(|_| job.training.tbptt) {
+        // Each group is a ring of its own: the streams split over the group, not the job.
         let groups = fold_groups(args.workers, k);
         let size = args.workers / groups.len().max(1);
         if job.training.batch_size % size != 0 {
             return Err(crate::bad_input(format!(
                 "{}: training.batch_size {} must divide evenly by the group size {size} \
                  (evaluation.parallel_folds: {} workers form {} groups of {size} for {k} folds; \
-                 each worker of a group takes batch / group size)",
+                 truncated BPTT gives each worker of a group batch / group size streams)",
                 args.job.display(),
                 job.training.batch_size,
                 args.workers,

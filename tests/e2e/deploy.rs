@@ -390,15 +390,16 @@ fn manifests_pass_the_kubernetes_schemas_and_match_the_binary() {
     assert!(o.status.success(), "{}", describe(&args, &o));
 
     // The exit code the podFailurePolicy relies on: a job that cannot run is 2, at once
-    // (batch_size 16 does not divide by 3 workers).
-    let workers = 3;
+    // (more workers needed to go on than there are).
     let never = tmp.path().join("never");
     let args = [
         "coordinator",
         "--listen",
         "127.0.0.1:0",
         "--workers",
-        &workers.to_string(),
+        "3",
+        "--min-workers",
+        "4",
         image_job.to_str().expect("utf-8"),
         "--out",
         never.to_str().expect("utf-8"),
@@ -410,6 +411,11 @@ fn manifests_pass_the_kubernetes_schemas_and_match_the_binary() {
         .output()
         .expect("run coordinator");
     assert_eq!(o.status.code(), Some(2), "{}", describe(&args, &o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--min-workers 4 must be between 1 and --workers 3"),
+        "{err}"
+    );
 }
 
 /// deploy/k8s/job.toml with the image's /opt/ringtrain mapped to this checkout (the
@@ -779,5 +785,75 @@ fn a_coordinator_restarted_with_resume_latest_continues_from_the_checkpoint_with
     for w in &workers {
         w.line(Instant::now() + MINUTE, |l| l.contains("\"between_jobs\""));
         w.line(Instant::now() + MINUTE, |l| l.contains("\"finished\""));
+    }
+}
+
+/// Elastic, as the manifests configure it: a worker pod lost mid-job does not fail the
+/// coordinator's Job while `RINGTRAIN_MIN_WORKERS` are left; the others go on, and the
+/// StatefulSet's replacement pod (`RINGTRAIN_REJOIN`) joins the running job in its place.
+#[test]
+fn a_lost_worker_pod_is_replaced_and_the_coordinator_job_goes_on() {
+    let base = repo().join("deploy/k8s");
+    let objs = read_yaml(&base.join("coordinator.yaml"));
+    let coord = container(find(&objs, "Job", |_| true), "coordinator");
+    let min = env_value(coord, "RINGTRAIN_MIN_WORKERS").to_owned();
+    assert_eq!(min, "1", "the rehearsal below assumes one worker may carry on");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = std::fs::read_to_string(repo().join("examples/iris-mlp.toml")).expect("iris job");
+    let data = repo().join("data/iris/iris.csv");
+    let text = text
+        .replace(
+            "\"../data/iris/iris.csv\"",
+            &format!("{:?}", data.display().to_string()),
+        )
+        .replace("epochs = 100", "epochs = 3000")
+        .replace("batch_size = 16", "batch_size = 15");
+    let job = tmp.path().join("job.toml");
+    std::fs::write(&job, text).expect("write job");
+    let out = tmp.path().join("run");
+    let listen = format!("127.0.0.1:{}", free_port());
+    let mut cmd = Command::new(bin());
+    cmd.args(["coordinator", "--workers", "2", "--checkpoint-every", "100"])
+        .arg(&job)
+        .arg("--out")
+        .arg(&out)
+        .env("RINGTRAIN_LISTEN", &listen)
+        .env("RINGTRAIN_MIN_WORKERS", &min)
+        .env("RINGTRAIN_TOKEN", "elastic")
+        .env("RINGTRAIN_THREADS", "1");
+    let mut coordinator = Proc::spawn(cmd, "coordinator");
+    let worker = |what: &str| {
+        let mut cmd = Command::new(bin());
+        cmd.arg("worker")
+            .env("RINGTRAIN_COORDINATOR", &listen)
+            .env("RINGTRAIN_PEER_ADDR", "127.0.0.1:0")
+            .env("RINGTRAIN_TOKEN", "elastic")
+            .env("RINGTRAIN_REJOIN", "true")
+            .env("RINGTRAIN_THREADS", "1");
+        Proc::spawn(cmd, what)
+    };
+    let deadline = Instant::now() + 2 * MINUTE;
+    coordinator.line(deadline, |l| l.contains("\"listening\""));
+    let mut pods = vec![worker("worker pod 0"), worker("worker pod 1")];
+    coordinator.line(deadline, |l| l.trim_start().starts_with("epoch") && l.contains("/3000"));
+    pods[1].child.kill().expect("kill a worker pod");
+    coordinator.line(deadline, |l| {
+        l.starts_with("ring re-formed as generation 1 with 1 workers")
+    });
+    pods.push(worker("worker pod 1, restarted"));
+    coordinator.line(deadline, |l| {
+        l.starts_with("ring re-formed as generation 2 with 2 workers")
+    });
+    let status = coordinator.wait(2 * MINUTE);
+    assert!(status.success(), "{}", coordinator.describe());
+    let printed = coordinator.stdout();
+    assert!(
+        printed.contains("2 workers,") && printed.contains("bitwise identical"),
+        "{printed}"
+    );
+    let changes = crate::util::read_json(&out.join("cluster.json"))["membership"].clone();
+    assert_eq!(changes.as_array().map(Vec::len), Some(2), "{changes}");
+    for p in [&pods[0], &pods[2]] {
+        p.line(Instant::now() + MINUTE, |l| l.contains("\"finished\""));
     }
 }

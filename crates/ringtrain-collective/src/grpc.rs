@@ -619,30 +619,36 @@ impl RightLink {
             .http2_keep_alive_interval(self.keepalive)
             .keep_alive_timeout(self.keepalive);
         let deadline = tokio::time::Instant::now() + self.connect_timeout;
-        let channel = loop {
-            match endpoint.connect().await {
-                Ok(channel) => break channel,
-                Err(e) if tokio::time::Instant::now() + RETRY < deadline => {
-                    tracing::trace!(rank = self.rank, error = %e, "right neighbour not reachable yet");
-                    tokio::time::sleep(RETRY).await;
-                }
-                Err(e) => {
-                    return Err((
-                        LinkFailure::Closed(format!("could not connect within {:?}: {e}", self.connect_timeout)),
-                        true,
-                    ))
-                }
-            }
-        };
-        let mut client = PushClient::new(channel, self.max_message);
         loop {
+            let channel = loop {
+                match endpoint.connect().await {
+                    Ok(channel) => break channel,
+                    Err(e) if tokio::time::Instant::now() + RETRY < deadline => {
+                        tracing::trace!(rank = self.rank, error = %e, "right neighbour not reachable yet");
+                        tokio::time::sleep(RETRY).await;
+                    }
+                    Err(e) => {
+                        return Err((
+                            LinkFailure::Closed(format!("could not connect within {:?}: {e}", self.connect_timeout)),
+                            true,
+                        ))
+                    }
+                }
+            };
+            let mut client = PushClient::new(channel, self.max_message);
             let status = match client.push(self.metadata.clone(), SharedFrames(frames.clone())).await {
                 Ok(_) => return Ok(()),
                 Err(status) => status,
             };
-            // The neighbour's server is that of another ring of this job and read nothing:
-            // it is about to join ours (elastic training). Offer the same frames again.
-            let retry = status.code() == Code::FailedPrecondition
+            // Until the ring is up, a stream that failed for any reason but a refusal of
+            // this rank is tried again with the same frames: in an elastic job the neighbour
+            // may still serve the previous ring (which refuses the stream unread, or drops it
+            // as it shuts down), and none of this ring's frames can have been taken by then.
+            let refused = matches!(
+                status.code(),
+                Code::Unauthenticated | Code::PermissionDenied | Code::Aborted | Code::InvalidArgument
+            );
+            let retry = !refused
                 && tokio::time::Instant::now() + RETRY < deadline
                 && frames.lock().is_ok_and(|mut q| q.rewind());
             if retry {

@@ -719,10 +719,12 @@ fn check(shared: &Shared, now: Instant) -> Option<Result<JobOutcome>> {
                 .map(|s| (s.epoch, s.step))
                 .max_by_key(|&(_, step)| step)
                 .unwrap_or((0, 0));
+            // Everyone the job lost, earlier departures first.
+            let earlier = st.changes.iter().flat_map(|c| c.left.iter());
             return Some(Err(CoordinatorError::TooFewWorkers {
-                lost: left
-                    .iter()
-                    .map(|d| format!("worker rank {} ({}) {}", d.rank, d.worker, d.reason))
+                lost: earlier
+                    .chain(&left)
+                    .map(|d| format!("worker rank {} ({}) lost: {}", d.rank, d.worker, d.reason))
                     .collect::<Vec<_>>()
                     .join("; "),
                 left: st.members.len(),

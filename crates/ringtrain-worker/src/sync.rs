@@ -274,6 +274,11 @@ impl GradSync for RingSync {
         let mut failed = None;
         loop {
             let Some((next, token)) = elastic.membership.next_after(elastic.config.generation, wait) else {
+                // Stopped (dropped from the job, aborted, the coordinator lost): say why, not
+                // how the collective in flight happened to fail.
+                if let Some(why) = elastic.membership.stopped() {
+                    return Err(SyncError(why));
+                }
                 return failed.map_or(Ok(false), Err);
             };
             // Leave the old ring first: its server must let go of the listener.
