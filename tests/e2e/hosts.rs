@@ -197,3 +197,45 @@ fn a_coordinator_cut_off_the_network_stops_every_worker() {
         assert!(line.contains("coordinator at 10.77.0.5:"), "rank {rank}: {line}");
     }
 }
+
+/// Elastic: the same cut, with `--min-workers 3`. The coordinator drops the silent host's
+/// worker after the heartbeat timeout, the three others re-form their ring across the
+/// remaining hosts and finish with the same bits; the cut worker stops on its own.
+#[test]
+fn an_elastic_job_goes_on_when_a_worker_host_is_cut_off() {
+    let Some(cluster) = hosts(5) else { return };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = iris_job(tmp.path(), "elastic", &[("epochs = 100", "epochs = 1000")]);
+    let out = tmp.path().join("run");
+    let timeout = ["--heartbeat-timeout-ms", "3000"];
+    let extra = ["--heartbeat-timeout-ms", "3000", "--min-workers", "3"];
+    let (mut coordinator, addr) = coordinator_on_last(&cluster, 4, s(&job), s(&out), &extra);
+    let mut workers = workers_on_hosts(&cluster, 4, &addr, &timeout);
+    coordinator.line(Instant::now() + MINUTE, |l| l.starts_with("epoch"));
+    cluster.cut(2).expect("cut host 2");
+    let at = Instant::now();
+    let reformed = coordinator.line(at + Duration::from_secs(12), |l| {
+        l.starts_with("ring re-formed as generation 1 with 3 workers")
+    });
+    assert!(
+        reformed.contains("peer 10.77.0.3:") && reformed.contains("unreachable"),
+        "{reformed}"
+    );
+    coordinator.line(at + MINUTE, |l| l.starts_with("generation 1 went on from step"));
+    let (status, printed, _) = coordinator.finish(2 * MINUTE);
+    assert!(status.success(), "{}", coordinator.describe());
+    assert!(
+        printed.contains("3 workers,") && printed.contains("bitwise identical"),
+        "{printed}"
+    );
+    let checksum = checksum_in(&printed);
+    for (i, w) in workers.iter_mut().enumerate() {
+        let (status, wout, _) = w.finish(Duration::from_secs(30));
+        if i == 2 {
+            assert_eq!(status.code(), Some(1), "{}", w.describe());
+        } else {
+            assert!(status.success(), "{}", w.describe());
+            assert!(wout.contains(&format!("\"params_checksum\":\"{checksum}\"")), "{wout}");
+        }
+    }
+}

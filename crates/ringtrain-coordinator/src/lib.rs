@@ -296,7 +296,8 @@ pub enum Event {
     /// Elastic training: the ring re-formed.
     Reformed(MembershipChange),
     /// Elastic training: the workers of generation `generation` went on from `step`,
-    /// having undone `steps_lost` steps (0 or 1).
+    /// having given up `steps_lost` completed steps (0 unless something went wrong: a worker
+    /// behind takes the state of one ahead).
     Resumed {
         generation: u64,
         step: u64,
@@ -317,8 +318,9 @@ pub struct MembershipChange {
     pub joined: Vec<usize>,
     /// Workers in the new ring, by number, in ring order.
     pub members: Vec<usize>,
-    /// The optimizer step the new ring went on from, and the steps of work undone to get
-    /// there (0 or 1), once the workers report it.
+    /// The optimizer step the new ring went on from, and the completed steps a worker gave
+    /// up to get there, once the workers report it. Only the step in flight when the ring
+    /// broke is computed again.
     pub resumed_step: Option<u64>,
     pub steps_lost: Option<u64>,
 }

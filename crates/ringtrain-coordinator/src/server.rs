@@ -314,12 +314,12 @@ fn reform_command(st: &State, rank: usize) -> Option<Command> {
     }))
 }
 
-/// "worker rank 2 left (…); worker rank 4 joined", for messages.
+/// "worker rank 2 (pid …, peer …) left: …; worker rank 4 joined", for messages.
 pub fn describe_change(c: &MembershipChange) -> String {
     let mut parts: Vec<String> = c
         .left
         .iter()
-        .map(|d| format!("worker rank {} left ({})", d.rank, d.reason))
+        .map(|d| format!("worker rank {} ({}) left: {}", d.rank, d.worker, d.reason))
         .collect();
     parts.extend(c.joined.iter().map(|r| format!("worker rank {r} joined")));
     parts.join("; ")

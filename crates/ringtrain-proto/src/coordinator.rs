@@ -297,7 +297,8 @@ pub struct Rejoined {
     pub generation: u64,
     /// The optimizer step training went on from.
     pub step: u64,
-    /// Steps this worker undid to be level with the others (0 or 1).
+    /// Completed steps this worker gave up to be level with the others (0: a worker behind
+    /// takes the state of one ahead).
     pub stepped_back: u64,
 }
 

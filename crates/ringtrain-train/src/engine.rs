@@ -80,8 +80,16 @@ pub trait GradSync {
     /// Makes every rank's parameters equal to rank 0's.
     fn broadcast_params(&mut self, params: &mut [f32]) -> Result<(), SyncError>;
 
-    /// Elastic training: whether the membership may change while the job runs (the engine
-    /// then keeps what undoes its last step).
+    /// Makes every rank's `values` equal to rank `root`'s (the training state handed on
+    /// when a ring re-forms).
+    fn broadcast_from(&mut self, values: &mut [f32], root: usize) -> Result<(), SyncError> {
+        match root {
+            0 => self.broadcast_params(values),
+            _ => Err(SyncError(format!("rank {root} is not in this ring of one"))),
+        }
+    }
+
+    /// Elastic training: whether the membership may change while the job runs.
     fn elastic(&self) -> bool {
         false
     }
@@ -205,8 +213,9 @@ pub enum Progress {
     },
     Epoch(EpochReport),
     /// The ring re-formed with `world` ranks (elastic training) and this rank goes on as
-    /// `rank` from optimizer step `step` of `epoch`; `stepped_back` is how many steps it
-    /// undid to be level with the others (0 or 1).
+    /// `rank` from optimizer step `step` of `epoch`; `stepped_back` is how many completed
+    /// steps it gave up to be level with the others (0: a rank behind takes the state of one
+    /// ahead, so only the step in flight is computed again).
     Rejoined {
         rank: usize,
         world: usize,
@@ -246,22 +255,6 @@ impl EpochCursor {
 struct StepPlan {
     shares: Vec<(Vec<usize>, usize)>,
     global_rows: usize,
-}
-
-/// How this rank undoes its last step forward when a peer failed to take it (elastic
-/// training): ranks can be one step apart when a ring breaks, since a rank finishes a
-/// collective as soon as it has its own result.
-#[derive(Debug)]
-enum Undo {
-    /// An optimizer step: the state before it.
-    Step {
-        cursor: EpochCursor,
-        params: Vec<f32>,
-        optimizer: Optimizer,
-        step: u64,
-    },
-    /// The end of an epoch (totals, evaluation, report): the cursor before it.
-    EpochEnd { cursor: EpochCursor },
 }
 
 /// Result of one model trained and tested (the whole run, or one fold).
@@ -381,9 +374,10 @@ pub struct Trainer {
     /// Embedding tables whose gradient may travel as the rows a step touched, and when.
     sparse: Vec<usize>,
     sparse_mode: SparseEmbeddings,
-    /// Elastic training: keep what undoes the last step ([`Trainer::rejoin`]).
+    /// Elastic training ([`Trainer::rejoin`]): remember where the last epoch's end started,
+    /// in case a peer fails to finish it.
     elastic: bool,
-    undo: Option<Undo>,
+    ended_epoch: Option<EpochCursor>,
     /// False for a rank that joined a running job until it received the state.
     has_state: bool,
 }
@@ -707,7 +701,7 @@ impl Trainer {
             sparse,
             sparse_mode: job.distributed.sparse_embeddings,
             elastic: false,
-            undo: None,
+            ended_epoch: None,
             has_state: true,
         }
     }
@@ -920,18 +914,9 @@ impl Trainer {
             if let Some(max) = self.clip {
                 cursor.grad_norm = Some(f64::from(clip_grad_norm(&mut self.grad, max)));
             }
-            if self.elastic {
-                // Every collective of this step is done; a peer may still fail it, and then
-                // this rank must be able to step back.
-                self.undo = Some(Undo::Step {
-                    cursor: cursor.clone(),
-                    params: self.store.flat().to_vec(),
-                    optimizer: self.optimizer.clone(),
-                    step: self.step,
-                });
-            }
             self.optimizer.step(self.store.flat_mut(), &self.grad, lr)?;
             self.step += 1;
+            self.ended_epoch = None;
             cursor.group += 1;
             cursor.sums = [loss_sum, correct, seen, targets_seen];
             done += group.len();
@@ -1068,10 +1053,15 @@ impl Trainer {
         Ok(out)
     }
 
-    /// After the ring re-formed (elastic training): levels every rank with the last step all
-    /// of them completed (a rank one step ahead undoes it), then, when ranks joined, gives
-    /// them rank 0's parameters, optimizer state and position. Ranks are never more than one
-    /// step apart: none can finish a step's collectives before every rank has started them.
+    /// After the ring re-formed (elastic training): levels every rank with the furthest
+    /// point all of them can stand on, then gives the ranks that need it the training state.
+    ///
+    /// Ranks are at most one *tick* apart (a tick is an optimizer step or an epoch's end),
+    /// since none can finish a tick's collectives before every rank has started them. A
+    /// rank ahead by a step finished that step's all-reduces, so its update is the full one:
+    /// the others take its parameters, optimizer state and position (no work lost). A rank
+    /// ahead by an epoch's end goes back to before it (it only evaluated; the report is not
+    /// repeated). Ranks that joined take the state of the first rank that has it.
     pub fn rejoin(
         &mut self,
         cursor: &mut EpochCursor,
@@ -1080,75 +1070,62 @@ impl Trainer {
     ) -> Result<()> {
         let (rank, world) = (sync.rank(), sync.world().max(1));
         let joining = !self.has_state;
-        let step = self.step;
+        let step_before = self.step;
         let failed = |reason: String| TrainError::Sync {
-            step,
+            step: step_before,
             source: SyncError(reason),
         };
-        let synced = |source| TrainError::Sync { step, source };
-        // Each rank's progress in ticks: optimizer steps plus finished epochs (an epoch's end
-        // is a collective too); -1 for a rank that has no state yet.
-        let tick = |step: u64, c: &EpochCursor| (step + c.epoch as u64 - 1) as f64;
-        let mut ticks = vec![0.0f64; world];
-        ticks[rank] = if joining { -1.0 } else { tick(self.step, cursor) };
+        let synced = |source| TrainError::Sync {
+            step: step_before,
+            source,
+        };
+        // Per rank: its tick, and whether that was an epoch's end; -1 without state.
+        let mut ticks = vec![0.0f64; 2 * world];
+        if joining {
+            ticks[2 * rank] = -1.0;
+        } else {
+            ticks[2 * rank] = (self.step + cursor.epoch as u64 - 1) as f64;
+            ticks[2 * rank + 1] = f64::from(u8::from(self.ended_epoch.is_some()));
+        }
         sync.all_reduce_sum_f64(&mut ticks).map_err(synced)?;
-        let level = ticks
-            .iter()
-            .copied()
-            .filter(|t| *t >= 0.0)
-            .fold(f64::INFINITY, f64::min);
-        if !level.is_finite() {
+        let held: Vec<(usize, f64, bool)> = (0..world)
+            .filter(|r| ticks[2 * r] >= 0.0)
+            .map(|r| (r, ticks[2 * r], ticks[2 * r + 1] > 0.5))
+            .collect();
+        let (Some(low), Some(high)) = (
+            held.iter().map(|h| h.1).reduce(f64::min),
+            held.iter().map(|h| h.1).reduce(f64::max),
+        ) else {
             return Err(failed("no rank of the new ring has the training state".into()));
+        };
+        if high > low + 1.0 {
+            return Err(failed(format!(
+                "the ranks are {} ticks apart (at most one is possible)",
+                high - low
+            )));
         }
-        let mut stepped_back = 0;
-        if !joining {
-            let mine = ticks[rank];
-            if mine == level + 1.0 {
-                match self.undo.take() {
-                    Some(Undo::Step {
-                        cursor: before,
-                        params,
-                        optimizer,
-                        step,
-                    }) => {
-                        self.store.flat_mut().copy_from_slice(&params);
-                        self.optimizer = optimizer;
-                        self.step = step;
-                        *cursor = before;
-                    }
-                    Some(Undo::EpochEnd { cursor: before }) => *cursor = before,
-                    None => return Err(failed(format!("rank {rank} is one step ahead and cannot undo it"))),
+        let ahead_by_epoch_end = held.iter().any(|h| h.1 == high && h.2);
+        let level = if high > low && ahead_by_epoch_end {
+            if !joining && ticks[2 * rank] == high {
+                match self.ended_epoch.take() {
+                    Some(before) => *cursor = before,
+                    None => return Err(failed(format!("rank {rank} cannot go back over its epoch's end"))),
                 }
-                stepped_back = 1;
-            } else if mine != level {
-                return Err(failed(format!(
-                    "rank {rank} is at tick {mine} and another rank at {level}: more than one step apart"
-                )));
             }
-        }
-        self.undo = None;
-        // Rank 0 (a rank that was there before) says where training is: the others check it,
-        // joining ranks take it.
+            low
+        } else {
+            high
+        };
+        // The first rank at the level gives its state to every rank that is not there.
+        let root = held.iter().find(|h| h.1 == level).map_or(0, |h| h.0);
+        let receives = |r: usize| ticks[2 * r] != level;
         let mut at = [0.0f64; 3];
-        if rank == 0 {
+        if rank == root {
             at = [cursor.epoch as f64, cursor.group as f64, self.step as f64];
         }
         sync.all_reduce_sum_f64(&mut at).map_err(synced)?;
         let (epoch, group, step) = (at[0] as usize, at[1] as usize, at[2] as u64);
-        if joining {
-            *cursor = EpochCursor {
-                epoch,
-                group,
-                ..EpochCursor::default()
-            };
-            self.step = step;
-        } else if (cursor.epoch, cursor.group, self.step) != (epoch, group, step) {
-            return Err(failed(format!(
-                "rank {rank} is at epoch {} step {} and rank 0 at epoch {epoch} step {step}",
-                cursor.epoch, self.step
-            )));
-        }
-        if ticks.iter().any(|t| *t < 0.0) {
+        if (0..world).any(receives) {
             // One broadcast: the parameters, then each optimizer slot.
             let n = self.store.num_elements();
             let (slots, steps) = self.optimizer.slots_mut();
@@ -1157,13 +1134,32 @@ impl Trainer {
             for slot in slots.iter() {
                 state.extend_from_slice(slot);
             }
-            sync.broadcast_params(&mut state).map_err(synced)?;
-            self.store.flat_mut().copy_from_slice(&state[..n]);
-            for (i, slot) in slots.iter_mut().enumerate() {
-                slot.copy_from_slice(&state[n * (i + 1)..n * (i + 2)]);
+            sync.broadcast_from(&mut state, root).map_err(synced)?;
+            if receives(rank) {
+                self.store.flat_mut().copy_from_slice(&state[..n]);
+                for (i, slot) in slots.iter_mut().enumerate() {
+                    slot.copy_from_slice(&state[n * (i + 1)..n * (i + 2)]);
+                }
+                *steps = step;
+                self.step = step;
+                // A rank taken forward keeps its sums: the epoch's train loss is then over
+                // the examples the ranks counted. A rank that joined has counted none.
+                cursor.epoch = epoch;
+                cursor.group = group;
+                if joining {
+                    cursor.sums = [0.0; 4];
+                    cursor.grad_norm = None;
+                }
             }
-            *steps = step;
         }
+        if (cursor.epoch, cursor.group, self.step) != (epoch, group, step) {
+            return Err(failed(format!(
+                "rank {rank} is at epoch {} step {} and rank {root} at epoch {epoch} step {step}",
+                cursor.epoch, self.step
+            )));
+        }
+        self.ended_epoch = None;
+        let stepped_back = if joining { 0 } else { step_before.saturating_sub(step) };
         self.has_state = true;
         observe(Progress::Rejoined {
             rank,
@@ -1536,7 +1532,7 @@ pub fn run_job_opts(
                 }
             }
             if trainer.elastic {
-                trainer.undo = Some(Undo::EpochEnd { cursor: cursor.clone() });
+                trainer.ended_epoch = Some(cursor.clone());
             }
             cursor = EpochCursor::at(epoch + 1);
         };

@@ -428,6 +428,10 @@ impl GradSync for RingSync {
         self.timed(None, |c| c.broadcast(params, 0))
     }
 
+    fn broadcast_from(&mut self, values: &mut [f32], root: usize) -> Result<(), SyncError> {
+        self.timed(None, |c| c.broadcast(values, root))
+    }
+
     /// Gathers every rank's [`param_checksum`] and fails unless all are equal.
     fn finish(&mut self, params: &[f32]) -> Result<(), SyncError> {
         let rank = self.rank;

@@ -173,7 +173,12 @@ async fn an_elastic_job_goes_on_without_a_lost_worker_and_takes_in_a_new_one() {
         let r = f.reform().await;
         assert_eq!((r.generation, r.ring_rank, r.writer_rank), (1, i, 0));
         assert_eq!(r.peers, ["127.0.0.1:9000", "127.0.0.1:9002"]);
-        assert!(r.reason.contains("worker rank 1 left"), "{}", r.reason);
+        assert!(
+            r.reason
+                .contains("worker rank 1 (pid 101 on h, peer 127.0.0.1:9001) left"),
+            "{}",
+            r.reason
+        );
     }
     // A newcomer takes the free place at the end of generation 2 at once.
     let mut c = client(&addr, TOKEN).await;
