@@ -104,6 +104,17 @@ fn a_killed_worker_leaves_three_that_carry_on_and_its_replacement_joins_back() {
     let (a, b) = (accuracy(&whole), accuracy(&elastic));
     assert!((a - b).abs() <= 0.005, "uninterrupted {a} vs elastic {b}");
     assert_eq!(train_losses(&elastic).len(), 8, "one metrics line per epoch");
+    // The epochs' lines say where the ring re-formed: 3 ranks, then 4 again.
+    let worlds: Vec<u64> = std::fs::read_to_string(elastic.join("metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .flat_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("json");
+            v["ring_changes"].as_array().cloned().unwrap_or_default()
+        })
+        .map(|c| c["world"].as_u64().expect("world"))
+        .collect();
+    assert_eq!(worlds, [3, 4]);
 }
 
 /// A hung worker (SIGSTOP) is dropped after the heartbeat timeout and the others go on;

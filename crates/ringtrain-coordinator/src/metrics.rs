@@ -348,6 +348,17 @@ mod tests {
     }
 
     #[test]
+    fn a_re_formed_ring_shows_its_generation_and_the_count_of_changes() {
+        let m = Metrics::new();
+        assert_eq!(value(&m.encode(), "ringtrain_ring_generation").as_deref(), Some("0"));
+        m.reformed(1);
+        m.reformed(2);
+        let text = m.encode();
+        assert_eq!(value(&text, "ringtrain_ring_generation").as_deref(), Some("2"));
+        assert_eq!(value(&text, "ringtrain_membership_changes_total").as_deref(), Some("2"));
+    }
+
+    #[test]
     fn bus_bandwidth_of_one_worker_is_zero_and_of_nothing_measured_nan() {
         assert_eq!(bus_bandwidth(1, 100, 1.0), 0.0);
         assert!(bus_bandwidth(2, 0, 1.0).is_nan());

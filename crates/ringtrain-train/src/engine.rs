@@ -198,6 +198,17 @@ pub struct EpochReport {
     pub examples_per_sec: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_norm: Option<f64>,
+    /// Elastic training: where the ring re-formed during this epoch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ring_changes: Vec<RingChange>,
+}
+
+/// The ring re-formed (elastic training): training went on from optimizer step `step` with
+/// `world` ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct RingChange {
+    pub step: u64,
+    pub world: usize,
 }
 
 /// What the observer is told while a job runs.
@@ -378,6 +389,8 @@ pub struct Trainer {
     /// in case a peer fails to finish it.
     elastic: bool,
     ended_epoch: Option<EpochCursor>,
+    /// Where the ring re-formed since the last epoch report.
+    ring_changes: Vec<RingChange>,
     /// False for a rank that joined a running job until it received the state.
     has_state: bool,
 }
@@ -702,6 +715,7 @@ impl Trainer {
             sparse_mode: job.distributed.sparse_embeddings,
             elastic: false,
             ended_epoch: None,
+            ring_changes: Vec::new(),
             has_state: true,
         }
     }
@@ -1161,6 +1175,7 @@ impl Trainer {
         self.ended_epoch = None;
         let stepped_back = if joining { 0 } else { step_before.saturating_sub(step) };
         self.has_state = true;
+        self.ring_changes.push(RingChange { step, world });
         observe(Progress::Rejoined {
             rank,
             world,
@@ -1516,6 +1531,7 @@ pub fn run_job_opts(
                     test_perplexity: test.perplexity,
                     examples_per_sec: train.len() as f64 / secs.max(1e-9),
                     grad_norm,
+                    ring_changes: std::mem::take(&mut trainer.ring_changes),
                 };
                 metrics_lines
                     .push_str(&serde_json::to_string(&report).map_err(|e| TrainError::io("metrics.jsonl", e))?);

@@ -23,7 +23,8 @@ mod task;
 pub use checkpoint::{load_safetensors, restore_params, save_safetensors, write_atomic};
 pub use engine::{
     read_checkpoint_manifest, run_job, run_job_opts, run_job_with, BucketedBackward, Checkpoint, EmitBucket,
-    EpochReport, EvalMetrics, FoldReport, GradSync, LocalSync, Progress, RunOptions, RunSummary, SyncError, Trainer,
+    EpochCursor, EpochReport, EvalMetrics, FoldReport, GradSync, LocalSync, Progress, RingChange, RunOptions,
+    RunSummary, SyncError, Trainer,
 };
 pub use inference::{Evaluation, GenerateOptions, Prediction, SavedModel};
 pub use plots::write_plots;
