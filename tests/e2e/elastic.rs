@@ -285,3 +285,48 @@ fn a_four_worker_checkpoint_resumes_with_two_and_with_three() {
         );
     }
 }
+
+/// Three workers started together for a job of two with room for three: the third joins
+/// while the other two are still starting, and all three train to the same bits.
+#[test]
+fn a_worker_that_joins_as_the_job_starts_trains_with_the_others() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let job = iris_job(tmp.path(), "join", &[("epochs = 100", "epochs = 300")]);
+    let out = tmp.path().join("run");
+    let token = "elastic-start";
+    let mut coordinator = start(
+        &[
+            "coordinator",
+            "--listen",
+            "127.0.0.1:0",
+            "--workers",
+            "2",
+            "--max-workers",
+            "3",
+            s(&job),
+            "--out",
+            s(&out),
+        ],
+        token,
+    );
+    let listening = coordinator.line(Instant::now() + MINUTE, |l| l.contains("\"listening\""));
+    let v: serde_json::Value = serde_json::from_str(&listening).expect("json line");
+    let addr = v["addr"].as_str().expect("addr").to_owned();
+    let mut workers: Vec<Proc> = (0..3)
+        .map(|_| start(&["worker", "--coordinator", &addr, "--peer-addr", "127.0.0.1:0"], token))
+        .collect();
+    let (status, printed, _) = coordinator.finish(2 * MINUTE);
+    assert!(status.success(), "{}", coordinator.describe());
+    assert!(
+        printed.contains("3 workers,") && printed.contains("bitwise identical"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("ring re-formed as generation 1 with 3 workers"),
+        "{printed}"
+    );
+    for w in &mut workers {
+        let (status, _, _) = w.finish(MINUTE);
+        assert!(status.success(), "{}", w.describe());
+    }
+}

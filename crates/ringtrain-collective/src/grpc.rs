@@ -219,6 +219,7 @@ impl GrpcTransport {
                 rx: out_rx,
                 replay: VecDeque::new(),
                 sent: Some(Vec::new()),
+                attempt: 0,
             }));
             queue = Some(frames.clone());
             let link = RightLink {
@@ -519,6 +520,9 @@ struct FrameQueue {
     replay: VecDeque<Frame>,
     /// Frames taken so far (`None` once the ring is up).
     sent: Option<Vec<Frame>>,
+    /// Which stream may take frames: a failed one that hyper still polls must not take
+    /// the frames offered to the next.
+    attempt: u64,
 }
 
 impl FrameQueue {
@@ -530,12 +534,13 @@ impl FrameQueue {
         for frame in sent.drain(..).rev() {
             self.replay.push_front(frame);
         }
+        self.attempt += 1;
         true
     }
 }
 
-/// The outgoing queue as the request stream of the `Push` call.
-struct SharedFrames(Arc<Mutex<FrameQueue>>);
+/// The outgoing queue as the request stream of one `Push` call (attempt `.1`).
+struct SharedFrames(Arc<Mutex<FrameQueue>>, u64);
 
 impl Stream for SharedFrames {
     type Item = Frame;
@@ -544,6 +549,9 @@ impl Stream for SharedFrames {
         let Ok(mut q) = self.0.lock() else {
             return std::task::Poll::Ready(None);
         };
+        if q.attempt != self.1 {
+            return std::task::Poll::Ready(None);
+        }
         let next = match q.replay.pop_front() {
             Some(frame) => std::task::Poll::Ready(Some(frame)),
             None => q.rx.poll_recv(cx),
@@ -636,7 +644,11 @@ impl RightLink {
                 }
             };
             let mut client = PushClient::new(channel, self.max_message);
-            let status = match client.push(self.metadata.clone(), SharedFrames(frames.clone())).await {
+            let attempt = frames.lock().map_or(0, |q| q.attempt);
+            let status = match client
+                .push(self.metadata.clone(), SharedFrames(frames.clone(), attempt))
+                .await
+            {
                 Ok(_) => return Ok(()),
                 Err(status) => status,
             };

@@ -46,6 +46,11 @@ struct Slot {
     commands: Option<mpsc::Sender<Result<Command, Status>>>,
     /// The last ring generation this worker was told of.
     told: u64,
+    /// Its beats say training is done and the final evaluation runs.
+    finishing: bool,
+    /// It joined a running job and has not yet met the others (a failure now is its own,
+    /// not the job's).
+    joining: bool,
 }
 
 impl Slot {
@@ -60,6 +65,8 @@ impl Slot {
             lost: None,
             commands: None,
             told: generation,
+            finishing: false,
+            joining: generation > 0,
         }
     }
 }
@@ -79,6 +86,18 @@ struct State {
     generation: u64,
     writer: usize,
     changes: Vec<MembershipChange>,
+}
+
+impl State {
+    /// The members that still train, in ring order: the ring a change re-forms (a member
+    /// that already finished keeps its result and leaves no place to fill).
+    fn ring(&self) -> Vec<usize> {
+        self.members
+            .iter()
+            .copied()
+            .filter(|&m| self.slots[m].outcome.is_none())
+            .collect()
+    }
 }
 
 #[derive(Debug)]
@@ -188,7 +207,8 @@ impl Shared {
                 st.members.len()
             )));
         }
-        if st.abort_reason.is_some() || st.members.iter().any(|&m| st.slots[m].outcome.is_some()) {
+        let ending = |&m: &usize| st.slots[m].outcome.is_some() || st.slots[m].finishing;
+        if st.abort_reason.is_some() || st.members.iter().any(ending) {
             return Err(Status::failed_precondition(
                 "the job is ending and takes no more workers",
             ));
@@ -214,29 +234,33 @@ impl Shared {
         st.slots.push(Slot::new(info, st.generation + 1));
         st.members.push(rank);
         self.reform(st, Vec::new(), vec![rank]);
-        let peers = st.members.iter().map(|&m| st.slots[m].info.peer_addr.clone()).collect();
-        let writer_rank = st.members.iter().position(|&m| m == st.writer).unwrap_or(0);
-        Ok(self.assignment(rank, st.members.len() - 1, peers, st.generation, writer_rank))
+        match reform_command(st, rank) {
+            Some(Command::Reform(r)) => Ok(self.assignment(rank, r.ring_rank, r.peers, r.generation, r.writer_rank)),
+            _ => Err(Status::internal(format!(
+                "worker rank {rank} is not in the ring it just joined"
+            ))),
+        }
     }
 
-    /// The ring re-forms from `st.members` as the next generation: every member is told its
-    /// place, and the change is recorded.
+    /// The ring re-forms from the members still training ([`State::ring`]) as the next
+    /// generation: each is told its place, and the change is recorded.
     fn reform(&self, st: &mut State, left: Vec<Departure>, joined: Vec<usize>) {
         st.generation += 1;
+        let ring = st.ring();
         if !st.members.contains(&st.writer) {
-            st.writer = st.members.first().copied().unwrap_or(0);
+            st.writer = ring.first().copied().unwrap_or(0);
         }
         let change = MembershipChange {
             generation: st.generation,
             at_secs: self.started.elapsed().as_secs_f64(),
             left,
             joined,
-            members: st.members.clone(),
+            members: ring.clone(),
             resumed_step: None,
             steps_lost: None,
         };
         st.changes.push(change.clone());
-        for m in st.members.clone() {
+        for m in ring {
             if let Some(command) = reform_command(st, m) {
                 let slot = &mut st.slots[m];
                 if slot
@@ -259,15 +283,17 @@ impl Shared {
     fn on_beat(&self, st: &mut State, rank: usize, beat: &Beat) -> Command {
         apply_beat(&mut st.slots[rank], beat);
         if let Some(r) = beat.rejoined {
+            st.slots[rank].joining = false;
             if let Some(c) = st.changes.iter_mut().find(|c| c.generation == r.generation) {
-                let first = c.resumed_step.is_none();
-                c.resumed_step = Some(r.step);
-                c.steps_lost = Some(c.steps_lost.unwrap_or(0).max(r.stepped_back));
-                if first || r.stepped_back > 0 {
+                let lost = c.steps_lost.unwrap_or(0).max(r.stepped_back);
+                // Every beat repeats it: news only the first time, or if a worker gave up more.
+                if c.resumed_step.is_none() || Some(lost) != c.steps_lost {
+                    c.resumed_step = Some(r.step);
+                    c.steps_lost = Some(lost);
                     self.emit(Event::Resumed {
                         generation: r.generation,
                         step: r.step,
-                        steps_lost: c.steps_lost.unwrap_or(0),
+                        steps_lost: lost,
                     });
                 }
             }
@@ -300,16 +326,18 @@ impl Shared {
     }
 }
 
-/// The current ring, as member `rank` must be told of it.
+/// The current ring, as member `rank` must be told of it. The writer's place is the ring's
+/// size when the writer already finished (nobody in this ring writes).
 fn reform_command(st: &State, rank: usize) -> Option<Command> {
-    let ring_rank = st.members.iter().position(|&m| m == rank)?;
+    let ring = st.ring();
+    let ring_rank = ring.iter().position(|&m| m == rank)?;
     let last = st.changes.last();
     let reason = last.map_or_else(String::new, describe_change);
     Some(Command::Reform(Reform {
         generation: st.generation,
         ring_rank,
-        peers: st.members.iter().map(|&m| st.slots[m].info.peer_addr.clone()).collect(),
-        writer_rank: st.members.iter().position(|&m| m == st.writer).unwrap_or(0),
+        peers: ring.iter().map(|&m| st.slots[m].info.peer_addr.clone()).collect(),
+        writer_rank: ring.iter().position(|&m| m == st.writer).unwrap_or(ring.len()),
         reason,
     }))
 }
@@ -327,6 +355,7 @@ pub fn describe_change(c: &MembershipChange) -> String {
 
 fn apply_beat(slot: &mut Slot, beat: &Beat) {
     slot.last_beat = Instant::now();
+    slot.finishing = beat.finishing;
     slot.epoch = beat.epoch;
     slot.step = beat.step;
     if beat.checkpoint_epoch.is_some() {
@@ -515,8 +544,15 @@ impl CoordinatorHandler for Handler {
                 return Err(Status::already_exists(format!("rank {} already finished", report.rank)));
             }
             if let WorkerOutcome::Failed { error, bad_input } = &report.outcome {
-                // A worker an elastic job went on without fails alone.
-                if st.reported.is_none() && st.members.contains(&report.rank) {
+                let slot = &mut st.slots[report.rank];
+                if slot.joining && slot.lost.is_none() {
+                    // It never met the others (its data is missing, say): the job goes on
+                    // without it, as without any lost worker.
+                    slot.lost = Some((Instant::now(), format!("failed before it met the others: {error}")));
+                }
+                // A worker an elastic job went on without (or never took in) fails alone.
+                let member = st.members.contains(&report.rank) && !st.slots[report.rank].joining;
+                if st.reported.is_none() && member {
                     let slot = &st.slots[report.rank];
                     let failure = CoordinatorError::WorkerFailed {
                         rank: report.rank,
@@ -686,8 +722,7 @@ fn check(shared: &Shared, now: Instant) -> Option<Result<JobOutcome>> {
         .collect();
     lost.sort_unstable();
     if let Some(&(_, first)) = lost.first() {
-        let finishing = st.members.iter().any(|&m| st.slots[m].outcome.is_some());
-        if !config.elastic() || finishing {
+        if !config.elastic() {
             let slot = &st.slots[first];
             return Some(Err(CoordinatorError::WorkerLost {
                 rank: first,
@@ -734,7 +769,10 @@ fn check(shared: &Shared, now: Instant) -> Option<Result<JobOutcome>> {
                 checkpoint: shared.checkpoint(&st),
             }));
         }
-        shared.reform(&mut st, left, Vec::new());
+        // Members that already finished keep their result; the others go on in a new ring.
+        if !st.ring().is_empty() {
+            shared.reform(&mut st, left, Vec::new());
+        }
     }
     if let Some((at, failure)) = &st.reported {
         if failure.is_bad_input() || now.saturating_duration_since(*at) >= config.failure_grace {

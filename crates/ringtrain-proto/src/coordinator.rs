@@ -289,6 +289,8 @@ pub struct Beat {
     pub checkpoint_epoch: Option<u64>,
     /// Elastic training: the membership the worker trains in since it re-formed.
     pub rejoined: Option<Rejoined>,
+    /// Training is done; the final evaluation runs.
+    pub finishing: bool,
 }
 
 /// Where a worker of an elastic job went on after its ring re-formed.
@@ -316,6 +318,7 @@ impl TryFrom<wire::Beat> for Beat {
                 step: w.resumed_step,
                 stepped_back: u64::from(w.stepped_back),
             }),
+            finishing: w.finishing,
         })
     }
 }
@@ -331,6 +334,7 @@ impl From<Beat> for wire::Beat {
             generation: b.rejoined.map_or(0, |r| r.generation),
             resumed_step: b.rejoined.map_or(0, |r| r.step),
             stepped_back: b.rejoined.map_or(0, |r| r.stepped_back as u32),
+            finishing: b.finishing,
         }
     }
 }
@@ -349,7 +353,7 @@ pub struct Reform {
     pub ring_rank: usize,
     /// Every member's collective address, in ring order.
     pub peers: Vec<String>,
-    /// The ring rank that writes the run directory.
+    /// The ring rank that writes the run directory (`peers.len()`: none of this ring).
     pub writer_rank: usize,
     /// What changed.
     pub reason: String,
@@ -372,12 +376,14 @@ impl TryFrom<wire::Command> for Command {
         const M: &str = "Command.reform";
         if let Some(r) = c.reform {
             let world = r.peers.len();
-            if r.ring_rank as usize >= world || r.writer_rank as usize >= world {
+            // The writer's place may be the world size: nobody in this ring writes (the
+            // writer already finished).
+            if r.ring_rank as usize >= world || r.writer_rank as usize > world {
                 return Err(invalid(
                     M,
                     "ring_rank",
                     format!(
-                        "ranks {} and {} must be below the world size {world}",
+                        "ring rank {} must be below, writer rank {} at most, the world size {world}",
                         r.ring_rank, r.writer_rank
                     ),
                 ));

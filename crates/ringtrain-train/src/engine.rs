@@ -1081,6 +1081,7 @@ impl Trainer {
         cursor: &mut EpochCursor,
         sync: &mut dyn GradSync,
         observe: &mut dyn FnMut(Progress),
+        reformed: bool,
     ) -> Result<()> {
         let (rank, world) = (sync.rank(), sync.world().max(1));
         let joining = !self.has_state;
@@ -1175,7 +1176,9 @@ impl Trainer {
         self.ended_epoch = None;
         let stepped_back = if joining { 0 } else { step_before.saturating_sub(step) };
         self.has_state = true;
-        self.ring_changes.push(RingChange { step, world });
+        if reformed || joining {
+            self.ring_changes.push(RingChange { step, world });
+        }
         observe(Progress::Rejoined {
             rank,
             world,
@@ -1187,19 +1190,23 @@ impl Trainer {
     }
 
     /// [`Trainer::rejoin`], again in the next ring when the membership changes meanwhile.
+    /// `reformed`: the ring already changed (else this is the start of an elastic job,
+    /// recorded as a change only when it meets a new ring or this rank joins).
     pub fn rejoin_until_level(
         &mut self,
         cursor: &mut EpochCursor,
         sync: &mut dyn GradSync,
         observe: &mut dyn FnMut(Progress),
+        mut reformed: bool,
     ) -> Result<()> {
         loop {
-            match self.rejoin(cursor, sync, observe) {
+            match self.rejoin(cursor, sync, observe, reformed) {
                 Err(e @ TrainError::Sync { .. }) => {
                     let step = self.step;
                     if !sync.reform().map_err(|source| TrainError::Sync { step, source })? {
                         return Err(e);
                     }
+                    reformed = true;
                 }
                 done => return done,
             }
@@ -1448,9 +1455,11 @@ pub fn run_job_opts(
         let joining = sync.joining();
         let mut train_loss = f64::NAN;
         let mut first_epoch = 1;
-        if !joining {
+        if !trainer.elastic {
             sync.broadcast_params(trainer.store.flat_mut())
                 .map_err(|source| TrainError::Sync { step: 0, source })?;
+        }
+        if !joining {
             if let Some(ckpt) = opts.resume_from {
                 let done = trainer.load_checkpoint(ckpt)?;
                 first_epoch = done + 1;
@@ -1470,9 +1479,23 @@ pub fn run_job_opts(
             }
         }
         let mut cursor = EpochCursor::at(first_epoch);
-        if joining {
-            trainer.has_state = false;
-            trainer.rejoin_until_level(&mut cursor, sync, observe)?;
+        if trainer.elastic {
+            // The first collective of an elastic job is the levelling every re-formed ring
+            // does, so a worker that joins (or is lost) while the others start is met the same
+            // way as later. The seeded start is the same bits on every rank.
+            trainer.has_state = !joining;
+            trainer.rejoin_until_level(&mut cursor, sync, observe, false)?;
+            if let Some(dir) = out.filter(|_| joining) {
+                // The lines of the epochs before this worker joined, should it become the
+                // writer (the run directory of an elastic job is shared).
+                let old = std::fs::read_to_string(dir.join("metrics.jsonl")).unwrap_or_default();
+                for line in old.lines() {
+                    if serde_json::from_str::<EpochReport>(line).is_ok_and(|r| r.epoch < cursor.epoch) {
+                        metrics_lines.push_str(line);
+                        metrics_lines.push('\n');
+                    }
+                }
+            }
         }
         // Epochs whose report went out: after stepping back over an epoch's end, it is
         // evaluated again but reported once.
@@ -1505,7 +1528,7 @@ pub fn run_job_opts(
                 Err(e @ TrainError::Sync { .. }) => {
                     let step = trainer.step;
                     if sync.reform().map_err(|source| TrainError::Sync { step, source })? {
-                        trainer.rejoin_until_level(&mut cursor, sync, observe)?;
+                        trainer.rejoin_until_level(&mut cursor, sync, observe, true)?;
                         continue;
                     }
                     return Err(e);

@@ -64,7 +64,8 @@ pub struct Elastic {
     pub wait: Duration,
     /// The ring rank that writes the run directory.
     pub writer: usize,
-    /// This worker joins a running job.
+    /// This worker joins a running job (it has no training state until it meets a ring;
+    /// the engine keeps track of that).
     pub joining: bool,
 }
 
@@ -132,7 +133,9 @@ impl RingSync {
                         world: config.peers.len(),
                         source: Box::new(source),
                     };
-                    let Some((next, fresh)) = elastic.membership.next_after(config.generation, Duration::ZERO) else {
+                    // A member of this ring may be gone: the coordinator then announces the
+                    // next one within its heartbeat timeout.
+                    let Some((next, fresh)) = elastic.membership.next_after(config.generation, elastic.wait) else {
                         return Err(failed);
                     };
                     elastic.enter(next);
@@ -270,9 +273,10 @@ impl GradSync for RingSync {
         let Some(elastic) = self.elastic.as_mut() else {
             return Ok(false);
         };
-        let mut wait = elastic.wait;
+        let deadline = Instant::now() + elastic.wait;
         let mut failed = None;
         loop {
+            let wait = deadline.saturating_duration_since(Instant::now());
             let Some((next, token)) = elastic.membership.next_after(elastic.config.generation, wait) else {
                 // Stopped (dropped from the job, aborted, the coordinator lost): say why, not
                 // how the collective in flight happened to fail.
@@ -298,12 +302,12 @@ impl GradSync for RingSync {
                     return Ok(true);
                 }
                 Err(e) => {
+                    // Only a newer ring can help now (a member of this one may be gone: the
+                    // coordinator announces the next within its heartbeat timeout).
                     failed = Some(SyncError(format!(
                         "rank {} could not join ring generation {}: {e}",
                         elastic.config.rank, elastic.config.generation
                     )));
-                    // Only a newer ring can help now.
-                    wait = Duration::ZERO;
                 }
             }
         }
@@ -462,7 +466,6 @@ impl Elastic {
         self.config.peers = next.peers;
         self.config.generation = next.generation;
         self.writer = next.writer_rank;
-        self.joining = false;
     }
 }
 

@@ -87,6 +87,8 @@ struct Position {
     checkpoint_epoch: Option<u64>,
     /// Epoch whose checkpoint the engine writes right after reporting it.
     pending_checkpoint: Option<u64>,
+    /// The last epoch was reported: the final evaluation runs.
+    finishing: bool,
 }
 
 struct Control {
@@ -341,6 +343,7 @@ fn start_heartbeats(
                 step: p.step,
                 checkpoint_epoch: p.checkpoint_epoch,
                 rejoined: beat_membership.rejoined(),
+                finishing: p.finishing,
             };
             if tx.send(beat).await.is_err() {
                 break;
@@ -409,7 +412,8 @@ fn train(
         path: a.job_path.clone(),
         reason,
     })?;
-    let resume = a.resume_from.as_deref().map(Path::new);
+    // A worker that joins a running job takes the state from the others, not the checkpoint.
+    let resume = a.resume_from.as_deref().map(Path::new).filter(|_| !a.joining);
     if let Some(path) = resume {
         let manifest = read_checkpoint_manifest(path).map_err(|e| WorkerError::Train {
             rank,
@@ -500,6 +504,7 @@ fn train(
                     }
                 }
                 Progress::Epoch(r) => {
+                    pos.finishing = r.epoch as u64 == epochs && r.fold.is_none();
                     let due = run
                         .checkpoint_every
                         .is_some_and(|k| r.epoch as u64 % k.max(1) as u64 == 0 || r.epoch as u64 == epochs);

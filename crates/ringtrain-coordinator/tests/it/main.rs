@@ -64,6 +64,7 @@ impl Fake {
             step,
             checkpoint_epoch,
             rejoined: None,
+            finishing: false,
         };
         self.beats.send(beat).await.unwrap();
     }
@@ -136,6 +137,7 @@ async fn beating(mut c: CoordinatorClient, a: Assignment) -> Fake {
         step: 0,
         checkpoint_epoch: None,
         rejoined: None,
+        finishing: false,
     })
     .await
     .unwrap();
@@ -224,6 +226,7 @@ async fn an_elastic_job_goes_on_without_a_lost_worker_and_takes_in_a_new_one() {
                 step: 17,
                 stepped_back: u64::from(f.a.rank == 2),
             }),
+            finishing: false,
         };
         f.beats.send(beat).await.unwrap();
     }
@@ -579,4 +582,54 @@ async fn parallel_folds_form_one_ring_per_group_and_compare_checksums_within_it(
         ),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn an_elastic_job_outlives_a_joiner_that_fails_at_once_and_a_loss_after_others_finished() {
+    let (addr, job) = start(elastic_config(3, 1, 4)).await;
+    let mut fakes = join(&addr, 3).await;
+    // A newcomer is taken in, then fails before it ever met the others (its data is missing,
+    // say): that is its failure, not the job's.
+    let mut c = client(&addr, TOKEN).await;
+    let a = c
+        .register(Registration {
+            peer_addr: "127.0.0.1:9007".into(),
+            host: "h".into(),
+            pid: 300,
+            remote: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!((a.rank, a.generation, a.joining), (3, 1, true));
+    c.finish(FinishReport {
+        job_id: a.job_id.clone(),
+        rank: a.rank,
+        outcome: WorkerOutcome::Failed {
+            error: "no such file: /data/x".into(),
+            bad_input: true,
+        },
+    })
+    .await
+    .unwrap();
+    for f in &mut fakes {
+        assert_eq!(f.reform().await.generation, 1);
+        let r = f.reform().await;
+        assert_eq!((r.generation, r.peers.len()), (2, 3));
+        assert!(
+            r.reason.contains("worker rank 3") && r.reason.contains("no such file"),
+            "{}",
+            r.reason
+        );
+    }
+    // Rank 0 (the writer) finishes; then rank 2 is lost while rank 1 is still evaluating.
+    fakes[0].finish(finished(5)).await;
+    drop(fakes.remove(2));
+    let r = fakes[1].reform().await;
+    // Rank 1 goes on alone; the writer already finished, so nobody in this ring writes.
+    assert_eq!((r.generation, r.ring_rank, r.peers.len(), r.writer_rank), (3, 0, 1, 1));
+    fakes[1].finish(finished(5)).await;
+    let outcome = job.await.unwrap().unwrap();
+    assert_eq!(outcome.params_checksum, 5);
+    assert_eq!(outcome.membership.len(), 3, "{:?}", outcome.membership);
+    assert_eq!(outcome.comm_secs.len(), 2, "the two members left both count");
 }
