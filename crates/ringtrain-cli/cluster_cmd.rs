@@ -34,6 +34,7 @@ use ringtrain_worker::{run_worker, WorkerEvent, WorkerOptions};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::certs_cmd::{Throwaway, TlsArgs};
 use crate::collective_cmd::TOKEN_ENV;
 
 /// Pause of a `--rejoin` worker between two jobs.
@@ -103,6 +104,10 @@ pub struct LaunchArgs {
     /// again must not spin).
     #[arg(long, value_name = "MS", default_value_t = 1000, env = "RINGTRAIN_RESTART_DELAY_MS")]
     pub restart_delay_ms: u64,
+    /// Run without TLS. By default every connection of the run uses mutual TLS with a CA
+    /// made for the run (and removed after it).
+    #[arg(long, env = "RINGTRAIN_PLAINTEXT", value_parser = BoolishValueParser::new())]
+    pub plaintext: bool,
 }
 
 /// `ringtrain coordinator`: the control plane of a multi-node run.
@@ -121,6 +126,8 @@ pub struct CoordinatorArgs {
     /// After the job ends, keep serving /metrics this long so a scraper sees the final state.
     #[arg(long, default_value_t = 0, env = "RINGTRAIN_METRICS_LINGER_MS")]
     pub metrics_linger_ms: u64,
+    #[command(flatten)]
+    pub tls: TlsArgs,
     #[command(flatten)]
     pub job: JobArgs,
 }
@@ -159,6 +166,8 @@ pub struct WorkerArgs {
     /// Kubernetes StatefulSet), so a restarted coordinator finds them again.
     #[arg(long, env = "RINGTRAIN_REJOIN", value_parser = BoolishValueParser::new())]
     pub rejoin: bool,
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// A job checked here, before any worker sees it.
@@ -597,6 +606,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let mut config = coordinator_config(&args.job, &prepared, &args.token);
+    config.tls = args.tls.load()?;
     let rt = runtime()?;
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(&args.listen))
@@ -662,6 +672,7 @@ pub fn run_worker_cmd(args: WorkerArgs) -> anyhow::Result<()> {
     let listener = std::net::TcpListener::bind(&args.peer_addr).with_context(|| format!("bind {}", args.peer_addr))?;
     let bound = listener.local_addr().context("read the bound address")?;
     listening("worker", &bound.to_string());
+    let tls = args.tls.load()?;
     let mut observe = |e: WorkerEvent| match e {
         WorkerEvent::Assigned {
             rank,
@@ -698,6 +709,7 @@ pub fn run_worker_cmd(args: WorkerArgs) -> anyhow::Result<()> {
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
             rendezvous_timeout: Duration::from_millis(args.rendezvous_timeout_ms),
             coordinator_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+            tls: tls.clone(),
         };
         match run_worker(opts, &mut observe) {
             Ok(r) => {
@@ -752,6 +764,8 @@ struct Spawner {
     token: String,
     threads: usize,
     heartbeat_timeout_ms: u64,
+    /// The run's throw-away TLS material (`None`: `--plaintext`).
+    tls: Option<Arc<Throwaway>>,
 }
 
 impl Spawner {
@@ -767,6 +781,7 @@ impl Spawner {
             .args(["--threads", &self.threads.to_string()])
             .args(["--heartbeat-timeout-ms", &self.heartbeat_timeout_ms.to_string()])
             .env(TOKEN_ENV, &self.token)
+            .envs(self.tls.iter().flat_map(|t| t.env()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -927,7 +942,13 @@ pub fn run_launch(launch: LaunchArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     let token = fresh_token();
-    let config = coordinator_config(args, &prepared, &token);
+    let mut config = coordinator_config(args, &prepared, &token);
+    let tls = if launch.plaintext {
+        None
+    } else {
+        Some(Arc::new(Throwaway::new().context("make the run's TLS certificates")?))
+    };
+    config.tls = tls.as_ref().map(|t| t.tls.clone());
     let rt = runtime()?;
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -943,6 +964,7 @@ pub fn run_launch(launch: LaunchArgs) -> anyhow::Result<()> {
         token: token.clone(),
         threads,
         heartbeat_timeout_ms: args.heartbeat_timeout_ms,
+        tls,
     };
     let elastic = config.elastic();
     let workers = Workers::spawn(&spawner, args.workers)?;

@@ -59,6 +59,9 @@ pub struct BenchAllreduceArgs {
     /// as a fraction of it, the physical limit of a ring.
     #[arg(long)]
     pub link_gbit: Option<f64>,
+    /// Mutual TLS on every link, with a CA made for the run (to measure what TLS costs).
+    #[arg(long)]
+    pub tls: bool,
 }
 
 /// What a peer does once the ring is up.
@@ -117,6 +120,8 @@ pub struct PeerArgs {
     /// Soak: rounds (0 = until failure).
     #[arg(long, default_value_t = 0)]
     pub rounds: u64,
+    #[command(flatten)]
+    pub tls: crate::certs_cmd::TlsArgs,
 }
 
 /// Parse `4096`, `4K`, `4KiB`, `64M`, `64MiB`, `1G`.
@@ -171,6 +176,7 @@ pub fn run_peer(args: PeerArgs) -> anyhow::Result<()> {
     config.timeout = Duration::from_millis(args.timeout_ms);
     config.connect_timeout = connect_timeout;
     config.part_bytes = args.part_bytes;
+    config.tls = args.tls.load()?;
     let mut comm = Communicator::connect(&config, listener, args.io_threads)
         .with_context(|| format!("rank {} joins the ring", args.rank))?;
 
@@ -327,7 +333,13 @@ impl Drop for Peers {
 
 impl Peers {
     /// Starts rank r inside `netns[r]` when given, listening on `listen[r]`:0 when given.
-    fn spawn(n: usize, token: &str, extra: &[String], netns: &[String], listen: &[String]) -> anyhow::Result<Self> {
+    fn spawn(
+        n: usize,
+        token: &str,
+        extra: &[String],
+        (netns, listen): (&[String], &[String]),
+        env: &[(&'static str, std::path::PathBuf)],
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("find the ringtrain executable")?;
         let (tx, lines) = mpsc::channel();
         let mut peers = Peers {
@@ -354,6 +366,7 @@ impl Peers {
                 .args(["--rank", &rank.to_string(), "--world", &n.to_string()])
                 .args(extra)
                 .env(TOKEN_ENV, token)
+                .envs(env.iter().cloned())
                 // The peers only move bytes: no BLAS or rayon threads competing for the cores.
                 .env("RINGTRAIN_THREADS", "1")
                 // Otherwise OpenBLAS starts an idle server thread per process at load time, which
@@ -470,7 +483,13 @@ pub fn run_bench_allreduce(args: BenchAllreduceArgs) -> anyhow::Result<()> {
     if let Some(iters) = args.iters {
         extra.extend(["--iters".to_owned(), iters.to_string()]);
     }
-    let mut peers = Peers::spawn(n, &local_token(), &extra, &args.netns, &args.listen)?;
+    let tls = args
+        .tls
+        .then(crate::certs_cmd::Throwaway::new)
+        .transpose()
+        .context("make the run's TLS certificates")?;
+    let env = tls.as_ref().map(|t| t.env().to_vec()).unwrap_or_default();
+    let mut peers = Peers::spawn(n, &local_token(), &extra, (&args.netns, &args.listen), &env)?;
 
     let startup = Instant::now() + Duration::from_secs(30);
     let mut addrs = vec![String::new(); n];

@@ -4,6 +4,7 @@
 //! 2 the job or its input is bad (fix it before retrying).
 #![allow(clippy::print_stdout)] // reason: printing results is this binary's job
 
+mod certs_cmd;
 mod cluster_cmd;
 mod collective_cmd;
 mod progress;
@@ -88,6 +89,8 @@ enum Command {
     Coordinator(cluster_cmd::CoordinatorArgs),
     /// Join a distributed job as one worker.
     Worker(cluster_cmd::WorkerArgs),
+    /// Make a cluster CA and certificates signed by it, for mutual TLS (--tls-* flags).
+    Certs(certs_cmd::CertsArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -154,6 +157,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         Command::Launch(args) => cluster_cmd::run_launch(args),
         Command::Coordinator(args) => cluster_cmd::run_coordinator(args),
         Command::Worker(args) => cluster_cmd::run_worker_cmd(args),
+        Command::Certs(args) => certs_cmd::run_certs(args),
         Command::Evaluate(args) => use_model::evaluate(args),
         Command::Predict(args) => use_model::predict(args),
         Command::Generate(args) => use_model::generate(args),

@@ -10,4 +10,5 @@ mod elastic;
 mod hosts;
 mod reports;
 mod sequences;
+mod tls;
 mod util;

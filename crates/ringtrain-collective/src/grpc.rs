@@ -17,6 +17,7 @@ use ringtrain_proto::grpc::{
     push_service, token_check, InboundError, InboundFrames, PushClient, PushHandler, GENERATION_METADATA_KEY,
     JOB_METADATA_KEY, RANK_METADATA_KEY, TOKEN_METADATA_KEY,
 };
+use ringtrain_proto::tls::Tls;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -66,6 +67,8 @@ pub struct GrpcConfig {
     pub connect_timeout: Duration,
     /// Payload bytes per pipelined message.
     pub part_bytes: usize,
+    /// Mutual TLS on both links (`None`: plaintext).
+    pub tls: Option<Tls>,
 }
 
 impl std::fmt::Debug for GrpcConfig {
@@ -79,6 +82,7 @@ impl std::fmt::Debug for GrpcConfig {
             .field("timeout", &self.timeout)
             .field("connect_timeout", &self.connect_timeout)
             .field("part_bytes", &self.part_bytes)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -95,6 +99,7 @@ impl GrpcConfig {
             timeout: DEFAULT_TIMEOUT,
             connect_timeout: Duration::from_secs(30),
             part_bytes: DEFAULT_PART_BYTES,
+            tls: None,
         }
     }
 
@@ -196,8 +201,14 @@ impl GrpcTransport {
         };
         let service = InterceptedService::new(push_service(handler, max_message), token_check(&config.token));
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let mut builder = Server::builder();
+        if let Some(tls) = &config.tls {
+            builder = builder.tls_config(tls.server()).map_err(|e| Error::Config {
+                what: format!("unusable TLS certificate or key: {}", crate::error_chain(&e)),
+            })?;
+        }
         let server = tokio::spawn(async move {
-            let served = Server::builder()
+            let served = builder
                 .initial_stream_window_size(STREAM_WINDOW)
                 .initial_connection_window_size(CONNECTION_WINDOW)
                 .max_frame_size(MAX_FRAME)
@@ -226,6 +237,7 @@ impl GrpcTransport {
                 rank,
                 right,
                 addr: config.peers[right].clone(),
+                tls: config.tls.clone(),
                 metadata: stream_metadata(config)?,
                 connect_timeout: config.connect_timeout,
                 keepalive: config.timeout,
@@ -568,6 +580,7 @@ struct RightLink {
     rank: usize,
     right: usize,
     addr: String,
+    tls: Option<Tls>,
     metadata: MetadataMap,
     connect_timeout: Duration,
     keepalive: Duration,
@@ -613,13 +626,21 @@ impl RightLink {
 
     /// `Err((failure, urgent))` where `urgent` marks failures before any frame was accepted.
     async fn stream(&self, frames: &Arc<Mutex<FrameQueue>>) -> Result<(), (LinkFailure, bool)> {
-        let uri = if self.addr.contains("://") {
-            self.addr.clone()
-        } else {
-            format!("http://{}", self.addr)
+        let uri = match self.addr.split_once("://") {
+            Some((_, rest)) => format!("{}://{rest}", Tls::scheme(self.tls.as_ref())),
+            None => format!("{}://{}", Tls::scheme(self.tls.as_ref()), self.addr),
         };
-        let endpoint = Endpoint::from_shared(uri)
-            .map_err(|e| (LinkFailure::Closed(format!("bad address {:?}: {e}", self.addr)), true))?
+        let mut endpoint = Endpoint::from_shared(uri)
+            .map_err(|e| (LinkFailure::Closed(format!("bad address {:?}: {e}", self.addr)), true))?;
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.client()).map_err(|e| {
+                (
+                    LinkFailure::Closed(format!("unusable TLS settings: {}", crate::error_chain(&e))),
+                    true,
+                )
+            })?;
+        }
+        let endpoint = endpoint
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true)
             .initial_stream_window_size(STREAM_WINDOW)
@@ -637,7 +658,11 @@ impl RightLink {
                     }
                     Err(e) => {
                         return Err((
-                            LinkFailure::Closed(format!("could not connect within {:?}: {e}", self.connect_timeout)),
+                            LinkFailure::Closed(format!(
+                                "could not connect within {:?}: {}",
+                                self.connect_timeout,
+                                crate::error_chain(&e)
+                            )),
                             true,
                         ))
                     }

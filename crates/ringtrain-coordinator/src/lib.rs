@@ -133,6 +133,8 @@ pub struct CoordinatorConfig {
     /// Elastic training: workers may join the running job up to this many (`None`: no
     /// more than `workers`).
     pub max_workers: Option<usize>,
+    /// Mutual TLS: only clients with a certificate signed by the cluster's CA get in.
+    pub tls: Option<ringtrain_proto::tls::Tls>,
 }
 
 /// Name under which the health service reports the coordinator (besides `""`).
@@ -156,6 +158,7 @@ impl std::fmt::Debug for CoordinatorConfig {
             .field("parallel_folds", &self.parallel_folds)
             .field("min_workers", &self.min_workers)
             .field("max_workers", &self.max_workers)
+            .field("tls", &self.tls.is_some())
             .finish()
     }
 }
@@ -183,6 +186,7 @@ impl CoordinatorConfig {
             parallel_folds: None,
             min_workers: None,
             max_workers: None,
+            tls: None,
         }
     }
 

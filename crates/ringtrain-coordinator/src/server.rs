@@ -630,8 +630,19 @@ pub async fn serve(
         m.set_workers(shared.config.workers, 0, 0);
     }
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let mut builder = Server::builder();
+    if let Some(tls) = &shared.config.tls {
+        builder = builder.tls_config(tls.server()).map_err(|e| CoordinatorError::Config {
+            what: format!(
+                "unusable TLS certificate or key: {e}: {}",
+                std::error::Error::source(&e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            ),
+        })?;
+    }
     let mut server = tokio::spawn(
-        Server::builder()
+        builder
             .add_service(health_service)
             .add_service(service)
             .serve_with_incoming(incoming),

@@ -24,3 +24,4 @@ mod codec;
 pub mod collective;
 pub mod coordinator;
 pub mod grpc;
+pub mod tls;

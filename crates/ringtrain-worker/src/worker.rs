@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ringtrain_collective::GrpcConfig;
+use ringtrain_collective::{GrpcConfig, Tls};
 use ringtrain_config::{Compression, Job};
 use ringtrain_proto::coordinator::{
     Assignment, Beat, Command, CoordinatorClient, EpochUpdate, FinishReport, Registration, WorkerOutcome,
@@ -18,6 +18,10 @@ use tonic::transport::Endpoint;
 use crate::error::{Result, WorkerError};
 use crate::membership::Membership;
 use crate::sync::{Elastic, RingSync, SyncStats};
+
+/// Said where a connection failed in a way a TLS mismatch explains.
+const TLS_HINT: &str =
+    " (with TLS, both sides need --tls-ca/--tls-cert/--tls-key and certificates signed by the same CA)";
 
 /// Deadline of every unary call to the coordinator (registration waits longer).
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -48,6 +52,8 @@ pub struct WorkerOptions {
     /// beats) before this worker stops training: the coordinator's heartbeat timeout,
     /// mirrored. At least four beat intervals are always allowed.
     pub coordinator_timeout: Duration,
+    /// Mutual TLS to the coordinator and on both ring links (`None`: plaintext).
+    pub tls: Option<Tls>,
 }
 
 /// What happened on the way: rank assigned, epochs done. Given to the observer.
@@ -124,6 +130,8 @@ impl Control {
     ) -> Result<T> {
         match answer {
             Ok(Ok(v)) => Ok(v),
+            // A TLS server drops a plaintext client (and the other way round) without a word.
+            Ok(Err(e)) if e.to_string().contains("transport error") => Err(self.err(what, format!("{e}{TLS_HINT}"))),
             Ok(Err(e)) => Err(self.err(what, e)),
             Err(_) => Err(self.err(what, format!("no answer within {timeout:?}"))),
         }
@@ -168,20 +176,23 @@ fn connect(opts: &WorkerOptions) -> Result<Control> {
         .build()
         .map_err(setup)?;
     let addr = opts.coordinator.clone();
-    let uri = if addr.contains("://") {
-        addr.clone()
-    } else {
-        format!("http://{addr}")
+    let scheme = Tls::scheme(opts.tls.as_ref());
+    let uri = match addr.split_once("://") {
+        Some((_, rest)) => format!("{scheme}://{rest}"),
+        None => format!("{scheme}://{addr}"),
     };
     let bad = |what: &'static str, reason: String| WorkerError::Coordinator {
         addr: addr.clone(),
         what,
         reason,
     };
-    let endpoint = Endpoint::from_shared(uri)
-        .map_err(|e| bad("bad address", e.to_string()))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true);
+    let mut endpoint = Endpoint::from_shared(uri).map_err(|e| bad("bad address", e.to_string()))?;
+    if let Some(tls) = &opts.tls {
+        endpoint = endpoint
+            .tls_config(tls.client())
+            .map_err(|e| bad("unusable TLS settings", e.to_string()))?;
+    }
+    let endpoint = endpoint.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true);
     let deadline = tokio::time::Instant::now() + opts.connect_timeout;
     let channel = runtime.block_on(async {
         loop {
@@ -195,8 +206,14 @@ fn connect(opts: &WorkerOptions) -> Result<Control> {
                     let mut reason = e.to_string();
                     let mut source = std::error::Error::source(&e);
                     while let Some(s) = source {
-                        reason = format!("{reason}: {s}");
+                        let text = s.to_string();
+                        if !reason.contains(&text) {
+                            reason = format!("{reason}: {text}");
+                        }
                         source = s.source();
+                    }
+                    if reason.contains("certificate") || reason.contains("tls") || reason.contains("TLS") {
+                        reason.push_str(TLS_HINT);
                     }
                     return Err(bad(
                         "unreachable",
@@ -433,6 +450,7 @@ fn train(
     config.timeout = a.collective_timeout;
     config.connect_timeout = opts.connect_timeout.max(Duration::from_secs(5));
     config.generation = a.generation;
+    config.tls = opts.tls.clone();
     let listener = opts.listener.try_clone().map_err(|e| WorkerError::Setup {
         reason: format!("cannot use the collective listener: {e}"),
     })?;

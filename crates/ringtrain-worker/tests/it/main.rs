@@ -247,6 +247,7 @@ mod cluster {
             connect_timeout: Duration::from_secs(5),
             rendezvous_timeout: Duration::from_secs(20),
             coordinator_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 
