@@ -265,9 +265,40 @@ fn check_deployment(objs: &[Value], what: &str) {
     let collective = container_port(worker, "collective");
     assert_eq!(port_of(env_value(worker, "RINGTRAIN_PEER_ADDR")), collective, "{what}");
 
-    // Probes: gRPC health on the coordinator's control port (tonic-health runs there).
+    // TLS: all or nothing, the same on both sides, each file inside a mounted Secret.
+    let tls_vars = ["RINGTRAIN_TLS_CA", "RINGTRAIN_TLS_CERT", "RINGTRAIN_TLS_KEY"];
+    let tls = env(coord).contains_key(tls_vars[0]);
+    for (c, workload) in [(coord, job), (worker, sts)] {
+        for var in tls_vars {
+            assert_eq!(env(c).contains_key(var), tls, "{what}: {var} on one side only");
+            if !tls {
+                continue;
+            }
+            let path = env_value(c, var);
+            let mount = c["volumeMounts"]
+                .as_array()
+                .and_then(|ms| {
+                    // The deepest mount holding the path.
+                    ms.iter()
+                        .filter(|m| path.starts_with(&format!("{}/", str_of(&m["mountPath"]))))
+                        .max_by_key(|m| str_of(&m["mountPath"]).len())
+                })
+                .unwrap_or_else(|| panic!("{what}: {var}={path} is on no mounted volume"));
+            let volume = workload["spec"]["template"]["spec"]["volumes"]
+                .as_array()
+                .and_then(|vs| vs.iter().find(|v| v["name"] == mount["name"]))
+                .unwrap_or_else(|| panic!("{what}: no volume {}", mount["name"]));
+            assert!(
+                volume["secret"]["secretName"].is_string(),
+                "{what}: {var} must come from a Secret"
+            );
+        }
+    }
+    // Probes on the coordinator's control port: gRPC health (tonic-health runs there), or with
+    // TLS, which the kubelet's gRPC probes cannot speak, a TCP check of the same port.
     for probe in ["readinessProbe", "livenessProbe"] {
-        assert_eq!(coord[probe]["grpc"]["port"].as_u64(), Some(grpc), "{what}: {probe}");
+        let kind = if tls { "tcpSocket" } else { "grpc" };
+        assert_eq!(coord[probe][kind]["port"].as_u64(), Some(grpc), "{what}: {probe}");
     }
     // The worker serves no health service: a probe against it could never pass.
     assert!(worker.get("readinessProbe").is_none() && worker.get("livenessProbe").is_none());
