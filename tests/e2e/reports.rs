@@ -144,6 +144,14 @@ fn evaluate_and_predict_refuse_bad_input_with_one_line() {
     let args = ["predict", run_s, input.to_str().expect("utf-8 path")];
     assert_bad_input(&args, &ringtrain(&args), "line 2: expected 4 feature columns");
 
+    // An edited job.toml in the run directory is bad input, not a panic in the split.
+    let job = run.join("job.toml");
+    let text = std::fs::read_to_string(&job).expect("job.toml");
+    std::fs::write(&job, text.replace("test_fraction = 0.2", "test_fraction = 1.5")).expect("edit job.toml");
+    let args = ["evaluate", run_s];
+    assert_bad_input(&args, &ringtrain(&args), "test_fraction");
+    std::fs::write(&job, text).expect("restore job.toml");
+
     // A run directory without its weights is refused, not silently re-initialised.
     std::fs::remove_file(run.join("model.safetensors")).expect("remove weights");
     let args = ["evaluate", run_s];

@@ -56,7 +56,7 @@ pub use crate::metrics::{perplexity, summarize_folds, ConfusionMatrix, Regressio
 pub use crate::shard::{
     epoch_permutation, eval_shard, num_batches, shard, shard_indices, shard_len, stream_batches, stream_part, Remainder,
 };
-pub use crate::split::{holdout, kfold, time_series_splits, train_test_split, try_train_test_split, Split, Window};
+pub use crate::split::{holdout, kfold, time_series_splits, train_test_split, Split, Window};
 pub use crate::text::{read_class_dirs, read_labeled_lines, TextDataset};
 pub use crate::timeseries::{make_windows, read_series_csv, Missing, Series, Windows};
 pub use crate::vocab::{Tokenizer, Vocab, VocabOptions, PAD, SPECIAL_TOKENS, START, STOP, UNK};

@@ -63,18 +63,9 @@ fn check_labels(n: usize, labels: Option<&[usize]>) -> Result<(), DataError> {
 /// With `stratify = Some(labels)` (one class id per example) every class is represented in
 /// the test side in proportion; see the module docs for the exact guarantee.
 ///
-/// # Panics
-/// If `test_fraction` is not in `[0, 1]` or `stratify` has fewer than `n` labels; use
-/// [`try_train_test_split`] for values that come from a user.
-pub fn train_test_split(n: usize, test_fraction: f64, seed: u64, stratify: Option<&[usize]>) -> Split {
-    match try_train_test_split(n, test_fraction, seed, stratify) {
-        Ok(split) => split,
-        Err(e) => panic!("train_test_split: {e}"),
-    }
-}
-
-/// [`train_test_split`] that reports bad arguments instead of panicking.
-pub fn try_train_test_split(
+/// A `test_fraction` outside `[0, 1]` or fewer than `n` labels is an error (the values may
+/// come from an edited job file).
+pub fn train_test_split(
     n: usize,
     test_fraction: f64,
     seed: u64,
@@ -291,17 +282,17 @@ mod tests {
 
     #[test]
     fn same_seed_same_split_other_seed_other_split() {
-        let a = train_test_split(100, 0.2, 7, None);
-        assert_eq!(a, train_test_split(100, 0.2, 7, None));
-        assert_ne!(a, train_test_split(100, 0.2, 8, None));
+        let a = train_test_split(100, 0.2, 7, None).unwrap();
+        assert_eq!(a, train_test_split(100, 0.2, 7, None).unwrap());
+        assert_ne!(a, train_test_split(100, 0.2, 8, None).unwrap());
         assert_eq!(a.test.len(), 20);
     }
 
     #[test]
     fn bad_arguments_are_errors() {
-        assert!(try_train_test_split(10, 1.5, 0, None).is_err());
-        assert!(try_train_test_split(10, f64::NAN, 0, None).is_err());
-        assert!(try_train_test_split(10, 0.5, 0, Some(&[0, 1])).is_err());
+        assert!(train_test_split(10, 1.5, 0, None).is_err());
+        assert!(train_test_split(10, f64::NAN, 0, None).is_err());
+        assert!(train_test_split(10, 0.5, 0, Some(&[0, 1])).is_err());
         assert!(kfold(10, 1, 0, None).is_err());
         assert!(kfold(3, 4, 0, None).is_err());
         assert!(kfold(4, 2, 0, Some(&[0])).is_err());
@@ -312,9 +303,9 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "test_fraction")]
-    fn train_test_split_panics_on_bad_fraction() {
-        let _ = train_test_split(10, -0.1, 0, None);
+    fn train_test_split_refuses_a_bad_fraction() {
+        let e = train_test_split(10, -0.1, 0, None).unwrap_err();
+        assert!(e.to_string().contains("test_fraction"), "{e}");
     }
 
     #[test]
@@ -357,7 +348,7 @@ mod tests {
         fn train_test_split_partitions_with_exact_test_size(
             n in 0usize..300, frac in 0.0f64..=1.0, seed: u64,
         ) {
-            let split = train_test_split(n, frac, seed, None);
+            let split = train_test_split(n, frac, seed, None).unwrap();
             assert_partition(&split, &(0..n).collect::<Vec<_>>());
             prop_assert_eq!(split.test.len(), ((n as f64) * frac).round() as usize);
         }
@@ -369,8 +360,8 @@ mod tests {
             let sparse: Vec<usize> = labels.iter().map(|&l| l * 1_000_000_007).collect();
             let n = labels.len();
             prop_assert_eq!(
-                train_test_split(n, 0.25, seed, Some(&labels)),
-                train_test_split(n, 0.25, seed, Some(&sparse))
+                train_test_split(n, 0.25, seed, Some(&labels)).unwrap(),
+                train_test_split(n, 0.25, seed, Some(&sparse)).unwrap()
             );
         }
 
@@ -379,7 +370,7 @@ mod tests {
             labels in prop::collection::vec(0usize..5, 1..300), frac in 0.0f64..=1.0, seed: u64,
         ) {
             let n = labels.len();
-            let split = train_test_split(n, frac, seed, Some(&labels));
+            let split = train_test_split(n, frac, seed, Some(&labels)).unwrap();
             assert_partition(&split, &(0..n).collect::<Vec<_>>());
             let t = ((n as f64) * frac).round() as usize;
             prop_assert_eq!(split.test.len(), t);
@@ -395,7 +386,7 @@ mod tests {
             n in 1usize..200, frac in 0.0f64..=1.0, seed: u64, stratified: bool,
         ) {
             let labels: Vec<usize> = (0..n).map(|i| i % 3).collect();
-            let outer = train_test_split(n, 0.3, seed, Some(&labels));
+            let outer = train_test_split(n, 0.3, seed, Some(&labels)).unwrap();
             let inner = holdout(&outer.train, frac, seed ^ 1, stratified.then_some(&labels[..]))
                 .unwrap();
             assert_partition(&inner, &outer.train);

@@ -1370,7 +1370,7 @@ pub fn run_job_opts(
     type Planned = (Option<usize>, Vec<usize>, Vec<usize>, bool);
     let splits: Vec<Planned> = match job.evaluation.scheme {
         EvalScheme::TrainTest => {
-            let s = train_test_split(n, job.evaluation.test_fraction, job.job.seed, strata);
+            let s = train_test_split(n, job.evaluation.test_fraction, job.job.seed, strata)?;
             vec![(None, s.train, s.test, false)]
         }
         EvalScheme::Kfold => kfold(n, job.evaluation.folds, job.job.seed, strata)?

@@ -318,7 +318,7 @@ impl SavedModel {
                         (task.examples.clone(), test, "test split of the last fold".to_string())
                     }
                     _ => {
-                        let s = train_test_split(n, job.evaluation.test_fraction, job.job.seed, strata);
+                        let s = train_test_split(n, job.evaluation.test_fraction, job.job.seed, strata)?;
                         (task.examples.clone(), s.test, "test split".to_string())
                     }
                 }

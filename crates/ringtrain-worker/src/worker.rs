@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use ringtrain_collective::{GrpcConfig, Tls};
 use ringtrain_config::{Compression, Job};
 use ringtrain_proto::coordinator::{
-    Assignment, Beat, Command, CoordinatorClient, EpochUpdate, FinishReport, Registration, WorkerOutcome,
+    Assignment, Beat, ClientError, Command, CoordinatorClient, EpochUpdate, FinishReport, Registration, WorkerOutcome,
 };
 use ringtrain_train::{read_checkpoint_manifest, run_job_opts, Progress, RunOptions, RunSummary, TrainError};
 use tokio::runtime::Runtime;
@@ -126,12 +126,20 @@ impl Control {
         &self,
         what: &'static str,
         timeout: Duration,
-        answer: Result<Result<T, ringtrain_proto::coordinator::ClientError>, tokio::time::error::Elapsed>,
+        answer: Result<Result<T, ClientError>, tokio::time::error::Elapsed>,
     ) -> Result<T> {
         match answer {
             Ok(Ok(v)) => Ok(v),
-            // A TLS server drops a plaintext client (and the other way round) without a word.
-            Ok(Err(e)) if e.to_string().contains("transport error") => Err(self.err(what, format!("{e}{TLS_HINT}"))),
+            // A TLS server drops a plaintext client (and the other way round) without a word:
+            // the call fails in the transport.
+            Ok(Err(ClientError::Status(s)))
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Unavailable
+                ) =>
+            {
+                Err(self.err(what, format!("{}{TLS_HINT}", ClientError::Status(s))))
+            }
             Ok(Err(e)) => Err(self.err(what, e)),
             Err(_) => Err(self.err(what, format!("no answer within {timeout:?}"))),
         }
