@@ -23,5 +23,6 @@ mod wire {
 mod codec;
 pub mod collective;
 pub mod coordinator;
+pub mod decode;
 pub mod grpc;
 pub mod tls;
