@@ -764,8 +764,8 @@ struct Spawner {
     token: String,
     threads: usize,
     heartbeat_timeout_ms: u64,
-    /// The run's throw-away TLS material (`None`: `--plaintext`).
-    tls: Option<Arc<Throwaway>>,
+    /// `RINGTRAIN_TLS_*` pointing at the run's throw-away certificates (empty: plaintext).
+    tls_env: Vec<(&'static str, PathBuf)>,
 }
 
 impl Spawner {
@@ -781,7 +781,7 @@ impl Spawner {
             .args(["--threads", &self.threads.to_string()])
             .args(["--heartbeat-timeout-ms", &self.heartbeat_timeout_ms.to_string()])
             .env(TOKEN_ENV, &self.token)
-            .envs(self.tls.iter().flat_map(|t| t.env()))
+            .envs(self.tls_env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -943,10 +943,12 @@ pub fn run_launch(launch: LaunchArgs) -> anyhow::Result<()> {
     }
     let token = fresh_token();
     let mut config = coordinator_config(args, &prepared, &token);
+    // Owned here, so the files go when this function returns, however it returns (a thread
+    // watching the children may outlive it).
     let tls = if launch.plaintext {
         None
     } else {
-        Some(Arc::new(Throwaway::new().context("make the run's TLS certificates")?))
+        Some(Throwaway::new().context("make the run's TLS certificates")?)
     };
     config.tls = tls.as_ref().map(|t| t.tls.clone());
     let rt = runtime()?;
@@ -964,7 +966,7 @@ pub fn run_launch(launch: LaunchArgs) -> anyhow::Result<()> {
         token: token.clone(),
         threads,
         heartbeat_timeout_ms: args.heartbeat_timeout_ms,
-        tls,
+        tls_env: tls.as_ref().map(|t| t.env().to_vec()).unwrap_or_default(),
     };
     let elastic = config.elastic();
     let workers = Workers::spawn(&spawner, args.workers)?;
