@@ -196,6 +196,21 @@ impl Shared {
         }
     }
 
+    /// Registers a worker under the next number, told of ring `generation`; returns the
+    /// number.
+    fn add_slot(&self, st: &mut State, request: Registration, generation: u64) -> usize {
+        let rank = st.slots.len();
+        let info = WorkerInfo {
+            rank,
+            peer_addr: request.peer_addr,
+            host: request.host,
+            pid: request.pid,
+        };
+        self.emit(Event::Registered(info.clone()));
+        st.slots.push(Slot::new(info, generation));
+        rank
+    }
+
     /// A worker registering with a running job: an elastic job takes it, up to
     /// `max_workers`, at the end of a new ring that the others are told of at once.
     fn admit(&self, st: &mut State, request: Registration) -> Result<Assignment, Status> {
@@ -223,15 +238,7 @@ impl Shared {
                 request.peer_addr
             )));
         }
-        let rank = st.slots.len();
-        let info = WorkerInfo {
-            rank,
-            peer_addr: request.peer_addr,
-            host: request.host,
-            pid: request.pid,
-        };
-        self.emit(Event::Registered(info.clone()));
-        st.slots.push(Slot::new(info, st.generation + 1));
+        let rank = self.add_slot(st, request, st.generation + 1);
         st.members.push(rank);
         self.reform(st, Vec::new(), vec![rank]);
         match reform_command(st, rank) {
@@ -386,15 +393,7 @@ impl CoordinatorHandler for Handler {
                     request.peer_addr, s.info.rank
                 )));
             }
-            let rank = st.slots.len();
-            let info = WorkerInfo {
-                rank,
-                peer_addr: request.peer_addr,
-                host: request.host,
-                pid: request.pid,
-            };
-            shared.emit(Event::Registered(info.clone()));
-            st.slots.push(Slot::new(info, 0));
+            let rank = shared.add_slot(&mut st, request, 0);
             if st.slots.len() == config.workers {
                 let peers: Vec<String> = st.slots.iter().map(|s| s.info.peer_addr.clone()).collect();
                 let now = Instant::now();

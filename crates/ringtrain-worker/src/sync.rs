@@ -88,7 +88,12 @@ impl RingSync {
                 source: Box::new(source),
             }
         })?;
-        Ok(RingSync {
+        Ok(RingSync::on(comm, None))
+    }
+
+    /// A sync on a connected ring: f32 gradients, overlapped with backward.
+    fn on(comm: Communicator, elastic: Option<Elastic>) -> RingSync {
+        RingSync {
             rank: comm.rank(),
             world: comm.world(),
             comm: Some(comm),
@@ -96,8 +101,8 @@ impl RingSync {
             checksum: None,
             residual: None,
             overlap: true,
-            elastic: None,
-        })
+            elastic,
+        }
     }
 
     /// Joins the first ring of an elastic job (`elastic.config`), or, when the membership
@@ -116,16 +121,7 @@ impl RingSync {
                     elastic
                         .membership
                         .joined(config.generation, elastic.writer == config.rank);
-                    return Ok(RingSync {
-                        rank: comm.rank(),
-                        world: comm.world(),
-                        comm: Some(comm),
-                        stats: Arc::default(),
-                        checksum: None,
-                        residual: None,
-                        overlap: true,
-                        elastic: Some(elastic),
-                    });
+                    return Ok(RingSync::on(comm, Some(elastic)));
                 }
                 Err(source) => {
                     let failed = WorkerError::Ring {
