@@ -57,7 +57,7 @@ pub struct JobArgs {
     /// Run directory (written by rank 0): metrics, summary, weights, checkpoints.
     #[arg(long, env = "RINGTRAIN_OUT")]
     pub out: PathBuf,
-    /// Continue from OUT/checkpoint.safetensors (same job and worker count).
+    /// Continue from OUT/checkpoint.safetensors (the same job; any number of workers).
     #[arg(long, conflicts_with = "resume_latest")]
     pub resume: bool,
     /// Continue from OUT/checkpoint.safetensors when it exists, else start afresh; a run
