@@ -57,6 +57,13 @@ pub fn iris_job(dir: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
     path
 }
 
+/// The address a `coordinator` process printed in its `listening` line (within a minute).
+pub fn coordinator_addr(coordinator: &Proc) -> String {
+    let listening = coordinator.line(Instant::now() + MINUTE, |l| l.contains("\"listening\""));
+    let v: serde_json::Value = serde_json::from_str(&listening).expect("json line");
+    v["addr"].as_str().expect("addr").to_owned()
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
@@ -343,9 +350,7 @@ fn a_coordinator_and_workers_configured_from_the_environment_train_together() {
         ],
         "pair-token",
     );
-    let listening = coordinator.line(Instant::now() + MINUTE, |l| l.contains("\"listening\""));
-    let v: serde_json::Value = serde_json::from_str(&listening).expect("json line");
-    let addr = v["addr"].as_str().expect("addr").to_owned();
+    let addr = coordinator_addr(&coordinator);
     // Everything but the command itself comes from RINGTRAIN_* variables.
     let mut workers: Vec<Proc> = (0..2)
         .map(|_| {
@@ -449,9 +454,7 @@ fn a_wrong_token_is_refused_and_the_rendezvous_times_out() {
         ],
         "right-token",
     );
-    let listening = coordinator.line(Instant::now() + MINUTE, |l| l.contains("\"listening\""));
-    let v: serde_json::Value = serde_json::from_str(&listening).expect("json line");
-    let addr = v["addr"].as_str().expect("addr").to_owned();
+    let addr = coordinator_addr(&coordinator);
 
     let mut worker = start(
         &["worker", "--coordinator", &addr, "--peer-addr", "127.0.0.1:0"],
@@ -788,9 +791,7 @@ fn parallel_kfold_of_a_cnn_on_four_workers_in_two_rings() {
         ],
         "folds-token",
     );
-    let listening = coordinator.line(Instant::now() + MINUTE, |l| l.contains("\"listening\""));
-    let v: serde_json::Value = serde_json::from_str(&listening).expect("json line");
-    let addr = v["addr"].as_str().expect("addr").to_owned();
+    let addr = coordinator_addr(&coordinator);
     let mut workers: Vec<Proc> = (0..4)
         .map(|_| {
             start(

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use crate::cluster::{iris_job, lenet_job, mnist_subset, s, start};
+use crate::cluster::{coordinator_addr, iris_job, lenet_job, mnist_subset, s, start};
 use crate::util::{read_json, Proc};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -28,6 +28,18 @@ fn signal(sig: &str, pid: u32) {
         .status()
         .expect("run kill");
     assert!(sent.success(), "kill {sig} {pid}");
+}
+
+/// Iris for 2 500 epochs: long enough to stop, kill or cut a worker while it trains.
+fn long_iris_job(dir: &Path) -> std::path::PathBuf {
+    iris_job(
+        dir,
+        "long",
+        &[
+            ("epochs = 100", "epochs = 2500"),
+            ("batch_size = 16", "batch_size = 15"),
+        ],
+    )
 }
 
 fn accuracy(dir: &Path) -> f64 {
@@ -122,14 +134,7 @@ fn a_killed_worker_leaves_three_that_carry_on_and_its_replacement_joins_back() {
 #[test]
 fn a_hung_worker_is_dropped_and_refused_when_it_wakes() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let job = iris_job(
-        tmp.path(),
-        "long",
-        &[
-            ("epochs = 100", "epochs = 2500"),
-            ("batch_size = 16", "batch_size = 15"),
-        ],
-    );
+    let job = long_iris_job(tmp.path());
     let out = tmp.path().join("run");
     let args = [
         "launch",
@@ -183,14 +188,7 @@ fn a_hung_worker_is_dropped_and_refused_when_it_wakes() {
 #[test]
 fn below_min_workers_the_job_stops_with_a_checkpoint_naming_the_lost() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let job = iris_job(
-        tmp.path(),
-        "long",
-        &[
-            ("epochs = 100", "epochs = 2500"),
-            ("batch_size = 16", "batch_size = 15"),
-        ],
-    );
+    let job = long_iris_job(tmp.path());
     let out = tmp.path().join("run");
     let args = [
         "launch",
@@ -309,9 +307,7 @@ fn a_worker_that_joins_as_the_job_starts_trains_with_the_others() {
         ],
         token,
     );
-    let listening = coordinator.line(Instant::now() + MINUTE, |l| l.contains("\"listening\""));
-    let v: serde_json::Value = serde_json::from_str(&listening).expect("json line");
-    let addr = v["addr"].as_str().expect("addr").to_owned();
+    let addr = coordinator_addr(&coordinator);
     let mut workers: Vec<Proc> = (0..3)
         .map(|_| start(&["worker", "--coordinator", &addr, "--peer-addr", "127.0.0.1:0"], token))
         .collect();

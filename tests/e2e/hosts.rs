@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ringtrain_testkit::Cluster;
 
-use crate::cluster::{iris_job, s, start_with, MINUTE};
+use crate::cluster::{coordinator_addr, iris_job, s, start_with, MINUTE};
 use crate::util::{bin, Proc};
 
 /// `n` simulated hosts, or `None` (with a skip line) where this process cannot make them.
@@ -51,9 +51,7 @@ fn coordinator_on_last(cluster: &Cluster, workers: usize, job: &str, out: &str, 
     args.extend(extra.iter().map(|a| (*a).to_owned()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let coordinator = start_on(cluster, host, &args);
-    let listening = coordinator.line(Instant::now() + MINUTE, |l| l.contains("\"listening\""));
-    let v: serde_json::Value = serde_json::from_str(&listening).expect("json line");
-    let addr = v["addr"].as_str().expect("addr").to_owned();
+    let addr = coordinator_addr(&coordinator);
     (coordinator, addr)
 }
 

@@ -3,9 +3,9 @@
 //! factor. Every wait has a deadline.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crate::cluster::{iris_job, s, start, MINUTE};
+use crate::cluster::{coordinator_addr, iris_job, s, start, MINUTE};
 use crate::util::{ok, Proc};
 
 /// A CA and one host certificate in `dir` (`ringtrain certs`).
@@ -72,9 +72,7 @@ fn a_tls_job_trains_bitwise_identical_and_turns_away_strangers() {
     .collect::<Vec<_>>();
     args.extend(tls_args(&ours));
     let mut coordinator = start(&args.iter().map(String::as_str).collect::<Vec<_>>(), token);
-    let listening = coordinator.line(Instant::now() + MINUTE, |l| l.contains("\"listening\""));
-    let v: serde_json::Value = serde_json::from_str(&listening).expect("json line");
-    let addr = v["addr"].as_str().expect("addr").to_owned();
+    let addr = coordinator_addr(&coordinator);
 
     // Without TLS: the coordinator drops the connection; the worker says why it may be.
     let line = refused(&addr, &[], token);

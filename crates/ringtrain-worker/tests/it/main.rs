@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ringtrain_collective::GrpcConfig;
 use ringtrain_config::{Job, ModelKind, SparseEmbeddings};
-use ringtrain_train::{run_job_with, GradSync, LocalSync, RunSummary};
+use ringtrain_train::{run_job_with, FoldReport, GradSync, LocalSync, RunSummary};
 use ringtrain_worker::{RingSync, SyncStats};
 
 fn iris_job(epochs: usize, batch: usize) -> (Job, String) {
@@ -55,20 +55,18 @@ fn run_ring_into(job: &Job, text: &str, world: usize, out: Option<&Path>) -> Vec
     handles.into_iter().map(|h| h.join().unwrap()).collect()
 }
 
-#[test]
-fn three_ranks_agree_bitwise_and_match_one_process() {
-    // 120 training examples, global batch 15 = 3 ranks x 5: no padding, so the ring sees
-    // exactly the batches one process sees, summed in another order.
-    let (job, text) = iris_job(15, 15);
-    let ranks = run_ring(&job, &text, 3);
+/// Runs `job` on `world` ranks and in one process: every rank ends with the same bits and
+/// metrics, and the final train loss is within 1e-3 relative of the one process's. Returns
+/// the fold report of rank 0 and of the one process, and rank 0's summary.
+fn ring_like_one_process(job: &Job, text: &str, world: usize) -> (FoldReport, FoldReport, RunSummary) {
+    let ranks = run_ring(job, text, world);
     let (first, checksum) = &ranks[0];
     for (r, (s, c)) in ranks.iter().enumerate() {
         assert_eq!(c, checksum, "rank {r} ended with other parameters");
         assert_eq!(s, first, "rank {r} computed other metrics");
     }
-    let single = run_job_with(&job, &text, None, &mut LocalSync, &mut |_| {}).unwrap();
+    let single = run_job_with(job, text, None, &mut LocalSync, &mut |_| {}).unwrap();
     let (a, b) = (&single.folds[0], &first.folds[0]);
-    assert_eq!(a.test_examples, b.test_examples);
     let rel = (a.train_loss - b.train_loss).abs() / a.train_loss.abs().max(1e-12);
     assert!(
         rel <= 1e-3,
@@ -76,6 +74,16 @@ fn three_ranks_agree_bitwise_and_match_one_process() {
         a.train_loss,
         b.train_loss
     );
+    (b.clone(), a.clone(), first.clone())
+}
+
+#[test]
+fn three_ranks_agree_bitwise_and_match_one_process() {
+    // 120 training examples, global batch 15 = 3 ranks x 5: no padding, so the ring sees
+    // exactly the batches one process sees, summed in another order.
+    let (job, text) = iris_job(15, 15);
+    let (b, a, first) = ring_like_one_process(&job, &text, 3);
+    assert_eq!(a.test_examples, b.test_examples);
     let acc_diff = (a.test.accuracy.unwrap() - b.test.accuracy.unwrap()).abs() * a.test_examples as f64;
     assert!(acc_diff <= 1.0 + 1e-9, "accuracy differs by {acc_diff} examples");
     assert!(first.test_accuracy.unwrap() > 0.8, "{first:?}");
@@ -185,21 +193,7 @@ fn embedding_rows_sent_sparse_give_the_dense_parameters_with_far_fewer_bytes() {
 #[test]
 fn a_batch_that_does_not_divide_by_the_world_trains_like_one_process() {
     let (job, text) = iris_job(10, 16);
-    let ranks = run_ring(&job, &text, 3);
-    let (first, checksum) = &ranks[0];
-    for (r, (s, c)) in ranks.iter().enumerate() {
-        assert_eq!(c, checksum, "rank {r} ended with other parameters");
-        assert_eq!(s, first, "rank {r} computed other metrics");
-    }
-    let single = run_job_with(&job, &text, None, &mut LocalSync, &mut |_| {}).unwrap();
-    let (a, b) = (&single.folds[0], &first.folds[0]);
-    let rel = (a.train_loss - b.train_loss).abs() / a.train_loss.abs().max(1e-12);
-    assert!(
-        rel <= 1e-3,
-        "train loss {} vs {} (rel {rel})",
-        a.train_loss,
-        b.train_loss
-    );
+    let (b, a, _) = ring_like_one_process(&job, &text, 3);
     let (la, lb) = (a.test.loss, b.test.loss);
     assert!((la - lb).abs() <= 1e-3 * la.abs().max(1e-12), "test loss {la} vs {lb}");
 }
