@@ -148,26 +148,12 @@ mod ring;
 mod transport;
 
 pub use communicator::Communicator;
-pub use ringtrain_proto::tls::{Tls, TlsError, TLS_NAME};
-
-/// An error and its sources on one line, each cause once: transport errors say little
-/// ("transport error") and keep the cause (a refused TLS certificate, say) in their sources.
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut line = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !line.contains(&text) {
-            line = format!("{line}: {text}");
-        }
-        source = s.source();
-    }
-    line
-}
 pub use error::{Direction, Error, LinkError, LinkFailure, Result};
 pub use grpc::{connect_ring, connect_ring_cancellable, GrpcConfig, GrpcTransport};
 pub use kernels::{from_bf16, to_bf16};
 pub use layout::BucketPlan;
 pub use ring::{CancelToken, ReduceOp, Ring, RingOptions, DEFAULT_PART_BYTES, DEFAULT_TIMEOUT};
 pub use ringtrain_proto::collective::CollectiveOp;
+pub(crate) use ringtrain_proto::grpc::error_chain;
+pub use ringtrain_proto::tls::{Tls, TlsError, TLS_NAME};
 pub use transport::{MemoryTransport, Transport};

@@ -633,10 +633,8 @@ pub async fn serve(
     if let Some(tls) = &shared.config.tls {
         builder = builder.tls_config(tls.server()).map_err(|e| CoordinatorError::Config {
             what: format!(
-                "unusable TLS certificate or key: {e}: {}",
-                std::error::Error::source(&e)
-                    .map(ToString::to_string)
-                    .unwrap_or_default()
+                "unusable TLS certificate or key: {}",
+                ringtrain_proto::grpc::error_chain(&e)
             ),
         })?;
     }

@@ -16,6 +16,21 @@ use crate::wire;
 use crate::wire::collective_client::CollectiveClient;
 use crate::wire::collective_server::{Collective, CollectiveServer};
 
+/// An error and its sources on one line, each cause once: transport errors say little
+/// ("transport error") and keep the cause (a refused TLS certificate, say) in their sources.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut line = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !line.contains(&text) {
+            line = format!("{line}: {text}");
+        }
+        source = s.source();
+    }
+    line
+}
+
 /// Metadata key carrying the shared job token.
 pub const TOKEN_METADATA_KEY: &str = "x-ringtrain-token";
 /// The interceptor both services (coordinator and ring links) put in front of every call:

@@ -211,15 +211,7 @@ fn connect(opts: &WorkerOptions) -> Result<Control> {
                     tokio::time::sleep(RETRY).await;
                 }
                 Ok(Err(e)) => {
-                    let mut reason = e.to_string();
-                    let mut source = std::error::Error::source(&e);
-                    while let Some(s) = source {
-                        let text = s.to_string();
-                        if !reason.contains(&text) {
-                            reason = format!("{reason}: {text}");
-                        }
-                        source = s.source();
-                    }
+                    let mut reason = ringtrain_proto::grpc::error_chain(&e);
                     if reason.contains("certificate") || reason.contains("tls") || reason.contains("TLS") {
                         reason.push_str(TLS_HINT);
                     }
