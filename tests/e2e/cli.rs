@@ -129,7 +129,7 @@ fn negative_learning_rate_is_refused() {
 #[test]
 fn missing_data_file_is_refused() {
     let (out, err) = run_edited(|t| t.replace("iris.csv", "missing.csv"), None, "train");
-    assert_bad_input(&out, &err, "`data.path`: file not found");
+    assert_bad_input(&out, &err, "`data.path`: not found");
 }
 
 #[test]

@@ -506,6 +506,10 @@ impl PushHandler for InboxHandler {
                     self.fail(format!("it sent an invalid frame: {e}")),
                     Err(Status::invalid_argument(e.to_string())),
                 ),
+                Err(InboundError::Undecodable(status)) => (
+                    self.fail(format!("it sent an invalid frame: {}", status.message())),
+                    Err(Status::invalid_argument(status.message().to_string())),
+                ),
             };
             let _ = self.inbox.send(event).await;
             return result;

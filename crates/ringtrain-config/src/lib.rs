@@ -560,8 +560,38 @@ impl Job {
         })
     }
 
-    /// Checks values that the types alone cannot (ranges, combinations, files).
+    /// Checks values that the types alone cannot (ranges, combinations), then that the data
+    /// files exist.
     pub fn validate(&self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        self.validate_settings(text, path)?;
+        self.check_data_files(text, path)
+    }
+
+    /// The data paths name existing files (or a directory, for IDX and class directories).
+    fn check_data_files(&self, text: &str, path: &Path) -> Result<(), ConfigError> {
+        let fail = |field: &str, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field: field.to_string(),
+            line: locate(text, field),
+            reason,
+        };
+        let found = match self.data.format {
+            DataFormat::Idx => self.data.path.is_dir(),
+            DataFormat::Text => self.data.path.exists(),
+            _ => self.data.path.is_file(),
+        };
+        if !found {
+            return Err(fail("data.path", format!("not found: {}", self.data.path.display())));
+        }
+        if let Some(t) = self.data.test_path.as_ref().filter(|t| !t.exists()) {
+            return Err(fail("data.test_path", format!("not found: {}", t.display())));
+        }
+        Ok(())
+    }
+
+    /// [`Job::validate`] but for the data files: what a saved run's `job.toml` must pass, whose
+    /// data may since have moved (evaluation can be pointed at it).
+    pub fn validate_settings(&self, text: &str, path: &Path) -> Result<(), ConfigError> {
         let fail = |field: &str, reason: String| ConfigError::Invalid {
             path: path.to_path_buf(),
             field: field.to_string(),
@@ -661,40 +691,11 @@ impl Job {
         if self.model.kind == ModelKind::Mlp && self.model.hidden.contains(&0) {
             return Err(fail("model.hidden", "layer widths must be at least 1".into()));
         }
-        match self.data.format {
-            DataFormat::Csv if self.data.label.is_none() => {
-                return Err(fail(
-                    "data.label",
-                    "csv data needs the label column (a name or an index)".into(),
-                ));
-            }
-            DataFormat::Csv if !self.data.path.is_file() => {
-                return Err(fail(
-                    "data.path",
-                    format!("file not found: {}", self.data.path.display()),
-                ));
-            }
-            DataFormat::Idx if !self.data.path.is_dir() => {
-                return Err(fail(
-                    "data.path",
-                    format!("directory not found: {}", self.data.path.display()),
-                ));
-            }
-            DataFormat::Text if !self.data.path.exists() => {
-                return Err(fail("data.path", format!("not found: {}", self.data.path.display())));
-            }
-            DataFormat::Corpus | DataFormat::Series | DataFormat::Pairs if !self.data.path.is_file() => {
-                return Err(fail(
-                    "data.path",
-                    format!("file not found: {}", self.data.path.display()),
-                ));
-            }
-            _ => {}
-        }
-        if let Some(t) = &self.data.test_path {
-            if !t.exists() {
-                return Err(fail("data.test_path", format!("file not found: {}", t.display())));
-            }
+        if self.data.format == DataFormat::Csv && self.data.label.is_none() {
+            return Err(fail(
+                "data.label",
+                "csv data needs the label column (a name or an index)".into(),
+            ));
         }
         let has_test_split = self.data.format == DataFormat::Idx
             || (matches!(self.data.format, DataFormat::Text | DataFormat::Pairs) && self.data.test_path.is_some());
@@ -915,7 +916,7 @@ batch_size = 4
         let err = check(&GOOD.replace("path = \"Cargo.toml\"", "path = \"nope.csv\""))
             .unwrap_err()
             .to_string();
-        assert!(err.contains("`data.path`: file not found: nope.csv"), "{err}");
+        assert!(err.contains("`data.path`: not found: nope.csv"), "{err}");
         let err = check(&GOOD.replace("kind = \"mlp\"", "kind = \"transformr\""))
             .unwrap_err()
             .to_string();

@@ -4,7 +4,7 @@
 //! * Readers: [`csv`] (CSV/TSV tables, and scikit-learn's bundled layout via
 //!   [`read_sklearn_csv`], whose first line holds counts and class names instead of a header),
 //!   [`idx`] (MNIST's IDX format), [`text`] (`label<TAB>text` lines or one directory per
-//!   class), [`corpus`] (plain text for language modelling), [`timeseries`] (CSV columns into
+//!   class), [`corpus`] (plain text for language modelling), [`pairs`] (`source<TAB>target` lines for sequence-to-sequence), [`timeseries`] (CSV columns into
 //!   window → next-value examples). All accept plain or gzip files, recognised by content.
 //! * [`vocab`]: character/word tokenizers and vocabularies with PAD/UNK/START/STOP, built from
 //!   training text only and saved as JSON; [`batch`]: padding with lengths and masks.
@@ -35,6 +35,7 @@ pub mod csv;
 pub mod error;
 pub mod idx;
 pub mod metrics;
+pub mod pairs;
 pub mod shard;
 mod source;
 pub mod split;
@@ -53,6 +54,7 @@ pub use crate::idx::{
     MnistSplit,
 };
 pub use crate::metrics::{perplexity, summarize_folds, ConfusionMatrix, RegressionStats, Summary};
+pub use crate::pairs::read_pairs;
 pub use crate::shard::{
     epoch_permutation, eval_shard, num_batches, shard, shard_indices, shard_len, stream_batches, stream_part, Remainder,
 };

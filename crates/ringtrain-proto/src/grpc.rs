@@ -9,7 +9,7 @@ use std::future::Future;
 use tokio_stream::{Stream, StreamExt};
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::collective::{Frame, WireError};
 use crate::wire;
@@ -69,6 +69,9 @@ pub enum InboundError {
     /// The peer sent a message that is not a valid frame.
     #[error("invalid frame: {0}")]
     Invalid(#[from] WireError),
+    /// The peer sent bytes that are no message at all: over the size limit, or not protobuf.
+    #[error("undecodable message: {}", .0.message())]
+    Undecodable(Status),
 }
 
 /// The frames of one inbound `Push` stream, validated one by one.
@@ -83,6 +86,14 @@ impl InboundFrames {
         match self.inner.message().await {
             Ok(Some(frame)) => Ok(Some(Frame::try_from(frame)?)),
             Ok(None) => Ok(None),
+            // tonic's codec reports the peer's bytes with these codes; the transport's own
+            // failures (reset, h2 protocol errors) come with others.
+            Err(status)
+                if status.code() == Code::OutOfRange
+                    || (status.code() == Code::Internal && status.message().contains("decode")) =>
+            {
+                Err(InboundError::Undecodable(status))
+            }
             Err(status) => Err(InboundError::Transport(status)),
         }
     }

@@ -139,10 +139,14 @@ impl SavedModel {
         }
         let job_path = run_dir.join("job.toml");
         let text = read_text(&job_path)?;
-        let mut job = Job::parse(&text, &job_path).map_err(|e| TrainError::Job {
+        let job_error = |e: ringtrain_config::ConfigError| TrainError::Job {
             field: "job.toml",
             reason: e.to_string(),
-        })?;
+        };
+        let mut job = Job::parse(&text, &job_path).map_err(job_error)?;
+        // An edited job.toml meets the checks of a job about to train, but for its data files:
+        // they may have moved (evaluation can be pointed at them).
+        job.validate_settings(&text, &job_path).map_err(job_error)?;
         // `train --eval kfold:K` overrides the scheme without changing the job text; the
         // summary's folds tell what was run, and the saved model is the last fold's.
         let summary_path = run_dir.join("summary.json");

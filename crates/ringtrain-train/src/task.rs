@@ -386,30 +386,6 @@ fn read_text_examples(path: &std::path::Path, classes: Option<&[String]>) -> Res
     Ok(ringtrain_data::read_class_dirs(path, labelled.as_deref())?)
 }
 
-/// `source<TAB>target` lines; a line without a TAB is refused with its number.
-fn read_pairs(path: &std::path::Path) -> Result<Vec<(String, String)>> {
-    let text = ringtrain_data::read_text(path)?;
-    text.lines()
-        .enumerate()
-        .filter(|(_, l)| !l.is_empty())
-        .map(|(i, l)| {
-            l.split_once('\t')
-                .map(|(a, b)| (a.to_string(), b.to_string()))
-                .ok_or_else(|| {
-                    ringtrain_data::DataError::Text {
-                        path: path.to_path_buf(),
-                        at: ringtrain_data::LineRef {
-                            line: i + 1,
-                            column: None,
-                        },
-                        problem: "expected `source<TAB>target`, found no TAB".into(),
-                    }
-                    .into()
-                })
-        })
-        .collect()
-}
-
 /// Forecasting examples: `seq_len` standardised past values → the next value.
 #[derive(Debug, Clone)]
 pub struct SeriesSet {
@@ -816,9 +792,9 @@ impl Task {
 
     /// Sequence-to-sequence pairs; the vocabulary and the lengths come from the training file.
     fn from_pairs(job: &Job) -> Result<Task> {
-        let train = read_pairs(&job.data.path)?;
+        let train = ringtrain_data::read_pairs(&job.data.path)?;
         let test = match &job.data.test_path {
-            Some(p) => Some(read_pairs(p)?),
+            Some(p) => Some(ringtrain_data::read_pairs(p)?),
             None => None,
         };
         let (tokenizer, opts) = vocab_settings(job, TokenizerName::Char);

@@ -250,3 +250,91 @@ fn a_peer_that_never_answers_is_named_within_the_connect_timeout() {
         "{msg}"
     );
 }
+
+/// A left neighbour with the right credentials that then sends what no rank sends, over a bare
+/// HTTP/2 connection: `body` is the raw gRPC message stream of its `Push`.
+async fn push_raw(
+    config: &GrpcConfig,
+    addr: std::net::SocketAddr,
+    body: Vec<u8>,
+) -> h2::client::SendRequest<bytes::Bytes> {
+    use ringtrain_proto::grpc::{GENERATION_METADATA_KEY, JOB_METADATA_KEY, RANK_METADATA_KEY, TOKEN_METADATA_KEY};
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("HTTP/2 handshake");
+    tokio::spawn(connection);
+    let mut ready = client.clone().ready().await.expect("ready");
+    let request = http::Request::post(format!("http://{addr}/ringtrain.v1.Collective/Push"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header(TOKEN_METADATA_KEY, TOKEN)
+        .header(JOB_METADATA_KEY, config.job_id.as_str())
+        .header(GENERATION_METADATA_KEY, "0")
+        .header(RANK_METADATA_KEY, "1")
+        .body(())
+        .expect("request");
+    let (_response, mut stream) = ready.send_request(request, false).expect("send the request");
+    stream
+        .send_data(bytes::Bytes::from(body), false)
+        .expect("send the body");
+    // Keep the stream open: the rank must answer the bytes, not the end of the stream.
+    std::mem::forget(stream);
+    client
+}
+
+/// What rank 0 (world 2) reports when its left neighbour sends `body`, and how long it took.
+fn left_neighbour_sends(body: Vec<u8>) -> (Error, Duration) {
+    run_mt(Duration::from_secs(30), async {
+        let mut ranks = bind(2, Duration::from_secs(10)).await;
+        // Rank 1's listener stays bound but unserved: what arrives from the left is the test.
+        let (_, _rank1) = ranks.remove(1);
+        let (mut config, listener) = ranks.remove(0);
+        config.connect_timeout = Duration::from_secs(30);
+        let addr = listener.local_addr().expect("addr");
+        let started = Instant::now();
+        let ring = tokio::spawn({
+            let config = config.clone();
+            async move { connect_ring(&config, listener, std::future::pending()).await }
+        });
+        let _client = push_raw(&config, addr, body).await;
+        let err = ring.await.expect("task").expect_err("nothing valid was sent");
+        (err, started.elapsed())
+    })
+}
+
+#[test]
+fn a_frame_claiming_an_impossible_length_is_refused_naming_the_peer_without_allocating_it() {
+    let rss = || {
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        let kib = status.lines().find_map(|l| l.strip_prefix("VmRSS:")).expect("VmRSS");
+        kib.trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse::<u64>()
+            .expect("a number")
+            * 1024
+    };
+    let before = rss();
+    // Uncompressed, 4 GiB - 1 long, then a few bytes of it.
+    let (err, took) = left_neighbour_sends(vec![0, 0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
+    let text = err.to_string();
+    assert!(
+        text.contains("rank 1") && text.contains("invalid frame") && text.contains("too large"),
+        "{text}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "answered by the receive timeout, not the length check"
+    );
+    assert!(rss() < before + (1 << 30), "the claimed length was allocated");
+}
+
+#[test]
+fn a_message_that_is_not_a_frame_is_refused_naming_the_peer() {
+    // A well-framed gRPC message whose bytes are not a protobuf `Frame`.
+    let garbage = [0xffu8; 16];
+    let mut body = vec![0, 0, 0, 0, garbage.len() as u8];
+    body.extend_from_slice(&garbage);
+    let (err, _) = left_neighbour_sends(body);
+    let text = err.to_string();
+    assert!(text.contains("rank 1") && text.contains("invalid frame"), "{text}");
+}
