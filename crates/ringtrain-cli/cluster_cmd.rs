@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use clap::builder::BoolishValueParser;
 use clap::Args;
-use ringtrain_config::{EvalScheme, Job};
+use ringtrain_config::EvalScheme;
 use ringtrain_coordinator::{
     fold_groups, serve, serve_metrics, CoordinatorConfig, CoordinatorError, Event, GroupOutcome, JobOutcome, JobSpec,
     Metrics,
@@ -185,7 +185,7 @@ fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
     if args.workers == 0 {
         return Err(crate::bad_input("--workers must be at least 1"));
     }
-    let (job, text) = load_job(&args.job, args.data.as_deref())?;
+    let (job, text) = crate::load_job_with_data(&args.job, args.data.as_deref())?;
     let parallel_folds =
         (job.evaluation.parallel_folds && job.evaluation.scheme == EvalScheme::Kfold).then_some(job.evaluation.folds);
     if let Some(k) = parallel_folds.filter(|_| job.training.tbptt) {
@@ -279,23 +279,6 @@ fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
         finished,
         parallel_folds,
     })
-}
-
-/// Reads and validates a job; `data` replaces its data path (relative to the current
-/// directory).
-fn load_job(path: &Path, data: Option<&Path>) -> anyhow::Result<(Job, String)> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| crate::bad_input(format!("{}: cannot read job file: {e}", path.display())))?;
-    let job = match data {
-        None => Job::load(path).map_err(crate::bad_input)?,
-        Some(d) => {
-            let mut job = Job::parse(&text, path).map_err(crate::bad_input)?;
-            job.data.path = d.to_path_buf();
-            job.validate(&text, path).map_err(crate::bad_input)?;
-            job
-        }
-    };
-    Ok((job, text))
 }
 
 fn coordinator_config(args: &JobArgs, prepared: &Prepared, token: &str) -> CoordinatorConfig {

@@ -225,18 +225,9 @@ fn classify(e: ringtrain_train::TrainError) -> anyhow::Error {
     }
 }
 
-/// Loads a job; `data` replaces its data path (relative to the current directory) before
-/// validation.
-fn load_job_with_data(path: &Path, data: Option<&Path>) -> anyhow::Result<(Job, String)> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| bad_input(format!("{}: cannot read job file: {e}", path.display())))?;
-    let mut spec = Job::parse(&text, path).map_err(bad_input)?;
-    spec.resolve_paths(path);
-    if let Some(d) = data {
-        spec.data.path = d.to_path_buf();
-    }
-    spec.validate(&text, path).map_err(bad_input)?;
-    Ok((spec, text))
+/// Loads a job; `data` replaces its data path (relative to the current directory).
+pub(crate) fn load_job_with_data(path: &Path, data: Option<&Path>) -> anyhow::Result<(Job, String)> {
+    Job::load_with_data(path, data).map_err(bad_input)
 }
 
 fn apply_eval_override(job: &mut Job, eval: &str) -> anyhow::Result<()> {

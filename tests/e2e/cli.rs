@@ -151,3 +151,47 @@ fn inspect_prints_layers_shapes_and_counts() {
     assert!(stdout.contains("Linear(4 -> 16)"), "{stdout}");
     assert!(stdout.contains("total: 403 parameters"), "{stdout}");
 }
+
+#[test]
+fn unequal_recurrent_hidden_sizes_are_refused_before_any_worker_starts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = crate::util::repo().join("data/rotten-tomatoes");
+    let text = std::fs::read_to_string(crate::util::repo().join("examples/sentiment-lstm.toml"))
+        .expect("job")
+        .replace("../data/rotten-tomatoes", data.to_str().expect("utf-8 path"))
+        .replace("hidden = [64]", "hidden = [128, 64]");
+    let job = tmp.path().join("job.toml");
+    std::fs::write(&job, text).expect("write job");
+    let job = job.to_str().expect("utf-8 path");
+    let out = tmp.path().join("run");
+    let out = out.to_str().expect("utf-8 path");
+    for args in [
+        vec!["launch", "--workers", "2", "--threads", "1", "--out", out, job],
+        vec![
+            "coordinator",
+            "--token",
+            "t",
+            "--workers",
+            "2",
+            "--out",
+            out,
+            "--listen",
+            "127.0.0.1:0",
+            job,
+        ],
+        vec!["validate", job],
+    ] {
+        let out = ringtrain(&args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert_bad_input(
+            &out,
+            &err,
+            "`model.hidden`: stacked recurrent layers share one hidden size",
+        );
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("listening"),
+            "{}",
+            describe(&args, &out)
+        );
+    }
+}

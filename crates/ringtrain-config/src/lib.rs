@@ -526,13 +526,31 @@ impl Job {
     /// Reads, parses and validates a job file; relative paths are resolved against its
     /// directory.
     pub fn load(path: &Path) -> Result<Job, ConfigError> {
+        Job::load_with_data(path, None).map(|(job, _)| job)
+    }
+
+    /// [`Job::load`], with `data` (relative to the current directory, as `--data` gives it)
+    /// in place of the data path. Returns the job and its text. Every command that reads a
+    /// job file goes through here.
+    pub fn load_with_data(path: &Path, data: Option<&Path>) -> Result<(Job, String), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut job = Job::parse(&text, path)?;
+        let job = Job::from_text(&text, path, data)?;
+        Ok((job, text))
+    }
+
+    /// A job's text as read from `path` (or as the coordinator sent it, with the path it was
+    /// read from): parsed, relative paths resolved against `path`'s directory, `data` in place
+    /// of the data path, validated.
+    pub fn from_text(text: &str, path: &Path, data: Option<&Path>) -> Result<Job, ConfigError> {
+        let mut job = Job::parse(text, path)?;
         job.resolve_paths(path);
-        job.validate(&text, path)?;
+        if let Some(d) = data {
+            job.data.path = d.to_path_buf();
+        }
+        job.validate(text, path)?;
         Ok(job)
     }
 
@@ -690,6 +708,13 @@ impl Job {
         }
         if self.model.kind == ModelKind::Mlp && self.model.hidden.contains(&0) {
             return Err(fail("model.hidden", "layer widths must be at least 1".into()));
+        }
+        let hidden = &self.model.hidden;
+        if self.model.kind.is_recurrent() && hidden.iter().any(|&h| h == 0 || h != hidden[0]) {
+            return Err(fail(
+                "model.hidden",
+                format!("stacked recurrent layers share one hidden size of at least 1, got {hidden:?}"),
+            ));
         }
         if self.data.format == DataFormat::Csv && self.data.label.is_none() {
             return Err(fail(
@@ -922,6 +947,20 @@ batch_size = 4
             .to_string();
         assert!(err.contains("unknown variant `transformr`"), "{err}");
         assert!(check(&GOOD.replace("batch_size = 4", "batch_size = 0")).is_err());
+    }
+
+    #[test]
+    fn stacked_recurrent_layers_need_one_hidden_size() {
+        let lstm = GOOD
+            .replace("format = \"csv\"", "format = \"text\"")
+            .replace("label = \"species\"\n", "")
+            .replace("kind = \"mlp\"", "kind = \"lstm\"");
+        assert!(check(&lstm.replace("[8]", "[8, 8]")).is_ok());
+        let err = check(&lstm.replace("[8]", "[8, 4]")).unwrap_err().to_string();
+        assert!(
+            err.contains("`model.hidden`: stacked recurrent layers share one hidden size of at least 1, got [8, 4]"),
+            "{err}"
+        );
     }
 
     #[test]

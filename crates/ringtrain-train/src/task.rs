@@ -1076,12 +1076,6 @@ pub fn build_model_for(
             } else {
                 cfg.hidden.clone()
             };
-            if hidden.iter().any(|&h| h != hidden[0]) {
-                return Err(TrainError::Job {
-                    field: "model.hidden",
-                    reason: format!("stacked recurrent layers share one hidden size, got {hidden:?}"),
-                });
-            }
             let embed = cfg.embedding_dim.unwrap_or(64);
             match (format, vocab) {
                 (DataFormat::Series, _) => Box::new(SequenceRegressor::new(cell, &hidden, cfg.dropout, outputs)),

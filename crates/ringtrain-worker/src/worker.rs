@@ -1,6 +1,6 @@
 //! [`run_worker`]: one worker process's life, from registration to the final report.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -235,15 +235,8 @@ fn connect(opts: &WorkerOptions) -> Result<Control> {
 
 /// Loads the job the coordinator sent, resolving its data paths like `Job::load` does.
 fn load_job(a: &Assignment) -> std::result::Result<Job, String> {
-    let path = Path::new(&a.job_path);
-    let mut job = Job::parse(&a.job_toml, path).map_err(|e| e.to_string())?;
-    // Same resolution as `Job::load` (data.path and data.test_path), then the launch's override.
-    job.resolve_paths(path);
-    if let Some(d) = &a.data_path {
-        job.data.path = PathBuf::from(d);
-    }
-    job.validate(&a.job_toml, path).map_err(|e| e.to_string())?;
-    Ok(job)
+    let data = a.data_path.as_deref().map(Path::new);
+    Job::from_text(&a.job_toml, Path::new(&a.job_path), data).map_err(|e| e.to_string())
 }
 
 /// Runs one worker: connects to the coordinator (retrying until `connect_timeout`),
