@@ -523,12 +523,7 @@ fn an_elastic_job_that_cannot_change_membership_is_bad_input() {
 /// The first `train` training and `test` test images of `../shared/data/mnist`, written as
 /// plain IDX files in `dir` (MNIST's names), or `None` when the data is not there.
 pub fn mnist_subset(dir: &Path, train: usize, test: usize) -> Option<PathBuf> {
-    let src = repo().join("../shared/data/mnist");
-    if !src.is_dir() {
-        // As in cnn.rs: the shared datasets are beside the checkout on our machines and in CI.
-        eprintln!("skipped: {} not found", src.display());
-        return None;
-    }
+    let src = ringtrain_testkit::shared_data(&repo(), "mnist")?;
     let mnist = ringtrain_data::load_mnist(&src).expect("read MNIST");
     let out = dir.join("mnist");
     std::fs::create_dir_all(&out).expect("mkdir");

@@ -1,18 +1,12 @@
 //! Convolutional jobs: shapes printed by `inspect`, bad layer geometry refused at validation.
-//! MNIST comes from `../shared/data/mnist`; the tests are skipped (with a note) without it.
+//! MNIST comes from `../shared/data/mnist` (see `ringtrain_testkit::shared_data`).
 
 use std::path::PathBuf;
 
 use crate::util::{describe, ok, repo, ringtrain};
 
 fn mnist() -> Option<PathBuf> {
-    let dir = repo().join("../shared/data/mnist");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        eprintln!("skipped: {} not found", dir.display());
-        None
-    }
+    ringtrain_testkit::shared_data(&repo(), "mnist")
 }
 
 #[test]

@@ -2,7 +2,7 @@
 //! ranks on 127.0.0.1 (port 0, addresses read from their stdout), real gRPC,
 //! a deadline on every wait, children killed on drop.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver};
@@ -20,6 +20,7 @@ struct Peer {
     child: Child,
     lines: Receiver<String>,
     stderr: Arc<Mutex<String>>,
+    stderr_reader: std::thread::JoinHandle<()>,
     args: Vec<String>,
 }
 
@@ -77,23 +78,12 @@ impl Ring {
                 }
             });
             let stderr = Arc::new(Mutex::new(String::new()));
-            let mut pipe = child.stderr.take().expect("stderr");
-            let sink = stderr.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(k) = pipe.read(&mut buf) {
-                    if k == 0 {
-                        break;
-                    }
-                    if let Ok(mut s) = sink.lock() {
-                        s.push_str(&String::from_utf8_lossy(&buf[..k]));
-                    }
-                }
-            });
+            let stderr_reader = crate::util::collect(child.stderr.take().expect("stderr"), stderr.clone());
             ring.peers.push(Peer {
                 child,
                 lines,
                 stderr,
+                stderr_reader,
                 args: full,
             });
         }
@@ -136,8 +126,8 @@ impl Ring {
     fn exit(&mut self, rank: usize, deadline: Instant) -> (ExitStatus, String) {
         loop {
             if let Some(status) = self.peers[rank].child.try_wait().expect("try_wait") {
-                // Let the stderr reader drain.
-                std::thread::sleep(Duration::from_millis(50));
+                let reader = std::slice::from_ref(&self.peers[rank].stderr_reader);
+                crate::util::drain(reader, deadline);
                 let stderr = self.peers[rank].stderr.lock().map(|s| s.clone()).unwrap_or_default();
                 return (status, stderr);
             }

@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 pub fn bin() -> PathBuf {
@@ -54,6 +55,7 @@ pub struct Proc {
     pub child: Child,
     what: String,
     lines: Receiver<String>,
+    readers: Vec<JoinHandle<()>>,
     stdout: Arc<Mutex<String>>,
     stderr: Arc<Mutex<String>>,
 }
@@ -65,7 +67,8 @@ impl Drop for Proc {
     }
 }
 
-fn collect(mut pipe: impl std::io::Read + Send + 'static, sink: Arc<Mutex<String>>) {
+/// Appends what `pipe` carries to `sink` until it closes, on a thread of its own.
+pub fn collect(mut pipe: impl std::io::Read + Send + 'static, sink: Arc<Mutex<String>>) -> JoinHandle<()> {
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
         while let Ok(k) = pipe.read(&mut buf) {
@@ -76,7 +79,16 @@ fn collect(mut pipe: impl std::io::Read + Send + 'static, sink: Arc<Mutex<String
                 s.push_str(&String::from_utf8_lossy(&buf[..k]));
             }
         }
-    });
+    })
+}
+
+/// Waits until the reader threads have seen their pipes close (a process that exited has
+/// closed its ends), so its output is whole; at most until `until`, since a grandchild that
+/// outlives it may hold a pipe open.
+pub fn drain(readers: &[JoinHandle<()>], until: Instant) {
+    while readers.iter().any(|r| !r.is_finished()) && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 impl Proc {
@@ -93,7 +105,7 @@ impl Proc {
         let (tx, lines) = mpsc::channel();
         let out = child.stdout.take().expect("stdout");
         let sink = stdout.clone();
-        std::thread::spawn(move || {
+        let lines_reader = std::thread::spawn(move || {
             for line in BufReader::new(out).lines().map_while(Result::ok) {
                 if let Ok(mut s) = sink.lock() {
                     s.push_str(&line);
@@ -103,9 +115,10 @@ impl Proc {
             }
         });
         let stderr = Arc::new(Mutex::new(String::new()));
-        collect(child.stderr.take().expect("stderr"), stderr.clone());
+        let stderr_reader = collect(child.stderr.take().expect("stderr"), stderr.clone());
         Proc {
             child,
+            readers: vec![lines_reader, stderr_reader],
             what: what.to_owned(),
             lines,
             stdout,
@@ -147,8 +160,7 @@ impl Proc {
         let until = Instant::now() + within;
         loop {
             if let Some(s) = self.child.try_wait().expect("wait") {
-                // Let the reader threads drain the pipes.
-                std::thread::sleep(Duration::from_millis(50));
+                drain(&self.readers, Instant::now() + Duration::from_secs(5));
                 return s;
             }
             assert!(

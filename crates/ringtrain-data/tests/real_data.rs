@@ -2,15 +2,9 @@ use std::path::PathBuf;
 
 use ringtrain_data::*;
 
-/// `/work/shared/data` relative to this crate; `None` (with a note) when it is absent.
+/// The shared datasets, or `None` (see `ringtrain_testkit::shared_data`).
 fn data_dir() -> Option<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data");
-    if dir.is_dir() {
-        Some(dir)
-    } else {
-        println!("skipping: {} not found", dir.display());
-        None
-    }
+    ringtrain_testkit::shared_data(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."), "")
 }
 
 fn class_counts(labels: &Labels) -> Vec<usize> {

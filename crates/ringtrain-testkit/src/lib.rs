@@ -26,6 +26,8 @@
 //!
 //! Needs root and iproute2 (`ip`, `tc`); [`Cluster::check_available`] says which is missing.
 //! Runs commands, so it is for tests, benches and `cargo xtask cluster-sim` only.
+//!
+//! Also [`shared_data`]: the tests' way to the datasets of `../shared/data`.
 
 use std::ffi::OsStr;
 use std::fmt;
@@ -33,6 +35,29 @@ use std::net::Ipv4Addr;
 use std::process::Command;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// `SUB` of the shared datasets (`../shared/data/SUB` beside the checkout whose root is
+/// `repo`), or `None` when it is missing: then the test returns early and a skip line goes
+/// straight to the terminal (past the test harness's capture, so a green run says what it did
+/// not check). Under `CI=true` a missing dataset fails the test instead: CI has the data, and a
+/// test that asserts nothing must not pass there.
+///
+/// # Panics
+/// Under `CI=true`, when the dataset is missing.
+pub fn shared_data(repo: &std::path::Path, sub: &str) -> Option<std::path::PathBuf> {
+    use std::io::Write;
+    let dir = repo.join("../shared/data").join(sub);
+    if dir.exists() {
+        return Some(dir);
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{} not found (CI=true: the shared datasets must be there)",
+        dir.display()
+    );
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {} not found", dir.display());
+    None
+}
 
 /// The host interface's name, the same in every host.
 pub const DEV: &str = "eth0";
