@@ -1608,14 +1608,15 @@ pub fn run_job_opts(
         BTreeMap::new()
     };
     // Encoder–decoder: what matters is the whole decoded sequence, not teacher-forced tokens.
-    let sequence_accuracy = match (&task.pair_test, &task.pairs) {
-        (Some(test), _) if folds.len() == 1 && matches!(job.evaluation.scheme, EvalScheme::Provided) => {
-            Some(test.exact_match(trainer.model(), &trainer.store, &(0..test.len()).collect::<Vec<_>>())?)
-        }
-        (_, Some(train)) if folds.len() == 1 => {
-            Some(train.exact_match(trainer.model(), &trainer.store, &last_test_rows)?)
-        }
-        _ => None,
+    let sequence_accuracy = if folds.len() == 1 {
+        let (set, rows) = match &task.test_examples {
+            Some(test) if job.evaluation.scheme == EvalScheme::Provided => (test, (0..test.len()).collect()),
+            _ => (&task.examples, last_test_rows),
+        };
+        set.sequence_accuracy(trainer.model(), &trainer.store, &rows)
+            .transpose()?
+    } else {
+        None
     };
     let single = (folds.len() == 1).then(|| &folds[0].test);
     let summary = RunSummary {

@@ -10,14 +10,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ringtrain_autograd::{Graph, ParamStore};
-use ringtrain_config::{ColumnRef, DataFormat, EvalScheme, Job, LossName, ModelKind};
+use ringtrain_config::{ColumnRef, EvalScheme, Job, ModelKind};
 use ringtrain_data::{kfold, train_test_split, DataError, LineRef};
 use ringtrain_nn::{init_store, Module, Targets};
 use ringtrain_tensor::Tensor;
 use serde::Deserialize;
 
 use crate::engine::{EvalMetrics, LocalSync, Trainer};
-use crate::task::{build_model_for, Batch, Examples, TargetKind, Task, TextSet};
+use crate::formats::{ModelRole, TextSet};
+use crate::task::{build_model_for, Batch, Examples, TargetKind, Task};
 use crate::{restore_params, Result, TrainError};
 
 /// `preprocess.json` as the engine writes it.
@@ -114,7 +115,7 @@ fn read_text(path: &Path) -> Result<String> {
     })
 }
 
-fn format_error(path: &Path, problem: impl Into<String>) -> TrainError {
+pub(crate) fn format_error(path: &Path, problem: impl Into<String>) -> TrainError {
     DataError::Format {
         path: path.to_path_buf(),
         problem: problem.into(),
@@ -169,27 +170,11 @@ impl SavedModel {
             )),
             _ => None,
         };
-        let target = if matches!(job.data.format, DataFormat::Corpus | DataFormat::Pairs) {
-            TargetKind::NextToken {
-                vocab: vocab.as_ref().map_or(0, |v| v.len()),
-            }
-        } else if job.data.format == DataFormat::Series {
-            TargetKind::Regression
-        } else if let Some(pos) = &job.data.positive_class {
-            TargetKind::Binary {
-                names: [format!("not {pos}"), pos.clone()],
-            }
-        } else if job
-            .training
-            .loss
-            .is_some_and(|l| matches!(l, LossName::Mse | LossName::Mae))
-        {
-            TargetKind::Regression
-        } else {
-            TargetKind::Classes {
-                names: pre.class_names.clone(),
-            }
-        };
+        let target = crate::formats::format(job.data.format).saved_target(
+            &job,
+            &pre.class_names,
+            vocab.as_ref().map_or(0, |v| v.len()),
+        );
         let model_input = match &pre.input {
             SavedInput::Tokens {
                 src_len: Some(s),
@@ -200,7 +185,7 @@ impl SavedModel {
         };
         let model = build_model_for(
             &job.model,
-            job.data.format,
+            crate::formats::format(job.data.format).role(),
             &model_input,
             target.outputs(),
             vocab.as_ref().map(|v| v.len()),
@@ -270,6 +255,11 @@ impl SavedModel {
     }
 
     /// Class names, in the order of the model's outputs (empty for regression).
+    /// What the model does, as its data format says.
+    fn role(&self) -> ModelRole {
+        crate::formats::format(self.job.data.format).role()
+    }
+
     pub fn class_names(&self) -> Vec<String> {
         self.target.class_names()
     }
@@ -335,7 +325,7 @@ impl SavedModel {
         };
         let model = build_model_for(
             &job.model,
-            job.data.format,
+            task.role,
             &self.model_input,
             self.target.outputs(),
             self.vocab.as_ref().map(|v| v.len()),
@@ -441,7 +431,7 @@ impl SavedModel {
         let vocab = self
             .vocab
             .as_ref()
-            .filter(|_| self.job.data.format == DataFormat::Text && self.job.model.kind == ModelKind::Transformer)
+            .filter(|_| self.role() == ModelRole::Classify && self.job.model.kind == ModelKind::Transformer)
             .ok_or_else(|| format_error(&self.run_dir, "not a transformer text classifier"))?;
         let max_len = self.input_shape.first().copied().unwrap_or(1).max(1);
         let mut ids = vocab.encode(text);
@@ -474,7 +464,7 @@ impl SavedModel {
     /// as in the training file, is dropped), tokenised with the saved vocabulary and cut to the
     /// trained length.
     pub fn predict_texts(&self, path: &Path) -> Result<Vec<Prediction>> {
-        let Some(vocab) = self.vocab.as_ref().filter(|_| self.job.data.format == DataFormat::Text) else {
+        let Some(vocab) = self.vocab.as_ref().filter(|_| self.role() == ModelRole::Classify) else {
             return Err(format_error(path, "this model does not classify texts"));
         };
         let max_len = self.input_shape.first().copied().unwrap_or(1).max(1);
@@ -496,18 +486,7 @@ impl SavedModel {
     /// Predicts a file of the job's data format: CSV for tabular jobs, IDX images for image
     /// jobs, text lines for text classifiers.
     pub fn predict_file(&self, path: &Path) -> Result<Vec<Prediction>> {
-        match self.job.data.format {
-            DataFormat::Idx => self.predict_idx(path),
-            DataFormat::Text => self.predict_texts(path),
-            DataFormat::Csv => self.predict_csv(path),
-            other => Err(format_error(
-                path,
-                format!(
-                    "predict takes tabular, image or text-classification models; this one was trained on {other:?} \
-                     data (use `evaluate`, or `generate` for a language model)"
-                ),
-            )),
-        }
+        crate::formats::format(self.job.data.format).predict(self, path)
     }
 
     fn predict_tensor(&self, x: Tensor) -> Result<Vec<Prediction>> {

@@ -16,6 +16,7 @@
 
 mod checkpoint;
 mod engine;
+mod formats;
 mod inference;
 mod plots;
 mod task;
@@ -26,6 +27,7 @@ pub use engine::{
     EpochCursor, EpochReport, EvalMetrics, FoldReport, GradSync, LocalSync, Progress, RingChange, RunOptions,
     RunSummary, SyncError, Trainer,
 };
+pub use formats::ModelRole;
 pub use inference::{Evaluation, GenerateOptions, Prediction, SavedModel};
 pub use plots::write_plots;
 pub use task::{build_model, build_model_for, build_model_with_vocab, Batch, Examples, TargetKind, Task};

@@ -1,0 +1,213 @@
+//! CSV/TSV tables: feature columns and a label column (a class, or a value for regression),
+//! standardised per feature on the training split.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use ringtrain_config::{ColumnRef, Job, LossName};
+use ringtrain_data::{read_csv, CsvOptions, LabelColumn, LabelKind, Labels, TabularData};
+use ringtrain_nn::{Loss, Targets};
+use ringtrain_tensor::Tensor;
+
+use super::{Format, ModelRole};
+use crate::inference::{Prediction, SavedModel};
+use crate::task::{Batch, Examples, TargetKind, Task};
+use crate::{Result, TrainError};
+
+/// The CSV format.
+pub(crate) struct Csv;
+
+impl Format for Csv {
+    fn role(&self) -> ModelRole {
+        ModelRole::Classify
+    }
+
+    fn predict(&self, model: &SavedModel, path: &Path) -> Result<Vec<Prediction>> {
+        model.predict_csv(path)
+    }
+
+    fn task(&self, job: &Job) -> Result<Task> {
+        let label_kind = if job
+            .training
+            .loss
+            .is_some_and(|l| matches!(l, LossName::Mse | LossName::Mae))
+        {
+            LabelKind::Value
+        } else {
+            LabelKind::Class
+        };
+        let delimiter = u8::try_from(job.data.delimiter).map_err(|_| TrainError::Job {
+            field: "data.delimiter",
+            reason: format!("must be an ASCII character, got {:?}", job.data.delimiter),
+        })?;
+        let opts = CsvOptions {
+            delimiter,
+            has_header: job.data.header,
+            label: match &job.data.label {
+                Some(ColumnRef::Index(i)) => LabelColumn::Index(*i),
+                Some(ColumnRef::Name(n)) => LabelColumn::Name(n.clone()),
+                None => {
+                    return Err(TrainError::Job {
+                        field: "data.label",
+                        reason: "csv data needs the label column".into(),
+                    })
+                }
+            },
+            label_kind,
+        };
+        let data = read_csv(&job.data.path, &opts)?;
+        let (target, classes) = match (&data.labels, &job.data.positive_class) {
+            (Labels::Class { ids, names }, Some(pos)) => {
+                let p = names.iter().position(|n| n == pos).ok_or_else(|| TrainError::Job {
+                    field: "data.positive_class",
+                    reason: format!("class {pos:?} is not in the label column (classes: {names:?})"),
+                })?;
+                let binary: Vec<usize> = ids.iter().map(|&i| usize::from(i == p)).collect();
+                (
+                    TargetKind::Binary {
+                        names: [format!("not {pos}"), pos.clone()],
+                    },
+                    Some(binary),
+                )
+            }
+            (Labels::Class { ids, names }, None) => (TargetKind::Classes { names: names.clone() }, Some(ids.clone())),
+            (Labels::Value(_), Some(_)) => {
+                return Err(TrainError::Job {
+                    field: "data.positive_class",
+                    reason: "needs a class label, but the loss is a regression loss".into(),
+                })
+            }
+            (Labels::Value(_), None) => (TargetKind::Regression, None),
+        };
+        let loss = match (job.training.loss, &target) {
+            (Some(l), _) => match l {
+                LossName::Mse => Loss::Mse,
+                LossName::Mae => Loss::Mae,
+                LossName::BinaryCrossEntropy => Loss::BinaryCrossEntropy,
+                LossName::CrossEntropy => Loss::CrossEntropy,
+            },
+            (None, TargetKind::Classes { .. }) => Loss::CrossEntropy,
+            (None, TargetKind::Binary { .. }) => Loss::BinaryCrossEntropy,
+            (None, TargetKind::Regression) => Loss::Mse,
+            (None, TargetKind::NextToken { .. }) => Loss::CrossEntropy,
+        };
+        let ok = matches!(
+            (loss, &target),
+            (Loss::CrossEntropy, TargetKind::Classes { .. })
+                | (Loss::BinaryCrossEntropy, TargetKind::Binary { .. })
+                | (Loss::Mse | Loss::Mae, TargetKind::Regression)
+        );
+        if !ok {
+            return Err(TrainError::Job {
+                field: "training.loss",
+                reason: format!("{loss:?} does not fit a {target:?} target"),
+            });
+        }
+        let d = data.n_features;
+        let classes = classes.map(Arc::new);
+        Ok(Task {
+            strata: classes.as_ref().map(|c| c.to_vec()),
+            examples: Arc::new(Tabular {
+                data: Arc::new(data),
+                classes,
+                mean: vec![0.0; d],
+                inv_std: vec![1.0; d],
+            }),
+            test_examples: None,
+            target,
+            loss,
+            role: ModelRole::Classify,
+            baseline: BTreeMap::new(),
+        })
+    }
+}
+
+/// Feature rows with per-feature affine normalisation `(x - mean) * inv_std`.
+#[derive(Debug, Clone)]
+pub struct Tabular {
+    data: Arc<TabularData>,
+    /// Class id (or 0/1) per row for classification; `None` for regression.
+    classes: Option<Arc<Vec<usize>>>,
+    mean: Vec<f32>,
+    inv_std: Vec<f32>,
+}
+
+impl Tabular {
+    /// Mean and standard deviation of each feature over `rows` (the training split only, so
+    /// nothing about the test rows leaks into training).
+    pub fn standardized_on(&self, rows: &[usize]) -> Tabular {
+        let d = self.data.n_features;
+        let n = rows.len().max(1) as f64;
+        let mut mean = vec![0.0f64; d];
+        let mut sq = vec![0.0f64; d];
+        for &r in rows {
+            for (j, &v) in self.data.row(r).iter().enumerate() {
+                mean[j] += f64::from(v);
+                sq[j] += f64::from(v) * f64::from(v);
+            }
+        }
+        let mean: Vec<f64> = mean.iter().map(|m| m / n).collect();
+        let inv_std = sq
+            .iter()
+            .zip(&mean)
+            .map(|(s, m)| {
+                let var = (s / n - m * m).max(0.0);
+                // A constant feature stays constant (0) instead of dividing by zero.
+                if var > 1e-12 {
+                    (1.0 / var.sqrt()) as f32
+                } else {
+                    1.0
+                }
+            })
+            .collect();
+        Tabular {
+            mean: mean.iter().map(|&m| m as f32).collect(),
+            inv_std,
+            ..self.clone()
+        }
+    }
+}
+
+impl Examples for Tabular {
+    fn len(&self) -> usize {
+        self.data.n_rows
+    }
+
+    fn input_shape(&self) -> Vec<usize> {
+        vec![self.data.n_features]
+    }
+
+    fn batch(&self, indices: &[usize]) -> Result<Batch> {
+        let d = self.data.n_features;
+        let mut x = Vec::with_capacity(indices.len() * d);
+        for &i in indices {
+            x.extend(
+                self.data
+                    .row(i)
+                    .iter()
+                    .zip(&self.mean)
+                    .zip(&self.inv_std)
+                    .map(|((&v, &m), &s)| (v - m) * s),
+            );
+        }
+        let x = Tensor::from_vec(&[indices.len(), d], x).map_err(ringtrain_autograd::AutogradError::from)?;
+        let targets = match (&self.classes, &self.data.labels) {
+            (Some(c), _) => Targets::Classes(indices.iter().map(|&i| c[i]).collect()),
+            (None, Labels::Value(v)) => Targets::Values(
+                Tensor::from_vec(&[indices.len(), 1], indices.iter().map(|&i| v[i]).collect())
+                    .map_err(ringtrain_autograd::AutogradError::from)?,
+            ),
+            (None, Labels::Class { .. }) => unreachable!("class labels always come with class ids"),
+        };
+        Ok(Batch { x, targets })
+    }
+
+    fn fitted_on(&self, rows: &[usize]) -> Option<Arc<dyn Examples>> {
+        Some(Arc::new(self.standardized_on(rows)))
+    }
+
+    fn preprocess(&self) -> serde_json::Value {
+        serde_json::json!({ "feature_mean": self.mean, "feature_inv_std": self.inv_std })
+    }
+}

@@ -1,0 +1,101 @@
+//! MNIST-layout IDX directories: grey images and their labels, with the t10k files as the
+//! provided test split.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use ringtrain_config::{Job, LossName};
+use ringtrain_nn::{Loss, Targets};
+use ringtrain_tensor::Tensor;
+
+use super::{Format, ModelRole};
+use crate::inference::{Prediction, SavedModel};
+use crate::task::{Batch, Examples, TargetKind, Task};
+use crate::{Result, TrainError};
+
+/// The IDX format.
+pub(crate) struct Idx;
+
+impl Format for Idx {
+    fn role(&self) -> ModelRole {
+        ModelRole::Classify
+    }
+
+    fn predict(&self, model: &SavedModel, path: &Path) -> Result<Vec<Prediction>> {
+        model.predict_idx(path)
+    }
+
+    /// MNIST-layout IDX directory: training images for training (and k-fold), the t10k files as
+    /// the provided test split.
+    fn task(&self, job: &Job) -> Result<Task> {
+        let mnist = ringtrain_data::load_mnist(&job.data.path)?;
+        let to_set = |split: ringtrain_data::MnistSplit| ImageSet {
+            labels: Arc::new(split.labels.iter().map(|&l| usize::from(l)).collect()),
+            images: Arc::new(split.images),
+        };
+        let train = to_set(mnist.train);
+        let test = to_set(mnist.test);
+        let classes = train.labels.iter().chain(test.labels.iter()).max().map_or(0, |m| m + 1);
+        if job.training.loss.is_some_and(|l| l != LossName::CrossEntropy) {
+            return Err(TrainError::Job {
+                field: "training.loss",
+                reason: "image classification trains with cross_entropy".into(),
+            });
+        }
+        Ok(Task {
+            strata: Some(train.labels.to_vec()),
+            examples: Arc::new(train),
+            test_examples: Some(Arc::new(test)),
+            target: TargetKind::Classes {
+                names: (0..classes).map(|c| c.to_string()).collect(),
+            },
+            loss: Loss::CrossEntropy,
+            role: ModelRole::Classify,
+            baseline: BTreeMap::new(),
+        })
+    }
+}
+
+/// MNIST-style grey images, scaled to [0, 1] and normalised with MNIST's mean and standard
+/// deviation (0.1307, 0.3081), as torchvision's examples do.
+#[derive(Debug, Clone)]
+pub struct ImageSet {
+    images: Arc<ringtrain_data::Images>,
+    labels: Arc<Vec<usize>>,
+}
+
+const MNIST_MEAN: f32 = 0.1307;
+const MNIST_STD: f32 = 0.3081;
+
+impl Examples for ImageSet {
+    fn len(&self) -> usize {
+        self.images.n
+    }
+
+    fn input_shape(&self) -> Vec<usize> {
+        vec![1, self.images.rows, self.images.cols]
+    }
+
+    fn batch(&self, indices: &[usize]) -> Result<Batch> {
+        let (r, c) = (self.images.rows, self.images.cols);
+        let mut x = Vec::with_capacity(indices.len() * r * c);
+        for &i in indices {
+            x.extend(
+                self.images
+                    .image(i)
+                    .iter()
+                    .map(|&p| (f32::from(p) / 255.0 - MNIST_MEAN) / MNIST_STD),
+            );
+        }
+        let x = Tensor::from_vec(&[indices.len(), 1, r, c], x).map_err(ringtrain_autograd::AutogradError::from)?;
+        Ok(Batch {
+            x,
+            targets: Targets::Classes(indices.iter().map(|&i| self.labels[i]).collect()),
+        })
+    }
+
+    fn preprocess(&self) -> serde_json::Value {
+        serde_json::json!({ "pixel_scale": 1.0 / 255.0, "mean": MNIST_MEAN, "std": MNIST_STD })
+    }
+}
