@@ -71,7 +71,7 @@ use tokio::sync::mpsc;
 
 /// The job as the coordinator hands it out: text, not a parsed config.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobSpec {
+pub struct JobText {
     /// The job file's TOML text.
     pub toml: String,
     /// Where it was read from (workers resolve relative data paths against its directory).
@@ -80,7 +80,7 @@ pub struct JobSpec {
     pub data_path: Option<String>,
 }
 
-impl JobSpec {
+impl JobText {
     /// FNV-1a 64 of the text and the data override, as 16 hex digits.
     pub fn fingerprint(&self) -> String {
         let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -98,7 +98,7 @@ impl JobSpec {
 pub struct CoordinatorConfig {
     /// Number of workers in the ring.
     pub workers: usize,
-    pub job: JobSpec,
+    pub job: JobText,
     /// Identifies the run on every call and every collective frame (printable ASCII).
     pub job_id: String,
     /// Shared secret every call must carry.
@@ -166,7 +166,7 @@ impl std::fmt::Debug for CoordinatorConfig {
 impl CoordinatorConfig {
     /// Defaults: writer rank 0, 60 s rendezvous, beats every 250 ms, 5 s heartbeat and
     /// collective timeouts, 1 s failure grace, no run directory, no checkpoints.
-    pub fn new(workers: usize, job: JobSpec, job_id: impl Into<String>, token: impl Into<String>) -> Self {
+    pub fn new(workers: usize, job: JobText, job_id: impl Into<String>, token: impl Into<String>) -> Self {
         CoordinatorConfig {
             workers,
             job,

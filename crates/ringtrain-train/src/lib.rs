@@ -30,11 +30,9 @@ pub use engine::{
 pub use formats::ModelRole;
 pub use inference::{Evaluation, GenerateOptions, Prediction, SavedModel};
 pub use plots::write_plots;
-pub use task::{build_model, build_model_for, build_model_with_vocab, Batch, Examples, TargetKind, Task};
+pub use task::{build_model, build_model_for, Batch, Examples, TargetKind, Task};
 
 use std::path::PathBuf;
-
-use ringtrain_config::Job;
 
 /// Everything that can stop a training run, with the context to act on it.
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +69,3 @@ impl TrainError {
 }
 
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;
-
-/// Re-exported so callers need not depend on the config crate for the job type.
-pub type JobSpec = Job;

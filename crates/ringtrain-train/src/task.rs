@@ -166,17 +166,7 @@ impl Task {
 /// outputs, and checks every layer's shapes, so a bad model is refused before training with
 /// the layer's name and the shapes.
 pub fn build_model(cfg: &ModelConfig, input: &[usize], outputs: usize) -> Result<Box<dyn Module>> {
-    build_model_with_vocab(cfg, input, outputs, None)
-}
-
-/// [`build_model`] for models that embed tokens from a vocabulary of `vocab` entries.
-pub fn build_model_with_vocab(
-    cfg: &ModelConfig,
-    input: &[usize],
-    outputs: usize,
-    vocab: Option<usize>,
-) -> Result<Box<dyn Module>> {
-    build_model_for(cfg, ModelRole::Classify, input, outputs, vocab)
+    build_model_for(cfg, ModelRole::Classify, input, outputs, None)
 }
 
 /// The model of `cfg` in `role`: the same recurrent kind classifies texts, models a corpus or

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use ringtrain_coordinator::{serve, CoordinatorConfig, CoordinatorError, Event, JobOutcome, JobSpec};
+use ringtrain_coordinator::{serve, CoordinatorConfig, CoordinatorError, Event, JobOutcome, JobText};
 use ringtrain_proto::coordinator::{
     Assignment, Beat, Command, CoordinatorClient, FinishReport, InboundCommands, Reform, Registration, Rejoined,
     WorkerOutcome,
@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 const TOKEN: &str = "tok";
 
 fn config(workers: usize) -> CoordinatorConfig {
-    let job = JobSpec {
+    let job = JobText {
         toml: "[job]\nname = \"t\"\n".into(),
         path: "/jobs/t.toml".into(),
         data_path: None,

@@ -203,7 +203,7 @@ mod cluster {
 
     use std::time::Duration;
 
-    use ringtrain_coordinator::{serve, CoordinatorConfig, CoordinatorError, JobSpec};
+    use ringtrain_coordinator::{serve, CoordinatorConfig, CoordinatorError, JobText};
     use ringtrain_worker::{run_worker, WorkerError, WorkerOptions};
 
     fn runtime() -> tokio::runtime::Runtime {
@@ -214,13 +214,13 @@ mod cluster {
             .unwrap()
     }
 
-    fn job_spec(batch: usize, epochs: usize) -> JobSpec {
+    fn job_spec(batch: usize, epochs: usize) -> JobText {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/iris-mlp.toml");
         let text = std::fs::read_to_string(&path)
             .unwrap()
             .replace("batch_size = 16", &format!("batch_size = {batch}"))
             .replace("epochs = 100", &format!("epochs = {epochs}"));
-        JobSpec {
+        JobText {
             toml: text,
             path: path.display().to_string(),
             data_path: None,

@@ -26,7 +26,7 @@ use clap::builder::BoolishValueParser;
 use clap::Args;
 use ringtrain_config::EvalScheme;
 use ringtrain_coordinator::{
-    fold_groups, serve, serve_metrics, CoordinatorConfig, CoordinatorError, Event, GroupOutcome, JobOutcome, JobSpec,
+    fold_groups, serve, serve_metrics, CoordinatorConfig, CoordinatorError, Event, GroupOutcome, JobOutcome, JobText,
     Metrics,
 };
 use ringtrain_train::{EpochReport, Progress, RunSummary};
@@ -172,7 +172,7 @@ pub struct WorkerArgs {
 
 /// A job checked here, before any worker sees it.
 struct Prepared {
-    spec: JobSpec,
+    spec: JobText,
     epochs: usize,
     resume_from: Option<String>,
     /// `--resume-latest` found the run already complete: nothing to train.
@@ -269,7 +269,7 @@ fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
         finished = manifest.epoch >= job.training.epochs && args.out.join("summary.json").is_file();
     }
     Ok(Prepared {
-        spec: JobSpec {
+        spec: JobText {
             toml: text,
             path: absolute(&args.job).display().to_string(),
             data_path: args.data.as_deref().map(|d| absolute(d).display().to_string()),
