@@ -5,7 +5,7 @@
 #![allow(clippy::print_stdout)] // reason: printing results is this binary's job
 
 mod certs_cmd;
-mod cluster_cmd;
+mod cluster;
 mod collective_cmd;
 mod progress;
 mod use_model;
@@ -84,11 +84,11 @@ enum Command {
     #[command(hide = true)]
     CollectivePeer(collective_cmd::PeerArgs),
     /// Train a job on N local worker processes (coordinator in this process).
-    Launch(cluster_cmd::LaunchArgs),
+    Launch(cluster::LaunchArgs),
     /// Coordinate a distributed job whose workers run elsewhere (`ringtrain worker`).
-    Coordinator(cluster_cmd::CoordinatorArgs),
+    Coordinator(cluster::CoordinatorArgs),
     /// Join a distributed job as one worker.
-    Worker(cluster_cmd::WorkerArgs),
+    Worker(cluster::WorkerArgs),
     /// Make a cluster CA and certificates signed by it, for mutual TLS (--tls-* flags).
     Certs(certs_cmd::CertsArgs),
 }
@@ -154,9 +154,9 @@ fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Bench(BenchCommand::Allreduce(args)) => collective_cmd::run_bench_allreduce(args),
         Command::CollectivePeer(args) => collective_cmd::run_peer(args),
-        Command::Launch(args) => cluster_cmd::run_launch(args),
-        Command::Coordinator(args) => cluster_cmd::run_coordinator(args),
-        Command::Worker(args) => cluster_cmd::run_worker_cmd(args),
+        Command::Launch(args) => cluster::run_launch(args),
+        Command::Coordinator(args) => cluster::run_coordinator(args),
+        Command::Worker(args) => cluster::run_worker_cmd(args),
         Command::Certs(args) => certs_cmd::run_certs(args),
         Command::Evaluate(args) => use_model::evaluate(args),
         Command::Predict(args) => use_model::predict(args),

@@ -96,6 +96,94 @@ pub fn restore_params(path: &Path, store: &mut ParamStore) -> Result<()> {
     Ok(())
 }
 
+/// What a checkpoint says about itself (in the file's safetensors metadata).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Checkpoint {
+    /// Completed epochs.
+    pub epoch: usize,
+    /// Optimizer steps taken.
+    pub step: u64,
+    pub world: usize,
+    pub seed: u64,
+    pub layout_fingerprint: String,
+}
+
+/// Reads the manifest of a checkpoint file.
+pub fn read_checkpoint_manifest(path: &Path) -> Result<Checkpoint> {
+    let bytes = std::fs::read(path).map_err(|e| TrainError::io(path, format!("cannot read checkpoint: {e}")))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .map_err(|e| TrainError::io(path, format!("not a safetensors checkpoint: {e}")))?;
+    let json = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("ringtrain.checkpoint"))
+        .ok_or_else(|| TrainError::io(path, "not a ringtrain checkpoint (no manifest)"))?;
+    serde_json::from_str(json).map_err(|e| TrainError::io(path, format!("bad checkpoint manifest: {e}")))
+}
+
+impl crate::engine::Trainer {
+    /// Saves parameters, optimizer state and position (completed `epoch`, step) as one
+    /// safetensors file, atomically, so a crash leaves the previous checkpoint intact. The data
+    /// cursor is the epoch boundary and every random stream is derived from (seed, step, rank),
+    /// so this is all a resumed run needs to continue exactly.
+    pub fn save_checkpoint(&self, path: &Path, epoch: usize, world: usize) -> Result<()> {
+        let mut tensors: Vec<(String, ringtrain_tensor::Tensor)> = self
+            .store
+            .named_tensors()
+            .map(|(n, t)| (format!("model.{n}"), t))
+            .collect();
+        tensors.extend(
+            self.optimizer
+                .state_tensors(self.store.specs())
+                .into_iter()
+                .map(|(n, t)| (format!("optimizer.{n}"), t)),
+        );
+        let manifest = Checkpoint {
+            epoch,
+            step: self.step,
+            world,
+            seed: self.seed,
+            layout_fingerprint: format!("{:016x}", self.store.layout_fingerprint()),
+        };
+        let json = serde_json::to_string(&manifest).map_err(|e| TrainError::io(path, e))?;
+        save_safetensors(
+            path,
+            &tensors,
+            HashMap::from([("ringtrain.checkpoint".to_string(), json)]),
+        )
+    }
+
+    /// Restores a checkpoint written by [`Trainer::save_checkpoint`]; returns the completed
+    /// epoch. Refuses a checkpoint of another model or seed. The world size may differ: a
+    /// global batch is the same examples whatever the number of ranks.
+    pub fn load_checkpoint(&mut self, path: &Path) -> Result<usize> {
+        let manifest = read_checkpoint_manifest(path)?;
+        let fingerprint = format!("{:016x}", self.store.layout_fingerprint());
+        if manifest.layout_fingerprint != fingerprint || manifest.seed != self.seed {
+            return Err(TrainError::io(
+                path,
+                format!(
+                    "checkpoint is for model {} / seed {}, this run is model {fingerprint} / seed {}",
+                    manifest.layout_fingerprint, manifest.seed, self.seed
+                ),
+            ));
+        }
+        let saved = crate::load_safetensors(path)?;
+        let names: Vec<String> = self.store.specs().iter().map(|s| s.name.clone()).collect();
+        for name in names {
+            let t = saved
+                .get(&format!("model.{name}"))
+                .ok_or_else(|| TrainError::io(path, format!("missing parameter `{name}`")))?;
+            self.store.set(&name, t)?;
+        }
+        self.optimizer.load_state(self.store.specs(), manifest.step, |k| {
+            saved.get(&format!("optimizer.{k}")).map(|t| t.to_vec())
+        })?;
+        self.step = manifest.step;
+        Ok(manifest.epoch)
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {

@@ -16,8 +16,9 @@ use ringtrain_nn::{init_store, Module, Targets};
 use ringtrain_tensor::Tensor;
 use serde::Deserialize;
 
-use crate::engine::{EvalMetrics, LocalSync, Trainer};
+use crate::engine::{EvalMetrics, Trainer};
 use crate::formats::{ModelRole, TextSet};
+use crate::sync::LocalSync;
 use crate::task::{build_model_for, Batch, Examples, TargetKind, Task};
 use crate::{restore_params, Result, TrainError};
 

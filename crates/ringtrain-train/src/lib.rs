@@ -14,22 +14,26 @@
 //! No printing, no environment, no process exit: progress is reported through an observer
 //! callback and the binary decides what to show.
 
+mod buckets;
 mod checkpoint;
 mod engine;
 mod formats;
 mod inference;
 mod plots;
+mod rejoin;
+mod run;
+mod sync;
 mod task;
 
-pub use checkpoint::{load_safetensors, restore_params, save_safetensors, write_atomic};
-pub use engine::{
-    read_checkpoint_manifest, run_job, run_job_opts, run_job_with, BucketedBackward, Checkpoint, EmitBucket,
-    EpochCursor, EpochReport, EvalMetrics, FoldReport, GradSync, LocalSync, Progress, RingChange, RunOptions,
-    RunSummary, SyncError, Trainer,
+pub use checkpoint::{
+    load_safetensors, read_checkpoint_manifest, restore_params, save_safetensors, write_atomic, Checkpoint,
 };
+pub use engine::{EpochCursor, EpochReport, EvalMetrics, Progress, RingChange, Trainer};
 pub use formats::ModelRole;
 pub use inference::{Evaluation, GenerateOptions, Prediction, SavedModel};
 pub use plots::write_plots;
+pub use run::{kfold_summary, run_job, run_job_opts, run_job_with, FoldReport, FoldStat, RunOptions, RunSummary};
+pub use sync::{BucketedBackward, EmitBucket, GradSync, LocalSync, SyncError};
 pub use task::{build_model, build_model_for, Batch, Examples, TargetKind, Task};
 
 use std::path::PathBuf;
