@@ -14,47 +14,12 @@ use ringtrain_config::{ColumnRef, EvalScheme, Job, ModelKind};
 use ringtrain_data::{kfold, train_test_split, DataError, LineRef};
 use ringtrain_nn::{init_store, Module, Targets};
 use ringtrain_tensor::Tensor;
-use serde::Deserialize;
 
 use crate::engine::{EvalMetrics, Trainer};
-use crate::formats::{ModelRole, TextSet};
+use crate::formats::{ModelRole, PreprocessFile, Preprocessing, TextSet};
 use crate::sync::LocalSync;
 use crate::task::{build_model_for, Batch, Examples, TargetKind, Task};
 use crate::{restore_params, Result, TrainError};
-
-/// `preprocess.json` as the engine writes it.
-#[derive(Debug, Deserialize)]
-struct SavedPreprocess {
-    input: SavedInput,
-    input_shape: Vec<usize>,
-    class_names: Vec<String>,
-    /// The data file the run read (absent in run directories written before it was recorded).
-    #[serde(default)]
-    data_path: Option<PathBuf>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
-enum SavedInput {
-    /// Tabular features: `(x - mean) * inv_std` per feature.
-    Features {
-        feature_mean: Vec<f32>,
-        feature_inv_std: Vec<f32>,
-    },
-    /// Grey images: `(pixel * scale - mean) / std`.
-    Pixels { pixel_scale: f64, mean: f32, std: f32 },
-    /// Token ids from a vocabulary (text classification, language models).
-    Tokens {
-        vocab: serde_json::Value,
-        /// Pairs: source and decoder lengths.
-        #[serde(default)]
-        src_len: Option<usize>,
-        #[serde(default)]
-        tgt_len: Option<usize>,
-    },
-    /// Anything else (a series' standardisation): evaluation re-derives it from the data.
-    Other(serde::de::IgnoredAny),
-}
 
 /// One prediction.
 #[derive(Debug, Clone, PartialEq)]
@@ -88,7 +53,7 @@ pub struct SavedModel {
     model: Box<dyn Module>,
     store: ParamStore,
     target: TargetKind,
-    input: SavedInput,
+    input: Preprocessing,
     input_shape: Vec<usize>,
     /// What the model was built for (the input shape, or a pair model's two lengths).
     model_input: Vec<usize>,
@@ -162,10 +127,9 @@ impl SavedModel {
             job.evaluation.scheme = EvalScheme::TrainTest;
         }
         let pre_path = run_dir.join("preprocess.json");
-        let pre: SavedPreprocess = serde_json::from_str(&read_text(&pre_path)?)
-            .map_err(|e| format_error(&pre_path, format!("not a preprocess.json of this version: {e}")))?;
+        let pre = PreprocessFile::read(&pre_path, &read_text(&pre_path)?)?;
         let vocab = match &pre.input {
-            SavedInput::Tokens { vocab, .. } => Some(Arc::new(
+            Preprocessing::Tokens { vocab, .. } | Preprocessing::TokenPairs { vocab, .. } => Some(Arc::new(
                 ringtrain_data::Vocab::from_json(&vocab.to_string())
                     .map_err(|e| format_error(&pre_path, format!("vocabulary: {e}")))?,
             )),
@@ -177,11 +141,7 @@ impl SavedModel {
             vocab.as_ref().map_or(0, |v| v.len()),
         );
         let model_input = match &pre.input {
-            SavedInput::Tokens {
-                src_len: Some(s),
-                tgt_len: Some(t),
-                ..
-            } => vec![*s, *t],
+            Preprocessing::TokenPairs { src_len, tgt_len, .. } => vec![*src_len, *tgt_len],
             _ => pre.input_shape.clone(),
         };
         let model = build_model_for(
@@ -380,7 +340,7 @@ impl SavedModel {
     /// feature columns, with or without the label column, with a header line when the job's
     /// data has one.
     pub fn predict_csv(&self, path: &Path) -> Result<Vec<Prediction>> {
-        let SavedInput::Features {
+        let Preprocessing::Features {
             feature_mean,
             feature_inv_std,
         } = &self.input
@@ -403,7 +363,7 @@ impl SavedModel {
 
     /// Predictions for every image of an IDX image file (`idx3`, u8, plain or gzip).
     pub fn predict_idx(&self, path: &Path) -> Result<Vec<Prediction>> {
-        let SavedInput::Pixels { pixel_scale, mean, std } = self.input else {
+        let Preprocessing::Pixels { pixel_scale, mean, std } = self.input else {
             return Err(format_error(path, "this model takes feature rows: give a CSV file"));
         };
         let images = ringtrain_data::read_idx_images(path)?;
@@ -647,7 +607,7 @@ fn split(line: &str, delimiter: char) -> Vec<String> {
 #[derive(Debug)]
 struct Prepared {
     inner: Arc<dyn Examples>,
-    input: SavedInput,
+    input: Preprocessing,
     class_map: Option<Vec<usize>>,
 }
 
@@ -664,7 +624,7 @@ impl Examples for Prepared {
         // Task::from_job builds tabular examples with the identity normalisation (mean 0,
         // scale 1), so `x` holds the raw values and the saved statistics apply as in training.
         let mut batch = self.inner.batch(indices)?;
-        if let SavedInput::Features {
+        if let Preprocessing::Features {
             feature_mean,
             feature_inv_std,
         } = &self.input

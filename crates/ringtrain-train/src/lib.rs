@@ -29,7 +29,7 @@ pub use checkpoint::{
     load_safetensors, read_checkpoint_manifest, restore_params, save_safetensors, write_atomic, Checkpoint,
 };
 pub use engine::{EpochCursor, EpochReport, EvalMetrics, Progress, RingChange, Trainer};
-pub use formats::ModelRole;
+pub use formats::{ModelRole, Preprocessing};
 pub use inference::{Evaluation, GenerateOptions, Prediction, SavedModel};
 pub use plots::write_plots;
 pub use run::{kfold_summary, run_job, run_job_opts, run_job_with, FoldReport, FoldStat, RunOptions, RunSummary};

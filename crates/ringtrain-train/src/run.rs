@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::checkpoint::save_safetensors;
 use crate::engine::{EpochCursor, EpochReport, EvalMetrics, Progress, Trainer};
+use crate::formats::{PreprocessFile, PREPROCESS_VERSION};
 use crate::sync::{GradSync, LocalSync};
 use crate::task::{Examples, Task};
 use crate::{write_atomic, Result, TrainError};
@@ -180,14 +181,20 @@ fn write_run_dir(
     // would make identical runs produce different bytes.
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     save_safetensors(&dir.join("model.safetensors"), &tensors, meta)?;
-    let pre = serde_json::json!({
-        "input": examples.preprocess(),
-        "input_shape": examples.input_shape(),
-        "class_names": task.target.class_names(),
+    let input = examples.preprocess().ok_or_else(|| TrainError::Job {
+        field: "data.format",
+        reason: "its examples record no preprocessing".into(),
+    })?;
+    let pre = PreprocessFile {
+        version: PREPROCESS_VERSION,
+        input,
+        input_shape: examples.input_shape(),
+        class_names: task.target.class_names(),
         // Where the data was, so `ringtrain evaluate RUN_DIR` finds the test split again.
-        "data_path": std::path::absolute(&job.data.path).unwrap_or_else(|_| job.data.path.clone()),
-    });
-    write_atomic(&dir.join("preprocess.json"), pre.to_string().as_bytes())?;
+        data_path: Some(std::path::absolute(&job.data.path).unwrap_or_else(|_| job.data.path.clone())),
+    };
+    let pre = serde_json::to_string(&pre).map_err(|e| TrainError::io("preprocess.json", e))?;
+    write_atomic(&dir.join("preprocess.json"), pre.as_bytes())?;
     crate::plots::write_plots(dir, metrics_lines, summary)?;
     Ok(())
 }

@@ -17,7 +17,7 @@ use ringtrain_nn::{
 };
 use ringtrain_tensor::Tensor;
 
-use crate::formats::ModelRole;
+use crate::formats::{ModelRole, Preprocessing};
 use crate::{Result, TrainError};
 
 /// A minibatch: inputs with the batch as first axis, and what they are compared against.
@@ -43,8 +43,8 @@ pub trait Examples: Send + Sync + std::fmt::Debug {
         None
     }
     /// The preprocessing a prediction must repeat, for `preprocess.json`.
-    fn preprocess(&self) -> serde_json::Value {
-        serde_json::Value::Null
+    fn preprocess(&self) -> Option<Preprocessing> {
+        None
     }
     /// Size of the token vocabulary, for models that embed token ids.
     fn vocab_size(&self) -> Option<usize> {

@@ -8,7 +8,7 @@ use ringtrain_config::{Job, LossName, TokenizerName};
 use ringtrain_nn::{Loss, Targets};
 use ringtrain_tensor::Tensor;
 
-use super::{vocab_json, vocab_settings, Format, ModelRole};
+use super::{vocab_json, vocab_settings, Format, ModelRole, Preprocessing};
 use crate::task::{Batch, Examples, TargetKind, Task};
 use crate::{Result, TrainError};
 
@@ -105,9 +105,11 @@ impl Examples for CorpusSet {
         Some(self.vocab.len())
     }
 
-    fn preprocess(&self) -> serde_json::Value {
-        let vocab = vocab_json(&self.vocab);
-        serde_json::json!({ "max_len": self.seqs.seq_len(), "vocab": vocab })
+    fn preprocess(&self) -> Option<Preprocessing> {
+        Some(Preprocessing::Tokens {
+            max_len: self.seqs.seq_len(),
+            vocab: vocab_json(&self.vocab),
+        })
     }
 }
 

@@ -10,7 +10,7 @@ use ringtrain_data::{read_csv, CsvOptions, LabelColumn, LabelKind, Labels, Tabul
 use ringtrain_nn::{Loss, Targets};
 use ringtrain_tensor::Tensor;
 
-use super::{Format, ModelRole};
+use super::{Format, ModelRole, Preprocessing};
 use crate::inference::{Prediction, SavedModel};
 use crate::task::{Batch, Examples, TargetKind, Task};
 use crate::{Result, TrainError};
@@ -207,7 +207,10 @@ impl Examples for Tabular {
         Some(Arc::new(self.standardized_on(rows)))
     }
 
-    fn preprocess(&self) -> serde_json::Value {
-        serde_json::json!({ "feature_mean": self.mean, "feature_inv_std": self.inv_std })
+    fn preprocess(&self) -> Option<Preprocessing> {
+        Some(Preprocessing::Features {
+            feature_mean: self.mean.clone(),
+            feature_inv_std: self.inv_std.clone(),
+        })
     }
 }

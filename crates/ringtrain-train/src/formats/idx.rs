@@ -9,7 +9,7 @@ use ringtrain_config::{Job, LossName};
 use ringtrain_nn::{Loss, Targets};
 use ringtrain_tensor::Tensor;
 
-use super::{Format, ModelRole};
+use super::{Format, ModelRole, Preprocessing};
 use crate::inference::{Prediction, SavedModel};
 use crate::task::{Batch, Examples, TargetKind, Task};
 use crate::{Result, TrainError};
@@ -95,7 +95,11 @@ impl Examples for ImageSet {
         })
     }
 
-    fn preprocess(&self) -> serde_json::Value {
-        serde_json::json!({ "pixel_scale": 1.0 / 255.0, "mean": MNIST_MEAN, "std": MNIST_STD })
+    fn preprocess(&self) -> Option<Preprocessing> {
+        Some(Preprocessing::Pixels {
+            pixel_scale: 1.0 / 255.0,
+            mean: MNIST_MEAN,
+            std: MNIST_STD,
+        })
     }
 }

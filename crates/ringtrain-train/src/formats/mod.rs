@@ -18,9 +18,12 @@ mod corpus;
 mod csv;
 mod idx;
 mod pairs;
+mod preprocess;
 mod series;
 mod text;
 
+pub use self::preprocess::Preprocessing;
+pub(crate) use self::preprocess::{PreprocessFile, VERSION as PREPROCESS_VERSION};
 pub(crate) use self::text::TextSet;
 
 /// The module of `format`.
@@ -104,6 +107,10 @@ fn vocab_settings(job: &Job, default: TokenizerName) -> (ringtrain_data::Tokeniz
 }
 
 /// A vocabulary as JSON for `preprocess.json` (what `generate` and `evaluate` rebuild it from).
-fn vocab_json(vocab: &ringtrain_data::Vocab) -> Option<serde_json::Value> {
-    vocab.to_json().ok().and_then(|j| serde_json::from_str(&j).ok())
+fn vocab_json(vocab: &ringtrain_data::Vocab) -> serde_json::Value {
+    vocab
+        .to_json()
+        .ok()
+        .and_then(|j| serde_json::from_str(&j).ok())
+        .unwrap_or_default()
 }

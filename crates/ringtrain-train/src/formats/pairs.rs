@@ -8,7 +8,7 @@ use ringtrain_config::{Job, TokenizerName};
 use ringtrain_nn::{Loss, Module, Targets};
 use ringtrain_tensor::Tensor;
 
-use super::{vocab_json, vocab_settings, Format, ModelRole};
+use super::{vocab_json, vocab_settings, Format, ModelRole, Preprocessing};
 use crate::task::{Batch, Examples, TargetKind, Task};
 use crate::Result;
 
@@ -193,8 +193,11 @@ impl Examples for PairSet {
         Some(self.vocab.len())
     }
 
-    fn preprocess(&self) -> serde_json::Value {
-        let vocab = vocab_json(&self.vocab);
-        serde_json::json!({ "src_len": self.src_len, "tgt_len": self.tgt_len, "vocab": vocab })
+    fn preprocess(&self) -> Option<Preprocessing> {
+        Some(Preprocessing::TokenPairs {
+            src_len: self.src_len,
+            tgt_len: self.tgt_len,
+            vocab: vocab_json(&self.vocab),
+        })
     }
 }

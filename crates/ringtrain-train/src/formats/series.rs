@@ -8,7 +8,7 @@ use ringtrain_config::{ColumnRef, Job, LossName};
 use ringtrain_nn::{Loss, Targets};
 use ringtrain_tensor::Tensor;
 
-use super::{Format, ModelRole};
+use super::{Format, ModelRole, Preprocessing};
 use crate::task::{Batch, Examples, TargetKind, Task};
 use crate::{Result, TrainError};
 
@@ -156,7 +156,11 @@ impl Examples for SeriesSet {
         self.std
     }
 
-    fn preprocess(&self) -> serde_json::Value {
-        serde_json::json!({ "series_mean": self.mean, "series_std": self.std, "seq_len": self.seq_len })
+    fn preprocess(&self) -> Option<Preprocessing> {
+        Some(Preprocessing::Series {
+            series_mean: self.mean,
+            series_std: self.std,
+            seq_len: self.seq_len,
+        })
     }
 }

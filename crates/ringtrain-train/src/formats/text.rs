@@ -9,7 +9,7 @@ use ringtrain_config::{Job, LossName, TokenizerName};
 use ringtrain_nn::{Loss, Targets};
 use ringtrain_tensor::Tensor;
 
-use super::{vocab_json, vocab_settings, Format, ModelRole};
+use super::{vocab_json, vocab_settings, Format, ModelRole, Preprocessing};
 use crate::inference::{Prediction, SavedModel};
 use crate::task::{Batch, Examples, TargetKind, Task};
 use crate::{Result, TrainError};
@@ -162,8 +162,10 @@ impl Examples for TextSet {
         Some(self.vocab.len())
     }
 
-    fn preprocess(&self) -> serde_json::Value {
-        let vocab = vocab_json(&self.vocab);
-        serde_json::json!({ "max_len": self.max_len, "vocab": vocab })
+    fn preprocess(&self) -> Option<Preprocessing> {
+        Some(Preprocessing::Tokens {
+            max_len: self.max_len,
+            vocab: vocab_json(&self.vocab),
+        })
     }
 }
