@@ -329,6 +329,28 @@ pub struct ModelConfig {
     pub pooling: Option<PoolingName>,
 }
 
+impl ModelConfig {
+    /// `embedding_dim`, or its default: 64.
+    pub fn embedding_dim(&self) -> usize {
+        self.embedding_dim.unwrap_or(64)
+    }
+
+    /// `heads`, or its default: 4.
+    pub fn heads(&self) -> usize {
+        self.heads.unwrap_or(4)
+    }
+
+    /// `blocks`, or its default: 2.
+    pub fn blocks(&self) -> usize {
+        self.blocks.unwrap_or(2)
+    }
+
+    /// `ff_dim`, or its default: four times the embedding width.
+    pub fn ff_dim(&self) -> usize {
+        self.ff_dim.unwrap_or(4 * self.embedding_dim())
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FfActivationName {

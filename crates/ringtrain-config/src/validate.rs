@@ -203,8 +203,8 @@ impl Job {
             ));
         }
         if self.model.kind == ModelKind::Transformer {
-            let d = self.model.embedding_dim.unwrap_or(64);
-            let h = self.model.heads.unwrap_or(4);
+            let d = self.model.embedding_dim();
+            let h = self.model.heads();
             if h == 0 || d % h != 0 {
                 return Err(fail(
                     "model.heads",

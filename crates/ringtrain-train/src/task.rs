@@ -259,7 +259,7 @@ pub fn build_model_for(
             } else {
                 cfg.hidden.clone()
             };
-            let embed = cfg.embedding_dim.unwrap_or(64);
+            let embed = cfg.embedding_dim();
             match (role, vocab) {
                 (ModelRole::Forecast, _) => Box::new(SequenceRegressor::new(cell, &hidden, cfg.dropout, outputs)),
                 (ModelRole::LanguageModel, Some(v)) => {
@@ -299,14 +299,7 @@ fn pooling(name: PoolingName) -> Pooling {
 
 /// The job's transformer shape; positions cover the longest sequence the data can give.
 pub(crate) fn transformer_config(cfg: &ModelConfig, vocab: usize, max_len: usize) -> TransformerConfig {
-    let d = cfg.embedding_dim.unwrap_or(64);
-    let mut t = TransformerConfig::new(
-        vocab,
-        d,
-        cfg.heads.unwrap_or(4),
-        cfg.blocks.unwrap_or(2),
-        cfg.ff_dim.unwrap_or(4 * d),
-    );
+    let mut t = TransformerConfig::new(vocab, cfg.embedding_dim(), cfg.heads(), cfg.blocks(), cfg.ff_dim());
     t.max_len = max_len.max(1);
     t.dropout = cfg.dropout;
     t.activation = match cfg.ff_activation {
