@@ -59,8 +59,8 @@ impl TrainProgress {
                     bar.set_position((self.finished * total + done) as u64);
                 }
             }
-            // One process has no ring to re-form.
-            Progress::Rejoined { .. } => {}
+            // One process has no ring to re-form; the checkpoint's epoch line says enough.
+            Progress::Rejoined { .. } | Progress::Checkpoint { .. } => {}
             Progress::Epoch(r) => {
                 self.finished += 1;
                 if let Some(bar) = &self.bar {

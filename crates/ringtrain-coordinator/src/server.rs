@@ -89,6 +89,13 @@ struct State {
 }
 
 impl State {
+    /// The newest checkpoint a writer reported. Only the rank that writes the run directory
+    /// reports them; after an elastic re-form the writer may be another rank, and the file
+    /// its predecessor wrote still counts.
+    fn last_checkpoint(&self) -> Option<u64> {
+        self.slots.iter().filter_map(|s| s.checkpoint_epoch).max()
+    }
+
     /// The members that still train, in ring order: the ring a change re-forms (a member
     /// that already finished keeps its result and leaves no place to fill).
     fn ring(&self) -> Vec<usize> {
@@ -134,9 +141,8 @@ impl Shared {
     }
 
     fn checkpoint(&self, st: &State) -> LastCheckpoint {
-        let writer = st.slots.get(st.writer);
         LastCheckpoint {
-            epoch: writer.and_then(|s| s.checkpoint_epoch),
+            epoch: st.last_checkpoint(),
             path: self
                 .config
                 .out_dir
@@ -858,8 +864,7 @@ fn observe(m: &crate::Metrics, shared: &Shared, st: &State) {
     };
     m.set_workers(shared.config.workers, st.slots.len(), live);
     let step = st.slots.iter().map(|s| s.step).max().unwrap_or(0);
-    let checkpoint = st.slots.get(st.writer).and_then(|s| s.checkpoint_epoch);
-    m.set_progress(step, checkpoint);
+    m.set_progress(step, st.last_checkpoint());
     if st.formed {
         m.set_state(JobState::Running);
     }

@@ -99,6 +99,11 @@ pub enum Progress {
         step: u64,
     },
     Epoch(EpochReport),
+    /// The checkpoint of `epoch` is on disk (written after that epoch's report, by the rank
+    /// that writes the run directory).
+    Checkpoint {
+        epoch: usize,
+    },
     /// The ring re-formed with `world` ranks (elastic training) and this rank goes on as
     /// `rank` from optimizer step `step` of `epoch`; `stepped_back` is how many completed
     /// steps it gave up to be level with the others (0: a rank behind takes the state of one

@@ -353,6 +353,7 @@ fn train_fold(
                     .is_some_and(|k| epoch % k.max(1) == 0 || epoch == job.training.epochs);
                 if due && fold.is_none() {
                     trainer.save_checkpoint(&dir.join("checkpoint.safetensors"), epoch, sync.world())?;
+                    observe(Progress::Checkpoint { epoch });
                 }
             }
         }

@@ -91,8 +91,6 @@ struct Position {
     step: u64,
     /// Last epoch whose checkpoint is on disk.
     checkpoint_epoch: Option<u64>,
-    /// Epoch whose checkpoint the engine writes right after reporting it.
-    pending_checkpoint: Option<u64>,
     /// The last epoch was reported: the final evaluation runs.
     finishing: bool,
 }
@@ -509,19 +507,13 @@ fn train(
                 Progress::Batch { epoch, step, .. } => {
                     pos.epoch = *epoch as u64;
                     pos.step = *step;
-                    if let Some(e) = pos.pending_checkpoint.take() {
-                        pos.checkpoint_epoch = Some(e);
-                        nudge.notify_one();
-                    }
                 }
                 Progress::Epoch(r) => {
                     pos.finishing = r.epoch as u64 == epochs && r.fold.is_none();
-                    let due = run
-                        .checkpoint_every
-                        .is_some_and(|k| r.epoch as u64 % k.max(1) as u64 == 0 || r.epoch as u64 == epochs);
-                    if due && r.fold.is_none() {
-                        pos.pending_checkpoint = Some(r.epoch as u64);
-                    }
+                    nudge.notify_one();
+                }
+                Progress::Checkpoint { epoch } => {
+                    pos.checkpoint_epoch = Some(*epoch as u64);
                     nudge.notify_one();
                 }
             }
@@ -574,13 +566,7 @@ fn train(
         rank,
         source: Box::new(e),
     })?;
-    let mut pos = position.lock().map(|p| *p).unwrap_or_default();
-    if let Some(e) = pos.pending_checkpoint.take() {
-        pos.checkpoint_epoch = Some(e);
-        if let Ok(mut p) = position.lock() {
-            *p = pos;
-        }
-    }
+    let pos = position.lock().map(|p| *p).unwrap_or_default();
     let checksum = sync.final_checksum().unwrap_or(0);
     let final_stats = stats.lock().map(|s| *s).unwrap_or_default();
     Ok(Trained {
