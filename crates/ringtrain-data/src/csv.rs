@@ -379,6 +379,54 @@ fn resolve_label(label: &LabelColumn, row: &[String]) -> Result<usize, String> {
     }
 }
 
+/// Reads the feature rows of a file laid out like a training file (plain or gzip, the same
+/// quoting and delimiter rules as [`read_csv`]) for prediction: each row holds the
+/// `n_features` feature columns, or those and the `label` column, which is dropped. With
+/// `opts.has_header` the first line is a header (and names the label column). Errors name the
+/// file, the line and the column.
+pub fn read_feature_rows(path: &Path, opts: &CsvOptions, n_features: usize) -> Result<Vec<Vec<f32>>, DataError> {
+    let mut lines = Lines::open(path)?;
+    let err = |line: usize, column: Option<ColumnRef>, problem: String| DataError::text(path, line, column, problem);
+    let mut header: Option<Vec<String>> = None;
+    let mut rows = Vec::new();
+    while let Some((line_no, line)) = lines.next_line()? {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fields = split_fields(line, opts.delimiter).map_err(|p| err(line_no, None, p))?;
+        if opts.has_header && header.is_none() {
+            header = Some(fields);
+            continue;
+        }
+        let label_at = if fields.len() == n_features + 1 {
+            match &opts.label {
+                LabelColumn::Index(i) => Some(*i).filter(|&i| i < fields.len()),
+                LabelColumn::Name(name) => header.as_ref().and_then(|h| h.iter().position(|c| c == name)),
+            }
+        } else {
+            None
+        };
+        if fields.len() != n_features && label_at.is_none() {
+            let label = match &opts.label {
+                LabelColumn::Name(n) => format!(" (or {} with the label column {n:?})", n_features + 1),
+                LabelColumn::Index(c) => format!(" (or {} with the label in column {})", n_features + 1, c + 1),
+            };
+            let problem = format!("expected {n_features} feature columns{label}, found {}", fields.len());
+            return Err(err(line_no, None, problem));
+        }
+        let mut row = Vec::with_capacity(n_features);
+        for (c, field) in fields.iter().enumerate().filter(|(c, _)| Some(*c) != label_at) {
+            let v = parse_number(field).map_err(|p| err(line_no, Some(column_ref(header.as_deref(), c)), p))?;
+            row.push(v);
+        }
+        rows.push(row);
+    }
+    if rows.is_empty() {
+        return Err(DataError::empty(path, "no data rows"));
+    }
+    Ok(rows)
+}
+
 /// Reads scikit-learn's bundled CSV layout (`iris.csv`, `breast_cancer.csv`, `wine_data.csv`).
 ///
 /// Line 1 is `n_rows,n_features,class_0,class_1,...`; then `n_rows` lines of `n_features`
@@ -597,6 +645,20 @@ mod tests {
         let data = read_csv(&path, &opts).unwrap();
         assert_eq!(data.features, [1.0, 2.0, 4.0, 5.0]);
         assert_eq!(data.labels, Labels::Value(vec![3.0, 6.0]));
+    }
+
+    #[test]
+    fn feature_rows_for_prediction_drop_the_label_and_keep_the_quoting_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = CsvOptions::classification("label");
+        let p = write(&dir, "p.csv", "a,label,b\n1,x,\"2.5\"\n3,y,4\n");
+        assert_eq!(read_feature_rows(&p, &opts, 2).unwrap(), vec![vec![1.0, 2.5], vec![3.0, 4.0]]);
+        let p = write(&dir, "q.csv", "a,b\n1,2\n\"3,5\",4\n");
+        let e = read_feature_rows(&p, &opts, 2).unwrap_err().to_string();
+        assert!(e.contains("line 3") && e.contains("column 1 (\"a\")") && e.contains("\"3,5\""), "{e}");
+        let p = write(&dir, "r.csv", "a,b\n1,2,3,4\n");
+        let e = read_feature_rows(&p, &opts, 2).unwrap_err().to_string();
+        assert!(e.contains("expected 2 feature columns"), "{e}");
     }
 
     #[test]

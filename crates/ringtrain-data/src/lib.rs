@@ -47,7 +47,9 @@ pub mod vocab;
 
 pub use crate::batch::{pad_batch, PaddedBatch};
 pub use crate::corpus::{read_text, split_text_tail, LmSequences};
-pub use crate::csv::{read_csv, read_sklearn_csv, CsvOptions, LabelColumn, LabelKind, Labels, TabularData};
+pub use crate::csv::{
+    read_csv, read_feature_rows, read_sklearn_csv, CsvOptions, LabelColumn, LabelKind, Labels, TabularData,
+};
 pub use crate::error::{ColumnRef, DataError, LineRef};
 pub use crate::idx::{
     load_mnist, load_mnist_split, read_idx, read_idx_images, read_idx_labels, IdxArray, IdxData, Images, Mnist,

@@ -10,13 +10,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ringtrain_autograd::{Graph, ParamStore};
-use ringtrain_config::{ColumnRef, EvalScheme, Job, ModelKind};
-use ringtrain_data::{kfold, train_test_split, DataError, LineRef};
+use ringtrain_config::{EvalScheme, Job, ModelKind};
+use ringtrain_data::{kfold, train_test_split, DataError};
 use ringtrain_nn::{init_store, Module, Targets};
 use ringtrain_tensor::Tensor;
 
 use crate::engine::{EvalMetrics, Trainer};
-use crate::formats::{ModelRole, PreprocessFile, Preprocessing, TextSet};
+use crate::formats::{csv_options, ModelRole, PreprocessFile, Preprocessing, TextSet};
 use crate::sync::LocalSync;
 use crate::task::{build_model_for, Batch, Examples, TargetKind, Task};
 use crate::{restore_params, Result, TrainError};
@@ -85,15 +85,6 @@ pub(crate) fn format_error(path: &Path, problem: impl Into<String>) -> TrainErro
     DataError::Format {
         path: path.to_path_buf(),
         problem: problem.into(),
-    }
-    .into()
-}
-
-fn text_error(path: &Path, line: usize, column: Option<ringtrain_data::ColumnRef>, problem: String) -> TrainError {
-    DataError::Text {
-        path: path.to_path_buf(),
-        at: LineRef { line, column },
-        problem,
     }
     .into()
 }
@@ -347,7 +338,8 @@ impl SavedModel {
         else {
             return Err(format_error(path, "this model takes images: give an IDX image file"));
         };
-        let rows = self.read_feature_rows(path)?;
+        let d = self.input_shape.iter().product::<usize>();
+        let rows = ringtrain_data::read_feature_rows(path, &csv_options(&self.job)?, d)?;
         let d = feature_mean.len();
         let x: Vec<f32> = rows
             .iter()
@@ -492,67 +484,6 @@ impl SavedModel {
         }
         Ok(out)
     }
-
-    /// Parses feature rows; a row may carry the label column, which is dropped.
-    fn read_feature_rows(&self, path: &Path) -> Result<Vec<Vec<f32>>> {
-        let text = read_text(path)?;
-        let d = self.input_shape.iter().product::<usize>();
-        let delimiter = self.job.data.delimiter;
-        let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
-        let header: Option<Vec<String>> = if self.job.data.header {
-            lines.next().map(|(_, l)| split(l, delimiter))
-        } else {
-            None
-        };
-        let label_at = match &self.job.data.label {
-            Some(ColumnRef::Index(i)) => Some(*i),
-            Some(ColumnRef::Name(name)) => header.as_ref().and_then(|h| h.iter().position(|c| c == name)),
-            None => None,
-        };
-        let mut rows = Vec::new();
-        for (i, line) in lines {
-            let fields = split(line, delimiter);
-            let skip = if fields.len() == d {
-                None
-            } else if fields.len() == d + 1 {
-                label_at.filter(|&c| c < fields.len())
-            } else {
-                None
-            };
-            if fields.len() != d && skip.is_none() {
-                let label = match &self.job.data.label {
-                    Some(ColumnRef::Name(n)) => format!(" (or {} with the label column {n:?})", d + 1),
-                    Some(ColumnRef::Index(c)) => format!(" (or {} with the label in column {})", d + 1, c + 1),
-                    None => String::new(),
-                };
-                return Err(text_error(
-                    path,
-                    i + 1,
-                    None,
-                    format!("expected {d} feature columns{label}, found {}", fields.len()),
-                ));
-            }
-            let mut row = Vec::with_capacity(d);
-            for (c, field) in fields.iter().enumerate() {
-                if Some(c) == skip {
-                    continue;
-                }
-                let v = field.parse::<f32>().ok().filter(|v| v.is_finite()).ok_or_else(|| {
-                    let column = ringtrain_data::ColumnRef {
-                        number: c + 1,
-                        name: header.as_ref().and_then(|h| h.get(c).cloned()),
-                    };
-                    text_error(path, i + 1, Some(column), format!("not a finite number: {field:?}"))
-                })?;
-                row.push(v);
-            }
-            rows.push(row);
-        }
-        if rows.is_empty() {
-            return Err(format_error(path, "no data rows"));
-        }
-        Ok(rows)
-    }
 }
 
 /// Draws a token id from `softmax(logits / temperature)`; temperature 0 (or below) is the
@@ -587,19 +518,6 @@ fn sample(logits: &[f32], temperature: f32, rng: &mut ringtrain_tensor::random::
         u -= w;
     }
     best as u32
-}
-
-/// Splits one line on the delimiter; fields are trimmed and may be wrapped in double quotes.
-fn split(line: &str, delimiter: char) -> Vec<String> {
-    line.split(delimiter)
-        .map(|f| {
-            let f = f.trim();
-            f.strip_prefix('"')
-                .and_then(|f| f.strip_suffix('"'))
-                .unwrap_or(f)
-                .to_string()
-        })
-        .collect()
 }
 
 /// The examples of a dataset with the saved normalisation applied and class ids mapped onto
@@ -649,16 +567,5 @@ impl Examples for Prepared {
             }
         }
         Ok(batch)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fields_are_trimmed_and_unquoted() {
-        assert_eq!(split(" 5.1, \"3.5\" ,setosa", ','), ["5.1", "3.5", "setosa"]);
-        assert_eq!(split("1\t2", '\t'), ["1", "2"]);
     }
 }

@@ -28,34 +28,7 @@ impl Format for Csv {
     }
 
     fn task(&self, job: &Job) -> Result<Task> {
-        let label_kind = if job
-            .training
-            .loss
-            .is_some_and(|l| matches!(l, LossName::Mse | LossName::Mae))
-        {
-            LabelKind::Value
-        } else {
-            LabelKind::Class
-        };
-        let delimiter = u8::try_from(job.data.delimiter).map_err(|_| TrainError::Job {
-            field: "data.delimiter",
-            reason: format!("must be an ASCII character, got {:?}", job.data.delimiter),
-        })?;
-        let opts = CsvOptions {
-            delimiter,
-            has_header: job.data.header,
-            label: match &job.data.label {
-                Some(ColumnRef::Index(i)) => LabelColumn::Index(*i),
-                Some(ColumnRef::Name(n)) => LabelColumn::Name(n.clone()),
-                None => {
-                    return Err(TrainError::Job {
-                        field: "data.label",
-                        reason: "csv data needs the label column".into(),
-                    })
-                }
-            },
-            label_kind,
-        };
+        let opts = csv_options(job)?;
         let data = read_csv(&job.data.path, &opts)?;
         let (target, classes) = match (&data.labels, &job.data.positive_class) {
             (Labels::Class { ids, names }, Some(pos)) => {
@@ -121,6 +94,39 @@ impl Format for Csv {
             baseline: BTreeMap::new(),
         })
     }
+}
+
+/// How the job's CSV files are read (training, test and prediction files alike).
+pub(crate) fn csv_options(job: &Job) -> Result<CsvOptions> {
+    let label_kind = if job
+        .training
+        .loss
+        .is_some_and(|l| matches!(l, LossName::Mse | LossName::Mae))
+    {
+        LabelKind::Value
+    } else {
+        LabelKind::Class
+    };
+    let delimiter = u8::try_from(job.data.delimiter).map_err(|_| TrainError::Job {
+        field: "data.delimiter",
+        reason: format!("must be an ASCII character, got {:?}", job.data.delimiter),
+    })?;
+    let opts = CsvOptions {
+        delimiter,
+        has_header: job.data.header,
+        label: match &job.data.label {
+            Some(ColumnRef::Index(i)) => LabelColumn::Index(*i),
+            Some(ColumnRef::Name(n)) => LabelColumn::Name(n.clone()),
+            None => {
+                return Err(TrainError::Job {
+                    field: "data.label",
+                    reason: "csv data needs the label column".into(),
+                })
+            }
+        },
+        label_kind,
+    };
+    Ok(opts)
 }
 
 /// Feature rows with per-feature affine normalisation `(x - mean) * inv_std`.
