@@ -652,10 +652,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let opts = CsvOptions::classification("label");
         let p = write(&dir, "p.csv", "a,label,b\n1,x,\"2.5\"\n3,y,4\n");
-        assert_eq!(read_feature_rows(&p, &opts, 2).unwrap(), vec![vec![1.0, 2.5], vec![3.0, 4.0]]);
+        assert_eq!(
+            read_feature_rows(&p, &opts, 2).unwrap(),
+            vec![vec![1.0, 2.5], vec![3.0, 4.0]]
+        );
         let p = write(&dir, "q.csv", "a,b\n1,2\n\"3,5\",4\n");
         let e = read_feature_rows(&p, &opts, 2).unwrap_err().to_string();
-        assert!(e.contains("line 3") && e.contains("column 1 (\"a\")") && e.contains("\"3,5\""), "{e}");
+        assert!(
+            e.contains("line 3") && e.contains("column 1 (\"a\")") && e.contains("\"3,5\""),
+            "{e}"
+        );
         let p = write(&dir, "r.csv", "a,b\n1,2,3,4\n");
         let e = read_feature_rows(&p, &opts, 2).unwrap_err().to_string();
         assert!(e.contains("expected 2 feature columns"), "{e}");

@@ -16,7 +16,7 @@ use ringtrain_nn::{init_store, Module, Targets};
 use ringtrain_tensor::Tensor;
 
 use crate::engine::{EvalMetrics, Trainer};
-use crate::formats::{csv_options, ModelRole, PreprocessFile, Preprocessing, TextSet};
+use crate::formats::{csv_options, standardize_into, ModelRole, PreprocessFile, Preprocessing, TextSet};
 use crate::sync::LocalSync;
 use crate::task::{build_model_for, Batch, Examples, TargetKind, Task};
 use crate::{restore_params, Result, TrainError};
@@ -340,16 +340,10 @@ impl SavedModel {
         };
         let d = self.input_shape.iter().product::<usize>();
         let rows = ringtrain_data::read_feature_rows(path, &csv_options(&self.job)?, d)?;
-        let d = feature_mean.len();
-        let x: Vec<f32> = rows
-            .iter()
-            .flat_map(|r| {
-                r.iter()
-                    .zip(feature_mean)
-                    .zip(feature_inv_std)
-                    .map(|((&v, &m), &s)| (v - m) * s)
-            })
-            .collect();
+        let mut x = Vec::with_capacity(rows.len() * d);
+        for row in &rows {
+            standardize_into(&mut x, row, feature_mean, feature_inv_std);
+        }
         self.predict_tensor(Tensor::from_vec(&[rows.len(), d], x).map_err(ringtrain_autograd::AutogradError::from)?)
     }
 
@@ -548,17 +542,10 @@ impl Examples for Prepared {
         } = &self.input
         {
             let d = feature_mean.len().max(1);
-            let x: Vec<f32> = batch
-                .x
-                .as_slice()
-                .chunks(d)
-                .flat_map(|r| {
-                    r.iter()
-                        .zip(feature_mean)
-                        .zip(feature_inv_std)
-                        .map(|((&v, &m), &s)| (v - m) * s)
-                })
-                .collect();
+            let mut x = Vec::with_capacity(batch.x.len());
+            for row in batch.x.as_slice().chunks(d) {
+                standardize_into(&mut x, row, feature_mean, feature_inv_std);
+            }
             batch.x = Tensor::from_vec(batch.x.shape(), x).map_err(ringtrain_autograd::AutogradError::from)?;
         }
         if let (Some(map), Targets::Classes(ids)) = (&self.class_map, &mut batch.targets) {

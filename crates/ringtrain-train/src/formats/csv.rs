@@ -96,6 +96,12 @@ impl Format for Csv {
     }
 }
 
+/// Appends `row` standardised, `(x - mean) * inv_std` per feature: the one standardisation
+/// of training, evaluation and prediction, so all three give the same bits.
+pub(crate) fn standardize_into(out: &mut Vec<f32>, row: &[f32], mean: &[f32], inv_std: &[f32]) {
+    out.extend(row.iter().zip(mean).zip(inv_std).map(|((&v, &m), &s)| (v - m) * s));
+}
+
 /// How the job's CSV files are read (training, test and prediction files alike).
 pub(crate) fn csv_options(job: &Job) -> Result<CsvOptions> {
     let label_kind = if job
@@ -188,14 +194,7 @@ impl Examples for Tabular {
         let d = self.data.n_features;
         let mut x = Vec::with_capacity(indices.len() * d);
         for &i in indices {
-            x.extend(
-                self.data
-                    .row(i)
-                    .iter()
-                    .zip(&self.mean)
-                    .zip(&self.inv_std)
-                    .map(|((&v, &m), &s)| (v - m) * s),
-            );
+            standardize_into(&mut x, self.data.row(i), &self.mean, &self.inv_std);
         }
         let x = Tensor::from_vec(&[indices.len(), d], x).map_err(ringtrain_autograd::AutogradError::from)?;
         let targets = match (&self.classes, &self.data.labels) {

@@ -22,7 +22,7 @@ mod preprocess;
 mod series;
 mod text;
 
-pub(crate) use self::csv::csv_options;
+pub(crate) use self::csv::{csv_options, standardize_into};
 pub use self::preprocess::Preprocessing;
 pub(crate) use self::preprocess::{PreprocessFile, VERSION as PREPROCESS_VERSION};
 pub(crate) use self::text::TextSet;
