@@ -56,14 +56,3 @@ pub fn configure(config: ThreadConfig) -> bool {
         .build_global()
         .is_ok()
 }
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn blas_thread_count_round_trips() {
-        let before = super::blas_threads();
-        super::set_blas_threads(1);
-        assert_eq!(super::blas_threads(), 1);
-        super::set_blas_threads(before);
-    }
-}
