@@ -475,11 +475,6 @@ fn image_job(dir: &Path) -> PathBuf {
 // ---------------------------------------------------------------------------------------
 // The rehearsal: the manifests' processes on 127.0.0.1
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 /// `GET /metrics` over plain TCP; the body.
 fn scrape(addr: &str) -> String {
     let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
@@ -748,8 +743,7 @@ fn a_coordinator_restarted_with_resume_latest_continues_from_the_checkpoint_with
     let job = tmp.path().join("job.toml");
     std::fs::write(&job, text).expect("write job");
     let out = tmp.path().join("run");
-    let listen = format!("127.0.0.1:{}", free_port());
-    let coordinator = |what: &str| {
+    let coordinator = |what: &str, listen: &str| {
         let mut cmd = Command::new(bin());
         cmd.args([
             "coordinator",
@@ -762,14 +756,15 @@ fn a_coordinator_restarted_with_resume_latest_continues_from_the_checkpoint_with
         .arg(&job)
         .arg("--out")
         .arg(&out)
-        .env("RINGTRAIN_LISTEN", &listen)
+        .env("RINGTRAIN_LISTEN", listen)
         .env("RINGTRAIN_TOKEN", "restart")
         .env("RINGTRAIN_THREADS", "1");
         Proc::spawn(cmd, what)
     };
     let deadline = Instant::now() + 2 * MINUTE;
-    let mut first = coordinator("first coordinator");
-    first.line(deadline, |l| l.contains("\"listening\""));
+    // Port 0 once; the Job's next pod comes back on the address this one got.
+    let mut first = coordinator("first coordinator", "127.0.0.1:0");
+    let listen = crate::cluster::coordinator_addr(&first);
     let workers: Vec<Proc> = (0..2)
         .map(|i| {
             let mut cmd = Command::new(bin());
@@ -801,7 +796,7 @@ fn a_coordinator_restarted_with_resume_latest_continues_from_the_checkpoint_with
 
     // The Job's next pod: same address, same flags. The workers notice the loss, drop the
     // job and register again without being restarted.
-    let mut second = coordinator("second coordinator");
+    let mut second = coordinator("second coordinator", &listen);
     let status = second.wait(2 * MINUTE);
     assert!(status.success(), "{}", second.describe());
     let text = second.stdout();
@@ -842,17 +837,17 @@ fn a_lost_worker_pod_is_replaced_and_the_coordinator_job_goes_on() {
     let job = tmp.path().join("job.toml");
     std::fs::write(&job, text).expect("write job");
     let out = tmp.path().join("run");
-    let listen = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(bin());
     cmd.args(["coordinator", "--workers", "2", "--checkpoint-every", "100"])
         .arg(&job)
         .arg("--out")
         .arg(&out)
-        .env("RINGTRAIN_LISTEN", &listen)
+        .env("RINGTRAIN_LISTEN", "127.0.0.1:0")
         .env("RINGTRAIN_MIN_WORKERS", &min)
         .env("RINGTRAIN_TOKEN", "elastic")
         .env("RINGTRAIN_THREADS", "1");
     let mut coordinator = Proc::spawn(cmd, "coordinator");
+    let listen = crate::cluster::coordinator_addr(&coordinator);
     let worker = |what: &str| {
         let mut cmd = Command::new(bin());
         cmd.arg("worker")
@@ -864,7 +859,6 @@ fn a_lost_worker_pod_is_replaced_and_the_coordinator_job_goes_on() {
         Proc::spawn(cmd, what)
     };
     let deadline = Instant::now() + 2 * MINUTE;
-    coordinator.line(deadline, |l| l.contains("\"listening\""));
     let mut pods = vec![worker("worker pod 0"), worker("worker pod 1")];
     coordinator.line(deadline, |l| l.trim_start().starts_with("epoch") && l.contains("/3000"));
     pods[1].child.kill().expect("kill a worker pod");
