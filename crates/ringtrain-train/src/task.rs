@@ -225,16 +225,7 @@ pub fn build_model_for(
                             reason: format!("an encoder–decoder needs [source, target] lengths, got {input:?}"),
                         });
                     };
-                    let mut c = Seq2SeqConfig::new(vocab, src_len, tgt_len);
-                    c.d_model = t.d_model;
-                    c.heads = t.heads;
-                    c.encoder_layers = t.layers;
-                    c.decoder_layers = t.layers;
-                    c.ff = t.ff;
-                    c.dropout = t.dropout;
-                    c.activation = t.activation;
-                    c.norm = t.norm;
-                    c.positions = t.positions;
+                    let c = Seq2SeqConfig::from_transformer(&t, src_len, tgt_len);
                     Box::new(Seq2SeqTransformer::new(c))
                 }
                 _ => Box::new(

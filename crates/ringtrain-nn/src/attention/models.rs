@@ -467,15 +467,33 @@ impl Seq2SeqConfig {
         }
     }
 
-    fn block(&self) -> BlockConfig {
-        BlockConfig {
-            dim: self.d_model,
-            heads: self.heads,
-            ff: self.ff,
-            dropout: self.dropout,
-            activation: self.activation,
-            norm: self.norm,
+    /// An encoder–decoder with the shape of `t`: its width, heads, feed-forward, dropout,
+    /// activation, norm placement and positions, and `t.layers` layers on each side.
+    pub fn from_transformer(t: &TransformerConfig, src_len: usize, tgt_len: usize) -> Seq2SeqConfig {
+        Seq2SeqConfig {
+            vocab: t.vocab,
+            src_len,
+            tgt_len,
+            d_model: t.d_model,
+            heads: t.heads,
+            encoder_layers: t.layers,
+            decoder_layers: t.layers,
+            ff: t.ff,
+            dropout: t.dropout,
+            activation: t.activation,
+            norm: t.norm,
+            positions: t.positions,
+            scale_embedding: t.scale_embedding,
         }
+    }
+
+    /// The layers' shape, as a decoder-only or encoder-only transformer of this width has it.
+    fn block(&self) -> BlockConfig {
+        let mut t = TransformerConfig::new(self.vocab, self.d_model, self.heads, self.encoder_layers, self.ff);
+        t.dropout = self.dropout;
+        t.activation = self.activation;
+        t.norm = self.norm;
+        t.block()
     }
 }
 
