@@ -725,6 +725,22 @@ batch_size = 4
     }
 
     #[test]
+    fn a_loss_that_does_not_fit_the_data_format_is_refused() {
+        let text = GOOD
+            .replace("format = \"csv\"", "format = \"text\"")
+            .replace("label = \"species\"\n", "")
+            .replace("kind = \"mlp\"", "kind = \"lstm\"");
+        assert!(check(&text.replace("batch_size = 4", "batch_size = 4\nloss = \"cross_entropy\"")).is_ok());
+        let err = check(&text.replace("batch_size = 4", "batch_size = 4\nloss = \"mse\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`training.loss`: text data trains with cross_entropy"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn parallel_folds_need_kfold() {
         let kfold = format!("{GOOD}\n[evaluation]\nscheme = \"kfold\"\nfolds = 3\nparallel_folds = true\n");
         assert!(check(&kfold).unwrap().evaluation.parallel_folds);

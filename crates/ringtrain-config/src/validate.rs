@@ -158,6 +158,26 @@ impl Job {
                 "\"provided\" needs a dataset with its own test split (idx, or text with data.test_path)".into(),
             ));
         }
+        // Every format but CSV (whose labels say) fixes what its models are trained to lower.
+        if let Some(loss) = self.training.loss {
+            let (fits, wanted) = match self.data.format {
+                DataFormat::Csv => (true, ""),
+                DataFormat::Series => (
+                    matches!(loss, LossName::Mse | LossName::Mae),
+                    "mse or mae (forecasting is regression)",
+                ),
+                _ => (loss == LossName::CrossEntropy, "cross_entropy"),
+            };
+            if !fits {
+                return Err(fail(
+                    "training.loss",
+                    format!(
+                        "{} data trains with {wanted}",
+                        format!("{:?}", self.data.format).to_lowercase()
+                    ),
+                ));
+            }
+        }
         let ordered = matches!(self.data.format, DataFormat::Corpus | DataFormat::Series);
         if ordered && e.scheme != EvalScheme::TimeSeries {
             return Err(fail(

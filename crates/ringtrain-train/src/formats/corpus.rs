@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use ringtrain_config::{Job, LossName, TokenizerName};
+use ringtrain_config::{Job, TokenizerName};
 use ringtrain_nn::{Loss, Targets};
 use ringtrain_tensor::Tensor;
 
@@ -54,12 +54,6 @@ impl Format for Corpus {
             seqs: Arc::new(windows(test_ids, "validation")?),
             vocab: vocab.clone(),
         };
-        if job.training.loss.is_some_and(|l| l != LossName::CrossEntropy) {
-            return Err(TrainError::Job {
-                field: "training.loss",
-                reason: "language models train with cross_entropy".into(),
-            });
-        }
         Ok(Task {
             strata: None,
             examples: Arc::new(train),

@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use ringtrain_config::{Job, LossName};
+use ringtrain_config::Job;
 use ringtrain_nn::{Loss, Targets};
 use ringtrain_tensor::Tensor;
 
 use super::{Format, ModelRole, Preprocessing};
 use crate::inference::{Prediction, SavedModel};
 use crate::task::{Batch, Examples, TargetKind, Task};
-use crate::{Result, TrainError};
+use crate::Result;
 
 /// The IDX format.
 pub(crate) struct Idx;
@@ -37,12 +37,6 @@ impl Format for Idx {
         let train = to_set(mnist.train);
         let test = to_set(mnist.test);
         let classes = train.labels.iter().chain(test.labels.iter()).max().map_or(0, |m| m + 1);
-        if job.training.loss.is_some_and(|l| l != LossName::CrossEntropy) {
-            return Err(TrainError::Job {
-                field: "training.loss",
-                reason: "image classification trains with cross_entropy".into(),
-            });
-        }
         Ok(Task {
             strata: Some(train.labels.to_vec()),
             examples: Arc::new(train),

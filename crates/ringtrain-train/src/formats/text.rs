@@ -5,14 +5,14 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use ringtrain_config::{Job, LossName, TokenizerName};
+use ringtrain_config::{Job, TokenizerName};
 use ringtrain_nn::{Loss, Targets};
 use ringtrain_tensor::Tensor;
 
 use super::{vocab_json, vocab_settings, Format, ModelRole, Preprocessing};
 use crate::inference::{Prediction, SavedModel};
 use crate::task::{Batch, Examples, TargetKind, Task};
-use crate::{Result, TrainError};
+use crate::Result;
 
 /// The text format.
 pub(crate) struct Text;
@@ -51,12 +51,6 @@ impl Format for Text {
         };
         let train_set = encode(&train);
         let test_set = test.as_ref().map(encode);
-        if job.training.loss.is_some_and(|l| l != LossName::CrossEntropy) {
-            return Err(TrainError::Job {
-                field: "training.loss",
-                reason: "text classification trains with cross_entropy".into(),
-            });
-        }
         Ok(Task {
             strata: Some(train.labels.clone()),
             examples: Arc::new(train_set),
