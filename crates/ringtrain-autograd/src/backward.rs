@@ -6,7 +6,7 @@ use ringtrain_tensor::attention::{self as attn, GradSlot, Heads};
 use ringtrain_tensor::{conv, fused, Tensor};
 
 use crate::ops::sigmoid;
-use crate::{AutogradError, Gradients, Graph, Op, ParamGrad, Result, RowGrad, Var};
+use crate::{AutogradError, Gradients, Graph, Op, ParamGrad, RecurrentTape, Result, RowGrad, Var};
 
 impl Graph<'_> {
     /// Gradients of the one-element `loss` with respect to every leaf that needs one.
@@ -283,7 +283,7 @@ impl Graph<'_> {
                 }
                 out
             }
-            Op::Gru {
+            Op::Recurrent {
                 xp,
                 w_hh,
                 b_hh,
@@ -291,20 +291,11 @@ impl Graph<'_> {
                 reverse,
                 tape,
             } => {
-                let [dxp, dw, db] =
-                    ringtrain_tensor::gru::gru_backward(g, val(*xp).shape(), val(*w_hh), mask, *reverse, tape)?;
-                vec![(*xp, dxp), (*w_hh, dw), (*b_hh, db)]
-            }
-            Op::Lstm {
-                xp,
-                w_hh,
-                b_hh,
-                mask,
-                reverse,
-                tape,
-            } => {
-                let [dxp, dw, db] =
-                    ringtrain_tensor::lstm::lstm_backward(g, val(*xp).shape(), val(*w_hh), mask, *reverse, tape)?;
+                let (shape, w) = (val(*xp).shape(), val(*w_hh));
+                let [dxp, dw, db] = match tape {
+                    RecurrentTape::Gru(t) => ringtrain_tensor::gru::gru_backward(g, shape, w, mask, *reverse, t)?,
+                    RecurrentTape::Lstm(t) => ringtrain_tensor::lstm::lstm_backward(g, shape, w, mask, *reverse, t)?,
+                };
                 vec![(*xp, dxp), (*w_hh, dw), (*b_hh, db)]
             }
             Op::MaskedMax { x, argmax } => {

@@ -5,31 +5,45 @@ use ringtrain_tensor::attention::{self as attn, AttentionMask, Heads};
 use ringtrain_tensor::conv::{self, Window2d};
 use ringtrain_tensor::{fused, Tensor};
 
-use crate::{AttentionOpts, AutogradError, Cols, Graph, Op, Result, Var};
+use crate::{AttentionOpts, AutogradError, Cols, Graph, Op, RecurrentTape, Result, Var};
 
 impl Graph<'_> {
+    /// An elementwise op: `f` applied to every element of `x`.
+    fn map(&mut self, x: Var, f: impl Fn(f32) -> f32 + Sync + Send, op: Op) -> Var {
+        let v = self.value(x).map(f);
+        self.unary(x, v, op)
+    }
+
+    /// An op on two tensors of the same shape, `f` computing its value.
+    fn zip(
+        &mut self,
+        a: Var,
+        b: Var,
+        f: fn(&Tensor, &Tensor) -> ringtrain_tensor::Result<Tensor>,
+        op: Op,
+    ) -> Result<Var> {
+        let v = f(self.value(a), self.value(b))?;
+        Ok(self.record(v, op, &[a, b]))
+    }
+
     fn unary(&mut self, x: Var, value: Tensor, op: Op) -> Var {
         self.record(value, op, &[x])
     }
 
     pub fn add(&mut self, a: Var, b: Var) -> Result<Var> {
-        let v = self.value(a).add(self.value(b))?;
-        Ok(self.record(v, Op::Add(a, b), &[a, b]))
+        self.zip(a, b, Tensor::add, Op::Add(a, b))
     }
 
     pub fn sub(&mut self, a: Var, b: Var) -> Result<Var> {
-        let v = self.value(a).sub(self.value(b))?;
-        Ok(self.record(v, Op::Sub(a, b), &[a, b]))
+        self.zip(a, b, Tensor::sub, Op::Sub(a, b))
     }
 
     pub fn mul(&mut self, a: Var, b: Var) -> Result<Var> {
-        let v = self.value(a).mul(self.value(b))?;
-        Ok(self.record(v, Op::Mul(a, b), &[a, b]))
+        self.zip(a, b, Tensor::mul, Op::Mul(a, b))
     }
 
     pub fn div(&mut self, a: Var, b: Var) -> Result<Var> {
-        let v = self.value(a).div(self.value(b))?;
-        Ok(self.record(v, Op::Div(a, b), &[a, b]))
+        self.zip(a, b, Tensor::div, Op::Div(a, b))
     }
 
     pub fn neg(&mut self, x: Var) -> Var {
@@ -74,48 +88,39 @@ impl Graph<'_> {
     }
 
     pub fn relu(&mut self, x: Var) -> Var {
-        let v = self.value(x).map(|a| a.max(0.0));
-        self.unary(x, v, Op::Relu(x))
+        self.map(x, |a| a.max(0.0), Op::Relu(x))
     }
 
     pub fn leaky_relu(&mut self, x: Var, slope: f32) -> Var {
-        let v = self.value(x).map(|a| if a > 0.0 { a } else { slope * a });
-        self.unary(x, v, Op::LeakyRelu(x, slope))
+        self.map(x, |a| if a > 0.0 { a } else { slope * a }, Op::LeakyRelu(x, slope))
     }
 
     pub fn sigmoid(&mut self, x: Var) -> Var {
-        let v = self.value(x).map(sigmoid);
-        self.unary(x, v, Op::Sigmoid(x))
+        self.map(x, sigmoid, Op::Sigmoid(x))
     }
 
     pub fn tanh(&mut self, x: Var) -> Var {
-        let v = self.value(x).map(fused::tanh);
-        self.unary(x, v, Op::Tanh(x))
+        self.map(x, fused::tanh, Op::Tanh(x))
     }
 
     pub fn exp(&mut self, x: Var) -> Var {
-        let v = self.value(x).map(f32::exp);
-        self.unary(x, v, Op::Exp(x))
+        self.map(x, f32::exp, Op::Exp(x))
     }
 
     pub fn log(&mut self, x: Var) -> Var {
-        let v = self.value(x).map(f32::ln);
-        self.unary(x, v, Op::Log(x))
+        self.map(x, f32::ln, Op::Log(x))
     }
 
     pub fn abs(&mut self, x: Var) -> Var {
-        let v = self.value(x).map(f32::abs);
-        self.unary(x, v, Op::Abs(x))
+        self.map(x, f32::abs, Op::Abs(x))
     }
 
     pub fn sqrt(&mut self, x: Var) -> Var {
-        let v = self.value(x).map(f32::sqrt);
-        self.unary(x, v, Op::Sqrt(x))
+        self.map(x, f32::sqrt, Op::Sqrt(x))
     }
 
     pub fn square(&mut self, x: Var) -> Var {
-        let v = self.value(x).map(|a| a * a);
-        self.unary(x, v, Op::Square(x))
+        self.map(x, |a| a * a, Op::Square(x))
     }
 
     /// Sum of all elements (a 0-d value).
@@ -351,8 +356,7 @@ impl Graph<'_> {
 
     /// Exact GELU `½x(1 + erf(x/√2))` (PyTorch's default, not the tanh approximation).
     pub fn gelu(&mut self, x: Var) -> Var {
-        let v = self.value(x).map(fused::gelu);
-        self.unary(x, v, Op::Gelu(x))
+        self.map(x, fused::gelu, Op::Gelu(x))
     }
 
     /// Inverted dropout with a mask from the graph's seeded generator: in training each value
@@ -427,26 +431,10 @@ impl Graph<'_> {
         reverse: bool,
         h0: Option<&Tensor>,
     ) -> Result<Var> {
-        let inputs = [xp, w_hh, b_hh];
-        let keep = self.grad_enabled() && inputs.iter().any(|v| self.nodes[v.0].needs_grad);
-        let (y, tape) = ringtrain_tensor::gru::gru_forward(
-            self.value(xp),
-            self.value(w_hh),
-            self.value(b_hh),
-            mask,
-            reverse,
-            h0,
-            keep,
-        )?;
-        let op = Op::Gru {
-            xp,
-            w_hh,
-            b_hh,
-            mask: mask.clone(),
-            reverse,
-            tape,
-        };
-        Ok(self.record(y, op, &inputs))
+        self.recurrent([xp, w_hh, b_hh], mask, reverse, |[x, w, b], keep| {
+            let (y, tape) = ringtrain_tensor::gru::gru_forward(x, w, b, mask, reverse, h0, keep)?;
+            Ok((y, RecurrentTape::Gru(tape)))
+        })
     }
 
     /// One direction of an LSTM layer, all time steps in one op (PyTorch's gate order and
@@ -469,18 +457,25 @@ impl Graph<'_> {
         reverse: bool,
         init: ringtrain_tensor::lstm::LstmState<'_>,
     ) -> Result<Var> {
-        let inputs = [xp, w_hh, b_hh];
+        self.recurrent([xp, w_hh, b_hh], mask, reverse, |[x, w, b], keep| {
+            let (y, tape) = ringtrain_tensor::lstm::lstm_forward(x, w, b, mask, reverse, init, keep)?;
+            Ok((y, RecurrentTape::Lstm(tape)))
+        })
+    }
+
+    /// Records a recurrent op: `forward` gets the values of `[xp, w_hh, b_hh]` and whether
+    /// backward will need its tape.
+    fn recurrent(
+        &mut self,
+        inputs: [Var; 3],
+        mask: &Tensor,
+        reverse: bool,
+        forward: impl FnOnce([&Tensor; 3], bool) -> Result<(Tensor, RecurrentTape)>,
+    ) -> Result<Var> {
         let keep = self.grad_enabled() && inputs.iter().any(|v| self.nodes[v.0].needs_grad);
-        let (y, tape) = ringtrain_tensor::lstm::lstm_forward(
-            self.value(xp),
-            self.value(w_hh),
-            self.value(b_hh),
-            mask,
-            reverse,
-            init,
-            keep,
-        )?;
-        let op = Op::Lstm {
+        let (y, tape) = forward(inputs.map(|v| self.value(v)), keep)?;
+        let [xp, w_hh, b_hh] = inputs;
+        let op = Op::Recurrent {
             xp,
             w_hh,
             b_hh,

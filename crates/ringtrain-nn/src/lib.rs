@@ -11,6 +11,8 @@
 
 mod attention;
 mod conv;
+#[cfg(test)]
+mod gradcheck;
 mod init;
 mod layers;
 mod loss;

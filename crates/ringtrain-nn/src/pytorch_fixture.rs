@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use ringtrain_autograd::{ParamStore, Tensor};
+use ringtrain_autograd::{Graph, ParamStore, Tensor, Var};
 
 /// A tensor stored as `{"shape": [...], "data": [...]}`.
 pub(crate) fn tensor(v: &serde_json::Value) -> Tensor {
@@ -52,4 +52,25 @@ pub(crate) fn assert_param_grads(what: &str, case: &serde_json::Value, store: &P
             abs,
         );
     }
+}
+
+/// Backward from `loss`: the input's gradient against the case's `"dx"`, and every parameter's
+/// against its `"grads"`.
+pub(crate) fn assert_backward(
+    (what, case): (&str, &serde_json::Value),
+    (g, store): (&mut Graph<'_>, &ParamStore),
+    loss: Var,
+    x: Var,
+    abs: f32,
+) {
+    let grads = g.backward(loss).unwrap();
+    assert_close(
+        &format!("{what} dx"),
+        grads.get(x).unwrap().as_slice(),
+        tensor(&case["dx"]).as_slice(),
+        abs,
+    );
+    let mut flat = vec![0.0; store.num_elements()];
+    g.param_grads_into(&grads, &mut flat).unwrap();
+    assert_param_grads(what, case, store, &flat, abs);
 }

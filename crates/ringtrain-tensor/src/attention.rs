@@ -143,127 +143,110 @@ pub fn attention_forward(
 ) -> Result<(Tensor, Tensor)> {
     crate::simd::fast(
         #[inline(always)]
-        || attention_forward_impl(q, k, v, dims, scale, mask, dropout),
-    )
-}
-
-#[inline(always)]
-fn attention_forward_impl(
-    q: Heads<'_>,
-    k: Heads<'_>,
-    v: Heads<'_>,
-    dims: &AttentionDims,
-    scale: f32,
-    mask: &AttentionMask<'_>,
-    dropout: Option<(f32, &mut Rng)>,
-) -> Result<(Tensor, Tensor)> {
-    let AttentionDims {
-        batch: bsz,
-        heads,
-        q_len: tq,
-        kv_len: tk,
-        ..
-    } = *dims;
-    let d = dims.dim();
-    if let Some(km) = mask.key_mask {
-        if km.shape() != [bsz, tk] {
-            return Err(invalid(format!("key mask must be [{bsz}, {tk}], got {:?}", km.shape())));
-        }
-    }
-    if let Some(bias) = mask.bias {
-        if bias.shape() != [tq, tk] {
-            return Err(invalid(format!(
-                "attention bias must be [{tq}, {tk}], got {:?}",
-                bias.shape()
-            )));
-        }
-    }
-    let (p_drop, mut rng) = match dropout {
-        Some((p, rng)) if p > 0.0 => {
-            if p >= 1.0 {
-                return Err(invalid(format!("dropout must be in [0, 1), got {p}")));
-            }
-            (p, Some(rng))
-        }
-        _ => (0.0, None),
-    };
-    let keep = 1.0 - p_drop;
-    let inv_keep = 1.0 / keep;
-    let sampler = crate::random::KeepSampler::new(f64::from(keep));
-
-    let mut out = vec![0.0f32; bsz * tq * d];
-    let mut probs = vec![0.0f32; bsz * heads * tq * tk];
-    // The dropped-out probabilities of one head, for the `P_drop V` product.
-    let mut scratch = if rng.is_some() {
-        vec![0.0f32; tq * tk]
-    } else {
-        Vec::new()
-    };
-    let key_mask = mask.key_mask.map(Tensor::as_slice);
-    let bias = mask.bias.map(Tensor::as_slice);
-    for b in 0..bsz {
-        let keys = key_mask.map(|m| &m[b * tk..(b + 1) * tk]);
-        for head in 0..heads {
-            let base = (b * heads + head) * tq * tk;
-            let qb = block(q, dims, b, head)?;
-            let kb = block(k, dims, b, head)?;
-            {
-                let mut s = view_mut(&mut probs, base, tq, tk, tk)?;
-                // beta = 1 on the zeroed buffers: BLAS then skips its own pass zeroing C
-                general_mat_mul(scale, &qb, &kb.t(), 1.0, &mut s);
-            }
-            for i in 0..tq {
-                let row = &mut probs[base + i * tk..base + (i + 1) * tk];
-                if let Some(bias) = bias {
-                    row.iter_mut()
-                        .zip(&bias[i * tk..(i + 1) * tk])
-                        .for_each(|(x, &bv)| *x += bv);
+        || {
+            let (bsz, heads, tq, tk) = (dims.batch, dims.heads, dims.q_len, dims.kv_len);
+            let d = dims.dim();
+            if let Some(km) = mask.key_mask {
+                if km.shape() != [bsz, tk] {
+                    return Err(invalid(format!("key mask must be [{bsz}, {tk}], got {:?}", km.shape())));
                 }
-                // keys past the diagonal do not exist for a causal query
-                let visible = if mask.causal { (i + 1).min(tk) } else { tk };
-                row[visible..].fill(f32::NEG_INFINITY);
-                if let Some(keys) = keys {
-                    for (x, &m) in row[..visible].iter_mut().zip(keys) {
-                        *x = if m == 0.0 { f32::NEG_INFINITY } else { *x };
+            }
+            if let Some(bias) = mask.bias {
+                if bias.shape() != [tq, tk] {
+                    return Err(invalid(format!(
+                        "attention bias must be [{tq}, {tk}], got {:?}",
+                        bias.shape()
+                    )));
+                }
+            }
+            let (p_drop, mut rng) = match dropout {
+                Some((p, rng)) if p > 0.0 => {
+                    if p >= 1.0 {
+                        return Err(invalid(format!("dropout must be in [0, 1), got {p}")));
                     }
+                    (p, Some(rng))
                 }
-                let max = fused::max_lanes(&row[..visible]);
-                if max == f32::NEG_INFINITY {
-                    // every key masked: attend to nothing rather than divide 0 by 0
-                    row.fill(0.0);
-                } else {
-                    for x in row[..visible].iter_mut() {
-                        *x = fused::exp_nonpositive(*x - max);
-                    }
-                    let sum = fused::sum_lanes(&row[..visible]);
-                    let inv = 1.0 / sum;
-                    row[..visible].iter_mut().for_each(|x| *x *= inv);
-                    row[visible..].fill(0.0);
-                }
-                if let Some(rng) = rng.as_deref_mut() {
-                    let dropped = &mut scratch[i * tk..(i + 1) * tk];
-                    sampler.decide(rng, tk, |j, keep| {
-                        let x = row[j];
-                        dropped[j] = if keep { x * inv_keep } else { 0.0 };
-                        // sign bit = dropped (see the module docs); -(+0.0) is -0.0
-                        row[j] = if keep { x } else { -x };
-                    });
-                }
-            }
-            let vb = block(v, dims, b, head)?;
-            let pd = if rng.is_some() {
-                view(&scratch, 0, tq, tk, tk)?
-            } else {
-                view(&probs, base, tq, tk, tk)?
+                _ => (0.0, None),
             };
-            let mut ob = view_mut(&mut out, b * tq * d + head * dims.head_dim, tq, dims.head_dim, d)?;
-            general_mat_mul(1.0, &pd, &vb, 1.0, &mut ob);
-        }
-    }
-    Ok((
-        Tensor::from_vec(&[bsz, tq, d], out)?,
-        Tensor::from_vec(&dims.probs_shape(), probs)?,
-    ))
+            let keep = 1.0 - p_drop;
+            let inv_keep = 1.0 / keep;
+            let sampler = crate::random::KeepSampler::new(f64::from(keep));
+
+            let mut out = vec![0.0f32; bsz * tq * d];
+            let mut probs = vec![0.0f32; bsz * heads * tq * tk];
+            // The dropped-out probabilities of one head, for the `P_drop V` product.
+            let mut scratch = if rng.is_some() {
+                vec![0.0f32; tq * tk]
+            } else {
+                Vec::new()
+            };
+            let key_mask = mask.key_mask.map(Tensor::as_slice);
+            let bias = mask.bias.map(Tensor::as_slice);
+            for b in 0..bsz {
+                let keys = key_mask.map(|m| &m[b * tk..(b + 1) * tk]);
+                for head in 0..heads {
+                    let base = (b * heads + head) * tq * tk;
+                    let qb = block(q, dims, b, head)?;
+                    let kb = block(k, dims, b, head)?;
+                    {
+                        let mut s = view_mut(&mut probs, base, tq, tk, tk)?;
+                        // beta = 1 on the zeroed buffers: BLAS then skips its own pass zeroing C
+                        general_mat_mul(scale, &qb, &kb.t(), 1.0, &mut s);
+                    }
+                    for i in 0..tq {
+                        let row = &mut probs[base + i * tk..base + (i + 1) * tk];
+                        if let Some(bias) = bias {
+                            row.iter_mut()
+                                .zip(&bias[i * tk..(i + 1) * tk])
+                                .for_each(|(x, &bv)| *x += bv);
+                        }
+                        // keys past the diagonal do not exist for a causal query
+                        let visible = if mask.causal { (i + 1).min(tk) } else { tk };
+                        row[visible..].fill(f32::NEG_INFINITY);
+                        if let Some(keys) = keys {
+                            for (x, &m) in row[..visible].iter_mut().zip(keys) {
+                                *x = if m == 0.0 { f32::NEG_INFINITY } else { *x };
+                            }
+                        }
+                        let max = fused::max_lanes(&row[..visible]);
+                        if max == f32::NEG_INFINITY {
+                            // every key masked: attend to nothing rather than divide 0 by 0
+                            row.fill(0.0);
+                        } else {
+                            for x in row[..visible].iter_mut() {
+                                *x = fused::exp_nonpositive(*x - max);
+                            }
+                            let sum = fused::sum_lanes(&row[..visible]);
+                            let inv = 1.0 / sum;
+                            row[..visible].iter_mut().for_each(|x| *x *= inv);
+                            row[visible..].fill(0.0);
+                        }
+                        if let Some(rng) = rng.as_deref_mut() {
+                            let dropped = &mut scratch[i * tk..(i + 1) * tk];
+                            sampler.decide(rng, tk, |j, keep| {
+                                let x = row[j];
+                                dropped[j] = if keep { x * inv_keep } else { 0.0 };
+                                // sign bit = dropped (see the module docs); -(+0.0) is -0.0
+                                row[j] = if keep { x } else { -x };
+                            });
+                        }
+                    }
+                    let vb = block(v, dims, b, head)?;
+                    let pd = if rng.is_some() {
+                        view(&scratch, 0, tq, tk, tk)?
+                    } else {
+                        view(&probs, base, tq, tk, tk)?
+                    };
+                    let mut ob = view_mut(&mut out, b * tq * d + head * dims.head_dim, tq, dims.head_dim, d)?;
+                    general_mat_mul(1.0, &pd, &vb, 1.0, &mut ob);
+                }
+            }
+            Ok((
+                Tensor::from_vec(&[bsz, tq, d], out)?,
+                Tensor::from_vec(&dims.probs_shape(), probs)?,
+            ))
+        },
+    )
 }
 
 /// The probabilities as a user sees them: dropout's sign marks removed.
@@ -295,111 +278,97 @@ pub fn attention_backward(
 ) -> Result<()> {
     crate::simd::fast(
         #[inline(always)]
-        || attention_backward_impl(g, q, k, v, dims, scale, dropout, probs, grads, slots),
-    )
-}
-
-#[inline(always)]
-fn attention_backward_impl(
-    g: &Tensor,
-    q: Heads<'_>,
-    k: Heads<'_>,
-    v: Heads<'_>,
-    dims: &AttentionDims,
-    scale: f32,
-    dropout: f32,
-    probs: &Tensor,
-    grads: &mut [Tensor],
-    slots: [GradSlot; 3],
-) -> Result<()> {
-    let AttentionDims {
-        batch: bsz,
-        heads,
-        head_dim: dh,
-        q_len: tq,
-        kv_len: tk,
-    } = *dims;
-    let d = dims.dim();
-    if g.shape() != [bsz, tq, d] || probs.shape() != dims.probs_shape() {
-        return Err(invalid(format!(
-            "backward got gradient {:?} and probabilities {:?} for {dims:?}",
-            g.shape(),
-            probs.shape()
-        )));
-    }
-    for (slot, h) in slots.iter().zip([q, k, v]) {
-        if slot.needed && grads.get(slot.index).map(Tensor::shape) != Some(h.t.shape()) {
-            return Err(invalid(format!(
-                "gradient slot {slot:?} does not match its input {:?}",
-                h.t.shape()
-            )));
-        }
-    }
-    let inv_keep = 1.0 / (1.0 - dropout);
-    let with_dropout = dropout > 0.0;
-    let ps = probs.as_slice();
-    // dropped-out probabilities of one head (with dropout), then dP/dS of one head
-    let mut pd = if with_dropout {
-        vec![0.0f32; tq * tk]
-    } else {
-        Vec::new()
-    };
-    let mut ds = vec![0.0f32; tq * tk];
-    let need_qk = slots[0].needed || slots[1].needed;
-    for b in 0..bsz {
-        for head in 0..heads {
-            let base = (b * heads + head) * tq * tk;
-            let p = &ps[base..base + tq * tk];
-            if with_dropout {
-                for (o, &x) in pd.iter_mut().zip(p) {
-                    *o = if x.is_sign_negative() { 0.0 } else { x * inv_keep };
+        || {
+            let AttentionDims {
+                batch: bsz,
+                heads,
+                head_dim: dh,
+                q_len: tq,
+                kv_len: tk,
+            } = *dims;
+            let d = dims.dim();
+            if g.shape() != [bsz, tq, d] || probs.shape() != dims.probs_shape() {
+                return Err(invalid(format!(
+                    "backward got gradient {:?} and probabilities {:?} for {dims:?}",
+                    g.shape(),
+                    probs.shape()
+                )));
+            }
+            for (slot, h) in slots.iter().zip([q, k, v]) {
+                if slot.needed && grads.get(slot.index).map(Tensor::shape) != Some(h.t.shape()) {
+                    return Err(invalid(format!(
+                        "gradient slot {slot:?} does not match its input {:?}",
+                        h.t.shape()
+                    )));
                 }
             }
-            let pdv = if with_dropout {
-                view(&pd, 0, tq, tk, tk)?
+            let inv_keep = 1.0 / (1.0 - dropout);
+            let with_dropout = dropout > 0.0;
+            let ps = probs.as_slice();
+            // dropped-out probabilities of one head (with dropout), then dP/dS of one head
+            let mut pd = if with_dropout {
+                vec![0.0f32; tq * tk]
             } else {
-                view(ps, base, tq, tk, tk)?
+                Vec::new()
             };
-            let gb = view(g.as_slice(), b * tq * d + head * dh, tq, dh, d)?;
-            if slots[2].needed {
-                let mut dv = block_mut(&mut grads[slots[2].index], slots[2].offset, dims, b, head)?;
-                general_mat_mul(1.0, &pdv.t(), &gb, 1.0, &mut dv);
-            }
-            if !need_qk {
-                continue;
-            }
-            let vb = block(v, dims, b, head)?;
-            {
-                let mut dsv = view_mut(&mut ds, 0, tq, tk, tk)?;
-                general_mat_mul(1.0, &gb, &vb.t(), 0.0, &mut dsv);
-            }
-            for (drow, prow) in ds.chunks_exact_mut(tk.max(1)).zip(p.chunks_exact(tk.max(1))) {
-                // dP = dP_drop ⊙ mask/keep, then dS = P ⊙ (dP − Σ dP ⊙ P)
-                let mut r = 0.0f32;
-                for (dv, &x) in drow.iter_mut().zip(prow) {
+            let mut ds = vec![0.0f32; tq * tk];
+            let need_qk = slots[0].needed || slots[1].needed;
+            for b in 0..bsz {
+                for head in 0..heads {
+                    let base = (b * heads + head) * tq * tk;
+                    let p = &ps[base..base + tq * tk];
                     if with_dropout {
-                        *dv = if x.is_sign_negative() { 0.0 } else { *dv * inv_keep };
+                        for (o, &x) in pd.iter_mut().zip(p) {
+                            *o = if x.is_sign_negative() { 0.0 } else { x * inv_keep };
+                        }
                     }
-                    r += *dv * x.abs();
+                    let pdv = if with_dropout {
+                        view(&pd, 0, tq, tk, tk)?
+                    } else {
+                        view(ps, base, tq, tk, tk)?
+                    };
+                    let gb = view(g.as_slice(), b * tq * d + head * dh, tq, dh, d)?;
+                    if slots[2].needed {
+                        let mut dv = block_mut(&mut grads[slots[2].index], slots[2].offset, dims, b, head)?;
+                        general_mat_mul(1.0, &pdv.t(), &gb, 1.0, &mut dv);
+                    }
+                    if !need_qk {
+                        continue;
+                    }
+                    let vb = block(v, dims, b, head)?;
+                    {
+                        let mut dsv = view_mut(&mut ds, 0, tq, tk, tk)?;
+                        general_mat_mul(1.0, &gb, &vb.t(), 0.0, &mut dsv);
+                    }
+                    for (drow, prow) in ds.chunks_exact_mut(tk.max(1)).zip(p.chunks_exact(tk.max(1))) {
+                        // dP = dP_drop ⊙ mask/keep, then dS = P ⊙ (dP − Σ dP ⊙ P)
+                        let mut r = 0.0f32;
+                        for (dv, &x) in drow.iter_mut().zip(prow) {
+                            if with_dropout {
+                                *dv = if x.is_sign_negative() { 0.0 } else { *dv * inv_keep };
+                            }
+                            r += *dv * x.abs();
+                        }
+                        for (dv, &x) in drow.iter_mut().zip(prow) {
+                            *dv = x.abs() * (*dv - r);
+                        }
+                    }
+                    let dsv = view(&ds, 0, tq, tk, tk)?;
+                    if slots[0].needed {
+                        let kb = block(k, dims, b, head)?;
+                        let mut dq = block_mut(&mut grads[slots[0].index], slots[0].offset, dims, b, head)?;
+                        general_mat_mul(scale, &dsv, &kb, 1.0, &mut dq);
+                    }
+                    if slots[1].needed {
+                        let qb = block(q, dims, b, head)?;
+                        let mut dk = block_mut(&mut grads[slots[1].index], slots[1].offset, dims, b, head)?;
+                        general_mat_mul(scale, &dsv.t(), &qb, 1.0, &mut dk);
+                    }
                 }
-                for (dv, &x) in drow.iter_mut().zip(prow) {
-                    *dv = x.abs() * (*dv - r);
-                }
             }
-            let dsv = view(&ds, 0, tq, tk, tk)?;
-            if slots[0].needed {
-                let kb = block(k, dims, b, head)?;
-                let mut dq = block_mut(&mut grads[slots[0].index], slots[0].offset, dims, b, head)?;
-                general_mat_mul(scale, &dsv, &kb, 1.0, &mut dq);
-            }
-            if slots[1].needed {
-                let qb = block(q, dims, b, head)?;
-                let mut dk = block_mut(&mut grads[slots[1].index], slots[1].offset, dims, b, head)?;
-                general_mat_mul(scale, &dsv.t(), &qb, 1.0, &mut dk);
-            }
-        }
-    }
-    Ok(())
+            Ok(())
+        },
+    )
 }
 
 fn block_mut<'a>(

@@ -36,90 +36,79 @@ pub fn gru_forward(
 ) -> Result<(Tensor, GruTape)> {
     crate::simd::fast(
         #[inline(always)]
-        || forward(xp, w_hh, b_hh, mask, reverse, h0, keep_tape),
-    )
-}
-
-#[inline(always)]
-fn forward(
-    xp: &Tensor,
-    w_hh: &Tensor,
-    b_hh: &Tensor,
-    mask: &Tensor,
-    reverse: bool,
-    h0: Option<&Tensor>,
-    keep_tape: bool,
-) -> Result<(Tensor, GruTape)> {
-    let (b, t, h) = dims("gru", 3, xp, w_hh, b_hh, mask)?;
-    if h0.is_some_and(|s| s.shape() != [b, h]) {
-        return Err(TensorError::Invalid {
-            op: "gru",
-            reason: format!("the initial state must be [{b}, {h}], got {:?}", h0.map(Tensor::shape)),
-        });
-    }
-    let g3 = 3 * h;
-    let (xs, ws, bias, ms) = (xp.as_slice(), w_hh.as_slice(), b_hh.as_slice(), mask.as_slice());
-    let mut out = vec![0.0f32; b * (t + 1) * h];
-    let mut tape = if keep_tape {
-        GruTape {
-            acts: vec![0.0; b * t * 4 * h],
-            h_prev: vec![0.0; b * t * h],
-        }
-    } else {
-        GruTape::default()
-    };
-    let mut hs = h0.map_or_else(|| vec![0.0f32; b * h], Tensor::to_vec);
-    let mut hp = vec![0.0f32; b * g3];
-    let mut acts = vec![0.0f32; 4 * h];
-    for step in 0..t {
-        let ti = time_index(step, t, reverse);
-        // hp = h · W_hhᵀ + b_hh (the reset gate scales the candidate's recurrent part only)
-        for row in hp.chunks_exact_mut(g3) {
-            row.copy_from_slice(bias);
-        }
-        gemm_acc(&hs, (b, h), ws, (g3, h), true, &mut hp);
-        for r in 0..b {
-            let row = r * t + ti;
-            let m = ms[row];
-            let x = &xs[row * g3..][..g3];
-            let hpr = &hp[r * g3..][..g3];
-            let hr = &mut hs[r * h..][..h];
-            let (rg, rest) = acts.split_at_mut(h);
-            let (zg, rest) = rest.split_at_mut(h);
-            let (ng, hn) = rest.split_at_mut(h);
-            for j in 0..h {
-                rg[j] = sigmoid(x[j] + hpr[j]);
+        || {
+            let (b, t, h) = dims("gru", 3, xp, w_hh, b_hh, mask)?;
+            if h0.is_some_and(|s| s.shape() != [b, h]) {
+                return Err(TensorError::Invalid {
+                    op: "gru",
+                    reason: format!("the initial state must be [{b}, {h}], got {:?}", h0.map(Tensor::shape)),
+                });
             }
-            for j in 0..h {
-                zg[j] = sigmoid(x[h + j] + hpr[h + j]);
-            }
-            hn.copy_from_slice(&hpr[2 * h..]);
-            for j in 0..h {
-                ng[j] = tanh(x[2 * h + j] + rg[j] * hn[j]);
-            }
-            if keep_tape {
-                tape.h_prev[row * h..][..h].copy_from_slice(hr);
-            }
-            let o_row = &mut out[(r * (t + 1) + ti) * h..][..h];
-            for j in 0..h {
-                let h_new = ng[j] + zg[j] * (hr[j] - ng[j]);
-                o_row[j] = m * h_new;
-                // m = 1 (every real token) assigns exactly; h + (h' − h) could round
-                if m == 1.0 {
-                    hr[j] = h_new;
-                } else {
-                    hr[j] += m * (h_new - hr[j]);
+            let g3 = 3 * h;
+            let (xs, ws, bias, ms) = (xp.as_slice(), w_hh.as_slice(), b_hh.as_slice(), mask.as_slice());
+            let mut out = vec![0.0f32; b * (t + 1) * h];
+            let mut tape = if keep_tape {
+                GruTape {
+                    acts: vec![0.0; b * t * 4 * h],
+                    h_prev: vec![0.0; b * t * h],
+                }
+            } else {
+                GruTape::default()
+            };
+            let mut hs = h0.map_or_else(|| vec![0.0f32; b * h], Tensor::to_vec);
+            let mut hp = vec![0.0f32; b * g3];
+            let mut acts = vec![0.0f32; 4 * h];
+            for step in 0..t {
+                let ti = time_index(step, t, reverse);
+                // hp = h · W_hhᵀ + b_hh (the reset gate scales the candidate's recurrent part only)
+                for row in hp.chunks_exact_mut(g3) {
+                    row.copy_from_slice(bias);
+                }
+                gemm_acc(&hs, (b, h), ws, (g3, h), true, &mut hp);
+                for r in 0..b {
+                    let row = r * t + ti;
+                    let m = ms[row];
+                    let x = &xs[row * g3..][..g3];
+                    let hpr = &hp[r * g3..][..g3];
+                    let hr = &mut hs[r * h..][..h];
+                    let (rg, rest) = acts.split_at_mut(h);
+                    let (zg, rest) = rest.split_at_mut(h);
+                    let (ng, hn) = rest.split_at_mut(h);
+                    for j in 0..h {
+                        rg[j] = sigmoid(x[j] + hpr[j]);
+                    }
+                    for j in 0..h {
+                        zg[j] = sigmoid(x[h + j] + hpr[h + j]);
+                    }
+                    hn.copy_from_slice(&hpr[2 * h..]);
+                    for j in 0..h {
+                        ng[j] = tanh(x[2 * h + j] + rg[j] * hn[j]);
+                    }
+                    if keep_tape {
+                        tape.h_prev[row * h..][..h].copy_from_slice(hr);
+                    }
+                    let o_row = &mut out[(r * (t + 1) + ti) * h..][..h];
+                    for j in 0..h {
+                        let h_new = ng[j] + zg[j] * (hr[j] - ng[j]);
+                        o_row[j] = m * h_new;
+                        // m = 1 (every real token) assigns exactly; h + (h' − h) could round
+                        if m == 1.0 {
+                            hr[j] = h_new;
+                        } else {
+                            hr[j] += m * (h_new - hr[j]);
+                        }
+                    }
+                    if keep_tape {
+                        tape.acts[row * 4 * h..][..4 * h].copy_from_slice(&acts);
+                    }
                 }
             }
-            if keep_tape {
-                tape.acts[row * 4 * h..][..4 * h].copy_from_slice(&acts);
+            for r in 0..b {
+                out[(r * (t + 1) + t) * h..][..h].copy_from_slice(&hs[r * h..][..h]);
             }
-        }
-    }
-    for r in 0..b {
-        out[(r * (t + 1) + t) * h..][..h].copy_from_slice(&hs[r * h..][..h]);
-    }
-    Ok((Tensor::from_vec(&[b, t + 1, h], out)?, tape))
+            Ok((Tensor::from_vec(&[b, t + 1, h], out)?, tape))
+        },
+    )
 }
 
 /// Backpropagation through time for [`gru_forward`]: given the gradient `g: [B, T + 1, H]` of
@@ -134,82 +123,72 @@ pub fn gru_backward(
 ) -> Result<[Tensor; 3]> {
     crate::simd::fast(
         #[inline(always)]
-        || backward(g, xp_shape, w_hh, mask, reverse, tape),
-    )
-}
-
-#[inline(always)]
-fn backward(
-    g: &Tensor,
-    xp_shape: &[usize],
-    w_hh: &Tensor,
-    mask: &Tensor,
-    reverse: bool,
-    tape: &GruTape,
-) -> Result<[Tensor; 3]> {
-    let &[b, t, g3] = xp_shape else {
-        return Err(TensorError::Invalid {
-            op: "gru",
-            reason: format!("xp must be [B, T, 3H], got {xp_shape:?}"),
-        });
-    };
-    let h = g3 / 3;
-    if g.shape() != [b, t + 1, h] || tape.acts.len() != b * t * 4 * h || w_hh.shape() != [g3, h] {
-        return Err(TensorError::Invalid {
-            op: "gru",
-            reason: format!(
-                "backward got gradient {:?} and w_hh {:?} for xp {xp_shape:?} (was the forward run with keep_tape?)",
-                g.shape(),
-                w_hh.shape()
-            ),
-        });
-    }
-    let (gs, ws, ms) = (g.as_slice(), w_hh.as_slice(), mask.as_slice());
-    // dxp: the gates' pre-activation gradients on the input side; dhp: on the recurrent side
-    // (they differ in the candidate, whose recurrent part is scaled by r).
-    let mut dxp = vec![0.0f32; b * t * g3];
-    let mut dhp_all = vec![0.0f32; b * t * g3];
-    let mut dh = vec![0.0f32; b * h];
-    for r in 0..b {
-        dh[r * h..][..h].copy_from_slice(&gs[(r * (t + 1) + t) * h..][..h]);
-    }
-    let mut dhp = vec![0.0f32; b * g3];
-    for step in (0..t).rev() {
-        let ti = time_index(step, t, reverse);
-        for r in 0..b {
-            let row = r * t + ti;
-            let m = ms[row];
-            let acts = &tape.acts[row * 4 * h..][..4 * h];
-            let (rg, zg, ng, hn) = (&acts[..h], &acts[h..2 * h], &acts[2 * h..3 * h], &acts[3 * h..]);
-            let hp = &tape.h_prev[row * h..][..h];
-            let gout = &gs[(r * (t + 1) + ti) * h..][..h];
-            let dhr = &mut dh[r * h..][..h];
-            let dx = &mut dxp[row * g3..][..g3];
-            let (dxr, rest) = dx.split_at_mut(h);
-            let (dxz, dxn) = rest.split_at_mut(h);
-            let drow = &mut dhp[r * g3..][..g3];
-            let (dhr_gate, rest) = drow.split_at_mut(h);
-            let (dhz_gate, dhn_gate) = rest.split_at_mut(h);
-            for j in 0..h {
-                let (rv, zv, nv) = (rg[j], zg[j], ng[j]);
-                let dh_new = m * (dhr[j] + gout[j]);
-                let da_n = dh_new * (1.0 - zv) * (1.0 - nv * nv);
-                let da_z = dh_new * (hp[j] - nv) * zv * (1.0 - zv);
-                let da_r = da_n * hn[j] * rv * (1.0 - rv);
-                (dxr[j], dxz[j], dxn[j]) = (da_r, da_z, da_n);
-                (dhr_gate[j], dhz_gate[j], dhn_gate[j]) = (da_r, da_z, da_n * rv);
-                // what flows to h_prev besides the product with W_hh below
-                dhr[j] = dh_new * zv + (1.0 - m) * dhr[j];
+        || {
+            let &[b, t, g3] = xp_shape else {
+                return Err(TensorError::Invalid {
+                    op: "gru",
+                    reason: format!("xp must be [B, T, 3H], got {xp_shape:?}"),
+                });
+            };
+            let h = g3 / 3;
+            if g.shape() != [b, t + 1, h] || tape.acts.len() != b * t * 4 * h || w_hh.shape() != [g3, h] {
+                return Err(TensorError::Invalid {
+                    op: "gru",
+                    reason: format!(
+                        "backward got gradient {:?} and w_hh {:?} for xp {xp_shape:?} (was the forward run with keep_tape?)",
+                        g.shape(),
+                        w_hh.shape()
+                    ),
+                });
             }
-            dhp_all[row * g3..][..g3].copy_from_slice(drow);
-        }
-        // dh_prev += dhp · W_hh
-        gemm_acc(&dhp, (b, g3), ws, (g3, h), false, &mut dh);
-    }
-    let (dw, db) = recurrent_weight_grads(&dhp_all, &tape.h_prev, g3, h);
-    Ok([
-        Tensor::from_vec(xp_shape, dxp)?,
-        Tensor::from_vec(&[g3, h], dw)?,
-        Tensor::from_vec(&[g3], db)?,
-    ])
+            let (gs, ws, ms) = (g.as_slice(), w_hh.as_slice(), mask.as_slice());
+            // dxp: the gates' pre-activation gradients on the input side; dhp: on the recurrent side
+            // (they differ in the candidate, whose recurrent part is scaled by r).
+            let mut dxp = vec![0.0f32; b * t * g3];
+            let mut dhp_all = vec![0.0f32; b * t * g3];
+            let mut dh = vec![0.0f32; b * h];
+            for r in 0..b {
+                dh[r * h..][..h].copy_from_slice(&gs[(r * (t + 1) + t) * h..][..h]);
+            }
+            let mut dhp = vec![0.0f32; b * g3];
+            for step in (0..t).rev() {
+                let ti = time_index(step, t, reverse);
+                for r in 0..b {
+                    let row = r * t + ti;
+                    let m = ms[row];
+                    let acts = &tape.acts[row * 4 * h..][..4 * h];
+                    let (rg, zg, ng, hn) = (&acts[..h], &acts[h..2 * h], &acts[2 * h..3 * h], &acts[3 * h..]);
+                    let hp = &tape.h_prev[row * h..][..h];
+                    let gout = &gs[(r * (t + 1) + ti) * h..][..h];
+                    let dhr = &mut dh[r * h..][..h];
+                    let dx = &mut dxp[row * g3..][..g3];
+                    let (dxr, rest) = dx.split_at_mut(h);
+                    let (dxz, dxn) = rest.split_at_mut(h);
+                    let drow = &mut dhp[r * g3..][..g3];
+                    let (dhr_gate, rest) = drow.split_at_mut(h);
+                    let (dhz_gate, dhn_gate) = rest.split_at_mut(h);
+                    for j in 0..h {
+                        let (rv, zv, nv) = (rg[j], zg[j], ng[j]);
+                        let dh_new = m * (dhr[j] + gout[j]);
+                        let da_n = dh_new * (1.0 - zv) * (1.0 - nv * nv);
+                        let da_z = dh_new * (hp[j] - nv) * zv * (1.0 - zv);
+                        let da_r = da_n * hn[j] * rv * (1.0 - rv);
+                        (dxr[j], dxz[j], dxn[j]) = (da_r, da_z, da_n);
+                        (dhr_gate[j], dhz_gate[j], dhn_gate[j]) = (da_r, da_z, da_n * rv);
+                        // what flows to h_prev besides the product with W_hh below
+                        dhr[j] = dh_new * zv + (1.0 - m) * dhr[j];
+                    }
+                    dhp_all[row * g3..][..g3].copy_from_slice(drow);
+                }
+                // dh_prev += dhp · W_hh
+                gemm_acc(&dhp, (b, g3), ws, (g3, h), false, &mut dh);
+            }
+            let (dw, db) = recurrent_weight_grads(&dhp_all, &tape.h_prev, g3, h);
+            Ok([
+                Tensor::from_vec(xp_shape, dxp)?,
+                Tensor::from_vec(&[g3, h], dw)?,
+                Tensor::from_vec(&[g3], db)?,
+            ])
+        },
+    )
 }

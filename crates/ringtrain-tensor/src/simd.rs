@@ -6,9 +6,9 @@
 //! the vector width for loops the compiler already vectorises. Rust never contracts `a·b + c`
 //! into an FMA on its own, so both copies give bitwise-identical results.
 
-/// Runs `f`, compiled with AVX2 and FMA when the CPU supports them. `f` should call an
-/// `#[inline(always)]` kernel and be marked `#[inline(always)]` itself, so that the kernel's
-/// body is generated inside the AVX2 copy.
+/// Runs `f`, compiled with AVX2 and FMA when the CPU supports them. `f` should be marked
+/// `#[inline(always)]` and hold the kernel (or call only `#[inline(always)]` code), so that the
+/// kernel's body is generated inside the AVX2 copy.
 #[inline(always)]
 pub fn fast<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]

@@ -129,6 +129,80 @@ impl TokenInput {
     }
 }
 
+/// Token input → blocks → final norm (pre-norm only): the body of the classifier and the LM.
+#[derive(Debug, Clone)]
+pub(super) struct Stack {
+    pub(super) input: TokenInput,
+    pub(super) blocks: Vec<TransformerBlock>,
+    final_norm: Option<LayerNorm>,
+    d_model: usize,
+}
+
+impl Stack {
+    /// Blocks `{prefix}layers.{i}` and the final norm `{prefix}norm`.
+    fn new(cfg: &TransformerConfig, prefix: &str) -> Stack {
+        let d = cfg.d_model;
+        Stack {
+            input: TokenInput::new(
+                "",
+                cfg.vocab,
+                d,
+                cfg.positions,
+                cfg.max_len,
+                cfg.scale_embedding,
+                cfg.dropout,
+            ),
+            blocks: (0..cfg.layers)
+                .map(|i| TransformerBlock::new(format!("{prefix}layers.{i}"), cfg.block()))
+                .collect(),
+            final_norm: (cfg.norm == NormPlacement::Pre).then(|| LayerNorm::new(format!("{prefix}norm"), d)),
+            d_model: d,
+        }
+    }
+
+    fn init(&self, rng: &mut Rng, out: &mut BTreeMap<String, Tensor>) {
+        self.input.init(rng, out);
+        for b in &self.blocks {
+            b.init_params(rng, out);
+        }
+        if let Some(n) = &self.final_norm {
+            n.init_params(rng, out);
+        }
+    }
+
+    /// `ids` (row-major `[b, t]`) → `[b, t, d]`; each block's attention probabilities are
+    /// pushed to `probs` when given.
+    fn run(
+        &self,
+        g: &mut Graph<'_>,
+        (ids, b, t): (&[usize], usize, usize),
+        mask: &AttentionMask,
+        mut probs: Option<&mut Vec<Tensor>>,
+    ) -> Result<Var> {
+        let mut h = self.input.run(g, ids, b, t)?;
+        for block in &self.blocks {
+            h = block.run(g, h, mask, probs.as_deref_mut())?;
+        }
+        match &self.final_norm {
+            Some(n) => n.forward(g, h),
+            None => Ok(h),
+        }
+    }
+
+    /// The rows of an example of shape `input` (`[T]`), through the final norm; returns `T`.
+    fn rows(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<usize> {
+        let t = seq_len(input, &self.input.embedding.name)?;
+        self.input.rows(t, rows)?;
+        for b in &self.blocks {
+            b.rows(t, rows)?;
+        }
+        if let Some(n) = &self.final_norm {
+            rows.push(n.row(&[t, self.d_model]));
+        }
+        Ok(t)
+    }
+}
+
 /// `[B, T]` ids of one example shape `[T]`, or an error naming `layer`.
 fn seq_len(input: &[usize], layer: &str) -> Result<usize> {
     match *input {
@@ -150,9 +224,7 @@ fn seq_len(input: &[usize], layer: &str) -> Result<usize> {
 pub struct TransformerClassifier {
     pub cfg: TransformerConfig,
     pub classes: usize,
-    pub(super) input: TokenInput,
-    pub blocks: Vec<TransformerBlock>,
-    pub final_norm: Option<LayerNorm>,
+    pub(super) stack: Stack,
     pub head: Linear,
     /// `Mean` (default) or `Max` over the real tokens.
     pub pooling: Pooling,
@@ -163,26 +235,10 @@ pub struct TransformerClassifier {
 
 impl TransformerClassifier {
     pub fn new(cfg: TransformerConfig, classes: usize) -> TransformerClassifier {
-        let d = cfg.d_model;
-        let input = TokenInput::new(
-            "",
-            cfg.vocab,
-            d,
-            cfg.positions,
-            cfg.max_len,
-            cfg.scale_embedding,
-            cfg.dropout,
-        );
-        let blocks = (0..cfg.layers)
-            .map(|i| TransformerBlock::new(format!("encoder.layers.{i}"), cfg.block()))
-            .collect();
-        let final_norm = (cfg.norm == NormPlacement::Pre).then(|| LayerNorm::new("encoder.norm", d));
         TransformerClassifier {
-            head: Linear::new("head", d, classes).with_init(Init::XavierUniform),
+            head: Linear::new("head", cfg.d_model, classes).with_init(Init::XavierUniform),
             classes,
-            input,
-            blocks,
-            final_norm,
+            stack: Stack::new(&cfg, "encoder."),
             pooling: Pooling::Mean,
             token_dropout: 0.0,
             cfg,
@@ -225,18 +281,11 @@ impl TransformerClassifier {
                 }
             }
         }
-        let mut h = self.input.run(g, &ids, b, t)?;
         let amask = AttentionMask {
             key_mask: Some(mask.clone()),
             causal: false,
         };
-        let mut probs = probs;
-        for block in &self.blocks {
-            h = block.run(g, h, &amask, probs.as_deref_mut())?;
-        }
-        if let Some(n) = &self.final_norm {
-            h = n.forward(g, h)?;
-        }
+        let h = self.stack.run(g, (&ids, b, t), &amask, probs)?;
         if self.pooling == Pooling::Max {
             return Ok(g.masked_max(h, &mask)?);
         }
@@ -259,7 +308,7 @@ impl TransformerClassifier {
     pub fn attention_maps(&self, params: &ParamStore, ids: &Tensor) -> Result<Vec<Tensor>> {
         let mut g = Graph::inference(params);
         let x = g.input(ids.clone());
-        let mut maps = Vec::with_capacity(self.blocks.len());
+        let mut maps = Vec::with_capacity(self.stack.blocks.len());
         self.pooled(&mut g, x, Some(&mut maps))?;
         Ok(maps)
     }
@@ -267,13 +316,7 @@ impl TransformerClassifier {
 
 impl Module for TransformerClassifier {
     fn init_params(&self, rng: &mut Rng, out: &mut BTreeMap<String, Tensor>) {
-        self.input.init(rng, out);
-        for b in &self.blocks {
-            b.init_params(rng, out);
-        }
-        if let Some(n) = &self.final_norm {
-            n.init_params(rng, out);
-        }
+        self.stack.init(rng, out);
         self.head.init_params(rng, out);
     }
 
@@ -285,15 +328,8 @@ impl Module for TransformerClassifier {
     }
 
     fn describe(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<Vec<usize>> {
-        let t = seq_len(input, &self.input.embedding.name)?;
-        self.input.rows(t, rows)?;
-        for b in &self.blocks {
-            b.rows(t, rows)?;
-        }
         // In forward order: the final norm acts on every position, then the pooling.
-        if let Some(n) = &self.final_norm {
-            rows.push(n.row(&[t, self.cfg.d_model]));
-        }
+        let t = self.stack.rows(input, rows)?;
         rows.push(LayerSummary {
             name: "pool".into(),
             kind: format!("Masked{:?}", self.pooling),
@@ -313,32 +349,15 @@ impl Module for TransformerClassifier {
 #[derive(Debug, Clone)]
 pub struct TransformerLm {
     pub cfg: TransformerConfig,
-    input: TokenInput,
-    pub blocks: Vec<TransformerBlock>,
-    pub final_norm: Option<LayerNorm>,
+    stack: Stack,
     pub head: Linear,
 }
 
 impl TransformerLm {
     pub fn new(cfg: TransformerConfig) -> TransformerLm {
-        let d = cfg.d_model;
-        let input = TokenInput::new(
-            "",
-            cfg.vocab,
-            d,
-            cfg.positions,
-            cfg.max_len,
-            cfg.scale_embedding,
-            cfg.dropout,
-        );
-        let blocks = (0..cfg.layers)
-            .map(|i| TransformerBlock::new(format!("layers.{i}"), cfg.block()))
-            .collect();
         TransformerLm {
-            final_norm: (cfg.norm == NormPlacement::Pre).then(|| LayerNorm::new("norm", d)),
-            head: Linear::new("head", d, cfg.vocab),
-            input,
-            blocks,
+            head: Linear::new("head", cfg.d_model, cfg.vocab),
+            stack: Stack::new(&cfg, ""),
             cfg,
         }
     }
@@ -346,19 +365,13 @@ impl TransformerLm {
     /// Hidden states `[B·T, d]` (row `b·T + t`) of ids `x: [B, T]`.
     fn hidden(&self, g: &mut Graph<'_>, x: Var) -> Result<(Var, usize, usize)> {
         let (ids, mask, b, t) = ids_and_mask(g.value(x))?;
-        let mut h = self.input.run(g, &ids, b, t)?;
         // PAD keys are masked too, so left-padded prompts work; with right padding the causal
         // mask already hides them from every real position.
         let amask = AttentionMask {
             key_mask: Some(mask),
             causal: true,
         };
-        for block in &self.blocks {
-            h = block.run(g, h, &amask, None)?;
-        }
-        if let Some(n) = &self.final_norm {
-            h = n.forward(g, h)?;
-        }
+        let h = self.stack.run(g, (&ids, b, t), &amask, None)?;
         Ok((g.reshape(h, &[b * t, self.cfg.d_model])?, b, t))
     }
 
@@ -369,7 +382,7 @@ impl TransformerLm {
         let t = prefixes.iter().map(Vec::len).max().unwrap_or(0);
         if prefixes.is_empty() || prefixes.iter().any(Vec::is_empty) {
             return Err(layer_err(
-                &self.input.embedding.name,
+                &self.stack.input.embedding.name,
                 "every prefix needs at least one token",
             ));
         }
@@ -392,13 +405,7 @@ impl TransformerLm {
 
 impl Module for TransformerLm {
     fn init_params(&self, rng: &mut Rng, out: &mut BTreeMap<String, Tensor>) {
-        self.input.init(rng, out);
-        for b in &self.blocks {
-            b.init_params(rng, out);
-        }
-        if let Some(n) = &self.final_norm {
-            n.init_params(rng, out);
-        }
+        self.stack.init(rng, out);
         self.head.init_params(rng, out);
     }
 
@@ -413,14 +420,7 @@ impl Module for TransformerLm {
 
     /// Output per example: `[T, vocab]` (the forward pass stacks them to `[B·T, vocab]`).
     fn describe(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<Vec<usize>> {
-        let t = seq_len(input, &self.input.embedding.name)?;
-        self.input.rows(t, rows)?;
-        for b in &self.blocks {
-            b.rows(t, rows)?;
-        }
-        if let Some(n) = &self.final_norm {
-            rows.push(n.row(&[t, self.cfg.d_model]));
-        }
+        let t = self.stack.rows(input, rows)?;
         self.head.describe(&[t, self.cfg.d_model], rows)
     }
 }

@@ -9,65 +9,6 @@ use super::*;
 use crate::init_store;
 use crate::{Module, Pooling};
 
-/// Central differences over every parameter (and the input, when it is real-valued)
-/// against backward, for `loss = Σ w ⊙ run(x)` with fixed weights `w`.
-fn check_all(run: &dyn Fn(&mut Graph<'_>, Var) -> Var, store: &ParamStore, x: &Tensor, input_grad: bool) {
-    let eval = |store: &ParamStore, x: &Tensor, grads: bool| {
-        let mut g = Graph::new(store);
-        let xv = if input_grad {
-            g.variable(x.clone())
-        } else {
-            g.input(x.clone())
-        };
-        let out = run(&mut g, xv);
-        let w = random::uniform(g.shape(out), 0.5, 1.5, &mut random::rng(11));
-        let w = g.input(w);
-        let p = g.mul(out, w).unwrap();
-        let loss = g.sum(p);
-        let value = g.value(loss).item().unwrap();
-        if !grads {
-            return (value, Vec::new(), None);
-        }
-        let gr = g.backward(loss).unwrap();
-        let mut flat = vec![0.0; store.num_elements()];
-        g.param_grads_into(&gr, &mut flat).unwrap();
-        (value, flat, gr.get(xv).cloned())
-    };
-    let (_, analytic, dx) = eval(store, x, true);
-    let eps = 1e-2f32;
-    let close = |a: f32, n: f32| (a - n).abs() <= 1e-2 + 1e-2 * n.abs();
-    let mut s = store.clone();
-    for k in 0..s.num_elements() {
-        let orig = s.flat()[k];
-        s.flat_mut()[k] = orig + eps;
-        let plus = eval(&s, x, false).0;
-        s.flat_mut()[k] = orig - eps;
-        let minus = eval(&s, x, false).0;
-        s.flat_mut()[k] = orig;
-        let numeric = (plus - minus) / (2.0 * eps);
-        let name = &store.specs().iter().rfind(|p| p.offset <= k).unwrap().name;
-        assert!(close(analytic[k], numeric), "{name}[{k}]: {} vs {numeric}", analytic[k]);
-    }
-    if input_grad {
-        let dx = dx.unwrap();
-        let mut xs = x.clone();
-        for k in 0..x.len() {
-            let orig = xs.as_slice()[k];
-            xs.as_mut_slice()[k] = orig + eps;
-            let plus = eval(store, &xs, false).0;
-            xs.as_mut_slice()[k] = orig - eps;
-            let minus = eval(store, &xs, false).0;
-            xs.as_mut_slice()[k] = orig;
-            let numeric = (plus - minus) / (2.0 * eps);
-            assert!(
-                close(dx.as_slice()[k], numeric),
-                "x[{k}]: {} vs {numeric}",
-                dx.as_slice()[k]
-            );
-        }
-    }
-}
-
 fn store_of(init: impl Fn(&mut Rng, &mut BTreeMap<String, Tensor>)) -> ParamStore {
     let mut named = BTreeMap::new();
     init(&mut random::rng(5), &mut named);
@@ -105,7 +46,7 @@ fn attention_passes_gradcheck_with_padding_and_causal_masks() {
             causal,
         };
         let run = |g: &mut Graph<'_>, x: Var| mha.self_attention(g, x, &mask, false).unwrap().0;
-        check_all(&run, &store, &x, true);
+        crate::gradcheck::check_all(&run, &store, &x, true);
     }
     // cross-attention: 3 queries over the 4-step memory of x
     let q = random::uniform(&[2, 3, 4], -1.0, 1.0, &mut random::rng(4));
@@ -120,7 +61,7 @@ fn attention_passes_gradcheck_with_padding_and_causal_masks() {
     fn x_mem(_: &Var) -> Tensor {
         random::uniform(&[2, 4, 4], -1.0, 1.0, &mut random::rng(3))
     }
-    check_all(&run, &store, &q, true);
+    crate::gradcheck::check_all(&run, &store, &q, true);
 }
 
 #[test]
@@ -142,7 +83,7 @@ fn layer_norm_passes_gradcheck_and_matches_pytorch_layout() {
     )
     .unwrap();
     let run = |g: &mut Graph<'_>, x: Var| ln.forward(g, x).unwrap();
-    check_all(&run, &store, &x, true);
+    crate::gradcheck::check_all(&run, &store, &x, true);
 }
 
 #[test]
@@ -171,7 +112,7 @@ fn whole_blocks_pass_gradcheck() {
         // each evaluation builds a fresh tape whose generator starts from the same seed,
         // so the dropout masks are the same in every evaluation
         let run = |g: &mut Graph<'_>, x: Var| block.run(g, x, &mask, None).unwrap();
-        check_all(&run, &store, &x, true);
+        crate::gradcheck::check_all(&run, &store, &x, true);
 
         let dec = TransformerDecoderLayer::new("dec", cfg);
         let store = store_of(|r, o| dec.init(r, o));
@@ -181,7 +122,7 @@ fn whole_blocks_pass_gradcheck() {
             let mem = g.input(x.clone());
             dec.run(g, y, mem, Some(&tgt_mask), Some(&padded_mask())).unwrap()
         };
-        check_all(&run, &store, &y, true);
+        crate::gradcheck::check_all(&run, &store, &y, true);
     }
 }
 
@@ -218,7 +159,7 @@ fn classifier_gradcheck_over_all_parameters() {
     let store = init_store(&m, 2);
     let x = ids(2, 3, &[3, 4, 5, 6, 0, 0]);
     let run = |g: &mut Graph<'_>, x: Var| m.forward(g, x).unwrap();
-    check_all(&run, &store, &x, false);
+    crate::gradcheck::check_all(&run, &store, &x, false);
 }
 
 #[test]
@@ -232,8 +173,10 @@ fn self_attention_without_positions_is_permutation_equivariant() {
         // block level: the encoder states of a permuted sequence are the permuted states
         let states = |seq: &[usize]| {
             let mut g = Graph::inference(&store);
-            let x = m.input.run(&mut g, seq, 1, 5).unwrap();
-            let y = m.blocks[0].run(&mut g, x, &AttentionMask::default(), None).unwrap();
+            let x = m.stack.input.run(&mut g, seq, 1, 5).unwrap();
+            let y = m.stack.blocks[0]
+                .run(&mut g, x, &AttentionMask::default(), None)
+                .unwrap();
             g.value(y).to_vec()
         };
         let (a, b) = (states(&tokens), states(&permuted));
@@ -336,7 +279,7 @@ fn max_pooling_takes_the_largest_feature_over_real_tokens() {
     let store = init_store(&m, 6);
     let x = ids(2, 3, &[3, 4, 5, 6, 0, 0]);
     let run = |g: &mut Graph<'_>, x: Var| m.forward(g, x).unwrap();
-    check_all(&run, &store, &x, false);
+    crate::gradcheck::check_all(&run, &store, &x, false);
     assert!(TransformerClassifier::new(cfg, 2).with_pooling(Pooling::Last).is_err());
 }
 
@@ -392,16 +335,7 @@ fn encoder_block_matches_pytorch() {
         let w = g.input(crate::pytorch_fixture::tensor(&case["w"]));
         let weighted = g.mul(y, w).unwrap();
         let loss = g.sum(weighted);
-        let grads = g.backward(loss).unwrap();
-        crate::pytorch_fixture::assert_close(
-            &format!("{key} dx"),
-            grads.get(xv).unwrap().as_slice(),
-            crate::pytorch_fixture::tensor(&case["dx"]).as_slice(),
-            5e-5,
-        );
-        let mut flat = vec![0.0; store.num_elements()];
-        g.param_grads_into(&grads, &mut flat).unwrap();
-        crate::pytorch_fixture::assert_param_grads(key, case, &store, &flat, 5e-5);
+        crate::pytorch_fixture::assert_backward((key, case), (&mut g, &store), loss, xv, 5e-5);
     }
 }
 
