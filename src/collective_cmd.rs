@@ -249,24 +249,12 @@ fn peer_bench(comm: &mut Communicator, args: &PeerArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Deterministic inputs of rank `rank` (xorshift64*, 24-bit values in ±100).
-pub fn check_inputs(seed: u64, rank: usize, len: usize) -> Vec<f32> {
-    let mut s = seed ^ (rank as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (0..len)
-        .map(|_| {
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            let v = s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
-            (v as f32 / (1u32 << 23) as f32 - 1.0) * 100.0
-        })
-        .collect()
-}
-
 fn peer_check(comm: &mut Communicator, args: &PeerArgs) -> anyhow::Result<()> {
     let n = comm.world();
     let len = args.len;
-    let inputs: Vec<Vec<f32>> = (0..n).map(|r| check_inputs(args.seed, r, len)).collect();
+    let inputs: Vec<Vec<f32>> = (0..n)
+        .map(|r| ringtrain_collective::check_inputs(args.seed, r, len))
+        .collect();
     let mut buf = inputs[comm.rank()].clone();
     comm.all_reduce(&mut buf, ReduceOp::Sum).context("all-reduce")?;
 

@@ -6,7 +6,8 @@ use crate::collective_cmd::TOKEN_ENV;
 /// One worker child of `launch`.
 struct Worker {
     child: Child,
-    stderr: Arc<Mutex<String>>,
+    /// The last non-empty line the child wrote to stderr (its error, when it fails).
+    last_err: Arc<Mutex<String>>,
     exit: Option<ExitStatus>,
 }
 
@@ -41,24 +42,21 @@ impl Spawner {
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("start worker {i} ({})", self.exe.display()))?;
-        let stderr = Arc::new(Mutex::new(String::new()));
-        if let Some(mut pipe) = child.stderr.take() {
-            let sink = stderr.clone();
+        let last_err = Arc::new(Mutex::new(String::new()));
+        if let Some(pipe) = child.stderr.take() {
+            let sink = last_err.clone();
             std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(k) = pipe.read(&mut buf) {
-                    if k == 0 {
-                        break;
-                    }
-                    if let Ok(mut s) = sink.lock() {
-                        s.push_str(&String::from_utf8_lossy(&buf[..k]));
+                let lines = std::io::BufReader::new(pipe).lines().map_while(Result::ok);
+                for line in lines.filter(|l| !l.trim().is_empty()) {
+                    if let Ok(mut last) = sink.lock() {
+                        *last = line;
                     }
                 }
             });
         }
         Ok(Worker {
             child,
-            stderr,
+            last_err,
             exit: None,
         })
     }
@@ -171,13 +169,7 @@ impl Workers {
             .iter()
             .filter_map(|w| {
                 let status = w.exit.filter(|s| !s.success())?;
-                let err = w.stderr.lock().map(|s| s.clone()).unwrap_or_default();
-                let last = err
-                    .lines()
-                    .rev()
-                    .find(|l| !l.trim().is_empty())
-                    .unwrap_or("")
-                    .to_owned();
+                let last = w.last_err.lock().map(|s| s.clone()).unwrap_or_default();
                 Some((w.child.id(), status, last))
             })
             .collect()

@@ -414,7 +414,7 @@ impl Graph<'_> {
         Ok(self.unary(x, y, Op::MaskedMax { x, argmax }))
     }
 
-    /// One direction of a GRU layer, all time steps in one op (PyTorch's gate order r, z, n
+    /// One direction of a GRU layer (`inputs`: `[xp, w_hh, b_hh]`), all time steps in one op (PyTorch's gate order r, z, n
     /// and layout; see [`ringtrain_tensor::gru`]), from `h0` (a constant; zeros when `None`).
     /// Padded steps (mask 0) keep the state and output zeros.
     ///
@@ -422,22 +422,14 @@ impl Graph<'_> {
     /// `xp: [B, T, 3H]` (the input projections `x·W_ihᵀ + b_ih`), `w_hh: [3H, H]`,
     /// `b_hh: [3H]`, `mask: [B, T]`, `h0: [B, H]` → `[B, T + 1, H]`: the T outputs at their
     /// time indices, then the final state.
-    pub fn gru(
-        &mut self,
-        xp: Var,
-        w_hh: Var,
-        b_hh: Var,
-        mask: &Tensor,
-        reverse: bool,
-        h0: Option<&Tensor>,
-    ) -> Result<Var> {
-        self.recurrent([xp, w_hh, b_hh], mask, reverse, |[x, w, b], keep| {
+    pub fn gru(&mut self, inputs: [Var; 3], mask: &Tensor, reverse: bool, h0: Option<&Tensor>) -> Result<Var> {
+        self.recurrent(inputs, mask, reverse, |[x, w, b], keep| {
             let (y, tape) = ringtrain_tensor::gru::gru_forward(x, w, b, mask, reverse, h0, keep)?;
             Ok((y, RecurrentTape::Gru(tape)))
         })
     }
 
-    /// One direction of an LSTM layer, all time steps in one op (PyTorch's gate order and
+    /// One direction of an LSTM layer (`inputs`: `[xp, w_hh, b_hh]`), all time steps in one op (PyTorch's gate order and
     /// layout, zero initial state; see [`ringtrain_tensor::lstm`]). Padded steps (mask 0)
     /// keep the state and output zeros.
     ///
@@ -450,14 +442,12 @@ impl Graph<'_> {
     /// their time indices, then the final state h and the final cell c.
     pub fn lstm(
         &mut self,
-        xp: Var,
-        w_hh: Var,
-        b_hh: Var,
+        inputs: [Var; 3],
         mask: &Tensor,
         reverse: bool,
         init: ringtrain_tensor::lstm::LstmState<'_>,
     ) -> Result<Var> {
-        self.recurrent([xp, w_hh, b_hh], mask, reverse, |[x, w, b], keep| {
+        self.recurrent(inputs, mask, reverse, |[x, w, b], keep| {
             let (y, tape) = ringtrain_tensor::lstm::lstm_forward(x, w, b, mask, reverse, init, keep)?;
             Ok((y, RecurrentTape::Lstm(tape)))
         })

@@ -432,9 +432,9 @@ proptest! {
         if t > 2 {
             mask.as_mut_slice()[bsz * t - 3] = 0.0;
         }
-        assert_grad(|g, v| g.gru(v[0], v[1], v[2], &mask, reverse, None), &[xp.clone(), w.clone(), b.clone()]);
+        assert_grad(|g, v| g.gru([v[0], v[1], v[2]], &mask, reverse, None), &[xp.clone(), w.clone(), b.clone()]);
         let h0 = away_from_zero(&[bsz, h], seed ^ 3).scale(0.5);
-        assert_grad(|g, v| g.gru(v[0], v[1], v[2], &mask, reverse, Some(&h0)), &[xp, w, b]);
+        assert_grad(|g, v| g.gru([v[0], v[1], v[2]], &mask, reverse, Some(&h0)), &[xp, w, b]);
     }
 
     #[test]
@@ -451,11 +451,11 @@ proptest! {
         if t > 2 {
             mask.as_mut_slice()[bsz * t - 3] = 0.0;
         }
-        assert_grad(|g, v| g.lstm(v[0], v[1], v[2], &mask, reverse, None), &[xp.clone(), w.clone(), b.clone()]);
+        assert_grad(|g, v| g.lstm([v[0], v[1], v[2]], &mask, reverse, None), &[xp.clone(), w.clone(), b.clone()]);
         // from a carried state, with the final cell in the output too
         let h0 = away_from_zero(&[bsz, h], seed ^ 3).scale(0.5);
         let c0 = away_from_zero(&[bsz, h], seed ^ 4);
-        assert_grad(|g, v| g.lstm(v[0], v[1], v[2], &mask, reverse, Some((&h0, &c0))), &[xp, w, b]);
+        assert_grad(|g, v| g.lstm([v[0], v[1], v[2]], &mask, reverse, Some((&h0, &c0))), &[xp, w, b]);
     }
 
     #[test]

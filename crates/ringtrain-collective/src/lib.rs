@@ -157,3 +157,19 @@ pub use ringtrain_proto::collective::CollectiveOp;
 pub(crate) use ringtrain_proto::grpc::error_chain;
 pub use ringtrain_proto::tls::{Tls, TlsError, TLS_NAME};
 pub use transport::{MemoryTransport, Transport};
+
+/// Deterministic inputs for checking a collective end to end (`ringtrain collective --check`
+/// and the tests): rank `rank`'s `len` values, xorshift64* draws of 24 bits scaled to ±100,
+/// which every rank can compute for every other rank to know the expected result.
+pub fn check_inputs(seed: u64, rank: usize, len: usize) -> Vec<f32> {
+    let mut s = seed ^ (rank as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (0..len)
+        .map(|_| {
+            s ^= s >> 12;
+            s ^= s << 25;
+            s ^= s >> 27;
+            let v = s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40;
+            (v as f32 / (1u32 << 23) as f32 - 1.0) * 100.0
+        })
+        .collect()
+}

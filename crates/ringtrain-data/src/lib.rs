@@ -57,9 +57,7 @@ pub use crate::idx::{
 };
 pub use crate::metrics::{perplexity, summarize_folds, ConfusionMatrix, RegressionStats, Summary};
 pub use crate::pairs::read_pairs;
-pub use crate::shard::{
-    epoch_permutation, eval_shard, num_batches, shard, shard_indices, shard_len, stream_batches, stream_part, Remainder,
-};
+pub use crate::shard::{batch_share, epoch_batches, epoch_permutation, eval_shard, stream_batches, stream_part};
 pub use crate::split::{holdout, kfold, time_series_splits, train_test_split, Split, Window};
 pub use crate::text::{read_class_dirs, read_labeled_lines, TextDataset};
 pub use crate::timeseries::{make_windows, read_series_csv, Missing, Series, Windows};

@@ -1,18 +1,15 @@
 //! Dividing examples among data-parallel ranks.
 //!
-//! **Training** ([`shard()`]): each epoch, the indices are shuffled with a permutation that
-//! depends only on `(seed, epoch)` (ChaCha8 with the seed as key and the epoch as stream), so
-//! every rank computes the same permutation without communicating. Rank `r` takes positions
-//! `r, r + world, r + 2*world, ...` of it (as torch's `DistributedSampler` does). Every rank
-//! gets exactly the same number of examples, which synchronous all-reduce needs; the two
-//! [`Remainder`] policies say what happens when `n` is not a multiple of `world`:
-//! * [`Remainder::Pad`]: the permutation is extended by repeating it from its start until its
-//!   length is `ceil(n / world) * world`; each rank gets `ceil(n / world)` examples. Every
-//!   example is seen at least once per epoch across ranks, and exactly once except for the
-//!   `ceil(n/world)*world - n` repeated ones (which land on the last ranks).
-//! * [`Remainder::Drop`]: the permutation is cut to `floor(n / world) * world`; each rank gets
-//!   `floor(n / world)`. Every example is seen at most once per epoch; the `n % world` dropped
-//!   ones change from epoch to epoch because the permutation does.
+//! **Training** ([`epoch_batches`], [`batch_share`]): each epoch, the training indices are
+//! shuffled with a permutation that depends only on `(seed, epoch)` (ChaCha8 with the seed as
+//! key and the epoch as stream), so every rank computes the same permutation without
+//! communicating, and cut into global batches of `batch_size` whatever the world size. Rank
+//! `r` of `W` takes positions `r, r + W, r + 2W, ...` of each batch, so the shares of a batch
+//! partition it and differ by one example at most; the last batch is simply smaller. A batch
+//! smaller than `W` leaves some ranks without an example: they compute one with weight zero,
+//! so that every rank still takes part in the step's all-reduce. The engine weights each
+//! share by its size, so the step's gradient is the mean over the global batch, the same on
+//! any number of workers.
 //!
 //! **Evaluation** ([`eval_shard`]): a contiguous, unshuffled range per rank; the ranges
 //! partition `0..n` exactly (no duplicates, so metrics are exact) and their sizes differ by at
@@ -25,15 +22,6 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::error::DataError;
-
-/// What to do with the examples left over when `n` is not a multiple of the world size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Remainder {
-    /// Repeat examples from the start of the epoch's permutation to fill up the last ranks.
-    Pad,
-    /// Leave the tail of the epoch's permutation out.
-    Drop,
-}
 
 fn check_rank(rank: usize, world: usize) -> Result<(), DataError> {
     if world == 0 {
@@ -57,50 +45,29 @@ pub fn epoch_permutation(n: usize, epoch: u64, seed: u64) -> Vec<usize> {
     perm
 }
 
-/// Number of training examples every rank gets per epoch.
-pub fn shard_len(n: usize, world: usize, remainder: Remainder) -> usize {
-    if world == 0 {
-        return 0;
-    }
-    match remainder {
-        Remainder::Pad => n.div_ceil(world),
-        Remainder::Drop => n / world,
-    }
-}
-
-/// This rank's training examples (positions into `0..n`) for `epoch`, in the order to visit
-/// them. See the module docs for the guarantees.
-pub fn shard(
-    n: usize,
-    rank: usize,
-    world: usize,
-    epoch: u64,
-    seed: u64,
-    remainder: Remainder,
-) -> Result<Vec<usize>, DataError> {
-    check_rank(rank, world)?;
-    let perm = epoch_permutation(n, epoch, seed);
-    let len = shard_len(n, world, remainder);
-    Ok((0..len)
-        // Position p of the padded permutation is perm[p % n]: repeating from the start.
-        .map(|j| perm[(rank + j * world) % n])
-        .collect())
-}
-
-/// [`shard()`] over an explicit list of example indices (e.g. a [`crate::Split`]'s `train`):
-/// the returned values are elements of `indices`.
-pub fn shard_indices(
-    indices: &[usize],
-    rank: usize,
-    world: usize,
-    epoch: u64,
-    seed: u64,
-    remainder: Remainder,
-) -> Result<Vec<usize>, DataError> {
-    Ok(shard(indices.len(), rank, world, epoch, seed, remainder)?
+/// The global batches of `epoch`: `indices` in the epoch's permutation, cut every
+/// `batch_size` (at least 1).
+pub fn epoch_batches(indices: &[usize], batch_size: usize, epoch: u64, seed: u64) -> Vec<Vec<usize>> {
+    let order: Vec<usize> = epoch_permutation(indices.len(), epoch, seed)
         .into_iter()
         .map(|p| indices[p])
-        .collect())
+        .collect();
+    order.chunks(batch_size.max(1)).map(<[usize]>::to_vec).collect()
+}
+
+/// Rank `rank`'s share of a non-empty global batch and how many of its examples count: the
+/// positions `rank, rank + world, ...`, or, when there are none, one stand-in example that
+/// counts zero times.
+pub fn batch_share(batch: &[usize], rank: usize, world: usize) -> Result<(Vec<usize>, usize), DataError> {
+    check_rank(rank, world)?;
+    if batch.is_empty() {
+        return Err(DataError::arg("batch", "a global batch needs at least one example"));
+    }
+    let mine: Vec<usize> = batch.iter().skip(rank).step_by(world).copied().collect();
+    Ok(match mine.len() {
+        0 => (vec![batch[rank % batch.len()]], 0),
+        n => (mine, n),
+    })
 }
 
 /// This rank's contiguous evaluation range of `0..n`.
@@ -137,18 +104,6 @@ pub fn stream_part(windows: &[usize], rank: usize, world: usize) -> Result<&[usi
     Ok(&windows[rank * part..(rank + 1) * part])
 }
 
-/// Number of batches in a shard of `len` examples.
-pub fn num_batches(len: usize, batch_size: usize, drop_last: bool) -> usize {
-    if batch_size == 0 {
-        return 0;
-    }
-    if drop_last {
-        len / batch_size
-    } else {
-        len.div_ceil(batch_size)
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -158,77 +113,53 @@ mod tests {
 
     #[test]
     fn epochs_reshuffle_and_seeds_are_reproducible() {
-        let a = shard(100, 0, 2, 0, 42, Remainder::Drop).unwrap();
-        assert_eq!(a, shard(100, 0, 2, 0, 42, Remainder::Drop).unwrap());
-        assert_ne!(a, shard(100, 0, 2, 1, 42, Remainder::Drop).unwrap());
-        assert_ne!(a, shard(100, 0, 2, 0, 43, Remainder::Drop).unwrap());
+        let indices: Vec<usize> = (0..100).collect();
+        let a = epoch_batches(&indices, 10, 0, 42);
+        assert_eq!(a, epoch_batches(&indices, 10, 0, 42));
+        assert_ne!(a, epoch_batches(&indices, 10, 1, 42));
+        assert_ne!(a, epoch_batches(&indices, 10, 0, 43));
     }
 
     #[test]
-    fn pad_repeats_from_the_start_onto_the_last_ranks() {
-        let perm = epoch_permutation(5, 3, 9);
-        let shards: Vec<Vec<usize>> = (0..3).map(|r| shard(5, r, 3, 3, 9, Remainder::Pad).unwrap()).collect();
-        assert_eq!(shards[0], [perm[0], perm[3]]);
-        assert_eq!(shards[1], [perm[1], perm[4]]);
-        assert_eq!(shards[2], [perm[2], perm[0]]);
+    fn a_rank_without_an_example_gets_a_stand_in_that_counts_zero_times() {
+        assert_eq!(batch_share(&[7, 8], 0, 3).unwrap(), (vec![7], 1));
+        assert_eq!(batch_share(&[7, 8], 2, 3).unwrap(), (vec![7], 0));
     }
 
     #[test]
-    fn bad_rank_or_world_is_an_error() {
-        assert!(shard(10, 2, 2, 0, 0, Remainder::Pad).is_err());
-        assert!(shard(10, 0, 0, 0, 0, Remainder::Pad).is_err());
+    fn bad_rank_world_or_batch_is_an_error() {
+        assert!(batch_share(&[1, 2], 2, 2).is_err());
+        assert!(batch_share(&[1, 2], 0, 0).is_err());
+        assert!(batch_share(&[], 0, 1).is_err());
         assert!(eval_shard(10, 2, 3).is_ok());
         assert!(eval_shard(10, 3, 3).is_err());
         assert!(eval_shard(10, 0, 0).is_err());
-    }
-
-    #[test]
-    fn batch_counts() {
-        assert_eq!(num_batches(10, 3, false), 4);
-        assert_eq!(num_batches(10, 3, true), 3);
-        assert_eq!(num_batches(10, 0, true), 0);
     }
 
     proptest! {
         #![proptest_config(proptest_config())]
 
         #[test]
-        fn training_shards_are_equal_and_cover_each_epoch(
-            n in 0usize..200, world in 1usize..9, epoch in 0u64..4, seed: u64, pad: bool,
-        ) {
-            let remainder = if pad { Remainder::Pad } else { Remainder::Drop };
-            let shards: Vec<Vec<usize>> = (0..world)
-                .map(|r| shard(n, r, world, epoch, seed, remainder).unwrap())
-                .collect();
-            let len = shard_len(n, world, remainder);
-            prop_assert!(shards.iter().all(|s| s.len() == len));
-            let mut seen = vec![0usize; n];
-            for &i in shards.iter().flatten() {
-                seen[i] += 1;
-            }
-            if pad {
-                prop_assert_eq!(len, n.div_ceil(world));
-                // Every example at least once; repeats spread evenly (the padded list cycles).
-                if n > 0 {
-                    let (lo, hi) = (seen.iter().min().unwrap(), seen.iter().max().unwrap());
-                    prop_assert!(*lo >= 1 && hi - lo <= 1);
-                }
-            } else {
-                prop_assert_eq!(len, n / world);
-                prop_assert!(seen.iter().all(|&s| s <= 1));
-                prop_assert_eq!(seen.iter().sum::<usize>(), n - n % world);
-            }
-        }
-
-        #[test]
-        fn shard_indices_maps_through_the_list(
-            n in 0usize..100, world in 1usize..5, seed: u64,
+        fn batches_cover_the_epoch_once_and_shares_partition_each_batch(
+            n in 0usize..200, batch in 1usize..40, world in 1usize..9, epoch in 0u64..4, seed: u64,
         ) {
             let indices: Vec<usize> = (0..n).map(|i| i * 3 + 1).collect();
-            for r in 0..world {
-                let direct = shard(n, r, world, 1, seed, Remainder::Pad).unwrap();
-                let mapped = shard_indices(&indices, r, world, 1, seed, Remainder::Pad).unwrap();
-                prop_assert_eq!(mapped, direct.iter().map(|&p| indices[p]).collect::<Vec<_>>());
+            let batches = epoch_batches(&indices, batch, epoch, seed);
+            let mut all: Vec<usize> = batches.iter().flatten().copied().collect();
+            all.sort_unstable();
+            prop_assert_eq!(&all, &indices);
+            for (k, b) in batches.iter().enumerate() {
+                prop_assert!(b.len() == batch || k + 1 == batches.len());
+                let shares: Vec<(Vec<usize>, usize)> =
+                    (0..world).map(|r| batch_share(b, r, world).unwrap()).collect();
+                let mut counted: Vec<usize> =
+                    shares.iter().filter(|s| s.1 > 0).flat_map(|s| s.0.clone()).collect();
+                counted.sort_unstable();
+                let mut whole = b.clone();
+                whole.sort_unstable();
+                prop_assert_eq!(counted, whole);
+                let real: Vec<usize> = shares.iter().map(|s| s.1).collect();
+                prop_assert!(real.iter().max().unwrap() - real.iter().min().unwrap() <= 1);
             }
         }
 

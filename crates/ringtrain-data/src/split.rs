@@ -276,6 +276,25 @@ mod tests {
         assert!(split.test.windows(2).all(|w| w[0] < w[1]));
     }
 
+    /// Every fold partitions `0..n`, every example is tested in exactly one fold, and the
+    /// test folds' sizes differ by one at most.
+    fn assert_folds(folds: &[Split], n: usize) {
+        let all: Vec<usize> = (0..n).collect();
+        let mut seen = vec![0usize; n];
+        for fold in folds {
+            assert_partition(fold, &all);
+            for &i in &fold.test {
+                seen[i] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&s| s == 1), "every example tested once: {seen:?}");
+        let sizes: Vec<usize> = folds.iter().map(|f| f.test.len()).collect();
+        assert!(
+            sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1,
+            "{sizes:?}"
+        );
+    }
+
     fn count(labels: &[usize], idx: &[usize], c: usize) -> usize {
         idx.iter().filter(|&&i| labels[i] == c).count()
     }
@@ -403,17 +422,7 @@ mod tests {
             prop_assume!(k <= n);
             let folds = kfold(n, k, seed, None).unwrap();
             prop_assert_eq!(folds.len(), k);
-            let all: Vec<usize> = (0..n).collect();
-            let mut seen = vec![0usize; n];
-            for fold in &folds {
-                assert_partition(fold, &all);
-                for &i in &fold.test {
-                    seen[i] += 1;
-                }
-            }
-            prop_assert!(seen.iter().all(|&s| s == 1));
-            let sizes: Vec<usize> = folds.iter().map(|f| f.test.len()).collect();
-            prop_assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);
+            assert_folds(&folds, n);
         }
 
         #[test]
@@ -423,17 +432,7 @@ mod tests {
             let n = labels.len();
             prop_assume!(k <= n);
             let folds = kfold(n, k, seed, Some(&labels)).unwrap();
-            let all: Vec<usize> = (0..n).collect();
-            let mut seen = vec![0usize; n];
-            for fold in &folds {
-                assert_partition(fold, &all);
-                for &i in &fold.test {
-                    seen[i] += 1;
-                }
-            }
-            prop_assert!(seen.iter().all(|&s| s == 1));
-            let sizes: Vec<usize> = folds.iter().map(|f| f.test.len()).collect();
-            prop_assert!(sizes.iter().max().unwrap() - sizes.iter().min().unwrap() <= 1);
+            assert_folds(&folds, n);
             for c in 0..4 {
                 let per: Vec<usize> = folds.iter().map(|f| count(&labels, &f.test, c)).collect();
                 prop_assert!(per.iter().max().unwrap() - per.iter().min().unwrap() <= 1);

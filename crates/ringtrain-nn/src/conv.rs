@@ -276,17 +276,25 @@ pub struct Dropout {
     pub p: f64,
 }
 
+/// Inverted dropout in training (zero with probability `p`, scale the rest by `1/(1 − p)`);
+/// identity otherwise. The layers of `nn` draw their masks with this; attention and
+/// [`Graph::dropout`] use the faster sampler of `ringtrain_tensor::random::dropout_mask`, and
+/// moving these to it would change every trained model's bits.
+pub(crate) fn dropout(g: &mut Graph<'_>, x: Var, p: f64) -> Result<Var> {
+    if !g.is_training() || p <= 0.0 {
+        return Ok(x);
+    }
+    let shape = g.shape(x).to_vec();
+    let keep = 1.0 - p;
+    let mask = random::bernoulli(&shape, keep, g.rng()).scale((1.0 / keep) as f32);
+    Ok(g.mul_const(x, mask)?)
+}
+
 impl Module for Dropout {
     fn init_params(&self, _rng: &mut Rng, _out: &mut BTreeMap<String, Tensor>) {}
 
     fn forward(&self, g: &mut Graph<'_>, x: Var) -> Result<Var> {
-        if !g.is_training() || self.p <= 0.0 {
-            return Ok(x);
-        }
-        let shape = g.shape(x).to_vec();
-        let keep = 1.0 - self.p;
-        let mask = random::bernoulli(&shape, keep, g.rng()).scale((1.0 / keep) as f32);
-        Ok(g.mul_const(x, mask)?)
+        dropout(g, x, self.p)
     }
 
     fn describe(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<Vec<usize>> {

@@ -32,7 +32,7 @@ pub use layers::{Activation, Linear, Sequential};
 pub use loss::{Loss, Targets};
 pub use recurrent::{
     ids_and_mask, CellKind, Embedding, Pooling, Recurrent, RecurrentLm, RecurrentOutput, SequenceClassifier,
-    SequenceRegressor,
+    SequenceRegressor, TokenRnn,
 };
 
 use std::collections::BTreeMap;

@@ -62,15 +62,11 @@ mod tests {
     use super::*;
     use ringtrain_autograd::gradcheck::{check, Tolerance};
 
-    fn t(shape: &[usize], v: &[f32]) -> Tensor {
-        Tensor::from_vec(shape, v.to_vec()).unwrap()
-    }
-
     #[test]
     fn values_match_definitions() {
         let mut g = Graph::standalone();
-        let y = g.variable(t(&[2, 1], &[1.0, 4.0]));
-        let target = Targets::Values(t(&[2], &[0.0, 2.0]));
+        let y = g.variable(Tensor::from_vec(&[2, 1], vec![1.0, 4.0]).unwrap());
+        let target = Targets::Values(Tensor::from_vec(&[2], vec![0.0, 2.0]).unwrap());
         let mse = Loss::Mse.compute(&mut g, y, &target).unwrap();
         let mae = Loss::Mae.compute(&mut g, y, &target).unwrap();
         assert_eq!(g.value(mse).item().unwrap(), 2.5);
@@ -80,9 +76,9 @@ mod tests {
 
     #[test]
     fn every_loss_passes_gradcheck() {
-        let out = t(&[3, 2], &[0.3, -1.2, 2.0, 0.7, -0.4, 1.1]);
-        let vals = Targets::Values(t(&[3, 2], &[1.0, 0.0, 0.5, 1.5, -1.0, 0.0]));
-        let bin = Targets::Values(t(&[3, 2], &[1.0, 0.0, 0.0, 1.0, 1.0, 0.0]));
+        let out = Tensor::from_vec(&[3, 2], vec![0.3, -1.2, 2.0, 0.7, -0.4, 1.1]).unwrap();
+        let vals = Targets::Values(Tensor::from_vec(&[3, 2], vec![1.0, 0.0, 0.5, 1.5, -1.0, 0.0]).unwrap());
+        let bin = Targets::Values(Tensor::from_vec(&[3, 2], vec![1.0, 0.0, 0.0, 1.0, 1.0, 0.0]).unwrap());
         let cls = Targets::Classes(vec![1, 0, 1]);
         for (loss, targets) in [
             (Loss::Mse, &vals),

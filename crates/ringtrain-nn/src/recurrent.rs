@@ -20,6 +20,7 @@ use std::collections::BTreeMap;
 use ringtrain_autograd::{Graph, Tensor, Var};
 use ringtrain_tensor::random::{self, Rng};
 
+use crate::conv::dropout;
 use crate::{LayerSummary, Module, NnError, Result};
 
 /// A lookup table `[vocab, dim]`; row `padding_idx` starts at zero and never receives a
@@ -133,6 +134,14 @@ pub struct RecurrentOutput {
 }
 
 /// One direction's result: outputs `[B, T, H]`, final state and (LSTM) final cell `[B, H]`.
+/// Which direction of which layer runs, from `init` (h, and c for an LSTM) or zeros.
+#[derive(Debug, Clone, Copy)]
+struct DirectionAt<'a> {
+    layer: usize,
+    reverse: bool,
+    init: Option<(&'a Tensor, Option<&'a Tensor>)>,
+}
+
 struct DirectionOutput {
     seq: Var,
     h: Var,
@@ -200,11 +209,8 @@ impl Recurrent {
         let mut last = x;
         let mut states = Vec::with_capacity(self.state_len());
         for layer in 0..self.num_layers {
-            if layer > 0 && self.dropout > 0.0 && g.is_training() {
-                let shape = g.shape(input).to_vec();
-                let keep = 1.0 - self.dropout;
-                let m = random::bernoulli(&shape, keep, g.rng()).scale((1.0 / keep) as f32);
-                input = g.mul_const(input, m)?;
+            if layer > 0 {
+                input = dropout(g, input, self.dropout)?;
             }
             let mut outs = Vec::with_capacity(2);
             for reverse in [false, true].into_iter().take(self.directions()) {
@@ -213,7 +219,12 @@ impl Recurrent {
                     let c0 = (self.cell == CellKind::Lstm).then(|| it.next().expect("length checked above"));
                     (h0, c0)
                 });
-                let out = self.direction(g, input, mask, layer, reverse, start)?;
+                let at = DirectionAt {
+                    layer,
+                    reverse,
+                    init: start,
+                };
+                let out = self.direction(g, input, mask, at)?;
                 states.push(out.h);
                 states.extend(out.c);
                 outs.push(out);
@@ -235,18 +246,11 @@ impl Recurrent {
     ///
     /// LSTM and GRU run as one fused op over all steps ([`Graph::lstm`], [`Graph::gru`]); the
     /// RNN cell is recorded step by step ([`Recurrent::direction_steps`]).
-    fn direction(
-        &self,
-        g: &mut Graph<'_>,
-        x: Var,
-        mask: &Tensor,
-        layer: usize,
-        reverse: bool,
-        init: Option<(&Tensor, Option<&Tensor>)>,
-    ) -> Result<DirectionOutput> {
+    fn direction(&self, g: &mut Graph<'_>, x: Var, mask: &Tensor, at: DirectionAt<'_>) -> Result<DirectionOutput> {
+        let DirectionAt { layer, reverse, init } = at;
         let (b, t) = (g.shape(x)[0], g.shape(x)[1]);
         if self.cell == CellKind::Rnn || t == 0 {
-            return self.direction_steps(g, x, mask, layer, reverse, init);
+            return self.direction_steps(g, x, mask, at);
         }
         let h = self.hidden_size;
         let xp = self.input_projection(g, x, layer, reverse)?;
@@ -255,10 +259,10 @@ impl Recurrent {
         // The fused ops return [B, T + 1, H] (GRU: steps, final h) or [B, T + 2, H] (LSTM:
         // steps, final h, final c).
         let packed = if self.cell == CellKind::Gru {
-            g.gru(xp, w_hh, b_hh, mask, reverse, init.map(|(h0, _)| h0))?
+            g.gru([xp, w_hh, b_hh], mask, reverse, init.map(|(h0, _)| h0))?
         } else {
             let start = init.and_then(|(h0, c0)| Some((h0, c0?)));
-            g.lstm(xp, w_hh, b_hh, mask, reverse, start)?
+            g.lstm([xp, w_hh, b_hh], mask, reverse, start)?
         };
         let row = |g: &mut Graph<'_>, at: usize| -> Result<Var> {
             let v = g.slice_axis(packed, 1, at, at + 1)?;
@@ -289,10 +293,9 @@ impl Recurrent {
         g: &mut Graph<'_>,
         x: Var,
         mask: &Tensor,
-        layer: usize,
-        reverse: bool,
-        init: Option<(&Tensor, Option<&Tensor>)>,
+        at: DirectionAt<'_>,
     ) -> Result<DirectionOutput> {
+        let DirectionAt { layer, reverse, init } = at;
         let (b, t) = (g.shape(x)[0], g.shape(x)[1]);
         let h = self.hidden_size;
         let gh = self.cell.gates() * h;
@@ -434,8 +437,7 @@ impl Recurrent {
 /// and is masked out.
 #[derive(Debug, Clone)]
 pub struct SequenceClassifier {
-    pub embedding: Embedding,
-    pub rnn: Recurrent,
+    pub body: TokenRnn,
     pub head: crate::Linear,
     pub pooling: Pooling,
     /// Dropout on the embedded tokens (training only): short texts overfit a fresh embedding
@@ -466,27 +468,19 @@ impl SequenceClassifier {
         dropout: f64,
         classes: usize,
     ) -> Self {
-        let hidden_size = hidden.first().copied().unwrap_or(64);
-        let rnn = Recurrent {
-            name: "rnn".into(),
+        let body = TokenRnn::new(
             cell,
-            input_size: embed,
-            hidden_size,
-            num_layers: hidden.len().max(1),
+            (vocab, embed),
+            hidden.first().copied().unwrap_or(64),
+            hidden.len(),
             bidirectional,
             dropout,
-        };
+        );
+        let r = &body.rnn;
         let head =
-            crate::Linear::new("head", hidden_size * rnn.directions(), classes).with_init(crate::Init::XavierUniform);
+            crate::Linear::new("head", r.hidden_size * r.directions(), classes).with_init(crate::Init::XavierUniform);
         SequenceClassifier {
-            embedding: Embedding {
-                name: "embedding".into(),
-                vocab,
-                dim: embed,
-                padding_idx: Some(0),
-                one_hot: false,
-            },
-            rnn,
+            body,
             head,
             pooling: Pooling::Last,
             embedding_dropout: 0.0,
@@ -505,21 +499,89 @@ impl SequenceClassifier {
 
     /// One-hot token inputs instead of a learned embedding.
     pub fn with_one_hot(mut self) -> Self {
-        self.embedding.one_hot_input();
-        self.rnn.input_size = self.embedding.dim;
+        self.body.one_hot();
         self
     }
 }
 
-/// Inverted dropout (training only), as in [`crate::Dropout`].
-fn dropout(g: &mut Graph<'_>, x: Var, p: f64) -> Result<Var> {
-    if p <= 0.0 || !g.is_training() {
-        return Ok(x);
+/// Token ids → embedding → recurrent stack: the body of the classifier and the language model.
+#[derive(Debug, Clone)]
+pub struct TokenRnn {
+    pub embedding: Embedding,
+    pub rnn: Recurrent,
+}
+
+impl TokenRnn {
+    /// `embedding` and `rnn`, `layers` (at least 1) of `hidden` units.
+    fn new(
+        cell: CellKind,
+        (vocab, dim): (usize, usize),
+        hidden: usize,
+        layers: usize,
+        bidirectional: bool,
+        dropout: f64,
+    ) -> Self {
+        TokenRnn {
+            embedding: Embedding {
+                name: "embedding".into(),
+                vocab,
+                dim,
+                padding_idx: Some(0),
+                one_hot: false,
+            },
+            rnn: Recurrent {
+                name: "rnn".into(),
+                cell,
+                input_size: dim,
+                hidden_size: hidden,
+                num_layers: layers.max(1),
+                bidirectional,
+                dropout,
+            },
+        }
     }
-    let shape = g.shape(x).to_vec();
-    let keep = 1.0 - p;
-    let m = random::bernoulli(&shape, keep, g.rng()).scale((1.0 / keep) as f32);
-    Ok(g.mul_const(x, m)?)
+
+    fn one_hot(&mut self) {
+        self.embedding.one_hot_input();
+        self.rnn.input_size = self.embedding.dim;
+    }
+
+    fn init(&self, rng: &mut Rng, out: &mut BTreeMap<String, Tensor>) {
+        self.embedding.init(rng, out);
+        self.rnn.init(rng, out);
+    }
+
+    /// The embedded ids `x: [B, T]` (with `p` dropout on the embeddings) through the stack
+    /// from `state`, the mask of real tokens, `B` and `T`.
+    fn run(
+        &self,
+        g: &mut Graph<'_>,
+        x: Var,
+        p: f64,
+        state: Option<&[Tensor]>,
+    ) -> Result<(RecurrentOutput, Tensor, usize, usize)> {
+        let (ids, mask, b, t) = ids_and_mask(g.value(x))?;
+        let emb = self.embedding.lookup(g, &ids, b, t)?;
+        let emb = dropout(g, emb, p)?;
+        let out = self.rnn.run_from(g, emb, &mask, state)?;
+        Ok((out, mask, b, t))
+    }
+
+    fn describe(&self, t: usize, rows: &mut Vec<LayerSummary>) {
+        let e = &self.embedding;
+        rows.push(LayerSummary {
+            name: e.name.clone(),
+            kind: if e.one_hot {
+                format!("OneHot({})", e.vocab)
+            } else {
+                format!("Embedding({}, {})", e.vocab, e.dim)
+            },
+            output: vec![t, e.dim],
+            params: if e.one_hot { 0 } else { e.vocab * e.dim },
+            flops: 0,
+        });
+        describe_rnn(&self.rnn, t, rows);
+    }
 }
 
 /// Mean of `seq: [B, T, D]` over the steps where `mask: [B, T]` is 1. The recurrent layer
@@ -554,18 +616,14 @@ pub fn ids_and_mask(t: &Tensor) -> Result<(Vec<usize>, Tensor, usize, usize)> {
 
 impl Module for SequenceClassifier {
     fn init_params(&self, rng: &mut Rng, out: &mut BTreeMap<String, Tensor>) {
-        self.embedding.init(rng, out);
-        self.rnn.init(rng, out);
+        self.body.init(rng, out);
         self.head.init_params(rng, out);
     }
 
     /// # Shapes
     /// `[B, T]` token ids → `[B, classes]` logits.
     fn forward(&self, g: &mut Graph<'_>, x: Var) -> Result<Var> {
-        let (ids, mask, b, t) = ids_and_mask(g.value(x))?;
-        let emb = self.embedding.lookup(g, &ids, b, t)?;
-        let emb = dropout(g, emb, self.embedding_dropout)?;
-        let out = self.rnn.run(g, emb, &mask)?;
+        let (out, mask, _, _) = self.body.run(g, x, self.embedding_dropout, None)?;
         let pooled = match self.pooling {
             Pooling::Last => out.last,
             Pooling::Mean => masked_mean(g, out.sequence, &mask)?,
@@ -576,8 +634,8 @@ impl Module for SequenceClassifier {
 
     fn describe(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<Vec<usize>> {
         let t = input.first().copied().unwrap_or(0);
-        describe_embedding_and_rnn(&self.embedding, &self.rnn, t, rows);
-        let r = &self.rnn;
+        self.body.describe(t, rows);
+        let r = &self.body.rnn;
         self.head.describe(&[r.hidden_size * r.directions()], rows)
     }
 }
@@ -589,8 +647,7 @@ impl Module for SequenceClassifier {
 /// `t + 1` of sequence `b`, so the ordinary cross-entropy applies to the flattened targets.
 #[derive(Debug, Clone)]
 pub struct RecurrentLm {
-    pub embedding: Embedding,
-    pub rnn: Recurrent,
+    pub body: TokenRnn,
     pub head: crate::Linear,
     /// Dropout on the recurrent outputs before the head (and between stacked layers).
     pub dropout: f64,
@@ -600,22 +657,7 @@ impl RecurrentLm {
     pub fn new(cell: CellKind, vocab: usize, embed: usize, hidden: &[usize], dropout: f64) -> Self {
         let hidden_size = hidden.first().copied().unwrap_or(128);
         RecurrentLm {
-            embedding: Embedding {
-                name: "embedding".into(),
-                vocab,
-                dim: embed,
-                padding_idx: Some(0),
-                one_hot: false,
-            },
-            rnn: Recurrent {
-                name: "rnn".into(),
-                cell,
-                input_size: embed,
-                hidden_size,
-                num_layers: hidden.len().max(1),
-                bidirectional: false,
-                dropout,
-            },
+            body: TokenRnn::new(cell, (vocab, embed), hidden_size, hidden.len(), false, dropout),
             head: crate::Linear::new("head", hidden_size, vocab).with_init(crate::Init::XavierUniform),
             dropout,
         }
@@ -623,16 +665,14 @@ impl RecurrentLm {
 
     /// One-hot token inputs instead of a learned embedding.
     pub fn with_one_hot(mut self) -> Self {
-        self.embedding.one_hot_input();
-        self.rnn.input_size = self.embedding.dim;
+        self.body.one_hot();
         self
     }
 }
 
 impl Module for RecurrentLm {
     fn init_params(&self, rng: &mut Rng, out: &mut BTreeMap<String, Tensor>) {
-        self.embedding.init(rng, out);
-        self.rnn.init(rng, out);
+        self.body.init(rng, out);
         self.head.init_params(rng, out);
     }
 
@@ -647,20 +687,18 @@ impl Module for RecurrentLm {
     }
 
     fn forward_carry(&self, g: &mut Graph<'_>, x: Var, state: Option<&[Tensor]>) -> Result<(Var, Vec<Var>)> {
-        let (ids, mask, b, t) = ids_and_mask(g.value(x))?;
-        let emb = self.embedding.lookup(g, &ids, b, t)?;
-        let out = self.rnn.run_from(g, emb, &mask, state)?;
+        let (out, _, b, t) = self.body.run(g, x, 0.0, state)?;
         let seq = dropout(g, out.sequence, self.dropout)?;
-        let flat = g.reshape(seq, &[b * t, self.rnn.hidden_size])?;
+        let flat = g.reshape(seq, &[b * t, self.body.rnn.hidden_size])?;
         Ok((self.head.forward(g, flat)?, out.states))
     }
 
     fn describe(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<Vec<usize>> {
         let t = input.first().copied().unwrap_or(0);
-        describe_embedding_and_rnn(&self.embedding, &self.rnn, t, rows);
-        let per_step = self.head.describe(&[self.rnn.hidden_size], rows)?;
+        self.body.describe(t, rows);
+        let per_step = self.head.describe(&[self.body.rnn.hidden_size], rows)?;
         if let Some(r) = rows.last_mut() {
-            r.output = vec![t, self.embedding.vocab];
+            r.output = vec![t, self.body.embedding.vocab];
             r.flops *= t as u64;
         }
         Ok(vec![t, per_step.first().copied().unwrap_or(0)])
@@ -722,21 +760,6 @@ impl Module for SequenceRegressor {
         describe_rnn(&self.rnn, t, rows);
         self.head.describe(&[self.rnn.hidden_size], rows)
     }
-}
-
-fn describe_embedding_and_rnn(e: &Embedding, r: &Recurrent, t: usize, rows: &mut Vec<LayerSummary>) {
-    rows.push(LayerSummary {
-        name: e.name.clone(),
-        kind: if e.one_hot {
-            format!("OneHot({})", e.vocab)
-        } else {
-            format!("Embedding({}, {})", e.vocab, e.dim)
-        },
-        output: vec![t, e.dim],
-        params: if e.one_hot { 0 } else { e.vocab * e.dim },
-        flops: 0,
-    });
-    describe_rnn(r, t, rows);
 }
 
 fn describe_rnn(r: &Recurrent, t: usize, rows: &mut Vec<LayerSummary>) {

@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use ringtrain_autograd::{Graph, ParamStore};
 use ringtrain_config::{Job, OptimizerName, ScheduleName, SparseEmbeddings};
-use ringtrain_data::{eval_shard, shard_indices, stream_batches, stream_part, ConfusionMatrix, Remainder};
+use ringtrain_data::{batch_share, epoch_batches, eval_shard, stream_batches, stream_part, ConfusionMatrix};
 use ringtrain_nn::{init_store, Loss, Module, Targets};
 use ringtrain_optim::{clip_grad_norm, Optimizer, OptimizerKind, Schedule, ScheduleKind};
 use serde::Serialize;
@@ -349,21 +349,13 @@ impl Trainer {
                 });
             }
         } else {
-            let order = shard_indices(indices, 0, 1, epoch as u64, self.seed, Remainder::Pad)?;
-            let batches: Vec<&[usize]> = order.chunks(self.batch_size.max(1)).collect();
+            let batches = epoch_batches(indices, self.batch_size, epoch as u64, self.seed);
             for group in batches.chunks(self.accumulate) {
-                let shares = group
-                    .iter()
-                    .map(|b| {
-                        let mine: Vec<usize> = b.iter().skip(rank).step_by(world).copied().collect();
-                        match mine.len() {
-                            0 => (vec![b[rank % b.len()]], 0),
-                            n => (mine, n),
-                        }
-                    })
-                    .collect();
                 groups.push(StepPlan {
-                    shares,
+                    shares: group
+                        .iter()
+                        .map(|b| batch_share(b, rank, world))
+                        .collect::<Result<_, _>>()?,
                     global_rows: group.iter().map(|b| b.len()).sum(),
                 });
             }

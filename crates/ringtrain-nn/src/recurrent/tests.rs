@@ -68,11 +68,17 @@ fn fused_equals_steps(cell: CellKind) {
             // from a carried state, so that the initial state's path is compared too
             let (h0, c0) = (Tensor::full(&[3, 5], 0.3), Tensor::full(&[3, 5], -0.2));
             let start = Some((&h0, (cell == CellKind::Lstm).then_some(&c0)));
-            let out = if fused {
-                r.direction(&mut g, xv, &mask, 0, reverse, start).unwrap()
-            } else {
-                r.direction_steps(&mut g, xv, &mask, 0, reverse, start).unwrap()
+            let at = DirectionAt {
+                layer: 0,
+                reverse,
+                init: start,
             };
+            let out = if fused {
+                r.direction(&mut g, xv, &mask, at)
+            } else {
+                r.direction_steps(&mut g, xv, &mask, at)
+            }
+            .unwrap();
             let (seq, last) = (out.seq, out.h);
             let cell = out.c.unwrap_or(last);
             let w = g.input(random::uniform(&[3, 6, 5], 0.5, 1.5, &mut random::rng(9)));
@@ -117,7 +123,7 @@ fn a_carried_state_continues_the_sequence_exactly() {
         let mut g = Graph::inference(&store);
         let (xa, xb, xj) = (g.input(ids(&a)), g.input(ids(&b)), g.input(ids(&joined)));
         let (_, state) = lm.forward_carry(&mut g, xa, None).unwrap();
-        assert_eq!(state.len(), lm.rnn.state_len());
+        assert_eq!(state.len(), lm.body.rnn.state_len());
         let carried: Vec<Tensor> = state.iter().map(|&v| g.value(v).clone()).collect();
         let (second, _) = lm.forward_carry(&mut g, xb, Some(&carried)).unwrap();
         let whole = lm.forward(&mut g, xj).unwrap();
