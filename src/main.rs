@@ -177,8 +177,7 @@ fn run(command: Command) -> anyhow::Result<()> {
         }
         Command::Validate { job, data } => {
             let (spec, _) = load_job_with_data(&job, data.as_deref())?;
-            let task = ringtrain_train::Task::from_job(&spec).map_err(classify)?;
-            task.model(&spec.model).map_err(classify)?;
+            let task = check_data_and_model(&spec)?;
             println!("{}: ok ({} examples)", job.display(), task.example_count());
             Ok(())
         }
@@ -223,6 +222,14 @@ fn classify(e: ringtrain_train::TrainError) -> anyhow::Error {
         E::Data(_) | E::Job { .. } | E::Model(_) => bad_input(e),
         other => anyhow::Error::new(other).context("training failed"),
     }
+}
+
+/// Reads the job's data and builds its model for it: the checks that need the data (the
+/// model's shapes against the examples'), before anything trains or any ring forms.
+pub(crate) fn check_data_and_model(job: &Job) -> anyhow::Result<ringtrain_train::Task> {
+    let task = ringtrain_train::Task::from_job(job).map_err(classify)?;
+    task.model(&job.model).map_err(classify)?;
+    Ok(task)
 }
 
 /// Loads a job; `data` replaces its data path (relative to the current directory).

@@ -123,6 +123,9 @@ fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
     if args.checkpoint_every == Some(0) {
         return Err(crate::bad_input("--checkpoint-every must be at least 1"));
     }
+    // The workers read the data again; reading it here too refuses a model that does not fit
+    // it before any worker starts.
+    crate::check_data_and_model(&job)?;
     let absolute = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let ckpt = absolute(&args.out.join("checkpoint.safetensors"));
     let resume_from = if args.resume {

@@ -160,10 +160,50 @@ fn unequal_recurrent_hidden_sizes_are_refused_before_any_worker_starts() {
         .expect("job")
         .replace("../data/rotten-tomatoes", data.to_str().expect("utf-8 path"))
         .replace("hidden = [64]", "hidden = [128, 64]");
-    let job = tmp.path().join("job.toml");
+    assert_refused_before_any_worker_starts(
+        tmp.path(),
+        &text,
+        "`model.hidden`: stacked recurrent layers share one hidden size",
+    );
+}
+
+/// A model that does not fit its data (here LeNet-5's second 5×5 convolution on the 4×4 maps
+/// that 8×8 images leave) is found by reading the data, which the coordinator does before any
+/// worker starts, not by every worker after the ring has formed.
+#[test]
+fn a_model_that_does_not_fit_the_data_is_refused_before_any_worker_starts() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("mnist-8x8");
+    std::fs::create_dir(&data).expect("mkdir");
+    let idx = |magic: u32, dims: &[u32], body: Vec<u8>| {
+        let mut bytes: Vec<u8> = magic.to_be_bytes().to_vec();
+        bytes.extend(dims.iter().flat_map(|d| d.to_be_bytes()));
+        bytes.extend(body);
+        bytes
+    };
+    for set in ["train", "t10k"] {
+        let images = idx(0x803, &[8, 8, 8], (0..8 * 64).map(|i| (i * 7 % 256) as u8).collect());
+        std::fs::write(data.join(format!("{set}-images-idx3-ubyte")), images).expect("write images");
+        let labels = idx(0x801, &[8], (0..8).map(|i| i % 10).collect());
+        std::fs::write(data.join(format!("{set}-labels-idx1-ubyte")), labels).expect("write labels");
+    }
+    let text = std::fs::read_to_string(crate::util::repo().join("examples/mnist-lenet.toml"))
+        .expect("job")
+        .replace("../data/mnist", data.to_str().expect("utf-8 path"));
+    assert_refused_before_any_worker_starts(
+        tmp.path(),
+        &text,
+        "layer `layers.3`: kernel 5x5 is larger than the padded input 4x4",
+    );
+}
+
+/// `launch`, `coordinator` and `validate` each refuse the job `text` with one line holding
+/// `needle`, and no coordinator starts listening.
+fn assert_refused_before_any_worker_starts(dir: &Path, text: &str, needle: &str) {
+    let job = dir.join("job.toml");
     std::fs::write(&job, text).expect("write job");
     let job = job.to_str().expect("utf-8 path");
-    let out = tmp.path().join("run");
+    let out = dir.join("run");
     let out = out.to_str().expect("utf-8 path");
     for args in [
         vec!["launch", "--workers", "2", "--threads", "1", "--out", out, job],
@@ -183,11 +223,7 @@ fn unequal_recurrent_hidden_sizes_are_refused_before_any_worker_starts() {
     ] {
         let out = ringtrain(&args);
         let err = String::from_utf8_lossy(&out.stderr).to_string();
-        assert_bad_input(
-            &out,
-            &err,
-            "`model.hidden`: stacked recurrent layers share one hidden size",
-        );
+        assert_bad_input(&out, &err, needle);
         assert!(
             !String::from_utf8_lossy(&out.stdout).contains("listening"),
             "{}",

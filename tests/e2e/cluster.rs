@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::util::{bin, read_json, repo, Proc};
+use crate::util::{bin, error_line, read_json, repo, signal, Proc};
 
 /// `ringtrain args` with the job token and one thread.
 pub fn start(args: &[&str], token: &str) -> Proc {
@@ -48,6 +48,25 @@ pub fn iris_job(dir: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
         "\"../data/iris/iris.csv\"",
         &format!("{:?}", data.display().to_string()),
     );
+    write_job(text, dir, name, edits)
+}
+
+/// [`iris_job`] for `epochs` epochs in global batches of 15, `edits` besides. Iris's 120
+/// training examples make 8 such batches, 5 examples a worker on 3 workers: every global
+/// batch is then the one a single process sees.
+pub fn iris15_job(dir: &Path, name: &str, epochs: usize, edits: &[(&str, &str)]) -> PathBuf {
+    let epochs = format!("epochs = {epochs}");
+    let mut all = vec![
+        ("batch_size = 16", "batch_size = 15"),
+        ("epochs = 100", epochs.as_str()),
+    ];
+    all.extend_from_slice(edits);
+    iris_job(dir, name, &all)
+}
+
+/// `text` with `edits` applied, written to `dir/name.toml`. An edit that matches nothing
+/// fails the test: the example changed, and the test would silently run another job.
+fn write_job(mut text: String, dir: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
     for (from, to) in edits {
         assert!(text.contains(from), "{from:?} not in the job");
         text = text.replace(from, to);
@@ -57,6 +76,14 @@ pub fn iris_job(dir: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
     path
 }
 
+/// `launch --workers workers job --out out flags...`, as a list a test can extend to launch
+/// the same run again (`--resume`).
+fn launch_args<'a>(workers: &'a str, job: &'a Path, out: &'a Path, flags: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["launch", "--workers", workers, s(job), "--out", s(out)];
+    args.extend_from_slice(flags);
+    args
+}
+
 /// The address a `coordinator` process printed in its `listening` line (within a minute).
 pub fn coordinator_addr(coordinator: &Proc) -> String {
     let listening = coordinator.line(Instant::now() + MINUTE, |l| l.contains("\"listening\""));
@@ -64,22 +91,63 @@ pub fn coordinator_addr(coordinator: &Proc) -> String {
     v["addr"].as_str().expect("addr").to_owned()
 }
 
+/// `ringtrain coordinator --listen 127.0.0.1:0 args` with the job token, and the address it
+/// got: a free port, so that tests running side by side never collide.
+pub fn start_coordinator(args: &[&str], token: &str) -> (Proc, String) {
+    let mut full = vec!["coordinator", "--listen", "127.0.0.1:0"];
+    full.extend_from_slice(args);
+    let coordinator = start(&full, token);
+    let addr = coordinator_addr(&coordinator);
+    (coordinator, addr)
+}
+
+/// The pid of worker `rank` from launch's "worker rank R joined (pid P ..." line: the
+/// process a test kills or stops to play a lost or hung worker.
+pub fn pid_of(launch: &Proc, rank: usize, deadline: Instant) -> u32 {
+    let prefix = format!("worker rank {rank} joined (pid ");
+    let line = launch.line(deadline, |l| l.starts_with(&prefix));
+    line[prefix.len()..]
+        .split(' ')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {line:?}"))
+}
+
+/// The `finished` event of a `worker` process, which must exit successfully within 20 s of
+/// its coordinator: its parameters' checksum tells whether the ranks ended identical.
+fn finished_event(worker: &mut Proc) -> serde_json::Value {
+    let (status, out, _) = worker.finish(Duration::from_secs(20));
+    assert!(status.success(), "{}", worker.describe());
+    let finished = out
+        .lines()
+        .find(|l| l.contains("\"finished\""))
+        .unwrap_or_else(|| panic!("{out}"));
+    serde_json::from_str(finished).expect("json line")
+}
+
+/// `launch`'s printout of a k-fold run must report each of the `folds` folds.
+fn assert_every_fold_reported(out: &str, folds: usize) {
+    for fold in 0..folds {
+        assert!(
+            out.contains(&format!("fold {fold}: test loss")),
+            "fold {fold} missing:\n{out}"
+        );
+    }
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
+
+/// The Iris job's evaluation scheme, which the k-fold tests replace.
+const TRAIN_TEST: &str = "scheme = \"train_test\"";
 
 pub const MINUTE: Duration = Duration::from_secs(60);
 
 #[test]
 fn three_workers_train_iris_like_one_process() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    // 120 training examples, global batch 15 = 3 workers x 5: every global batch is the
-    // one a single process sees.
-    let job = iris_job(
-        tmp.path(),
-        "iris15",
-        &[("batch_size = 16", "batch_size = 15"), ("epochs = 100", "epochs = 30")],
-    );
+    let job = iris15_job(tmp.path(), "iris15", 30, &[]);
     let (dist, single) = (tmp.path().join("dist"), tmp.path().join("single"));
     let out = run_ok(
         &["launch", "--workers", "3", s(&job), "--out", s(&dist), "--quiet"],
@@ -148,8 +216,7 @@ fn three_workers_train_iris_like_one_process() {
 #[test]
 fn bf16_compression_keeps_the_ranks_identical_and_learns_like_f32() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let edits = [("batch_size = 16", "batch_size = 15"), ("epochs = 100", "epochs = 30")];
-    let plain = iris_job(tmp.path(), "plain", &edits);
+    let plain = iris15_job(tmp.path(), "plain", 30, &[]);
     let bf16 = tmp.path().join("bf16.toml");
     let text = std::fs::read_to_string(&plain).expect("job") + "\n[distributed]\ncompression = \"bf16\"\n";
     std::fs::write(&bf16, text).expect("write job");
@@ -220,26 +287,13 @@ fn overlapping_the_all_reduce_with_backward_gives_the_same_bits() {
 #[test]
 fn distributed_kfold_prints_each_fold_and_mean_std() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let job = iris_job(
-        tmp.path(),
-        "kfold",
-        &[
-            ("batch_size = 16", "batch_size = 15"),
-            ("epochs = 100", "epochs = 8"),
-            ("scheme = \"train_test\"", "scheme = \"kfold\"\nfolds = 5"),
-        ],
-    );
+    let job = iris15_job(tmp.path(), "kfold", 8, &[(TRAIN_TEST, "scheme = \"kfold\"\nfolds = 5")]);
     let out_dir = tmp.path().join("run");
     let out = run_ok(
         &["launch", "--workers", "3", s(&job), "--out", s(&out_dir), "--quiet"],
         MINUTE,
     );
-    for fold in 0..5 {
-        assert!(
-            out.contains(&format!("fold {fold}: test loss")),
-            "fold {fold} missing:\n{out}"
-        );
-    }
+    assert_every_fold_reported(&out, 5);
     assert!(
         out.lines()
             .any(|l| l.trim_start().starts_with("accuracy:") && l.contains('±')),
@@ -253,33 +307,12 @@ fn distributed_kfold_prints_each_fold_and_mean_std() {
 fn a_killed_worker_is_named_and_a_fresh_launch_resumes_from_its_checkpoint() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let epochs = 150;
-    let job = iris_job(
-        tmp.path(),
-        "long",
-        &[
-            ("batch_size = 16", "batch_size = 15"),
-            ("epochs = 100", &format!("epochs = {epochs}")),
-        ],
-    );
+    let job = iris15_job(tmp.path(), "long", epochs, &[]);
     let dir = tmp.path().join("run");
-    let args = [
-        "launch",
-        "--workers",
-        "3",
-        s(&job),
-        "--out",
-        s(&dir),
-        "--checkpoint-every",
-        "1",
-    ];
+    let args = launch_args("3", &job, &dir, &["--checkpoint-every", "1"]);
     let mut launch = start(&args, "unused");
     let deadline = Instant::now() + MINUTE;
-    let joined = launch.line(deadline, |l| l.starts_with("worker rank 1 joined (pid "));
-    let pid: u32 = joined["worker rank 1 joined (pid ".len()..]
-        .split(' ')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {joined:?}"));
+    let pid = pid_of(&launch, 1, deadline);
     // Kill rank 1 once a checkpoint exists, mid-run.
     let ckpt = dir.join("checkpoint.safetensors");
     while !ckpt.is_file() {
@@ -288,11 +321,7 @@ fn a_killed_worker_is_named_and_a_fresh_launch_resumes_from_its_checkpoint() {
     }
     // A moment for the writer's heartbeat to tell the coordinator about it.
     std::thread::sleep(Duration::from_millis(100));
-    let killed = Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(killed.success());
+    signal("-9", pid);
     let at = Instant::now();
     let (status, _, err) = launch.finish(Duration::from_secs(15));
     assert!(
@@ -301,10 +330,7 @@ fn a_killed_worker_is_named_and_a_fresh_launch_resumes_from_its_checkpoint() {
         at.elapsed()
     );
     assert_eq!(status.code(), Some(1), "{}", launch.describe());
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error:"))
-        .unwrap_or_else(|| panic!("no error line: {err}"));
+    let line = error_line(&err);
     assert!(
         line.contains("worker rank 1") && line.contains(&format!("pid {pid}")),
         "{line}"
@@ -319,7 +345,7 @@ fn a_killed_worker_is_named_and_a_fresh_launch_resumes_from_its_checkpoint() {
         .count();
     assert!(done < epochs, "the run must have stopped early ({done} epochs)");
 
-    let mut resume = args.to_vec();
+    let mut resume = args.clone();
     resume.push("--resume");
     resume.push("--quiet");
     let out = run_ok(&resume, MINUTE);
@@ -336,21 +362,8 @@ fn a_coordinator_and_workers_configured_from_the_environment_train_together() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let job = iris_job(tmp.path(), "pair", &[("epochs = 100", "epochs = 5")]);
     let dir = tmp.path().join("run");
-    let mut coordinator = start(
-        &[
-            "coordinator",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            s(&job),
-            "--out",
-            s(&dir),
-            "--quiet",
-        ],
-        "pair-token",
-    );
-    let addr = coordinator_addr(&coordinator);
+    let (mut coordinator, addr) =
+        start_coordinator(&["--workers", "2", s(&job), "--out", s(&dir), "--quiet"], "pair-token");
     // Everything but the command itself comes from RINGTRAIN_* variables.
     let mut workers: Vec<Proc> = (0..2)
         .map(|_| {
@@ -369,13 +382,7 @@ fn a_coordinator_and_workers_configured_from_the_environment_train_together() {
     assert!(out.contains("2 workers,") && out.contains("bitwise identical"), "{out}");
     let mut checksums = Vec::new();
     for w in &mut workers {
-        let (status, out, _) = w.finish(Duration::from_secs(20));
-        assert!(status.success(), "{}", w.describe());
-        let finished = out
-            .lines()
-            .find(|l| l.contains("\"finished\""))
-            .unwrap_or_else(|| panic!("{out}"));
-        let v: serde_json::Value = serde_json::from_str(finished).expect("json line");
+        let v = finished_event(w);
         checksums.push(v["params_checksum"].as_str().expect("checksum").to_owned());
     }
     assert_eq!(checksums[0], checksums[1]);
@@ -385,49 +392,24 @@ fn a_coordinator_and_workers_configured_from_the_environment_train_together() {
 #[test]
 fn a_hung_worker_is_named_when_its_heartbeats_stop() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let job = iris_job(
-        tmp.path(),
-        "hang",
-        &[
-            ("batch_size = 16", "batch_size = 15"),
-            ("epochs = 100", "epochs = 2000"),
-        ],
-    );
+    let job = iris15_job(tmp.path(), "hang", 2000, &[]);
     let dir = tmp.path().join("run");
-    let args = [
-        "launch",
-        "--workers",
-        "3",
-        s(&job),
-        "--out",
-        s(&dir),
-        "--heartbeat-timeout-ms",
-        "2500",
-    ];
+    let args = launch_args("3", &job, &dir, &["--heartbeat-timeout-ms", "2500"]);
     let mut launch = start(&args, "unused");
-    let joined = launch.line(Instant::now() + MINUTE, |l| l.starts_with("worker rank 2 joined (pid "));
-    let pid = joined["worker rank 2 joined (pid ".len()..]
-        .split(' ')
-        .next()
-        .expect("pid")
-        .to_owned();
+    let pid = pid_of(&launch, 2, Instant::now() + MINUTE);
     launch.line(Instant::now() + MINUTE, |l| l.starts_with("epoch"));
     // Stopped, not dead: its connections stay open, only its heartbeats stop.
-    let stopped = Command::new("kill").args(["-STOP", &pid]).status().expect("run kill");
-    assert!(stopped.success());
+    signal("-STOP", pid);
     let at = Instant::now();
     let (status, _, err) = launch.finish(Duration::from_secs(20));
     // The launcher kills its children on failure; SIGKILL also ends a stopped process.
     let _ = Command::new("kill")
-        .args(["-CONT", &pid])
+        .args(["-CONT", &pid.to_string()])
         .stderr(Stdio::null())
         .status();
     assert!(at.elapsed() < Duration::from_secs(8), "took {:?}", at.elapsed());
     assert_eq!(status.code(), Some(1), "{}", launch.describe());
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error:"))
-        .unwrap_or_else(|| panic!("no error line: {err}"));
+    let line = error_line(&err);
     assert!(
         line.contains("worker rank 2") && line.contains(&format!("pid {pid}")),
         "{line}"
@@ -439,11 +421,8 @@ fn a_wrong_token_is_refused_and_the_rendezvous_times_out() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let job = iris_job(tmp.path(), "one", &[("epochs = 100", "epochs = 1")]);
     let dir = tmp.path().join("run");
-    let mut coordinator = start(
+    let (mut coordinator, addr) = start_coordinator(
         &[
-            "coordinator",
-            "--listen",
-            "127.0.0.1:0",
             "--workers",
             "1",
             s(&job),
@@ -454,7 +433,6 @@ fn a_wrong_token_is_refused_and_the_rendezvous_times_out() {
         ],
         "right-token",
     );
-    let addr = coordinator_addr(&coordinator);
 
     let mut worker = start(
         &["worker", "--coordinator", &addr, "--peer-addr", "127.0.0.1:0"],
@@ -495,11 +473,7 @@ fn a_coordinator_that_does_not_answer_is_reported_within_the_deadline() {
 #[test]
 fn an_elastic_job_that_cannot_change_membership_is_bad_input() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let job = iris_job(
-        tmp.path(),
-        "kfold",
-        &[("scheme = \"train_test\"", "scheme = \"kfold\"\nfolds = 3")],
-    );
+    let job = iris_job(tmp.path(), "kfold", &[(TRAIN_TEST, "scheme = \"kfold\"\nfolds = 3")]);
     let (status, _, err) = run(
         &[
             "launch",
@@ -547,14 +521,62 @@ pub fn mnist_subset(dir: &Path, train: usize, test: usize) -> Option<PathBuf> {
 
 /// The LeNet-5 job with `edits`, written to `dir/name.toml`.
 pub fn lenet_job(dir: &Path, name: &str, edits: &[(&str, &str)]) -> PathBuf {
-    let mut text = std::fs::read_to_string(repo().join("examples/mnist-lenet.toml")).expect("lenet job");
-    for (from, to) in edits {
-        assert!(text.contains(from), "{from:?} not in the job");
-        text = text.replace(from, to);
+    let text = std::fs::read_to_string(repo().join("examples/mnist-lenet.toml")).expect("lenet job");
+    write_job(text, dir, name, edits)
+}
+
+/// The k-fold CNN tests' job in `dir`, its data and the run directory to write (`None`
+/// without MNIST): LeNet-5 for one epoch in 2 folds of a 960-image subset, the folds
+/// trained one after the other or, with `parallel_folds`, side by side.
+fn lenet_kfold_job(dir: &Path, name: &str, parallel_folds: bool) -> Option<(PathBuf, PathBuf, PathBuf)> {
+    let data = mnist_subset(dir, 960, 10)?;
+    let mut scheme = "scheme = \"kfold\"\nfolds = 2".to_owned();
+    if parallel_folds {
+        scheme.push_str("\nparallel_folds = true");
     }
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).expect("write job");
-    path
+    let job = lenet_job(
+        dir,
+        name,
+        &[
+            ("epochs = 8", "epochs = 1"),
+            ("batch_size = 64", "batch_size = 32"),
+            ("scheme = \"provided\"", &scheme),
+        ],
+    );
+    Some((job, data, dir.join("run")))
+}
+
+/// The summary of a [`lenet_kfold_job`] run: the two test folds are disjoint and cover the
+/// 960 images (each example tested once, trained on in the other fold), each with its accuracy.
+fn assert_two_folds_split_the_subset(summary: &serde_json::Value) {
+    let folds = summary["folds"].as_array().expect("folds");
+    assert_eq!(folds.len(), 2);
+    let tested: u64 = folds.iter().map(|f| f["test_examples"].as_u64().expect("n")).sum();
+    let trained: Vec<u64> = folds.iter().map(|f| f["train_examples"].as_u64().expect("n")).collect();
+    assert_eq!(tested, 960, "disjoint and covering");
+    assert_eq!(trained, vec![480, 480]);
+    assert_eq!(summary["kfold"]["accuracy"]["values"].as_array().map(Vec::len), Some(2));
+}
+
+/// `ringtrain launch` of a LeNet job on `workers` workers, one BLAS thread each so that
+/// several fit on the test machine's cores; its printout.
+fn launch_lenet(workers: &str, job: &Path, data: &Path, out: &Path) -> String {
+    run_ok(
+        &[
+            "launch",
+            "--workers",
+            workers,
+            s(job),
+            "--data",
+            s(data),
+            "--out",
+            s(out),
+            "--quiet",
+            "--threads",
+            "1",
+        ],
+        5 * MINUTE,
+    )
 }
 
 /// LeNet-5 on a 1 920-image MNIST subset: three workers against one process with the same
@@ -574,22 +596,7 @@ fn lenet_with_three_workers_matches_one_process_on_an_mnist_subset() {
     let three = tmp.path().join("three");
     let status = crate::util::ringtrain(&["train", s(&job), "--data", s(&data), "--out", s(&one), "--quiet"]);
     assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
-    let out = run_ok(
-        &[
-            "launch",
-            "--workers",
-            "3",
-            s(&job),
-            "--data",
-            s(&data),
-            "--out",
-            s(&three),
-            "--quiet",
-            "--threads",
-            "1",
-        ],
-        5 * MINUTE,
-    );
+    let out = launch_lenet("3", &job, &data, &three);
     assert!(out.contains("bitwise identical"), "{out}");
     let epochs = |dir: &Path| -> Vec<serde_json::Value> {
         std::fs::read_to_string(dir.join("metrics.jsonl"))
@@ -622,50 +629,13 @@ fn lenet_with_three_workers_matches_one_process_on_an_mnist_subset() {
 #[test]
 fn distributed_kfold_of_a_cnn() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let Some(data) = mnist_subset(tmp.path(), 960, 10) else {
+    let Some((job, data, dir)) = lenet_kfold_job(tmp.path(), "lenet-kfold", false) else {
         return;
     };
-    let job = lenet_job(
-        tmp.path(),
-        "lenet-kfold",
-        &[
-            ("epochs = 8", "epochs = 1"),
-            ("batch_size = 64", "batch_size = 32"),
-            ("scheme = \"provided\"", "scheme = \"kfold\"\nfolds = 2"),
-        ],
-    );
-    let dir = tmp.path().join("run");
-    let out = run_ok(
-        &[
-            "launch",
-            "--workers",
-            "2",
-            s(&job),
-            "--data",
-            s(&data),
-            "--out",
-            s(&dir),
-            "--quiet",
-            "--threads",
-            "1",
-        ],
-        5 * MINUTE,
-    );
-    for fold in 0..2 {
-        assert!(
-            out.contains(&format!("fold {fold}: test loss")),
-            "fold {fold} missing:\n{out}"
-        );
-    }
+    let out = launch_lenet("2", &job, &data, &dir);
+    assert_every_fold_reported(&out, 2);
     let summary = read_json(&dir.join("summary.json"));
-    let folds = summary["folds"].as_array().expect("folds");
-    assert_eq!(folds.len(), 2);
-    let tested: u64 = folds.iter().map(|f| f["test_examples"].as_u64().expect("n")).sum();
-    let trained: Vec<u64> = folds.iter().map(|f| f["train_examples"].as_u64().expect("n")).collect();
-    // Disjoint and covering: each example is tested once and trained on in the other fold.
-    assert_eq!(tested, 960);
-    assert_eq!(trained, vec![480, 480]);
-    assert_eq!(summary["kfold"]["accuracy"]["values"].as_array().map(Vec::len), Some(2));
+    assert_two_folds_split_the_subset(&summary);
     assert!(summary["kfold"]["accuracy"]["std"].as_f64().is_some());
 }
 
@@ -691,7 +661,7 @@ fn parallel_kfold_on_two_workers_matches_the_sequential_folds_bitwise() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let kfold = [
         ("epochs = 100", "epochs = 20"),
-        ("scheme = \"train_test\"", "scheme = \"kfold\"\nfolds = 5"),
+        (TRAIN_TEST, "scheme = \"kfold\"\nfolds = 5"),
     ];
     let sequential = iris_job(tmp.path(), "sequential", &kfold);
     let mut edits = kfold.to_vec();
@@ -701,12 +671,7 @@ fn parallel_kfold_on_two_workers_matches_the_sequential_folds_bitwise() {
     let out = run_ok(&["launch", "--workers", "2", s(&parallel), "--out", s(&par)], MINUTE);
     assert!(out.contains("fold group 0: ranks 0..1, folds 0, 2, 4"), "{out}");
     assert!(out.contains("fold group 1: ranks 1..2, folds 1, 3"), "{out}");
-    for fold in 0..5 {
-        assert!(
-            out.contains(&format!("fold {fold}: test loss")),
-            "fold {fold} missing:\n{out}"
-        );
-    }
+    assert_every_fold_reported(&out, 5);
     assert!(
         out.lines()
             .any(|l| l.trim_start().starts_with("accuracy:") && l.contains('±')),
@@ -755,38 +720,13 @@ fn parallel_kfold_on_two_workers_matches_the_sequential_folds_bitwise() {
 #[test]
 fn parallel_kfold_of_a_cnn_on_four_workers_in_two_rings() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let Some(data) = mnist_subset(tmp.path(), 960, 10) else {
+    let Some((job, data, dir)) = lenet_kfold_job(tmp.path(), "lenet-parallel-kfold", true) else {
         return;
     };
-    let job = lenet_job(
-        tmp.path(),
-        "lenet-parallel-kfold",
-        &[
-            ("epochs = 8", "epochs = 1"),
-            ("batch_size = 64", "batch_size = 32"),
-            (
-                "scheme = \"provided\"",
-                "scheme = \"kfold\"\nfolds = 2\nparallel_folds = true",
-            ),
-        ],
-    );
-    let dir = tmp.path().join("run");
-    let mut coordinator = start(
-        &[
-            "coordinator",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "4",
-            s(&job),
-            "--data",
-            s(&data),
-            "--out",
-            s(&dir),
-        ],
+    let (mut coordinator, addr) = start_coordinator(
+        &["--workers", "4", s(&job), "--data", s(&data), "--out", s(&dir)],
         "folds-token",
     );
-    let addr = coordinator_addr(&coordinator);
     let mut workers: Vec<Proc> = (0..4)
         .map(|_| {
             start(
@@ -800,21 +740,10 @@ fn parallel_kfold_of_a_cnn_on_four_workers_in_two_rings() {
     assert!(out.contains("fold group 0: ranks 0..2, folds 0"), "{out}");
     assert!(out.contains("fold group 1: ranks 2..4, folds 1"), "{out}");
     assert!(out.contains("4 workers in 2 fold groups of 2"), "{out}");
-    for fold in 0..2 {
-        assert!(
-            out.contains(&format!("fold {fold}: test loss")),
-            "fold {fold} missing:\n{out}"
-        );
-    }
+    assert_every_fold_reported(&out, 2);
     let mut by_group: Vec<Vec<String>> = vec![Vec::new(); 2];
     for w in &mut workers {
-        let (status, out, _) = w.finish(Duration::from_secs(20));
-        assert!(status.success(), "{}", w.describe());
-        let finished = out
-            .lines()
-            .find(|l| l.contains("\"finished\""))
-            .unwrap_or_else(|| panic!("{out}"));
-        let v: serde_json::Value = serde_json::from_str(finished).expect("json line");
+        let v = finished_event(w);
         assert_eq!(v["world"].as_u64(), Some(2), "a ring of two: {v}");
         let group = v["group"].as_u64().expect("group") as usize;
         by_group[group].push(v["params_checksum"].as_str().expect("checksum").to_owned());
@@ -825,14 +754,7 @@ fn parallel_kfold_of_a_cnn_on_four_workers_in_two_rings() {
     }
     assert_ne!(by_group[0][0], by_group[1][0], "the groups trained different folds");
 
-    let summary = read_json(&dir.join("summary.json"));
-    let folds = summary["folds"].as_array().expect("folds");
-    assert_eq!(folds.len(), 2);
-    let tested: u64 = folds.iter().map(|f| f["test_examples"].as_u64().expect("n")).sum();
-    let trained: Vec<u64> = folds.iter().map(|f| f["train_examples"].as_u64().expect("n")).collect();
-    assert_eq!(tested, 960, "disjoint and covering");
-    assert_eq!(trained, vec![480, 480]);
-    assert_eq!(summary["kfold"]["accuracy"]["values"].as_array().map(Vec::len), Some(2));
+    assert_two_folds_split_the_subset(&read_json(&dir.join("summary.json")));
     let lines = metric_lines_without_speed(&dir);
     let folds_of_lines: Vec<u64> = lines.iter().map(|l| l["fold"].as_u64().expect("fold")).collect();
     assert_eq!(folds_of_lines, [0, 1], "one epoch per fold, in fold order");
@@ -843,17 +765,11 @@ fn parallel_kfold_of_a_cnn_on_four_workers_in_two_rings() {
 fn a_batch_a_fold_group_cannot_split_evenly_still_trains_bitwise_identical_rings() {
     let tmp = tempfile::tempdir().expect("tempdir");
     // 4 workers, 2 folds: two groups of 2 that take shares of 8 and 7 of each batch of 15.
-    let job = iris_job(
+    let job = iris15_job(
         tmp.path(),
         "odd",
-        &[
-            ("batch_size = 16", "batch_size = 15"),
-            ("epochs = 100", "epochs = 20"),
-            (
-                "scheme = \"train_test\"",
-                "scheme = \"kfold\"\nfolds = 2\nparallel_folds = true",
-            ),
-        ],
+        20,
+        &[(TRAIN_TEST, "scheme = \"kfold\"\nfolds = 2\nparallel_folds = true")],
     );
     let dir = tmp.path().join("run");
     let out = run_ok(

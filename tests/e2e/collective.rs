@@ -189,37 +189,32 @@ fn four_processes_all_reduce_to_the_same_bits_run_after_run() {
     assert_eq!(first, second, "same inputs and ring order must give the same bits");
 }
 
-#[test]
-fn a_killed_rank_is_named_by_the_others_within_the_timeout() {
+/// Four ranks reducing `len` values round after round, each failing once it hears nothing
+/// for `timeout_ms`; returned once every rank has done 3 rounds, so that a fault injected
+/// next hits a ring at work.
+fn soaking_ring(len: &str, timeout_ms: u64) -> Ring {
     let n = 4;
-    let timeout_ms = 2000;
-    let mut ring = Ring::start(
+    let ring = Ring::start(
         n,
-        |_| {
-            strings(&[
-                "--mode",
-                "soak",
-                "--len",
-                "1048576",
-                "--timeout-ms",
-                &timeout_ms.to_string(),
-            ])
-        },
+        |_| strings(&["--mode", "soak", "--len", len, "--timeout-ms", &timeout_ms.to_string()]),
         |_| TOKEN.to_owned(),
     );
-    // Let every rank finish a few rounds, then kill rank 2 while they reduce.
     let deadline = Instant::now() + Duration::from_secs(60);
     for r in 0..n {
         ring.line(r, deadline, |v| v["event"] == "round" && v["round"].as_u64() >= Some(3));
     }
-    ring.peers[2].child.kill().expect("kill rank 2");
-    let killed = Instant::now();
+    ring
+}
+
+/// Ranks 0, 1 and 3 of a [`soaking_ring`] whose rank 2 failed at `failed` must fail too,
+/// saying `names_rank_2`, within the timeout and a margin for starting the processes.
+fn assert_survivors_name_rank_2(ring: &mut Ring, failed: Instant, timeout_ms: u64, names_rank_2: &str) {
     for r in [0, 1, 3] {
-        let (status, stderr) = ring.exit(r, killed + Duration::from_secs(30));
+        let (status, stderr) = ring.exit(r, failed + Duration::from_secs(30));
         assert!(!status.success(), "{}", ring.describe(r));
-        assert!(stderr.contains("rank 2"), "rank {r} must name rank 2:\n{stderr}");
+        assert!(stderr.contains(names_rank_2), "rank {r} must name rank 2:\n{stderr}");
     }
-    let took = killed.elapsed();
+    let took = failed.elapsed();
     assert!(
         took < Duration::from_millis(timeout_ms) + Duration::from_secs(8),
         "survivors took {took:?} to fail"
@@ -227,27 +222,19 @@ fn a_killed_rank_is_named_by_the_others_within_the_timeout() {
 }
 
 #[test]
+fn a_killed_rank_is_named_by_the_others_within_the_timeout() {
+    let timeout_ms = 2000;
+    let mut ring = soaking_ring("1048576", timeout_ms);
+    // Kill rank 2 while they reduce.
+    ring.peers[2].child.kill().expect("kill rank 2");
+    let killed = Instant::now();
+    assert_survivors_name_rank_2(&mut ring, killed, timeout_ms, "rank 2");
+}
+
+#[test]
 fn a_hung_rank_is_named_by_every_other_rank_within_the_timeout() {
-    let n = 4;
     let timeout_ms = 1500;
-    let mut ring = Ring::start(
-        n,
-        |_| {
-            strings(&[
-                "--mode",
-                "soak",
-                "--len",
-                "262144",
-                "--timeout-ms",
-                &timeout_ms.to_string(),
-            ])
-        },
-        |_| TOKEN.to_owned(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(60);
-    for r in 0..n {
-        ring.line(r, deadline, |v| v["event"] == "round" && v["round"].as_u64() >= Some(3));
-    }
+    let mut ring = soaking_ring("262144", timeout_ms);
     // SIGSTOP: rank 2 stays connected but falls silent (a hung process, not a dead one).
     let pid = ring.peers[2].child.id().to_string();
     let stopped = Command::new("kill")
@@ -256,19 +243,7 @@ fn a_hung_rank_is_named_by_every_other_rank_within_the_timeout() {
         .expect("run kill -STOP");
     assert!(stopped.success());
     let hung = Instant::now();
-    for r in [0, 1, 3] {
-        let (status, stderr) = ring.exit(r, hung + Duration::from_secs(30));
-        assert!(!status.success(), "{}", ring.describe(r));
-        assert!(
-            stderr.contains("no frame from rank 2"),
-            "rank {r} must name rank 2:\n{stderr}"
-        );
-    }
-    let took = hung.elapsed();
-    assert!(
-        took < Duration::from_millis(timeout_ms) + Duration::from_secs(8),
-        "survivors took {took:?} to fail"
-    );
+    assert_survivors_name_rank_2(&mut ring, hung, timeout_ms, "no frame from rank 2");
     // Dropping the ring kills rank 2 (SIGKILL works on a stopped process).
 }
 

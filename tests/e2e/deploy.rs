@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::cluster::iris_job;
 use crate::util::{bin, describe, repo, Proc};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -729,19 +730,23 @@ fn the_kubernetes_topology_rehearsed_on_localhost_trains_iris_and_exports_real_m
     assert_eq!(after.lines().count(), epochs);
 }
 
+/// A worker configured from the environment like the StatefulSet's pods, rejoining
+/// (`RINGTRAIN_REJOIN`) when its job ends or is lost, as a pod that is not restarted must.
+fn rejoining_worker(coordinator: &str, token: &str, what: &str) -> Proc {
+    let mut cmd = Command::new(bin());
+    cmd.arg("worker")
+        .env("RINGTRAIN_COORDINATOR", coordinator)
+        .env("RINGTRAIN_PEER_ADDR", "127.0.0.1:0")
+        .env("RINGTRAIN_TOKEN", token)
+        .env("RINGTRAIN_REJOIN", "true")
+        .env("RINGTRAIN_THREADS", "1");
+    Proc::spawn(cmd, what)
+}
+
 #[test]
 fn a_coordinator_restarted_with_resume_latest_continues_from_the_checkpoint_with_rejoining_workers() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let text = std::fs::read_to_string(repo().join("examples/iris-mlp.toml")).expect("iris job");
-    let data = repo().join("data/iris/iris.csv");
-    let text = text
-        .replace(
-            "\"../data/iris/iris.csv\"",
-            &format!("{:?}", data.display().to_string()),
-        )
-        .replace("epochs = 100", "epochs = 400");
-    let job = tmp.path().join("job.toml");
-    std::fs::write(&job, text).expect("write job");
+    let job = iris_job(tmp.path(), "job", &[("epochs = 100", "epochs = 400")]);
     let out = tmp.path().join("run");
     let coordinator = |what: &str, listen: &str| {
         let mut cmd = Command::new(bin());
@@ -766,16 +771,7 @@ fn a_coordinator_restarted_with_resume_latest_continues_from_the_checkpoint_with
     let mut first = coordinator("first coordinator", "127.0.0.1:0");
     let listen = crate::cluster::coordinator_addr(&first);
     let workers: Vec<Proc> = (0..2)
-        .map(|i| {
-            let mut cmd = Command::new(bin());
-            cmd.arg("worker")
-                .env("RINGTRAIN_COORDINATOR", &listen)
-                .env("RINGTRAIN_PEER_ADDR", "127.0.0.1:0")
-                .env("RINGTRAIN_TOKEN", "restart")
-                .env("RINGTRAIN_REJOIN", "true")
-                .env("RINGTRAIN_THREADS", "1");
-            Proc::spawn(cmd, &format!("worker {i}"))
-        })
+        .map(|i| rejoining_worker(&listen, "restart", &format!("worker {i}")))
         .collect();
     // A fresh start (no checkpoint yet); killed once a few epochs are on disk, as a lost
     // coordinator pod would be.
@@ -825,17 +821,14 @@ fn a_lost_worker_pod_is_replaced_and_the_coordinator_job_goes_on() {
     let min = env_value(coord, "RINGTRAIN_MIN_WORKERS").to_owned();
     assert_eq!(min, "1", "the rehearsal below assumes one worker may carry on");
     let tmp = tempfile::tempdir().expect("tempdir");
-    let text = std::fs::read_to_string(repo().join("examples/iris-mlp.toml")).expect("iris job");
-    let data = repo().join("data/iris/iris.csv");
-    let text = text
-        .replace(
-            "\"../data/iris/iris.csv\"",
-            &format!("{:?}", data.display().to_string()),
-        )
-        .replace("epochs = 100", "epochs = 3000")
-        .replace("batch_size = 16", "batch_size = 15");
-    let job = tmp.path().join("job.toml");
-    std::fs::write(&job, text).expect("write job");
+    let job = iris_job(
+        tmp.path(),
+        "job",
+        &[
+            ("epochs = 100", "epochs = 3000"),
+            ("batch_size = 16", "batch_size = 15"),
+        ],
+    );
     let out = tmp.path().join("run");
     let mut cmd = Command::new(bin());
     cmd.args(["coordinator", "--workers", "2", "--checkpoint-every", "100"])
@@ -848,16 +841,7 @@ fn a_lost_worker_pod_is_replaced_and_the_coordinator_job_goes_on() {
         .env("RINGTRAIN_THREADS", "1");
     let mut coordinator = Proc::spawn(cmd, "coordinator");
     let listen = crate::cluster::coordinator_addr(&coordinator);
-    let worker = |what: &str| {
-        let mut cmd = Command::new(bin());
-        cmd.arg("worker")
-            .env("RINGTRAIN_COORDINATOR", &listen)
-            .env("RINGTRAIN_PEER_ADDR", "127.0.0.1:0")
-            .env("RINGTRAIN_TOKEN", "elastic")
-            .env("RINGTRAIN_REJOIN", "true")
-            .env("RINGTRAIN_THREADS", "1");
-        Proc::spawn(cmd, what)
-    };
+    let worker = |what: &str| rejoining_worker(&listen, "elastic", what);
     let deadline = Instant::now() + 2 * MINUTE;
     let mut pods = vec![worker("worker pod 0"), worker("worker pod 1")];
     coordinator.line(deadline, |l| l.trim_start().starts_with("epoch") && l.contains("/3000"));

@@ -2,44 +2,32 @@
 //! carry on, replacements that join the running job, too few workers left, and a
 //! checkpoint resumed at another world size. Every wait has a deadline.
 
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::cluster::{coordinator_addr, iris_job, lenet_job, mnist_subset, s, start};
-use crate::util::{read_json, Proc};
+use crate::cluster::{iris15_job, iris_job, lenet_job, mnist_subset, pid_of, s, start, start_coordinator};
+use crate::util::{error_line, read_json, signal, Proc};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-/// The pid of worker `rank` from launch's "worker rank R joined (pid P ..." line.
-fn pid_of(launch: &Proc, rank: usize, deadline: Instant) -> u32 {
-    let prefix = format!("worker rank {rank} joined (pid ");
-    let line = launch.line(deadline, |l| l.starts_with(&prefix));
-    line[prefix.len()..]
-        .split(' ')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {line:?}"))
+/// `launch` of Iris for 2 500 epochs (long enough to stop, kill or cut a worker while it
+/// trains) into `dir/run`: `membership` flags before the job, `flags` after its output
+/// directory. The launch, and that directory.
+fn launch_long_iris(dir: &Path, membership: &[&str], flags: &[&str]) -> (Proc, PathBuf) {
+    let job = iris15_job(dir, "long", 2500, &[]);
+    let out = dir.join("run");
+    let mut args = vec!["launch"];
+    args.extend_from_slice(membership);
+    args.extend_from_slice(&[s(&job), "--out", s(&out)]);
+    args.extend_from_slice(flags);
+    (start(&args, "unused"), out)
 }
 
-fn signal(sig: &str, pid: u32) {
-    let sent = Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("run kill");
-    assert!(sent.success(), "kill {sig} {pid}");
-}
-
-/// Iris for 2 500 epochs: long enough to stop, kill or cut a worker while it trains.
-fn long_iris_job(dir: &Path) -> std::path::PathBuf {
-    iris_job(
-        dir,
-        "long",
-        &[
-            ("epochs = 100", "epochs = 2500"),
-            ("batch_size = 16", "batch_size = 15"),
-        ],
-    )
+/// Launch's line that the ring re-formed as `generation` with `workers` workers, which must
+/// come before `deadline`: it names the workers that left or joined.
+fn ring_reformed(launch: &Proc, deadline: Instant, generation: u64, workers: usize) -> String {
+    let prefix = format!("ring re-formed as generation {generation} with {workers} workers");
+    launch.line(deadline, |l| l.starts_with(&prefix))
 }
 
 fn accuracy(dir: &Path) -> f64 {
@@ -87,16 +75,11 @@ fn a_killed_worker_leaves_three_that_carry_on_and_its_replacement_joins_back() {
     let pid = pid_of(&launch, 2, deadline);
     launch.line(deadline, |l| l.starts_with("epoch    1/8"));
     signal("-9", pid);
-    let killed = Instant::now();
-    let reformed = launch.line(killed + Duration::from_secs(5), |l| {
-        l.starts_with("ring re-formed as generation 1 with 3 workers")
-    });
+    let reformed = ring_reformed(&launch, Instant::now() + Duration::from_secs(5), 1, 3);
     assert!(reformed.contains(&format!("worker rank 2 (pid {pid} ")), "{reformed}");
     let resumed = launch.line(deadline, |l| l.starts_with("generation 1 went on from step"));
     assert!(resumed.contains("step(s) of work lost"), "{resumed}");
-    let back = launch.line(deadline, |l| {
-        l.starts_with("ring re-formed as generation 2 with 4 workers")
-    });
+    let back = ring_reformed(&launch, deadline, 2, 4);
     assert!(back.contains("worker rank 4 joined"), "{back}");
     let (status, out, _) = launch.finish(3 * MINUTE);
     assert!(status.success(), "{}", launch.describe());
@@ -134,29 +117,16 @@ fn a_killed_worker_leaves_three_that_carry_on_and_its_replacement_joins_back() {
 #[test]
 fn a_hung_worker_is_dropped_and_refused_when_it_wakes() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let job = long_iris_job(tmp.path());
-    let out = tmp.path().join("run");
-    let args = [
-        "launch",
-        "--workers",
-        "3",
-        "--min-workers",
-        "2",
-        s(&job),
-        "--out",
-        s(&out),
-        "--heartbeat-timeout-ms",
-        "1500",
-    ];
-    let mut launch = start(&args, "unused");
+    let (mut launch, out) = launch_long_iris(
+        tmp.path(),
+        &["--workers", "3", "--min-workers", "2"],
+        &["--heartbeat-timeout-ms", "1500"],
+    );
     let deadline = Instant::now() + MINUTE;
     let pid = pid_of(&launch, 1, deadline);
     launch.line(deadline, |l| l.starts_with("epoch "));
     signal("-STOP", pid);
-    let stopped = Instant::now();
-    let reformed = launch.line(stopped + Duration::from_secs(10), |l| {
-        l.starts_with("ring re-formed as generation 1 with 2 workers")
-    });
+    let reformed = ring_reformed(&launch, Instant::now() + Duration::from_secs(10), 1, 2);
     assert!(
         reformed.contains(&format!("worker rank 1 (pid {pid} ")) && reformed.contains("left: no heartbeat"),
         "{reformed}"
@@ -188,23 +158,11 @@ fn a_hung_worker_is_dropped_and_refused_when_it_wakes() {
 #[test]
 fn below_min_workers_the_job_stops_with_a_checkpoint_naming_the_lost() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let job = long_iris_job(tmp.path());
-    let out = tmp.path().join("run");
-    let args = [
-        "launch",
-        "--workers",
-        "2",
-        "--min-workers",
-        "2",
-        "--max-workers",
-        "3",
-        s(&job),
-        "--out",
-        s(&out),
-        "--checkpoint-every",
-        "1",
-    ];
-    let mut launch = start(&args, "unused");
+    let (mut launch, out) = launch_long_iris(
+        tmp.path(),
+        &["--workers", "2", "--min-workers", "2", "--max-workers", "3"],
+        &["--checkpoint-every", "1"],
+    );
     let deadline = Instant::now() + MINUTE;
     let pid = pid_of(&launch, 1, deadline);
     while !out.join("checkpoint.safetensors").is_file() {
@@ -214,10 +172,7 @@ fn below_min_workers_the_job_stops_with_a_checkpoint_naming_the_lost() {
     signal("-9", pid);
     let (status, _, err) = launch.finish(Duration::from_secs(20));
     assert_eq!(status.code(), Some(1), "{}", launch.describe());
-    let line = err
-        .lines()
-        .find(|l| l.starts_with("error:"))
-        .unwrap_or_else(|| panic!("no error line: {err}"));
+    let line = error_line(&err);
     assert!(line.contains(&format!("worker rank 1 (pid {pid}")), "{line}");
     assert!(
         line.contains("1 workers left, fewer than the 2 needed (min_workers)"),
@@ -288,26 +243,14 @@ fn a_four_worker_checkpoint_resumes_with_two_and_with_three() {
 /// while the other two are still starting, and all three train to the same bits.
 #[test]
 fn a_worker_that_joins_as_the_job_starts_trains_with_the_others() {
+    let token = "elastic-start";
     let tmp = tempfile::tempdir().expect("tempdir");
     let job = iris_job(tmp.path(), "join", &[("epochs = 100", "epochs = 300")]);
     let out = tmp.path().join("run");
-    let token = "elastic-start";
-    let mut coordinator = start(
-        &[
-            "coordinator",
-            "--listen",
-            "127.0.0.1:0",
-            "--workers",
-            "2",
-            "--max-workers",
-            "3",
-            s(&job),
-            "--out",
-            s(&out),
-        ],
+    let (mut coordinator, addr) = start_coordinator(
+        &["--workers", "2", "--max-workers", "3", s(&job), "--out", s(&out)],
         token,
     );
-    let addr = coordinator_addr(&coordinator);
     let mut workers: Vec<Proc> = (0..3)
         .map(|_| start(&["worker", "--coordinator", &addr, "--peer-addr", "127.0.0.1:0"], token))
         .collect();

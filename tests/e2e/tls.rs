@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::cluster::{coordinator_addr, iris_job, s, start, MINUTE};
+use crate::cluster::{iris_job, s, start, start_coordinator, MINUTE};
 use crate::util::{ok, Proc};
 
 /// A CA and one host certificate in `dir` (`ringtrain certs`).
@@ -57,22 +57,10 @@ fn a_tls_job_trains_bitwise_identical_and_turns_away_strangers() {
     let job = iris_job(tmp.path(), "tls", &[("epochs = 100", "epochs = 20")]);
     let out = tmp.path().join("run");
     let token = "tls-token";
-    let mut args = vec![
-        "coordinator",
-        "--listen",
-        "127.0.0.1:0",
-        "--workers",
-        "2",
-        s(&job),
-        "--out",
-        s(&out),
-    ]
-    .into_iter()
-    .map(str::to_owned)
-    .collect::<Vec<_>>();
-    args.extend(tls_args(&ours));
-    let mut coordinator = start(&args.iter().map(String::as_str).collect::<Vec<_>>(), token);
-    let addr = coordinator_addr(&coordinator);
+    let tls = tls_args(&ours);
+    let mut args = vec!["--workers", "2", s(&job), "--out", s(&out)];
+    args.extend(tls.iter().map(String::as_str));
+    let (mut coordinator, addr) = start_coordinator(&args, token);
 
     // Without TLS: the coordinator drops the connection; the worker says why it may be.
     let line = refused(&addr, &[], token);

@@ -45,6 +45,23 @@ pub fn ok(args: &[&str]) -> Output {
     out
 }
 
+/// The first `error:` line of a failed command's stderr: where it says what went wrong.
+pub fn error_line(stderr: &str) -> &str {
+    stderr
+        .lines()
+        .find(|l| l.starts_with("error:"))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"))
+}
+
+/// Sends `sig` (e.g. `-9`, `-STOP`) to `pid` with kill(1): a test's way to lose or hang a worker.
+pub fn signal(sig: &str, pid: u32) {
+    let sent = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(sent.success(), "kill {sig} {pid}");
+}
+
 pub fn read_json(path: &Path) -> serde_json::Value {
     let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("parse {}: {e}", path.display()))

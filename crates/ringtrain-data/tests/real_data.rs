@@ -7,6 +7,16 @@ fn data_dir() -> Option<PathBuf> {
     ringtrain_testkit::shared_data(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.."), "")
 }
 
+/// sklearn's files have no header line and name the label column by position.
+fn headerless(delimiter: u8, label: usize, label_kind: LabelKind) -> CsvOptions {
+    CsvOptions {
+        delimiter,
+        has_header: false,
+        label: LabelColumn::Index(label),
+        label_kind,
+    }
+}
+
 fn class_counts(labels: &Labels) -> Vec<usize> {
     let ids = labels.class_ids().unwrap();
     let mut counts = vec![0; labels.n_classes()];
@@ -54,12 +64,7 @@ fn generic_reader_on_gzip_and_space_separated_sklearn_files() {
     let Some(dir) = data_dir() else { return };
     let digits = read_csv(
         &dir.join("sklearn/digits.csv.gz"),
-        &CsvOptions {
-            delimiter: b',',
-            has_header: false,
-            label: LabelColumn::Index(64),
-            label_kind: LabelKind::Class,
-        },
+        &headerless(b',', 64, LabelKind::Class),
     )
     .unwrap();
     assert_eq!((digits.n_rows, digits.n_features), (1797, 64));
@@ -68,12 +73,7 @@ fn generic_reader_on_gzip_and_space_separated_sklearn_files() {
 
     let diabetes = read_csv(
         &dir.join("sklearn/diabetes_data_raw.csv.gz"),
-        &CsvOptions {
-            delimiter: b' ',
-            has_header: false,
-            label: LabelColumn::Index(9),
-            label_kind: LabelKind::Value,
-        },
+        &headerless(b' ', 9, LabelKind::Value),
     )
     .unwrap();
     assert_eq!((diabetes.n_rows, diabetes.n_features), (442, 9));
@@ -89,16 +89,7 @@ fn generic_reader_on_gzip_and_space_separated_sklearn_files() {
 fn generic_reader_refuses_sklearn_header_and_co2_gaps_with_position() {
     let Some(dir) = data_dir() else { return };
     let path = dir.join("sklearn/iris.csv");
-    let err = read_csv(
-        &path,
-        &CsvOptions {
-            delimiter: b',',
-            has_header: false,
-            label: LabelColumn::Index(4),
-            label_kind: LabelKind::Class,
-        },
-    )
-    .unwrap_err();
+    let err = read_csv(&path, &headerless(b',', 4, LabelKind::Class)).unwrap_err();
     assert!(
         err.to_string().ends_with("line 1, column 3: not a number: \"setosa\""),
         "{err}"

@@ -9,26 +9,39 @@ use crate::{bits, inputs, ring_model, run_mt};
 
 const TOKEN: &str = "s3cret-token";
 
-/// Bind `n` listeners on 127.0.0.1:0 and build each rank's config. The job id
-/// is unique per ring, so a stream that reaches another test's ring through a
-/// reused port is refused instead of joining it.
+/// Bind `n` listeners on 127.0.0.1:0 and build each rank's config.
 async fn bind(n: usize, timeout: Duration) -> Vec<(GrpcConfig, TcpListener)> {
     let mut listeners = Vec::new();
     for _ in 0..n {
         listeners.push(TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0"));
     }
+    let mut ranks = configs(listeners, TcpListener::local_addr, "grpc-test", 16 * 1024);
+    for (config, _) in &mut ranks {
+        config.timeout = timeout;
+    }
+    ranks
+}
+
+/// Each rank's config for a ring over `listeners`, paired with its listener. The job id
+/// (`job` and the first address) is unique per ring, so a stream that reaches another
+/// test's ring through a reused port is refused instead of joining it.
+fn configs<L>(
+    listeners: Vec<L>,
+    addr: impl Fn(&L) -> std::io::Result<std::net::SocketAddr>,
+    job: &str,
+    part_bytes: usize,
+) -> Vec<(GrpcConfig, L)> {
     let peers: Vec<String> = listeners
         .iter()
-        .map(|l| l.local_addr().expect("bound address").to_string())
+        .map(|l| addr(l).expect("bound address").to_string())
         .collect();
     listeners
         .into_iter()
         .enumerate()
         .map(|(rank, l)| {
-            let mut config = GrpcConfig::new(rank, peers.clone(), format!("grpc-test-{}", peers[0]), TOKEN);
-            config.timeout = timeout;
+            let mut config = GrpcConfig::new(rank, peers.clone(), format!("{job}-{}", peers[0]), TOKEN);
             config.connect_timeout = Duration::from_secs(10);
-            config.part_bytes = 16 * 1024;
+            config.part_bytes = part_bytes;
             (config, l)
         })
         .collect()
@@ -172,20 +185,7 @@ fn bind_std(n: usize) -> Vec<(GrpcConfig, std::net::TcpListener)> {
     let listeners: Vec<_> = (0..n)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
         .collect();
-    let peers: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().expect("bound address").to_string())
-        .collect();
-    listeners
-        .into_iter()
-        .enumerate()
-        .map(|(rank, l)| {
-            let mut config = GrpcConfig::new(rank, peers.clone(), format!("blocking-test-{}", peers[0]), TOKEN);
-            config.connect_timeout = Duration::from_secs(10);
-            config.part_bytes = 8 * 1024;
-            (config, l)
-        })
-        .collect()
+    configs(listeners, std::net::TcpListener::local_addr, "blocking-test", 8 * 1024)
 }
 
 #[test]

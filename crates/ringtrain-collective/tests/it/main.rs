@@ -7,20 +7,7 @@ mod ring;
 use std::future::Future;
 use std::time::Duration;
 
-/// Deterministic pseudo-random inputs: rank `r`'s buffer of `len` values.
-pub fn inputs(seed: u64, rank: usize, len: usize) -> Vec<f32> {
-    let mut s = seed ^ (rank as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    (0..len)
-        .map(|_| {
-            // xorshift64*
-            s ^= s >> 12;
-            s ^= s << 25;
-            s ^= s >> 27;
-            let v = s.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 40; // 24 bits
-            (v as f32 / (1u32 << 23) as f32 - 1.0) * 100.0
-        })
-        .collect()
-}
+pub use ringtrain_collective::check_inputs as inputs;
 
 /// Split `len` into `pieces` ranges differing by at most one, larger first:
 /// the chunking the crate documents.
@@ -51,24 +38,19 @@ pub fn ring_model(xs: &[Vec<f32>], mean: bool) -> Vec<f32> {
 
 /// Run a future on a fresh single-threaded runtime with an overall deadline.
 pub fn run<F: Future>(limit: Duration, fut: F) -> F::Output {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("build a tokio runtime");
-    rt.block_on(async {
-        tokio::time::timeout(limit, fut)
-            .await
-            .expect("test exceeded its deadline")
-    })
+    block_on(tokio::runtime::Builder::new_current_thread(), limit, fut)
 }
 
 /// Like [`run`] on a multi-threaded runtime (for the gRPC tests).
 pub fn run_mt<F: Future>(limit: Duration, fut: F) -> F::Output {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("build a tokio runtime");
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.worker_threads(2);
+    block_on(builder, limit, fut)
+}
+
+/// A hung test fails at its deadline instead of stalling the whole binary.
+fn block_on<F: Future>(mut builder: tokio::runtime::Builder, limit: Duration, fut: F) -> F::Output {
+    let rt = builder.enable_all().build().expect("build a tokio runtime");
     rt.block_on(async {
         tokio::time::timeout(limit, fut)
             .await
