@@ -313,14 +313,19 @@ fn a_killed_worker_is_named_and_a_fresh_launch_resumes_from_its_checkpoint() {
     let mut launch = start(&args, "unused");
     let deadline = Instant::now() + MINUTE;
     let pid = pid_of(&launch, 1, deadline);
-    // Kill rank 1 once a checkpoint exists, mid-run.
+    // Kill rank 1 mid-run, once a checkpoint exists and the coordinator has recorded three
+    // epochs: the writer's heartbeat naming the checkpoint leaves as soon as it is written, so
+    // it is long in by then.
     let ckpt = dir.join("checkpoint.safetensors");
-    while !ckpt.is_file() {
+    let epochs_recorded = || {
+        std::fs::read_to_string(dir.join("metrics.jsonl"))
+            .map(|m| m.lines().count())
+            .unwrap_or(0)
+    };
+    while !ckpt.is_file() || epochs_recorded() < 3 {
         assert!(Instant::now() < deadline, "no checkpoint\n{}", launch.describe());
         std::thread::sleep(Duration::from_millis(10));
     }
-    // A moment for the writer's heartbeat to tell the coordinator about it.
-    std::thread::sleep(Duration::from_millis(100));
     signal("-9", pid);
     let at = Instant::now();
     let (status, _, err) = launch.finish(Duration::from_secs(15));
