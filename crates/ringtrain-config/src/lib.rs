@@ -219,6 +219,9 @@ pub enum ModelKind {
     /// (key-padding masks, mean pooling), a causal decoder (GPT-style) on a corpus, the
     /// original encoder–decoder on pairs.
     Transformer,
+    /// fastText-style text classifier: the mean of word and hashed word-bigram embeddings,
+    /// then one linear layer.
+    Bow,
 }
 
 /// One entry of `model.layers`; input sizes (channels, features) are inferred from the
@@ -284,7 +287,7 @@ pub struct ModelConfig {
     /// For `kind = "layers"`.
     #[serde(default)]
     pub layers: Vec<LayerSpec>,
-    /// Recurrent models: embedding width; transformers: d_model.
+    /// Token models: embedding width (transformers: d_model).
     #[serde(default)]
     pub embedding_dim: Option<usize>,
     /// Transformers: attention heads (divides embedding_dim; default 4).
@@ -309,7 +312,7 @@ pub struct ModelConfig {
     #[serde(default)]
     pub bidirectional: bool,
     /// Recurrent models: dropout between stacked layers (and, for language models, before
-    /// the output layer).
+    /// the output layer); bag of n-grams: on the mean vector.
     #[serde(default)]
     pub dropout: f64,
     /// Text classifiers: dropout on the embedded tokens.
@@ -327,12 +330,21 @@ pub struct ModelConfig {
     /// `last`, transformer default `mean`; a transformer has no `last`).
     #[serde(default)]
     pub pooling: Option<PoolingName>,
+    /// Bag of n-grams (`kind = "bow"`): hash buckets for word bigrams (default 262 144; 0 =
+    /// words only). Fewer buckets share more rows between bigrams.
+    #[serde(default)]
+    pub bigram_buckets: Option<usize>,
 }
 
 impl ModelConfig {
     /// `embedding_dim`, or its default: 64.
     pub fn embedding_dim(&self) -> usize {
         self.embedding_dim.unwrap_or(64)
+    }
+
+    /// `bigram_buckets`, or its default: 262 144.
+    pub fn bigram_buckets(&self) -> usize {
+        self.bigram_buckets.unwrap_or(1 << 18)
     }
 
     /// `heads`, or its default: 4.
@@ -720,6 +732,26 @@ batch_size = 4
         let err = check(&lstm.replace("[8]", "[8, 4]")).unwrap_err().to_string();
         assert!(
             err.contains("`model.hidden`: stacked recurrent layers share one hidden size of at least 1, got [8, 4]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_bag_of_ngrams_takes_text_and_only_it_takes_bigram_buckets() {
+        let text = GOOD
+            .replace("format = \"csv\"", "format = \"text\"")
+            .replace("label = \"species\"\n", "")
+            .replace("kind = \"mlp\"\nhidden = [8]", "kind = \"bow\"\nbigram_buckets = 1024");
+        assert_eq!(check(&text).unwrap().model.bigram_buckets(), 1024);
+        let err = check(&text.replace("format = \"text\"", "format = \"csv\"\nlabel = \"species\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`model.kind`: bow does not fit csv data"), "{err}");
+        let err = check(&text.replace("kind = \"bow\"", "kind = \"lstm\""))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`model.bigram_buckets`: belongs to kind = \"bow\""),
             "{err}"
         );
     }

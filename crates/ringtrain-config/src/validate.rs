@@ -194,17 +194,18 @@ impl Job {
         }
         let sequence_model = self.model.kind.is_recurrent() || self.model.kind == ModelKind::Transformer;
         let fits = match self.data.format {
-            DataFormat::Text | DataFormat::Corpus => sequence_model,
+            DataFormat::Text => sequence_model || self.model.kind == ModelKind::Bow,
+            DataFormat::Corpus => sequence_model,
             DataFormat::Pairs => self.model.kind == ModelKind::Transformer,
             DataFormat::Series => sequence_model || matches!(self.model.kind, ModelKind::Mlp | ModelKind::Logistic),
-            DataFormat::Csv | DataFormat::Idx => !sequence_model,
+            DataFormat::Csv | DataFormat::Idx => !sequence_model && self.model.kind != ModelKind::Bow,
         };
         if !fits {
             return Err(fail(
                 "model.kind",
                 format!(
-                    "{:?} does not fit {:?} data: token data (text, corpus) needs rnn, gru, lstm or transformer; \
-                     series take those or mlp; sequence models need token or series data",
+                    "{:?} does not fit {:?} data: token data (text, corpus) needs rnn, gru, lstm or transformer \
+                     (text also bow); series take those or mlp; sequence models need token or series data",
                     self.model.kind, self.data.format
                 )
                 .to_lowercase(),
@@ -279,6 +280,9 @@ impl Job {
                 "model.embedding_dropout",
                 format!("must be in [0, 1), got {}", self.model.embedding_dropout),
             ));
+        }
+        if self.model.bigram_buckets.is_some() && self.model.kind != ModelKind::Bow {
+            return Err(fail("model.bigram_buckets", "belongs to kind = \"bow\"".into()));
         }
         if (self.model.kind == ModelKind::Layers) == self.model.layers.is_empty() {
             return Err(fail(

@@ -10,6 +10,7 @@
 //! ringtrain load into the equivalent PyTorch model by name.
 
 mod attention;
+mod bow;
 mod conv;
 #[cfg(test)]
 mod gradcheck;
@@ -26,6 +27,7 @@ pub use attention::{
     PositionalEncoding, Positions, Seq2SeqConfig, Seq2SeqTransformer, TransformerBlock, TransformerClassifier,
     TransformerConfig, TransformerDecoderLayer, TransformerLm,
 };
+pub use bow::BagOfNgrams;
 pub use conv::{Conv2d, Dropout, Flatten, GlobalAvgPool, Pool2d, Residual};
 pub use init::Init;
 pub use layers::{Activation, Linear, Sequential};

@@ -8,8 +8,8 @@ use ringtrain_config::{
     ActivationName, FfActivationName, Job, LayerSpec, ModelConfig, ModelKind, NormName, PoolingName, PositionsName,
 };
 use ringtrain_nn::{
-    zoo, Activation, CellKind, Conv2d, Dropout, Flatten, GlobalAvgPool, Init, Linear, Loss, Module, Pool2d, Pooling,
-    RecurrentLm, Residual, SequenceClassifier, SequenceRegressor, Sequential, Targets,
+    zoo, Activation, BagOfNgrams, CellKind, Conv2d, Dropout, Flatten, GlobalAvgPool, Init, Linear, Loss, Module,
+    Pool2d, Pooling, RecurrentLm, Residual, SequenceClassifier, SequenceRegressor, Sequential, Targets,
 };
 use ringtrain_nn::{
     FfActivation, NormPlacement, Positions, Seq2SeqConfig, Seq2SeqTransformer, TransformerClassifier,
@@ -238,6 +238,19 @@ pub fn build_model_for(
                         .with_token_dropout(cfg.token_dropout),
                 ),
             }
+        }
+        ModelKind::Bow => {
+            let vocab = vocab.ok_or(TrainError::Job {
+                field: "model.kind",
+                reason: "a bag of n-grams needs text data".into(),
+            })?;
+            Box::new(BagOfNgrams::new(
+                vocab,
+                cfg.bigram_buckets(),
+                cfg.embedding_dim(),
+                outputs,
+                cfg.dropout,
+            ))
         }
         ModelKind::Rnn | ModelKind::Gru | ModelKind::Lstm => {
             let cell = match cfg.kind {
