@@ -272,6 +272,22 @@ fn train(job: &Job, text: &str, out: Option<&Path>, quiet: bool) -> anyhow::Resu
     Ok(())
 }
 
+/// The baselines, and a warning when the model's accuracy (the k-fold mean) is below the
+/// linear baseline's.
+fn print_baselines(s: &RunSummary, accuracy: Option<f64>) {
+    for (name, value) in &s.baseline {
+        println!("baseline {}: {value:.4}", name.replace('_', " "));
+    }
+    if let (Some(a), Some(&linear)) = (accuracy, s.baseline.get("linear_accuracy")) {
+        if a < linear {
+            println!(
+                "warning: test accuracy {a:.4} is below the linear baseline's {linear:.4}: this model does not earn \
+                 its place on this data"
+            );
+        }
+    }
+}
+
 fn print_summary(s: &RunSummary) {
     println!(
         "== {} ({} parameters, {} epochs, seed {})",
@@ -290,6 +306,7 @@ fn print_summary(s: &RunSummary) {
         for (name, st) in &s.kfold {
             println!("{name:>10}: {:.4} ± {:.4}", st.mean, st.std);
         }
+        print_baselines(s, s.kfold.get("accuracy").map(|st| st.mean));
         return;
     }
     if let Some(f) = s.folds.first() {
@@ -309,9 +326,7 @@ fn print_summary(s: &RunSummary) {
     if let Some(a) = s.test_sequence_accuracy {
         println!("test exact-sequence accuracy (greedy decoding): {a:.4}");
     }
-    for (name, value) in &s.baseline {
-        println!("baseline {}: {value:.4}", name.replace('_', " "));
-    }
+    print_baselines(s, s.test_accuracy);
     if let Some(cm) = &s.confusion_matrix {
         let width = s.class_names.iter().map(String::len).max().unwrap_or(4).max(6);
         println!("confusion matrix (rows: true class, columns: predicted)");

@@ -51,6 +51,38 @@ fn iris_mlp_reaches_95_percent_and_is_deterministic() {
         .sum();
     assert_eq!(total, 30);
     assert!(a.join("job.toml").is_file());
+    // The baselines, on the same split: a stratified split of three balanced classes leaves
+    // the majority class a third of the test rows, and logistic regression on the
+    // standardised features is strong on Iris.
+    let majority = summary["baseline"]["majority_accuracy"]
+        .as_f64()
+        .expect("majority_accuracy");
+    assert!((majority - 1.0 / 3.0).abs() < 1e-9, "{summary}");
+    let linear = summary["baseline"]["linear_accuracy"]
+        .as_f64()
+        .expect("linear_accuracy");
+    assert!(linear >= 0.9, "{summary}");
+}
+
+/// The run's output says so when a model does worse than the linear baseline: on this Iris
+/// split the MLP gets one flower wrong, logistic regression none.
+#[test]
+fn a_model_below_the_linear_baseline_is_flagged() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("run");
+    let out = ok(&[
+        "train",
+        "examples/iris-mlp.toml",
+        "--out",
+        dir.to_str().expect("utf-8 path"),
+    ]);
+    let printed = String::from_utf8_lossy(&out.stdout);
+    let warning: Vec<&str> = printed.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert_eq!(
+        warning,
+        ["warning: test accuracy 0.9667 is below the linear baseline's 1.0000: this model does not earn its place on this data"],
+        "{printed}"
+    );
 }
 
 #[test]

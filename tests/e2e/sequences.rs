@@ -433,6 +433,14 @@ fn a_bag_of_ngrams_clears_77_percent_on_rotten_tomatoes() {
     let (_, run_s, summary) = train_run(&job, dir.path());
     let acc = summary["test_accuracy"].as_f64().expect("test_accuracy");
     assert!(acc >= 0.77, "test accuracy {acc}");
+    // It beats both baselines: words alone (linear) and the majority class.
+    let linear = summary["baseline"]["linear_accuracy"]
+        .as_f64()
+        .expect("linear_accuracy");
+    let majority = summary["baseline"]["majority_accuracy"]
+        .as_f64()
+        .expect("majority_accuracy");
+    assert!(majority < linear && linear < acc, "{summary}");
     let eval = ok(&["evaluate", &run_s]);
     let printed = String::from_utf8_lossy(&eval.stdout).to_string();
     assert!(printed.contains(&format!("accuracy: {acc}")), "{printed}");

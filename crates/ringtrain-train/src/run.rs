@@ -13,7 +13,7 @@ use crate::checkpoint::save_safetensors;
 use crate::engine::{EpochCursor, EpochReport, EvalMetrics, Progress, Trainer};
 use crate::formats::{PreprocessFile, PREPROCESS_VERSION};
 use crate::sync::{GradSync, LocalSync};
-use crate::task::{Examples, Task};
+use crate::task::{Examples, TargetKind, Task};
 use crate::{write_atomic, Result, TrainError};
 
 /// Result of one model trained and tested (the whole run, or one fold).
@@ -95,6 +95,9 @@ pub struct RunOptions<'a> {
     /// k-fold only: train just these folds (one group of a parallel k-fold run), with the
     /// same splits and seeds as when every fold runs; the summary then covers these folds.
     pub folds: Option<&'a [usize]>,
+    /// Leave out the classification baselines (a baseline's own run; parallel k-fold, whose
+    /// groups each see only some folds, leaves them out too).
+    pub skip_baselines: bool,
 }
 
 /// One planned training: fold, training rows, test rows, and whether the test rows are of the
@@ -432,7 +435,9 @@ pub fn run_job_opts(
     let last_fold_index = splits.last().map(|(fold, ..)| *fold);
     let mut last: Option<(Trainer, Arc<dyn Examples>)> = None;
     let mut last_test_rows = Vec::new();
+    let mut majorities = Vec::new();
     for (fold, train, test_rows, provided) in splits {
+        majorities.push(task.strata.as_deref().map(|classes| majority_class(classes, &train)));
         let last_fold = last_fold_index == Some(fold);
         let planned = (fold, train, test_rows, provided);
         let done = train_fold(job, &task, opts, planned, last_fold, &mut metrics_lines, sync, observe)?;
@@ -461,7 +466,7 @@ pub fn run_job_opts(
         None
     };
     let single = (folds.len() == 1).then(|| &folds[0].test);
-    let summary = RunSummary {
+    let mut summary = RunSummary {
         job: job.job.name.clone(),
         seed: job.job.seed,
         epochs: job.training.epochs,
@@ -477,8 +482,65 @@ pub fn run_job_opts(
         folds,
         kfold: kfold_stats,
     };
+    let classifier = matches!(task.target, TargetKind::Classes { .. } | TargetKind::Binary { .. });
+    if classifier && sync.writes() && !opts.skip_baselines && opts.folds.is_none() {
+        summary
+            .baseline
+            .extend(classification_baselines(job, &summary, &majorities)?);
+    }
     if let Some(dir) = out.filter(|_| sync.writes()) {
         write_run_dir(dir, job, &task, &trainer, examples.as_ref(), &metrics_lines, &summary)?;
     }
     Ok(summary)
+}
+
+/// The most frequent class among `rows` (the smallest id of a tie).
+fn majority_class(classes: &[usize], rows: &[usize]) -> usize {
+    let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
+    for &r in rows {
+        *counts.entry(classes[r]).or_default() += 1;
+    }
+    counts
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .map_or(0, |(c, _)| c)
+}
+
+/// What a classifier is measured against, on its own splits (averaged over k folds):
+/// `majority_accuracy`, always predicting the training split's most frequent class, and
+/// `linear_accuracy`, the data format's linear model trained by this engine, single-process.
+fn classification_baselines(
+    job: &Job,
+    summary: &RunSummary,
+    majorities: &[Option<usize>],
+) -> Result<BTreeMap<String, f64>> {
+    let mut out = BTreeMap::new();
+    // The confusion matrix's rows are the true classes of the test examples.
+    let majority: Option<Vec<f64>> = summary
+        .folds
+        .iter()
+        .zip(majorities)
+        .map(|(f, m)| {
+            let rows = f.test.confusion_matrix.as_ref()?;
+            let total: u64 = rows.iter().flatten().sum();
+            let hits: u64 = rows.get((*m)?)?.iter().sum();
+            Some(hits as f64 / total.max(1) as f64)
+        })
+        .collect();
+    if let Some(m) = majority.filter(|m| !m.is_empty()) {
+        out.insert("majority_accuracy".to_string(), m.iter().sum::<f64>() / m.len() as f64);
+    }
+    if let Some(linear) = crate::formats::format(job.data.format).linear_baseline(job) {
+        let opts = RunOptions {
+            skip_baselines: true,
+            ..RunOptions::default()
+        };
+        let run = run_job_opts(&linear, "", &opts, &mut LocalSync, &mut |_| {})?;
+        let accuracies: Vec<f64> = run.folds.iter().filter_map(|f| f.test.accuracy).collect();
+        if !accuracies.is_empty() {
+            let mean = accuracies.iter().sum::<f64>() / accuracies.len() as f64;
+            out.insert("linear_accuracy".to_string(), mean);
+        }
+    }
+    Ok(out)
 }

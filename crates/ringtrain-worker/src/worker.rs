@@ -472,6 +472,7 @@ fn train(
         checkpoint_every: a.checkpoint_every.filter(|_| out.is_some()),
         resume_from: resume,
         folds: a.group.as_ref().map(|g| g.folds.as_slice()),
+        skip_baselines: false,
     };
     // Every group reports its own epochs (and lines) through its first rank.
     let writer = match &a.group {

@@ -34,7 +34,7 @@ fn resuming_from_a_checkpoint_ends_with_the_same_parameters() {
         out: Some(resumed.path()),
         checkpoint_every: Some(1),
         resume_from: None,
-        folds: None,
+        ..RunOptions::default()
     };
     run_job_opts(&short, &text, &opts, &mut LocalSync, &mut |_| {}).unwrap();
     let ckpt = resumed.path().join("checkpoint.safetensors");
@@ -45,7 +45,7 @@ fn resuming_from_a_checkpoint_ends_with_the_same_parameters() {
         out: Some(resumed.path()),
         checkpoint_every: Some(1),
         resume_from: Some(&copy),
-        folds: None,
+        ..RunOptions::default()
     };
     run_job_opts(&job, &text, &opts, &mut LocalSync, &mut |_| {}).unwrap();
 
@@ -153,7 +153,7 @@ fn a_checkpoint_of_another_model_is_refused() {
         out: Some(dir.path()),
         checkpoint_every: Some(1),
         resume_from: None,
-        folds: None,
+        ..RunOptions::default()
     };
     run_job_opts(&job, &text, &opts, &mut LocalSync, &mut |_| {}).unwrap();
     let mut other = job.clone();
@@ -163,7 +163,7 @@ fn a_checkpoint_of_another_model_is_refused() {
         out: None,
         checkpoint_every: None,
         resume_from: Some(&ckpt),
-        folds: None,
+        ..RunOptions::default()
     };
     let err = run_job_opts(&other, &text, &opts, &mut LocalSync, &mut |_| {})
         .unwrap_err()

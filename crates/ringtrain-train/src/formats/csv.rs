@@ -27,6 +27,14 @@ impl Format for Csv {
         model.predict_csv(path)
     }
 
+    /// Logistic regression on the standardised features, Adam, as many epochs as the job.
+    fn linear_baseline(&self, job: &Job) -> Option<Job> {
+        let opt = serde_json::json!({"kind": "adam", "lr": 0.01});
+        let mut j = super::retrained(job, serde_json::json!({"kind": "logistic"}), opt, job.training.epochs)?;
+        j.data.standardize = true;
+        Some(j)
+    }
+
     fn task(&self, job: &Job) -> Result<Task> {
         let opts = csv_options(job)?;
         let data = read_csv(&job.data.path, &opts)?;

@@ -26,6 +26,16 @@ impl Format for Idx {
         model.predict_idx(path)
     }
 
+    /// Multinomial logistic regression on the pixels, Adam, 3 epochs.
+    fn linear_baseline(&self, job: &Job) -> Option<Job> {
+        super::retrained(
+            job,
+            serde_json::json!({"kind": "logistic"}),
+            serde_json::json!({"kind": "adam", "lr": 0.001}),
+            3,
+        )
+    }
+
     /// MNIST-layout IDX directory: training images for training (and k-fold), the t10k files as
     /// the provided test split.
     fn task(&self, job: &Job) -> Result<Task> {

@@ -81,6 +81,13 @@ pub(crate) trait Format: Sync {
         }
     }
 
+    /// The linear model a classifier of this format is measured against
+    /// (`baseline.linear_accuracy`): the job with its model, optimizer and epochs replaced;
+    /// `None` where the format has none.
+    fn linear_baseline(&self, _job: &Job) -> Option<Job> {
+        None
+    }
+
     /// A saved model's predictions for a file of this format.
     fn predict(&self, model: &SavedModel, path: &Path) -> Result<Vec<Prediction>> {
         Err(crate::inference::format_error(
@@ -92,6 +99,17 @@ pub(crate) trait Format: Sync {
             ),
         ))
     }
+}
+
+/// `job` training `model` with `optimizer` for `epochs` instead (both given as their TOML
+/// tables would be, in JSON), for the baselines.
+fn retrained(job: &Job, model: serde_json::Value, optimizer: serde_json::Value, epochs: usize) -> Option<Job> {
+    let mut j = job.clone();
+    j.model = serde_json::from_value(model).ok()?;
+    j.optimizer = serde_json::from_value(optimizer).ok()?;
+    j.training.epochs = epochs;
+    j.training.clip_grad_norm = None;
+    Some(j)
 }
 
 /// The job's tokenizer (or `default`) and vocabulary limits.

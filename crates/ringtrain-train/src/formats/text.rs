@@ -26,6 +26,13 @@ impl Format for Text {
         model.predict_texts(path)
     }
 
+    /// Linear in the length-normalised bag of words: the mean of 16-wide word rows, then a
+    /// linear layer, no bigrams; Adagrad, 4 epochs.
+    fn linear_baseline(&self, job: &Job) -> Option<Job> {
+        let model = serde_json::json!({"kind": "bow", "embedding_dim": 16, "bigram_buckets": 0, "dropout": 0.5});
+        super::retrained(job, model, serde_json::json!({"kind": "adagrad", "lr": 0.1}), 4)
+    }
+
     /// `label<TAB>text` files: the vocabulary is built from the training file only, so
     /// nothing of the test texts leaks into the model's inputs.
     fn task(&self, job: &Job) -> Result<Task> {
