@@ -327,6 +327,12 @@ fn print_summary(s: &RunSummary) {
         println!("test exact-sequence accuracy (greedy decoding): {a:.4}");
     }
     print_baselines(s, s.test_accuracy);
+    if let Some(e) = &s.early_stopping {
+        println!(
+            "early stopping: kept epoch {} of {} ({} {:.4}); stopped by {}",
+            e.best_epoch, e.epochs_trained, e.metric, e.best_value, e.stopped_by
+        );
+    }
     if let Some(cm) = &s.confusion_matrix {
         let width = s.class_names.iter().map(String::len).max().unwrap_or(4).max(6);
         println!("confusion matrix (rows: true class, columns: predicted)");

@@ -11,7 +11,11 @@ use ringtrain_train::{EpochReport, RunSummary};
 /// order and the mean ± std over all of them, `metrics.jsonl` with every fold's lines, the
 /// plots redrawn. Written here, by the coordinator, after every group finished, so a
 /// multi-node run needs OUT to be the same directory for the coordinator and that rank.
-pub(super) fn write_merged_folds(groups: &[GroupOutcome], out: &Path) -> anyhow::Result<RunSummary> {
+pub(super) fn write_merged_folds(
+    groups: &[GroupOutcome],
+    out: &Path,
+    job: &ringtrain_config::Job,
+) -> anyhow::Result<RunSummary> {
     let mut parts = Vec::with_capacity(groups.len());
     let mut lines: Vec<((Option<usize>, usize), &str)> = Vec::new();
     for g in groups {
@@ -41,17 +45,22 @@ pub(super) fn write_merged_folds(groups: &[GroupOutcome], out: &Path) -> anyhow:
     let first = parts.into_iter().next().context("no fold group reported")?;
     // The fields of a single train/test split stay empty, as in sequential k-fold (a group
     // that trained one fold filled them in for that fold).
-    let merged = RunSummary {
+    let mut merged = RunSummary {
         test_accuracy: None,
         test_loss: None,
         test_rmse: None,
         test_perplexity: None,
         test_sequence_accuracy: None,
         confusion_matrix: None,
+        early_stopping: None,
         folds,
         kfold,
         ..first
     };
+    // The groups each saw only their folds; the baselines are computed here, over all of them,
+    // as sequential k-fold computes them.
+    let baselines = ringtrain_train::classification_baselines(job, &merged.folds).context("compute the baselines")?;
+    merged.baseline.extend(baselines);
     std::fs::create_dir_all(out).with_context(|| format!("create {}", out.display()))?;
     let text = serde_json::to_string_pretty(&merged).context("serialise the merged summary")?;
     ringtrain_train::write_atomic(&out.join("summary.json"), text.as_bytes()).context("write summary.json")?;

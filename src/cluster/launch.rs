@@ -242,7 +242,7 @@ pub fn run_launch(launch: LaunchArgs) -> anyhow::Result<()> {
             for (pid, status, last) in workers.failures() {
                 println!("worker pid {pid} left the job early ({status}): {last}");
             }
-            report(&outcome, &args.out)
+            report(&outcome, &args.out, &prepared.job)
         }
         Err(e) => {
             // Give the children a moment to exit on their own, then kill the rest.

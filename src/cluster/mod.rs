@@ -51,6 +51,7 @@ const CHILD_FAILURE_GRACE: Duration = Duration::from_millis(1500);
 
 /// A job checked here, before any worker sees it.
 struct Prepared {
+    job: ringtrain_config::Job,
     spec: JobText,
     epochs: usize,
     resume_from: Option<String>,
@@ -110,6 +111,8 @@ fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
             Some("training.tbptt cuts the text into streams per worker")
         } else if job.evaluation.scheme == EvalScheme::Kfold {
             Some("evaluation.scheme = \"kfold\" trains several models in turn")
+        } else if job.training.early_stopping.is_some() {
+            Some("training.early_stopping keeps the best epoch's weights, which a joining worker does not have")
         } else {
             None
         };
@@ -148,7 +151,9 @@ fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
     if let (true, Some(path)) = (args.resume_latest, &resume_from) {
         let manifest = ringtrain_train::read_checkpoint_manifest(Path::new(path))
             .map_err(|e| crate::bad_input(format!("--resume-latest: {e} (delete it to start the run over)")))?;
-        finished = manifest.epoch >= job.training.epochs && args.out.join("summary.json").is_file();
+        // A run that stopped early has no last-epoch checkpoint, and cannot resume.
+        let done = manifest.epoch >= job.training.epochs || job.training.early_stopping.is_some();
+        finished = done && args.out.join("summary.json").is_file();
     }
     Ok(Prepared {
         spec: JobText {
@@ -160,6 +165,7 @@ fn prepare(args: &JobArgs) -> anyhow::Result<Prepared> {
         resume_from,
         finished,
         parallel_folds,
+        job,
     })
 }
 
@@ -328,11 +334,11 @@ fn job_failed(e: CoordinatorError) -> anyhow::Error {
 
 /// Prints the result like `train` does, plus what only a cluster knows (ranks, checksum,
 /// time in collectives per rank and per epoch), which also goes to OUT/cluster.json.
-fn report(outcome: &JobOutcome, out: &Path) -> anyhow::Result<()> {
+fn report(outcome: &JobOutcome, out: &Path, job: &ringtrain_config::Job) -> anyhow::Result<()> {
     let summary: RunSummary = if outcome.groups.is_empty() {
         serde_json::from_str(&outcome.summary_json).context("read the run summary reported by rank 0")?
     } else {
-        write_merged_folds(&outcome.groups, out)?
+        write_merged_folds(&outcome.groups, out, job)?
     };
     crate::print_summary(&summary);
     // The ring at the end (an elastic job may have lost or gained workers on the way).
@@ -437,7 +443,9 @@ pub fn run_coordinator(args: CoordinatorArgs) -> anyhow::Result<()> {
     }
     let mut printer = EventPrinter::new(args.job.quiet, prepared.epochs);
     let outcome = coordinate(&rt, listener, config, shutdown_signal(), &mut printer);
-    let result = outcome.map_err(job_failed).and_then(|o| report(&o, &args.job.out));
+    let result = outcome
+        .map_err(job_failed)
+        .and_then(|o| report(&o, &args.job.out, &prepared.job));
     if let Some((stop, server)) = metrics_server {
         // The final state (succeeded/failed, last epoch) stays scrapeable for a while; the
         // result is already printed, only the exit waits.

@@ -263,3 +263,81 @@ fn assert_refused_before_any_worker_starts(dir: &Path, text: &str, needle: &str)
         );
     }
 }
+
+/// Iris for 400 epochs with early stopping on a validation part: training stops `patience`
+/// epochs after the best validation loss, the saved model is that epoch's (`evaluate` gives
+/// the test loss recorded for it), and the decision is the same on every rank of a launch
+/// and per fold of a k-fold run.
+#[test]
+fn early_stopping_keeps_the_best_epoch_and_evaluate_reproduces_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let text = std::fs::read_to_string(crate::util::repo().join("examples/iris-mlp.toml"))
+        .expect("job")
+        .replace("../data/", &format!("{}/data/", crate::util::repo().display()))
+        .replace(
+            "epochs = 100",
+            "epochs = 400\nearly_stopping = { metric = \"val_loss\", patience = 10 }",
+        )
+        .replace("stratify = true", "stratify = true\nvalidation_fraction = 0.2");
+    let job = tmp.path().join("job.toml");
+    std::fs::write(&job, &text).expect("write job");
+    let job = job.to_str().expect("utf-8 path");
+    let check = |run: &Path| {
+        let summary = read_json(&run.join("summary.json"));
+        let stop = &summary["early_stopping"];
+        let lines: Vec<serde_json::Value> = std::fs::read_to_string(run.join("metrics.jsonl"))
+            .expect("metrics.jsonl")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect();
+        let val = |l: &serde_json::Value| l["val_loss"].as_f64().expect("val_loss");
+        let best = (0..lines.len())
+            .min_by(|&a, &b| val(&lines[a]).total_cmp(&val(&lines[b])).then(a.cmp(&b)))
+            .expect("epochs")
+            + 1;
+        assert_eq!(stop["stopped_by"], "patience", "{summary}");
+        assert_eq!(stop["best_epoch"].as_u64(), Some(best as u64), "{summary}");
+        assert_eq!(lines.len(), best + 10, "stopped 10 epochs after the best");
+        assert_eq!(
+            summary["test_loss"],
+            lines[best - 1]["test_loss"],
+            "the best epoch's model is tested"
+        );
+        lines[best - 1]["test_loss"].as_f64().expect("test_loss")
+    };
+    let one = tmp.path().join("one");
+    ok(&["train", job, "--out", one.to_str().expect("utf-8 path"), "--quiet"]);
+    let test_loss = check(&one);
+    let eval = ok(&["evaluate", one.to_str().expect("utf-8 path")]);
+    let printed = String::from_utf8_lossy(&eval.stdout);
+    assert!(printed.contains(&format!("loss: {test_loss}\n")), "{printed}");
+
+    let two = tmp.path().join("two");
+    let out = ok(&[
+        "launch",
+        "--workers",
+        "2",
+        "--threads",
+        "1",
+        job,
+        "--out",
+        two.to_str().expect("utf-8 path"),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("bitwise identical"));
+    check(&two);
+
+    let kfold = text.replace("scheme = \"train_test\"", "scheme = \"kfold\"\nfolds = 3");
+    std::fs::write(tmp.path().join("kfold.toml"), kfold).expect("write job");
+    let folds = tmp.path().join("folds");
+    ok(&[
+        "train",
+        tmp.path().join("kfold.toml").to_str().expect("utf-8 path"),
+        "--out",
+        folds.to_str().expect("utf-8 path"),
+        "--quiet",
+    ]);
+    let summary = read_json(&folds.join("summary.json"));
+    for f in summary["folds"].as_array().expect("folds") {
+        assert!(f["early_stopping"]["best_epoch"].as_u64().is_some(), "per fold: {f}");
+    }
+}

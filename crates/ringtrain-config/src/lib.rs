@@ -487,6 +487,32 @@ pub struct TrainingConfig {
     /// synchronises once, as one batch of `accumulate_steps × batch_size` would.
     #[serde(default = "one")]
     pub accumulate_steps: usize,
+    /// Stop when the validation metric has not improved for `patience` epochs, and keep the
+    /// best epoch's weights (needs `evaluation.validation_fraction`).
+    #[serde(default)]
+    pub early_stopping: Option<EarlyStopping>,
+}
+
+/// `training.early_stopping`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlyStopping {
+    /// What is watched on the validation part.
+    #[serde(default)]
+    pub metric: StopMetric,
+    /// Epochs without an improvement of more than `min_delta` before training stops.
+    pub patience: usize,
+    #[serde(default)]
+    pub min_delta: f64,
+}
+
+/// A validation metric early stopping watches: losses and errors must fall, accuracy rise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopMetric {
+    #[default]
+    ValLoss,
+    ValAccuracy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -519,6 +545,11 @@ pub struct EvaluationConfig {
     /// instead of one after another on the whole ring. Same splits and seeds either way.
     #[serde(default)]
     pub parallel_folds: bool,
+    /// A validation part carved from each training split (stratified for classes; the
+    /// ordered tail for corpora and series), evaluated after every epoch: what early stopping
+    /// watches. The model trains on the rest.
+    #[serde(default)]
+    pub validation_fraction: Option<f64>,
 }
 
 impl Default for EvaluationConfig {
@@ -529,6 +560,7 @@ impl Default for EvaluationConfig {
             stratify: true,
             folds: five(),
             parallel_folds: false,
+            validation_fraction: None,
         }
     }
 }
@@ -732,6 +764,25 @@ batch_size = 4
         let err = check(&lstm.replace("[8]", "[8, 4]")).unwrap_err().to_string();
         assert!(
             err.contains("`model.hidden`: stacked recurrent layers share one hidden size of at least 1, got [8, 4]"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn early_stopping_needs_a_validation_part() {
+        let stop = GOOD.replace("batch_size = 4", "batch_size = 4\nearly_stopping = { patience = 3 }");
+        let err = check(&stop).unwrap_err().to_string();
+        assert!(
+            err.contains("`training.early_stopping`: watches a validation part"),
+            "{err}"
+        );
+        let job = check(&format!("{stop}\n[evaluation]\nvalidation_fraction = 0.2\n")).unwrap();
+        assert_eq!(job.training.early_stopping.map(|e| e.metric), Some(StopMetric::ValLoss));
+        let err = check(&format!("{GOOD}\n[evaluation]\nvalidation_fraction = 1.5\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`evaluation.validation_fraction`: must be in (0, 1), got 1.5"),
             "{err}"
         );
     }

@@ -122,6 +122,29 @@ impl Job {
                 format!("must be in (0, 1), got {}", e.test_fraction),
             ));
         }
+        if let Some(v) = e.validation_fraction.filter(|v| !(*v > 0.0 && *v < 1.0)) {
+            return Err(fail(
+                "evaluation.validation_fraction",
+                format!("must be in (0, 1), got {v}"),
+            ));
+        }
+        if let Some(stop) = &self.training.early_stopping {
+            if e.validation_fraction.is_none() {
+                return Err(fail(
+                    "training.early_stopping",
+                    "watches a validation part: set evaluation.validation_fraction too".into(),
+                ));
+            }
+            if stop.patience == 0 {
+                return Err(fail("training.early_stopping.patience", "must be at least 1".into()));
+            }
+            if !(stop.min_delta.is_finite() && stop.min_delta >= 0.0) {
+                return Err(fail(
+                    "training.early_stopping.min_delta",
+                    format!("must be 0 or more, got {}", stop.min_delta),
+                ));
+            }
+        }
         if e.scheme == EvalScheme::Kfold && e.folds < 2 {
             return Err(fail(
                 "evaluation.folds",

@@ -71,6 +71,11 @@ pub struct EpochReport {
     pub test_rmse: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_perplexity: Option<f64>,
+    /// On the validation part (`evaluation.validation_fraction`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
     pub examples_per_sec: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_norm: Option<f64>,

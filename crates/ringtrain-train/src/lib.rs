@@ -32,7 +32,10 @@ pub use engine::{EpochCursor, EpochReport, EvalMetrics, Progress, RingChange, Tr
 pub use formats::{ModelRole, Preprocessing};
 pub use inference::{Evaluation, GenerateOptions, Prediction, SavedModel};
 pub use plots::write_plots;
-pub use run::{kfold_summary, run_job, run_job_opts, run_job_with, FoldReport, FoldStat, RunOptions, RunSummary};
+pub use run::{
+    classification_baselines, kfold_summary, run_job, run_job_opts, run_job_with, FoldReport, FoldStat, RunOptions,
+    RunSummary, StopReport,
+};
 pub use sync::{BucketedBackward, EmitBucket, GradSync, LocalSync, SyncError};
 pub use task::{build_model, build_model_for, Batch, Examples, TargetKind, Task};
 

@@ -342,6 +342,7 @@ mod tests {
                 perplexity: None,
                 confusion_matrix: cm,
             },
+            early_stopping: None,
         }
     }
 
@@ -359,6 +360,7 @@ mod tests {
             test_sequence_accuracy: None,
             baseline: Default::default(),
             confusion_matrix: None,
+            early_stopping: None,
             folds,
             kfold: Default::default(),
         }

@@ -5,8 +5,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ringtrain_config::{EvalScheme, Job};
-use ringtrain_data::{kfold, summarize_folds, train_test_split};
+use ringtrain_config::{EarlyStopping, EvalScheme, Job, StopMetric};
+use ringtrain_data::{holdout, kfold, summarize_folds, train_test_split};
 use serde::Serialize;
 
 use crate::checkpoint::save_safetensors;
@@ -25,6 +25,108 @@ pub struct FoldReport {
     pub test_examples: usize,
     pub train_loss: f64,
     pub test: EvalMetrics,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<StopReport>,
+}
+
+/// How early stopping ended a split's training.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+pub struct StopReport {
+    /// The validation metric watched (`val_loss`, `val_accuracy`).
+    pub metric: String,
+    /// The epoch whose weights were kept, and its value of the metric.
+    pub best_epoch: usize,
+    pub best_value: f64,
+    pub epochs_trained: usize,
+    /// `"patience"`: no improvement for `patience` epochs; `"epochs"`: all epochs ran.
+    pub stopped_by: String,
+}
+
+/// Early stopping's watch over one split: the best epoch so far and its weights.
+struct Watch<'a> {
+    cfg: &'a EarlyStopping,
+    best: Option<(usize, f64)>,
+    best_params: Vec<f32>,
+    stale: usize,
+}
+
+impl<'a> Watch<'a> {
+    fn new(cfg: &'a EarlyStopping) -> Watch<'a> {
+        Watch {
+            cfg,
+            best: None,
+            best_params: Vec::new(),
+            stale: 0,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self.cfg.metric {
+            StopMetric::ValLoss => "val_loss",
+            StopMetric::ValAccuracy => "val_accuracy",
+        }
+    }
+
+    /// Takes `epoch`'s validation result; true when training should stop. Every rank sees the
+    /// same all-reduced metrics, so every rank decides the same.
+    fn update(&mut self, epoch: usize, val: &EvalMetrics, params: &[f32]) -> Result<bool> {
+        let (value, higher_is_better) = match self.cfg.metric {
+            StopMetric::ValLoss => (val.loss, false),
+            StopMetric::ValAccuracy => (
+                val.accuracy.ok_or(TrainError::Job {
+                    field: "training.early_stopping.metric",
+                    reason: "val_accuracy needs a classifier; watch val_loss".into(),
+                })?,
+                true,
+            ),
+        };
+        let d = self.cfg.min_delta;
+        let improved = match self.best {
+            None => value.is_finite(),
+            Some((_, b)) if higher_is_better => value > b + d,
+            Some((_, b)) => value < b - d,
+        };
+        if improved {
+            self.best = Some((epoch, value));
+            self.best_params.clear();
+            self.best_params.extend_from_slice(params);
+            self.stale = 0;
+        } else {
+            self.stale += 1;
+        }
+        Ok(self.stale >= self.cfg.patience)
+    }
+}
+
+/// `train` less a validation part of `fraction`: the ordered tail when `ordered`, else a
+/// seeded (stratified) draw. Returns (the rows to train on, the validation rows).
+fn carve_validation(
+    train: Vec<usize>,
+    fraction: Option<f64>,
+    seed: u64,
+    ordered: bool,
+    strata: Option<&[usize]>,
+) -> Result<(Vec<usize>, Vec<usize>)> {
+    let Some(f) = fraction else {
+        return Ok((train, Vec::new()));
+    };
+    let n_val = ((train.len() as f64) * f).round() as usize;
+    if n_val == 0 || n_val >= train.len() {
+        return Err(TrainError::Job {
+            field: "evaluation.validation_fraction",
+            reason: format!(
+                "{f} of {} training examples leaves no validation or no training part",
+                train.len()
+            ),
+        });
+    }
+    if ordered {
+        let mut fit = train;
+        let val = fit.split_off(fit.len() - n_val);
+        return Ok((fit, val));
+    }
+    let s = holdout(&train, f, seed ^ 0x7661_6c69_6461_7465, strata)?;
+    Ok((s.train, s.test))
 }
 
 /// `summary.json`.
@@ -53,6 +155,10 @@ pub struct RunSummary {
     pub baseline: BTreeMap<String, f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub confusion_matrix: Option<Vec<Vec<u64>>>,
+    /// A train/test run with early stopping: the epoch kept and why training stopped (each
+    /// fold's is in `folds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub early_stopping: Option<StopReport>,
     pub folds: Vec<FoldReport>,
     /// Per metric: mean, sample standard deviation and per-fold values (k-fold only).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -202,6 +308,9 @@ fn write_run_dir(
     Ok(())
 }
 
+/// An epoch's training loss, training accuracy and gradient norm.
+type EpochTotals = (f64, Option<f64>, Option<f64>);
+
 /// One split trained and tested.
 struct FoldDone {
     report: FoldReport,
@@ -226,6 +335,20 @@ fn train_fold(
     observe: &mut dyn FnMut(Progress),
 ) -> Result<FoldDone> {
     let out = opts.out;
+    let ordered = job.evaluation.scheme == EvalScheme::TimeSeries
+        || matches!(
+            task.role,
+            crate::formats::ModelRole::LanguageModel | crate::formats::ModelRole::Forecast
+        );
+    let strata = if job.evaluation.stratify {
+        task.strata.as_deref()
+    } else {
+        None
+    };
+    let (train, val_rows) = carve_validation(train, job.evaluation.validation_fraction, job.job.seed, ordered, strata)?;
+    let mut watch = job.training.early_stopping.as_ref().map(Watch::new);
+    // The last epoch to train: the job's, or the one early stopping ends with.
+    let mut end = job.training.epochs;
     let examples = match job.data.standardize.then(|| task.examples.fitted_on(&train)).flatten() {
         Some(fitted) => fitted,
         None => task.examples.clone(),
@@ -297,8 +420,11 @@ fn train_fold(
             started = Instant::now();
         }
         let epoch = cursor.epoch;
-        let attempt = (|| -> Result<(f64, Option<f64>, Option<f64>, EvalMetrics)> {
-            if epoch > job.training.epochs {
+        let attempt = (|| -> Result<(EpochTotals, EvalMetrics, Option<EvalMetrics>)> {
+            if epoch > end {
+                if let Some(best) = watch.as_ref().map(|w| &w.best_params).filter(|p| !p.is_empty()) {
+                    trainer.store.flat_mut().copy_from_slice(best);
+                }
                 let test = trainer.evaluate(task, test_set.as_ref(), &test_rows, sync)?;
                 if last_fold {
                     sync.finish(trainer.store.flat()).map_err(|source| TrainError::Sync {
@@ -306,14 +432,19 @@ fn train_fold(
                         source,
                     })?;
                 }
-                return Ok((f64::NAN, None, None, test));
+                return Ok(((f64::NAN, None, None), test, None));
             }
             trainer.train_from(task, examples.as_ref(), &train, &mut cursor, sync, observe)?;
-            let (loss, acc, grad_norm) = trainer.epoch_totals(task, &cursor, sync)?;
+            let totals = trainer.epoch_totals(task, &cursor, sync)?;
             let test = trainer.evaluate(task, test_set.as_ref(), &test_rows, sync)?;
-            Ok((loss, acc, grad_norm, test))
+            let val = if val_rows.is_empty() {
+                None
+            } else {
+                Some(trainer.evaluate(task, examples.as_ref(), &val_rows, sync)?)
+            };
+            Ok((totals, test, val))
         })();
-        let (loss, acc, grad_norm, test) = match attempt {
+        let ((loss, acc, grad_norm), test, val) = match attempt {
             Ok(done) => done,
             Err(e @ TrainError::Sync { .. }) => {
                 let step = trainer.step;
@@ -325,7 +456,7 @@ fn train_fold(
             }
             Err(e) => return Err(e),
         };
-        if epoch > job.training.epochs {
+        if epoch > end {
             break test;
         }
         let secs = started.elapsed().as_secs_f64();
@@ -342,6 +473,8 @@ fn train_fold(
                 test_accuracy: test.accuracy,
                 test_rmse: test.rmse,
                 test_perplexity: test.perplexity,
+                val_loss: val.as_ref().map(|v| v.loss),
+                val_accuracy: val.as_ref().and_then(|v| v.accuracy),
                 examples_per_sec: train.len() as f64 / secs.max(1e-9),
                 grad_norm,
                 ring_changes: std::mem::take(&mut trainer.ring_changes),
@@ -349,6 +482,11 @@ fn train_fold(
             metrics_lines.push_str(&serde_json::to_string(&report).map_err(|e| TrainError::io("metrics.jsonl", e))?);
             metrics_lines.push('\n');
             observe(Progress::Epoch(report));
+            if let (Some(w), Some(v)) = (watch.as_mut(), &val) {
+                if w.update(epoch, v, trainer.store.flat())? {
+                    end = epoch;
+                }
+            }
             if let Some(dir) = out.filter(|_| sync.writes()) {
                 write_atomic(&dir.join("metrics.jsonl"), metrics_lines.as_bytes())?;
                 let due = opts
@@ -365,12 +503,28 @@ fn train_fold(
         }
         cursor = EpochCursor::at(epoch + 1);
     };
+    let early_stopping = watch.and_then(|w| {
+        let (best_epoch, best_value) = w.best?;
+        Some(StopReport {
+            metric: w.name().to_string(),
+            best_epoch,
+            best_value,
+            epochs_trained: end,
+            stopped_by: if end < job.training.epochs {
+                "patience"
+            } else {
+                "epochs"
+            }
+            .to_string(),
+        })
+    });
     let report = FoldReport {
         fold,
         train_examples: train.len(),
         test_examples: test_rows.len(),
         train_loss,
         test,
+        early_stopping,
     };
     Ok(FoldDone {
         report,
@@ -424,6 +578,14 @@ pub fn run_job_opts(
         write_atomic(&dir.join("job.toml"), job_text.as_bytes())?;
     }
     let mut metrics_lines = String::new();
+    if opts.resume_from.is_some() && job.training.early_stopping.is_some() {
+        return Err(TrainError::Job {
+            field: "training.early_stopping",
+            reason:
+                "a run with early stopping cannot resume from a checkpoint (the best epoch's weights are not in it)"
+                    .into(),
+        });
+    }
     if opts.resume_from.is_some() && splits.len() > 1 {
         return Err(TrainError::Job {
             field: "evaluation.scheme",
@@ -435,9 +597,7 @@ pub fn run_job_opts(
     let last_fold_index = splits.last().map(|(fold, ..)| *fold);
     let mut last: Option<(Trainer, Arc<dyn Examples>)> = None;
     let mut last_test_rows = Vec::new();
-    let mut majorities = Vec::new();
     for (fold, train, test_rows, provided) in splits {
-        majorities.push(task.strata.as_deref().map(|classes| majority_class(classes, &train)));
         let last_fold = last_fold_index == Some(fold);
         let planned = (fold, train, test_rows, provided);
         let done = train_fold(job, &task, opts, planned, last_fold, &mut metrics_lines, sync, observe)?;
@@ -479,14 +639,15 @@ pub fn run_job_opts(
         test_sequence_accuracy: sequence_accuracy,
         baseline: task.baseline.clone(),
         confusion_matrix: single.and_then(|t| t.confusion_matrix.clone()),
+        early_stopping: folds
+            .first()
+            .filter(|_| folds.len() == 1)
+            .and_then(|f| f.early_stopping.clone()),
         folds,
         kfold: kfold_stats,
     };
-    let classifier = matches!(task.target, TargetKind::Classes { .. } | TargetKind::Binary { .. });
-    if classifier && sync.writes() && !opts.skip_baselines && opts.folds.is_none() {
-        summary
-            .baseline
-            .extend(classification_baselines(job, &summary, &majorities)?);
+    if sync.writes() && !opts.skip_baselines && opts.folds.is_none() {
+        summary.baseline.extend(baselines_of(job, &task, &summary.folds)?);
     }
     if let Some(dir) = out.filter(|_| sync.writes()) {
         write_run_dir(dir, job, &task, &trainer, examples.as_ref(), &metrics_lines, &summary)?;
@@ -506,24 +667,28 @@ fn majority_class(classes: &[usize], rows: &[usize]) -> usize {
         .map_or(0, |(c, _)| c)
 }
 
-/// What a classifier is measured against, on its own splits (averaged over k folds):
-/// `majority_accuracy`, always predicting the training split's most frequent class, and
-/// `linear_accuracy`, the data format's linear model trained by this engine, single-process.
-fn classification_baselines(
-    job: &Job,
-    summary: &RunSummary,
-    majorities: &[Option<usize>],
-) -> Result<BTreeMap<String, f64>> {
+/// What a classifier is measured against, on the splits of its run (`folds`, averaged over
+/// k folds): `majority_accuracy`, always predicting the training split's most frequent class,
+/// and `linear_accuracy`, the data format's linear model trained by this engine,
+/// single-process. Empty for other tasks. Reads the job's data again.
+pub fn classification_baselines(job: &Job, folds: &[FoldReport]) -> Result<BTreeMap<String, f64>> {
+    baselines_of(job, &Task::from_job(job)?, folds)
+}
+
+fn baselines_of(job: &Job, task: &Task, folds: &[FoldReport]) -> Result<BTreeMap<String, f64>> {
     let mut out = BTreeMap::new();
+    let (TargetKind::Classes { .. } | TargetKind::Binary { .. }, Some(classes)) = (&task.target, &task.strata) else {
+        return Ok(out);
+    };
+    let splits = plan_splits(job, task, None)?;
     // The confusion matrix's rows are the true classes of the test examples.
-    let majority: Option<Vec<f64>> = summary
-        .folds
+    let majority: Option<Vec<f64>> = folds
         .iter()
-        .zip(majorities)
-        .map(|(f, m)| {
+        .map(|f| {
+            let (_, train, _, _) = splits.iter().find(|s| s.0 == f.fold)?;
             let rows = f.test.confusion_matrix.as_ref()?;
             let total: u64 = rows.iter().flatten().sum();
-            let hits: u64 = rows.get((*m)?)?.iter().sum();
+            let hits: u64 = rows.get(majority_class(classes, train))?.iter().sum();
             Some(hits as f64 / total.max(1) as f64)
         })
         .collect();
