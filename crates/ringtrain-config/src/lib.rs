@@ -222,6 +222,10 @@ pub enum ModelKind {
     /// fastText-style text classifier: the mean of word and hashed word-bigram embeddings,
     /// then one linear layer.
     Bow,
+    /// Fully convolutional network for series classification (Wang et al., 2017): three
+    /// 1-D convolution blocks, the average over time, a linear layer. Each CSV row is a
+    /// series (`data.format = "csv"`, the other columns in order).
+    Fcn,
 }
 
 /// One entry of `model.layers`; input sizes (channels, features) are inferred from the

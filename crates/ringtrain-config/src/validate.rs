@@ -174,11 +174,13 @@ impl Job {
             ));
         }
         let has_test_split = self.data.format == DataFormat::Idx
-            || (matches!(self.data.format, DataFormat::Text | DataFormat::Pairs) && self.data.test_path.is_some());
+            || (matches!(self.data.format, DataFormat::Text | DataFormat::Pairs | DataFormat::Csv)
+                && self.data.test_path.is_some());
         if e.scheme == EvalScheme::Provided && !has_test_split {
             return Err(fail(
                 "evaluation.scheme",
-                "\"provided\" needs a dataset with its own test split (idx, or text with data.test_path)".into(),
+                "\"provided\" needs a dataset with its own test split (idx, or csv, text or pairs with data.test_path)"
+                    .into(),
             ));
         }
         // Every format but CSV (whose labels say) fixes what its models are trained to lower.
@@ -221,14 +223,16 @@ impl Job {
             DataFormat::Corpus => sequence_model,
             DataFormat::Pairs => self.model.kind == ModelKind::Transformer,
             DataFormat::Series => sequence_model || matches!(self.model.kind, ModelKind::Mlp | ModelKind::Logistic),
-            DataFormat::Csv | DataFormat::Idx => !sequence_model && self.model.kind != ModelKind::Bow,
+            DataFormat::Csv => !sequence_model && self.model.kind != ModelKind::Bow,
+            DataFormat::Idx => !sequence_model && !matches!(self.model.kind, ModelKind::Bow | ModelKind::Fcn),
         };
         if !fits {
             return Err(fail(
                 "model.kind",
                 format!(
                     "{:?} does not fit {:?} data: token data (text, corpus) needs rnn, gru, lstm or transformer \
-                     (text also bow); series take those or mlp; sequence models need token or series data",
+                     (text also bow); series take those or mlp; sequence models need token or series data; \
+                     fcn classifies csv rows as series",
                     self.model.kind, self.data.format
                 )
                 .to_lowercase(),

@@ -354,7 +354,10 @@ fn train_fold(
         None => task.examples.clone(),
     };
     let test_set: Arc<dyn Examples> = match (&task.test_examples, provided) {
-        (Some(t), true) => t.clone(),
+        (Some(t), true) => examples
+            .preprocess()
+            .and_then(|fitted| t.normalised_with(&fitted))
+            .unwrap_or_else(|| t.clone()),
         _ => examples.clone(),
     };
     let model = task.model(&job.model)?;

@@ -8,7 +8,7 @@ use ringtrain_config::{
     ActivationName, FfActivationName, Job, LayerSpec, ModelConfig, ModelKind, NormName, PoolingName, PositionsName,
 };
 use ringtrain_nn::{
-    zoo, Activation, BagOfNgrams, CellKind, Conv2d, Dropout, Flatten, GlobalAvgPool, Init, Linear, Loss, Module,
+    zoo, Activation, BagOfNgrams, CellKind, Conv2d, Dropout, Fcn, Flatten, GlobalAvgPool, Init, Linear, Loss, Module,
     Pool2d, Pooling, RecurrentLm, Residual, SequenceClassifier, SequenceRegressor, Sequential, Targets,
 };
 use ringtrain_nn::{
@@ -42,6 +42,13 @@ pub trait Examples: Send + Sync + std::fmt::Debug {
     fn fitted_on(&self, _rows: &[usize]) -> Option<Arc<dyn Examples>> {
         None
     }
+    /// A copy normalised with `fitted` (what [`Examples::preprocess`] of the examples fitted
+    /// on the training split says): a provided test split is normalised like the training
+    /// split. `None` when the normalisation is fixed.
+    fn normalised_with(&self, _fitted: &Preprocessing) -> Option<Arc<dyn Examples>> {
+        None
+    }
+
     /// The preprocessing a prediction must repeat, for `preprocess.json`.
     fn preprocess(&self) -> Option<Preprocessing> {
         None
@@ -239,6 +246,7 @@ pub fn build_model_for(
                 ),
             }
         }
+        ModelKind::Fcn => Box::new(Fcn::new(outputs)),
         ModelKind::Bow => {
             let vocab = vocab.ok_or(TrainError::Job {
                 field: "model.kind",

@@ -86,6 +86,15 @@ impl Format for Csv {
             });
         }
         let d = data.n_features;
+        let test_examples = match &job.data.test_path {
+            Some(path) => Some(Arc::new(read_test_file(
+                path,
+                &opts,
+                &data.labels,
+                job.data.positive_class.as_deref(),
+            )?) as Arc<dyn Examples>),
+            None => None,
+        };
         let classes = classes.map(Arc::new);
         Ok(Task {
             strata: classes.as_ref().map(|c| c.to_vec()),
@@ -95,13 +104,55 @@ impl Format for Csv {
                 mean: vec![0.0; d],
                 inv_std: vec![1.0; d],
             }),
-            test_examples: None,
+            test_examples,
             target,
             loss,
             role: ModelRole::Classify,
             baseline: BTreeMap::new(),
         })
     }
+}
+
+/// A provided test file read like the training file, its labels numbered like the training
+/// file's (`train`), or 1 for `positive` and 0 for the rest; a class the training file does
+/// not have is an error naming it.
+fn read_test_file(path: &Path, opts: &CsvOptions, train: &Labels, positive: Option<&str>) -> Result<Tabular> {
+    let data = read_csv(path, opts)?;
+    if let (Labels::Class { ids, names }, Labels::Class { names: known, .. }) = (&data.labels, train) {
+        let to_train: Vec<usize> = names
+            .iter()
+            .map(|n| {
+                known.iter().position(|k| k == n).ok_or_else(|| TrainError::Job {
+                    field: "data.test_path",
+                    reason: format!(
+                        "{}: class {n:?} is not in the training file (classes: {known:?})",
+                        path.display()
+                    ),
+                })
+            })
+            .collect::<Result<_>>()?;
+        let d = data.n_features;
+        let classes = ids
+            .iter()
+            .map(|&i| match positive {
+                Some(p) => usize::from(known[to_train[i]] == p),
+                None => to_train[i],
+            })
+            .collect();
+        return Ok(Tabular {
+            data: Arc::new(data),
+            classes: Some(Arc::new(classes)),
+            mean: vec![0.0; d],
+            inv_std: vec![1.0; d],
+        });
+    }
+    let d = data.n_features;
+    Ok(Tabular {
+        data: Arc::new(data),
+        classes: None,
+        mean: vec![0.0; d],
+        inv_std: vec![1.0; d],
+    })
 }
 
 /// Appends `row` standardised, `(x - mean) * inv_std` per feature: the one standardisation
@@ -218,6 +269,21 @@ impl Examples for Tabular {
 
     fn fitted_on(&self, rows: &[usize]) -> Option<Arc<dyn Examples>> {
         Some(Arc::new(self.standardized_on(rows)))
+    }
+
+    fn normalised_with(&self, fitted: &Preprocessing) -> Option<Arc<dyn Examples>> {
+        let Preprocessing::Features {
+            feature_mean,
+            feature_inv_std,
+        } = fitted
+        else {
+            return None;
+        };
+        Some(Arc::new(Tabular {
+            mean: feature_mean.clone(),
+            inv_std: feature_inv_std.clone(),
+            ..self.clone()
+        }))
     }
 
     fn preprocess(&self) -> Option<Preprocessing> {
