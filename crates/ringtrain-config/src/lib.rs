@@ -252,6 +252,22 @@ pub enum LayerSpec {
         stride: Option<usize>,
     },
     GlobalAvgPool,
+    /// Over a series `[time, channels]` (a csv row is `[time]`, one channel).
+    Conv1d {
+        out_channels: usize,
+        kernel: usize,
+        #[serde(default = "one")]
+        stride: usize,
+        /// Zeros on each side; `None`: "same" (the output as long as the input; stride 1).
+        #[serde(default)]
+        padding: Option<usize>,
+        #[serde(default = "one")]
+        dilation: usize,
+    },
+    /// Normalisation over the last axis (a series' channels, a vector's features).
+    LayerNorm,
+    /// The mean over time of a series `[time, channels]` → `[channels]`.
+    GlobalAvgPool1d,
     Flatten,
     Linear {
         out: usize,

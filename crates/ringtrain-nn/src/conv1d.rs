@@ -53,19 +53,25 @@ impl Conv1d {
 
     fn check(&self, input: &[usize]) -> Result<(usize, usize)> {
         match *input {
-            [t, c] if c == self.in_channels => match self.out_len(t) {
-                Some(out) => Ok((t, out)),
-                None => Err(layer_err(
-                    &self.name,
-                    format!(
-                        "kernel {} (dilation {}) is longer than the padded series of {t} steps",
-                        self.kernel, self.dilation
-                    ),
-                )),
-            },
+            [t, c] if c == self.in_channels => self.lengths(t),
+            [t] if self.in_channels == 1 => self.lengths(t),
             _ => Err(layer_err(
                 &self.name,
                 format!("expects [time, {}] per example, got {input:?}", self.in_channels),
+            )),
+        }
+    }
+
+    /// `(t, output length)`, or an error when the kernel does not fit.
+    fn lengths(&self, t: usize) -> Result<(usize, usize)> {
+        match self.out_len(t) {
+            Some(out) => Ok((t, out)),
+            None => Err(layer_err(
+                &self.name,
+                format!(
+                    "kernel {} (dilation {}) is longer than the padded series of {t} steps",
+                    self.kernel, self.dilation
+                ),
             )),
         }
     }
@@ -85,8 +91,12 @@ impl Module for Conv1d {
     }
 
     /// # Shapes
-    /// `[B, T, C]` → `[B, T', O]`.
+    /// `[B, T, C]` → `[B, T', O]`; `[B, T]` is one channel.
     fn forward(&self, g: &mut Graph<'_>, x: Var) -> Result<Var> {
+        let x = match *g.shape(x) {
+            [b, t] => g.reshape(x, &[b, t, 1])?,
+            _ => x,
+        };
         let shape = g.shape(x).to_vec();
         let &[b, ..] = shape.as_slice() else {
             return Err(layer_err(
@@ -148,6 +158,44 @@ impl Module for Conv1d {
     }
 }
 
+/// The mean over time: `[B, T, C]` → `[B, C]`.
+#[derive(Debug, Clone)]
+pub struct GlobalAvgPool1d {
+    pub name: String,
+}
+
+impl Module for GlobalAvgPool1d {
+    fn init_params(&self, _rng: &mut Rng, _out: &mut BTreeMap<String, Tensor>) {}
+
+    fn forward(&self, g: &mut Graph<'_>, x: Var) -> Result<Var> {
+        let &[_, t, _] = g.shape(x) else {
+            return Err(layer_err(
+                &self.name,
+                format!("expects [batch, time, channels], got {:?}", g.shape(x)),
+            ));
+        };
+        let sum = g.sum_axis(x, 1, false)?;
+        Ok(g.scale(sum, 1.0 / t.max(1) as f32))
+    }
+
+    fn describe(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<Vec<usize>> {
+        let &[t, c] = input else {
+            return Err(layer_err(
+                &self.name,
+                format!("expects [time, channels] per example, got {input:?}"),
+            ));
+        };
+        rows.push(LayerSummary {
+            name: self.name.clone(),
+            kind: "GlobalAvgPool1d".into(),
+            output: vec![c],
+            params: 0,
+            flops: (t * c) as u64,
+        });
+        Ok(vec![c])
+    }
+}
+
 /// The fully convolutional network for series classification: three blocks of convolution
 /// (128, 256 and 128 filters, kernels 8, 5 and 3, "same" padding), normalisation over the
 /// channels and ReLU, then the average over time and a linear layer. Wang et al. normalise
@@ -199,9 +247,7 @@ impl Module for Fcn {
             h = norm.forward(g, h)?;
             h = g.relu(h);
         }
-        let steps = g.shape(h)[1];
-        let sum = g.sum_axis(h, 1, false)?;
-        let mean = g.scale(sum, 1.0 / steps.max(1) as f32);
+        let mean = GlobalAvgPool1d { name: "pool".into() }.forward(g, h)?;
         self.head.forward(g, mean)
     }
 
@@ -217,15 +263,8 @@ impl Module for Fcn {
             shape = conv.describe(&shape, rows)?;
             shape = norm.describe(&shape, rows)?;
         }
-        let channels = shape[1];
-        rows.push(LayerSummary {
-            name: "pool".into(),
-            kind: "GlobalAvgPool1d".into(),
-            output: vec![channels],
-            params: 0,
-            flops: (shape[0] * channels) as u64,
-        });
-        self.head.describe(&[channels], rows)
+        let pooled = GlobalAvgPool1d { name: "pool".into() }.describe(&shape, rows)?;
+        self.head.describe(&pooled, rows)
     }
 }
 

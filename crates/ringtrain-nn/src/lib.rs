@@ -30,7 +30,7 @@ pub use attention::{
 };
 pub use bow::BagOfNgrams;
 pub use conv::{Conv2d, Dropout, Flatten, GlobalAvgPool, Pool2d, Residual};
-pub use conv1d::{Conv1d, Fcn};
+pub use conv1d::{Conv1d, Fcn, GlobalAvgPool1d};
 pub use init::Init;
 pub use layers::{Activation, Linear, Sequential};
 pub use loss::{Loss, Targets};

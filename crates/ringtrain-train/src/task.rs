@@ -8,8 +8,9 @@ use ringtrain_config::{
     ActivationName, FfActivationName, Job, LayerSpec, ModelConfig, ModelKind, NormName, PoolingName, PositionsName,
 };
 use ringtrain_nn::{
-    zoo, Activation, BagOfNgrams, CellKind, Conv2d, Dropout, Fcn, Flatten, GlobalAvgPool, Init, Linear, Loss, Module,
-    Pool2d, Pooling, RecurrentLm, Residual, SequenceClassifier, SequenceRegressor, Sequential, Targets,
+    zoo, Activation, BagOfNgrams, CellKind, Conv1d, Conv2d, Dropout, Fcn, Flatten, GlobalAvgPool, GlobalAvgPool1d,
+    Init, LayerNorm, Linear, Loss, Module, Pool2d, Pooling, RecurrentLm, Residual, SequenceClassifier,
+    SequenceRegressor, Sequential, Targets,
 };
 use ringtrain_nn::{
     FfActivation, NormPlacement, Positions, Seq2SeqConfig, Seq2SeqTransformer, TransformerClassifier,
@@ -373,6 +374,39 @@ fn from_layer_list(specs: &[LayerSpec], input: &[usize], outputs: usize) -> Resu
             }
             LayerSpec::Flatten => {
                 s.push(Flatten { name });
+            }
+            LayerSpec::Conv1d {
+                out_channels,
+                kernel,
+                stride,
+                padding,
+                dilation,
+            } => {
+                // A series is [time, channels]; a csv row, [time], is one channel.
+                let in_channels = if shape.len() == 2 { shape[1] } else { 1 };
+                let same = Conv1d::same(name.clone(), in_channels, out_channels, kernel);
+                let padding = match padding {
+                    Some(p) => (p, p),
+                    None if stride == 1 && dilation == 1 => same.padding,
+                    None => {
+                        return Err(TrainError::Job {
+                            field: "model.layers",
+                            reason: format!("{name}: conv1d with stride or dilation above 1 needs its padding"),
+                        })
+                    }
+                };
+                s.push(Conv1d {
+                    stride,
+                    padding,
+                    dilation,
+                    ..same
+                });
+            }
+            LayerSpec::LayerNorm => {
+                s.push(LayerNorm::new(name, shape.last().copied().unwrap_or(0)));
+            }
+            LayerSpec::GlobalAvgPool1d => {
+                s.push(GlobalAvgPool1d { name });
             }
             LayerSpec::Linear { out } => {
                 let width = shape.last().copied().unwrap_or(0);

@@ -170,3 +170,24 @@ fn a_checkpoint_of_another_model_is_refused() {
         .to_string();
     assert!(err.contains("checkpoint is for model"), "{err}");
 }
+
+#[test]
+fn the_fcn_written_as_a_layer_list_is_the_fcn() {
+    let layers = serde_json::json!({"kind": "layers", "layers": [
+        {"type": "conv1d", "out_channels": 128, "kernel": 8}, {"type": "layer_norm"}, {"type": "relu"},
+        {"type": "conv1d", "out_channels": 256, "kernel": 5}, {"type": "layer_norm"}, {"type": "relu"},
+        {"type": "conv1d", "out_channels": 128, "kernel": 3}, {"type": "layer_norm"}, {"type": "relu"},
+        {"type": "global_avg_pool1d"},
+    ]});
+    let fcn = serde_json::json!({"kind": "fcn"});
+    let count = |cfg: serde_json::Value| {
+        let model = crate::build_model(&serde_json::from_value(cfg).unwrap(), &[24], 2).unwrap();
+        let mut rows = Vec::new();
+        assert_eq!(model.describe(&[24], &mut rows).unwrap(), [2]);
+        rows.iter().map(|r| r.params).sum::<usize>()
+    };
+    assert_eq!(count(layers), count(fcn));
+    let strided = serde_json::json!({"kind": "layers", "layers": [{"type": "conv1d", "out_channels": 2, "kernel": 3, "stride": 2}]});
+    let err = crate::build_model(&serde_json::from_value(strided).unwrap(), &[24], 2).unwrap_err();
+    assert!(err.to_string().contains("needs its padding"), "{err}");
+}
