@@ -326,6 +326,46 @@ fn early_stopping_keeps_the_best_epoch_and_evaluate_reproduces_it() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("bitwise identical"));
     check(&two);
 
+    // With refit, the kept model is trained again on the whole training split for the best
+    // epoch's number of epochs: the same bits as a job that asked for that many epochs.
+    let best = read_json(&one.join("summary.json"))["early_stopping"]["best_epoch"]
+        .as_u64()
+        .expect("best_epoch");
+    let refit_job = tmp.path().join("refit.toml");
+    std::fs::write(
+        &refit_job,
+        text.replace("patience = 10 }", "patience = 10, refit = true }"),
+    )
+    .expect("write job");
+    let plain_job = tmp.path().join("plain.toml");
+    let plain_text = std::fs::read_to_string(crate::util::repo().join("examples/iris-mlp.toml"))
+        .expect("job")
+        .replace("../data/", &format!("{}/data/", crate::util::repo().display()))
+        .replace("epochs = 100", &format!("epochs = {best}"));
+    std::fs::write(&plain_job, plain_text).expect("write job");
+    let (refit, plain) = (tmp.path().join("refit"), tmp.path().join("plain"));
+    for (job, dir) in [(&refit_job, &refit), (&plain_job, &plain)] {
+        ok(&[
+            "train",
+            job.to_str().expect("utf-8 path"),
+            "--out",
+            dir.to_str().expect("utf-8 path"),
+            "--quiet",
+        ]);
+    }
+    let summary = read_json(&refit.join("summary.json"));
+    assert_eq!(summary["early_stopping"]["refit"], true, "{summary}");
+    assert_eq!(summary["early_stopping"]["best_epoch"].as_u64(), Some(best));
+    let same =
+        std::fs::read(refit.join("model.safetensors")).ok() == std::fs::read(plain.join("model.safetensors")).ok();
+    assert!(same, "the refit model is the {best}-epoch model");
+    let refit_lines = std::fs::read_to_string(refit.join("metrics.jsonl"))
+        .expect("metrics.jsonl")
+        .lines()
+        .filter(|l| l.contains("\"refit\":true"))
+        .count();
+    assert_eq!(refit_lines as u64, best);
+
     let kfold = text.replace("scheme = \"train_test\"", "scheme = \"kfold\"\nfolds = 3");
     std::fs::write(tmp.path().join("kfold.toml"), kfold).expect("write job");
     let folds = tmp.path().join("folds");

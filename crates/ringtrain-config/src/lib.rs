@@ -524,6 +524,11 @@ pub struct EarlyStopping {
     pub patience: usize,
     #[serde(default)]
     pub min_delta: f64,
+    /// Then train again from the start on the whole training split (validation part
+    /// included) for the best epoch's number of epochs, and keep that model: the choice of
+    /// epochs costs no training data.
+    #[serde(default)]
+    pub refit: bool,
 }
 
 /// A validation metric early stopping watches: losses and errors must fall, accuracy rise.

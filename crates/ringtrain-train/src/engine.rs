@@ -79,6 +79,10 @@ pub struct EpochReport {
     pub examples_per_sec: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub grad_norm: Option<f64>,
+    /// An epoch of the refit after early stopping (`training.early_stopping.refit`), which
+    /// counts its epochs from 1 again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refit: bool,
     /// Elastic training: where the ring re-formed during this epoch.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub ring_changes: Vec<RingChange>,

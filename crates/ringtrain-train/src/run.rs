@@ -40,6 +40,10 @@ pub struct StopReport {
     pub epochs_trained: usize,
     /// `"patience"`: no improvement for `patience` epochs; `"epochs"`: all epochs ran.
     pub stopped_by: String,
+    /// The model was then trained again on the whole training split for `best_epoch`
+    /// epochs (`training.early_stopping.refit`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refit: bool,
 }
 
 /// Early stopping's watch over one split: the best epoch so far and its weights.
@@ -329,7 +333,7 @@ fn train_fold(
     task: &Task,
     opts: &RunOptions<'_>,
     (fold, train, test_rows, provided): Planned,
-    last_fold: bool,
+    (last_fold, refit): (bool, bool),
     metrics_lines: &mut String,
     sync: &mut dyn GradSync,
     observe: &mut dyn FnMut(Progress),
@@ -479,6 +483,7 @@ fn train_fold(
                 val_loss: val.as_ref().map(|v| v.loss),
                 val_accuracy: val.as_ref().and_then(|v| v.accuracy),
                 examples_per_sec: train.len() as f64 / secs.max(1e-9),
+                refit,
                 grad_norm,
                 ring_changes: std::mem::take(&mut trainer.ring_changes),
             };
@@ -519,6 +524,7 @@ fn train_fold(
                 "epochs"
             }
             .to_string(),
+            refit: false,
         })
     });
     let report = FoldReport {
@@ -602,8 +608,33 @@ pub fn run_job_opts(
     let mut last_test_rows = Vec::new();
     for (fold, train, test_rows, provided) in splits {
         let last_fold = last_fold_index == Some(fold);
+        let refit = job.training.early_stopping.as_ref().is_some_and(|e| e.refit);
         let planned = (fold, train, test_rows, provided);
-        let done = train_fold(job, &task, opts, planned, last_fold, &mut metrics_lines, sync, observe)?;
+        let again = refit.then(|| planned.clone());
+        let lines = &mut metrics_lines;
+        let mut done = train_fold(
+            job,
+            &task,
+            opts,
+            planned,
+            (last_fold && !refit, false),
+            lines,
+            sync,
+            observe,
+        )?;
+        if let Some(planned) = again {
+            // Every rank has the same best epoch (from all-reduced metrics).
+            let stop = done.report.early_stopping.take().ok_or(TrainError::Job {
+                field: "training.early_stopping.refit",
+                reason: "no epoch had a finite validation metric to refit for".into(),
+            })?;
+            let mut whole = job.clone();
+            whole.training.epochs = stop.best_epoch;
+            whole.training.early_stopping = None;
+            whole.evaluation.validation_fraction = None;
+            done = train_fold(&whole, &task, opts, planned, (last_fold, true), lines, sync, observe)?;
+            done.report.early_stopping = Some(StopReport { refit: true, ..stop });
+        }
         folds.push(done.report);
         last = Some((done.trainer, done.examples));
         last_test_rows = done.test_rows;
