@@ -5,14 +5,7 @@ use std::collections::BTreeMap;
 use ringtrain_autograd::{Graph, Tensor, Var, Window2d};
 use ringtrain_tensor::random::{self, Rng};
 
-use crate::{Init, LayerSummary, Module, NnError, Result, Sequential};
-
-fn layer_err(name: &str, reason: String) -> NnError {
-    NnError::Layer {
-        layer: name.to_string(),
-        reason,
-    }
-}
+use crate::{layer_err, Init, LayerSummary, Module, Result, Sequential};
 
 fn chw(name: &str, input: &[usize]) -> Result<(usize, usize, usize)> {
     match input {

@@ -12,8 +12,7 @@ use std::collections::BTreeMap;
 use ringtrain_autograd::{Graph, Tensor, Var};
 use ringtrain_tensor::random::{self, Rng};
 
-use crate::attention::layer_err;
-use crate::{LayerNorm, LayerSummary, Linear, Module, Result};
+use crate::{layer_err, LayerNorm, LayerSummary, Linear, Module, Result};
 
 /// `Conv1d` with PyTorch's weight layout `weight: [O, C, kernel]`, `bias: [O]`.
 #[derive(Debug, Clone)]

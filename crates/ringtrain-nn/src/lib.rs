@@ -39,6 +39,14 @@ pub use recurrent::{
     SequenceRegressor, TokenRnn,
 };
 
+/// A layer's error: its name and what is wrong.
+pub(crate) fn layer_err(layer: &str, reason: impl Into<String>) -> NnError {
+    NnError::Layer {
+        layer: layer.to_string(),
+        reason: reason.into(),
+    }
+}
+
 use std::collections::BTreeMap;
 
 use ringtrain_autograd::{AutogradError, Graph, Tensor, Var};

@@ -32,14 +32,9 @@ pub use self::models::*;
 
 use ringtrain_autograd::{Graph, Var};
 
-use crate::{Linear, NnError, Result};
+use crate::{Linear, Result};
 
-pub(crate) fn layer_err(layer: &str, reason: impl Into<String>) -> NnError {
-    NnError::Layer {
-        layer: layer.to_string(),
-        reason: reason.into(),
-    }
-}
+pub(crate) use crate::layer_err;
 
 /// `[B, T, d]` of a value, or an error naming `layer`.
 pub(crate) fn btd(g: &Graph<'_>, x: Var, layer: &str, d: usize) -> Result<(usize, usize)> {
