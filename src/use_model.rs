@@ -42,6 +42,10 @@ pub struct GenerateArgs {
     /// Seed of the sampler (the same seed gives the same text).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Run the whole context window for every token, even where a transformer could extend
+    /// its key/value cache (the same text, slower; for comparison).
+    #[arg(long)]
+    no_kv_cache: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -155,6 +159,7 @@ pub fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             temperature: args.temperature,
             max_tokens: args.max_tokens,
             seed: args.seed,
+            kv_cache: !args.no_kv_cache,
         })
         .map_err(bad_input)?;
     println!("{text}");

@@ -157,6 +157,7 @@ pub fn rundir(bytes: &[u8]) -> bool {
             temperature: 1.0,
             max_tokens: 8,
             seed: 1,
+            kv_cache: true,
         };
         model.generate(&opts).is_ok()
     } else {

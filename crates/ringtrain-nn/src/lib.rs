@@ -24,9 +24,9 @@ mod recurrent;
 pub mod zoo;
 
 pub use attention::{
-    sinusoidal_positions, AttentionMask, BlockConfig, FfActivation, LayerNorm, MultiHeadAttention, NormPlacement,
-    PositionalEncoding, Positions, Seq2SeqConfig, Seq2SeqTransformer, TransformerBlock, TransformerClassifier,
-    TransformerConfig, TransformerDecoderLayer, TransformerLm,
+    sinusoidal_positions, AttentionMask, BlockConfig, FfActivation, KvLayer, LayerNorm, MultiHeadAttention,
+    NormPlacement, PositionalEncoding, Positions, Seq2SeqConfig, Seq2SeqTransformer, TransformerBlock,
+    TransformerClassifier, TransformerConfig, TransformerDecoderLayer, TransformerLm,
 };
 pub use bow::BagOfNgrams;
 pub use conv::{Conv2d, Dropout, Flatten, GlobalAvgPool, Pool2d, Residual};
@@ -109,6 +109,29 @@ pub trait Module: std::fmt::Debug + Send + Sync {
     /// summary rows and returns the output shape. Errors name the layer and the shapes, so a
     /// job is refused at validation time instead of failing mid-run.
     fn describe(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<Vec<usize>>;
+
+    /// A language model that extends a sequence one token at a time from cached state, for
+    /// generation; `None` for the others.
+    fn as_cached_lm(&self) -> Option<&dyn CachedLm> {
+        None
+    }
+}
+
+/// A language model that generates from a key/value cache: each call runs only the new token
+/// through the model, attending to the keys and values `cache` keeps of the ones before it
+/// (one [`KvLayer`] per attention layer).
+pub trait CachedLm {
+    /// The longest sequence its positions cover.
+    fn max_len(&self) -> usize;
+
+    /// Logits `[1, vocab]` for the token after `token`, which is appended to the sequence
+    /// `cache` holds (empty: `token` is the first).
+    fn next_logits(
+        &self,
+        params: &ringtrain_autograd::ParamStore,
+        cache: &mut Vec<KvLayer>,
+        token: usize,
+    ) -> Result<Tensor>;
 }
 
 /// Initial parameters of `module` as a flat store (ordered by name).

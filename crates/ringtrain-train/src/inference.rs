@@ -69,6 +69,9 @@ pub struct GenerateOptions {
     pub temperature: f32,
     pub max_tokens: usize,
     pub seed: u64,
+    /// Extend a transformer LM token by token from a key/value cache while the text fits its
+    /// window, instead of running the whole window for every token (the same samples).
+    pub kv_cache: bool,
 }
 
 fn read_text(path: &Path) -> Result<String> {
@@ -178,14 +181,31 @@ impl SavedModel {
         ids.extend(vocab.encode(&opts.prompt));
         let mut rng = ringtrain_tensor::random::rng(opts.seed);
         let mut generated = Vec::new();
+        let cached = self.model.as_cached_lm().filter(|_| opts.kv_cache);
+        let (mut cache, mut fed) = (Vec::new(), 0);
         for _ in 0..opts.max_tokens {
-            let context = &ids[ids.len().saturating_sub(window)..];
-            let x = Tensor::from_vec(&[1, context.len()], context.iter().map(|&i| i as f32).collect())
-                .map_err(ringtrain_autograd::AutogradError::from)?;
-            let mut g = Graph::inference(&self.store);
-            let input = g.input(x);
-            let logits = self.model.forward(&mut g, input)?;
-            let all = g.value(logits).as_slice();
+            let logits = match cached {
+                // The cache holds every id so far while they fit the window. Past it the window
+                // slides, every position shifts, and the whole window is computed again.
+                Some(lm) if ids.len() <= window => {
+                    let mut last = None;
+                    for &id in &ids[fed..] {
+                        last = Some(lm.next_logits(&self.store, &mut cache, id as usize)?);
+                    }
+                    fed = ids.len();
+                    last.ok_or_else(|| format_error(&self.run_dir, "nothing to continue"))?
+                }
+                _ => {
+                    let context = &ids[ids.len().saturating_sub(window)..];
+                    let x = Tensor::from_vec(&[1, context.len()], context.iter().map(|&i| i as f32).collect())
+                        .map_err(ringtrain_autograd::AutogradError::from)?;
+                    let mut g = Graph::inference(&self.store);
+                    let input = g.input(x);
+                    let logits = self.model.forward(&mut g, input)?;
+                    g.value(logits).clone()
+                }
+            };
+            let all = logits.as_slice();
             let last = &all[all.len() - v..];
             let next = sample(last, opts.temperature, &mut rng);
             if next == ringtrain_data::STOP {

@@ -134,6 +134,17 @@ impl TransformerBlock {
         })
     }
 
+    /// [`TransformerBlock::run`] with a causal mask for one new position `x: [1, 1, d]`,
+    /// from the keys and values `cache` holds of the positions before it.
+    pub fn run_cached(&self, g: &mut Graph<'_>, x: Var, cache: &mut KvLayer) -> Result<Var> {
+        let x = residual(g, x, &self.norm1, self.cfg.norm, self.cfg.dropout, |g, h| {
+            self.self_attn.self_attention_cached(g, h, cache)
+        })?;
+        residual(g, x, &self.norm2, self.cfg.norm, self.cfg.dropout, |g, h| {
+            self.ff.run(g, h)
+        })
+    }
+
     pub fn param_count(&self) -> usize {
         let BlockConfig { dim: d, ff, .. } = self.cfg;
         self.self_attn.param_count() + 2 * d * ff + ff + d + 4 * d

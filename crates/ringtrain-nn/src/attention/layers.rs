@@ -114,6 +114,13 @@ pub fn sinusoidal_positions(len: usize, dim: usize) -> Tensor {
     Tensor::from_vec(&[len, dim], v).expect("length matches shape by construction")
 }
 
+/// One attention layer's keys and values of the positions generated so far.
+#[derive(Debug, Clone, Default)]
+pub struct KvLayer {
+    pub keys: Vec<f32>,
+    pub values: Vec<f32>,
+}
+
 /// Adds position information to `[B, T, d]` embeddings. A learned table is the bare parameter
 /// `name` (`[max_len, d]`, like a ViT/BERT `pos_embedding`).
 #[derive(Debug, Clone)]
@@ -147,6 +154,28 @@ impl PositionalEncoding {
 
     /// # Shapes
     /// `[B, T, d] -> [B, T, d]`.
+    /// Adds the encoding of position `at` to one position `x: [B, 1, d]` (generation with a
+    /// key/value cache).
+    pub fn add_at(&self, g: &mut Graph<'_>, x: Var, at: usize) -> Result<Var> {
+        btd(g, x, &self.name, self.dim)?;
+        self.check_len(at + 1)?;
+        let row = match self.kind {
+            Positions::None => return Ok(x),
+            Positions::Sinusoidal => {
+                let table = sinusoidal_positions(at + 1, self.dim);
+                g.input(Tensor::from_vec(
+                    &[1, self.dim],
+                    table.as_slice()[at * self.dim..].to_vec(),
+                )?)
+            }
+            Positions::Learned => {
+                let p = g.param(&self.name)?;
+                g.slice_axis(p, 0, at, at + 1)?
+            }
+        };
+        Ok(g.add(x, row)?)
+    }
+
     pub fn add(&self, g: &mut Graph<'_>, x: Var) -> Result<Var> {
         let (_, t) = btd(g, x, &self.name, self.dim)?;
         self.check_len(t)?;
@@ -255,6 +284,31 @@ impl MultiHeadAttention {
             .attention_cols(at(0), at(d), at(2 * d), d, &self.opts(mask), keep_probs)
             .map_err(|e| layer_err(&self.name, e.to_string()))?;
         Ok((self.out_proj(g, o)?, probs))
+    }
+
+    /// Causal self-attention of one new position `x: [1, 1, d]` over the keys and values of
+    /// the positions before it, which `cache` holds (`[t·d]` each, row-major) and to which this
+    /// position's are appended: the last row of [`MultiHeadAttention::self_attention`] with a
+    /// causal mask, without recomputing the others.
+    pub fn self_attention_cached(&self, g: &mut Graph<'_>, x: Var, cache: &mut KvLayer) -> Result<Var> {
+        self.check()?;
+        btd(g, x, &self.name, self.dim)?;
+        let d = self.dim;
+        let w = g.param(&self.pname("in_proj_weight"))?;
+        let b = g.param(&self.pname("in_proj_bias"))?;
+        let qkv = g.linear(x, w, Some(b))?;
+        let row = g.value(qkv).as_slice();
+        cache.keys.extend_from_slice(&row[d..2 * d]);
+        cache.values.extend_from_slice(&row[2 * d..3 * d]);
+        let t = cache.keys.len() / d;
+        let q = g.slice_axis(qkv, 2, 0, d)?;
+        let k = g.input(Tensor::from_vec(&[1, t, d], cache.keys.clone())?);
+        let v = g.input(Tensor::from_vec(&[1, t, d], cache.values.clone())?);
+        // Every cached key is at or before this position: nothing to mask.
+        let o = g
+            .attention(q, k, v, &self.opts(&AttentionMask::default()))
+            .map_err(|e| layer_err(&self.name, e.to_string()))?;
+        self.out_proj(g, o)
     }
 
     /// Cross-attention: queries from `x: [B, Tq, d]`, keys and values from

@@ -101,6 +101,16 @@ impl TokenInput {
         self.positions.init(rng, out);
     }
 
+    /// One token at position `at` → `[1, 1, d]`.
+    fn run_at(&self, g: &mut Graph<'_>, token: usize, at: usize) -> Result<Var> {
+        let mut h = self.embedding.lookup(g, &[token], 1, 1)?;
+        if self.scale {
+            h = g.scale(h, (self.embedding.dim as f32).sqrt());
+        }
+        let h = self.positions.add_at(g, h, at)?;
+        Ok(g.dropout(h, self.dropout)?)
+    }
+
     /// `ids` (row-major `[b, t]`) → `[b, t, d]`.
     pub(super) fn run(&self, g: &mut Graph<'_>, ids: &[usize], b: usize, t: usize) -> Result<Var> {
         self.positions.check_len(t)?;
@@ -403,7 +413,34 @@ impl TransformerLm {
     }
 }
 
+impl crate::CachedLm for TransformerLm {
+    fn max_len(&self) -> usize {
+        self.cfg.max_len
+    }
+
+    fn next_logits(&self, params: &ParamStore, cache: &mut Vec<KvLayer>, token: usize) -> Result<Tensor> {
+        let s = &self.stack;
+        cache.resize_with(s.blocks.len(), KvLayer::default);
+        let at = cache.first().map_or(0, |c| c.keys.len() / self.cfg.d_model.max(1));
+        let mut g = Graph::inference(params);
+        let mut h = s.input.run_at(&mut g, token, at)?;
+        for (block, layer) in s.blocks.iter().zip(cache.iter_mut()) {
+            h = block.run_cached(&mut g, h, layer)?;
+        }
+        if let Some(n) = &s.final_norm {
+            h = n.forward(&mut g, h)?;
+        }
+        let h = g.reshape(h, &[1, self.cfg.d_model])?;
+        let logits = linear(&mut g, &self.head, h)?;
+        Ok(g.value(logits).clone())
+    }
+}
+
 impl Module for TransformerLm {
+    fn as_cached_lm(&self) -> Option<&dyn crate::CachedLm> {
+        Some(self)
+    }
+
     fn init_params(&self, rng: &mut Rng, out: &mut BTreeMap<String, Tensor>) {
         self.stack.init(rng, out);
         self.head.init_params(rng, out);

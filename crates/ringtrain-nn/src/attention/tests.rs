@@ -196,6 +196,43 @@ fn self_attention_without_positions_is_permutation_equivariant() {
     }
 }
 
+/// Generating from a key/value cache runs one token at a time; each step's logits are the
+/// full causal forward's at that position, for every placement of the norm and every kind of
+/// positions.
+#[test]
+fn the_key_value_cache_gives_the_full_forwards_logits() {
+    use crate::CachedLm;
+    for norm in [NormPlacement::Post, NormPlacement::Pre] {
+        for positions in [Positions::Learned, Positions::Sinusoidal, Positions::None] {
+            let m = TransformerLm::new(small(positions, norm));
+            let store = init_store(&m, 3);
+            let seq = [3, 4, 5, 6, 7, 8];
+            let full = infer(&m, &store, &ids(1, 6, &seq));
+            let mut cache = Vec::new();
+            for (t, &token) in seq.iter().enumerate() {
+                let step = m.next_logits(&store, &mut cache, token).unwrap();
+                for (c, &v) in step.as_slice().iter().enumerate() {
+                    let want = full.as_slice()[t * 12 + c];
+                    assert!(
+                        (v - want).abs() < 1e-5,
+                        "{norm:?} {positions:?} position {t}: {v} vs {want}"
+                    );
+                }
+            }
+            // A learned table has max_len = 8 rows: two more positions, then none.
+            for token in [9, 10] {
+                m.next_logits(&store, &mut cache, token).unwrap();
+            }
+            let past = m.next_logits(&store, &mut cache, 3);
+            assert_eq!(
+                past.is_err(),
+                positions == Positions::Learned,
+                "{positions:?} past max_len"
+            );
+        }
+    }
+}
+
 #[test]
 fn causal_lm_position_t_ignores_later_tokens_and_last_logits_agree() {
     for norm in [NormPlacement::Post, NormPlacement::Pre] {
