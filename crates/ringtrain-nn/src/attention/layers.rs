@@ -272,13 +272,8 @@ impl MultiHeadAttention {
         mask: &AttentionMask,
         keep_probs: bool,
     ) -> Result<(Var, Option<Tensor>)> {
-        self.check()?;
-        btd(g, x, &self.name, self.dim)?;
         let d = self.dim;
-        let w = g.param(&self.pname("in_proj_weight"))?;
-        let b = g.param(&self.pname("in_proj_bias"))?;
-        // one product for q, k and v of all positions; attention reads its column blocks
-        let qkv = g.linear(x, w, Some(b))?;
+        let qkv = self.in_proj(g, x)?;
         let at = |offset| Cols { var: qkv, offset };
         let (o, probs) = g
             .attention_cols(at(0), at(d), at(2 * d), d, &self.opts(mask), keep_probs)
@@ -286,17 +281,22 @@ impl MultiHeadAttention {
         Ok((self.out_proj(g, o)?, probs))
     }
 
+    /// q, k and v of every position of `x: [B, T, d]` side by side, `[B, T, 3d]`: one product.
+    fn in_proj(&self, g: &mut Graph<'_>, x: Var) -> Result<Var> {
+        self.check()?;
+        btd(g, x, &self.name, self.dim)?;
+        let w = g.param(&self.pname("in_proj_weight"))?;
+        let b = g.param(&self.pname("in_proj_bias"))?;
+        Ok(g.linear(x, w, Some(b))?)
+    }
+
     /// Causal self-attention of one new position `x: [1, 1, d]` over the keys and values of
     /// the positions before it, which `cache` holds (`[t·d]` each, row-major) and to which this
     /// position's are appended: the last row of [`MultiHeadAttention::self_attention`] with a
     /// causal mask, without recomputing the others.
     pub fn self_attention_cached(&self, g: &mut Graph<'_>, x: Var, cache: &mut KvLayer) -> Result<Var> {
-        self.check()?;
-        btd(g, x, &self.name, self.dim)?;
         let d = self.dim;
-        let w = g.param(&self.pname("in_proj_weight"))?;
-        let b = g.param(&self.pname("in_proj_bias"))?;
-        let qkv = g.linear(x, w, Some(b))?;
+        let qkv = self.in_proj(g, x)?;
         let row = g.value(qkv).as_slice();
         cache.keys.extend_from_slice(&row[d..2 * d]);
         cache.values.extend_from_slice(&row[2 * d..3 * d]);
