@@ -210,6 +210,11 @@ pub struct RunOptions<'a> {
     pub skip_baselines: bool,
 }
 
+/// The class of every example when the job stratifies its splits.
+fn stratified<'a>(job: &Job, task: &'a Task) -> Option<&'a [usize]> {
+    task.strata.as_deref().filter(|_| job.evaluation.stratify)
+}
+
 /// One planned training: fold, training rows, test rows, and whether the test rows are of the
 /// dataset's provided test split.
 type Planned = (Option<usize>, Vec<usize>, Vec<usize>, bool);
@@ -218,11 +223,7 @@ type Planned = (Option<usize>, Vec<usize>, Vec<usize>, bool);
 /// a parallel k-fold).
 fn plan_splits(job: &Job, task: &Task, only: Option<&[usize]>) -> Result<Vec<Planned>> {
     let n = task.examples.len();
-    let strata = if job.evaluation.stratify {
-        task.strata.as_deref()
-    } else {
-        None
-    };
+    let strata = stratified(job, task);
     let splits: Vec<Planned> = match job.evaluation.scheme {
         EvalScheme::TrainTest => {
             let s = train_test_split(n, job.evaluation.test_fraction, job.job.seed, strata)?;
@@ -344,11 +345,7 @@ fn train_fold(
             task.role,
             crate::formats::ModelRole::LanguageModel | crate::formats::ModelRole::Forecast
         );
-    let strata = if job.evaluation.stratify {
-        task.strata.as_deref()
-    } else {
-        None
-    };
+    let strata = stratified(job, task);
     let (train, val_rows) = carve_validation(train, job.evaluation.validation_fraction, job.job.seed, ordered, strata)?;
     let mut watch = job.training.early_stopping.as_ref().map(Watch::new);
     // The last epoch to train: the job's, or the one early stopping ends with.
@@ -579,9 +576,20 @@ pub fn run_job_opts(
     sync: &mut dyn GradSync,
     observe: &mut dyn FnMut(Progress),
 ) -> Result<RunSummary> {
+    run_task(job, &Task::from_job(job)?, job_text, opts, sync, observe)
+}
+
+/// [`run_job_opts`] on `task`, the job's data as read already.
+fn run_task(
+    job: &Job,
+    task: &Task,
+    job_text: &str,
+    opts: &RunOptions<'_>,
+    sync: &mut dyn GradSync,
+    observe: &mut dyn FnMut(Progress),
+) -> Result<RunSummary> {
     let out = opts.out;
-    let task = Task::from_job(job)?;
-    let splits = plan_splits(job, &task, opts.folds)?;
+    let splits = plan_splits(job, task, opts.folds)?;
     if let Some(dir) = out.filter(|_| sync.writes()) {
         std::fs::create_dir_all(dir).map_err(|e| TrainError::io(dir, format!("cannot create run directory: {e}")))?;
         write_atomic(&dir.join("job.toml"), job_text.as_bytes())?;
@@ -614,7 +622,7 @@ pub fn run_job_opts(
         let lines = &mut metrics_lines;
         let mut done = train_fold(
             job,
-            &task,
+            task,
             opts,
             planned,
             (last_fold && !refit, false),
@@ -632,7 +640,7 @@ pub fn run_job_opts(
             whole.training.epochs = stop.best_epoch;
             whole.training.early_stopping = None;
             whole.evaluation.validation_fraction = None;
-            done = train_fold(&whole, &task, opts, planned, (last_fold, true), lines, sync, observe)?;
+            done = train_fold(&whole, task, opts, planned, (last_fold, true), lines, sync, observe)?;
             done.report.early_stopping = Some(StopReport { refit: true, ..stop });
         }
         folds.push(done.report);
@@ -681,10 +689,10 @@ pub fn run_job_opts(
         kfold: kfold_stats,
     };
     if sync.writes() && !opts.skip_baselines && opts.folds.is_none() {
-        summary.baseline.extend(baselines_of(job, &task, &summary.folds)?);
+        summary.baseline.extend(baselines_of(job, task, &summary.folds)?);
     }
     if let Some(dir) = out.filter(|_| sync.writes()) {
-        write_run_dir(dir, job, &task, &trainer, examples.as_ref(), &metrics_lines, &summary)?;
+        write_run_dir(dir, job, task, &trainer, examples.as_ref(), &metrics_lines, &summary)?;
     }
     Ok(summary)
 }
@@ -734,7 +742,9 @@ fn baselines_of(job: &Job, task: &Task, folds: &[FoldReport]) -> Result<BTreeMap
             skip_baselines: true,
             ..RunOptions::default()
         };
-        let run = run_job_opts(&linear, "", &opts, &mut LocalSync, &mut |_| {})?;
+        // The same data (a linear baseline changes the model and how it trains, not what is
+        // read), so the task is shared.
+        let run = run_task(&linear, task, "", &opts, &mut LocalSync, &mut |_| {})?;
         let accuracies: Vec<f64> = run.folds.iter().filter_map(|f| f.test.accuracy).collect();
         if !accuracies.is_empty() {
             let mean = accuracies.iter().sum::<f64>() / accuracies.len() as f64;

@@ -85,7 +85,6 @@ impl Format for Csv {
                 reason: format!("{loss:?} does not fit a {target:?} target"),
             });
         }
-        let d = data.n_features;
         let test_examples = match &job.data.test_path {
             Some(path) => Some(Arc::new(read_test_file(
                 path,
@@ -98,12 +97,7 @@ impl Format for Csv {
         let classes = classes.map(Arc::new);
         Ok(Task {
             strata: classes.as_ref().map(|c| c.to_vec()),
-            examples: Arc::new(Tabular {
-                data: Arc::new(data),
-                classes,
-                mean: vec![0.0; d],
-                inv_std: vec![1.0; d],
-            }),
+            examples: Arc::new(Tabular::unscaled(data, classes)),
             test_examples,
             target,
             loss,
@@ -131,7 +125,6 @@ fn read_test_file(path: &Path, opts: &CsvOptions, train: &Labels, positive: Opti
                 })
             })
             .collect::<Result<_>>()?;
-        let d = data.n_features;
         let classes = ids
             .iter()
             .map(|&i| match positive {
@@ -139,20 +132,9 @@ fn read_test_file(path: &Path, opts: &CsvOptions, train: &Labels, positive: Opti
                 None => to_train[i],
             })
             .collect();
-        return Ok(Tabular {
-            data: Arc::new(data),
-            classes: Some(Arc::new(classes)),
-            mean: vec![0.0; d],
-            inv_std: vec![1.0; d],
-        });
+        return Ok(Tabular::unscaled(data, Some(Arc::new(classes))));
     }
-    let d = data.n_features;
-    Ok(Tabular {
-        data: Arc::new(data),
-        classes: None,
-        mean: vec![0.0; d],
-        inv_std: vec![1.0; d],
-    })
+    Ok(Tabular::unscaled(data, None))
 }
 
 /// Appends `row` standardised, `(x - mean) * inv_std` per feature: the one standardisation
@@ -205,6 +187,17 @@ pub struct Tabular {
 }
 
 impl Tabular {
+    /// `data` as read, not standardised yet.
+    fn unscaled(data: TabularData, classes: Option<Arc<Vec<usize>>>) -> Tabular {
+        let d = data.n_features;
+        Tabular {
+            data: Arc::new(data),
+            classes,
+            mean: vec![0.0; d],
+            inv_std: vec![1.0; d],
+        }
+    }
+
     /// Mean and standard deviation of each feature over `rows` (the training split only, so
     /// nothing about the test rows leaks into training).
     pub fn standardized_on(&self, rows: &[usize]) -> Tabular {
