@@ -253,7 +253,7 @@ impl Job {
         if self.model.kind == ModelKind::Transformer {
             let d = self.model.embedding_dim();
             let h = self.model.heads();
-            if h == 0 || d % h != 0 {
+            if h == 0 || !d.is_multiple_of(h) {
                 return Err(fail(
                     "model.heads",
                     format!("must divide embedding_dim (d_model) {d}, got {h}"),

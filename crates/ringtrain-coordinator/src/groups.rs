@@ -32,7 +32,7 @@ impl FoldPlan {
 /// 0, 2, 4 and 1, 3); 3 workers, 5 folds → 3 groups of 1; 4 workers, 3 folds → 2 groups of 2
 /// (3 does not divide 4). Empty when either count is zero.
 pub fn fold_groups(workers: usize, folds: usize) -> Vec<FoldPlan> {
-    let Some(count) = (1..=workers.min(folds)).rev().find(|g| workers % g == 0) else {
+    let Some(count) = (1..=workers.min(folds)).rev().find(|g| workers.is_multiple_of(*g)) else {
         return Vec::new();
     };
     let size = workers / count;

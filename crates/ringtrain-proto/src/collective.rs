@@ -208,7 +208,7 @@ impl TryFrom<wire::DataFrame> for DataFrame {
             });
         }
         let value_bytes = op.value_bytes();
-        if d.payload.len() % value_bytes != 0 {
+        if !d.payload.len().is_multiple_of(value_bytes) {
             return Err(WireError::UnalignedPayload {
                 op,
                 len: d.payload.len(),

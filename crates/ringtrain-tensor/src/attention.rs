@@ -90,7 +90,7 @@ pub fn attention_dims(q: Heads<'_>, k: Heads<'_>, v: Heads<'_>, dim: usize, head
         Ok(s)
     };
     let (qs, ks, vs) = (three(q, "q")?, three(k, "k")?, three(v, "v")?);
-    if heads == 0 || dim == 0 || dim % heads != 0 {
+    if heads == 0 || dim == 0 || !dim.is_multiple_of(heads) {
         return Err(invalid(format!("{dim} features do not split into {heads} heads")));
     }
     if qs[0] != ks[0] || ks[0] != vs[0] || ks[1] != vs[1] {

@@ -7,7 +7,8 @@
 //! `h' = (1 − z) ⊙ n + z ⊙ h`. A padded step (mask 0) keeps the state and outputs zeros.
 
 use crate::fused::{sigmoid, tanh};
-use crate::lstm::{dims, gemm_acc, recurrent_weight_grads, time_index};
+use crate::gemm::{gemm_packed, PackedB};
+use crate::lstm::{dims, recurrent_weight_grads, time_index};
 use crate::{Result, Tensor, TensorError};
 
 /// What backward needs from the forward pass, in `[B, T, ·]` layout (row `b·T + t` is time
@@ -58,13 +59,14 @@ pub fn gru_forward(
             let mut hs = h0.map_or_else(|| vec![0.0f32; b * h], Tensor::to_vec);
             let mut hp = vec![0.0f32; b * g3];
             let mut acts = vec![0.0f32; 4 * h];
+            let w_t = PackedB::pack_t(ws, h, g3); // W_hhᵀ: [H, 3H]
             for step in 0..t {
                 let ti = time_index(step, t, reverse);
                 // hp = h · W_hhᵀ + b_hh (the reset gate scales the candidate's recurrent part only)
                 for row in hp.chunks_exact_mut(g3) {
                     row.copy_from_slice(bias);
                 }
-                gemm_acc(&hs, (b, h), ws, (g3, h), true, &mut hp);
+                gemm_packed(&hs, h, b, &w_t, &mut hp, g3);
                 for r in 0..b {
                     let row = r * t + ti;
                     let m = ms[row];
@@ -151,13 +153,14 @@ pub fn gru_backward(
                 dh[r * h..][..h].copy_from_slice(&gs[(r * (t + 1) + t) * h..][..h]);
             }
             let mut dhp = vec![0.0f32; b * g3];
+            let w = PackedB::pack(ws, g3, h);
             for step in (0..t).rev() {
                 let ti = time_index(step, t, reverse);
                 for r in 0..b {
                     let row = r * t + ti;
                     let m = ms[row];
                     let acts = &tape.acts[row * 4 * h..][..4 * h];
-                    let (rg, zg, ng, hn) = (&acts[..h], &acts[h..2 * h], &acts[2 * h..3 * h], &acts[3 * h..]);
+                    let (rg, zg, ng, hn) = (&acts[..h], &acts[h..2 * h], &acts[2 * h..3 * h], &acts[3 * h..4 * h]);
                     let hp = &tape.h_prev[row * h..][..h];
                     let gout = &gs[(r * (t + 1) + ti) * h..][..h];
                     let dhr = &mut dh[r * h..][..h];
@@ -167,6 +170,8 @@ pub fn gru_backward(
                     let drow = &mut dhp[r * g3..][..g3];
                     let (dhr_gate, rest) = drow.split_at_mut(h);
                     let (dhz_gate, dhn_gate) = rest.split_at_mut(h);
+                    // every slice cut to H, so that the loop below vectorises without bounds checks
+                    let (dxn, dhn_gate) = (&mut dxn[..h], &mut dhn_gate[..h]);
                     for j in 0..h {
                         let (rv, zv, nv) = (rg[j], zg[j], ng[j]);
                         let dh_new = m * (dhr[j] + gout[j]);
@@ -181,7 +186,7 @@ pub fn gru_backward(
                     dhp_all[row * g3..][..g3].copy_from_slice(drow);
                 }
                 // dh_prev += dhp · W_hh
-                gemm_acc(&dhp, (b, g3), ws, (g3, h), false, &mut dh);
+                gemm_packed(&dhp, g3, b, &w, &mut dh, h);
             }
             let (dw, db) = recurrent_weight_grads(&dhp_all, &tape.h_prev, g3, h);
             Ok([

@@ -22,6 +22,7 @@ pub mod attention;
 pub mod conv;
 mod error;
 pub mod fused;
+pub mod gemm;
 pub mod gru;
 mod linalg;
 pub mod lstm;

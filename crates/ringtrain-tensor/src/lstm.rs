@@ -3,8 +3,8 @@
 //!
 //! Recorded op by op, one step of the cell is about twenty tape nodes, each allocating its
 //! `[B, H]` or `[B, 4H]` output, and the recurrent weight's gradient is T small products with
-//! an inner dimension of B. Here one step is one sgemm into a reused buffer plus one fused pass
-//! over the gates, and the weight gradient is a single product over all B·T rows at the end
+//! an inner dimension of B. Here `W_hh` is packed once per pass ([`PackedB`]), one step is one
+//! product against it into a reused buffer plus one fused pass over the gates, and the weight gradient is a single product over all B·T rows at the end
 //! (cuDNN and PyTorch's CPU kernel do the same).
 //!
 //! Layout and gate order follow PyTorch (`weight_hh_l0: [4H, H]`, gates i, f, g, o):
@@ -15,20 +15,21 @@
 use ndarray::{linalg::general_mat_mul, ArrayView2, ArrayViewMut2};
 
 use crate::fused::{sigmoid, tanh};
+use crate::gemm::{gemm_packed, PackedB};
 use crate::{Result, Tensor, TensorError};
 
-/// What backward needs from the forward pass, each in time-major `[T, B, ·]` layout (row
-/// `t·B + b` is time index `t` of batch row `b`, whatever the direction), so that one step's
-/// rows are one contiguous block.
+/// What backward needs from the forward pass, each in `xp`'s batch-major `[B, T, ·]` layout
+/// (row `b·T + t`): backward then writes the gates' gradients straight into `dxp`, and one step's
+/// rows are read `T` rows apart.
 #[derive(Debug, Clone, Default)]
 pub struct LstmTape {
-    /// The activated gates i, f, g, o: `[T, B, 4H]`.
+    /// The activated gates i, f, g, o: `[B, T, 4H]`.
     acts: Vec<f32>,
-    /// The state entering each step: `[T, B, H]`.
+    /// The state entering each step: `[B, T, H]`.
     h_prev: Vec<f32>,
-    /// The cell entering each step: `[T, B, H]`.
+    /// The cell entering each step: `[B, T, H]`.
     c_prev: Vec<f32>,
-    /// `tanh(c')` of each step: `[T, B, H]`.
+    /// `tanh(c')` of each step: `[B, T, H]`.
     tanh_c: Vec<f32>,
 }
 
@@ -64,22 +65,6 @@ pub(crate) fn dims(
         )));
     }
     Ok((b, t, h))
-}
-
-/// `c += a · bᵀ` (`trans_b`) or `c += a · b` on row-major slices, through BLAS.
-pub(crate) fn gemm_acc(
-    a: &[f32],
-    (m, k): (usize, usize),
-    b: &[f32],
-    (bm, bn): (usize, usize),
-    trans_b: bool,
-    c: &mut [f32],
-) {
-    let a = ArrayView2::from_shape((m, k), a).expect("caller sized a");
-    let b = ArrayView2::from_shape((bm, bn), b).expect("caller sized b");
-    let b = if trans_b { b.t() } else { b };
-    let mut c = ArrayViewMut2::from_shape((m, b.ncols()), c).expect("caller sized c");
-    general_mat_mul(1.0, &a, &b, 1.0, &mut c);
 }
 
 /// `(dW_hh, db_hh)` from every step's gate gradients `dpre: [rows, G]` and the states that
@@ -146,8 +131,13 @@ pub fn lstm_forward(
             let (xs, ws, bias, ms) = (xp.as_slice(), w_hh.as_slice(), b_hh.as_slice(), mask.as_slice());
             let mut out = vec![0.0f32; b * (t + 2) * h];
             let mut tape = if keep_tape {
+                // the gates start as xp + b_hh, in one pass; each step adds its product in place
+                let mut acts = Vec::with_capacity(b * t * g4);
+                for row in xs.chunks_exact(g4) {
+                    acts.extend(row.iter().zip(bias).map(|(&x, &bv)| x + bv));
+                }
                 LstmTape {
-                    acts: vec![0.0; b * t * g4],
+                    acts,
                     h_prev: vec![0.0; b * t * h],
                     c_prev: vec![0.0; b * t * h],
                     tanh_c: vec![0.0; b * t * h],
@@ -159,36 +149,48 @@ pub fn lstm_forward(
                 Some((h0, c0)) => (h0.to_vec(), c0.to_vec()),
                 None => (vec![0.0f32; b * h], vec![0.0f32; b * h]),
             };
-            // Without a tape, one step's gates and tanh(c') live in scratch buffers; with one, they
-            // are computed in place in the tape's block for that step (time-major, so a step's rows
-            // are contiguous and the sgemm writes straight into them).
-            let mut scratch = if keep_tape { Vec::new() } else { vec![0.0f32; b * g4] };
-            let mut scratch_tc = if keep_tape { Vec::new() } else { vec![0.0f32; b * h] };
+            // Without a tape, one step's gates live in a `[B, 4H]` scratch buffer; with one, they are
+            // computed in place in the tape, whose rows for one step are `T·4H` apart.
+            let (mut scratch, mut scratch_tc) = if keep_tape {
+                (Vec::new(), Vec::new())
+            } else {
+                (vec![0.0f32; b * g4], vec![0.0f32; h])
+            };
+            let LstmTape {
+                acts,
+                h_prev,
+                c_prev,
+                tanh_c,
+            } = &mut tape;
             let mut c_new = vec![0.0f32; h];
+            let w_t = PackedB::pack_t(ws, h, g4); // W_hhᵀ: [H, 4H]
             for step in 0..t {
                 let ti = time_index(step, t, reverse);
-                let (pre, tcs) = if keep_tape {
-                    tape.h_prev[ti * b * h..][..b * h].copy_from_slice(&hs);
-                    tape.c_prev[ti * b * h..][..b * h].copy_from_slice(&cs);
-                    (
-                        &mut tape.acts[ti * b * g4..][..b * g4],
-                        &mut tape.tanh_c[ti * b * h..][..b * h],
-                    )
+                let (pre, ld) = if keep_tape {
+                    (&mut acts[ti * g4..], t * g4)
                 } else {
-                    (&mut scratch[..], &mut scratch_tc[..])
-                };
-                for r in 0..b {
-                    let src = &xs[(r * t + ti) * g4..][..g4];
-                    for ((p, &x), &bv) in pre[r * g4..][..g4].iter_mut().zip(src).zip(bias) {
-                        *p = x + bv;
+                    for (r, row) in scratch.chunks_exact_mut(g4).enumerate() {
+                        let src = &xs[(r * t + ti) * g4..][..g4];
+                        for ((p, &x), &bv) in row.iter_mut().zip(src).zip(bias) {
+                            *p = x + bv;
+                        }
                     }
-                }
-                gemm_acc(&hs, (b, h), ws, (g4, h), true, pre);
+                    (&mut scratch[..], g4)
+                };
+                gemm_packed(&hs, h, b, &w_t, pre, ld);
                 for r in 0..b {
-                    let m = ms[r * t + ti];
+                    let row = r * t + ti;
+                    let m = ms[row];
                     let (hr, cr) = (&mut hs[r * h..][..h], &mut cs[r * h..][..h]);
+                    let tanh_c = if keep_tape {
+                        h_prev[row * h..][..h].copy_from_slice(hr);
+                        c_prev[row * h..][..h].copy_from_slice(cr);
+                        &mut tanh_c[row * h..][..h]
+                    } else {
+                        &mut scratch_tc[..]
+                    };
                     // Activate in place, one gate block at a time: plain slice maps vectorise.
-                    let p = &mut pre[r * g4..][..g4];
+                    let p = &mut pre[r * ld..][..g4];
                     let (if_gates, rest) = p.split_at_mut(2 * h);
                     let (g_gate, o_gate) = rest.split_at_mut(h);
                     if_gates.iter_mut().for_each(|v| *v = sigmoid(*v));
@@ -204,7 +206,6 @@ pub fn lstm_forward(
                     {
                         *cn = f * cp + i * g;
                     }
-                    let tanh_c = &mut tcs[r * h..][..h];
                     for (tc, &cn) in tanh_c.iter_mut().zip(&c_new) {
                         *tc = tanh(cn);
                     }
@@ -235,6 +236,59 @@ pub fn lstm_forward(
             Ok((Tensor::from_vec(&[b, t + 2, h], out)?, tape))
         },
     )
+}
+
+/// One element of one step of backpropagation through time: from mask `m`, the activated gates
+/// i, f, g, o, `tanh(c')`, `c_prev`, the output's gradient and the running `dh` and `dc`, the
+/// four gates' pre-activation gradients and the new `dh` and `dc`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn bptt(m: f32, i: f32, f: f32, gg: f32, o: f32, tc: f32, cp: f32, gout: f32, dh: f32, dc: f32) -> [f32; 6] {
+    let dh_new = m * (dh + gout);
+    let dc_new = m * dc + dh_new * o * (1.0 - tc * tc);
+    [
+        dc_new * gg * i * (1.0 - i),
+        dc_new * cp * f * (1.0 - f),
+        dc_new * i * (1.0 - gg * gg),
+        dh_new * tc * o * (1.0 - o),
+        dh * (1.0 - m),
+        dc_new * f + (1.0 - m) * dc,
+    ]
+}
+
+/// [`bptt`] over one batch row: `ins` holds the gates i, f, g, o, `tanh(c')`, `c_prev` and the
+/// output's gradient, `dp` the four gates' gradients to write. Sixteen lanes at a time go through
+/// local arrays: over slices of shared buffers the compiler needed more runtime overlap checks
+/// than it makes, and the loop ran scalar.
+#[inline(always)]
+fn cell_backward(m: f32, ins: [&[f32]; 7], dh: &mut [f32], dc: &mut [f32], dp: [&mut [f32]; 4]) {
+    const L: usize = 16;
+    let h = dh.len();
+    let [dpi, dpf, dpg, dpo] = dp;
+    let mut j = 0;
+    while j + L <= h {
+        let load = |s: &[f32]| -> [f32; L] { s[j..j + L].try_into().expect("L lanes") };
+        let [i, f, g, o, tc, cp, go] = ins.map(load);
+        let (dhv, dcv) = (load(dh), load(dc));
+        let mut out = [[0.0f32; L]; 6];
+        for l in 0..L {
+            let r = bptt(m, i[l], f[l], g[l], o[l], tc[l], cp[l], go[l], dhv[l], dcv[l]);
+            for (k, v) in r.into_iter().enumerate() {
+                out[k][l] = v;
+            }
+        }
+        dpi[j..j + L].copy_from_slice(&out[0]);
+        dpf[j..j + L].copy_from_slice(&out[1]);
+        dpg[j..j + L].copy_from_slice(&out[2]);
+        dpo[j..j + L].copy_from_slice(&out[3]);
+        dh[j..j + L].copy_from_slice(&out[4]);
+        dc[j..j + L].copy_from_slice(&out[5]);
+        j += L;
+    }
+    for j in j..h {
+        let [i, f, g, o, tc, cp, go] = ins.map(|s| s[j]);
+        [dpi[j], dpf[j], dpg[j], dpo[j], dh[j], dc[j]] = bptt(m, i, f, g, o, tc, cp, go, dh[j], dc[j]);
+    }
 }
 
 /// Backpropagation through time for [`lstm_forward`]: given the gradient `g: [B, T + 2, H]` of
@@ -270,43 +324,29 @@ pub fn lstm_backward(
                 dh[r * h..][..h].copy_from_slice(&gs[(r * (t + 2) + t) * h..][..h]);
                 dc[r * h..][..h].copy_from_slice(&gs[(r * (t + 2) + t + 1) * h..][..h]);
             }
-            // The gates' gradients in the tape's time-major order: a step's rows are one block, the
-            // left operand of that step's product with W_hh, and all of them of the weight gradient's.
-            let mut dpre = vec![0.0f32; b * t * g4];
+            // The gates' gradients are written straight into dxp: one step's rows (T·4H apart) are
+            // the left operand of that step's product with W_hh, and all rows, in the tape's order,
+            // that of the weight gradient.
+            let w = PackedB::pack(ws, g4, h);
             for step in (0..t).rev() {
                 let ti = time_index(step, t, reverse);
                 for r in 0..b {
                     let row = r * t + ti;
                     let m = ms[row];
-                    let tm = ti * b + r; // the tape's time-major row
-                    let acts = &tape.acts[tm * g4..][..g4];
-                    let (tcs, cps) = (&tape.tanh_c[tm * h..][..h], &tape.c_prev[tm * h..][..h]);
+                    let acts = &tape.acts[row * g4..][..g4];
+                    let (tcs, cps) = (&tape.tanh_c[row * h..][..h], &tape.c_prev[row * h..][..h]);
                     let gout = &gs[(r * (t + 2) + ti) * h..][..h];
                     let (dhr, dcr) = (&mut dh[r * h..][..h], &mut dc[r * h..][..h]);
-                    let dp = &mut dpre[tm * g4..][..g4];
-                    // Equal-length slices let the compiler drop the bounds checks and vectorise.
-                    let (ai, af, ag, ao) = (&acts[..h], &acts[h..2 * h], &acts[2 * h..3 * h], &acts[3 * h..]);
-                    let (dpi, rest) = dp.split_at_mut(h);
+                    let (dpi, rest) = dxp[row * g4..][..g4].split_at_mut(h);
                     let (dpf, rest) = rest.split_at_mut(h);
                     let (dpg, dpo) = rest.split_at_mut(h);
-                    let (tcs, cps, gout, dhr, dcr) = (&tcs[..h], &cps[..h], &gout[..h], &mut dhr[..h], &mut dcr[..h]);
-                    for j in 0..h {
-                        let (i, f, gg, o, tc) = (ai[j], af[j], ag[j], ao[j], tcs[j]);
-                        let dh_new = m * (dhr[j] + gout[j]);
-                        let dc_new = m * dcr[j] + dh_new * o * (1.0 - tc * tc);
-                        dpi[j] = dc_new * gg * i * (1.0 - i);
-                        dpf[j] = dc_new * cps[j] * f * (1.0 - f);
-                        dpg[j] = dc_new * i * (1.0 - gg * gg);
-                        dpo[j] = dh_new * tc * o * (1.0 - o);
-                        dcr[j] = dc_new * f + (1.0 - m) * dcr[j];
-                        dhr[j] *= 1.0 - m;
-                    }
-                    dxp[row * g4..][..g4].copy_from_slice(dp);
+                    let (ai, af, ag, ao) = (&acts[..h], &acts[h..2 * h], &acts[2 * h..3 * h], &acts[3 * h..]);
+                    cell_backward(m, [ai, af, ag, ao, tcs, cps, gout], dhr, dcr, [dpi, dpf, dpg, dpo]);
                 }
-                // dh_prev += dpre · W_hh
-                gemm_acc(&dpre[ti * b * g4..][..b * g4], (b, g4), ws, (g4, h), false, &mut dh);
+                // dh_prev += (this step's rows of dxp) · W_hh
+                gemm_packed(&dxp[ti * g4..], t * g4, b, &w, &mut dh, h);
             }
-            let (dw, db) = recurrent_weight_grads(&dpre, &tape.h_prev, g4, h);
+            let (dw, db) = recurrent_weight_grads(&dxp, &tape.h_prev, g4, h);
             Ok([
                 Tensor::from_vec(xp_shape, dxp)?,
                 Tensor::from_vec(&[g4, h], dw)?,

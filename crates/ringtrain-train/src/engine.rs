@@ -330,7 +330,7 @@ impl Trainer {
         let (rank, world) = (sync.rank(), sync.world().max(1));
         let mut groups: Vec<StepPlan> = Vec::new();
         if self.tbptt {
-            if self.batch_size % world != 0 {
+            if !self.batch_size.is_multiple_of(world) {
                 return Err(TrainError::Job {
                     field: "training.batch_size",
                     reason: format!(

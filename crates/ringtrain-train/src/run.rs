@@ -496,7 +496,7 @@ fn train_fold(
                 write_atomic(&dir.join("metrics.jsonl"), metrics_lines.as_bytes())?;
                 let due = opts
                     .checkpoint_every
-                    .is_some_and(|k| epoch % k.max(1) == 0 || epoch == job.training.epochs);
+                    .is_some_and(|k| epoch.is_multiple_of(k.max(1)) || epoch == job.training.epochs);
                 if due && fold.is_none() {
                     trainer.save_checkpoint(&dir.join("checkpoint.safetensors"), epoch, sync.world())?;
                     observe(Progress::Checkpoint { epoch });

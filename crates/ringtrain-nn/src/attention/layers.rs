@@ -240,7 +240,7 @@ impl MultiHeadAttention {
     }
 
     fn check(&self) -> Result<()> {
-        if self.heads == 0 || self.dim % self.heads != 0 {
+        if self.heads == 0 || !self.dim.is_multiple_of(self.heads) {
             return Err(layer_err(
                 &self.name,
                 format!("d_model {} does not split into {} heads", self.dim, self.heads),
