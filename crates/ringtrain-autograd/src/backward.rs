@@ -3,7 +3,7 @@
 //! `sum_to_shape`.
 
 use ringtrain_tensor::attention::{self as attn, GradSlot, Heads};
-use ringtrain_tensor::{conv, fused, Tensor};
+use ringtrain_tensor::{conv, conv2d, fused, Tensor};
 
 use crate::ops::sigmoid;
 use crate::{AutogradError, Gradients, Graph, Op, ParamGrad, RecurrentTape, Result, RowGrad, Var};
@@ -255,33 +255,14 @@ impl Graph<'_> {
             }
             Op::MulConst { x, factor } => vec![(*x, g.mul(factor)?)],
             Op::Conv2d { x, w, b, win, cols } => {
-                let (xv, wv) = (val(*x), val(*w));
-                let xs = nchw(xv)?;
-                let (o, ckk) = (wv.shape()[0], wv.len() / wv.shape()[0]);
-                // g: [N, O, OH, OW] → [O, N·L], the layout of the forward product.
-                let (n, l) = (g.shape()[0], g.len() / (g.shape()[0] * o).max(1));
-                let gs = g.as_slice();
-                let mut gmv = Vec::with_capacity(g.len());
-                for ch in 0..o {
-                    for img in 0..n {
-                        gmv.extend_from_slice(&gs[(img * o + ch) * l..(img * o + ch + 1) * l]);
-                    }
-                }
-                let gm = Tensor::from_vec(&[o, n * l], gmv)?;
-                let mut out = Vec::with_capacity(3);
-                if let Some(b) = b.filter(|&b| need(b)) {
-                    let db: Vec<f32> = gm.as_slice().chunks(n * l).map(|r| r.iter().sum()).collect();
-                    out.push((b, Tensor::from_vec(&[o], db)?));
-                }
-                if need(*w) {
-                    out.push((*w, gm.matmul_t(cols, false, true)?.reshape(wv.shape())?));
-                }
-                if need(*x) {
-                    // The first layer's input needs no gradient: no dcols product, no col2im.
-                    let dcols = wv.reshape(&[o, ckk])?.matmul_t(&gm, true, false)?;
-                    out.push((*x, conv::col2im(&dcols, xs, win)?));
-                }
-                out
+                let need_b = b.is_some_and(need);
+                let [dx, dw, db] =
+                    conv2d::conv2d_backward(g, val(*x), val(*w), cols.as_ref(), win, [need(*x), need(*w), need_b])?;
+                [(*x, dx), (*w, dw)]
+                    .into_iter()
+                    .chain(b.map(|b| (b, db)))
+                    .filter_map(|(v, d)| Some((v, d?)))
+                    .collect()
             }
             Op::Recurrent {
                 xp,

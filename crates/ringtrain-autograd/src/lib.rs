@@ -120,13 +120,14 @@ pub(crate) enum Op {
         x: Var,
         factor: Tensor,
     },
-    /// `cols` is the forward pass's im2col matrix, kept for the weight gradient.
+    /// `cols` is the forward pass's im2col matrix when its stride lowers to one (see
+    /// `ringtrain_tensor::conv2d`), kept for the weight gradient.
     Conv2d {
         x: Var,
         w: Var,
         b: Option<Var>,
         win: Window2d,
-        cols: Tensor,
+        cols: Option<Tensor>,
     },
     MaxPool2d {
         x: Var,

@@ -3,6 +3,7 @@
 
 use ringtrain_tensor::attention::{self as attn, AttentionMask, Heads};
 use ringtrain_tensor::conv::{self, Window2d};
+use ringtrain_tensor::conv2d;
 use ringtrain_tensor::{fused, Tensor};
 
 use crate::{AttentionOpts, AutogradError, Cols, Graph, Op, RecurrentTape, Result, Var};
@@ -208,7 +209,7 @@ impl Graph<'_> {
     /// `OH = ⌊(H + 2·padding − KH) / stride⌋ + 1` (same for W).
     pub fn conv2d(&mut self, x: Var, w: Var, b: Option<Var>, stride: usize, padding: usize) -> Result<Var> {
         let (xs, ws) = (self.shape(x).to_vec(), self.shape(w).to_vec());
-        let (&[n, c, _, _], &[o, wc, kh, kw]) = (xs.as_slice(), ws.as_slice()) else {
+        let (&[_, c, _, _], &[o, wc, kh, kw]) = (xs.as_slice(), ws.as_slice()) else {
             return Err(AutogradError::Invalid {
                 op: "conv2d",
                 reason: format!("need x [N,C,H,W] and w [O,C,KH,KW], got {xs:?} and {ws:?}"),
@@ -225,8 +226,6 @@ impl Graph<'_> {
             stride,
             padding,
         };
-        let cols = conv::im2col(self.value(x), &win)?;
-        let (oh, ow) = win.output_hw(xs[2], xs[3]).expect("im2col checked the window fits");
         if let Some(b) = b {
             if self.shape(b) != [o] {
                 return Err(AutogradError::Invalid {
@@ -235,22 +234,7 @@ impl Graph<'_> {
                 });
             }
         }
-        // [O, CKK] · [CKK, N·L] = [O, N·L], then one pass to [N, O, OH, OW] adding the bias.
-        let prod = self.value(w).reshape(&[o, c * kh * kw])?.matmul(&cols)?;
-        let l = oh * ow;
-        let bias = b.map(|b| self.value(b).to_vec()).unwrap_or_else(|| vec![0.0; o]);
-        let ps = prod.as_slice();
-        let mut y = Vec::with_capacity(n * o * l);
-        for img in 0..n {
-            for (ch, &bv) in bias.iter().enumerate() {
-                y.extend(
-                    ps[ch * n * l + img * l..ch * n * l + (img + 1) * l]
-                        .iter()
-                        .map(|&v| v + bv),
-                );
-            }
-        }
-        let y = Tensor::from_vec(&[n, o, oh, ow], y)?;
+        let (y, cols) = conv2d::conv2d_forward(self.value(x), self.value(w), b.map(|b| self.value(b)), &win)?;
         let mut inputs = vec![x, w];
         inputs.extend(b);
         Ok(self.record(y, Op::Conv2d { x, w, b, win, cols }, &inputs))

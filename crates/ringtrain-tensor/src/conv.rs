@@ -68,7 +68,7 @@ fn out_hw(win: &Window2d, h: usize, w: usize, op: &'static str) -> Result<(usize
 
 /// Runs `f(i, piece)` over the `chunk`-sized pieces of `out`, on rayon only when the pool has
 /// more than one thread: with one thread, a hand-off to its worker only adds latency.
-fn for_each_chunk(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
+pub(crate) fn for_each_chunk(out: &mut [f32], chunk: usize, f: impl Fn(usize, &mut [f32]) + Sync + Send) {
     let chunk = chunk.max(1);
     if rayon::current_num_threads() > 1 {
         out.par_chunks_mut(chunk).enumerate().for_each(|(i, piece)| f(i, piece));

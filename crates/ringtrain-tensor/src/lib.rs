@@ -20,6 +20,7 @@ use blas_src as _;
 
 pub mod attention;
 pub mod conv;
+pub mod conv2d;
 mod error;
 pub mod fused;
 pub mod gemm;
