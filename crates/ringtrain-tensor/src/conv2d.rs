@@ -13,7 +13,7 @@
 //! gradient is split by its rows, each summed over the images in order.
 
 use crate::conv::{col2im, for_each_chunk, im2col, Window2d};
-use crate::gemm::{gemm_gather, Gather, PackedB};
+use crate::gemm::{gemm_gather, gemm_runs, Gather, PackedB, Runs};
 use crate::{Result, Tensor, TensorError};
 
 fn invalid(reason: String) -> TensorError {
@@ -37,10 +37,14 @@ struct Dims {
 impl Dims {
     fn of(x: &[usize], w: &[usize], win: &Window2d) -> Result<Dims> {
         let (&[n, c, h, wd], &[o, wc, kh, kw]) = (x, w) else {
-            return Err(invalid(format!("need x [N,C,H,W] and w [O,C,KH,KW], got {x:?} and {w:?}")));
+            return Err(invalid(format!(
+                "need x [N,C,H,W] and w [O,C,KH,KW], got {x:?} and {w:?}"
+            )));
         };
         if c != wc || win.kernel != (kh, kw) {
-            return Err(invalid(format!("input {x:?} and kernel {w:?} do not fit (window {win:?})")));
+            return Err(invalid(format!(
+                "input {x:?} and kernel {w:?} do not fit (window {win:?})"
+            )));
         }
         let (oh, ow) = win.output_hw(h, wd).ok_or_else(|| {
             invalid(format!(
@@ -100,6 +104,17 @@ fn window(planes: usize, (kh, kw): (usize, usize), (hp, wp): (usize, usize)) -> 
         .collect()
 }
 
+/// From planes of `span` positions counted across a padded width `wp`, the first `w` of each
+/// row, into `dst`'s planes of whole rows.
+fn keep_rows(src: &[f32], span: usize, wp: usize, w: usize, dst: &mut [f32]) {
+    let plane = dst.len() / (src.len() / span).max(1);
+    for (out, wide) in dst.chunks_exact_mut(plane).zip(src.chunks_exact(span)) {
+        for (row, line) in out.chunks_exact_mut(w).enumerate() {
+            line.copy_from_slice(&wide[row * wp..][..w]);
+        }
+    }
+}
+
 /// `dst[j][i] = src[i][j]` for `src: [rows, cols]`.
 fn transpose_into(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
     for (i, row) in src.chunks_exact(cols).take(rows).enumerate() {
@@ -134,22 +149,43 @@ pub fn conv2d_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, win: &Window2d
     }
     let p = win.padding;
     let (hp, wp) = (d.h + 2 * p, d.w + 2 * p);
-    let (pixels, taps) = (grid(d.oh, d.ow, wp), window(d.c, (d.kh, d.kw), (hp, wp)));
-    let wt = PackedB::pack_t(w.as_slice(), d.taps(), d.o); // wᵀ: [CKK, O]
+    let taps = window(d.c, (d.kh, d.kw), (hp, wp));
     let xs = x.as_slice();
+    let image = |img: usize| padded(&xs[img * d.c * d.h * d.w..][..d.c * d.h * d.w], d.c, (d.h, d.w), (p, p));
     let mut y = vec![0.0f32; d.n * d.o * l];
-    for_each_chunk(&mut y, d.o * l, |img, yi| {
-        let xi = padded(&xs[img * d.c * d.h * d.w..][..d.c * d.h * d.w], d.c, (d.h, d.w), (p, p));
-        // yᵀ for this image, [L, O], starting from the bias
-        let mut yt: Vec<f32> = (0..l).flat_map(|_| bias.iter().copied()).collect();
-        let a = Gather {
-            data: &xi,
-            rows: &pixels,
-            cols: &taps,
-        };
-        gemm_gather(a, &wt, &mut yt, d.o);
-        transpose_into(&yt, l, d.o, yi);
-    });
+    // The vector lanes run over the output channels or over the positions of a row, whichever
+    // fills more of them (LeNet's first convolution has 6 channels but rows 28 wide of 32).
+    let lanes_on_channels = d.o as f32 / (16 * d.o.div_ceil(16)) as f32;
+    if lanes_on_channels >= d.ow as f32 / wp as f32 {
+        let pixels = grid(d.oh, d.ow, wp);
+        let wt = PackedB::pack_t(w.as_slice(), d.taps(), d.o); // wᵀ: [CKK, O]
+        for_each_chunk(&mut y, d.o * l, |img, yi| {
+            let xi = image(img);
+            // yᵀ for this image, [L, O], starting from the bias
+            let mut yt: Vec<f32> = (0..l).flat_map(|_| bias.iter().copied()).collect();
+            let a = Gather {
+                data: &xi,
+                rows: &pixels,
+                cols: &taps,
+            };
+            gemm_gather(a, &wt, &mut yt, d.o);
+            transpose_into(&yt, l, d.o, yi);
+        });
+    } else {
+        // positions counted across the padded width, up to the last kept one
+        let span = (d.oh - 1) * wp + d.ow;
+        for_each_chunk(&mut y, d.o * l, |img, yi| {
+            let xi = image(img);
+            let mut wide: Vec<f32> = bias.iter().flat_map(|&b| std::iter::repeat_n(b, span)).collect();
+            let runs = Runs {
+                data: &xi,
+                starts: &taps,
+                len: span,
+            };
+            gemm_runs(w.as_slice(), d.taps(), d.o, runs, &mut wide, span);
+            keep_rows(&wide, span, wp, d.ow, yi);
+        });
+    }
     Ok((Tensor::from_vec(&[d.n, d.o, d.oh, d.ow], y)?, None))
 }
 
@@ -209,33 +245,46 @@ pub fn conv2d_backward(
                 .transpose()?;
             (dx, dw)
         }
-        (false, None) => return Err(invalid("backward needs the forward's im2col matrix for this stride".into())),
+        (false, None) => {
+            return Err(invalid(
+                "backward needs the forward's im2col matrix for this stride".into(),
+            ))
+        }
     };
     Ok([dx, dw, db])
 }
 
 /// `dx`: the output gradient, padded by `K − 1 − p`, correlated with the kernel flipped in both
-/// axes and with its channel axes swapped.
+/// axes and with its channel axes swapped. The input channels are the rows of the product and the
+/// positions its columns, counted across the padded width (`gw`, of which the first `W` of each
+/// row are kept): one kernel tap then reads one contiguous run of the padded gradient.
 fn input_grad(gs: &[f32], ws: &[f32], d: Dims, win: &Window2d) -> Result<Tensor> {
     let (qh, qw) = (d.kh - 1 - win.padding, d.kw - 1 - win.padding);
     let (gh, gw) = (d.oh + 2 * qh, d.ow + 2 * qw);
-    let (pixels, taps) = (grid(d.h, d.w, gw), window(d.o, (d.kh, d.kw), (gh, gw)));
+    let taps = window(d.o, (d.kh, d.kw), (gh, gw));
     let (kk, hw, l) = (d.kh * d.kw, d.h * d.w, d.oh * d.ow);
-    let flipped = PackedB::from_fn(d.o * kk, d.c, |k, ch| {
-        let (oc, a, b) = (k / kk, (k / d.kw) % d.kh, k % d.kw);
-        ws[((oc * d.c + ch) * d.kh + d.kh - 1 - a) * d.kw + d.kw - 1 - b]
-    });
+    // flipped[ch][(o, a, b)] = w[o, ch, KH−1−a, KW−1−b]
+    let flipped: Vec<f32> = (0..d.c)
+        .flat_map(|ch| {
+            (0..d.o * kk).map(move |k| {
+                let (oc, a, b) = (k / kk, (k / d.kw) % d.kh, k % d.kw);
+                ws[((oc * d.c + ch) * d.kh + d.kh - 1 - a) * d.kw + d.kw - 1 - b]
+            })
+        })
+        .collect();
+    // positions up to the last kept one; the last row's padding columns would run past the end
+    let span = (d.h - 1) * gw + d.w;
     let mut dx = vec![0.0f32; d.n * d.c * hw];
     for_each_chunk(&mut dx, d.c * hw, |img, dxi| {
         let gi = padded(&gs[img * d.o * l..][..d.o * l], d.o, (d.oh, d.ow), (qh, qw));
-        let mut dxt = vec![0.0f32; hw * d.c]; // dxᵀ for this image, [H·W, C]
-        let a = Gather {
+        let mut wide = vec![0.0f32; d.c * span];
+        let runs = Runs {
             data: &gi,
-            rows: &pixels,
-            cols: &taps,
+            starts: &taps,
+            len: span,
         };
-        gemm_gather(a, &flipped, &mut dxt, d.c);
-        transpose_into(&dxt, hw, d.c, dxi);
+        gemm_runs(&flipped, d.o * kk, d.c, runs, &mut wide, span);
+        keep_rows(&wide, span, gw, d.w, dxi);
     });
     Tensor::from_vec(&[d.n, d.c, d.h, d.w], dx)
 }
@@ -287,7 +336,9 @@ mod tests {
                 for oy in 0..d.oh {
                     for ox in 0..d.ow {
                         let mut acc = f64::from(bias[o]);
-                        for (c, i, j) in (0..d.c).flat_map(|c| (0..d.kh).flat_map(move |i| (0..d.kw).map(move |j| (c, i, j)))) {
+                        for (c, i, j) in
+                            (0..d.c).flat_map(|c| (0..d.kh).flat_map(move |i| (0..d.kw).map(move |j| (c, i, j))))
+                        {
                             let iy = (oy * win.stride + i) as isize - p;
                             let ix = (ox * win.stride + j) as isize - p;
                             if (0..d.h as isize).contains(&iy) && (0..d.w as isize).contains(&ix) {

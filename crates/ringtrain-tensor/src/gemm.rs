@@ -135,6 +135,68 @@ pub fn gemm_gather_on(isa: Isa, a: Gather<'_>, b: &PackedB, c: &mut [f32], ldc: 
     }
 }
 
+/// The right-hand matrix `B[k][j] = data[starts[k] + j]`, `j < len`: every row a contiguous run
+/// of `data` (one kernel tap across consecutive output positions of a direct convolution), read
+/// in place with no packing.
+#[derive(Debug, Clone, Copy)]
+pub struct Runs<'a> {
+    pub data: &'a [f32],
+    pub starts: &'a [usize],
+    pub len: usize,
+}
+
+/// `C += A · B` with `A: [m, K]` row-major (rows `lda` apart), `B` read as [`Runs`] and
+/// `C: [m, len]` (rows `ldc` apart), on the widest kernel this CPU has.
+pub fn gemm_runs(a: &[f32], lda: usize, m: usize, b: Runs<'_>, c: &mut [f32], ldc: usize) {
+    gemm_runs_on(Isa::detect(), a, lda, m, b, c, ldc);
+}
+
+/// [`gemm_runs`] on a chosen kernel (tests compare them).
+///
+/// # Panics
+/// When a run or `C` does not fit its slice, or `isa` is not [`Isa::available`].
+pub fn gemm_runs_on(isa: Isa, a: &[f32], lda: usize, m: usize, b: Runs<'_>, c: &mut [f32], ldc: usize) {
+    let (k, n) = (b.starts.len(), b.len);
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        lda >= k && a.len() >= (m - 1) * lda + k,
+        "gemm: A is not [{m}, {k}] with stride {lda}"
+    );
+    let reach = b.starts.iter().max().copied().unwrap_or(0) + n;
+    assert!(
+        k == 0 || reach <= b.data.len(),
+        "gemm: B's runs reach {reach}, past its {} values",
+        b.data.len()
+    );
+    assert!(
+        ldc >= n && c.len() >= (m - 1) * ldc + n,
+        "gemm: C is not [{m}, {n}] with stride {ldc}"
+    );
+    assert!(isa.available(), "gemm: this CPU cannot run {isa:?}");
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)] // reason: calling a target-feature kernel after checking the CPU has it
+        // SAFETY: `available` checked the CPU features; the asserts above bound every access.
+        Isa::Avx512 => unsafe { x86::runs_avx512(a, lda, m, b, c, ldc) },
+        #[cfg(target_arch = "x86_64")]
+        #[allow(unsafe_code)] // reason: as above
+        // SAFETY: as above.
+        Isa::Avx2 => unsafe { x86::runs_avx2(a, lda, m, b, c, ldc) },
+        _ => {
+            for i in 0..m {
+                let a_row = &a[i * lda..][..k];
+                for (j, cv) in c[i * ldc..][..n].iter_mut().enumerate() {
+                    for (&av, &start) in a_row.iter().zip(b.starts) {
+                        *cv = av.mul_add(b.data[start + j], *cv);
+                    }
+                }
+            }
+        }
+    }
+}
+
 fn scalar(a: Gather<'_>, b: &PackedB, c: &mut [f32], ldc: usize) {
     let n = b.n;
     for p in 0..n.div_ceil(NR) {
@@ -156,7 +218,7 @@ fn scalar(a: Gather<'_>, b: &PackedB, c: &mut [f32], ldc: usize) {
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)] // reason: SIMD intrinsics and raw-pointer tiles; bounds are checked by gemm_gather_on
 mod x86 {
-    use super::{Gather, PackedB, NR};
+    use super::{Gather, PackedB, Runs, NR};
     use std::arch::x86_64::*;
 
     /// Calls `$tile::<MR, ..>` for the runtime row count `$mr`.
@@ -329,6 +391,131 @@ mod x86 {
             }
         }
     }
+
+    /// AVX-512 for [`Runs`]: 8 rows × 32 columns per tile, the two vectors of `B` loaded straight
+    /// from each run (masked past its end).
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn runs_avx512(a: &[f32], lda: usize, m: usize, b: Runs<'_>, c: &mut [f32], ldc: usize) {
+        let (ap, cp, bp) = (a.as_ptr(), c.as_mut_ptr(), b.data.as_ptr());
+        let mut i = 0;
+        while i < m {
+            let mr = (m - i).min(8);
+            let mut j = 0;
+            while j < b.len {
+                let width = (b.len - j).min(2 * NR);
+                // SAFETY: rows i..i+mr of A and C, columns j..j+width of C and of every run.
+                unsafe {
+                    let args = (
+                        ap.add(i * lda),
+                        lda,
+                        b.starts,
+                        bp.add(j),
+                        cp.add(i * ldc + j),
+                        ldc,
+                        width,
+                    );
+                    by_rows!(mr, runs512, 2, args, [1 2 3 4 5 6 7 8]);
+                }
+                j += 2 * NR;
+            }
+            i += mr;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn runs512<const MR: usize, const P: usize>(
+        (a, lda, starts, bp, c, ldc, width): (*const f32, usize, &[usize], *const f32, *mut f32, usize, usize),
+    ) {
+        let masks: [__mmask16; P] = std::array::from_fn(|q| mask16(width.saturating_sub(q * NR)));
+        // SAFETY (whole body): the caller guarantees MR rows of A (starts.len() wide) and of C
+        // (width wide), and width values after bp + start for every start; masked loads and
+        // stores touch only those.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); P]; MR];
+            for r in 0..MR {
+                for q in 0..P {
+                    acc[r][q] = _mm512_maskz_loadu_ps(masks[q], c.add(r * ldc + q * NR));
+                }
+            }
+            for (kk, &start) in starts.iter().enumerate() {
+                let run = bp.add(start);
+                let v: [__m512; P] = std::array::from_fn(|q| _mm512_maskz_loadu_ps(masks[q], run.add(q * NR)));
+                for r in 0..MR {
+                    let av = _mm512_set1_ps(*a.add(r * lda + kk));
+                    for q in 0..P {
+                        acc[r][q] = _mm512_fmadd_ps(av, v[q], acc[r][q]);
+                    }
+                }
+            }
+            for r in 0..MR {
+                for q in 0..P {
+                    _mm512_mask_storeu_ps(c.add(r * ldc + q * NR), masks[q], acc[r][q]);
+                }
+            }
+        }
+    }
+
+    /// AVX2 + FMA for [`Runs`]: 6 rows × 16 columns per tile.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn runs_avx2(a: &[f32], lda: usize, m: usize, b: Runs<'_>, c: &mut [f32], ldc: usize) {
+        let (ap, cp, bp) = (a.as_ptr(), c.as_mut_ptr(), b.data.as_ptr());
+        let mut i = 0;
+        while i < m {
+            let mr = (m - i).min(6);
+            let mut j = 0;
+            while j < b.len {
+                let width = (b.len - j).min(NR);
+                // SAFETY: as in runs_avx512.
+                unsafe {
+                    let args = (
+                        ap.add(i * lda),
+                        lda,
+                        b.starts,
+                        bp.add(j),
+                        cp.add(i * ldc + j),
+                        ldc,
+                        width,
+                    );
+                    by_rows!(mr, runs256, 2, args, [1 2 3 4 5 6]);
+                }
+                j += NR;
+            }
+            i += mr;
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn runs256<const MR: usize, const P: usize>(
+        (a, lda, starts, bp, c, ldc, width): (*const f32, usize, &[usize], *const f32, *mut f32, usize, usize),
+    ) {
+        let masks: [__m256i; P] = std::array::from_fn(|q| mask8(width.saturating_sub(q * 8)));
+        // SAFETY (whole body): as in runs512.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); P]; MR];
+            for r in 0..MR {
+                for q in 0..P {
+                    acc[r][q] = _mm256_maskload_ps(c.add(r * ldc + q * 8), masks[q]);
+                }
+            }
+            for (kk, &start) in starts.iter().enumerate() {
+                let run = bp.add(start);
+                let v: [__m256; P] = std::array::from_fn(|q| _mm256_maskload_ps(run.add(q * 8), masks[q]));
+                for r in 0..MR {
+                    let av = _mm256_set1_ps(*a.add(r * lda + kk));
+                    for q in 0..P {
+                        acc[r][q] = _mm256_fmadd_ps(av, v[q], acc[r][q]);
+                    }
+                }
+            }
+            for r in 0..MR {
+                for q in 0..P {
+                    _mm256_maskstore_ps(c.add(r * ldc + q * 8), masks[q], acc[r][q]);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -381,5 +568,28 @@ mod tests {
         let direct = PackedB::from_fn(5, 21, |kk, j| bt[j * 5 + kk]);
         assert_eq!(b.data, direct.data);
         assert_eq!(b.dims(), (5, 21));
+    }
+
+    proptest! {
+        /// The run-reading kernels give the scalar chain's bits, and those are a plain product.
+        #[test]
+        fn runs_kernels_agree_bitwise(m in 1usize..12, k in 1usize..30, n in 1usize..70, seed: u64) {
+            let runs = data(k * 3 + n + 5, seed);
+            let starts: Vec<usize> = (0..k).map(|kk| (kk * 3 + seed as usize % 5) % (runs.len() - n + 1)).collect();
+            let a = data(m * k, seed ^ 7);
+            let c0 = data(m * n, seed ^ 8);
+            let b = Runs { data: &runs, starts: &starts, len: n };
+            let mut want = c0.clone();
+            gemm_runs_on(Isa::Scalar, &a, k, m, b, &mut want, n);
+            let bp = PackedB::from_fn(k, n, |kk, j| runs[starts[kk] + j]);
+            let mut plain = c0.clone();
+            gemm_packed(&a, k, m, &bp, &mut plain, n);
+            prop_assert!(plain.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()));
+            for isa in [Isa::Avx2, Isa::Avx512].into_iter().filter(|i| i.available()) {
+                let mut got = c0.clone();
+                gemm_runs_on(isa, &a, k, m, b, &mut got, n);
+                prop_assert!(got.iter().zip(&want).all(|(x, y)| x.to_bits() == y.to_bits()), "{isa:?} differs");
+            }
+        }
     }
 }
