@@ -145,6 +145,19 @@ impl Tensor {
                 reason: format!("index {bad} out of range for axis {axis} of length {len}"),
             });
         }
+        if axis == 0 {
+            // an embedding lookup: whole rows, copied as slices (ndarray's select goes element
+            // by element)
+            let row = self.len() / len.max(1);
+            let src = self.as_slice();
+            let mut out = Vec::with_capacity(indices.len() * row);
+            for &i in indices {
+                out.extend_from_slice(&src[i * row..][..row]);
+            }
+            let mut shape = self.shape().to_vec();
+            shape[0] = indices.len();
+            return Tensor::from_vec(&shape, out);
+        }
         Ok(Tensor::from_array(self.data.select(Axis(axis), indices)))
     }
 
@@ -160,10 +173,23 @@ impl Tensor {
         if axis >= shape.len() || src.ndim() != shape.len() || src.shape()[axis] != indices.len() {
             return Err(bad());
         }
-        for (k, &i) in indices.iter().enumerate() {
-            if i >= shape[axis] {
-                return Err(bad());
+        if let Some(&i) = indices.iter().find(|&&i| i >= shape[axis]) {
+            return Err(TensorError::Invalid {
+                op: "index_add",
+                reason: format!("index {i} out of range for axis {axis} of length {}", shape[axis]),
+            });
+        }
+        if axis == 0 && src.shape()[1..] == shape[1..] {
+            let row = src.len() / indices.len().max(1);
+            let dst = out.as_mut_slice();
+            for (&i, from) in indices.iter().zip(src.as_slice().chunks_exact(row.max(1))) {
+                for (d, &v) in dst[i * row..][..row].iter_mut().zip(from) {
+                    *d += v;
+                }
             }
+            return Ok(out);
+        }
+        for (k, &i) in indices.iter().enumerate() {
             let mut dst = out.data.index_axis_mut(Axis(axis), i);
             let from = src.data.index_axis(Axis(axis), k);
             if dst.shape() != from.shape() {
@@ -228,6 +254,12 @@ mod tests {
         let back = Tensor::index_add(&[3, 2], 0, &[2, 0, 2], &Tensor::ones(&[3, 2])).unwrap();
         assert_eq!(back.to_vec(), vec![1., 1., 0., 0., 2., 2.]);
         assert!(a.index_select(0, &[3]).is_err());
+        // along another axis (element by element, not whole rows)
+        let cols = iota(&[2, 3]).index_select(1, &[2, 0]).unwrap();
+        assert_eq!(cols.to_vec(), vec![2., 0., 5., 3.]);
+        let back = Tensor::index_add(&[2, 3], 1, &[2, 0], &Tensor::ones(&[2, 2])).unwrap();
+        assert_eq!(back.to_vec(), vec![1., 0., 1., 1., 0., 1.]);
+        assert!(Tensor::index_add(&[3, 2], 0, &[3], &Tensor::ones(&[1, 2])).is_err());
     }
 
     #[test]
