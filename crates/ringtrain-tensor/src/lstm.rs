@@ -105,6 +105,10 @@ pub type LstmState<'a> = Option<(&'a Tensor, &'a Tensor)>;
 ///
 /// Returns `[B, T + 2, H]`: the outputs of the T steps at their time indices, then the final
 /// state h and the final cell c; and, when `keep_tape`, what [`lstm_backward`] needs.
+///
+/// Batch rows never meet in a recurrence, so with several rayon threads each takes a block of
+/// rows through all T steps on its own (no synchronisation per step); every row's arithmetic is
+/// the same for any split, so are the bits.
 pub fn lstm_forward(
     xp: &Tensor,
     w_hh: &Tensor,
@@ -114,128 +118,260 @@ pub fn lstm_forward(
     init: LstmState<'_>,
     keep_tape: bool,
 ) -> Result<(Tensor, LstmTape)> {
-    crate::simd::fast(
-        #[inline(always)]
-        || {
-            let (b, t, h) = dims("lstm", 4, xp, w_hh, b_hh, mask)?;
-            if let Some((h0, c0)) = init {
-                if h0.shape() != [b, h] || c0.shape() != [b, h] {
-                    return Err(invalid(format!(
-                        "the initial state must be [{b}, {h}] twice, got {:?} and {:?}",
-                        h0.shape(),
-                        c0.shape()
-                    )));
-                }
-            }
-            let g4 = 4 * h;
-            let (xs, ws, bias, ms) = (xp.as_slice(), w_hh.as_slice(), b_hh.as_slice(), mask.as_slice());
-            let mut out = vec![0.0f32; b * (t + 2) * h];
-            let mut tape = if keep_tape {
-                // the gates start as xp + b_hh, in one pass; each step adds its product in place
-                let mut acts = Vec::with_capacity(b * t * g4);
-                for row in xs.chunks_exact(g4) {
-                    acts.extend(row.iter().zip(bias).map(|(&x, &bv)| x + bv));
-                }
-                LstmTape {
-                    acts,
-                    h_prev: vec![0.0; b * t * h],
-                    c_prev: vec![0.0; b * t * h],
-                    tanh_c: vec![0.0; b * t * h],
-                }
-            } else {
-                LstmTape::default()
-            };
-            let (mut hs, mut cs) = match init {
-                Some((h0, c0)) => (h0.to_vec(), c0.to_vec()),
-                None => (vec![0.0f32; b * h], vec![0.0f32; b * h]),
-            };
-            // Without a tape, one step's gates live in a `[B, 4H]` scratch buffer; with one, they are
-            // computed in place in the tape, whose rows for one step are `T·4H` apart.
-            let (mut scratch, mut scratch_tc) = if keep_tape {
-                (Vec::new(), Vec::new())
-            } else {
-                (vec![0.0f32; b * g4], vec![0.0f32; h])
-            };
-            let LstmTape {
+    let (b, t, h) = dims("lstm", 4, xp, w_hh, b_hh, mask)?;
+    if let Some((h0, c0)) = init {
+        if h0.shape() != [b, h] || c0.shape() != [b, h] {
+            return Err(invalid(format!(
+                "the initial state must be [{b}, {h}] twice, got {:?} and {:?}",
+                h0.shape(),
+                c0.shape()
+            )));
+        }
+    }
+    let g4 = 4 * h;
+    let (xs, bias) = (xp.as_slice(), b_hh.as_slice());
+    let mut out = vec![0.0f32; b * (t + 2) * h];
+    let mut tape = if keep_tape {
+        // the gates start as xp + b_hh, in one pass; each step adds its product in place
+        let mut acts = Vec::with_capacity(b * t * g4);
+        for row in xs.chunks_exact(g4) {
+            acts.extend(row.iter().zip(bias).map(|(&x, &bv)| x + bv));
+        }
+        LstmTape {
+            acts,
+            h_prev: vec![0.0; b * t * h],
+            c_prev: vec![0.0; b * t * h],
+            tanh_c: vec![0.0; b * t * h],
+        }
+    } else {
+        LstmTape::default()
+    };
+    let (mut hs, mut cs) = match init {
+        Some((h0, c0)) => (h0.to_vec(), c0.to_vec()),
+        None => (vec![0.0f32; b * h], vec![0.0f32; b * h]),
+    };
+    let step = Step {
+        xs,
+        bias,
+        mask: mask.as_slice(),
+        w: PackedB::pack_t(w_hh.as_slice(), h, g4), // W_hhᵀ: [H, 4H]
+        t,
+        h,
+        reverse,
+    };
+    let rows = rows_per_part(b);
+    let LstmTape {
+        acts,
+        h_prev,
+        c_prev,
+        tanh_c,
+    } = &mut tape;
+    let parts = parts(&mut out, rows * (t + 2) * h, b, rows)
+        .zip(parts(acts, rows * t * g4, b, rows))
+        .zip(parts(h_prev, rows * t * h, b, rows).zip(parts(c_prev, rows * t * h, b, rows)))
+        .zip(parts(tanh_c, rows * t * h, b, rows))
+        .zip(hs.chunks_mut(rows * h).zip(cs.chunks_mut(rows * h)))
+        .enumerate()
+        .map(
+            |(i, ((((out, acts), (h_prev, c_prev)), tanh_c), (hs, cs)))| ForwardPart {
+                r0: i * rows,
+                out,
                 acts,
                 h_prev,
                 c_prev,
                 tanh_c,
-            } = &mut tape;
-            let mut c_new = vec![0.0f32; h];
-            let w_t = PackedB::pack_t(ws, h, g4); // W_hhᵀ: [H, 4H]
-            for step in 0..t {
-                let ti = time_index(step, t, reverse);
-                let (pre, ld) = if keep_tape {
-                    (&mut acts[ti * g4..], t * g4)
+                hs,
+                cs,
+            },
+        );
+    run_parts(parts.collect(), |part| step.forward(part));
+    Ok((Tensor::from_vec(&[b, t + 2, h], out)?, tape))
+}
+
+/// Batch rows per block: all of them on one thread, an even share on several.
+fn rows_per_part(b: usize) -> usize {
+    b.div_ceil(rayon::current_num_threads().clamp(1, b.max(1))).max(1)
+}
+
+/// `v` in blocks of `len` (one per `rows` of `b` batch rows), or as many empty blocks when `v` is
+/// empty (no tape).
+fn parts(v: &mut [f32], len: usize, b: usize, rows: usize) -> impl Iterator<Item = &mut [f32]> {
+    let blocks = b.div_ceil(rows);
+    let empty = v.is_empty();
+    v.chunks_mut(len.max(1))
+        .chain(std::iter::repeat_with(|| &mut [][..]))
+        .take(blocks)
+        .map(move |c| if empty { &mut [][..] } else { c })
+}
+
+/// Runs `f` on every part, on the rayon pool when it has more than one thread.
+fn run_parts<P: Send>(parts: Vec<P>, f: impl Fn(P) + Sync + Send) {
+    if parts.len() > 1 {
+        use rayon::prelude::*;
+        parts.into_par_iter().for_each(f);
+    } else {
+        parts.into_iter().for_each(f);
+    }
+}
+
+/// What every block of batch rows shares: the inputs and the packed recurrent weight.
+struct Step<'a> {
+    xs: &'a [f32],
+    bias: &'a [f32],
+    mask: &'a [f32],
+    w: PackedB,
+    t: usize,
+    h: usize,
+    reverse: bool,
+}
+
+/// One block of batch rows, from `r0`, of the forward's outputs, tape (empty without one) and
+/// running state.
+struct ForwardPart<'a> {
+    r0: usize,
+    out: &'a mut [f32],
+    acts: &'a mut [f32],
+    h_prev: &'a mut [f32],
+    c_prev: &'a mut [f32],
+    tanh_c: &'a mut [f32],
+    hs: &'a mut [f32],
+    cs: &'a mut [f32],
+}
+
+impl Step<'_> {
+    /// Runs one block of batch rows through every step.
+    fn forward(&self, p: ForwardPart<'_>) {
+        crate::simd::fast(
+            #[inline(always)]
+            || {
+                let (t, h, g4) = (self.t, self.h, 4 * self.h);
+                let b = p.hs.len() / h;
+                let keep_tape = !p.acts.is_empty();
+                // Without a tape, one step's gates live in a `[B, 4H]` scratch buffer; with one,
+                // they are computed in place in the tape, whose rows for one step are `T·4H` apart.
+                let (mut scratch, mut scratch_tc) = if keep_tape {
+                    (Vec::new(), Vec::new())
                 } else {
-                    for (r, row) in scratch.chunks_exact_mut(g4).enumerate() {
-                        let src = &xs[(r * t + ti) * g4..][..g4];
-                        for ((p, &x), &bv) in row.iter_mut().zip(src).zip(bias) {
-                            *p = x + bv;
-                        }
-                    }
-                    (&mut scratch[..], g4)
+                    (vec![0.0f32; b * g4], vec![0.0f32; h])
                 };
-                gemm_packed(&hs, h, b, &w_t, pre, ld);
-                for r in 0..b {
-                    let row = r * t + ti;
-                    let m = ms[row];
-                    let (hr, cr) = (&mut hs[r * h..][..h], &mut cs[r * h..][..h]);
-                    let tanh_c = if keep_tape {
-                        h_prev[row * h..][..h].copy_from_slice(hr);
-                        c_prev[row * h..][..h].copy_from_slice(cr);
-                        &mut tanh_c[row * h..][..h]
+                let mut c_new = vec![0.0f32; h];
+                for step in 0..t {
+                    let ti = time_index(step, t, self.reverse);
+                    let (pre, ld) = if keep_tape {
+                        (&mut p.acts[ti * g4..], t * g4)
                     } else {
-                        &mut scratch_tc[..]
+                        for (r, row) in scratch.chunks_exact_mut(g4).enumerate() {
+                            let src = &self.xs[((p.r0 + r) * t + ti) * g4..][..g4];
+                            for ((v, &x), &bv) in row.iter_mut().zip(src).zip(self.bias) {
+                                *v = x + bv;
+                            }
+                        }
+                        (&mut scratch[..], g4)
                     };
-                    // Activate in place, one gate block at a time: plain slice maps vectorise.
-                    let p = &mut pre[r * ld..][..g4];
-                    let (if_gates, rest) = p.split_at_mut(2 * h);
-                    let (g_gate, o_gate) = rest.split_at_mut(h);
-                    if_gates.iter_mut().for_each(|v| *v = sigmoid(*v));
-                    g_gate.iter_mut().for_each(|v| *v = tanh(*v));
-                    o_gate.iter_mut().for_each(|v| *v = sigmoid(*v));
-                    let (i_gate, f_gate) = if_gates.split_at(h);
-                    for ((((cn, &i), &f), &g), &cp) in c_new
-                        .iter_mut()
-                        .zip(i_gate)
-                        .zip(f_gate)
-                        .zip(g_gate.iter())
-                        .zip(cr.iter())
-                    {
-                        *cn = f * cp + i * g;
-                    }
-                    for (tc, &cn) in tanh_c.iter_mut().zip(&c_new) {
-                        *tc = tanh(cn);
-                    }
-                    let o_row = &mut out[(r * (t + 2) + ti) * h..][..h];
-                    for ((((o, hv), cv), (&og, &tc)), &cn) in o_row
-                        .iter_mut()
-                        .zip(hr.iter_mut())
-                        .zip(cr.iter_mut())
-                        .zip(o_gate.iter().zip(tanh_c.iter()))
-                        .zip(&c_new)
-                    {
-                        let h_new = og * tc;
-                        *o = m * h_new;
-                        // m = 1 (every real token) assigns exactly; h + (h' − h) could round
-                        if m == 1.0 {
-                            (*hv, *cv) = (h_new, cn);
+                    gemm_packed(p.hs, h, b, &self.w, pre, ld);
+                    for r in 0..b {
+                        let row = r * t + ti; // in this block's tape
+                        let m = self.mask[(p.r0 + r) * t + ti];
+                        let (hr, cr) = (&mut p.hs[r * h..][..h], &mut p.cs[r * h..][..h]);
+                        let tanh_c = if keep_tape {
+                            p.h_prev[row * h..][..h].copy_from_slice(hr);
+                            p.c_prev[row * h..][..h].copy_from_slice(cr);
+                            &mut p.tanh_c[row * h..][..h]
                         } else {
-                            *hv += m * (h_new - *hv);
-                            *cv += m * (cn - *cv);
+                            &mut scratch_tc[..]
+                        };
+                        // Activate in place, one gate block at a time: plain slice maps vectorise.
+                        let gates = &mut pre[r * ld..][..g4];
+                        let (if_gates, rest) = gates.split_at_mut(2 * h);
+                        let (g_gate, o_gate) = rest.split_at_mut(h);
+                        if_gates.iter_mut().for_each(|v| *v = sigmoid(*v));
+                        g_gate.iter_mut().for_each(|v| *v = tanh(*v));
+                        o_gate.iter_mut().for_each(|v| *v = sigmoid(*v));
+                        let (i_gate, f_gate) = if_gates.split_at(h);
+                        for ((((cn, &i), &f), &g), &cp) in c_new
+                            .iter_mut()
+                            .zip(i_gate)
+                            .zip(f_gate)
+                            .zip(g_gate.iter())
+                            .zip(cr.iter())
+                        {
+                            *cn = f * cp + i * g;
+                        }
+                        for (tc, &cn) in tanh_c.iter_mut().zip(&c_new) {
+                            *tc = tanh(cn);
+                        }
+                        let o_row = &mut p.out[(r * (t + 2) + ti) * h..][..h];
+                        for ((((o, hv), cv), (&og, &tc)), &cn) in o_row
+                            .iter_mut()
+                            .zip(hr.iter_mut())
+                            .zip(cr.iter_mut())
+                            .zip(o_gate.iter().zip(tanh_c.iter()))
+                            .zip(&c_new)
+                        {
+                            let h_new = og * tc;
+                            *o = m * h_new;
+                            // m = 1 (every real token) assigns exactly; h + (h' − h) could round
+                            if m == 1.0 {
+                                (*hv, *cv) = (h_new, cn);
+                            } else {
+                                *hv += m * (h_new - *hv);
+                                *cv += m * (cn - *cv);
+                            }
                         }
                     }
                 }
-            }
-            for r in 0..b {
-                out[(r * (t + 2) + t) * h..][..h].copy_from_slice(&hs[r * h..][..h]);
-                out[(r * (t + 2) + t + 1) * h..][..h].copy_from_slice(&cs[r * h..][..h]);
-            }
-            Ok((Tensor::from_vec(&[b, t + 2, h], out)?, tape))
-        },
-    )
+                for r in 0..b {
+                    p.out[(r * (t + 2) + t) * h..][..h].copy_from_slice(&p.hs[r * h..][..h]);
+                    p.out[(r * (t + 2) + t + 1) * h..][..h].copy_from_slice(&p.cs[r * h..][..h]);
+                }
+            },
+        );
+    }
+
+    /// Backpropagates one block of batch rows through every step: `g` is the whole output's
+    /// gradient, `tape` the whole tape.
+    fn backward(&self, g: &[f32], tape: &LstmTape, p: BackwardPart<'_>) {
+        crate::simd::fast(
+            #[inline(always)]
+            || {
+                let (t, h, g4) = (self.t, self.h, 4 * self.h);
+                let b = p.dh.len() / h;
+                for r in 0..b {
+                    let at = (p.r0 + r) * (t + 2) * h;
+                    p.dh[r * h..][..h].copy_from_slice(&g[at + t * h..][..h]);
+                    p.dc[r * h..][..h].copy_from_slice(&g[at + (t + 1) * h..][..h]);
+                }
+                // The gates' gradients are written straight into dxp: one step's rows (T·4H apart)
+                // are the left operand of that step's product with W_hh.
+                for step in (0..t).rev() {
+                    let ti = time_index(step, t, self.reverse);
+                    for r in 0..b {
+                        let row = (p.r0 + r) * t + ti;
+                        let m = self.mask[row];
+                        let acts = &tape.acts[row * g4..][..g4];
+                        let (tcs, cps) = (&tape.tanh_c[row * h..][..h], &tape.c_prev[row * h..][..h]);
+                        let gout = &g[((p.r0 + r) * (t + 2) + ti) * h..][..h];
+                        let (dhr, dcr) = (&mut p.dh[r * h..][..h], &mut p.dc[r * h..][..h]);
+                        let (dpi, rest) = p.dxp[(r * t + ti) * g4..][..g4].split_at_mut(h);
+                        let (dpf, rest) = rest.split_at_mut(h);
+                        let (dpg, dpo) = rest.split_at_mut(h);
+                        let (ai, af, ag, ao) = (&acts[..h], &acts[h..2 * h], &acts[2 * h..3 * h], &acts[3 * h..]);
+                        cell_backward(m, [ai, af, ag, ao, tcs, cps, gout], dhr, dcr, [dpi, dpf, dpg, dpo]);
+                    }
+                    // dh_prev += (this step's rows of dxp) · W_hh
+                    gemm_packed(&p.dxp[ti * g4..], t * g4, b, &self.w, p.dh, h);
+                }
+            },
+        );
+    }
+}
+
+/// One block of batch rows, from `r0`, of backward's `dxp` and running `dh`, `dc`.
+struct BackwardPart<'a> {
+    r0: usize,
+    dxp: &'a mut [f32],
+    dh: &'a mut [f32],
+    dc: &'a mut [f32],
 }
 
 /// One element of one step of backpropagation through time: from mask `m`, the activated gates
@@ -302,56 +438,84 @@ pub fn lstm_backward(
     reverse: bool,
     tape: &LstmTape,
 ) -> Result<[Tensor; 3]> {
-    crate::simd::fast(
-        #[inline(always)]
-        || {
-            let &[b, t, g4] = xp_shape else {
-                return Err(invalid(format!("xp must be [B, T, 4H], got {xp_shape:?}")));
-            };
-            let h = g4 / 4;
-            if g.shape() != [b, t + 2, h] || tape.acts.len() != b * t * g4 || w_hh.shape() != [g4, h] {
-                return Err(invalid(format!(
-                    "backward got gradient {:?} and w_hh {:?} for xp {xp_shape:?} (was the forward run with keep_tape?)",
-                    g.shape(),
-                    w_hh.shape()
-                )));
+    let &[b, t, g4] = xp_shape else {
+        return Err(invalid(format!("xp must be [B, T, 4H], got {xp_shape:?}")));
+    };
+    let h = g4 / 4;
+    if g.shape() != [b, t + 2, h] || tape.acts.len() != b * t * g4 || w_hh.shape() != [g4, h] {
+        return Err(invalid(format!(
+            "backward got gradient {:?} and w_hh {:?} for xp {xp_shape:?} (was the forward run with keep_tape?)",
+            g.shape(),
+            w_hh.shape()
+        )));
+    }
+    let step = Step {
+        xs: &[],
+        bias: &[],
+        mask: mask.as_slice(),
+        w: PackedB::pack(w_hh.as_slice(), g4, h),
+        t,
+        h,
+        reverse,
+    };
+    let mut dxp = vec![0.0f32; b * t * g4];
+    let (mut dh, mut dc) = (vec![0.0f32; b * h], vec![0.0f32; b * h]);
+    let rows = rows_per_part(b);
+    let parts = dxp
+        .chunks_mut(rows * t * g4)
+        .zip(dh.chunks_mut(rows * h).zip(dc.chunks_mut(rows * h)))
+        .enumerate()
+        .map(|(i, (dxp, (dh, dc)))| BackwardPart {
+            r0: i * rows,
+            dxp,
+            dh,
+            dc,
+        });
+    run_parts(parts.collect(), |part| step.backward(g.as_slice(), tape, part));
+    // the weight gradient: one product over all rows, in the tape's order
+    let (dw, db) = recurrent_weight_grads(&dxp, &tape.h_prev, g4, h);
+    Ok([
+        Tensor::from_vec(xp_shape, dxp)?,
+        Tensor::from_vec(&[g4, h], dw)?,
+        Tensor::from_vec(&[g4], db)?,
+    ])
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::random;
+
+    /// Forward and backward, on a pool of `threads` threads.
+    fn run(threads: usize, reverse: bool) -> Vec<Vec<f32>> {
+        let (b, t, h) = (5, 7, 12);
+        let mut rng = random::rng(11);
+        let xp = random::uniform(&[b, t, 4 * h], -1.0, 1.0, &mut rng);
+        let w = random::uniform(&[4 * h, h], -0.5, 0.5, &mut rng);
+        let bias = random::uniform(&[4 * h], -0.5, 0.5, &mut rng);
+        // the last two rows end early (padding keeps the state)
+        let mask = Tensor::from_vec(&[b, t], (0..b * t).map(|i| f32::from(i % t < t - i / t / 3)).collect()).unwrap();
+        let g = random::uniform(&[b, t + 2, h], -1.0, 1.0, &mut rng);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let (y, tape) = lstm_forward(&xp, &w, &bias, &mask, reverse, None, true).unwrap();
+            let (y_no_tape, _) = lstm_forward(&xp, &w, &bias, &mask, reverse, None, false).unwrap();
+            assert_eq!(y, y_no_tape);
+            let grads = lstm_backward(&g, xp.shape(), &w, &mask, reverse, &tape).unwrap();
+            std::iter::once(y.to_vec())
+                .chain(grads.iter().map(Tensor::to_vec))
+                .collect()
+        })
+    }
+
+    #[test]
+    fn blocks_of_batch_rows_on_several_threads_give_the_same_bits() {
+        for reverse in [false, true] {
+            let one = run(1, reverse);
+            for threads in [2, 3] {
+                assert_eq!(run(threads, reverse), one, "{threads} threads, reverse {reverse}");
             }
-            let (gs, ws, ms) = (g.as_slice(), w_hh.as_slice(), mask.as_slice());
-            let mut dxp = vec![0.0f32; b * t * g4];
-            let mut dh = vec![0.0f32; b * h];
-            let mut dc = vec![0.0f32; b * h];
-            for r in 0..b {
-                dh[r * h..][..h].copy_from_slice(&gs[(r * (t + 2) + t) * h..][..h]);
-                dc[r * h..][..h].copy_from_slice(&gs[(r * (t + 2) + t + 1) * h..][..h]);
-            }
-            // The gates' gradients are written straight into dxp: one step's rows (T·4H apart) are
-            // the left operand of that step's product with W_hh, and all rows, in the tape's order,
-            // that of the weight gradient.
-            let w = PackedB::pack(ws, g4, h);
-            for step in (0..t).rev() {
-                let ti = time_index(step, t, reverse);
-                for r in 0..b {
-                    let row = r * t + ti;
-                    let m = ms[row];
-                    let acts = &tape.acts[row * g4..][..g4];
-                    let (tcs, cps) = (&tape.tanh_c[row * h..][..h], &tape.c_prev[row * h..][..h]);
-                    let gout = &gs[(r * (t + 2) + ti) * h..][..h];
-                    let (dhr, dcr) = (&mut dh[r * h..][..h], &mut dc[r * h..][..h]);
-                    let (dpi, rest) = dxp[row * g4..][..g4].split_at_mut(h);
-                    let (dpf, rest) = rest.split_at_mut(h);
-                    let (dpg, dpo) = rest.split_at_mut(h);
-                    let (ai, af, ag, ao) = (&acts[..h], &acts[h..2 * h], &acts[2 * h..3 * h], &acts[3 * h..]);
-                    cell_backward(m, [ai, af, ag, ao, tcs, cps, gout], dhr, dcr, [dpi, dpf, dpg, dpo]);
-                }
-                // dh_prev += (this step's rows of dxp) · W_hh
-                gemm_packed(&dxp[ti * g4..], t * g4, b, &w, &mut dh, h);
-            }
-            let (dw, db) = recurrent_weight_grads(&dxp, &tape.h_prev, g4, h);
-            Ok([
-                Tensor::from_vec(xp_shape, dxp)?,
-                Tensor::from_vec(&[g4, h], dw)?,
-                Tensor::from_vec(&[g4], db)?,
-            ])
-        },
-    )
+        }
+    }
 }
