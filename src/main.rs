@@ -32,6 +32,11 @@ struct Cli {
     /// Threads for BLAS and for the rayon pool of this process (default: all cores).
     #[arg(long, global = true, env = "RINGTRAIN_THREADS")]
     threads: Option<usize>,
+    /// The widest vector kernels to use: `avx512`, `avx2` or `scalar` (default: what the CPU
+    /// has). Every choice gives the same bits; with OPENBLAS_CORETYPE=Haswell pinning OpenBLAS's
+    /// kernel too, a run here reproduces an AVX2 machine's bit for bit.
+    #[arg(long, global = true, env = "RINGTRAIN_ISA", value_parser = parse_isa)]
+    isa: Option<ringtrain_tensor::simd::Isa>,
     #[command(subcommand)]
     command: Command,
 }
@@ -111,6 +116,21 @@ impl std::fmt::Display for BadInput {
 
 impl std::error::Error for BadInput {}
 
+fn parse_isa(s: &str) -> Result<ringtrain_tensor::simd::Isa, String> {
+    use ringtrain_tensor::simd::Isa;
+    let isa = match s {
+        "avx512" => Isa::Avx512,
+        "avx2" => Isa::Avx2,
+        "scalar" => Isa::Scalar,
+        _ => return Err(format!("`{s}` is not one of avx512, avx2, scalar")),
+    };
+    if isa.available() {
+        Ok(isa)
+    } else {
+        Err(format!("this CPU cannot run {s} code"))
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -124,6 +144,9 @@ fn main() -> ExitCode {
         blas: threads,
         rayon: threads,
     });
+    if let Some(isa) = cli.isa {
+        ringtrain_tensor::simd::Isa::limit(isa);
+    }
     match run(cli.command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -73,3 +73,93 @@ scheme = "provided"
     );
     assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
 }
+
+/// The vector kernels give the same bits whatever the CPU: a CNN (direct convolutions, both
+/// lane layouts) and an LSTM trained with `--isa avx512`, `avx2` and `scalar` save the same
+/// weights. OpenBLAS's products are pinned to its AVX2 (Haswell) kernel in all three, as a user
+/// does to reproduce an AVX2 machine's run on an AVX-512 one.
+#[test]
+fn every_isa_gives_the_same_weights() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = tmp.path().join("images");
+    std::fs::create_dir(&data).expect("mkdir");
+    let idx = |magic: u32, dims: &[u32], body: Vec<u8>| {
+        let mut bytes: Vec<u8> = magic.to_be_bytes().to_vec();
+        bytes.extend(dims.iter().flat_map(|d| d.to_be_bytes()));
+        bytes.extend(body);
+        bytes
+    };
+    for (set, n) in [("train", 48u32), ("t10k", 16)] {
+        let pixels = (0..n * 256).map(|i| (i * 37 % 251) as u8).collect();
+        std::fs::write(
+            data.join(format!("{set}-images-idx3-ubyte")),
+            idx(0x803, &[n, 16, 16], pixels),
+        )
+        .expect("write images");
+        let labels = (0..n).map(|i| (i % 3) as u8).collect();
+        std::fs::write(data.join(format!("{set}-labels-idx1-ubyte")), idx(0x801, &[n], labels)).expect("write labels");
+    }
+    let cnn = tmp.path().join("cnn.toml");
+    let text = format!(
+        r#"[job]
+name = "isa-cnn"
+seed = 5
+[data]
+format = "idx"
+path = "{}"
+[model]
+kind = "layers"
+layers = [
+  {{ type = "conv2d", out_channels = 6, kernel = 5, padding = 2 }},
+  {{ type = "relu" }},
+  {{ type = "max_pool2d", kernel = 2 }},
+  {{ type = "conv2d", out_channels = 16, kernel = 3 }},
+  {{ type = "relu" }},
+  {{ type = "flatten" }},
+  {{ type = "linear", out = 3 }},
+]
+[optimizer]
+kind = "adam"
+lr = 0.001
+[training]
+epochs = 2
+batch_size = 16
+[evaluation]
+scheme = "provided"
+"#,
+        data.display()
+    );
+    std::fs::write(&cnn, text).expect("write job");
+    for job in [cnn, crate::util::repo().join("examples/sunspots-lstm.toml")] {
+        let weights: Vec<Vec<u8>> = ["avx512", "avx2", "scalar"]
+            .iter()
+            .filter(|isa| **isa != "avx512" || std::arch::is_x86_feature_detected!("avx512f"))
+            .map(|isa| {
+                let out = tmp.path().join(format!("run-{isa}"));
+                let args = [
+                    "train",
+                    job.to_str().expect("utf-8"),
+                    "--out",
+                    out.to_str().expect("utf-8"),
+                    "--isa",
+                    isa,
+                    "--quiet",
+                ];
+                let run = std::process::Command::new(crate::util::bin())
+                    .args(args)
+                    .env("RINGTRAIN_THREADS", "1")
+                    .env("OPENBLAS_CORETYPE", "Haswell")
+                    .current_dir(crate::util::repo())
+                    .output()
+                    .expect("spawn ringtrain");
+                assert!(run.status.success(), "{}", crate::util::describe(&args, &run));
+                std::fs::read(out.join("model.safetensors")).expect("weights")
+            })
+            .collect();
+        assert!(
+            weights.windows(2).all(|w| w[0] == w[1]),
+            "{} differs between ISAs",
+            job.display()
+        );
+    }
+}

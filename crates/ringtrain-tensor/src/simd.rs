@@ -8,17 +8,39 @@
 //! copy gives bitwise-identical results (tested). The matrix kernels in [`crate::gemm`] use the
 //! same [`Isa`] choice with explicit intrinsics.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
 /// An instruction set a kernel copy is compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
-    Avx512,
-    Avx2,
-    Scalar,
+    Avx512 = 0,
+    Avx2 = 1,
+    Scalar = 2,
 }
 
+/// The widest copy [`Isa::detect`] may pick (0 = AVX-512, 1 = AVX2, 2 = scalar).
+static CAP: AtomicU8 = AtomicU8::new(0);
+
 impl Isa {
-    /// The widest copy this CPU runs.
+    /// Keeps every later kernel call at or below `isa`, to run as an older CPU would (the
+    /// binary's `--isa`; results are the same bits either way, which is what it lets a user
+    /// check on one machine).
+    pub fn limit(isa: Isa) {
+        CAP.store(isa as u8, Ordering::Relaxed);
+    }
+
+    /// The widest copy this CPU runs, within [`Isa::limit`].
     pub fn detect() -> Isa {
+        let best = Isa::cpu();
+        match CAP.load(Ordering::Relaxed) {
+            2 => Isa::Scalar,
+            1 if best == Isa::Avx512 => Isa::Avx2,
+            _ => best,
+        }
+    }
+
+    /// The widest copy this CPU runs.
+    fn cpu() -> Isa {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
@@ -32,12 +54,12 @@ impl Isa {
         Isa::Scalar
     }
 
-    /// Whether this CPU can run `self`.
+    /// Whether this CPU can run `self` (whatever the limit).
     pub fn available(self) -> bool {
         match self {
             Isa::Scalar => true,
-            Isa::Avx2 => matches!(Isa::detect(), Isa::Avx2 | Isa::Avx512),
-            Isa::Avx512 => Isa::detect() == Isa::Avx512,
+            Isa::Avx2 => matches!(Isa::cpu(), Isa::Avx2 | Isa::Avx512),
+            Isa::Avx512 => Isa::cpu() == Isa::Avx512,
         }
     }
 }
