@@ -254,7 +254,6 @@ impl Step<'_> {
                 } else {
                     (vec![0.0f32; b * g4], vec![0.0f32; h])
                 };
-                let mut c_new = vec![0.0f32; h];
                 for step in 0..t {
                     let ti = time_index(step, t, self.reverse);
                     let (pre, ld) = if keep_tape {
@@ -280,44 +279,17 @@ impl Step<'_> {
                         } else {
                             &mut scratch_tc[..]
                         };
-                        // Activate in place, one gate block at a time: plain slice maps vectorise.
                         let gates = &mut pre[r * ld..][..g4];
-                        let (if_gates, rest) = gates.split_at_mut(2 * h);
-                        let (g_gate, o_gate) = rest.split_at_mut(h);
-                        if_gates.iter_mut().for_each(|v| *v = sigmoid(*v));
-                        g_gate.iter_mut().for_each(|v| *v = tanh(*v));
-                        o_gate.iter_mut().for_each(|v| *v = sigmoid(*v));
-                        let (i_gate, f_gate) = if_gates.split_at(h);
-                        for ((((cn, &i), &f), &g), &cp) in c_new
-                            .iter_mut()
-                            .zip(i_gate)
-                            .zip(f_gate)
-                            .zip(g_gate.iter())
-                            .zip(cr.iter())
-                        {
-                            *cn = f * cp + i * g;
-                        }
-                        for (tc, &cn) in tanh_c.iter_mut().zip(&c_new) {
-                            *tc = tanh(cn);
-                        }
+                        let (pi, rest) = gates.split_at_mut(h);
+                        let (pf, rest) = rest.split_at_mut(h);
+                        let (pg, po) = rest.split_at_mut(h);
                         let o_row = &mut p.out[(r * (t + 2) + ti) * h..][..h];
-                        for ((((o, hv), cv), (&og, &tc)), &cn) in o_row
-                            .iter_mut()
-                            .zip(hr.iter_mut())
-                            .zip(cr.iter_mut())
-                            .zip(o_gate.iter().zip(tanh_c.iter()))
-                            .zip(&c_new)
-                        {
-                            let h_new = og * tc;
-                            *o = m * h_new;
-                            // m = 1 (every real token) assigns exactly; h + (h' − h) could round
-                            if m == 1.0 {
-                                (*hv, *cv) = (h_new, cn);
-                            } else {
-                                *hv += m * (h_new - *hv);
-                                *cv += m * (cn - *cv);
-                            }
-                        }
+                        lanes(
+                            [],
+                            [pi, pf, pg, po, tanh_c, o_row, hr, cr],
+                            #[inline(always)]
+                            |[], [pi, pf, pg, po, _, _, h, c]| cell(m, [pi, pf, pg, po], h, c),
+                        );
                     }
                 }
                 for r in 0..b {
@@ -356,7 +328,12 @@ impl Step<'_> {
                         let (dpf, rest) = rest.split_at_mut(h);
                         let (dpg, dpo) = rest.split_at_mut(h);
                         let (ai, af, ag, ao) = (&acts[..h], &acts[h..2 * h], &acts[2 * h..3 * h], &acts[3 * h..]);
-                        cell_backward(m, [ai, af, ag, ao, tcs, cps, gout], dhr, dcr, [dpi, dpf, dpg, dpo]);
+                        lanes(
+                            [ai, af, ag, ao, tcs, cps, gout],
+                            [dpi, dpf, dpg, dpo, dhr, dcr],
+                            #[inline(always)]
+                            |[i, f, g, o, tc, cp, go], [_, _, _, _, dh, dc]| bptt(m, i, f, g, o, tc, cp, go, dh, dc),
+                        );
                     }
                     // dh_prev += (this step's rows of dxp) · W_hh
                     gemm_packed(&p.dxp[ti * g4..], t * g4, b, &self.w, p.dh, h);
@@ -372,6 +349,24 @@ struct BackwardPart<'a> {
     dxp: &'a mut [f32],
     dh: &'a mut [f32],
     dc: &'a mut [f32],
+}
+
+/// One element of one forward step: from mask `m`, the gates' pre-activations i, f, g, o and
+/// the state `(h, c)` entering the step, the activated gates, `tanh(c')`, the output and the
+/// state leaving the step (a padded step, `m = 0`, keeps the state and outputs zero).
+#[inline(always)]
+fn cell(m: f32, [pi, pf, pg, po]: [f32; 4], h: f32, c: f32) -> [f32; 8] {
+    let (i, f, g, o) = (sigmoid(pi), sigmoid(pf), tanh(pg), sigmoid(po));
+    let c_new = f * c + i * g;
+    let tc = tanh(c_new);
+    let h_new = o * tc;
+    // m = 1 (every real token) assigns exactly; h + (h' − h) could round
+    let (h, c) = if m == 1.0 {
+        (h_new, c_new)
+    } else {
+        (h + m * (h_new - h), c + m * (c_new - c))
+    };
+    [i, f, g, o, tc, m * h_new, h, c]
 }
 
 /// One element of one step of backpropagation through time: from mask `m`, the activated gates
@@ -392,38 +387,44 @@ fn bptt(m: f32, i: f32, f: f32, gg: f32, o: f32, tc: f32, cp: f32, gout: f32, dh
     ]
 }
 
-/// [`bptt`] over one batch row: `ins` holds the gates i, f, g, o, `tanh(c')`, `c_prev` and the
-/// output's gradient, `dp` the four gates' gradients to write. Sixteen lanes at a time go through
-/// local arrays: over slices of shared buffers the compiler needed more runtime overlap checks
-/// than it makes, and the loop ran scalar.
+/// Runs `f` over the positions of `H`-long rows: `f(ins[·][j], outs[·][j])` gives the new
+/// `outs[·][j]`. Sixteen positions at a time go through local arrays: over slices of shared
+/// buffers the compiler needed more runtime overlap checks than it makes, and the cell loops
+/// ran scalar.
 #[inline(always)]
-fn cell_backward(m: f32, ins: [&[f32]; 7], dh: &mut [f32], dc: &mut [f32], dp: [&mut [f32]; 4]) {
+fn lanes<const I: usize, const O: usize>(
+    ins: [&[f32]; I],
+    mut outs: [&mut [f32]; O],
+    f: impl Fn([f32; I], [f32; O]) -> [f32; O],
+) {
     const L: usize = 16;
-    let h = dh.len();
-    let [dpi, dpf, dpg, dpo] = dp;
+    let n = outs.first().map_or(0, |o| o.len());
     let mut j = 0;
-    while j + L <= h {
-        let load = |s: &[f32]| -> [f32; L] { s[j..j + L].try_into().expect("L lanes") };
-        let [i, f, g, o, tc, cp, go] = ins.map(load);
-        let (dhv, dcv) = (load(dh), load(dc));
-        let mut out = [[0.0f32; L]; 6];
+    while j + L <= n {
+        let mut a = [[0.0f32; L]; I];
+        for (d, s) in a.iter_mut().zip(&ins) {
+            d.copy_from_slice(&s[j..j + L]);
+        }
+        let mut b = [[0.0f32; L]; O];
+        for (d, s) in b.iter_mut().zip(&outs) {
+            d.copy_from_slice(&s[j..j + L]);
+        }
         for l in 0..L {
-            let r = bptt(m, i[l], f[l], g[l], o[l], tc[l], cp[l], go[l], dhv[l], dcv[l]);
-            for (k, v) in r.into_iter().enumerate() {
-                out[k][l] = v;
+            let r = f(std::array::from_fn(|q| a[q][l]), std::array::from_fn(|q| b[q][l]));
+            for (d, v) in b.iter_mut().zip(r) {
+                d[l] = v;
             }
         }
-        dpi[j..j + L].copy_from_slice(&out[0]);
-        dpf[j..j + L].copy_from_slice(&out[1]);
-        dpg[j..j + L].copy_from_slice(&out[2]);
-        dpo[j..j + L].copy_from_slice(&out[3]);
-        dh[j..j + L].copy_from_slice(&out[4]);
-        dc[j..j + L].copy_from_slice(&out[5]);
+        for (d, s) in outs.iter_mut().zip(&b) {
+            d[j..j + L].copy_from_slice(s);
+        }
         j += L;
     }
-    for j in j..h {
-        let [i, f, g, o, tc, cp, go] = ins.map(|s| s[j]);
-        [dpi[j], dpf[j], dpg[j], dpo[j], dh[j], dc[j]] = bptt(m, i, f, g, o, tc, cp, go, dh[j], dc[j]);
+    for j in j..n {
+        let r = f(std::array::from_fn(|q| ins[q][j]), std::array::from_fn(|q| outs[q][j]));
+        for (d, v) in outs.iter_mut().zip(r) {
+            d[j] = v;
+        }
     }
 }
 
