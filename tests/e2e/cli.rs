@@ -207,18 +207,13 @@ fn a_model_that_does_not_fit_the_data_is_refused_before_any_worker_starts() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("mnist-8x8");
     std::fs::create_dir(&data).expect("mkdir");
-    let idx = |magic: u32, dims: &[u32], body: Vec<u8>| {
-        let mut bytes: Vec<u8> = magic.to_be_bytes().to_vec();
-        bytes.extend(dims.iter().flat_map(|d| d.to_be_bytes()));
-        bytes.extend(body);
-        bytes
-    };
-    for set in ["train", "t10k"] {
-        let images = idx(0x803, &[8, 8, 8], (0..8 * 64).map(|i| (i * 7 % 256) as u8).collect());
-        std::fs::write(data.join(format!("{set}-images-idx3-ubyte")), images).expect("write images");
-        let labels = idx(0x801, &[8], (0..8).map(|i| i % 10).collect());
-        std::fs::write(data.join(format!("{set}-labels-idx1-ubyte")), labels).expect("write labels");
-    }
+    crate::util::write_idx(
+        &data,
+        &[("train", 8), ("t10k", 8)],
+        8,
+        |i| (i * 7 % 256) as u8,
+        |i| (i % 10) as u8,
+    );
     let text = std::fs::read_to_string(crate::util::repo().join("examples/mnist-lenet.toml"))
         .expect("job")
         .replace("../data/mnist", data.to_str().expect("utf-8 path"));

@@ -83,22 +83,13 @@ fn every_isa_gives_the_same_weights() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let data = tmp.path().join("images");
     std::fs::create_dir(&data).expect("mkdir");
-    let idx = |magic: u32, dims: &[u32], body: Vec<u8>| {
-        let mut bytes: Vec<u8> = magic.to_be_bytes().to_vec();
-        bytes.extend(dims.iter().flat_map(|d| d.to_be_bytes()));
-        bytes.extend(body);
-        bytes
-    };
-    for (set, n) in [("train", 48u32), ("t10k", 16)] {
-        let pixels = (0..n * 256).map(|i| (i * 37 % 251) as u8).collect();
-        std::fs::write(
-            data.join(format!("{set}-images-idx3-ubyte")),
-            idx(0x803, &[n, 16, 16], pixels),
-        )
-        .expect("write images");
-        let labels = (0..n).map(|i| (i % 3) as u8).collect();
-        std::fs::write(data.join(format!("{set}-labels-idx1-ubyte")), idx(0x801, &[n], labels)).expect("write labels");
-    }
+    crate::util::write_idx(
+        &data,
+        &[("train", 48), ("t10k", 16)],
+        16,
+        |i| (i * 37 % 251) as u8,
+        |i| (i % 3) as u8,
+    );
     let cnn = tmp.path().join("cnn.toml");
     let text = format!(
         r#"[job]

@@ -195,3 +195,21 @@ impl Proc {
         (status, self.stdout(), self.stderr())
     }
 }
+
+/// Writes MNIST-style IDX files into `dir`: for each `(set, n)`, `{set}-images-idx3-ubyte` with
+/// `n` images of `side × side` pixels `pixel(i)` (i counting over all of the set's bytes) and
+/// `{set}-labels-idx1-ubyte` with labels `label(i)`.
+pub fn write_idx(dir: &Path, sets: &[(&str, u32)], side: u32, pixel: impl Fn(u32) -> u8, label: impl Fn(u32) -> u8) {
+    let idx = |magic: u32, dims: &[u32], body: Vec<u8>| {
+        let mut bytes: Vec<u8> = magic.to_be_bytes().to_vec();
+        bytes.extend(dims.iter().flat_map(|d| d.to_be_bytes()));
+        bytes.extend(body);
+        bytes
+    };
+    for &(set, n) in sets {
+        let images = idx(0x803, &[n, side, side], (0..n * side * side).map(&pixel).collect());
+        std::fs::write(dir.join(format!("{set}-images-idx3-ubyte")), images).expect("write images");
+        let labels = idx(0x801, &[n], (0..n).map(&label).collect());
+        std::fs::write(dir.join(format!("{set}-labels-idx1-ubyte")), labels).expect("write labels");
+    }
+}

@@ -266,6 +266,75 @@ mod x86 {
         }
     }
 
+    /// The masks of a tile's `P` vectors per row, for its first `width` columns.
+    fn masks512<const P: usize>(width: usize) -> [__mmask16; P] {
+        std::array::from_fn(|q| mask16(width.saturating_sub(q * NR)))
+    }
+
+    /// A tile of `C`, `MR` rows of `P` vectors, masked to the valid columns.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn load512<const MR: usize, const P: usize>(
+        c: *const f32,
+        ldc: usize,
+        masks: &[__mmask16; P],
+    ) -> [[__m512; P]; MR] {
+        // SAFETY: the caller guarantees MR rows of C, ldc apart, valid where the masks are set.
+        std::array::from_fn(|r| {
+            std::array::from_fn(|q| unsafe { _mm512_maskz_loadu_ps(masks[q], c.add(r * ldc + q * NR)) })
+        })
+    }
+
+    /// Stores what [`load512`] loaded.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store512<const MR: usize, const P: usize>(
+        c: *mut f32,
+        ldc: usize,
+        masks: &[__mmask16; P],
+        acc: &[[__m512; P]; MR],
+    ) {
+        for (r, row) in acc.iter().enumerate() {
+            for (q, v) in row.iter().enumerate() {
+                // SAFETY: as in load512.
+                unsafe { _mm512_mask_storeu_ps(c.add(r * ldc + q * NR), masks[q], *v) };
+            }
+        }
+    }
+
+    fn masks256<const P: usize>(width: usize) -> [__m256i; P] {
+        std::array::from_fn(|q| mask8(width.saturating_sub(q * 8)))
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn load256<const MR: usize, const P: usize>(
+        c: *const f32,
+        ldc: usize,
+        masks: &[__m256i; P],
+    ) -> [[__m256; P]; MR] {
+        // SAFETY: as in load512.
+        std::array::from_fn(|r| {
+            std::array::from_fn(|q| unsafe { _mm256_maskload_ps(c.add(r * ldc + q * 8), masks[q]) })
+        })
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn store256<const MR: usize, const P: usize>(
+        c: *mut f32,
+        ldc: usize,
+        masks: &[__m256i; P],
+        acc: &[[__m256; P]; MR],
+    ) {
+        for (r, row) in acc.iter().enumerate() {
+            for (q, v) in row.iter().enumerate() {
+                // SAFETY: as in load512.
+                unsafe { _mm256_maskstore_ps(c.add(r * ldc + q * 8), masks[q], *v) };
+            }
+        }
+    }
+
     fn mask16(cols: usize) -> __mmask16 {
         if cols >= 16 {
             0xffff
@@ -289,17 +358,12 @@ mod x86 {
             usize,
         ),
     ) {
-        let masks: [__mmask16; P] = std::array::from_fn(|q| mask16(width.saturating_sub(q * NR)));
+        let masks = masks512::<P>(width);
         // SAFETY (whole body): the caller guarantees MR rows of A (every offset in bounds), of C
         // (width wide) and P panels of k·16 floats; masked loads and stores touch only the
         // valid columns.
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); P]; MR];
-            for r in 0..MR {
-                for q in 0..P {
-                    acc[r][q] = _mm512_maskz_loadu_ps(masks[q], c.add(r * ldc + q * NR));
-                }
-            }
+            let mut acc = load512::<MR, P>(c, ldc, &masks);
             let a: [*const f32; MR] = std::array::from_fn(|r| data.add(rows[r]));
             for kk in 0..k {
                 let col = *cols.add(kk);
@@ -311,11 +375,7 @@ mod x86 {
                     }
                 }
             }
-            for r in 0..MR {
-                for q in 0..P {
-                    _mm512_mask_storeu_ps(c.add(r * ldc + q * NR), masks[q], acc[r][q]);
-                }
-            }
+            store512(c, ldc, &masks, &acc);
         }
     }
 
@@ -364,15 +424,10 @@ mod x86 {
             usize,
         ),
     ) {
-        let masks: [__m256i; P] = std::array::from_fn(|q| mask8(width.saturating_sub(q * 8)));
+        let masks = masks256::<P>(width);
         // SAFETY (whole body): as in tile512, with one panel.
         unsafe {
-            let mut acc = [[_mm256_setzero_ps(); P]; MR];
-            for r in 0..MR {
-                for q in 0..P {
-                    acc[r][q] = _mm256_maskload_ps(c.add(r * ldc + q * 8), masks[q]);
-                }
-            }
+            let mut acc = load256::<MR, P>(c, ldc, &masks);
             let a: [*const f32; MR] = std::array::from_fn(|r| data.add(rows[r]));
             for kk in 0..k {
                 let col = *cols.add(kk);
@@ -384,11 +439,7 @@ mod x86 {
                     }
                 }
             }
-            for r in 0..MR {
-                for q in 0..P {
-                    _mm256_maskstore_ps(c.add(r * ldc + q * 8), masks[q], acc[r][q]);
-                }
-            }
+            store256(c, ldc, &masks, &acc);
         }
     }
 
@@ -427,17 +478,12 @@ mod x86 {
     unsafe fn runs512<const MR: usize, const P: usize>(
         (a, lda, starts, bp, c, ldc, width): (*const f32, usize, &[usize], *const f32, *mut f32, usize, usize),
     ) {
-        let masks: [__mmask16; P] = std::array::from_fn(|q| mask16(width.saturating_sub(q * NR)));
+        let masks = masks512::<P>(width);
         // SAFETY (whole body): the caller guarantees MR rows of A (starts.len() wide) and of C
         // (width wide), and width values after bp + start for every start; masked loads and
         // stores touch only those.
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); P]; MR];
-            for r in 0..MR {
-                for q in 0..P {
-                    acc[r][q] = _mm512_maskz_loadu_ps(masks[q], c.add(r * ldc + q * NR));
-                }
-            }
+            let mut acc = load512::<MR, P>(c, ldc, &masks);
             for (kk, &start) in starts.iter().enumerate() {
                 let run = bp.add(start);
                 let v: [__m512; P] = std::array::from_fn(|q| _mm512_maskz_loadu_ps(masks[q], run.add(q * NR)));
@@ -448,11 +494,7 @@ mod x86 {
                     }
                 }
             }
-            for r in 0..MR {
-                for q in 0..P {
-                    _mm512_mask_storeu_ps(c.add(r * ldc + q * NR), masks[q], acc[r][q]);
-                }
-            }
+            store512(c, ldc, &masks, &acc);
         }
     }
 
@@ -490,15 +532,10 @@ mod x86 {
     unsafe fn runs256<const MR: usize, const P: usize>(
         (a, lda, starts, bp, c, ldc, width): (*const f32, usize, &[usize], *const f32, *mut f32, usize, usize),
     ) {
-        let masks: [__m256i; P] = std::array::from_fn(|q| mask8(width.saturating_sub(q * 8)));
+        let masks = masks256::<P>(width);
         // SAFETY (whole body): as in runs512.
         unsafe {
-            let mut acc = [[_mm256_setzero_ps(); P]; MR];
-            for r in 0..MR {
-                for q in 0..P {
-                    acc[r][q] = _mm256_maskload_ps(c.add(r * ldc + q * 8), masks[q]);
-                }
-            }
+            let mut acc = load256::<MR, P>(c, ldc, &masks);
             for (kk, &start) in starts.iter().enumerate() {
                 let run = bp.add(start);
                 let v: [__m256; P] = std::array::from_fn(|q| _mm256_maskload_ps(run.add(q * 8), masks[q]));
@@ -509,11 +546,7 @@ mod x86 {
                     }
                 }
             }
-            for r in 0..MR {
-                for q in 0..P {
-                    _mm256_maskstore_ps(c.add(r * ldc + q * 8), masks[q], acc[r][q]);
-                }
-            }
+            store256(c, ldc, &masks, &acc);
         }
     }
 }
