@@ -4,8 +4,9 @@
 //! Recorded op by op, one step of the cell is about twenty tape nodes, each allocating its
 //! `[B, H]` or `[B, 4H]` output, and the recurrent weight's gradient is T small products with
 //! an inner dimension of B. Here `W_hh` is packed once per pass ([`PackedB`]), one step is one
-//! product against it into a reused buffer plus one fused pass over the gates, and the weight gradient is a single product over all B·T rows at the end
-//! (cuDNN and PyTorch's CPU kernel do the same).
+//! product against it into the tape plus one fused pass over the gates, and the weight
+//! gradient is a single product over all B·T rows at the end (cuDNN and PyTorch's CPU kernel
+//! do the same).
 //!
 //! Layout and gate order follow PyTorch (`weight_hh_l0: [4H, H]`, gates i, f, g, o):
 //! `i, f, o = σ(·)`, `g = tanh(·)`, `c' = f ⊙ c + i ⊙ g`, `h' = o ⊙ tanh(c')`.
