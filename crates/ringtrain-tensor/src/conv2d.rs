@@ -295,12 +295,19 @@ fn weight_grad(gs: &[f32], xs: &[f32], d: Dims, win: &Window2d) -> Result<Tensor
     let (hp, wp) = (d.h + 2 * p, d.w + 2 * p);
     let (pixels, taps) = (grid(d.oh, d.ow, wp), window(d.c, (d.kh, d.kw), (hp, wp)));
     let (l, ckk) = (d.oh * d.ow, d.taps());
-    let images: Vec<_> = (0..d.n)
-        .map(|img| padded(&xs[img * d.c * d.h * d.w..][..d.c * d.h * d.w], d.c, (d.h, d.w), (p, p)))
-        .collect();
-    let grads: Vec<PackedB> = (0..d.n)
-        .map(|img| PackedB::pack_t(&gs[img * d.o * l..][..d.o * l], l, d.o))
-        .collect();
+    // every image's padded input and packed gradient, prepared in parallel
+    let prepare = |img: usize| {
+        (
+            padded(&xs[img * d.c * d.h * d.w..][..d.c * d.h * d.w], d.c, (d.h, d.w), (p, p)),
+            PackedB::pack_t(&gs[img * d.o * l..][..d.o * l], l, d.o),
+        )
+    };
+    let (images, grads): (Vec<_>, Vec<_>) = if rayon::current_num_threads() > 1 {
+        use rayon::prelude::*;
+        (0..d.n).into_par_iter().map(prepare).unzip()
+    } else {
+        (0..d.n).map(prepare).unzip()
+    };
     let mut dwt = vec![0.0f32; ckk * d.o];
     // Split by rows of dwᵀ, each summed over every image in order: the same bits for any split.
     let rows_per = ckk.div_ceil(rayon::current_num_threads()).max(1);
