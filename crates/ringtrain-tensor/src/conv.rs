@@ -1,9 +1,9 @@
-//! Convolution and pooling kernels on NCHW tensors.
+//! Window geometry, im2col/col2im and pooling on NCHW tensors.
 //!
-//! Convolution is lowered to one sgemm over the whole batch: `im2col` lays every receptive field
-//! out as a column of a `[C·KH·KW, N·OH·OW]` matrix, so `W[O, C·KH·KW] · cols` computes all
-//! output pixels of all images at once (one large product instead of N small ones, which is
-//! where BLAS is fast). `col2im` is its adjoint, used by the backward pass.
+//! `im2col` lays every receptive field out as a column of a `[C·KH·KW, N·OH·OW]` matrix, so
+//! `W[O, C·KH·KW] · cols` computes all output pixels of all images in one sgemm; `col2im` is
+//! its adjoint. [`crate::conv2d`] lowers strided convolutions this way (stride 1 runs direct)
+//! and average pooling uses it too.
 
 use rayon::prelude::*;
 

@@ -8,7 +8,7 @@
 
 use crate::fused::{sigmoid, tanh};
 use crate::gemm::{gemm_packed, PackedB};
-use crate::lstm::{dims, recurrent_weight_grads, time_index};
+use crate::lstm::{dims, lanes, recurrent_weight_grads, time_index};
 use crate::{Result, Tensor, TensorError};
 
 /// What backward needs from the forward pass, in `[B, T, ·]` layout (row `b·T + t` is time
@@ -152,7 +152,6 @@ pub fn gru_backward(
             for r in 0..b {
                 dh[r * h..][..h].copy_from_slice(&gs[(r * (t + 1) + t) * h..][..h]);
             }
-            let mut dhp = vec![0.0f32; b * g3];
             let w = PackedB::pack(ws, g3, h);
             for step in (0..t).rev() {
                 let ti = time_index(step, t, reverse);
@@ -164,29 +163,26 @@ pub fn gru_backward(
                     let hp = &tape.h_prev[row * h..][..h];
                     let gout = &gs[(r * (t + 1) + ti) * h..][..h];
                     let dhr = &mut dh[r * h..][..h];
-                    let dx = &mut dxp[row * g3..][..g3];
-                    let (dxr, rest) = dx.split_at_mut(h);
+                    let (dxr, rest) = dxp[row * g3..][..g3].split_at_mut(h);
                     let (dxz, dxn) = rest.split_at_mut(h);
-                    let drow = &mut dhp[r * g3..][..g3];
-                    let (dhr_gate, rest) = drow.split_at_mut(h);
+                    let (dhr_gate, rest) = dhp_all[row * g3..][..g3].split_at_mut(h);
                     let (dhz_gate, dhn_gate) = rest.split_at_mut(h);
-                    // every slice cut to H, so that the loop below vectorises without bounds checks
-                    let (dxn, dhn_gate) = (&mut dxn[..h], &mut dhn_gate[..h]);
-                    for j in 0..h {
-                        let (rv, zv, nv) = (rg[j], zg[j], ng[j]);
-                        let dh_new = m * (dhr[j] + gout[j]);
-                        let da_n = dh_new * (1.0 - zv) * (1.0 - nv * nv);
-                        let da_z = dh_new * (hp[j] - nv) * zv * (1.0 - zv);
-                        let da_r = da_n * hn[j] * rv * (1.0 - rv);
-                        (dxr[j], dxz[j], dxn[j]) = (da_r, da_z, da_n);
-                        (dhr_gate[j], dhz_gate[j], dhn_gate[j]) = (da_r, da_z, da_n * rv);
-                        // what flows to h_prev besides the product with W_hh below
-                        dhr[j] = dh_new * zv + (1.0 - m) * dhr[j];
-                    }
-                    dhp_all[row * g3..][..g3].copy_from_slice(drow);
+                    lanes(
+                        [rg, zg, ng, hn, hp, gout],
+                        [dxr, dxz, dxn, dhr_gate, dhz_gate, dhn_gate, dhr],
+                        #[inline(always)]
+                        |[rv, zv, nv, hnv, hpv, go], [_, _, _, _, _, _, dhv]| {
+                            let dh_new = m * (dhv + go);
+                            let da_n = dh_new * (1.0 - zv) * (1.0 - nv * nv);
+                            let da_z = dh_new * (hpv - nv) * zv * (1.0 - zv);
+                            let da_r = da_n * hnv * rv * (1.0 - rv);
+                            // dh: what flows to h_prev besides the product with W_hh below
+                            [da_r, da_z, da_n, da_r, da_z, da_n * rv, dh_new * zv + (1.0 - m) * dhv]
+                        },
+                    );
                 }
-                // dh_prev += dhp · W_hh
-                gemm_packed(&dhp, g3, b, &w, &mut dh, h);
+                // dh_prev += (this step's rows of dhp_all, T·3H apart) · W_hh
+                gemm_packed(&dhp_all[ti * g3..], t * g3, b, &w, &mut dh, h);
             }
             let (dw, db) = recurrent_weight_grads(&dhp_all, &tape.h_prev, g3, h);
             Ok([

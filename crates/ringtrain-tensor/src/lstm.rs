@@ -197,12 +197,9 @@ fn rows_per_part(b: usize) -> usize {
 /// `v` in blocks of `len` (one per `rows` of `b` batch rows), or as many empty blocks when `v` is
 /// empty (no tape).
 fn parts(v: &mut [f32], len: usize, b: usize, rows: usize) -> impl Iterator<Item = &mut [f32]> {
-    let blocks = b.div_ceil(rows);
-    let empty = v.is_empty();
     v.chunks_mut(len.max(1))
         .chain(std::iter::repeat_with(|| &mut [][..]))
-        .take(blocks)
-        .map(move |c| if empty { &mut [][..] } else { c })
+        .take(b.div_ceil(rows))
 }
 
 /// Runs `f` on every part, on the rayon pool when it has more than one thread.
@@ -393,7 +390,7 @@ fn bptt(m: f32, i: f32, f: f32, gg: f32, o: f32, tc: f32, cp: f32, gout: f32, dh
 /// buffers the compiler needed more runtime overlap checks than it makes, and the cell loops
 /// ran scalar.
 #[inline(always)]
-fn lanes<const I: usize, const O: usize>(
+pub(crate) fn lanes<const I: usize, const O: usize>(
     ins: [&[f32]; I],
     mut outs: [&mut [f32]; O],
     f: impl Fn([f32; I], [f32; O]) -> [f32; O],
