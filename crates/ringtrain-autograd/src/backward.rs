@@ -64,7 +64,10 @@ impl Graph<'_> {
             }
             let Some(g) = grads[i].take() else { continue };
             // A row lookup of a row-sparse table: keep the rows, not a dense table.
-            if let Op::IndexSelect { x, axis: 0, indices } = &node.op {
+            if let Op::IndexSelect {
+                x, axis: 0, indices, ..
+            } = &node.op
+            {
                 let sparse = param_of_leaf[x.0].is_some_and(|p| self.row_sparse.get(p).copied().unwrap_or(false));
                 if sparse {
                     if self.nodes[x.0].needs_grad {
@@ -250,8 +253,13 @@ impl Graph<'_> {
                 }
                 out
             }
-            Op::IndexSelect { x, axis, indices } => {
-                vec![(*x, Tensor::index_add(val(*x).shape(), *axis, indices, g)?)]
+            Op::IndexSelect {
+                x,
+                axis,
+                indices,
+                shape,
+            } => {
+                vec![(*x, Tensor::index_add(shape, *axis, indices, g)?)]
             }
             Op::MulConst { x, factor } => vec![(*x, g.mul(factor)?)],
             Op::Conv2d { x, w, b, win, cols } => {

@@ -111,10 +111,12 @@ pub(crate) enum Op {
         parts: Vec<Var>,
         axis: usize,
     },
+    /// `shape` is `x`'s: a table read in place by [`Graph::param_rows`] has no value here.
     IndexSelect {
         x: Var,
         axis: usize,
         indices: Vec<usize>,
+        shape: Vec<usize>,
     },
     MulConst {
         x: Var,
@@ -360,6 +362,10 @@ impl<'p> Graph<'p> {
             .index_of(name)
             .ok_or_else(|| AutogradError::UnknownParam { name: name.to_string() })?;
         if let Some(v) = self.bound[idx] {
+            if self.nodes[v.0].value.shape() != store.specs()[idx].shape {
+                // bound by `param_rows`, which left the value in the store
+                self.nodes[v.0].value = store.get(name)?;
+            }
             return Ok(v);
         }
         let value = store.get(name)?;
@@ -367,6 +373,39 @@ impl<'p> Graph<'p> {
         let v = self.leaf(value, needs);
         self.bound[idx] = Some(v);
         Ok(v)
+    }
+
+    /// Rows `indices` of parameter `name` (axis 0: an embedding lookup), the same as
+    /// `index_select(param(name), 0, indices)` but read straight from the store: a lookup
+    /// reads a few rows of a table that can be megabytes, and copying all of it onto the tape
+    /// every step cost more than the lookup.
+    pub fn param_rows(&mut self, name: &str, indices: &[usize]) -> Result<Var> {
+        let store = self
+            .params
+            .ok_or_else(|| AutogradError::UnknownParam { name: name.to_string() })?;
+        let idx = store
+            .index_of(name)
+            .ok_or_else(|| AutogradError::UnknownParam { name: name.to_string() })?;
+        let table = match self.bound[idx] {
+            Some(v) => v,
+            None => {
+                // the leaf's value stays empty until `param` asks for it
+                let needs = self.grad_enabled;
+                let v = self.leaf(Tensor::zeros(&[0]), needs);
+                self.bound[idx] = Some(v);
+                v
+            }
+        };
+        let spec = &store.specs()[idx];
+        let rows = Tensor::select_rows(&store.flat()[spec.offset..][..spec.len], &spec.shape, indices)?;
+        let needs = self.nodes[table.0].needs_grad;
+        let op = Op::IndexSelect {
+            x: table,
+            axis: 0,
+            indices: indices.to_vec(),
+            shape: spec.shape.clone(),
+        };
+        Ok(self.push(rows, op, needs))
     }
 
     fn leaf(&mut self, value: Tensor, needs_grad: bool) -> Var {

@@ -185,6 +185,7 @@ impl Graph<'_> {
                 x,
                 axis,
                 indices: indices.to_vec(),
+                shape: self.shape(x).to_vec(),
             },
         ))
     }

@@ -312,6 +312,59 @@ fn a_row_sparse_table_gets_the_rows_it_was_read_at_and_the_same_gradient() {
 }
 
 #[test]
+fn param_rows_reads_the_store_like_param_then_index_select() {
+    let table: Vec<f32> = (0..12).map(|v| v as f32 * 0.25 - 1.0).collect();
+    let named = [
+        ("emb.weight".to_string(), Tensor::from_vec(&[4, 3], table).unwrap()),
+        ("w".to_string(), Tensor::from_vec(&[3], vec![1.0, -2.0, 0.5]).unwrap()),
+    ];
+    let store = ParamStore::from_named(named.into_iter().collect());
+    let ids = [3, 1, 3];
+    // how: 0 index_select, 1 param_rows, 2 param_rows then the whole table too (tied use)
+    let run = |how: u8, sparse: bool| {
+        let mut g = Graph::new(&store);
+        if sparse {
+            g.set_row_sparse(0);
+        }
+        let rows = match how {
+            0 => {
+                let e = g.param("emb.weight").unwrap();
+                g.index_select(e, 0, &ids).unwrap()
+            }
+            _ => g.param_rows("emb.weight", &ids).unwrap(),
+        };
+        let w = g.param("w").unwrap();
+        let y = g.mul(rows, w).unwrap();
+        let sq = g.mul(y, y).unwrap();
+        let mut loss = g.sum(sq);
+        if how == 2 {
+            let e = g.param("emb.weight").unwrap();
+            assert_eq!(g.value(e), &store.get("emb.weight").unwrap());
+            let all = g.sum(e);
+            loss = g.add(loss, all).unwrap();
+        }
+        let value = g.value(rows).clone();
+        let grads = g.backward(loss).unwrap();
+        let mut flat = vec![f32::NAN; store.num_elements()];
+        g.param_grads_into(&grads, &mut flat).unwrap();
+        (value, flat)
+    };
+    for sparse in [false, true] {
+        assert_eq!(run(1, sparse), run(0, sparse), "sparse: {sparse}");
+        let (_, tied) = run(2, sparse);
+        let (_, alone) = run(1, sparse);
+        let plus_one: Vec<f32> = alone[..12].iter().map(|v| v + 1.0).collect();
+        assert_eq!(
+            tied[..12],
+            plus_one[..],
+            "the table used whole as well gets both gradients"
+        );
+    }
+    let mut g = Graph::new(&store);
+    assert!(g.param_rows("emb.weight", &[4]).is_err(), "row 4 of a 4-row table");
+}
+
+#[test]
 fn backward_refuses_non_scalar_loss() {
     let mut g = Graph::standalone();
     let x = g.variable(Tensor::zeros(&[2]));

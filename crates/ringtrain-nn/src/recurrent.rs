@@ -61,8 +61,7 @@ impl Embedding {
             }
             return Ok(g.input(Tensor::from_vec(&[batch, steps, self.vocab], x)?));
         }
-        let w = g.param(&format!("{}.weight", self.name))?;
-        let rows = g.index_select(w, 0, ids)?;
+        let rows = g.param_rows(&format!("{}.weight", self.name), ids)?;
         let rows = match self.padding_idx {
             Some(p) => {
                 let keep: Vec<f32> = ids.iter().map(|&i| if i == p { 0.0 } else { 1.0 }).collect();

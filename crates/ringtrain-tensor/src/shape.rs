@@ -146,19 +146,36 @@ impl Tensor {
             });
         }
         if axis == 0 {
-            // an embedding lookup: whole rows, copied as slices (ndarray's select goes element
-            // by element)
-            let row = self.len() / len.max(1);
-            let src = self.as_slice();
-            let mut out = Vec::with_capacity(indices.len() * row);
-            for &i in indices {
-                out.extend_from_slice(&src[i * row..][..row]);
-            }
-            let mut shape = self.shape().to_vec();
-            shape[0] = indices.len();
-            return Tensor::from_vec(&shape, out);
+            return Tensor::select_rows(self.as_slice(), self.shape(), indices);
         }
         Ok(Tensor::from_array(self.data.select(Axis(axis), indices)))
+    }
+
+    /// `index_select(0, indices)` of the tensor of `shape` whose elements are `src`, read in
+    /// place: an embedding lookup straight from a parameter store. Rows are copied as slices
+    /// (ndarray's `select` goes element by element).
+    pub fn select_rows(src: &[f32], shape: &[usize], indices: &[usize]) -> Result<Tensor> {
+        let len = shape.first().copied().unwrap_or(0);
+        if shape.is_empty() || shape.iter().product::<usize>() != src.len() {
+            return Err(TensorError::Invalid {
+                op: "select_rows",
+                reason: format!("{} elements cannot be a tensor of shape {shape:?}", src.len()),
+            });
+        }
+        if let Some(&bad) = indices.iter().find(|&&i| i >= len) {
+            return Err(TensorError::Invalid {
+                op: "index_select",
+                reason: format!("index {bad} out of range for axis 0 of length {len}"),
+            });
+        }
+        let row = src.len() / len.max(1);
+        let mut out = Vec::with_capacity(indices.len() * row);
+        for &i in indices {
+            out.extend_from_slice(&src[i * row..][..row]);
+        }
+        let mut shape = shape.to_vec();
+        shape[0] = indices.len();
+        Tensor::from_vec(&shape, out)
     }
 
     /// The adjoint of [`Tensor::index_select`]: adds `src`'s entries into a zero tensor of

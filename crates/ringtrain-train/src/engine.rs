@@ -183,6 +183,8 @@ pub struct Trainer {
     bucket_elems: usize,
     /// The buckets of a distributed step, fixed at its first backward pass.
     buckets: Option<GradBuckets>,
+    /// Embedding tables (store indices).
+    tables: Vec<usize>,
     /// Embedding tables whose gradient may travel as the rows a step touched, and when.
     sparse: Vec<usize>,
     sparse_mode: SparseEmbeddings,
@@ -199,23 +201,22 @@ pub struct Trainer {
 impl Trainer {
     pub fn new(job: &Job, model: Box<dyn Module>, loss: Loss, train_examples: usize) -> Trainer {
         let store = init_store(model.as_ref(), job.job.seed);
-        // Lookup tables (not learned positions) whose gradient is the rows a batch read;
-        // accumulated micro-batches sum them densely, so they go dense then.
+        // Lookup tables (not learned positions): their gradient is the rows a batch read.
+        let tables: Vec<usize> = store
+            .specs()
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| {
+                s.name.ends_with("embedding.weight") && !s.name.ends_with("pos_embedding.weight") && s.shape.len() == 2
+            })
+            .map(|(p, _)| p)
+            .collect();
+        // Accumulated micro-batches sum them densely, so they travel dense then.
         let sparse =
             if job.distributed.sparse_embeddings == SparseEmbeddings::Never || job.training.accumulate_steps > 1 {
                 Vec::new()
             } else {
-                store
-                    .specs()
-                    .iter()
-                    .enumerate()
-                    .filter(|(_, s)| {
-                        s.name.ends_with("embedding.weight")
-                            && !s.name.ends_with("pos_embedding.weight")
-                            && s.shape.len() == 2
-                    })
-                    .map(|(p, _)| p)
-                    .collect()
+                tables.clone()
             };
         let o = &job.optimizer;
         let wd = o.weight_decay as f32;
@@ -283,6 +284,7 @@ impl Trainer {
             accumulate,
             bucket_elems: ((job.distributed.bucket_mb * f64::from(1u32 << 20)) as usize / 4).max(1),
             buckets: None,
+            tables,
             sparse,
             sparse_mode: job.distributed.sparse_embeddings,
             elastic: false,
@@ -459,6 +461,13 @@ impl Trainer {
                             }
                         }
                     } else {
+                        if share.is_none() {
+                            // The rows, added into the zeroed flat gradient, give a dense
+                            // table's bits without a table-sized gradient on the tape.
+                            for &p in &self.tables {
+                                g.set_row_sparse(p);
+                            }
+                        }
                         let grads = g.backward(loss)?;
                         match share {
                             None => g.param_grads_into(&grads, &mut self.grad)?,
