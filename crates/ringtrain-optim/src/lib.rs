@@ -15,6 +15,7 @@ mod schedule;
 
 pub use schedule::{Schedule, ScheduleKind};
 
+use rayon::prelude::*;
 use ringtrain_autograd::{ParamSpec, Tensor};
 
 /// Which optimizer, with its hyper-parameters (PyTorch's names and defaults).
@@ -156,12 +157,27 @@ impl Optimizer {
         }
         self.step += 1;
         let t = self.step;
-        let (kind, slots) = (self.kind, self.slots.as_mut_slice());
-        // One pass over every parameter: compiled a second time with AVX2 (same bits).
-        ringtrain_tensor::simd::fast(
-            #[inline(always)]
-            || update(kind, slots, params, grads, lr, t),
-        );
+        let kind = self.kind;
+        // One pass over every parameter, in blocks shared among the rayon threads (the rule is
+        // elementwise, so any split gives the same bits); compiled a second time with AVX2.
+        let mut slots: Vec<_> = self.slots.iter_mut().map(|s| s.chunks_mut(BLOCK)).collect();
+        let blocks: Vec<_> = params
+            .chunks_mut(BLOCK)
+            .zip(grads.chunks(BLOCK))
+            .map(|(p, g)| (p, g, slots.iter_mut().filter_map(Iterator::next).collect::<Vec<_>>()))
+            .collect();
+        let run = |(p, g, mut s): (&mut [f32], &[f32], Vec<&mut [f32]>)| {
+            ringtrain_tensor::simd::fast(
+                #[inline(always)]
+                || update(kind, &mut s, p, g, lr, t),
+            );
+        };
+        // a small model's step is too short to wake another thread for
+        if blocks.len() > 1 && rayon::current_num_threads() > 1 {
+            blocks.into_par_iter().for_each(run);
+        } else {
+            blocks.into_iter().for_each(run);
+        }
         Ok(())
     }
 
@@ -223,9 +239,13 @@ pub fn clip_grad_norm(grads: &mut [f32], max_norm: f32) -> f32 {
     norm
 }
 
-/// The update rule of `kind` over the flat buffers, at step `t` (1-based).
+/// Parameters per block of an update: large enough that a block outweighs handing it to a
+/// thread, small enough that a 2.5 MB embedding table is split.
+const BLOCK: usize = 1 << 16;
+
+/// The update rule of `kind` over one block of the flat buffers, at step `t` (1-based).
 #[inline(always)]
-fn update(kind: OptimizerKind, slots: &mut [Vec<f32>], params: &mut [f32], grads: &[f32], lr: f32, t: u64) {
+fn update(kind: OptimizerKind, slots: &mut [&mut [f32]], params: &mut [f32], grads: &[f32], lr: f32, t: u64) {
     match (kind, slots) {
         (OptimizerKind::Sgd { weight_decay, .. }, []) => {
             for (p, &g) in params.iter_mut().zip(grads) {

@@ -110,6 +110,37 @@ fn trajectories_match_the_reference() {
 }
 
 #[test]
+fn a_step_split_among_threads_gives_the_same_bits() {
+    // large enough to be split into blocks, with a short last one
+    let n = 3 * (1 << 16) + 123;
+    let run = |threads: usize, kind: OptimizerKind| {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+        pool.install(|| {
+            let mut p: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 500.0 - 1.0).collect();
+            let mut opt = Optimizer::new(kind, n);
+            for step in 0..3 {
+                let g: Vec<f32> = p
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| x * 0.3 - (i % 5 + step) as f32 * 0.01)
+                    .collect();
+                opt.step(&mut p, &g, 0.01).unwrap();
+            }
+            p
+        })
+    };
+    for kind in [
+        OptimizerKind::adam(0.01),
+        OptimizerKind::sgd(0.9, true, 0.0),
+        OptimizerKind::rmsprop(0.9, 0.0),
+    ] {
+        let one = run(1, kind);
+        assert_eq!(one, run(2, kind), "{kind:?}");
+        assert_eq!(one, run(3, kind), "{kind:?}");
+    }
+}
+
+#[test]
 fn state_round_trips_through_named_tensors() {
     let store = ParamStore::from_named(
         [

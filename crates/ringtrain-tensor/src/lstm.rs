@@ -13,6 +13,8 @@
 //! A padded step (mask 0) keeps the previous state and outputs zeros; in general
 //! `h ← h + m (h' − h)`, `c ← c + m (c' − c)`, output `m h'`.
 
+use std::mem::MaybeUninit;
+
 use ndarray::{linalg::general_mat_mul, ArrayView2, ArrayViewMut2};
 
 use crate::fused::{sigmoid, tanh};
@@ -131,18 +133,28 @@ pub fn lstm_forward(
     }
     let g4 = 4 * h;
     let (xs, bias) = (xp.as_slice(), b_hh.as_slice());
-    let mut out = vec![0.0f32; b * (t + 2) * h];
+    let rows = rows_per_part(b);
+    let zeros = |width: usize| par_zeros(b * width, rows * width);
+    let mut out = zeros((t + 2) * h);
     let mut tape = if keep_tape {
-        // the gates start as xp + b_hh, in one pass; each step adds its product in place
-        let mut acts = Vec::with_capacity(b * t * g4);
-        for row in xs.chunks_exact(g4) {
-            acts.extend(row.iter().zip(bias).map(|(&x, &bv)| x + bv));
-        }
+        // the gates start as xp + b_hh; each step adds its product in place
+        let block = rows * t * g4;
+        #[allow(unsafe_code)] // reason: the fill writes its whole block
+        // SAFETY: block i is rows·T rows of 4H (fewer in the last), each written from xp's row.
+        let acts = unsafe {
+            par_init(b * t * g4, block, |i, dst| {
+                for (d, s) in dst.chunks_exact_mut(g4).zip(xs[i * block..].chunks_exact(g4)) {
+                    for ((d, &x), &bv) in d.iter_mut().zip(s).zip(bias) {
+                        d.write(x + bv);
+                    }
+                }
+            })
+        };
         LstmTape {
             acts,
-            h_prev: vec![0.0; b * t * h],
-            c_prev: vec![0.0; b * t * h],
-            tanh_c: vec![0.0; b * t * h],
+            h_prev: zeros(t * h),
+            c_prev: zeros(t * h),
+            tanh_c: zeros(t * h),
         }
     } else {
         LstmTape::default()
@@ -160,7 +172,6 @@ pub fn lstm_forward(
         h,
         reverse,
     };
-    let rows = rows_per_part(b);
     let LstmTape {
         acts,
         h_prev,
@@ -187,6 +198,45 @@ pub fn lstm_forward(
         );
     run_parts(parts.collect(), |part| step.forward(part));
     Ok((Tensor::from_vec(&[b, t + 2, h], out)?, tape))
+}
+
+/// A vector of `n` elements written in blocks of `block` on the rayon threads, block `i` by
+/// `fill(i, block)`: the tapes' megabytes written by the threads that use them, where a zeroed
+/// `vec!` is written once more, by one thread, first.
+///
+/// # Safety
+/// `fill` must write every element of the block it is given.
+#[allow(unsafe_code)] // reason: the caller's fill initialises what set_len exposes
+pub(crate) unsafe fn par_init(
+    n: usize,
+    block: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync + Send,
+) -> Vec<f32> {
+    use rayon::prelude::*;
+    let mut v = Vec::with_capacity(n);
+    let spare = &mut v.spare_capacity_mut()[..n];
+    if n > block && rayon::current_num_threads() > 1 {
+        spare
+            .par_chunks_mut(block.max(1))
+            .enumerate()
+            .for_each(|(i, d)| fill(i, d));
+    } else {
+        spare.chunks_mut(block.max(1)).enumerate().for_each(|(i, d)| fill(i, d));
+    }
+    // SAFETY: the chunks covered elements 0..n, and the caller's `fill` wrote each one.
+    unsafe {
+        v.set_len(n);
+    }
+    v
+}
+
+/// [`par_init`] with zeros.
+pub(crate) fn par_zeros(n: usize, block: usize) -> Vec<f32> {
+    #[allow(unsafe_code)] // reason: the fill writes its whole block
+    // SAFETY: `fill` writes every element of its block.
+    unsafe {
+        par_init(n, block, |_, d| d.fill(MaybeUninit::new(0.0)))
+    }
 }
 
 /// Batch rows per block: all of them on one thread, an even share on several.
@@ -457,9 +507,9 @@ pub fn lstm_backward(
         h,
         reverse,
     };
-    let mut dxp = vec![0.0f32; b * t * g4];
-    let (mut dh, mut dc) = (vec![0.0f32; b * h], vec![0.0f32; b * h]);
     let rows = rows_per_part(b);
+    let mut dxp = par_zeros(b * t * g4, rows * t * g4);
+    let (mut dh, mut dc) = (vec![0.0f32; b * h], vec![0.0f32; b * h]);
     let parts = dxp
         .chunks_mut(rows * t * g4)
         .zip(dh.chunks_mut(rows * h).zip(dc.chunks_mut(rows * h)))
