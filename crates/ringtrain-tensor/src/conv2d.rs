@@ -162,7 +162,10 @@ pub fn conv2d_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, win: &Window2d
         for_each_chunk(&mut y, d.o * l, |img, yi| {
             let xi = image(img);
             // yᵀ for this image, [L, O], starting from the bias
-            let mut yt: Vec<f32> = (0..l).flat_map(|_| bias.iter().copied()).collect();
+            let mut yt = Vec::with_capacity(l * d.o);
+            for _ in 0..l {
+                yt.extend_from_slice(&bias);
+            }
             let a = Gather {
                 data: &xi,
                 rows: &pixels,
@@ -176,7 +179,10 @@ pub fn conv2d_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>, win: &Window2d
         let span = (d.oh - 1) * wp + d.ow;
         for_each_chunk(&mut y, d.o * l, |img, yi| {
             let xi = image(img);
-            let mut wide: Vec<f32> = bias.iter().flat_map(|&b| std::iter::repeat_n(b, span)).collect();
+            let mut wide = Vec::with_capacity(d.o * span);
+            for &b in &bias {
+                wide.resize(wide.len() + span, b);
+            }
             let runs = Runs {
                 data: &xi,
                 starts: &taps,
@@ -213,9 +219,16 @@ pub fn conv2d_backward(
     }
     let gs = g.as_slice();
     let db = need[2].then(|| {
-        let sums: Vec<f32> = (0..d.o)
-            .map(|ch| (0..d.n).flat_map(|img| &gs[(img * d.o + ch) * l..][..l]).sum())
-            .collect();
+        // each channel's sum over images, then positions, in order; the channels' chains
+        // interleaved, as one chain at a time waited on every add's latency
+        let mut sums = vec![0.0f32; d.o];
+        for gi in gs.chunks_exact((d.o * l).max(1)) {
+            for pos in 0..l {
+                for (ch, s) in sums.iter_mut().enumerate() {
+                    *s += gi[ch * l + pos];
+                }
+            }
+        }
         Tensor::from_vec(&[d.o], sums)
     });
     let db = db.transpose()?;

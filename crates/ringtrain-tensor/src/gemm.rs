@@ -56,7 +56,16 @@ impl PackedB {
     /// Packs `bᵀ`, where `b` is the row-major `[cols, rows]` matrix.
     pub fn pack_t(b: &[f32], rows: usize, cols: usize) -> PackedB {
         assert_eq!(b.len(), rows * cols, "PackedB::pack_t: b is not [{cols}, {rows}]");
-        PackedB::from_fn(rows, cols, |kk, j| b[j * rows + kk])
+        let mut data = vec![0.0f32; cols.div_ceil(NR) * rows * NR];
+        // b's rows are B's columns: each read once, in order, into its lane of its panel (the
+        // transposed read of `from_fn` cost more than a small convolution's products)
+        for (j, col) in b.chunks_exact(rows.max(1)).enumerate().take(cols) {
+            let panel = &mut data[(j / NR) * rows * NR..][..rows * NR];
+            for (dst, &v) in panel.iter_mut().skip(j % NR).step_by(NR).zip(col) {
+                *dst = v;
+            }
+        }
+        PackedB { k: rows, n: cols, data }
     }
 
     /// `(K, N)`.
