@@ -1,9 +1,47 @@
 //! Matrix products through BLAS sgemm.
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, Axis, Ix2, Ix3};
+use ndarray::{ArrayView2, ArrayViewMut2, Axis, Ix2, Ix3};
 
-use crate::{Result, Tensor, TensorError};
+use crate::{threads, Result, Tensor, TensorError};
+
+/// Multiply-adds from which a product on several rayon threads is split among them: the
+/// benches' LSTM input projection and weight gradients (2²⁶ and 2²⁷), not an MLP's or a
+/// transformer's layers (at most 2²⁵), whose products are too short to hand to other threads.
+const SPLIT_MACS: usize = 1 << 26;
+
+/// `c = alpha·a·b + beta·c` through OpenBLAS.
+///
+/// A product of at least [`SPLIT_MACS`] on several rayon threads runs as one single-threaded
+/// OpenBLAS call per thread, each on a block of c's rows. OpenBLAS's own workers spin for
+/// about 0.1 s after each call they share, and through the rayon kernels between products
+/// (an LSTM's recurrence) that spinning took a core's share from the rayon threads: a fifth
+/// of the samples of a 2-thread LSTM step. Every element of c is the same kernel's sum, in the
+/// same order, whichever block computes it, so the split does not change the bits.
+pub(crate) fn gemm(
+    alpha: f32,
+    a: &ArrayView2<'_, f32>,
+    b: &ArrayView2<'_, f32>,
+    beta: f32,
+    c: &mut ArrayViewMut2<'_, f32>,
+) {
+    let parts = rayon::current_num_threads();
+    let (m, k) = a.dim();
+    if parts < 2 || m < parts || m * k * b.ncols() < SPLIT_MACS {
+        general_mat_mul(alpha, a, b, beta, c);
+        return;
+    }
+    let rows = m.div_ceil(parts);
+    let _one = threads::BlasThreads::one();
+    let blocks: Vec<_> = c
+        .axis_chunks_iter_mut(Axis(0), rows)
+        .zip(a.axis_chunks_iter(Axis(0), rows))
+        .collect();
+    use rayon::prelude::*;
+    blocks
+        .into_par_iter()
+        .for_each(|(mut cb, ab)| general_mat_mul(alpha, &ab, b, beta, &mut cb));
+}
 
 fn view2<'a>(t: &'a Tensor, op: &'static str) -> Result<ArrayView2<'a, f32>> {
     t.data
@@ -59,7 +97,7 @@ impl Tensor {
                 }
                 let mut out = ndarray::Array2::<f32>::zeros((a.nrows(), b.ncols()));
                 // beta = 1 on a zeroed buffer: BLAS then skips its own pass zeroing C
-                general_mat_mul(1.0, &a, &b, 1.0, &mut out);
+                gemm(1.0, &a, &b, 1.0, &mut out.view_mut());
                 Ok(Tensor::from_array(out.into_dyn()))
             }
             (3, 3) => {
@@ -141,7 +179,7 @@ impl Tensor {
             reason: e.to_string(),
         })?;
         // beta = 1: C holds the bias rows, or zeros (BLAS then skips its own zeroing pass)
-        general_mat_mul(1.0, &x, &wv.t(), 1.0, &mut c);
+        gemm(1.0, &x, &wv.t(), 1.0, &mut c.view_mut());
         let mut shape = self.shape().to_vec();
         if let Some(last) = shape.last_mut() {
             *last = out_f;
@@ -170,14 +208,14 @@ impl Tensor {
         let dx = if need[0] {
             let mut dx = ndarray::Array2::<f32>::zeros((rows, inp));
             // beta = 1 on a zeroed buffer: BLAS then skips its own pass zeroing C
-            general_mat_mul(1.0, &gv, &wv, 1.0, &mut dx);
+            gemm(1.0, &gv, &wv, 1.0, &mut dx.view_mut());
             Some(Tensor::from_vec(x.shape(), dx.into_raw_vec_and_offset().0)?)
         } else {
             None
         };
         let dw = if need[1] {
             let mut dw = ndarray::Array2::<f32>::zeros((out_f, inp));
-            general_mat_mul(1.0, &gv.t(), &xv, 1.0, &mut dw);
+            gemm(1.0, &gv.t(), &xv, 1.0, &mut dw.view_mut());
             Some(Tensor::from_array(dw.into_dyn()))
         } else {
             None
@@ -208,6 +246,23 @@ impl Tensor {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_product_split_among_threads_gives_the_same_bits() {
+        // 2²⁶ multiply-adds (split on two threads) with a transposed left operand, as the
+        // weight gradients have, and an odd row count
+        let (m, k, n) = (1023, 256, 257);
+        let mut rng = crate::random::rng(5);
+        let a = crate::random::uniform(&[k, m], -1.0, 1.0, &mut rng);
+        let b = crate::random::uniform(&[k, n], -1.0, 1.0, &mut rng);
+        let on = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+            pool.install(|| a.matmul_t(&b, true, false).unwrap())
+        };
+        let one = on(1);
+        assert_eq!(one.as_slice(), on(2).as_slice());
+        assert_eq!(one.as_slice(), on(3).as_slice());
+    }
 
     /// Triple loop in f64: the reference sgemm is checked against.
     fn naive(a: &[f32], b: &[f32], m: usize, k: usize, n: usize, ta: bool, tb: bool) -> Vec<f32> {

@@ -15,7 +15,7 @@
 
 use std::mem::MaybeUninit;
 
-use ndarray::{linalg::general_mat_mul, ArrayView2, ArrayViewMut2};
+use ndarray::{ArrayView2, ArrayViewMut2};
 
 use crate::fused::{sigmoid, tanh};
 use crate::gemm::{gemm_packed, PackedB};
@@ -79,7 +79,7 @@ pub(crate) fn recurrent_weight_grads(dpre: &[f32], h_prev: &[f32], gates: usize,
     let a = ArrayView2::from_shape((rows, gates), dpre).expect("caller sized dpre");
     let hp = ArrayView2::from_shape((rows, h), h_prev).expect("caller sized h_prev");
     let mut c = ArrayViewMut2::from_shape((gates, h), &mut dw[..]).expect("sized above");
-    general_mat_mul(1.0, &a.t(), &hp, 1.0, &mut c);
+    crate::linalg::gemm(1.0, &a.t(), &hp, 1.0, &mut c);
     let mut db = vec![0.0f32; gates];
     for row in dpre.chunks_exact(gates.max(1)) {
         for (d, &v) in db.iter_mut().zip(row) {

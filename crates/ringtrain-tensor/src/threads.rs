@@ -45,6 +45,25 @@ pub fn blas_threads() -> usize {
     ffi::get()
 }
 
+/// OpenBLAS on one thread until dropped, then back to the count it had: for products that are
+/// split among the rayon threads, one single-threaded call each.
+#[derive(Debug)]
+pub(crate) struct BlasThreads(usize);
+
+impl BlasThreads {
+    pub(crate) fn one() -> BlasThreads {
+        let before = blas_threads();
+        set_blas_threads(1);
+        BlasThreads(before)
+    }
+}
+
+impl Drop for BlasThreads {
+    fn drop(&mut self) {
+        set_blas_threads(self.0);
+    }
+}
+
 /// Applies `config`: sets the BLAS threads and builds the global rayon pool.
 ///
 /// The rayon pool can be built only once per process; a second call keeps the first pool and
