@@ -3,7 +3,7 @@
 //! - `cargo xtask demo`: install what is missing, build, train the main job, print metrics.
 //! - `cargo xtask ci`: install what is missing, then formatting, lints and the whole test suite
 //!   (what `.ci/run` runs).
-//! - `cargo xtask peers [THREADS]`: our training-step bench and PyTorch's on the same shapes,
+//! - `cargo xtask peers [THREADS [STEP]]`: our training-step bench and PyTorch's on the same shapes,
 //!   alternating on this machine, as a table of ratios.
 //! - `cargo xtask cluster-sim up|down|bench`: simulated hosts (network namespaces on one
 //!   switch, links shaped with `tc tbf`) to rehearse a multi-node cluster on one machine, and
@@ -36,14 +36,20 @@ fn main() -> Result<()> {
         Some("demo") => demo(&args[1..]),
         Some("ci") => ci(),
         Some("deps") => ensure_system_packages().and_then(|()| ensure_deploy_tools()),
-        Some("peers") => peers(args.get(1).map_or("1", String::as_str)),
+        Some("peers") => peers(
+            args.get(1).map_or("1", String::as_str),
+            args.get(2).map_or("", String::as_str),
+        ),
         Some("cluster-sim") => cluster_sim(&args[1..]),
         _ => {
             println!("usage: cargo xtask <demo|ci|deps|peers|cluster-sim>");
             println!("  demo  install missing system packages, build, train the main job");
             println!("  ci    install missing system packages, check formatting and lints, run all tests");
             println!("  deps  only install missing system packages and the deploy test tools");
-            println!("  peers [THREADS]  train-step benches against PyTorch on this machine (installs torch, ~3 GB)");
+            println!(
+                "  peers [THREADS [STEP]]  train-step benches against PyTorch on this machine (installs torch, ~3 GB);"
+            );
+            println!("        STEP keeps the steps whose name contains it (e.g. lstm)");
             println!("  cluster-sim up [--hosts N] [--rate 1gbit] [--name NAME] | down [--name NAME]");
             println!("              | bench [--rates 1gbit,10gbit] [--workers 2,4] [--bytes 256K,...,64M]");
             println!("              | scale [--rate 1gbit|none] [--workers 1,2,4] [--jobs lenet,lstm,transformer] [--bucket-mb MB]");
@@ -218,14 +224,14 @@ const PEER_STEPS: &str = "200";
 /// and timed over 200, criterion warms up and times by duration. A round whose criterion
 /// estimate was not rewritten is an error, not an old figure. Prints the medians over rounds
 /// of each side and of the per-round ratios, per clock.
-fn peers(threads: &str) -> Result<()> {
+fn peers(threads: &str, only: &str) -> Result<()> {
     ensure_system_packages()?;
     let python = torch_python()?;
     // The CPU clock only measures the step when it runs on the calling thread alone.
     let clocks: &[&str] = if threads == "1" { &["wall", "cpu"] } else { &["wall"] };
     run(Command::new("cargo").args(["bench", "--profile", "dev", "--bench", "train_step", "--no-run"]))?;
     let mut rows = Vec::new();
-    for name in PEER_BENCHES {
+    for name in PEER_BENCHES.iter().filter(|n| n.contains(only)) {
         for &clock in clocks {
             let (mut ours, mut theirs, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
             let mut unit = String::new();

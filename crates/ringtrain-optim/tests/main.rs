@@ -111,8 +111,8 @@ fn trajectories_match_the_reference() {
 
 #[test]
 fn a_step_split_among_threads_gives_the_same_bits() {
-    // large enough to be split into blocks, with a short last one
-    let n = 3 * (1 << 16) + 123;
+    // large enough to be shared among threads, with a short last block
+    let n = (1 << 19) + 123;
     let run = |threads: usize, kind: OptimizerKind| {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
