@@ -355,24 +355,29 @@ impl<'p> Graph<'p> {
 
     /// The named parameter, copied onto the tape the first time it is asked for.
     pub fn param(&mut self, name: &str) -> Result<Var> {
-        let store = self
-            .params
-            .ok_or_else(|| AutogradError::UnknownParam { name: name.to_string() })?;
-        let idx = store
-            .index_of(name)
-            .ok_or_else(|| AutogradError::UnknownParam { name: name.to_string() })?;
-        if let Some(v) = self.bound[idx] {
-            if self.nodes[v.0].value.shape() != store.specs()[idx].shape {
-                // bound by `param_rows`, which left the value in the store
-                self.nodes[v.0].value = store.get(name)?;
+        Ok(self.bind(name, true)?.0)
+    }
+
+    /// The leaf of parameter `name` (bound on first use), the store and the parameter's index.
+    /// With `load` the leaf holds the parameter's value; without, a new leaf stays empty until
+    /// a later `load` (see [`Graph::param_rows`]).
+    fn bind(&mut self, name: &str, load: bool) -> Result<(Var, &'p ParamStore, usize)> {
+        let unknown = || AutogradError::UnknownParam { name: name.to_string() };
+        let store = self.params.ok_or_else(unknown)?;
+        let idx = store.index_of(name).ok_or_else(unknown)?;
+        let v = match self.bound[idx] {
+            Some(v) => v,
+            None => {
+                let needs = self.grad_enabled;
+                let v = self.leaf(Tensor::zeros(&[0]), needs);
+                self.bound[idx] = Some(v);
+                v
             }
-            return Ok(v);
+        };
+        if load && self.nodes[v.0].value.shape() != store.specs()[idx].shape {
+            self.nodes[v.0].value = store.get(name)?;
         }
-        let value = store.get(name)?;
-        let needs = self.grad_enabled;
-        let v = self.leaf(value, needs);
-        self.bound[idx] = Some(v);
-        Ok(v)
+        Ok((v, store, idx))
     }
 
     /// Rows `indices` of parameter `name` (axis 0: an embedding lookup), the same as
@@ -380,22 +385,7 @@ impl<'p> Graph<'p> {
     /// reads a few rows of a table that can be megabytes, and copying all of it onto the tape
     /// every step cost more than the lookup.
     pub fn param_rows(&mut self, name: &str, indices: &[usize]) -> Result<Var> {
-        let store = self
-            .params
-            .ok_or_else(|| AutogradError::UnknownParam { name: name.to_string() })?;
-        let idx = store
-            .index_of(name)
-            .ok_or_else(|| AutogradError::UnknownParam { name: name.to_string() })?;
-        let table = match self.bound[idx] {
-            Some(v) => v,
-            None => {
-                // the leaf's value stays empty until `param` asks for it
-                let needs = self.grad_enabled;
-                let v = self.leaf(Tensor::zeros(&[0]), needs);
-                self.bound[idx] = Some(v);
-                v
-            }
-        };
+        let (table, store, idx) = self.bind(name, false)?;
         let spec = &store.specs()[idx];
         let rows = Tensor::select_rows(&store.flat()[spec.offset..][..spec.len], &spec.shape, indices)?;
         let needs = self.nodes[table.0].needs_grad;
