@@ -59,10 +59,8 @@ impl Step {
         {
             let mut g = Graph::new(&self.store);
             // as the trainer does: embedding tables' gradients as rows (same bits as dense)
-            for (p, spec) in self.store.specs().iter().enumerate() {
-                if spec.name.ends_with("embedding.weight") {
-                    g.set_row_sparse(p);
-                }
+            for p in ringtrain_nn::lookup_tables(&self.store) {
+                g.set_row_sparse(p);
             }
             let x = g.input(self.x.clone());
             let out = self.model.forward(&mut g, x).expect("forward");

@@ -134,6 +134,21 @@ pub trait CachedLm {
     ) -> Result<Tensor>;
 }
 
+/// The store indices of the embedding lookup tables (not learned positions): parameters whose
+/// gradient is the rows a batch read ([`ringtrain_autograd::Graph::set_row_sparse`]).
+pub fn lookup_tables(store: &ringtrain_autograd::ParamStore) -> Vec<usize> {
+    let table = |s: &ringtrain_autograd::ParamSpec| {
+        s.name.ends_with("embedding.weight") && !s.name.ends_with("pos_embedding.weight") && s.shape.len() == 2
+    };
+    store
+        .specs()
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| table(s))
+        .map(|(p, _)| p)
+        .collect()
+}
+
 /// Initial parameters of `module` as a flat store (ordered by name).
 pub fn init_store(module: &dyn Module, seed: u64) -> ringtrain_autograd::ParamStore {
     let mut named = BTreeMap::new();

@@ -139,14 +139,15 @@ impl Tensor {
             axis,
             shape: self.shape().to_vec(),
         })?;
+        if axis == 0 {
+            // checks the indices itself
+            return Tensor::select_rows(self.as_slice(), self.shape(), indices);
+        }
         if let Some(&bad) = indices.iter().find(|&&i| i >= len) {
             return Err(TensorError::Invalid {
                 op: "index_select",
                 reason: format!("index {bad} out of range for axis {axis} of length {len}"),
             });
-        }
-        if axis == 0 {
-            return Tensor::select_rows(self.as_slice(), self.shape(), indices);
         }
         Ok(Tensor::from_array(self.data.select(Axis(axis), indices)))
     }

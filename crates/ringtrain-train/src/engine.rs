@@ -201,16 +201,7 @@ pub struct Trainer {
 impl Trainer {
     pub fn new(job: &Job, model: Box<dyn Module>, loss: Loss, train_examples: usize) -> Trainer {
         let store = init_store(model.as_ref(), job.job.seed);
-        // Lookup tables (not learned positions): their gradient is the rows a batch read.
-        let tables: Vec<usize> = store
-            .specs()
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| {
-                s.name.ends_with("embedding.weight") && !s.name.ends_with("pos_embedding.weight") && s.shape.len() == 2
-            })
-            .map(|(p, _)| p)
-            .collect();
+        let tables = ringtrain_nn::lookup_tables(&store);
         // Accumulated micro-batches sum them densely, so they travel dense then.
         let sparse =
             if job.distributed.sparse_embeddings == SparseEmbeddings::Never || job.training.accumulate_steps > 1 {
