@@ -6,7 +6,7 @@ use ringtrain_tensor::attention::{self as attn, GradSlot, Heads};
 use ringtrain_tensor::{conv, conv2d, fused, Tensor};
 
 use crate::ops::sigmoid;
-use crate::{AutogradError, Gradients, Graph, Op, ParamGrad, RecurrentTape, Result, RowGrad, Var};
+use crate::{AutogradError, Gradients, Graph, Op, ParamGrad, Result, RowGrad, Var};
 
 impl Graph<'_> {
     /// Gradients of the one-element `loss` with respect to every leaf that needs one.
@@ -272,7 +272,7 @@ impl Graph<'_> {
                     .filter_map(|(v, d)| Some((v, d?)))
                     .collect()
             }
-            Op::Recurrent {
+            Op::Gru {
                 xp,
                 w_hh,
                 b_hh,
@@ -280,12 +280,32 @@ impl Graph<'_> {
                 reverse,
                 tape,
             } => {
-                let (shape, w) = (val(*xp).shape(), val(*w_hh));
-                let [dxp, dw, db] = match tape {
-                    RecurrentTape::Gru(t) => ringtrain_tensor::gru::gru_backward(g, shape, w, mask, *reverse, t)?,
-                    RecurrentTape::Lstm(t) => ringtrain_tensor::lstm::lstm_backward(g, shape, w, mask, *reverse, t)?,
-                };
+                let [dxp, dw, db] =
+                    ringtrain_tensor::gru::gru_backward(g, val(*xp).shape(), val(*w_hh), mask, *reverse, tape)?;
                 vec![(*xp, dxp), (*w_hh, dw), (*b_hh, db)]
+            }
+            Op::Lstm {
+                x,
+                w,
+                mask,
+                reverse,
+                tape,
+            } => {
+                let need_x = [need(*x), need(w[0])];
+                let d = ringtrain_tensor::lstm::lstm_backward(
+                    g,
+                    val(*x),
+                    self.lstm_weights(*w),
+                    mask,
+                    *reverse,
+                    tape,
+                    need_x,
+                )?;
+                let mut out = Vec::with_capacity(5);
+                out.extend(d.dx.map(|t| (*x, t)));
+                out.extend(d.w_ih.map(|t| (w[0], t)));
+                out.extend([(w[1], d.b.clone()), (w[2], d.w_hh), (w[3], d.b)]);
+                out
             }
             Op::MaskedMax { x, argmax } => {
                 let mut dx = Tensor::zeros(val(*x).shape());

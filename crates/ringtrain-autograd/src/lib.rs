@@ -167,15 +167,23 @@ pub(crate) enum Op {
         x: Var,
         argmax: Vec<u32>,
     },
-    /// One direction of a GRU or LSTM layer over all steps (see [`Graph::gru`],
-    /// [`Graph::lstm`]).
-    Recurrent {
+    /// One direction of a GRU layer over all steps (see [`Graph::gru`]).
+    Gru {
         xp: Var,
         w_hh: Var,
         b_hh: Var,
         mask: Tensor,
         reverse: bool,
-        tape: RecurrentTape,
+        tape: ringtrain_tensor::gru::GruTape,
+    },
+    /// One direction of an LSTM layer over all steps, input projection included (see
+    /// [`Graph::lstm`]); `w` is `[w_ih, b_ih, w_hh, b_hh]`.
+    Lstm {
+        x: Var,
+        w: [Var; 4],
+        mask: Tensor,
+        reverse: bool,
+        tape: ringtrain_tensor::lstm::LstmTape,
     },
     /// `probs` is the forward's `[B, H, Tq, Tk]`, dropped entries marked by their sign bit;
     /// nothing else is kept for backward.
@@ -189,13 +197,6 @@ pub(crate) enum Op {
         dropout: f32,
         probs: Tensor,
     },
-}
-
-/// What a recurrent op kept of its forward pass, per cell kind.
-#[derive(Debug, Clone)]
-pub(crate) enum RecurrentTape {
-    Gru(ringtrain_tensor::gru::GruTape),
-    Lstm(ringtrain_tensor::lstm::LstmTape),
 }
 
 /// One of the queries, keys or values of [`Graph::attention_cols`]: the columns

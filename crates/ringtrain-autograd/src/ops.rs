@@ -6,7 +6,7 @@ use ringtrain_tensor::conv::{self, Window2d};
 use ringtrain_tensor::conv2d;
 use ringtrain_tensor::{fused, Tensor};
 
-use crate::{AttentionOpts, AutogradError, Cols, Graph, Op, RecurrentTape, Result, Var};
+use crate::{AttentionOpts, AutogradError, Cols, Graph, Op, Result, Var};
 
 impl Graph<'_> {
     /// An elementwise op: `f` applied to every element of `x`.
@@ -408,49 +408,18 @@ impl Graph<'_> {
     /// `b_hh: [3H]`, `mask: [B, T]`, `h0: [B, H]` → `[B, T + 1, H]`: the T outputs at their
     /// time indices, then the final state.
     pub fn gru(&mut self, inputs: [Var; 3], mask: &Tensor, reverse: bool, h0: Option<&Tensor>) -> Result<Var> {
-        self.recurrent(inputs, mask, reverse, |[x, w, b], keep| {
-            let (y, tape) = ringtrain_tensor::gru::gru_forward(x, w, b, mask, reverse, h0, keep)?;
-            Ok((y, RecurrentTape::Gru(tape)))
-        })
-    }
-
-    /// One direction of an LSTM layer (`inputs`: `[xp, w_hh, b_hh]`), all time steps in one op (PyTorch's gate order and
-    /// layout, zero initial state; see [`ringtrain_tensor::lstm`]). Padded steps (mask 0)
-    /// keep the state and output zeros.
-    ///
-    /// `init` is the `(h, c)` to start from (zeros when `None`), a constant: the state a
-    /// previous window ended with, for truncated backpropagation through time.
-    ///
-    /// # Shapes
-    /// `xp: [B, T, 4H]` (the input projections `x·W_ihᵀ + b_ih`), `w_hh: [4H, H]`,
-    /// `b_hh: [4H]`, `mask: [B, T]`, `init: [B, H]` twice → `[B, T + 2, H]`: the T outputs at
-    /// their time indices, then the final state h and the final cell c.
-    pub fn lstm(
-        &mut self,
-        inputs: [Var; 3],
-        mask: &Tensor,
-        reverse: bool,
-        init: ringtrain_tensor::lstm::LstmState<'_>,
-    ) -> Result<Var> {
-        self.recurrent(inputs, mask, reverse, |[x, w, b], keep| {
-            let (y, tape) = ringtrain_tensor::lstm::lstm_forward(x, w, b, mask, reverse, init, keep)?;
-            Ok((y, RecurrentTape::Lstm(tape)))
-        })
-    }
-
-    /// Records a recurrent op: `forward` gets the values of `[xp, w_hh, b_hh]` and whether
-    /// backward will need its tape.
-    fn recurrent(
-        &mut self,
-        inputs: [Var; 3],
-        mask: &Tensor,
-        reverse: bool,
-        forward: impl FnOnce([&Tensor; 3], bool) -> Result<(Tensor, RecurrentTape)>,
-    ) -> Result<Var> {
-        let keep = self.grad_enabled() && inputs.iter().any(|v| self.nodes[v.0].needs_grad);
-        let (y, tape) = forward(inputs.map(|v| self.value(v)), keep)?;
+        let keep = self.keeps_tape(&inputs);
         let [xp, w_hh, b_hh] = inputs;
-        let op = Op::Recurrent {
+        let (y, tape) = ringtrain_tensor::gru::gru_forward(
+            self.value(xp),
+            self.value(w_hh),
+            self.value(b_hh),
+            mask,
+            reverse,
+            h0,
+            keep,
+        )?;
+        let op = Op::Gru {
             xp,
             w_hh,
             b_hh,
@@ -459,6 +428,53 @@ impl Graph<'_> {
             tape,
         };
         Ok(self.record(y, op, &inputs))
+    }
+
+    /// One direction of an LSTM layer over `x: [B, T, I]` (`w`: `[w_ih, b_ih, w_hh, b_hh]`),
+    /// input projection and all time steps in one op (PyTorch's gate order and layout; see
+    /// [`ringtrain_tensor::lstm`]). Padded steps (mask 0) keep the state and output zeros.
+    ///
+    /// `init` is the `(h, c)` to start from (zeros when `None`), a constant: the state a
+    /// previous window ended with, for truncated backpropagation through time.
+    ///
+    /// # Shapes
+    /// `x: [B, T, I]`, `w_ih: [4H, I]`, `b_ih: [4H]`, `w_hh: [4H, H]`, `b_hh: [4H]`,
+    /// `mask: [B, T]`, `init: [B, H]` twice → `[B, T + 2, H]`: the T outputs at their time
+    /// indices, then the final state h and the final cell c.
+    pub fn lstm(
+        &mut self,
+        x: Var,
+        w: [Var; 4],
+        mask: &Tensor,
+        reverse: bool,
+        init: ringtrain_tensor::lstm::LstmState<'_>,
+    ) -> Result<Var> {
+        let inputs = [x, w[0], w[1], w[2], w[3]];
+        let keep = self.keeps_tape(&inputs);
+        let (y, tape) =
+            ringtrain_tensor::lstm::lstm_forward(self.value(x), self.lstm_weights(w), mask, reverse, init, keep)?;
+        let op = Op::Lstm {
+            x,
+            w,
+            mask: mask.clone(),
+            reverse,
+            tape,
+        };
+        Ok(self.record(y, op, &inputs))
+    }
+
+    pub(crate) fn lstm_weights(&self, [w_ih, b_ih, w_hh, b_hh]: [Var; 4]) -> ringtrain_tensor::lstm::LstmWeights<'_> {
+        ringtrain_tensor::lstm::LstmWeights {
+            w_ih: self.value(w_ih),
+            b_ih: self.value(b_ih),
+            w_hh: self.value(w_hh),
+            b_hh: self.value(b_hh),
+        }
+    }
+
+    /// Whether a recurrent op on `inputs` keeps the tape its backward needs.
+    fn keeps_tape(&self, inputs: &[Var]) -> bool {
+        self.grad_enabled() && inputs.iter().any(|v| self.nodes[v.0].needs_grad)
     }
 
     /// Multi-head scaled dot-product attention on separate q `[B, Tq, D]`, k and v

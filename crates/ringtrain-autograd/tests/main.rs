@@ -493,9 +493,13 @@ proptest! {
     #[test]
     fn lstm_layer_through_time_with_padding(bsz in 1usize..3, t in 1usize..5, h in 1usize..4, reverse: bool,
                                            seed: u64) {
-        let xp = away_from_zero(&[bsz, t, 4 * h], seed).scale(0.5);
+        let i = 2;
+        let x = away_from_zero(&[bsz, t, i], seed).scale(0.5);
+        let w_ih = away_from_zero(&[4 * h, i], seed ^ 5).scale(0.5);
+        let b_ih = away_from_zero(&[4 * h], seed ^ 6).scale(0.5);
         let w = away_from_zero(&[4 * h, h], seed ^ 1).scale(0.5);
         let b = away_from_zero(&[4 * h], seed ^ 2).scale(0.5);
+        let inputs = [x, w_ih, b_ih, w, b];
         // the last row is padded at its end and has a gap in the middle (mask 0 keeps the state)
         let mut mask = Tensor::ones(&[bsz, t]);
         if t > 1 {
@@ -504,11 +508,11 @@ proptest! {
         if t > 2 {
             mask.as_mut_slice()[bsz * t - 3] = 0.0;
         }
-        assert_grad(|g, v| g.lstm([v[0], v[1], v[2]], &mask, reverse, None), &[xp.clone(), w.clone(), b.clone()]);
+        assert_grad(|g, v| g.lstm(v[0], [v[1], v[2], v[3], v[4]], &mask, reverse, None), &inputs);
         // from a carried state, with the final cell in the output too
         let h0 = away_from_zero(&[bsz, h], seed ^ 3).scale(0.5);
         let c0 = away_from_zero(&[bsz, h], seed ^ 4);
-        assert_grad(|g, v| g.lstm([v[0], v[1], v[2]], &mask, reverse, Some((&h0, &c0))), &[xp, w, b]);
+        assert_grad(|g, v| g.lstm(v[0], [v[1], v[2], v[3], v[4]], &mask, reverse, Some((&h0, &c0))), &inputs);
     }
 
     #[test]

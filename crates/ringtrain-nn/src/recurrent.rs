@@ -123,13 +123,50 @@ pub struct Recurrent {
 /// What a recurrent layer returns.
 #[derive(Debug, Clone)]
 pub struct RecurrentOutput {
-    /// Every step's output of the last layer: `[B, T, H·directions]` (zeros at padding).
-    pub sequence: Var,
+    /// The last layer's outputs, per direction (see [`RecurrentOutput::sequence`]).
+    steps: Vec<Steps>,
     /// The last layer's final state: `[B, H·directions]` (forward, then backward).
     pub last: Var,
     /// Every layer's and direction's final state, `[B, H]` each, in the order
     /// [`Recurrent::run_from`] takes them back: per layer, per direction, h then (LSTM) c.
     pub states: Vec<Var>,
+}
+
+impl RecurrentOutput {
+    /// Every step's output of the last layer: `[B, T, H·directions]` (zeros at padding).
+    pub fn sequence(&self, g: &mut Graph<'_>) -> Result<Var> {
+        Steps::join(g, &self.steps)
+    }
+}
+
+/// One direction's outputs `[B, T, H]`: a value, or the first T steps of a fused op's output
+/// `[B, T + 1 or 2, H]`, cut out only when asked for (a classifier on the final state never
+/// reads them).
+#[derive(Debug, Clone, Copy)]
+enum Steps {
+    Value(Var),
+    Packed { packed: Var, t: usize },
+}
+
+impl Steps {
+    fn get(self, g: &mut Graph<'_>) -> Result<Var> {
+        match self {
+            Steps::Value(v) => Ok(v),
+            Steps::Packed { packed, t } => Ok(g.slice_axis(packed, 1, 0, t)?),
+        }
+    }
+
+    /// One or two directions' outputs side by side: `[B, T, H·directions]`.
+    fn join(g: &mut Graph<'_>, directions: &[Steps]) -> Result<Var> {
+        match directions {
+            [f, r] => {
+                let parts = [f.get(g)?, r.get(g)?];
+                Ok(g.concat(&parts, 2)?)
+            }
+            [f] => f.get(g),
+            _ => unreachable!("one or two directions"),
+        }
+    }
 }
 
 /// One direction's result: outputs `[B, T, H]`, final state and (LSTM) final cell `[B, H]`.
@@ -142,7 +179,7 @@ struct DirectionAt<'a> {
 }
 
 struct DirectionOutput {
-    seq: Var,
+    seq: Steps,
     h: Var,
     c: Option<Var>,
 }
@@ -205,11 +242,13 @@ impl Recurrent {
         }
         let mut init = init.map(|s| s.iter());
         let mut input = x;
+        let mut steps = Vec::new();
         let mut last = x;
         let mut states = Vec::with_capacity(self.state_len());
         for layer in 0..self.num_layers {
             if layer > 0 {
-                input = dropout(g, input, self.dropout)?;
+                let seq = Steps::join(g, &steps)?;
+                input = dropout(g, seq, self.dropout)?;
             }
             let mut outs = Vec::with_capacity(2);
             for reverse in [false, true].into_iter().take(self.directions()) {
@@ -228,17 +267,14 @@ impl Recurrent {
                 states.extend(out.c);
                 outs.push(out);
             }
-            (input, last) = match outs.as_slice() {
-                [f, r] => (g.concat(&[f.seq, r.seq], 2)?, g.concat(&[f.h, r.h], 1)?),
-                [f] => (f.seq, f.h),
+            last = match outs.as_slice() {
+                [f, r] => g.concat(&[f.h, r.h], 1)?,
+                [f] => f.h,
                 _ => unreachable!("one or two directions"),
             };
+            steps = outs.iter().map(|o| o.seq).collect();
         }
-        Ok(RecurrentOutput {
-            sequence: input,
-            last,
-            states,
-        })
+        Ok(RecurrentOutput { steps, last, states })
     }
 
     /// One direction of one layer, from `init` (h, and c for an LSTM) or zeros.
@@ -252,16 +288,23 @@ impl Recurrent {
             return self.direction_steps(g, x, mask, at);
         }
         let h = self.hidden_size;
-        let xp = self.input_projection(g, x, layer, reverse)?;
-        let w_hh = g.param(&self.pname("weight_hh", layer, reverse))?;
-        let b_hh = g.param(&self.pname("bias_hh", layer, reverse))?;
         // The fused ops return [B, T + 1, H] (GRU: steps, final h) or [B, T + 2, H] (LSTM:
         // steps, final h, final c).
         let packed = if self.cell == CellKind::Gru {
+            let xp = self.input_projection(g, x, layer, reverse)?;
+            let w_hh = g.param(&self.pname("weight_hh", layer, reverse))?;
+            let b_hh = g.param(&self.pname("bias_hh", layer, reverse))?;
             g.gru([xp, w_hh, b_hh], mask, reverse, init.map(|(h0, _)| h0))?
         } else {
+            let p = |g: &mut Graph<'_>, what| g.param(&self.pname(what, layer, reverse));
+            let w = [
+                p(g, "weight_ih")?,
+                p(g, "bias_ih")?,
+                p(g, "weight_hh")?,
+                p(g, "bias_hh")?,
+            ];
             let start = init.and_then(|(h0, c0)| Some((h0, c0?)));
-            g.lstm([xp, w_hh, b_hh], mask, reverse, start)?
+            g.lstm(x, w, mask, reverse, start)?
         };
         let row = |g: &mut Graph<'_>, at: usize| -> Result<Var> {
             let v = g.slice_axis(packed, 1, at, at + 1)?;
@@ -272,7 +315,7 @@ impl Recurrent {
             (self.cell == CellKind::Lstm).then(|| row(g, t + 1)).transpose()?,
         );
         Ok(DirectionOutput {
-            seq: g.slice_axis(packed, 1, 0, t)?,
+            seq: Steps::Packed { packed, t },
             h: h_last,
             c: c_last,
         })
@@ -379,7 +422,7 @@ impl Recurrent {
             g.concat(&outputs, 1)?
         };
         Ok(DirectionOutput {
-            seq,
+            seq: Steps::Value(seq),
             h: state,
             c: (self.cell == CellKind::Lstm).then_some(cell),
         })
@@ -625,8 +668,14 @@ impl Module for SequenceClassifier {
         let (out, mask, _, _) = self.body.run(g, x, self.embedding_dropout, None)?;
         let pooled = match self.pooling {
             Pooling::Last => out.last,
-            Pooling::Mean => masked_mean(g, out.sequence, &mask)?,
-            Pooling::Max => g.masked_max(out.sequence, &mask)?,
+            Pooling::Mean => {
+                let seq = out.sequence(g)?;
+                masked_mean(g, seq, &mask)?
+            }
+            Pooling::Max => {
+                let seq = out.sequence(g)?;
+                g.masked_max(seq, &mask)?
+            }
         };
         self.head.forward(g, pooled)
     }
@@ -687,7 +736,8 @@ impl Module for RecurrentLm {
 
     fn forward_carry(&self, g: &mut Graph<'_>, x: Var, state: Option<&[Tensor]>) -> Result<(Var, Vec<Var>)> {
         let (out, _, b, t) = self.body.run(g, x, 0.0, state)?;
-        let seq = dropout(g, out.sequence, self.dropout)?;
+        let seq = out.sequence(g)?;
+        let seq = dropout(g, seq, self.dropout)?;
         let flat = g.reshape(seq, &[b * t, self.body.rnn.hidden_size])?;
         Ok((self.head.forward(g, flat)?, out.states))
     }

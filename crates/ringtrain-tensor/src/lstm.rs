@@ -8,6 +8,11 @@
 //! gradient is a single product over all B·T rows at the end (cuDNN and PyTorch's CPU kernel
 //! do the same).
 //!
+//! The input projection of every step is one product too, written straight into the tape over
+//! both biases: a separate `x·W_ihᵀ + b_ih` tensor cost a 4 MB copy into the tape and a pass
+//! adding `b_hh` in the sentiment LSTM's step, and its bias gradient a second sum over the
+//! gates' gradients, equal to `b_hh`'s.
+//!
 //! Layout and gate order follow PyTorch (`weight_hh_l0: [4H, H]`, gates i, f, g, o):
 //! `i, f, o = σ(·)`, `g = tanh(·)`, `c' = f ⊙ c + i ⊙ g`, `h' = o ⊙ tanh(c')`.
 //! A padded step (mask 0) keeps the previous state and outputs zeros; in general
@@ -38,6 +43,55 @@ pub struct LstmTape {
 
 fn invalid(reason: String) -> TensorError {
     TensorError::Invalid { op: "lstm", reason }
+}
+
+/// An LSTM direction's parameters in PyTorch's layout: `w_ih: [4H, I]`, `b_ih: [4H]`,
+/// `w_hh: [4H, H]`, `b_hh: [4H]`.
+#[derive(Debug, Clone, Copy)]
+pub struct LstmWeights<'a> {
+    pub w_ih: &'a Tensor,
+    pub b_ih: &'a Tensor,
+    pub w_hh: &'a Tensor,
+    pub b_hh: &'a Tensor,
+}
+
+/// The gradients [`lstm_backward`] returns; `dx` and `w_ih` only when asked for. Both biases'
+/// gradients are `b`: each is the sum of the gates' pre-activation gradients.
+#[derive(Debug, Clone)]
+pub struct LstmGrads {
+    pub dx: Option<Tensor>,
+    pub w_ih: Option<Tensor>,
+    pub b: Tensor,
+    pub w_hh: Tensor,
+}
+
+/// `(B, T, I, H)` after checking `x: [B, T, I]`, the weights and `mask: [B, T]`.
+fn lstm_dims(x: &Tensor, w: LstmWeights<'_>, mask: &Tensor) -> Result<(usize, usize, usize, usize)> {
+    let (&[b, t, i], &[gw, h]) = (x.shape(), w.w_hh.shape()) else {
+        return Err(invalid(format!(
+            "needs x [B, T, I] and w_hh [4H, H], got {:?} and {:?}",
+            x.shape(),
+            w.w_hh.shape()
+        )));
+    };
+    let g4 = 4 * h;
+    if gw != g4
+        || w.w_ih.shape() != [g4, i]
+        || w.b_ih.shape() != [g4]
+        || w.b_hh.shape() != [g4]
+        || mask.shape() != [b, t]
+    {
+        return Err(invalid(format!(
+            "x {:?}, w_ih {:?}, b_ih {:?}, w_hh {:?}, b_hh {:?} and mask {:?} do not fit hidden size {h}",
+            x.shape(),
+            w.w_ih.shape(),
+            w.b_ih.shape(),
+            w.w_hh.shape(),
+            w.b_hh.shape(),
+            mask.shape()
+        )));
+    }
+    Ok((b, t, i, h))
 }
 
 /// `(B, T, H)` after checking `xp: [B, T, G·H]`, `w_hh: [G·H, H]`, `b_hh: [G·H]` and
@@ -103,8 +157,7 @@ pub(crate) fn time_index(step: usize, t: usize, reverse: bool) -> usize {
 /// no gradient flows back into it.
 pub type LstmState<'a> = Option<(&'a Tensor, &'a Tensor)>;
 
-/// Runs one LSTM direction over `xp: [B, T, 4H]` (the input projections `x Wᵢₕᵀ + bᵢₕ` of every
-/// step, all gates), from `init`, right to left when `reverse`.
+/// Runs one LSTM direction over `x: [B, T, I]` from `init`, right to left when `reverse`.
 ///
 /// Returns `[B, T + 2, H]`: the outputs of the T steps at their time indices, then the final
 /// state h and the final cell c; and, when `keep_tape`, what [`lstm_backward`] needs.
@@ -113,15 +166,14 @@ pub type LstmState<'a> = Option<(&'a Tensor, &'a Tensor)>;
 /// rows through all T steps on its own (no synchronisation per step); every row's arithmetic is
 /// the same for any split, so are the bits.
 pub fn lstm_forward(
-    xp: &Tensor,
-    w_hh: &Tensor,
-    b_hh: &Tensor,
+    x: &Tensor,
+    w: LstmWeights<'_>,
     mask: &Tensor,
     reverse: bool,
     init: LstmState<'_>,
     keep_tape: bool,
 ) -> Result<(Tensor, LstmTape)> {
-    let (b, t, h) = dims("lstm", 4, xp, w_hh, b_hh, mask)?;
+    let (b, t, i, h) = lstm_dims(x, w, mask)?;
     if let Some((h0, c0)) = init {
         if h0.shape() != [b, h] || c0.shape() != [b, h] {
             return Err(invalid(format!(
@@ -132,56 +184,55 @@ pub fn lstm_forward(
         }
     }
     let g4 = 4 * h;
-    let (xs, bias) = (xp.as_slice(), b_hh.as_slice());
     let rows = rows_per_part(b);
+    // The gates' pre-activations: both biases, then every step's input projection added in
+    // place; each step then adds its recurrent product and activates them in place.
+    let bias: Vec<f32> = w
+        .b_ih
+        .as_slice()
+        .iter()
+        .zip(w.b_hh.as_slice())
+        .map(|(a, c)| a + c)
+        .collect();
+    #[allow(unsafe_code)] // reason: the fill writes its whole block
+    // SAFETY: every block is whole rows of 4H, each written from `bias`.
+    let mut acts = unsafe {
+        par_init(b * t * g4, rows * t * g4, |_, dst| {
+            for d in dst.chunks_exact_mut(g4) {
+                for (d, &v) in d.iter_mut().zip(&bias) {
+                    d.write(v);
+                }
+            }
+        })
+    };
+    {
+        let xv = ArrayView2::from_shape((b * t, i), x.as_slice()).map_err(|e| invalid(e.to_string()))?;
+        let wv = ArrayView2::from_shape((g4, i), w.w_ih.as_slice()).map_err(|e| invalid(e.to_string()))?;
+        let mut c = ArrayViewMut2::from_shape((b * t, g4), &mut acts[..]).map_err(|e| invalid(e.to_string()))?;
+        crate::linalg::gemm(1.0, &xv, &wv.t(), 1.0, &mut c);
+    }
     let zeros = |width: usize| par_zeros(b * width, rows * width);
     let mut out = zeros((t + 2) * h);
-    let mut tape = if keep_tape {
-        // the gates start as xp + b_hh; each step adds its product in place
-        let block = rows * t * g4;
-        #[allow(unsafe_code)] // reason: the fill writes its whole block
-        // SAFETY: block i is rows·T rows of 4H (fewer in the last), each written from xp's row.
-        let acts = unsafe {
-            par_init(b * t * g4, block, |i, dst| {
-                for (d, s) in dst.chunks_exact_mut(g4).zip(xs[i * block..].chunks_exact(g4)) {
-                    for ((d, &x), &bv) in d.iter_mut().zip(s).zip(bias) {
-                        d.write(x + bv);
-                    }
-                }
-            })
-        };
-        LstmTape {
-            acts,
-            h_prev: zeros(t * h),
-            c_prev: zeros(t * h),
-            tanh_c: zeros(t * h),
-        }
+    let (mut h_prev, mut c_prev, mut tanh_c) = if keep_tape {
+        (zeros(t * h), zeros(t * h), zeros(t * h))
     } else {
-        LstmTape::default()
+        (Vec::new(), Vec::new(), Vec::new())
     };
     let (mut hs, mut cs) = match init {
         Some((h0, c0)) => (h0.to_vec(), c0.to_vec()),
         None => (vec![0.0f32; b * h], vec![0.0f32; b * h]),
     };
     let step = Step {
-        xs,
-        bias,
         mask: mask.as_slice(),
-        w: PackedB::pack_t(w_hh.as_slice(), h, g4), // W_hhᵀ: [H, 4H]
+        w: PackedB::pack_t(w.w_hh.as_slice(), h, g4), // W_hhᵀ: [H, 4H]
         t,
         h,
         reverse,
     };
-    let LstmTape {
-        acts,
-        h_prev,
-        c_prev,
-        tanh_c,
-    } = &mut tape;
     let parts = parts(&mut out, rows * (t + 2) * h, b, rows)
-        .zip(parts(acts, rows * t * g4, b, rows))
-        .zip(parts(h_prev, rows * t * h, b, rows).zip(parts(c_prev, rows * t * h, b, rows)))
-        .zip(parts(tanh_c, rows * t * h, b, rows))
+        .zip(parts(&mut acts, rows * t * g4, b, rows))
+        .zip(parts(&mut h_prev, rows * t * h, b, rows).zip(parts(&mut c_prev, rows * t * h, b, rows)))
+        .zip(parts(&mut tanh_c, rows * t * h, b, rows))
         .zip(hs.chunks_mut(rows * h).zip(cs.chunks_mut(rows * h)))
         .enumerate()
         .map(
@@ -197,6 +248,16 @@ pub fn lstm_forward(
             },
         );
     run_parts(parts.collect(), |part| step.forward(part));
+    let tape = if keep_tape {
+        LstmTape {
+            acts,
+            h_prev,
+            c_prev,
+            tanh_c,
+        }
+    } else {
+        LstmTape::default()
+    };
     Ok((Tensor::from_vec(&[b, t + 2, h], out)?, tape))
 }
 
@@ -262,10 +323,8 @@ fn run_parts<P: Send>(parts: Vec<P>, f: impl Fn(P) + Sync + Send) {
     }
 }
 
-/// What every block of batch rows shares: the inputs and the packed recurrent weight.
+/// What every block of batch rows shares: the mask and the packed recurrent weight.
 struct Step<'a> {
-    xs: &'a [f32],
-    bias: &'a [f32],
     mask: &'a [f32],
     w: PackedB,
     t: usize,
@@ -273,8 +332,8 @@ struct Step<'a> {
     reverse: bool,
 }
 
-/// One block of batch rows, from `r0`, of the forward's outputs, tape (empty without one) and
-/// running state.
+/// One block of batch rows, from `r0`, of the forward's outputs, gates (their pre-activations
+/// on entry), tape (empty without one) and running state.
 struct ForwardPart<'a> {
     r0: usize,
     out: &'a mut [f32],
@@ -294,27 +353,13 @@ impl Step<'_> {
             || {
                 let (t, h, g4) = (self.t, self.h, 4 * self.h);
                 let b = p.hs.len() / h;
-                let keep_tape = !p.acts.is_empty();
-                // Without a tape, one step's gates live in a `[B, 4H]` scratch buffer; with one,
-                // they are computed in place in the tape, whose rows for one step are `T·4H` apart.
-                let (mut scratch, mut scratch_tc) = if keep_tape {
-                    (Vec::new(), Vec::new())
-                } else {
-                    (vec![0.0f32; b * g4], vec![0.0f32; h])
-                };
+                let keep_tape = !p.h_prev.is_empty();
+                let mut scratch_tc = if keep_tape { Vec::new() } else { vec![0.0f32; h] };
+                // the gates are computed in place, one step's rows `T·4H` apart
+                let ld = t * g4;
                 for step in 0..t {
                     let ti = time_index(step, t, self.reverse);
-                    let (pre, ld) = if keep_tape {
-                        (&mut p.acts[ti * g4..], t * g4)
-                    } else {
-                        for (r, row) in scratch.chunks_exact_mut(g4).enumerate() {
-                            let src = &self.xs[((p.r0 + r) * t + ti) * g4..][..g4];
-                            for ((v, &x), &bv) in row.iter_mut().zip(src).zip(self.bias) {
-                                *v = x + bv;
-                            }
-                        }
-                        (&mut scratch[..], g4)
-                    };
+                    let pre = &mut p.acts[ti * g4..];
                     gemm_packed(p.hs, h, b, &self.w, pre, ld);
                     for r in 0..b {
                         let row = r * t + ti; // in this block's tape
@@ -477,32 +522,29 @@ pub(crate) fn lanes<const I: usize, const O: usize>(
 }
 
 /// Backpropagation through time for [`lstm_forward`]: given the gradient `g: [B, T + 2, H]` of
-/// its output, returns the gradients of `xp` (`[B, T, 4H]`, also that of the pre-activations),
-/// `w_hh` and `b_hh`.
+/// its output, the gradients of the input (when `need[0]`), of `w_ih` (when `need[1]`), of the
+/// biases and of `w_hh`.
 pub fn lstm_backward(
     g: &Tensor,
-    xp_shape: &[usize],
-    w_hh: &Tensor,
+    x: &Tensor,
+    w: LstmWeights<'_>,
     mask: &Tensor,
     reverse: bool,
     tape: &LstmTape,
-) -> Result<[Tensor; 3]> {
-    let &[b, t, g4] = xp_shape else {
-        return Err(invalid(format!("xp must be [B, T, 4H], got {xp_shape:?}")));
-    };
-    let h = g4 / 4;
-    if g.shape() != [b, t + 2, h] || tape.acts.len() != b * t * g4 || w_hh.shape() != [g4, h] {
+    need: [bool; 2],
+) -> Result<LstmGrads> {
+    let (b, t, _, h) = lstm_dims(x, w, mask)?;
+    let g4 = 4 * h;
+    if g.shape() != [b, t + 2, h] || tape.acts.len() != b * t * g4 {
         return Err(invalid(format!(
-            "backward got gradient {:?} and w_hh {:?} for xp {xp_shape:?} (was the forward run with keep_tape?)",
+            "backward got gradient {:?} for x {:?} and hidden size {h} (was the forward run with keep_tape?)",
             g.shape(),
-            w_hh.shape()
+            x.shape()
         )));
     }
     let step = Step {
-        xs: &[],
-        bias: &[],
         mask: mask.as_slice(),
-        w: PackedB::pack(w_hh.as_slice(), g4, h),
+        w: PackedB::pack(w.w_hh.as_slice(), g4, h),
         t,
         h,
         reverse,
@@ -523,11 +565,15 @@ pub fn lstm_backward(
     run_parts(parts.collect(), |part| step.backward(g.as_slice(), tape, part));
     // the weight gradient: one product over all rows, in the tape's order
     let (dw, db) = recurrent_weight_grads(&dxp, &tape.h_prev, g4, h);
-    Ok([
-        Tensor::from_vec(xp_shape, dxp)?,
-        Tensor::from_vec(&[g4, h], dw)?,
-        Tensor::from_vec(&[g4], db)?,
-    ])
+    // `dxp` is also the gradient of the input projection's output
+    let dxp = Tensor::from_vec(&[b, t, g4], dxp)?;
+    let [dx, dw_ih, _] = Tensor::linear_backward(&dxp, x, w.w_ih, [need[0], need[1], false])?;
+    Ok(LstmGrads {
+        dx,
+        w_ih: dw_ih,
+        b: Tensor::from_vec(&[g4], db)?,
+        w_hh: Tensor::from_vec(&[g4, h], dw)?,
+    })
 }
 
 #[cfg(test)]
@@ -538,22 +584,31 @@ mod tests {
 
     /// Forward and backward, on a pool of `threads` threads.
     fn run(threads: usize, reverse: bool) -> Vec<Vec<f32>> {
-        let (b, t, h) = (5, 7, 12);
+        let (b, t, i, h) = (5, 7, 3, 12);
         let mut rng = random::rng(11);
-        let xp = random::uniform(&[b, t, 4 * h], -1.0, 1.0, &mut rng);
-        let w = random::uniform(&[4 * h, h], -0.5, 0.5, &mut rng);
-        let bias = random::uniform(&[4 * h], -0.5, 0.5, &mut rng);
+        let x = random::uniform(&[b, t, i], -1.0, 1.0, &mut rng);
+        let w_ih = random::uniform(&[4 * h, i], -0.5, 0.5, &mut rng);
+        let b_ih = random::uniform(&[4 * h], -0.5, 0.5, &mut rng);
+        let w_hh = random::uniform(&[4 * h, h], -0.5, 0.5, &mut rng);
+        let b_hh = random::uniform(&[4 * h], -0.5, 0.5, &mut rng);
+        let w = LstmWeights {
+            w_ih: &w_ih,
+            b_ih: &b_ih,
+            w_hh: &w_hh,
+            b_hh: &b_hh,
+        };
         // the last two rows end early (padding keeps the state)
         let mask = Tensor::from_vec(&[b, t], (0..b * t).map(|i| f32::from(i % t < t - i / t / 3)).collect()).unwrap();
         let g = random::uniform(&[b, t + 2, h], -1.0, 1.0, &mut rng);
         let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
-            let (y, tape) = lstm_forward(&xp, &w, &bias, &mask, reverse, None, true).unwrap();
-            let (y_no_tape, _) = lstm_forward(&xp, &w, &bias, &mask, reverse, None, false).unwrap();
+            let (y, tape) = lstm_forward(&x, w, &mask, reverse, None, true).unwrap();
+            let (y_no_tape, _) = lstm_forward(&x, w, &mask, reverse, None, false).unwrap();
             assert_eq!(y, y_no_tape);
-            let grads = lstm_backward(&g, xp.shape(), &w, &mask, reverse, &tape).unwrap();
-            std::iter::once(y.to_vec())
-                .chain(grads.iter().map(Tensor::to_vec))
+            let d = lstm_backward(&g, &x, w, &mask, reverse, &tape, [true, true]).unwrap();
+            [y, d.dx.unwrap(), d.w_ih.unwrap(), d.b, d.w_hh]
+                .iter()
+                .map(Tensor::to_vec)
                 .collect()
         })
     }

@@ -30,7 +30,8 @@ fn every_cell_passes_gradcheck_through_time_with_a_mask() {
             assert_eq!(store.num_elements(), r.param_count());
             let run = |g: &mut Graph<'_>, x: Var| {
                 let out = r.run(g, x, &mask).unwrap();
-                let a = g.reshape(out.sequence, &[2, 4 * 2 * r.directions()]).unwrap();
+                let seq = out.sequence(g).unwrap();
+                let a = g.reshape(seq, &[2, 4 * 2 * r.directions()]).unwrap();
                 g.concat(&[a, out.last], 1).unwrap()
             };
             crate::gradcheck::check_all(&run, &store, &x, true);
@@ -79,7 +80,7 @@ fn fused_equals_steps(cell: CellKind) {
                 r.direction_steps(&mut g, xv, &mask, at)
             }
             .unwrap();
-            let (seq, last) = (out.seq, out.h);
+            let (seq, last) = (out.seq.get(&mut g).unwrap(), out.h);
             let cell = out.c.unwrap_or(last);
             let w = g.input(random::uniform(&[3, 6, 5], 0.5, 1.5, &mut random::rng(9)));
             let ws = g.mul(seq, w).unwrap();
@@ -169,9 +170,10 @@ fn matches_pytorch_rnn_gru_and_lstm() {
         let mut g = Graph::new(&store);
         let xv = g.variable(x);
         let out = r.run(&mut g, xv, &Tensor::ones(&[2, 5])).unwrap();
+        let seq = out.sequence(&mut g).unwrap();
         crate::pytorch_fixture::assert_close(
             &format!("{key} output"),
-            g.value(out.sequence).as_slice(),
+            g.value(seq).as_slice(),
             crate::pytorch_fixture::tensor(&case["output"]).as_slice(),
             2e-5,
         );
@@ -201,7 +203,7 @@ fn matches_pytorch_rnn_gru_and_lstm() {
             );
         }
         let w = g.input(crate::pytorch_fixture::tensor(&case["w"]));
-        let weighted = g.mul(out.sequence, w).unwrap();
+        let weighted = g.mul(seq, w).unwrap();
         let mut loss = g.sum(weighted);
         for v in h {
             let s = g.sum(v);
@@ -278,8 +280,8 @@ fn bidirectional_is_two_directions(cell: CellKind) {
     }
     assert_eq!(both_last, want);
     // per-step outputs: backward direction's output at t is the reversed run's at T-1-t
-    let seq = g.value(both.sequence);
-    let rseq = h.value(bwd.sequence);
+    let (seq, rseq) = (both.sequence(&mut g).unwrap(), bwd.sequence(&mut h).unwrap());
+    let (seq, rseq) = (g.value(seq), h.value(rseq));
     for t in 0..5 {
         for k in 0..2 {
             assert_eq!(seq.as_slice()[t * 4 + 2 + k], rseq.as_slice()[(4 - t) * 2 + k]);
