@@ -135,7 +135,7 @@ impl Graph<'_> {
     }
 
     fn input_grads(&self, i: usize, g: &Tensor) -> Result<Vec<(Var, Tensor)>> {
-        let y = &self.nodes[i].value;
+        let y = self.value(Var(i));
         let val = |v: Var| self.value(v);
         let need = |v: Var| self.nodes[v.0].needs_grad;
         Ok(match &self.nodes[i].op {
@@ -355,7 +355,7 @@ impl Graph<'_> {
             }
             Op::Linear { x, w, b } => {
                 let need_b = b.is_some_and(need);
-                let [dx, dw, db] = Tensor::linear_backward(g, val(*x), val(*w), [need(*x), need(*w), need_b])?;
+                let [dx, dw, db] = Tensor::linear_backward(g, val(*x), self.data(*w), [need(*x), need(*w), need_b])?;
                 let mut out = Vec::with_capacity(3);
                 out.extend(dx.map(|t| (*x, t)));
                 out.extend(dw.map(|t| (*w, t)));

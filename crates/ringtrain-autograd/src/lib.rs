@@ -9,9 +9,10 @@
 //! lengths, masked attention) decide their shape at run time, and a per-step tape costs only
 //! a `Vec` of nodes.
 //!
-//! Parameters live outside the tape in a flat [`ParamStore`]; [`Graph::param`] copies one into
-//! the tape the first time a forward pass asks for it, and [`Graph::param_grads_into`] writes
-//! the gradients back into a buffer with the store's layout.
+//! Parameters live outside the tape in a flat [`ParamStore`]; [`Graph::param`] puts a leaf for
+//! one on the tape, which ops that only read it (linear layers, LSTMs) read in place in the
+//! store, and others copy out the first time they ask for its value. [`Graph::param_grads_into`]
+//! writes the gradients back into a buffer with the store's layout.
 //!
 //! The whole derivative table is in `backward.rs`, one arm per op, so it can be audited in one
 //! place; every arm is checked against central finite differences ([`gradcheck`]).
@@ -27,7 +28,7 @@ mod params;
 
 pub use params::{ParamSpec, ParamStore};
 pub use ringtrain_tensor::conv::Window2d;
-pub use ringtrain_tensor::{Tensor, TensorError};
+pub use ringtrain_tensor::{Tensor, TensorError, TensorRef};
 
 /// A value on the tape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -230,7 +231,12 @@ pub struct AttentionOpts {
 
 #[derive(Debug)]
 pub(crate) struct Node {
-    pub(crate) value: Tensor,
+    /// Set when the node is pushed, but for a parameter's leaf: that gets one only if an op asks
+    /// for it as a tensor ([`Graph::value`]); until then [`Graph::data`] reads the store. An MLP
+    /// step spent 4 % of its time copying its weights onto the tape.
+    value: std::cell::OnceCell<Tensor>,
+    /// The store index of a parameter's leaf.
+    param: Option<usize>,
     pub(crate) op: Op,
     pub(crate) needs_grad: bool,
 }
@@ -330,11 +336,29 @@ impl<'p> Graph<'p> {
     }
 
     pub fn value(&self, v: Var) -> &Tensor {
-        &self.nodes[v.0].value
+        let node = &self.nodes[v.0];
+        node.value.get_or_init(|| {
+            let data = self.data(v);
+            Tensor::from_vec(data.shape(), data.as_slice().to_vec()).expect("a TensorRef's sizes agree")
+        })
     }
 
     pub fn shape(&self, v: Var) -> &[usize] {
-        self.nodes[v.0].value.shape()
+        self.data(v).shape()
+    }
+
+    /// The value of `v` without a copy: a parameter's leaf that no op has asked a tensor of is
+    /// read in the store.
+    pub fn data(&self, v: Var) -> TensorRef<'_> {
+        let node = &self.nodes[v.0];
+        match (node.value.get(), node.param, self.params) {
+            (Some(t), _, _) => t.into(),
+            (None, Some(p), Some(store)) => {
+                let spec = &store.specs()[p];
+                TensorRef::new(&spec.shape, &store.flat()[spec.offset..][..spec.len]).expect("the store's sizes agree")
+            }
+            _ => unreachable!("only a parameter's leaf is pushed without a value"),
+        }
     }
 
     /// A constant input: no gradient flows into it.
@@ -350,34 +374,35 @@ impl<'p> Graph<'p> {
 
     /// The same value as `v`, cut off from the graph: no gradient flows back through it.
     pub fn detach(&mut self, v: Var) -> Var {
-        let value = self.nodes[v.0].value.clone();
+        let value = self.value(v).clone();
         self.leaf(value, false)
     }
 
-    /// The named parameter, copied onto the tape the first time it is asked for.
+    /// The named parameter's leaf (one per parameter and tape), read in the store (see
+    /// [`Graph::data`]).
     pub fn param(&mut self, name: &str) -> Result<Var> {
-        Ok(self.bind(name, true)?.0)
+        Ok(self.bind(name)?.0)
     }
 
     /// The leaf of parameter `name` (bound on first use), the store and the parameter's index.
-    /// With `load` the leaf holds the parameter's value; without, a new leaf stays empty until
-    /// a later `load` (see [`Graph::param_rows`]).
-    fn bind(&mut self, name: &str, load: bool) -> Result<(Var, &'p ParamStore, usize)> {
+    fn bind(&mut self, name: &str) -> Result<(Var, &'p ParamStore, usize)> {
         let unknown = || AutogradError::UnknownParam { name: name.to_string() };
         let store = self.params.ok_or_else(unknown)?;
         let idx = store.index_of(name).ok_or_else(unknown)?;
         let v = match self.bound[idx] {
             Some(v) => v,
             None => {
-                let needs = self.grad_enabled;
-                let v = self.leaf(Tensor::zeros(&[0]), needs);
+                self.nodes.push(Node {
+                    value: std::cell::OnceCell::new(),
+                    param: Some(idx),
+                    op: Op::Leaf,
+                    needs_grad: self.grad_enabled,
+                });
+                let v = Var(self.nodes.len() - 1);
                 self.bound[idx] = Some(v);
                 v
             }
         };
-        if load && self.nodes[v.0].value.shape() != store.specs()[idx].shape {
-            self.nodes[v.0].value = store.get(name)?;
-        }
         Ok((v, store, idx))
     }
 
@@ -386,7 +411,7 @@ impl<'p> Graph<'p> {
     /// reads a few rows of a table that can be megabytes, and copying all of it onto the tape
     /// every step cost more than the lookup.
     pub fn param_rows(&mut self, name: &str, indices: &[usize]) -> Result<Var> {
-        let (table, store, idx) = self.bind(name, false)?;
+        let (table, store, idx) = self.bind(name)?;
         let spec = &store.specs()[idx];
         let rows = Tensor::select_rows(&store.flat()[spec.offset..][..spec.len], &spec.shape, indices)?;
         let needs = self.nodes[table.0].needs_grad;
@@ -404,7 +429,12 @@ impl<'p> Graph<'p> {
     }
 
     pub(crate) fn push(&mut self, value: Tensor, op: Op, needs_grad: bool) -> Var {
-        self.nodes.push(Node { value, op, needs_grad });
+        self.nodes.push(Node {
+            value: value.into(),
+            param: None,
+            op,
+            needs_grad,
+        });
         Var(self.nodes.len() - 1)
     }
 

@@ -323,7 +323,7 @@ impl Graph<'_> {
     /// # Shapes
     /// `x: [..., in]`, `w: [out, in]`, `b: [out]` → `[..., out]`.
     pub fn linear(&mut self, x: Var, w: Var, b: Option<Var>) -> Result<Var> {
-        let y = self.value(x).linear(self.value(w), b.map(|b| self.value(b)))?;
+        let y = self.value(x).linear(self.data(w), b.map(|b| self.data(b)))?;
         let mut inputs = vec![x, w];
         inputs.extend(b);
         Ok(self.record(y, Op::Linear { x, w, b }, &inputs))
@@ -465,10 +465,10 @@ impl Graph<'_> {
 
     pub(crate) fn lstm_weights(&self, [w_ih, b_ih, w_hh, b_hh]: [Var; 4]) -> ringtrain_tensor::lstm::LstmWeights<'_> {
         ringtrain_tensor::lstm::LstmWeights {
-            w_ih: self.value(w_ih),
-            b_ih: self.value(b_ih),
-            w_hh: self.value(w_hh),
-            b_hh: self.value(b_hh),
+            w_ih: self.data(w_ih),
+            b_ih: self.data(b_ih),
+            w_hh: self.data(w_hh),
+            b_hh: self.data(b_hh),
         }
     }
 

@@ -67,25 +67,9 @@ impl Module for Linear {
         if last != self.in_features || lead.is_empty() {
             return Err(self.shape_error(&shape));
         }
-        let rows: usize = lead.iter().product();
-        let x2 = if shape.len() == 2 {
-            x
-        } else {
-            g.reshape(x, &[rows, last])?
-        };
         let w = g.param(&self.weight_name())?;
-        let mut y = g.matmul_t(x2, w, false, true)?;
-        if self.bias {
-            let b = g.param(&self.bias_name())?;
-            y = g.add(y, b)?;
-        }
-        if shape.len() == 2 {
-            Ok(y)
-        } else {
-            let mut out_shape = lead.to_vec();
-            out_shape.push(self.out_features);
-            Ok(g.reshape(y, &out_shape)?)
-        }
+        let b = self.bias.then(|| g.param(&self.bias_name())).transpose()?;
+        Ok(g.linear(x, w, b)?)
     }
 
     fn describe(&self, input: &[usize], rows: &mut Vec<LayerSummary>) -> Result<Vec<usize>> {

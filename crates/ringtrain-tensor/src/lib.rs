@@ -44,6 +44,49 @@ pub const PAR_THRESHOLD: usize = 1 << 15;
 
 pub type Result<T, E = TensorError> = std::result::Result<T, E>;
 
+/// A borrowed tensor: a shape and its row-major data. Kernels that only read an operand take
+/// one, so a parameter can be read in place from a flat store instead of copied into a
+/// [`Tensor`] every step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TensorRef<'a> {
+    shape: &'a [usize],
+    data: &'a [f32],
+}
+
+impl<'a> TensorRef<'a> {
+    /// `data` seen as `shape`; their sizes must agree.
+    pub fn new(shape: &'a [usize], data: &'a [f32]) -> Result<TensorRef<'a>> {
+        if shape.iter().product::<usize>() != data.len() {
+            return Err(TensorError::Invalid {
+                op: "tensor view",
+                reason: format!(
+                    "shape {shape:?} needs {} elements, got {}",
+                    shape.iter().product::<usize>(),
+                    data.len()
+                ),
+            });
+        }
+        Ok(TensorRef { shape, data })
+    }
+
+    pub fn shape(&self) -> &'a [usize] {
+        self.shape
+    }
+
+    pub fn as_slice(&self) -> &'a [f32] {
+        self.data
+    }
+}
+
+impl<'a> From<&'a Tensor> for TensorRef<'a> {
+    fn from(t: &'a Tensor) -> TensorRef<'a> {
+        TensorRef {
+            shape: t.shape(),
+            data: t.as_slice(),
+        }
+    }
+}
+
 /// An owned f32 tensor in standard layout.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Tensor {

@@ -1,9 +1,9 @@
 //! Matrix products through BLAS sgemm.
 
 use ndarray::linalg::general_mat_mul;
-use ndarray::{ArrayView2, ArrayViewMut2, Axis, Ix2, Ix3};
+use ndarray::{ArrayView2, ArrayViewMut2, Axis, Ix3};
 
-use crate::{threads, Result, Tensor, TensorError};
+use crate::{threads, Result, Tensor, TensorError, TensorRef};
 
 /// Multiply-adds from which a product on several rayon threads is split among them: the
 /// benches' LSTM input projection and weight gradients (2²⁶ and 2²⁷), not an MLP's or a
@@ -43,14 +43,15 @@ pub(crate) fn gemm(
         .for_each(|(mut cb, ab)| general_mat_mul(alpha, &ab, b, beta, &mut cb));
 }
 
-fn view2<'a>(t: &'a Tensor, op: &'static str) -> Result<ArrayView2<'a, f32>> {
-    t.data
-        .view()
-        .into_dimensionality::<Ix2>()
-        .map_err(|_| TensorError::Invalid {
+fn view2<'a>(t: impl Into<TensorRef<'a>>, op: &'static str) -> Result<ArrayView2<'a, f32>> {
+    let t = t.into();
+    match *t.shape() {
+        [r, c] => Ok(ArrayView2::from_shape((r, c), t.as_slice()).expect("a TensorRef's sizes agree")),
+        _ => Err(TensorError::Invalid {
             op,
             reason: format!("expected a 2-D tensor, got shape {:?}", t.shape()),
-        })
+        }),
+    }
 }
 
 /// `[..., n]` as `(rows, n)`.
@@ -149,9 +150,10 @@ impl Tensor {
     ///
     /// # Shapes
     /// `self: [..., in]`, `w: [out, in]`, `b: [out]` → `[..., out]`.
-    pub fn linear(&self, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    pub fn linear<'w>(&self, w: impl Into<TensorRef<'w>>, b: Option<TensorRef<'_>>) -> Result<Tensor> {
         const OP: &str = "linear";
         let (rows, inp) = rows_cols(self, OP)?;
+        let w = w.into();
         let wv = view2(w, OP)?;
         let out_f = wv.nrows();
         if wv.ncols() != inp || b.is_some_and(|b| b.shape() != [out_f]) {
@@ -161,7 +163,7 @@ impl Tensor {
                     "input {:?}, weight {:?} and bias {:?} do not fit [.., in] · [out, in]ᵀ + [out]",
                     self.shape(),
                     w.shape(),
-                    b.map(Tensor::shape)
+                    b.map(|b| b.shape())
                 ),
             });
         }
@@ -189,7 +191,7 @@ impl Tensor {
 
     /// Gradients of [`Tensor::linear`] for the parts asked for: `(dx, dw, db)`, with
     /// `dx = g · w`, `dw = gᵀ · x`, `db = Σ_rows g`.
-    pub fn linear_backward(g: &Tensor, x: &Tensor, w: &Tensor, need: [bool; 3]) -> Result<[Option<Tensor>; 3]> {
+    pub fn linear_backward(g: &Tensor, x: &Tensor, w: TensorRef<'_>, need: [bool; 3]) -> Result<[Option<Tensor>; 3]> {
         const OP: &str = "linear backward";
         let (rows, inp) = rows_cols(x, OP)?;
         let (grows, out_f) = rows_cols(g, OP)?;
@@ -321,7 +323,7 @@ mod tests {
         let x = crate::random::uniform(&[2, 3, 4], -1.0, 1.0, &mut rng);
         let w = crate::random::uniform(&[5, 4], -1.0, 1.0, &mut rng);
         let b = crate::random::uniform(&[5], -1.0, 1.0, &mut rng);
-        let y = x.linear(&w, Some(&b)).unwrap();
+        let y = x.linear(&w, Some((&b).into())).unwrap();
         assert_eq!(y.shape(), &[2, 3, 5]);
         let want = x
             .reshape(&[6, 4])

@@ -24,7 +24,7 @@ use ndarray::{ArrayView2, ArrayViewMut2};
 
 use crate::fused::{sigmoid, tanh};
 use crate::gemm::{gemm_packed, PackedB};
-use crate::{Result, Tensor, TensorError};
+use crate::{Result, Tensor, TensorError, TensorRef};
 
 /// What backward needs from the forward pass, each in `xp`'s batch-major `[B, T, ·]` layout
 /// (row `b·T + t`): backward then writes the gates' gradients straight into `dxp`, and one step's
@@ -49,10 +49,10 @@ fn invalid(reason: String) -> TensorError {
 /// `w_hh: [4H, H]`, `b_hh: [4H]`.
 #[derive(Debug, Clone, Copy)]
 pub struct LstmWeights<'a> {
-    pub w_ih: &'a Tensor,
-    pub b_ih: &'a Tensor,
-    pub w_hh: &'a Tensor,
-    pub b_hh: &'a Tensor,
+    pub w_ih: TensorRef<'a>,
+    pub b_ih: TensorRef<'a>,
+    pub w_hh: TensorRef<'a>,
+    pub b_hh: TensorRef<'a>,
 }
 
 /// The gradients [`lstm_backward`] returns; `dx` and `w_ih` only when asked for. Both biases'
@@ -592,10 +592,10 @@ mod tests {
         let w_hh = random::uniform(&[4 * h, h], -0.5, 0.5, &mut rng);
         let b_hh = random::uniform(&[4 * h], -0.5, 0.5, &mut rng);
         let w = LstmWeights {
-            w_ih: &w_ih,
-            b_ih: &b_ih,
-            w_hh: &w_hh,
-            b_hh: &b_hh,
+            w_ih: (&w_ih).into(),
+            b_ih: (&b_ih).into(),
+            w_hh: (&w_hh).into(),
+            b_hh: (&b_hh).into(),
         };
         // the last two rows end early (padding keeps the state)
         let mask = Tensor::from_vec(&[b, t], (0..b * t).map(|i| f32::from(i % t < t - i / t / 3)).collect()).unwrap();
