@@ -65,8 +65,7 @@ impl Step {
             let x = g.input(self.x.clone());
             let out = self.model.forward(&mut g, x).expect("forward");
             let loss = Loss::CrossEntropy.compute(&mut g, out, &self.targets).expect("loss");
-            let grads = g.backward(loss).expect("backward");
-            g.param_grads_into(&grads, &mut self.grad).expect("grads");
+            g.backward_into(loss, &mut self.grad).expect("backward");
         }
         self.opt.step(self.store.flat_mut(), &self.grad, 1e-3).expect("step");
     }

@@ -21,6 +21,49 @@ impl Graph<'_> {
     /// comes later on the tape; parameters are therefore handed over in the order of
     /// [`Graph::backward_order`]. Every parameter of the store is handed over exactly once.
     pub fn backward_with(&self, loss: Var, ready: &mut dyn FnMut(usize, ParamGrad<'_>)) -> Result<Gradients> {
+        self.sweep(loss, ready, None)
+    }
+
+    /// [`Graph::backward`] then [`Graph::param_grads_into`] (`out` laid out like the store's
+    /// flat buffer), with a linear layer's weight gradient computed straight into `out`: an
+    /// MLP step spent 2.4 % of its time allocating, zeroing and copying those tensors. The
+    /// returned [`Gradients`] hold no gradient of the parameters written that way.
+    pub fn backward_into(&self, loss: Var, out: &mut [f32]) -> Result<Gradients> {
+        let store = self.store_for("backward_into", out)?;
+        let started = vec![false; store.specs().len()];
+        let mut flat = Flat {
+            specs: store.specs(),
+            out,
+            started,
+        };
+        let grads = self.sweep(loss, &mut |_, _| {}, Some(&mut flat))?;
+        let Flat { specs, out, started } = flat;
+        for ((spec, bound), started) in specs.iter().zip(&self.bound).zip(started) {
+            if started {
+                continue;
+            }
+            let dst = &mut out[spec.offset..spec.offset + spec.len];
+            match bound.map_or(ParamGrad::Zero, |v| grads.param(v)) {
+                ParamGrad::Dense(g) => dst.copy_from_slice(g.as_slice()),
+                ParamGrad::Rows(r) => {
+                    dst.fill(0.0);
+                    r.add_into(dst, 1.0);
+                }
+                ParamGrad::Zero => dst.fill(0.0),
+            }
+        }
+        Ok(grads)
+    }
+
+    /// The reverse sweep of [`Graph::backward_with`]; with `flat`, a linear layer's weight
+    /// gradient goes straight into its place there when it is the weight's first, and every
+    /// later one is added to it.
+    fn sweep(
+        &self,
+        loss: Var,
+        ready: &mut dyn FnMut(usize, ParamGrad<'_>),
+        mut flat: Option<&mut Flat<'_>>,
+    ) -> Result<Gradients> {
         let shape = self.shape(loss);
         if self.value(loss).len() != 1 {
             return Err(AutogradError::NotScalar { shape: shape.to_vec() });
@@ -46,6 +89,17 @@ impl Graph<'_> {
             let node = &self.nodes[i];
             if matches!(node.op, Op::Leaf) {
                 if let Some(p) = param_of_leaf[i] {
+                    if let Some(f) = flat.as_deref_mut().filter(|f| f.started[p]) {
+                        // what did not pass through the accumulation below: a slice's gradient, rows
+                        if let Some(d) = grads[i].take() {
+                            f.slot(p).iter_mut().zip(d.as_slice()).for_each(|(d, s)| *d += s);
+                        }
+                        if let Some(r) = rows.get_mut(i).and_then(Option::take) {
+                            r.add_into(f.slot(p), 1.0);
+                        }
+                        handed[p] = true;
+                        continue;
+                    }
                     // Rows and a dense gradient (the table used some other way too): one dense.
                     if let Some(dense) = grads[i].as_mut() {
                         if let Some(r) = rows.get_mut(i).and_then(Option::take) {
@@ -94,9 +148,28 @@ impl Graph<'_> {
                 }
                 continue;
             }
-            for (input, gi) in self.input_grads(i, &g)? {
+            let mut weight_done = false;
+            if let (Op::Linear { x, w, .. }, Some(f)) = (&node.op, flat.as_deref_mut()) {
+                let first = grads[w.0].is_none() && self.nodes[w.0].needs_grad;
+                if let Some(p) = param_of_leaf[w.0].filter(|&p| first && !f.started[p]) {
+                    Tensor::linear_weight_grad_into(&g, self.value(*x), f.slot(p))?;
+                    f.started[p] = true;
+                    weight_done = true;
+                }
+            }
+            let input_grads = match &node.op {
+                Op::Linear { x, w, b } if weight_done => self.linear_grads(*x, *w, *b, &g, false)?,
+                _ => self.input_grads(i, &g)?,
+            };
+            for (input, gi) in input_grads {
                 if !self.nodes[input.0].needs_grad {
                     continue;
+                }
+                if let Some(p) = param_of_leaf[input.0] {
+                    if let Some(f) = flat.as_deref_mut().filter(|f| f.started[p]) {
+                        f.slot(p).iter_mut().zip(gi.as_slice()).for_each(|(d, s)| *d += s);
+                        continue;
+                    }
                 }
                 match &mut grads[input.0] {
                     Some(acc) => acc.add_assign(&gi)?,
@@ -353,17 +426,7 @@ impl Graph<'_> {
                 }
                 vec![(*logits, d.scale(scale))]
             }
-            Op::Linear { x, w, b } => {
-                let need_b = b.is_some_and(need);
-                let [dx, dw, db] = Tensor::linear_backward(g, val(*x), self.data(*w), [need(*x), need(*w), need_b])?;
-                let mut out = Vec::with_capacity(3);
-                out.extend(dx.map(|t| (*x, t)));
-                out.extend(dw.map(|t| (*w, t)));
-                if let (Some(b), Some(db)) = (b, db) {
-                    out.push((*b, db));
-                }
-                out
-            }
+            Op::Linear { x, w, b } => self.linear_grads(*x, *w, *b, g, need(*w))?,
             Op::LayerNorm { x, w, b, stats } => {
                 let [dx, dw, db] = fused::layer_norm_backward(g, val(*x), val(*w), stats)?;
                 vec![(*x, dx), (*w, dw), (*b, db)]
@@ -408,6 +471,38 @@ impl Graph<'_> {
                 vars.into_iter().zip(grads).filter(|(v, _)| need(*v)).collect()
             }
         })
+    }
+}
+
+impl Graph<'_> {
+    /// The gradients of a linear op `x · wᵀ + b` with output gradient `g`; `w`'s only when
+    /// `need_w`.
+    fn linear_grads(&self, x: Var, w: Var, b: Option<Var>, g: &Tensor, need_w: bool) -> Result<Vec<(Var, Tensor)>> {
+        let need = |v: Var| self.nodes[v.0].needs_grad;
+        let need_b = b.is_some_and(need);
+        let [dx, dw, db] = Tensor::linear_backward(g, self.value(x), self.data(w), [need(x), need_w, need_b])?;
+        let mut out = Vec::with_capacity(3);
+        out.extend(dx.map(|t| (x, t)));
+        out.extend(dw.map(|t| (w, t)));
+        if let (Some(b), Some(db)) = (b, db) {
+            out.push((b, db));
+        }
+        Ok(out)
+    }
+}
+
+/// The flat gradient buffer [`Graph::backward_into`] writes, and which parameters' gradients
+/// it already holds (every later contribution is added there).
+struct Flat<'a> {
+    specs: &'a [crate::ParamSpec],
+    out: &'a mut [f32],
+    started: Vec<bool>,
+}
+
+impl Flat<'_> {
+    fn slot(&mut self, p: usize) -> &mut [f32] {
+        let spec = &self.specs[p];
+        &mut self.out[spec.offset..spec.offset + spec.len]
     }
 }
 

@@ -208,6 +208,64 @@ fn param_grads_land_in_store_layout() {
 }
 
 #[test]
+fn backward_into_gives_the_bits_of_backward_then_param_grads_into() {
+    let mut rng = random::rng(4);
+    let named = [
+        ("emb.weight".to_string(), random::uniform(&[5, 3], -1.0, 1.0, &mut rng)),
+        ("fc.bias".to_string(), random::uniform(&[3], -1.0, 1.0, &mut rng)),
+        ("fc.weight".to_string(), random::uniform(&[3, 3], -1.0, 1.0, &mut rng)),
+        ("head.weight".to_string(), random::uniform(&[2, 3], -1.0, 1.0, &mut rng)),
+        ("unused".to_string(), Tensor::full(&[2], 9.0)),
+    ];
+    let store = ParamStore::from_named(named.into_iter().collect());
+    let x = random::uniform(&[4, 3], -1.0, 1.0, &mut rng);
+    // The reverse sweep meets the slice of fc.weight after its linear uses (the first of them
+    // then writes the flat buffer), or before them (they then add to the slice's gradient).
+    let run = |into: bool, sparse: bool, slice_first: bool| {
+        let mut g = Graph::new(&store);
+        if sparse {
+            g.set_row_sparse(0);
+        }
+        let xv = g.input(x.clone());
+        let (w, b, head) = (
+            g.param("fc.weight").unwrap(),
+            g.param("fc.bias").unwrap(),
+            g.param("head.weight").unwrap(),
+        );
+        // fc.weight twice (tied) and sliced; the table looked up and also summed whole
+        let early = slice_first.then(|| g.slice_axis(w, 0, 1, 2).unwrap());
+        let h = g.linear(xv, w, Some(b)).unwrap();
+        let h = g.tanh(h);
+        let h = g.linear(h, w, None).unwrap();
+        let rows = g.param_rows("emb.weight", &[1, 3, 1, 0]).unwrap();
+        let h = g.add(h, rows).unwrap();
+        let y = g.linear(h, head, None).unwrap();
+        let part = early.unwrap_or_else(|| g.slice_axis(w, 0, 1, 2).unwrap());
+        let table = g.param("emb.weight").unwrap();
+        let terms = [g.sum(y), g.sum(part), g.sum(table)];
+        let loss = g.add(terms[0], terms[1]).unwrap();
+        let loss = g.add(loss, terms[2]).unwrap();
+        let mut flat = vec![f32::NAN; store.num_elements()];
+        if into {
+            g.backward_into(loss, &mut flat).unwrap();
+        } else {
+            let grads = g.backward(loss).unwrap();
+            g.param_grads_into(&grads, &mut flat).unwrap();
+        }
+        flat
+    };
+    for (sparse, slice_first) in [(false, false), (false, true), (true, false), (true, true)] {
+        let want = run(false, sparse, slice_first);
+        assert!(want.iter().all(|v| v.is_finite()));
+        assert_eq!(
+            run(true, sparse, slice_first),
+            want,
+            "row-sparse {sparse}, slice first {slice_first}"
+        );
+    }
+}
+
+#[test]
 fn backward_hands_each_parameter_over_once_when_its_gradient_is_final() {
     let named = [
         ("a.weight".to_string(), Tensor::full(&[2], 1.0)),

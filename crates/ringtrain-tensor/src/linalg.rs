@@ -234,6 +234,23 @@ impl Tensor {
         Ok([dx, dw, db])
     }
 
+    /// The weight gradient `gᵀ · x` of [`Tensor::linear`] written over `dw` (`[out, in]`, row
+    /// major), with the same bits as [`Tensor::linear_backward`]'s.
+    pub fn linear_weight_grad_into(g: &Tensor, x: &Tensor, dw: &mut [f32]) -> Result<()> {
+        const OP: &str = "linear backward";
+        let (rows, inp) = rows_cols(x, OP)?;
+        let (grows, out_f) = rows_cols(g, OP)?;
+        if grows != rows || dw.len() != out_f * inp {
+            return Err(g.shape_err(OP, x));
+        }
+        let gv = ArrayView2::from_shape((rows, out_f), g.as_slice()).expect("sizes checked above");
+        let xv = ArrayView2::from_shape((rows, inp), x.as_slice()).expect("sizes checked above");
+        dw.fill(0.0);
+        let mut c = ArrayViewMut2::from_shape((out_f, inp), dw).expect("sizes checked above");
+        gemm(1.0, &gv.t(), &xv, 1.0, &mut c);
+        Ok(())
+    }
+
     pub(crate) fn shape_err(&self, op: &'static str, other: &Tensor) -> TensorError {
         TensorError::Shape {
             op,

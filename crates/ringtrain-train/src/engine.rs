@@ -459,10 +459,12 @@ impl Trainer {
                                 g.set_row_sparse(p);
                             }
                         }
-                        let grads = g.backward(loss)?;
                         match share {
-                            None => g.param_grads_into(&grads, &mut self.grad)?,
+                            None => {
+                                g.backward_into(loss, &mut self.grad)?;
+                            }
                             Some(w) => {
+                                let grads = g.backward(loss)?;
                                 if m == 0 {
                                     self.grad.fill(0.0);
                                 }
