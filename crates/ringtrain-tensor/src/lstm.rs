@@ -33,8 +33,9 @@ use crate::{Result, Tensor, TensorError, TensorRef};
 pub struct LstmTape {
     /// The activated gates i, f, g, o: `[B, T, 4H]`.
     acts: Vec<f32>,
-    /// The state entering each step: `[B, T, H]`.
-    h_prev: Vec<f32>,
+    /// Each step's input, then the state entering the step: `[B, T, I + H]`, so that both
+    /// weights' gradients are one product (one pass over the gates' gradients, not two).
+    xh: Vec<f32>,
     /// The cell entering each step: `[B, T, H]`.
     c_prev: Vec<f32>,
     /// `tanh(c')` of each step: `[B, T, H]`.
@@ -213,8 +214,24 @@ pub fn lstm_forward(
     }
     let zeros = |width: usize| par_zeros(b * width, rows * width);
     let mut out = zeros((t + 2) * h);
-    let (mut h_prev, mut c_prev, mut tanh_c) = if keep_tape {
-        (zeros(t * h), zeros(t * h), zeros(t * h))
+    let ih = i + h;
+    let (mut xh, mut c_prev, mut tanh_c) = if keep_tape {
+        let xs = x.as_slice();
+        #[allow(unsafe_code)] // reason: the fill writes its whole block
+        // SAFETY: every block is whole rows of I + H, the input's row then zeros.
+        let xh = unsafe {
+            par_init(b * t * ih, rows * t * ih, |k, dst| {
+                for (r, d) in dst.chunks_exact_mut(ih).enumerate() {
+                    let (dx, dh) = d.split_at_mut(i);
+                    let src = &xs[(k * rows * t + r) * i..][..i];
+                    dx.iter_mut().zip(src).for_each(|(d, &v)| {
+                        d.write(v);
+                    });
+                    dh.fill(MaybeUninit::new(0.0));
+                }
+            })
+        };
+        (xh, zeros(t * h), zeros(t * h))
     } else {
         (Vec::new(), Vec::new(), Vec::new())
     };
@@ -226,32 +243,31 @@ pub fn lstm_forward(
         mask: mask.as_slice(),
         w: PackedB::pack_t(w.w_hh.as_slice(), h, g4), // W_hhᵀ: [H, 4H]
         t,
+        i,
         h,
         reverse,
     };
     let parts = parts(&mut out, rows * (t + 2) * h, b, rows)
         .zip(parts(&mut acts, rows * t * g4, b, rows))
-        .zip(parts(&mut h_prev, rows * t * h, b, rows).zip(parts(&mut c_prev, rows * t * h, b, rows)))
+        .zip(parts(&mut xh, rows * t * ih, b, rows).zip(parts(&mut c_prev, rows * t * h, b, rows)))
         .zip(parts(&mut tanh_c, rows * t * h, b, rows))
         .zip(hs.chunks_mut(rows * h).zip(cs.chunks_mut(rows * h)))
         .enumerate()
-        .map(
-            |(i, ((((out, acts), (h_prev, c_prev)), tanh_c), (hs, cs)))| ForwardPart {
-                r0: i * rows,
-                out,
-                acts,
-                h_prev,
-                c_prev,
-                tanh_c,
-                hs,
-                cs,
-            },
-        );
+        .map(|(k, ((((out, acts), (xh, c_prev)), tanh_c), (hs, cs)))| ForwardPart {
+            r0: k * rows,
+            out,
+            acts,
+            xh,
+            c_prev,
+            tanh_c,
+            hs,
+            cs,
+        });
     run_parts(parts.collect(), |part| step.forward(part));
     let tape = if keep_tape {
         LstmTape {
             acts,
-            h_prev,
+            xh,
             c_prev,
             tanh_c,
         }
@@ -328,6 +344,8 @@ struct Step<'a> {
     mask: &'a [f32],
     w: PackedB,
     t: usize,
+    /// The input's width `I`.
+    i: usize,
     h: usize,
     reverse: bool,
 }
@@ -338,7 +356,7 @@ struct ForwardPart<'a> {
     r0: usize,
     out: &'a mut [f32],
     acts: &'a mut [f32],
-    h_prev: &'a mut [f32],
+    xh: &'a mut [f32],
     c_prev: &'a mut [f32],
     tanh_c: &'a mut [f32],
     hs: &'a mut [f32],
@@ -353,7 +371,8 @@ impl Step<'_> {
             || {
                 let (t, h, g4) = (self.t, self.h, 4 * self.h);
                 let b = p.hs.len() / h;
-                let keep_tape = !p.h_prev.is_empty();
+                let keep_tape = !p.xh.is_empty();
+                let ih = self.i + h;
                 let mut scratch_tc = if keep_tape { Vec::new() } else { vec![0.0f32; h] };
                 // the gates are computed in place, one step's rows `T·4H` apart
                 let ld = t * g4;
@@ -366,7 +385,7 @@ impl Step<'_> {
                         let m = self.mask[(p.r0 + r) * t + ti];
                         let (hr, cr) = (&mut p.hs[r * h..][..h], &mut p.cs[r * h..][..h]);
                         let tanh_c = if keep_tape {
-                            p.h_prev[row * h..][..h].copy_from_slice(hr);
+                            p.xh[row * ih + self.i..][..h].copy_from_slice(hr);
                             p.c_prev[row * h..][..h].copy_from_slice(cr);
                             &mut p.tanh_c[row * h..][..h]
                         } else {
@@ -533,7 +552,7 @@ pub fn lstm_backward(
     tape: &LstmTape,
     need: [bool; 2],
 ) -> Result<LstmGrads> {
-    let (b, t, _, h) = lstm_dims(x, w, mask)?;
+    let (b, t, i, h) = lstm_dims(x, w, mask)?;
     let g4 = 4 * h;
     if g.shape() != [b, t + 2, h] || tape.acts.len() != b * t * g4 {
         return Err(invalid(format!(
@@ -546,6 +565,7 @@ pub fn lstm_backward(
         mask: mask.as_slice(),
         w: PackedB::pack(w.w_hh.as_slice(), g4, h),
         t,
+        i,
         h,
         reverse,
     };
@@ -563,16 +583,22 @@ pub fn lstm_backward(
             dc,
         });
     run_parts(parts.collect(), |part| step.backward(g.as_slice(), tape, part));
-    // the weight gradient: one product over all rows, in the tape's order
-    let (dw, db) = recurrent_weight_grads(&dxp, &tape.h_prev, g4, h);
+    // both weights' gradients, [dW_ih | dW_hh] = dxpᵀ · [x | h_prev]: one product over all rows,
+    // in the tape's order
+    let (dw, db) = recurrent_weight_grads(&dxp, &tape.xh, g4, i + h);
+    let (mut dw_ih, mut dw_hh) = (Vec::with_capacity(g4 * i), Vec::with_capacity(g4 * h));
+    for row in dw.chunks_exact(i + h) {
+        dw_ih.extend_from_slice(&row[..i]);
+        dw_hh.extend_from_slice(&row[i..]);
+    }
     // `dxp` is also the gradient of the input projection's output
     let dxp = Tensor::from_vec(&[b, t, g4], dxp)?;
-    let [dx, dw_ih, _] = Tensor::linear_backward(&dxp, x, w.w_ih, [need[0], need[1], false])?;
+    let [dx, _, _] = Tensor::linear_backward(&dxp, x, w.w_ih, [need[0], false, false])?;
     Ok(LstmGrads {
         dx,
-        w_ih: dw_ih,
+        w_ih: need[1].then(|| Tensor::from_vec(&[g4, i], dw_ih)).transpose()?,
         b: Tensor::from_vec(&[g4], db)?,
-        w_hh: Tensor::from_vec(&[g4, h], dw)?,
+        w_hh: Tensor::from_vec(&[g4, h], dw_hh)?,
     })
 }
 
