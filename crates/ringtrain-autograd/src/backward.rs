@@ -43,14 +43,7 @@ impl Graph<'_> {
                 continue;
             }
             let dst = &mut out[spec.offset..spec.offset + spec.len];
-            match bound.map_or(ParamGrad::Zero, |v| grads.param(v)) {
-                ParamGrad::Dense(g) => dst.copy_from_slice(g.as_slice()),
-                ParamGrad::Rows(r) => {
-                    dst.fill(0.0);
-                    r.add_into(dst, 1.0);
-                }
-                ParamGrad::Zero => dst.fill(0.0),
-            }
+            bound.map_or(ParamGrad::Zero, |v| grads.param(v)).write_into(dst);
         }
         Ok(grads)
     }

@@ -469,14 +469,7 @@ impl<'p> Graph<'p> {
         let store = self.store_for("param_grads_into", out)?;
         for (spec, bound) in store.specs().iter().zip(&self.bound) {
             let dst = &mut out[spec.offset..spec.offset + spec.len];
-            match bound.map_or(ParamGrad::Zero, |v| grads.param(v)) {
-                ParamGrad::Dense(g) => dst.copy_from_slice(g.as_slice()),
-                ParamGrad::Rows(r) => {
-                    dst.fill(0.0);
-                    r.add_into(dst, 1.0);
-                }
-                ParamGrad::Zero => dst.fill(0.0),
-            }
+            bound.map_or(ParamGrad::Zero, |v| grads.param(v)).write_into(dst);
         }
         Ok(())
     }
@@ -533,6 +526,20 @@ pub enum ParamGrad<'a> {
     Dense(&'a Tensor),
     /// Zero but for the rows a row-sparse lookup read.
     Rows(&'a RowGrad),
+}
+
+impl ParamGrad<'_> {
+    /// Writes the gradient over `dst`, the parameter's place in a flat buffer.
+    pub fn write_into(self, dst: &mut [f32]) {
+        match self {
+            ParamGrad::Dense(g) => dst.copy_from_slice(g.as_slice()),
+            ParamGrad::Rows(r) => {
+                dst.fill(0.0);
+                r.add_into(dst, 1.0);
+            }
+            ParamGrad::Zero => dst.fill(0.0),
+        }
+    }
 }
 
 /// The gradient of a table whose rows were looked up: zero except that row `rows[k]` gets

@@ -209,20 +209,16 @@ impl<'a> BucketFiller<'a> {
         // The same arithmetic as `Graph::param_grads_into` and `Graph::add_param_grads`, so
         // the bits do not depend on the path.
         match (grad, earlier) {
-            (ParamGrad::Dense(g), None) => dst.copy_from_slice(g.as_slice()),
+            (grad, None) => grad.write_into(dst),
             (ParamGrad::Dense(g), Some((acc, share))) => {
                 for ((d, a), s) in dst.iter_mut().zip(acc).zip(g.as_slice()) {
                     *d = a + share * s;
                 }
             }
-            (ParamGrad::Rows(r), earlier) => {
-                match earlier {
-                    None => dst.fill(0.0),
-                    Some((acc, _)) => dst.copy_from_slice(acc),
-                }
-                r.add_into(dst, earlier.map_or(1.0, |(_, share)| share));
+            (ParamGrad::Rows(r), Some((acc, share))) => {
+                dst.copy_from_slice(acc);
+                r.add_into(dst, share);
             }
-            (ParamGrad::Zero, None) => dst.fill(0.0),
             (ParamGrad::Zero, Some((acc, _))) => dst.copy_from_slice(acc),
         }
         self.missing[b] -= 1;
