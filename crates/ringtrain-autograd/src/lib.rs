@@ -232,8 +232,8 @@ pub struct AttentionOpts {
 #[derive(Debug)]
 pub(crate) struct Node {
     /// Set when the node is pushed, but for a parameter's leaf: that gets one only if an op asks
-    /// for it as a tensor ([`Graph::value`]); until then [`Graph::data`] reads the store. An MLP
-    /// step spent 4 % of its time copying its weights onto the tape.
+    /// for it as a tensor ([`Graph::value`]); until then [`Graph::data`] reads the store, so a
+    /// step does not copy every weight it reads (memory, and a pass per weight).
     value: std::cell::OnceCell<Tensor>,
     /// The store index of a parameter's leaf.
     param: Option<usize>,
