@@ -85,7 +85,7 @@ impl Graph<'_> {
                     if let Some(f) = flat.as_deref_mut().filter(|f| f.started[p]) {
                         // what did not pass through the accumulation below: a slice's gradient, rows
                         if let Some(d) = grads[i].take() {
-                            f.slot(p).iter_mut().zip(d.as_slice()).for_each(|(d, s)| *d += s);
+                            f.add(p, &d);
                         }
                         if let Some(r) = rows.get_mut(i).and_then(Option::take) {
                             r.add_into(f.slot(p), 1.0);
@@ -160,7 +160,7 @@ impl Graph<'_> {
                 }
                 if let Some(p) = param_of_leaf[input.0] {
                     if let Some(f) = flat.as_deref_mut().filter(|f| f.started[p]) {
-                        f.slot(p).iter_mut().zip(gi.as_slice()).for_each(|(d, s)| *d += s);
+                        f.add(p, &gi);
                         continue;
                     }
                 }
@@ -319,13 +319,9 @@ impl Graph<'_> {
                 }
                 out
             }
-            Op::IndexSelect {
-                x,
-                axis,
-                indices,
-                shape,
-            } => {
-                vec![(*x, Tensor::index_add(shape, *axis, indices, g)?)]
+            // `shape`, not `val`: a table read in place by `param_rows` is never copied out
+            Op::IndexSelect { x, axis, indices } => {
+                vec![(*x, Tensor::index_add(self.shape(*x), *axis, indices, g)?)]
             }
             Op::MulConst { x, factor } => vec![(*x, g.mul(factor)?)],
             Op::Conv2d { x, w, b, win, cols } => {
@@ -496,6 +492,11 @@ impl Flat<'_> {
     fn slot(&mut self, p: usize) -> &mut [f32] {
         let spec = &self.specs[p];
         &mut self.out[spec.offset..spec.offset + spec.len]
+    }
+
+    /// Adds one more contribution to parameter `p`'s gradient, in the order `add_assign` would.
+    fn add(&mut self, p: usize, grad: &Tensor) {
+        self.slot(p).iter_mut().zip(grad.as_slice()).for_each(|(d, s)| *d += s);
     }
 }
 

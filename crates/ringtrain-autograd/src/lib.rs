@@ -112,12 +112,10 @@ pub(crate) enum Op {
         parts: Vec<Var>,
         axis: usize,
     },
-    /// `shape` is `x`'s: a table read in place by [`Graph::param_rows`] has no value here.
     IndexSelect {
         x: Var,
         axis: usize,
         indices: Vec<usize>,
-        shape: Vec<usize>,
     },
     MulConst {
         x: Var,
@@ -419,7 +417,6 @@ impl<'p> Graph<'p> {
             x: table,
             axis: 0,
             indices: indices.to_vec(),
-            shape: spec.shape.clone(),
         };
         Ok(self.push(rows, op, needs))
     }

@@ -185,7 +185,6 @@ impl Graph<'_> {
                 x,
                 axis,
                 indices: indices.to_vec(),
-                shape: self.shape(x).to_vec(),
             },
         ))
     }
